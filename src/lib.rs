@@ -1,0 +1,8 @@
+//! warren: a mesh VPN.
+//!
+//! The library holds the sans-IO core (`proto` and the state machines), the
+//! data plane (`dataplane`) and the tokio driver (`agent`). The `warren`
+//! binary is the agent daemon plus the CLI; `warren-coordinator` depends on
+//! this crate for the wire protocols it shares with the agent.
+
+pub mod keys;

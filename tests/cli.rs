@@ -113,7 +113,12 @@ fn without_net_admin_the_message_names_the_capability() {
     let is_root = text(&Command::new("id").arg("-u").output().unwrap().stdout).trim() == "0";
     let out = if is_root {
         let Ok(o) = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
             .args([BIN, "agent", "--config", f.path().to_str().unwrap()])
             .output()
         else {

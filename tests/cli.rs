@@ -1,6 +1,8 @@
 //! The `warren` binary's key commands and its answers to bad input, run as
 //! a user would run them. None of these needs a network namespace.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 

@@ -1,0 +1,151 @@
+//! Kinds of gateway the lab can build, as nftables rulesets.
+//!
+//! A gateway namespace has two interfaces: `wan` toward its upstream (the
+//! internet segment, or another gateway's LAN for double NAT) and `lan`, a
+//! bridge its hosts hang off. Every kind is one nftables ruleset loaded
+//! atomically with `nft -f`, so adding a kind is one arm in
+//! [`Nat::ruleset`]: the rest of the lab (addressing, routes, port forwards)
+//! does not care which kind it is.
+//!
+//! Mapping behaviour of the kernel's NAT (see LAB-NOTES): `masquerade`
+//! keeps the source port when it is free and reuses one mapping toward all
+//! destinations (endpoint-independent mapping, EIM); `masquerade
+//! fully-random` draws a new random port per destination (endpoint-dependent
+//! mapping, EDM). Filtering is the stateful firewall every home router has:
+//! replies and port forwards come in, nothing else does.
+//!
+//! Kinds still to add, and how they slot in:
+//! - `EdmSequential`: Linux has no sequential allocator; it needs a small
+//!   user-space NAT helper process in the gateway (the ruleset would only
+//!   forward, the helper rewrites), started by `Lab::gateway` for that kind.
+//! - `Upnp`: the EIM ruleset plus the `table inet filter` chains miniupnpd
+//!   expects, and a miniupnpd process spawned in the gateway.
+
+use std::fmt;
+
+/// How a gateway translates and filters traffic from its LAN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nat {
+    /// No translation and no filter: a plain router whose LAN is a public
+    /// subnet, so hosts behind it have public addresses.
+    None,
+    /// Port-preserving, endpoint-independent mapping (`masquerade`).
+    Eim,
+    /// Random port per destination (`masquerade fully-random`).
+    Edm,
+    /// EIM, but the only traffic allowed out is TCP to port 443: UDP is
+    /// blocked entirely, as on some corporate networks.
+    UdpBlocked,
+}
+
+/// Transport protocol of a port forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+        })
+    }
+}
+
+/// Name of the nftables table holding the NAT chains of a gateway.
+pub const NAT_TABLE: &str = "wlnat";
+/// Name of the nftables table holding the forward filter of a gateway.
+pub const FILTER_TABLE: &str = "wlfilter";
+
+impl Nat {
+    /// Whether hosts behind this gateway get private addresses that are
+    /// translated to the gateway's WAN address.
+    pub fn translates(self) -> bool {
+        !matches!(self, Nat::None)
+    }
+
+    /// The full nftables ruleset of a gateway of this kind.
+    pub fn ruleset(self) -> String {
+        let masq = match self {
+            Nat::None => "",
+            Nat::Eim | Nat::UdpBlocked => "oifname \"wan\" masquerade",
+            Nat::Edm => "oifname \"wan\" masquerade fully-random",
+        };
+        let outbound = match self {
+            Nat::None | Nat::Eim | Nat::Edm => "iifname \"lan\" oifname \"wan\" accept",
+            Nat::UdpBlocked => "iifname \"lan\" oifname \"wan\" tcp dport 443 accept",
+        };
+        // Without NAT the gateway is a router: inbound is allowed too, as for
+        // a host with a public address and no firewall.
+        let inbound = match self {
+            Nat::None => "iifname \"wan\" oifname \"lan\" accept",
+            _ => "",
+        };
+        format!(
+            "table ip {NAT_TABLE} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    {masq}
+  }}
+}}
+table inet {FILTER_TABLE} {{
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ct status dnat accept
+    {outbound}
+    {inbound}
+  }}
+}}
+"
+        )
+    }
+}
+
+/// The nft command arguments (after `nft`) adding a port forward: traffic
+/// arriving on the gateway's WAN at `public_port` goes to `to`.
+pub fn forward_rule(proto: Proto, public_port: u16, to: std::net::SocketAddrV4) -> Vec<String> {
+    [
+        "add",
+        "rule",
+        "ip",
+        NAT_TABLE,
+        "prerouting",
+        "iifname",
+        "wan",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        proto.to_string(),
+        "dport".into(),
+        public_port.to_string(),
+        "dnat".into(),
+        "to".into(),
+        to.to_string(),
+    ])
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rulesets_differ_where_the_kinds_do() {
+        assert!(Nat::Eim.ruleset().contains("masquerade\n"));
+        assert!(Nat::Edm.ruleset().contains("masquerade fully-random"));
+        assert!(!Nat::None.ruleset().contains("masquerade"));
+        assert!(Nat::UdpBlocked.ruleset().contains("tcp dport 443 accept"));
+        let rule = forward_rule(Proto::Udp, 51820, "10.1.0.2:51821".parse().unwrap());
+        assert_eq!(
+            rule.join(" "),
+            "add rule ip wlnat prerouting iifname wan udp dport 51820 dnat to 10.1.0.2:51821"
+        );
+    }
+}

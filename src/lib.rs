@@ -5,4 +5,7 @@
 //! binary is the agent daemon plus the CLI; `warren-coordinator` depends on
 //! this crate for the wire protocols it shares with the agent.
 
+pub mod agent;
+pub mod config;
+pub mod dataplane;
 pub mod keys;

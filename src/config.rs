@@ -114,7 +114,11 @@ impl Config {
             ConfigError::Invalid {
                 file: file.to_owned(),
                 line,
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: inner.message().trim().to_string(),
             }
         })?;
@@ -152,10 +156,7 @@ impl Config {
             ));
         }
         if iface.mtu < 1280 || iface.mtu > 9000 {
-            return Err(err(
-                "interface.mtu".into(),
-                "must be between 1280 and 9000",
-            ));
+            return Err(err("interface.mtu".into(), "must be between 1280 and 9000"));
         }
         for (i, p) in self.peers.iter().enumerate() {
             if self.peers[..i].iter().any(|q| q.public_key == p.public_key) {
@@ -173,17 +174,23 @@ impl Config {
         if let Some(k) = &self.interface.private_key {
             return Ok(k.clone());
         }
-        let path = self.interface.private_key_file.as_deref().unwrap_or(Path::new(""));
+        let path = self
+            .interface
+            .private_key_file
+            .as_deref()
+            .unwrap_or(Path::new(""));
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.to_owned(),
             source,
         })?;
-        text.trim().parse().map_err(|e: crate::keys::KeyError| ConfigError::Invalid {
-            file: path.to_owned(),
-            line: 1,
-            key: "private key".into(),
-            message: e.to_string(),
-        })
+        text.trim()
+            .parse()
+            .map_err(|e: crate::keys::KeyError| ConfigError::Invalid {
+                file: path.to_owned(),
+                line: 1,
+                key: "private key".into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -266,7 +273,9 @@ mod tests {
 
     fn invalid(s: &str) -> (usize, String, String) {
         match parse(s) {
-            Err(ConfigError::Invalid { line, key, message, .. }) => (line, key, message),
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
             other => panic!("expected an error, got {other:?}"),
         }
     }
@@ -333,6 +342,9 @@ mod tests {
     #[test]
     fn error_message_names_file() {
         let e = parse("[interface]\nmtu = 1400\n").unwrap_err().to_string();
-        assert!(e.starts_with("warren.toml:1: key `interface.private_key`"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:1: key `interface.private_key`"),
+            "{e}"
+        );
     }
 }

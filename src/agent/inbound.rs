@@ -58,14 +58,16 @@ impl Inbound {
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
             let n = {
-                let mut iovs: Vec<IoSliceMut<'_>> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut iovs: Vec<IoSliceMut<'_>> =
+                    rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
                 self.udp.recv(&mut iovs, &mut meta).await?
             };
             let set = self.dp.peers();
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {
-                    self.open_one(&set, m.addr, dgram, &mut out, &mut reply).await?;
+                    self.open_one(&set, m.addr, dgram, &mut out, &mut reply)
+                        .await?;
                 }
             }
             self.flush(&mut out).await?;

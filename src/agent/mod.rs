@@ -114,14 +114,24 @@ pub async fn run(
         offload,
         mtu,
     };
-    tasks.spawn(async move { out.run().await.map_err(|source| AgentError::Io { task: "TUN reader", source }) });
+    tasks.spawn(async move {
+        out.run().await.map_err(|source| AgentError::Io {
+            task: "TUN reader",
+            source,
+        })
+    });
     let inb = inbound::Inbound {
         dp: dp.clone(),
         tun: dev.clone(),
         udp: udp.clone(),
         mtu,
     };
-    tasks.spawn(async move { inb.run().await.map_err(|source| AgentError::Io { task: "UDP reader", source }) });
+    tasks.spawn(async move {
+        inb.run().await.map_err(|source| AgentError::Io {
+            task: "UDP reader",
+            source,
+        })
+    });
     let timer_dp = dp.clone();
     let timer_udp = udp.clone();
     tasks.spawn(async move {

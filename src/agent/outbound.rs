@@ -32,10 +32,16 @@ impl Outbound {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
         let mut bufs = vec![vec![0u8; plain]; MAX_BATCH];
         let mut sizes = vec![0usize; MAX_BATCH];
-        let mut batch = TxBatch::new(plain + SEAL_OVERHEAD, MAX_BATCH * 2, self.udp.max_segments());
+        let mut batch = TxBatch::new(
+            plain + SEAL_OVERHEAD,
+            MAX_BATCH * 2,
+            self.udp.max_segments(),
+        );
         loop {
             let n = if self.offload {
-                self.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0).await?
+                self.tun
+                    .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                    .await?
             } else {
                 sizes[0] = self.tun.recv(&mut bufs[0]).await?;
                 1
@@ -46,7 +52,8 @@ impl Outbound {
             let mut packets = n;
             while packets < MAX_BATCH {
                 let more = if self.offload {
-                    self.tun.try_recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                    self.tun
+                        .try_recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
                 } else {
                     self.tun.try_recv(&mut bufs[0]).map(|len| {
                         sizes[0] = len;

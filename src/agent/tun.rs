@@ -45,7 +45,10 @@ pub fn create(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
             }
         }
     })?;
-    Ok(Tun { dev, offload: false })
+    Ok(Tun {
+        dev,
+        offload: false,
+    })
 }
 
 fn permission(cfg: &InterfaceConfig, source: io::Error) -> AgentError {

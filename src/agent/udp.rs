@@ -24,10 +24,14 @@ impl Udp {
     /// Binds the agent's port. `offload` false turns GSO and GRO off, for
     /// measurements and for kernels that misbehave with them.
     pub fn bind(port: u16, offload: bool) -> io::Result<Udp> {
-        let (std_sock, dual_stack) = match bind_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true) {
-            Ok(s) => (s, true),
-            Err(_) => (bind_socket(SocketAddr::from(([0, 0, 0, 0], port)), false)?, false),
-        };
+        let (std_sock, dual_stack) =
+            match bind_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true) {
+                Ok(s) => (s, true),
+                Err(_) => (
+                    bind_socket(SocketAddr::from(([0, 0, 0, 0], port)), false)?,
+                    false,
+                ),
+            };
         let state = UdpSocketState::new((&std_sock).into())?;
         if !offload {
             disable_gro(&std_sock);
@@ -62,7 +66,12 @@ impl Udp {
 
     /// Sends `contents` to `to`; with `segment` set, as GSO segments of that
     /// size. Falls back to one datagram per segment if the kernel refuses.
-    pub async fn send(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
         let destination = self.map_addr(to);
         let t = Transmit {
             destination,
@@ -73,10 +82,15 @@ impl Udp {
         };
         let res = self
             .sock
-            .async_io(Interest::WRITABLE, || self.state.try_send((&self.sock).into(), &t))
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
             .await;
         match (res, segment) {
-            (Err(e), Some(seg)) if e.raw_os_error() == Some(libc::EIO) || e.raw_os_error() == Some(libc::EINVAL) => {
+            (Err(e), Some(seg))
+                if e.raw_os_error() == Some(libc::EIO)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
                 for chunk in contents.chunks(seg) {
                     self.send_one(destination, chunk).await?;
                 }
@@ -95,17 +109,25 @@ impl Udp {
             src_ip: None,
         };
         self.sock
-            .async_io(Interest::WRITABLE, || self.state.try_send((&self.sock).into(), &t))
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
             .await
     }
 
     /// Receives a batch. Each `meta[i]` describes `bufs[i]`: `len` bytes made
     /// of datagrams of `stride` bytes (the last may be shorter). Source
     /// addresses come back in canonical form (IPv4, not v4-mapped IPv6).
-    pub async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    pub async fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         let n = self
             .sock
-            .async_io(Interest::READABLE, || self.state.recv((&self.sock).into(), bufs, meta))
+            .async_io(Interest::READABLE, || {
+                self.state.recv((&self.sock).into(), bufs, meta)
+            })
             .await?;
         for m in &mut meta[..n] {
             m.addr = canonical(m.addr);
@@ -251,7 +273,11 @@ impl TxBatch {
         let mut failed = 0;
         for r in &self.runs {
             let seg = (r.count > 1).then_some(r.segment);
-            if udp.send(r.to, &self.buf[r.start..r.end], seg).await.is_err() {
+            if udp
+                .send(r.to, &self.buf[r.start..r.end], seg)
+                .await
+                .is_err()
+            {
                 failed += 1;
             }
         }

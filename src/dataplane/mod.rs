@@ -178,7 +178,12 @@ impl DataPlane {
         if !cur.by_key.contains_key(key) {
             return false;
         }
-        let peers = cur.by_key.values().filter(|p| &p.key != key).cloned().collect();
+        let peers = cur
+            .by_key
+            .values()
+            .filter(|p| &p.key != key)
+            .cloned()
+            .collect();
         self.peers.store(Arc::new(build(peers)));
         true
     }

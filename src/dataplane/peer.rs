@@ -105,12 +105,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(
-        own: &PrivateKey,
-        spec: PeerSpec,
-        index: u32,
-        limiter: Arc<RateLimiter>,
-    ) -> Peer {
+    pub fn new(own: &PrivateKey, spec: PeerSpec, index: u32, limiter: Arc<RateLimiter>) -> Peer {
         let tunn = Tunn::new(
             own.secret().clone(),
             spec.key.to_x25519(),
@@ -164,7 +159,13 @@ impl Peer {
             TunnResult::WriteToNetwork(p) => {
                 // A cookie reply answers a packet we could not yet trust.
                 let authentic = p.first() != Some(&3);
-                (Opened::Reply { len: p.len(), to: from }, authentic)
+                (
+                    Opened::Reply {
+                        len: p.len(),
+                        to: from,
+                    },
+                    authentic,
+                )
             }
             TunnResult::Done => (Opened::Nothing, kind == 4 || kind == 2),
             TunnResult::Err(e) => (Opened::Rejected(e), false),

@@ -61,11 +61,21 @@ impl<T> RouteTable<T> {
 
     /// Removes every prefix whose owner matches `pred`.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        let v4: Vec<Ipv4Net> = self.v4.iter().filter(|(_, v)| !keep(v)).map(|(k, _)| k).collect();
+        let v4: Vec<Ipv4Net> = self
+            .v4
+            .iter()
+            .filter(|(_, v)| !keep(v))
+            .map(|(k, _)| k)
+            .collect();
         for k in v4 {
             self.v4.remove(&k);
         }
-        let v6: Vec<Ipv6Net> = self.v6.iter().filter(|(_, v)| !keep(v)).map(|(k, _)| k).collect();
+        let v6: Vec<Ipv6Net> = self
+            .v6
+            .iter()
+            .filter(|(_, v)| !keep(v))
+            .map(|(k, _)| k)
+            .collect();
         for k in v6 {
             self.v6.remove(&k);
         }

@@ -78,7 +78,10 @@ fn handshake_then_data_both_ways_and_roaming() {
     assert!(none.is_empty());
     assert_eq!(resp.len(), 1);
     assert_eq!(resp[0][0], 2, "handshake response");
-    assert_eq!(b.dp.peers().by_key(&a.dp.public_key()).unwrap().endpoint(), Some(a.addr));
+    assert_eq!(
+        b.dp.peers().by_key(&a.dp.public_key()).unwrap().endpoint(),
+        Some(a.addr)
+    );
 
     // a receives the response: the queued ping is flushed as data.
     let (_, flushed) = deliver(&a, b.addr, &resp[0]);
@@ -124,7 +127,11 @@ fn forged_and_spoofed_packets_are_counted_not_delivered() {
 
     // Garbage and an unknown receiver index are counted.
     let before = b.dp.drops.snapshot();
-    for junk in [&[4u8, 0, 0, 0, 9, 9, 9, 9][..], &[1u8; 10][..], &[0xffu8; 200][..]] {
+    for junk in [
+        &[4u8, 0, 0, 0, 9, 9, 9, 9][..],
+        &[1u8; 10][..],
+        &[0xffu8; 200][..],
+    ] {
         assert!(deliver(&b, attacker, junk).0.is_empty());
     }
     let after = b.dp.drops.snapshot();
@@ -149,7 +156,12 @@ fn upsert_keeps_session_when_only_endpoint_changes() {
     assert_eq!(p.endpoint(), Some(new_ep));
     // Changing allowed IPs rebuilds routes.
     a.dp.upsert_peer(spec(&b, "100.64.0.0/24", Some(new_ep)));
-    assert!(a.dp.peers().routes.lookup("100.64.0.77".parse().unwrap()).is_some());
+    assert!(a
+        .dp
+        .peers()
+        .routes
+        .lookup("100.64.0.77".parse().unwrap())
+        .is_some());
     assert!(a.dp.remove_peer(&b.dp.public_key()));
     assert!(a.dp.peers().routes.is_empty());
 }

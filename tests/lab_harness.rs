@@ -326,3 +326,88 @@ fn teardown_removes_everything() {
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(!dir.exists(), "lab dir removed");
 }
+
+#[test]
+fn edm_sequential_hands_out_consecutive_ports() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let servers: Vec<Node> = (1..=3).map(|i| lab.public(&format!("s{i}"))).collect();
+    let gw = lab.gateway("gw", Nat::EdmSequential);
+    let h = lab.host_behind(&gw, "h");
+    for s in &servers {
+        observer(&lab, s, OBSERVER_PORT, 1);
+    }
+    let seen = observed_from(
+        &lab,
+        &h,
+        43000,
+        server_addrs(&servers.iter().collect::<Vec<_>>()),
+    );
+    let ports: Vec<u16> = seen
+        .iter()
+        .map(|a| {
+            let a = a.expect("answer");
+            assert_eq!(a.ip(), std::net::IpAddr::V4(gw.ip));
+            a.port()
+        })
+        .collect();
+    // A fresh gateway's counter starts at SEQ_BASE: one port per destination.
+    let base = lab::nat::SEQ_BASE;
+    assert_eq!(
+        ports,
+        vec![base, base + 1, base + 2],
+        "sequential EDM ports"
+    );
+}
+
+#[test]
+fn upnp_gateway_maps_a_port_with_natpmp() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let s = lab.public("s");
+    let gw = lab.gateway("gw", Nat::Upnp);
+    let h = lab.host_behind(&gw, "h");
+    let router = gw.lan.as_ref().expect("gateway").router;
+    let (tx, rx) = mpsc::channel();
+    let host = lab.thread_in(&h, move || {
+        let sock = UdpSocket::bind("0.0.0.0:44000").expect("bind");
+        let mapped =
+            lab::upnp::natpmp_map(router, Proto::Udp, &sock, 45000, 120).expect("NAT-PMP exchange");
+        tx.send(mapped).expect("report mapping");
+        // Prove the mapping carries traffic: answer one datagram from outside.
+        sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        let mut buf = [0u8; 64];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .expect("datagram through the mapping");
+        sock.send_to(&buf[..n], from).expect("reply");
+    });
+    let mapped = rx.recv_timeout(IO_TIMEOUT).expect("mapping result");
+    let lab::upnp::NatPmp::Mapped { external, lifetime } = mapped else {
+        panic!("NAT-PMP refused: {mapped:?}");
+    };
+    assert_eq!(
+        *external.ip(),
+        gw.ip,
+        "external address is the gateway's WAN"
+    );
+    assert!(lifetime > 0 && lifetime <= 120);
+    let sip = s.ip;
+    let echoed = lab
+        .thread_in(&s, move || {
+            let sock = UdpSocket::bind((sip, 0)).expect("bind");
+            sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            sock.send_to(b"through upnp", external).expect("send");
+            let mut buf = [0u8; 64];
+            let n = sock.recv(&mut buf).expect("echo");
+            buf[..n].to_vec()
+        })
+        .join()
+        .expect("public thread");
+    assert_eq!(echoed, b"through upnp");
+    host.join().expect("host thread");
+}

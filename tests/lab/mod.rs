@@ -29,6 +29,7 @@
 pub mod nat;
 pub mod netns;
 pub mod process;
+pub mod upnp;
 pub mod wg;
 
 use std::collections::HashMap;
@@ -287,7 +288,7 @@ impl Lab {
             "lan",
         ]);
         must(&["ip", "-n", &ns, "link", "set", "lan", "up"]);
-        let rules = self.write_file(&format!("{name}.nft"), &nat.ruleset());
+        let rules = self.write_file(&format!("{name}.nft"), &nat.ruleset(ip));
         let rules = rules.to_string_lossy();
         must(&["ip", "netns", "exec", &ns, "nft", "-f", &rules]);
         if !nat.translates() {
@@ -304,13 +305,18 @@ impl Lab {
                 &via,
             ]);
         }
-        Node {
+        let node = Node {
             name: name.into(),
             ns,
             ip,
             lan: Some(Lan { router, prefix }),
             nat: Some(nat),
+        };
+        if nat == Nat::Upnp {
+            let cidr = format!("{}.{}.{}.0/24", prefix[0], prefix[1], prefix[2]);
+            upnp::start(self, &node, router, &cidr);
         }
+        node
     }
 
     /// A host on `gateway`'s LAN, default route via the gateway.

@@ -14,12 +14,14 @@
 //! mapping, EDM). Filtering is the stateful firewall every home router has:
 //! replies and port forwards come in, nothing else does.
 //!
-//! Kinds still to add, and how they slot in:
-//! - `EdmSequential`: Linux has no sequential allocator; it needs a small
-//!   user-space NAT helper process in the gateway (the ruleset would only
-//!   forward, the helper rewrites), started by `Lab::gateway` for that kind.
-//! - `Upnp`: the EIM ruleset plus the `table inet filter` chains miniupnpd
-//!   expects, and a miniupnpd process spawned in the gateway.
+//! Linux has no sequential port allocator, but nftables can compute the
+//! port: `snat to WAN:numgen inc mod N map {..}` is evaluated once per new
+//! conntrack entry, so every new mapping (every new destination) takes the
+//! next port of a counter. That gives sequential EDM without a user-space
+//! NAT helper. The ports come from [`SEQ_BASE`] upward, per protocol.
+//!
+//! `Upnp` is EIM plus miniupnpd (see `upnp.rs`): its ruleset adds the
+//! `table inet filter` chains miniupnpd-nftables fills in.
 
 use std::fmt;
 
@@ -36,6 +38,27 @@ pub enum Nat {
     /// EIM, but the only traffic allowed out is TCP to port 443: UDP is
     /// blocked entirely, as on some corporate networks.
     UdpBlocked,
+    /// Endpoint-dependent mapping whose ports grow by one per new mapping,
+    /// from [`SEQ_BASE`]: the case port prediction is meant for.
+    EdmSequential,
+    /// EIM with miniupnpd serving UPnP IGD, NAT-PMP and PCP on the LAN.
+    Upnp,
+}
+
+/// First port an `EdmSequential` gateway hands out (per protocol).
+pub const SEQ_BASE: u16 = 30000;
+/// How many ports it cycles through.
+pub const SEQ_LEN: u16 = 512;
+
+/// `{ 0 : SEQ_BASE, 1 : SEQ_BASE+1, ... }`. A map rather than `numgen ...
+/// offset SEQ_BASE`: the kernel takes numgen's result in host byte order
+/// as a port in network order (30000, 30001 become 12405, 12661), while
+/// map values are typed `inet_service` and stored the right way round.
+fn sequential_port_map() -> String {
+    let entries: Vec<String> = (0..SEQ_LEN)
+        .map(|i| format!("{i} : {}", SEQ_BASE + i))
+        .collect();
+    format!("{{ {} }}", entries.join(", "))
 }
 
 /// Transport protocol of a port forward.
@@ -66,16 +89,31 @@ impl Nat {
         !matches!(self, Nat::None)
     }
 
-    /// The full nftables ruleset of a gateway of this kind.
-    pub fn ruleset(self) -> String {
+    /// The full nftables ruleset of a gateway of this kind whose WAN
+    /// address is `wan`.
+    pub fn ruleset(self, wan: std::net::Ipv4Addr) -> String {
         let masq = match self {
-            Nat::None => "",
-            Nat::Eim | Nat::UdpBlocked => "oifname \"wan\" masquerade",
-            Nat::Edm => "oifname \"wan\" masquerade fully-random",
+            Nat::None => String::new(),
+            Nat::Eim | Nat::UdpBlocked | Nat::Upnp => "oifname \"wan\" masquerade".into(),
+            Nat::Edm => "oifname \"wan\" masquerade fully-random".into(),
+            // Ports for UDP and TCP from a counter; anything else (ICMP)
+            // is plainly masqueraded.
+            Nat::EdmSequential => {
+                let map = sequential_port_map();
+                format!(
+                    "oifname \"wan\" meta l4proto udp snat ip to {wan}:numgen inc mod {SEQ_LEN} map {map}
+    oifname \"wan\" meta l4proto tcp snat ip to {wan}:numgen inc mod {SEQ_LEN} map {map}
+    oifname \"wan\" masquerade"
+                )
+            }
         };
         let outbound = match self {
-            Nat::None | Nat::Eim | Nat::Edm => "iifname \"lan\" oifname \"wan\" accept",
             Nat::UdpBlocked => "iifname \"lan\" oifname \"wan\" tcp dport 443 accept",
+            _ => "iifname \"lan\" oifname \"wan\" accept",
+        };
+        let upnp = match self {
+            Nat::Upnp => super::upnp::RULESET,
+            _ => "",
         };
         // Without NAT the gateway is a router: inbound is allowed too, as for
         // a host with a public address and no firewall.
@@ -102,7 +140,7 @@ table inet {FILTER_TABLE} {{
     {inbound}
   }}
 }}
-"
+{upnp}"
         )
     }
 }
@@ -138,10 +176,17 @@ mod tests {
 
     #[test]
     fn rulesets_differ_where_the_kinds_do() {
-        assert!(Nat::Eim.ruleset().contains("masquerade\n"));
-        assert!(Nat::Edm.ruleset().contains("masquerade fully-random"));
-        assert!(!Nat::None.ruleset().contains("masquerade"));
-        assert!(Nat::UdpBlocked.ruleset().contains("tcp dport 443 accept"));
+        let wan = std::net::Ipv4Addr::new(11, 11, 0, 10);
+        assert!(Nat::Eim.ruleset(wan).contains("masquerade\n"));
+        assert!(Nat::Edm.ruleset(wan).contains("masquerade fully-random"));
+        assert!(!Nat::None.ruleset(wan).contains("masquerade"));
+        assert!(Nat::UdpBlocked
+            .ruleset(wan)
+            .contains("tcp dport 443 accept"));
+        assert!(Nat::EdmSequential
+            .ruleset(wan)
+            .contains("snat ip to 11.11.0.10:numgen inc"));
+        assert!(Nat::Upnp.ruleset(wan).contains("jump miniupnpd"));
         let rule = forward_rule(Proto::Udp, 51820, "10.1.0.2:51821".parse().unwrap());
         assert_eq!(
             rule.join(" "),

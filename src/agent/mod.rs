@@ -44,19 +44,19 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("creating the TUN device `{name}`: {source}")]
+    #[error("creating the TUN device `{name}`")]
     Tun {
         name: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("binding UDP port {port}: {source}")]
+    #[error("binding UDP port {port}")]
     Bind {
         port: u16,
         #[source]
         source: std::io::Error,
     },
-    #[error("{task} stopped: {source}")]
+    #[error("{task} stopped")]
     Io {
         task: &'static str,
         #[source]

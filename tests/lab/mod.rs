@@ -26,6 +26,7 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
+pub mod agent;
 pub mod nat;
 pub mod netns;
 pub mod process;

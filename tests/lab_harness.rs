@@ -411,3 +411,32 @@ fn upnp_gateway_maps_a_port_with_natpmp() {
     assert_eq!(echoed, b"through upnp");
     host.join().expect("host thread");
 }
+
+#[test]
+fn stale_namespaces_of_dead_runs_are_reaped() {
+    if !lab::require_root() {
+        return;
+    }
+    // A pid that just died stands for a test run killed before its Drop.
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait true");
+    let stale = format!("{}-{dead}-0-gw", lab::netns::PREFIX);
+    lab::netns::create(&stale);
+    let lab = Lab::new();
+    let left = lab::netns::list();
+    assert!(
+        !left.contains(&stale),
+        "stale namespace {stale} still there"
+    );
+    // Our own live lab is never reaped by a second one.
+    let mine = lab.namespaces();
+    let _other = Lab::new();
+    let now = lab::netns::list();
+    assert!(
+        mine.iter().all(|n| now.contains(n)),
+        "a live lab's namespaces were reaped"
+    );
+}

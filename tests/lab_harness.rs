@@ -315,6 +315,7 @@ fn teardown_removes_everything() {
         ("hello\n", "oops\n", Some(3))
     );
     assert!(lab.exit_status(sleeper).is_none(), "sleeper runs");
+    let pid = lab.pid(sleeper);
     let names = lab.namespaces();
     let dir = lab.dir().to_owned();
     assert_eq!(names.len(), 3);
@@ -325,6 +326,10 @@ fn teardown_removes_everything() {
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(!dir.exists(), "lab dir removed");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "spawned process killed"
+    );
 }
 
 #[test]

@@ -407,6 +407,11 @@ impl Lab {
         self.state().procs[id.0].try_status()
     }
 
+    /// The pid of a spawned process.
+    pub fn pid(&self, id: ProcId) -> i32 {
+        self.state().procs[id.0].pid()
+    }
+
     /// Everything a spawned process has written so far.
     pub fn log(&self, id: ProcId) -> String {
         self.state().procs[id.0].read_log()

@@ -24,6 +24,9 @@ use crate::dataplane::{DataPlane, DropCounts, PeerSpec};
 /// How often WireGuard's timers run. boringtun's own device uses 250 ms;
 /// handshake retries and keepalives need no finer grain.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Most TUN queues read in parallel; past the core count they only add
+/// contention.
+const MAX_QUEUES: usize = 4;
 /// How often dropped-packet counts are summarised in the log.
 const DROP_REPORT: Duration = Duration::from_secs(30);
 
@@ -100,26 +103,30 @@ pub async fn run(
         port: iface.listen_port,
         source,
     })?;
-    let tun = tun::create(iface)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tun = tun::create(iface, cores.min(MAX_QUEUES))?;
     let offload = tun.offload;
     let dev = Arc::new(tun.dev);
     let udp = Arc::new(udp);
     let mtu = usize::from(iface.mtu);
 
     let mut tasks = tokio::task::JoinSet::new();
-    let out = outbound::Outbound {
-        dp: dp.clone(),
-        tun: dev.clone(),
-        udp: udp.clone(),
-        offload,
-        mtu,
-    };
-    tasks.spawn(async move {
-        out.run().await.map_err(|source| AgentError::Io {
-            task: "TUN reader",
-            source,
-        })
-    });
+    let queues = std::iter::once(dev.clone()).chain(tun.extra_queues.into_iter().map(Arc::new));
+    for queue in queues {
+        let out = outbound::Outbound {
+            dp: dp.clone(),
+            tun: queue,
+            udp: udp.clone(),
+            offload,
+            mtu,
+        };
+        tasks.spawn(async move {
+            out.run().await.map_err(|source| AgentError::Io {
+                task: "TUN reader",
+                source,
+            })
+        });
+    }
     let inb = inbound::Inbound {
         dp: dp.clone(),
         tun: dev.clone(),

@@ -16,16 +16,39 @@ use crate::config::InterfaceConfig;
 
 pub struct Tun {
     pub dev: AsyncDevice,
+    /// Further queues of the same device (multi-queue TUN). The kernel
+    /// spreads flows over the queues by hash, so each queue can be read by
+    /// its own task without reordering any one flow.
+    pub extra_queues: Vec<AsyncDevice>,
     /// True when the device exchanges virtio-net headers (offload on).
     pub offload: bool,
 }
 
-pub fn create(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
+/// Creates the device with up to `queues` queues.
+pub fn create(cfg: &InterfaceConfig, queues: usize) -> Result<Tun, AgentError> {
+    let mut tun = create_one(cfg)?;
+    for _ in 1..queues {
+        match tun.dev.try_clone() {
+            Ok(q) => tun.extra_queues.push(q),
+            Err(e) => {
+                tracing::info!(error = %e, "multi-queue TUN unavailable; one queue");
+                break;
+            }
+        }
+    }
+    Ok(tun)
+}
+
+fn create_one(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
     if cfg.offload {
         match build(cfg, true) {
             Ok(dev) => {
                 let offload = dev.tcp_gso();
-                return Ok(Tun { dev, offload });
+                return Ok(Tun {
+                    dev,
+                    extra_queues: Vec::new(),
+                    offload,
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(permission(cfg, e));
@@ -47,6 +70,7 @@ pub fn create(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
     })?;
     Ok(Tun {
         dev,
+        extra_queues: Vec::new(),
         offload: false,
     })
 }
@@ -72,7 +96,8 @@ fn build(cfg: &InterfaceConfig, offload: bool) -> io::Result<AsyncDevice> {
     let mut b = DeviceBuilder::new()
         .name(cfg.name.clone())
         .mtu(cfg.mtu)
-        .offload(offload);
+        .offload(offload)
+        .multi_queue(true);
     let mut v4 = cfg.addresses.iter().filter(|a| a.addr().is_ipv4());
     if let Some(first) = v4.next() {
         if let IpAddr::V4(a) = first.addr() {

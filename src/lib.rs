@@ -5,4 +5,5 @@
 //! binary is the agent daemon plus the CLI; `warren-coordinator` depends on
 //! this crate for the wire protocols it shares with the agent.
 
+pub mod control;
 pub mod keys;

@@ -90,7 +90,7 @@ type Row = (
     String,
     String,
     String,
-    bool,
+    i64,
     String,
     String,
     Option<String>,
@@ -111,7 +111,7 @@ fn record(r: Row) -> Result<NodeRecord, StoreError> {
         version: r.6.clone(),
         ipv4: r.7.parse().map_err(|_| bad("ipv4"))?,
         ipv6: r.8.parse().map_err(|_| bad("ipv6"))?,
-        ephemeral: r.9,
+        ephemeral: r.9 != 0,
         tags: serde_json::from_str(&r.10).map_err(|_| bad("tags"))?,
         endpoints: serde_json::from_str(&r.11).map_err(|_| bad("endpoints"))?,
         netcheck: match &r.12 {
@@ -293,7 +293,7 @@ impl Store {
                 .bind(&input.version)
                 .bind(v4.to_string())
                 .bind(ipv6_for(ula, v4).to_string())
-                .bind(grant.ephemeral)
+                .bind(i64::from(grant.ephemeral))
                 .bind(serde_json::to_string(&grant.tags).unwrap_or_else(|_| "[]".into()))
                 .bind(&grant.id)
                 .bind(now)
@@ -483,7 +483,7 @@ impl Store {
             tx.commit().await?;
         }
         let gone: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT id, node_key FROM nodes WHERE ephemeral AND conns = 0 AND last_seen_ms < $1",
+            "SELECT id, node_key FROM nodes WHERE ephemeral = 1 AND conns = 0 AND last_seen_ms < $1",
         )
         .bind(now - ephemeral_ms)
         .fetch_all(self.pool())

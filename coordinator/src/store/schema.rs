@@ -6,6 +6,8 @@
 //! different DDL (`AUTOINCREMENT` against `BIGSERIAL`), and one list with
 //! both dialects side by side is easier to keep in step than two folders.
 //! On PostgreSQL an advisory lock serialises replicas starting together.
+//! Flags are `BIGINT` 0/1 on both backends: sqlx's `Any` driver cannot
+//! decode SQLite's `BOOLEAN` affinity.
 
 use sqlx::AnyPool;
 
@@ -24,16 +26,16 @@ const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE tokens (
             id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
-            reusable BOOLEAN NOT NULL, ephemeral BOOLEAN NOT NULL,
+            reusable BIGINT NOT NULL, ephemeral BIGINT NOT NULL,
             tags TEXT NOT NULL, created_ms BIGINT NOT NULL, expires_ms BIGINT,
-            revoked BOOLEAN NOT NULL DEFAULT FALSE, uses BIGINT NOT NULL DEFAULT 0)",
+            revoked BIGINT NOT NULL DEFAULT 0, uses BIGINT NOT NULL DEFAULT 0)",
         "CREATE TABLE nodes (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             node_key TEXT NOT NULL UNIQUE, disco_key TEXT NOT NULL,
             name TEXT NOT NULL UNIQUE, hostname TEXT NOT NULL,
             os TEXT NOT NULL, version TEXT NOT NULL,
             ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE,
-            ephemeral BOOLEAN NOT NULL, tags TEXT NOT NULL, token_id TEXT,
+            ephemeral BIGINT NOT NULL, tags TEXT NOT NULL, token_id TEXT,
             endpoints TEXT NOT NULL DEFAULT '[]', netcheck TEXT,
             conns BIGINT NOT NULL DEFAULT 0,
             last_seen_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL)",
@@ -47,16 +49,16 @@ const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE tokens (
             id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
-            reusable BOOLEAN NOT NULL, ephemeral BOOLEAN NOT NULL,
+            reusable BIGINT NOT NULL, ephemeral BIGINT NOT NULL,
             tags TEXT NOT NULL, created_ms BIGINT NOT NULL, expires_ms BIGINT,
-            revoked BOOLEAN NOT NULL DEFAULT FALSE, uses BIGINT NOT NULL DEFAULT 0)",
+            revoked BIGINT NOT NULL DEFAULT 0, uses BIGINT NOT NULL DEFAULT 0)",
         "CREATE TABLE nodes (
             id BIGSERIAL PRIMARY KEY,
             node_key TEXT NOT NULL UNIQUE, disco_key TEXT NOT NULL,
             name TEXT NOT NULL UNIQUE, hostname TEXT NOT NULL,
             os TEXT NOT NULL, version TEXT NOT NULL,
             ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE,
-            ephemeral BOOLEAN NOT NULL, tags TEXT NOT NULL, token_id TEXT,
+            ephemeral BIGINT NOT NULL, tags TEXT NOT NULL, token_id TEXT,
             endpoints TEXT NOT NULL DEFAULT '[]', netcheck TEXT,
             conns BIGINT NOT NULL DEFAULT 0,
             last_seen_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL)",

@@ -51,7 +51,7 @@ fn hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-type TokenRow = (String, bool, bool, String, i64, Option<i64>, bool, i64);
+type TokenRow = (String, i64, i64, String, i64, Option<i64>, i64, i64);
 
 fn info(row: TokenRow) -> Result<TokenInfo, StoreError> {
     let (id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses) = row;
@@ -59,12 +59,12 @@ fn info(row: TokenRow) -> Result<TokenInfo, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("token {id} tags: {e}")))?;
     Ok(TokenInfo {
         id,
-        reusable,
-        ephemeral,
+        reusable: reusable != 0,
+        ephemeral: ephemeral != 0,
         tags,
         created_ms,
         expires_ms,
-        revoked,
+        revoked: revoked != 0,
         uses,
     })
 }
@@ -100,8 +100,8 @@ impl Store {
         )
         .bind(&id)
         .bind(hash(&token))
-        .bind(spec.reusable)
-        .bind(spec.ephemeral)
+        .bind(i64::from(spec.reusable))
+        .bind(i64::from(spec.ephemeral))
         .bind(serde_json::to_string(&spec.tags).unwrap_or_else(|_| "[]".into()))
         .bind(now)
         .bind(expires)
@@ -122,7 +122,7 @@ impl Store {
     /// Revokes a token: it can register no more nodes. Nodes that already
     /// joined with it stay (remove them with `node remove`).
     pub async fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE tokens SET revoked = TRUE WHERE id = $1")
+        let done = sqlx::query("UPDATE tokens SET revoked = 1 WHERE id = $1")
             .bind(id)
             .execute(self.pool())
             .await?;
@@ -154,7 +154,7 @@ impl Store {
             return Err(StoreError::TokenUsed);
         }
         let done = sqlx::query(
-            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND revoked = FALSE AND (reusable OR uses = 0)",
+            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND revoked = 0 AND (reusable = 1 OR uses = 0)",
         )
         .bind(&t.id)
         .execute(&mut **tx)

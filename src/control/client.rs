@@ -13,7 +13,7 @@
 //! authenticates it) and cached; a `bad_signature` answer clears the cache
 //! so a coordinator whose key was replaced is picked up on the next try.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -302,8 +302,8 @@ impl ControlClient {
         Ok(())
     }
 
-    /// Tells the coordinator this node is leaving (an ephemeral node is
-    /// removed at once; others are just marked offline).
+    /// Tells the coordinator this node is leaving the network: it is
+    /// removed (peers get a removal delta), and joining again takes a token.
     pub async fn logout(&self) -> Result<(), ControlError> {
         self.signed(reqwest::Method::POST, "/logout", Vec::new())
             .await?;
@@ -408,8 +408,15 @@ impl ControlClient {
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 let msg: MapMessage = parse_json(&line)?;
+                let is_full = matches!(msg, MapMessage::Full { .. });
                 if let Some(event) = fold(coordinator, map, msg) {
-                    dirty = true;
+                    // A full map is saved at once (it is what a restart
+                    // needs most); deltas are batched by the tick.
+                    if is_full {
+                        self.save(map.as_ref());
+                    } else {
+                        dirty = true;
+                    }
                     if tx.send(event).await.is_err() {
                         return Ok(());
                     }
@@ -494,15 +501,4 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ControlErro
             "HTTP {status} without a control-protocol error body"
         ))),
     }
-}
-
-/// Whether `path` is a state directory the client can write (for callers
-/// that want to fail early at start rather than at the first save).
-pub fn check_state_dir(path: &Path) -> Result<(), ControlError> {
-    std::fs::create_dir_all(path).map_err(|source| {
-        ControlError::MapFile(MapFileError::Io {
-            path: path.display().to_string(),
-            source,
-        })
-    })
 }

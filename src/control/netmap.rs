@@ -137,6 +137,9 @@ impl NetMap {
             path: path.display().to_string(),
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
         let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(self).map_err(|source| MapFileError::Parse {
             path: path.display().to_string(),

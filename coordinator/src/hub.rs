@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, oneshot, Notify};
 use tokio::task::JoinHandle;
 use warren::keys::NodeKey;
 
@@ -69,15 +69,24 @@ impl Hub {
         self.wake.notify_one();
     }
 
-    /// Starts the task that feeds the hub from `store`.
-    pub fn spawn(&self, store: Store) -> JoinHandle<()> {
+    /// Starts the task that feeds the hub from `store`, and waits (up to
+    /// `ready_within`) until it is following the change notes, so that a
+    /// replica does not accept agents before it can tell them of changes.
+    pub async fn spawn(&self, store: Store, ready_within: Duration) -> JoinHandle<()> {
         let hub = self.clone();
-        tokio::spawn(async move {
+        let (ready, is_ready) = oneshot::channel();
+        let task = tokio::spawn(async move {
             match store.backend() {
-                Backend::Sqlite => hub.run_sqlite(store).await,
-                Backend::Postgres => hub.run_postgres(store).await,
+                Backend::Sqlite => hub.run_sqlite(store, ready).await,
+                Backend::Postgres => hub.run_postgres(store, ready).await,
             }
-        })
+        });
+        if tokio::time::timeout(ready_within, is_ready).await.is_err() {
+            tracing::warn!(
+                "hub is not following changes yet; continuing (streams will resynchronise)"
+            );
+        }
+        task
     }
 
     async fn dispatch(&self, store: &Store, change: Change) {
@@ -100,7 +109,7 @@ impl Hub {
         let _ = self.tx.send(event);
     }
 
-    async fn run_sqlite(self, store: Store) {
+    async fn run_sqlite(self, store: Store, ready: oneshot::Sender<()>) {
         let mut last = loop {
             match store.last_change_id().await {
                 Ok(id) => break id,
@@ -110,6 +119,7 @@ impl Hub {
                 }
             }
         };
+        let _ = ready.send(());
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -127,9 +137,10 @@ impl Hub {
         }
     }
 
-    async fn run_postgres(self, store: Store) {
+    async fn run_postgres(self, store: Store, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
         loop {
-            match self.listen_postgres(&store).await {
+            match self.listen_postgres(&store, &mut ready).await {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(error = %e, "hub: PostgreSQL listener failed"),
             }
@@ -138,9 +149,17 @@ impl Hub {
         }
     }
 
-    async fn listen_postgres(&self, store: &Store) -> Result<(), sqlx::Error> {
+    async fn listen_postgres(
+        &self,
+        store: &Store,
+        ready: &mut Option<oneshot::Sender<()>>,
+    ) -> Result<(), sqlx::Error> {
         let mut listener = sqlx::postgres::PgListener::connect(store.url()).await?;
         listener.listen(PG_CHANNEL).await?;
+        tracing::debug!("hub: listening for change notes");
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
         // Whatever happened before we listened is in the full maps streams
         // send on connect; streams that were already open must catch up.
         let _ = self.tx.send(HubEvent::Resync);
@@ -153,6 +172,7 @@ impl Hub {
                 // The connection dropped and will be re-established by the
                 // next call; notes may have been lost meanwhile.
                 None => {
+                    tracing::info!("hub: PostgreSQL connection lost; streams will resynchronise");
                     let _ = self.tx.send(HubEvent::Resync);
                 }
             }

@@ -212,6 +212,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         path: cfg.listen.to_string(),
         source,
     })?;
+    let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
     let app = api::router(state.clone());
     let serve = match tls {
         None => tokio::spawn(async move {
@@ -225,7 +226,6 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
             app,
         )),
     };
-    let feed = hub.spawn(store.clone());
     let upkeep = tokio::spawn(upkeep(state, cfg.ephemeral_timeout));
     tracing::info!(%addr, tls = cfg.tls_cert.is_some(), backend = ?store.backend(), "coordinator listening");
     Ok(Running {

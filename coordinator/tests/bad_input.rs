@@ -1,5 +1,6 @@
 //! Hostile and broken requests: each gets a typed 4xx `{code, message}` and
 //! leaves the store exactly as it was.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns
 
 mod common;
 

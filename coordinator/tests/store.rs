@@ -1,5 +1,6 @@
 //! The store on both backends: the same suite runs against SQLite and (when
 //! `WARREN_TEST_POSTGRES_URL` is set) a fresh PostgreSQL database.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns
 
 mod common;
 

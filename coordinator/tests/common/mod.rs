@@ -1,7 +1,7 @@
 //! Helpers shared by the coordinator's integration tests: in-process
 //! servers on loopback, fresh PostgreSQL databases, clients, and waiting
 //! for map events with a deadline.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;
@@ -134,4 +134,49 @@ pub async fn snapshot(store: &Store) -> String {
         })
         .collect();
     format!("{counts:?}\n{nodes:?}\n{tokens:?}")
+}
+
+/// A map stream plus the map it has delivered so far, for tests that care
+/// about the state reached, not whether it came as a delta or a full map.
+pub struct Watch {
+    pub stream: MapStream,
+    pub map: warren::control::NetMap,
+}
+
+impl Watch {
+    pub async fn new(mut stream: MapStream) -> Watch {
+        let map = first_full(&mut stream).await;
+        Watch { stream, map }
+    }
+
+    /// Waits (at most `within`) until the map satisfies `ok`.
+    pub async fn until(
+        &mut self,
+        within: Duration,
+        what: &str,
+        ok: impl Fn(&warren::control::NetMap) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !ok(&self.map) {
+            let ev = match tokio::time::timeout_at(deadline, self.stream.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => panic!("map stream ended while waiting for {what}"),
+                Err(_) => panic!(
+                    "{what}: not within {within:?}; map now {:#?}",
+                    self.map.peers
+                ),
+            };
+            match ev {
+                MapEvent::Full { map, .. } => self.map = map,
+                MapEvent::PeerAdded(p) | MapEvent::PeerChanged(p) => {
+                    self.map.peers.insert(p.key, p);
+                }
+                MapEvent::PeerRemoved(k) => {
+                    self.map.peers.remove(&k);
+                }
+                MapEvent::SelfChanged(p) => self.map.self_node = p,
+                _ => {}
+            }
+        }
+    }
 }

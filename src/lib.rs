@@ -8,4 +8,5 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod control;
 pub mod keys;

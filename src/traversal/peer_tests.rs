@@ -124,13 +124,14 @@ fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
     let _ = m.poll_event();
     // Keep traffic flowing, never answer heartbeats.
     let mut now = t0;
+    let mut last = Vec::new();
     while m.current_path() != Path::Relay {
         let (at, _) = m.poll_timeout().unwrap();
         assert!(at >= now);
         now = at;
         m.note_traffic(now);
         m.handle_timeout(now);
-        drain(&mut m);
+        last = drain(&mut m);
     }
     assert_eq!(now, t0 + Config::default().trust, "falls back exactly at expiry");
     assert!(matches!(
@@ -138,8 +139,12 @@ fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
         Some(Event::PathChanged { to: Path::Relay, reason: ChangeReason::TimedOut, .. })
     ));
     assert!(matches!(m.relay_reason(), Some(RelayReason::DirectTimedOut { .. })));
-    // Discovery restarts at once.
-    assert_eq!(m.poll_timeout().map(|(t, r)| (t, r)), Some((now, TimerReason::Probe)));
+    // Discovery restarts at once: the candidate is pinged in the same step.
+    ping_to(&last, cand);
+    assert_eq!(
+        m.poll_timeout(),
+        Some((now + Duration::from_millis(500), TimerReason::Probe))
+    );
 }
 
 #[test]

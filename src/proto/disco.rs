@@ -186,9 +186,17 @@ impl Candidate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Message {
-    Ping { tx_id: [u8; 12], node_key: NodeKey },
-    Pong { tx_id: [u8; 12], observed_src: SocketAddr },
-    CallMeMaybe { endpoints: Vec<Candidate> },
+    Ping {
+        tx_id: [u8; 12],
+        node_key: NodeKey,
+    },
+    Pong {
+        tx_id: [u8; 12],
+        observed_src: SocketAddr,
+    },
+    CallMeMaybe {
+        endpoints: Vec<Candidate>,
+    },
 }
 
 impl Message {
@@ -346,8 +354,12 @@ pub fn decode_plain(plain: &[u8]) -> Result<Message, DiscoError> {
             if body.len() != 12 + 32 {
                 return Err(DiscoError::Malformed("ping"));
             }
-            let tx_id = body[..12].try_into().map_err(|_| DiscoError::Malformed("ping"))?;
-            let key = body[12..].try_into().map_err(|_| DiscoError::Malformed("ping"))?;
+            let tx_id = body[..12]
+                .try_into()
+                .map_err(|_| DiscoError::Malformed("ping"))?;
+            let key = body[12..]
+                .try_into()
+                .map_err(|_| DiscoError::Malformed("ping"))?;
             Ok(Message::Ping {
                 tx_id,
                 node_key: NodeKey(key),
@@ -357,7 +369,9 @@ pub fn decode_plain(plain: &[u8]) -> Result<Message, DiscoError> {
             if body.len() != 12 + ADDR_LEN {
                 return Err(DiscoError::Malformed("pong"));
             }
-            let tx_id = body[..12].try_into().map_err(|_| DiscoError::Malformed("pong"))?;
+            let tx_id = body[..12]
+                .try_into()
+                .map_err(|_| DiscoError::Malformed("pong"))?;
             let observed_src = get_addr(&body[12..]).ok_or(DiscoError::Malformed("pong"))?;
             Ok(Message::Pong {
                 tx_id,

@@ -6,7 +6,10 @@ use rand::{Rng, SeedableRng};
 
 fn pair() -> (DiscoSecret, DiscoSecret) {
     let mut rng = StdRng::seed_from_u64(7);
-    (DiscoSecret::generate(&mut rng), DiscoSecret::generate(&mut rng))
+    (
+        DiscoSecret::generate(&mut rng),
+        DiscoSecret::generate(&mut rng),
+    )
 }
 
 fn samples() -> Vec<Message> {
@@ -31,7 +34,10 @@ fn samples() -> Vec<Message> {
                     "203.0.113.9:1000".parse().unwrap(),
                     CandidateKind::ServerReflexive,
                 ),
-                Candidate::udp("203.0.113.9:1002".parse().unwrap(), CandidateKind::Predicted),
+                Candidate::udp(
+                    "203.0.113.9:1002".parse().unwrap(),
+                    CandidateKind::Predicted,
+                ),
                 Candidate {
                     addr: "[2001:db8::2]:443".parse().unwrap(),
                     kind: CandidateKind::PortMapped,
@@ -88,7 +94,13 @@ fn third_party_cannot_open_or_forge() {
 #[test]
 fn any_flipped_bit_is_refused() {
     let (a, b) = pair();
-    let pkt = seal(&a.box_for(&b.public()), &a.public(), 5, [7; 16], &samples()[4]);
+    let pkt = seal(
+        &a.box_for(&b.public()),
+        &a.public(),
+        5,
+        [7; 16],
+        &samples()[4],
+    );
     let sbox = b.box_for(&a.public());
     for i in 6..pkt.len() {
         let mut bad = pkt.clone();
@@ -111,8 +123,14 @@ fn bad_plaintexts_are_typed_errors() {
     assert_eq!(decode_plain(&[]), Err(DiscoError::TooShort(0)));
     assert_eq!(decode_plain(&[1]), Err(DiscoError::TooShort(1)));
     assert_eq!(decode_plain(&[9, 0]), Err(DiscoError::UnknownType(9)));
-    assert_eq!(decode_plain(&[1, 7]), Err(DiscoError::UnsupportedVersion(7)));
-    assert_eq!(decode_plain(&[1, 0, 1, 2]), Err(DiscoError::Malformed("ping")));
+    assert_eq!(
+        decode_plain(&[1, 7]),
+        Err(DiscoError::UnsupportedVersion(7))
+    );
+    assert_eq!(
+        decode_plain(&[1, 0, 1, 2]),
+        Err(DiscoError::Malformed("ping"))
+    );
     assert_eq!(decode_plain(&[2, 0]), Err(DiscoError::Malformed("pong")));
     assert_eq!(
         decode_plain(&[3, 0, 1]),

@@ -65,7 +65,9 @@ pub enum Allocation {
     Unknown,
     Preserving,
     /// Each new mapping gets the previous port plus `step`.
-    Sequential { step: u16 },
+    Sequential {
+        step: u16,
+    },
     Random,
 }
 
@@ -234,7 +236,10 @@ mod tests {
         let easy = summary(Mapping::EndpointIndependent, Allocation::Preserving);
         let public = summary(Mapping::None, Allocation::Unknown);
         let hard = summary(Mapping::EndpointDependent, Allocation::Random);
-        let seq = summary(Mapping::EndpointDependent, Allocation::Sequential { step: 1 });
+        let seq = summary(
+            Mapping::EndpointDependent,
+            Allocation::Sequential { step: 1 },
+        );
         assert_eq!(strategy(&hard, &easy), Strategy::BirthdayHard);
         assert_eq!(strategy(&public, &hard), Strategy::BirthdayEasy);
         assert_eq!(strategy(&hard, &hard), Strategy::BothHard);

@@ -201,7 +201,12 @@ pub enum RelayReason {
 impl RelayReason {
     /// Human text, with instants shown relative to `now`.
     pub fn describe(&self, now: Instant) -> String {
-        let ago = |t: &Instant| format!("{:.1}s ago", now.saturating_duration_since(*t).as_secs_f32());
+        let ago = |t: &Instant| {
+            format!(
+                "{:.1}s ago",
+                now.saturating_duration_since(*t).as_secs_f32()
+            )
+        };
         match self {
             RelayReason::Probing { since } => format!("probing candidates since {}", ago(since)),
             RelayReason::NoCandidates => "peer has no UDP candidates".into(),

@@ -26,9 +26,7 @@ use rand::{Rng, SeedableRng};
 
 use super::hardnat::{self, BirthdayProber, Strategy};
 use super::select::{clearly_better, PathTable};
-use super::{
-    ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
-};
+use super::{ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, TimerReason};
 use crate::keys::NodeKey;
 use crate::proto::disco::{Candidate, CandidateKind, Message, Transport, MAX_CANDIDATES};
 
@@ -199,8 +197,7 @@ impl PeerPaths {
             return;
         }
         for c in &fresh {
-            self.table
-                .insert(now, DirectPath::primary(c.addr), c.kind);
+            self.table.insert(now, DirectPath::primary(c.addr), c.kind);
         }
         self.candidates = fresh;
         match self.current {
@@ -252,26 +249,6 @@ impl PeerPaths {
         }
     }
 
-    /// The driver opened `count` extra sockets (ids `1..=count`).
-    pub fn sockets_ready(&mut self, now: Instant, count: u16) {
-        let Some(target) = self.remote_public() else {
-            return;
-        };
-        let Birthday::Hard { sprayed, .. } = &mut self.birthday else {
-            return;
-        };
-        if *sprayed > 0 {
-            return;
-        }
-        *sprayed = count;
-        for i in 1..=count {
-            self.ping(now, DirectPath { socket: SocketId(i), addr: target });
-        }
-        // Tells the easy side to start probing now that the ports are open.
-        self.last_cmm = None;
-        self.maybe_call_me(now);
-    }
-
     /// A disco message from the peer, already opened and replay-checked.
     pub fn handle_disco(&mut self, now: Instant, from: Path, msg: Message) -> Result<(), Rejected> {
         match (msg, from) {
@@ -282,7 +259,10 @@ impl PeerPaths {
                 let observed_src = p.addr;
                 self.transmits.push_back(Transmit {
                     path: from,
-                    payload: Payload::Disco(Message::Pong { tx_id, observed_src }),
+                    payload: Payload::Disco(Message::Pong {
+                        tx_id,
+                        observed_src,
+                    }),
                 });
                 self.table.insert(now, p, CandidateKind::PeerReflexive);
                 let recently = self
@@ -333,7 +313,8 @@ impl PeerPaths {
         // Predictions are only good for the attempt they were made for.
         let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
         if has_predicted {
-            self.candidates.retain(|c| c.kind != CandidateKind::Predicted);
+            self.candidates
+                .retain(|c| c.kind != CandidateKind::Predicted);
         }
         for c in endpoints {
             if c.transport != Transport::Udp
@@ -516,7 +497,8 @@ impl PeerPaths {
     fn switch(&mut self, now: Instant, to: Path, reason: ChangeReason) {
         let from = self.current;
         self.current = to;
-        self.events.push_back(Event::PathChanged { from, to, reason });
+        self.events
+            .push_back(Event::PathChanged { from, to, reason });
         match to {
             Path::Direct(p) => {
                 tracing::debug!(peer = %self.peer_key.short(), path = %to, ?reason, "direct path");
@@ -538,102 +520,6 @@ impl PeerPaths {
     fn active(&self, now: Instant) -> bool {
         self.last_traffic
             .is_some_and(|t| now < t + self.cfg.active_timeout)
-    }
-
-    /// The peer's public address as STUN saw it, for the birthday method.
-    fn remote_public(&self) -> Option<SocketAddr> {
-        self.remote_nat.observed.or_else(|| {
-            self.candidates
-                .iter()
-                .find(|c| c.kind == CandidateKind::ServerReflexive)
-                .map(|c| c.addr)
-        })
-    }
-
-    fn start_birthday(&mut self, now: Instant) {
-        match self.strategy() {
-            Strategy::BirthdayHard => {
-                let Birthday::Idle { not_before } = self.birthday else {
-                    return;
-                };
-                if not_before.is_some_and(|t| now < t) || self.remote_public().is_none() {
-                    return;
-                }
-                self.birthday = Birthday::Hard {
-                    deadline: now + self.cfg.birthday_time,
-                    sprayed: 0,
-                };
-                self.events
-                    .push_back(Event::WantSockets(self.cfg.birthday_sockets));
-            }
-            Strategy::BothHard => self.relay_reason = RelayReason::BothHardNat,
-            _ => {}
-        }
-    }
-
-    fn start_birthday_easy(&mut self, now: Instant) {
-        let Birthday::Idle { not_before } = self.birthday else {
-            return;
-        };
-        if not_before.is_some_and(|t| now < t) || self.current != Path::Relay {
-            return;
-        }
-        if let Some(target) = self.remote_public() {
-            self.birthday = Birthday::Easy(BirthdayProber::new(now, target.ip(), &self.cfg));
-        }
-    }
-
-    fn birthday_timer(&mut self, now: Instant) {
-        match &mut self.birthday {
-            Birthday::Easy(prober) => {
-                for addr in prober.poll(now, &mut self.rng) {
-                    self.stats.birthday_probes += 1;
-                    // Probes are not candidates: a path is only learnt if a
-                    // pong comes back, which keeps the table small.
-                    let tx_id: [u8; 12] = self.rng.gen();
-                    let path = DirectPath::primary(addr);
-                    self.pending.insert(tx_id, Pending { path, sent: now });
-                    self.stats.pings_sent += 1;
-                    self.transmits.push_back(Transmit {
-                        path: Path::Direct(path),
-                        payload: Payload::Disco(Message::Ping {
-                            tx_id,
-                            node_key: self.local_key,
-                        }),
-                    });
-                }
-                if prober.finished(now) {
-                    let probes = prober.sent();
-                    self.fail_birthday(now, probes);
-                }
-            }
-            Birthday::Hard { deadline, sprayed } if now >= *deadline => {
-                let probes = u32::from(*sprayed);
-                self.fail_birthday(now, probes);
-            }
-            _ => {}
-        }
-    }
-
-    fn fail_birthday(&mut self, now: Instant, probes: u32) {
-        if self.current == Path::Relay {
-            self.relay_reason = RelayReason::BirthdayFailed { at: now, probes };
-        }
-        self.end_birthday(now, None);
-    }
-
-    fn end_birthday(&mut self, now: Instant, keep: Option<SocketId>) {
-        let was_hard = matches!(self.birthday, Birthday::Hard { .. });
-        if matches!(self.birthday, Birthday::Idle { .. }) {
-            return;
-        }
-        self.birthday = Birthday::Idle {
-            not_before: Some(now + self.retry_backoff),
-        };
-        if was_hard {
-            let keep = keep.filter(|s| *s != SocketId::PRIMARY);
-            self.events.push_back(Event::ReleaseSockets { keep });
-        }
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -664,6 +550,9 @@ impl PeerPaths {
         timers.into_iter().min_by_key(|(t, _)| *t)
     }
 }
+
+#[path = "peer_birthday.rs"]
+mod birthday;
 
 #[cfg(test)]
 #[path = "peer_tests.rs"]

@@ -14,7 +14,10 @@ fn machine(now: Instant) -> PeerPaths {
     let mut m = PeerPaths::new(Config::default(), key(1), key(2), 9);
     m.handle_candidates(
         now,
-        vec![Candidate::udp(addr("192.0.2.2:41641"), CandidateKind::ServerReflexive)],
+        vec![Candidate::udp(
+            addr("192.0.2.2:41641"),
+            CandidateKind::ServerReflexive,
+        )],
     );
     m
 }
@@ -44,7 +47,9 @@ fn idle_peer_does_not_probe_until_traffic() {
     m.note_traffic(t0);
     m.handle_timeout(t0);
     let txs = drain(&mut m);
-    assert!(txs.iter().any(|t| t.payload == Payload::CallMeMaybe && t.path == Path::Relay));
+    assert!(txs
+        .iter()
+        .any(|t| t.payload == Payload::CallMeMaybe && t.path == Path::Relay));
     ping_to(&txs, addr("192.0.2.2:41641"));
     assert_eq!(m.current_path(), Path::Relay);
 }
@@ -64,12 +69,21 @@ fn first_matching_pong_promotes_and_bad_pongs_do_not() {
     };
     // Wrong tx id, right path.
     let wrong = Path::Direct(DirectPath::primary(cand));
-    assert_eq!(m.handle_disco(t1, wrong, pong([0; 12])), Err(Rejected::UnexpectedPong));
+    assert_eq!(
+        m.handle_disco(t1, wrong, pong([0; 12])),
+        Err(Rejected::UnexpectedPong)
+    );
     // Right tx id from another address.
     let other = Path::Direct(DirectPath::primary(addr("203.0.113.5:9")));
-    assert_eq!(m.handle_disco(t1, other, pong(tx_id)), Err(Rejected::UnexpectedPong));
+    assert_eq!(
+        m.handle_disco(t1, other, pong(tx_id)),
+        Err(Rejected::UnexpectedPong)
+    );
     // Over the relay.
-    assert_eq!(m.handle_disco(t1, Path::Relay, pong(tx_id)), Err(Rejected::WrongPath));
+    assert_eq!(
+        m.handle_disco(t1, Path::Relay, pong(tx_id)),
+        Err(Rejected::WrongPath)
+    );
     assert_eq!(m.current_path(), Path::Relay);
     assert_eq!(m.poll_event(), None);
 
@@ -78,10 +92,17 @@ fn first_matching_pong_promotes_and_bad_pongs_do_not() {
     assert_eq!(m.rtt(), Some(Duration::from_millis(40)));
     assert!(matches!(
         m.poll_event(),
-        Some(Event::PathChanged { from: Path::Relay, reason: ChangeReason::PongReceived, .. })
+        Some(Event::PathChanged {
+            from: Path::Relay,
+            reason: ChangeReason::PongReceived,
+            ..
+        })
     ));
     // The same pong again is a replay of a consumed tx id.
-    assert_eq!(m.handle_disco(t1, wrong, pong(tx_id)), Err(Rejected::UnexpectedPong));
+    assert_eq!(
+        m.handle_disco(t1, wrong, pong(tx_id)),
+        Err(Rejected::UnexpectedPong)
+    );
 }
 
 #[test]
@@ -89,10 +110,19 @@ fn ping_from_stranger_key_is_refused_and_real_ping_is_answered() {
     let t0 = Instant::now();
     let mut m = machine(t0);
     let from = Path::Direct(DirectPath::primary(addr("203.0.113.7:5000")));
-    let forged = Message::Ping { tx_id: [5; 12], node_key: key(3) };
-    assert_eq!(m.handle_disco(t0, from, forged), Err(Rejected::NodeKeyMismatch));
+    let forged = Message::Ping {
+        tx_id: [5; 12],
+        node_key: key(3),
+    };
+    assert_eq!(
+        m.handle_disco(t0, from, forged),
+        Err(Rejected::NodeKeyMismatch)
+    );
     assert!(drain(&mut m).is_empty());
-    let real = Message::Ping { tx_id: [6; 12], node_key: key(2) };
+    let real = Message::Ping {
+        tx_id: [6; 12],
+        node_key: key(2),
+    };
     m.handle_disco(t0, from, real).unwrap();
     let txs = drain(&mut m);
     assert_eq!(
@@ -119,7 +149,10 @@ fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
     m.handle_timeout(t0);
     let tx_id = ping_to(&drain(&mut m), cand);
     let path = Path::Direct(DirectPath::primary(cand));
-    let pong = Message::Pong { tx_id, observed_src: cand };
+    let pong = Message::Pong {
+        tx_id,
+        observed_src: cand,
+    };
     m.handle_disco(t0, path, pong).unwrap();
     let _ = m.poll_event();
     // Keep traffic flowing, never answer heartbeats.
@@ -133,12 +166,23 @@ fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
         m.handle_timeout(now);
         last = drain(&mut m);
     }
-    assert_eq!(now, t0 + Config::default().trust, "falls back exactly at expiry");
+    assert_eq!(
+        now,
+        t0 + Config::default().trust,
+        "falls back exactly at expiry"
+    );
     assert!(matches!(
         m.poll_event(),
-        Some(Event::PathChanged { to: Path::Relay, reason: ChangeReason::TimedOut, .. })
+        Some(Event::PathChanged {
+            to: Path::Relay,
+            reason: ChangeReason::TimedOut,
+            ..
+        })
     ));
-    assert!(matches!(m.relay_reason(), Some(RelayReason::DirectTimedOut { .. })));
+    assert!(matches!(
+        m.relay_reason(),
+        Some(RelayReason::DirectTimedOut { .. })
+    ));
     // Discovery restarts at once: the candidate is pinged in the same step.
     ping_to(&last, cand);
     assert_eq!(
@@ -162,7 +206,10 @@ fn failed_attempt_backs_off_and_records_why() {
             None => panic!("no timer"),
         }
     }
-    assert!(matches!(m.relay_reason(), Some(RelayReason::NoAnswer { candidates: 1, .. })));
+    assert!(matches!(
+        m.relay_reason(),
+        Some(RelayReason::NoAnswer { candidates: 1, .. })
+    ));
     let text = m.relay_reason().unwrap().describe(now);
     assert!(text.contains("no pong from 1 candidates"), "{text}");
     // Bounded: 5 rounds of one ping each, one CallMeMaybe (rate-limited).

@@ -22,7 +22,7 @@
 //! map are dropped before any X25519 work, so strangers cannot make us do
 //! crypto; every drop is counted in [`DropStats`], never logged per packet.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,10 @@ pub struct Node {
     rng: StdRng,
     local_candidates: Vec<Candidate>,
     local_nat: NatSummary,
-    contacted: HashSet<SocketAddr>,
+    /// New destinations of the primary socket since the last STUN
+    /// observation, with their order and the peer they were for: on a
+    /// sequential NAT, the i-th one got port `observed + step * (i + 1)`.
+    contacted: HashMap<SocketAddr, (usize, NodeKey)>,
     predicted: Option<(usize, Vec<Candidate>)>,
     sockets_open: u16,
     sockets_requested: bool,
@@ -175,7 +178,7 @@ impl Node {
             rng: StdRng::seed_from_u64(seed),
             local_candidates: Vec::new(),
             local_nat: NatSummary::default(),
-            contacted: HashSet::new(),
+            contacted: HashMap::new(),
             predicted: None,
             sockets_open: 0,
             sockets_requested: false,
@@ -429,14 +432,15 @@ impl Node {
             let msg = match t.payload {
                 Payload::Disco(m) => m,
                 Payload::CallMeMaybe => Message::CallMeMaybe {
-                    endpoints: self.own_endpoints(),
+                    endpoints: self.own_endpoints(k),
                 },
             };
             let dest = match t.path {
                 Path::Relay => Dest::Relay(k),
                 Path::Direct(p) => {
-                    if p.socket == SocketId::PRIMARY && self.contacted.len() < MAX_CONTACTED {
-                        self.contacted.insert(p.addr);
+                    let n = self.contacted.len();
+                    if p.socket == SocketId::PRIMARY && n < MAX_CONTACTED {
+                        self.contacted.entry(p.addr).or_insert((n, k));
                     }
                     Dest::Udp {
                         socket: p.socket,
@@ -453,10 +457,14 @@ impl Node {
         None
     }
 
-    /// Our candidates for a CallMeMaybe, plus predicted ports when our NAT
-    /// allocates sequentially. The prediction is kept until the host has
-    /// used up the predicted ports, so repeated CallMeMaybe agree.
-    fn own_endpoints(&mut self) -> Vec<Candidate> {
+    /// Our candidates for a CallMeMaybe to `peer`. When our NAT allocates
+    /// sequentially, two lists of predicted ports follow (see `hardnat`):
+    /// first the next `predict_ports` ports our new destinations will get
+    /// (kept until used up, so repeated CallMeMaybe agree), then the ports
+    /// our NAT already gave to the destinations we probed for this peer.
+    /// The peer probes predicted candidates in this order, so both sides'
+    /// future ports pair up index by index.
+    fn own_endpoints(&mut self, peer: NodeKey) -> Vec<Candidate> {
         let mut out = self.local_candidates.clone();
         if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(base)) = (
             self.local_nat.mapping,
@@ -475,6 +483,17 @@ impl Node {
             }
             if let Some((_, p)) = &self.predicted {
                 out.extend(p.iter().copied());
+            }
+            let mut mine: Vec<usize> = self
+                .contacted
+                .values()
+                .filter(|(_, k)| *k == peer)
+                .map(|(i, _)| *i)
+                .collect();
+            mine.sort_unstable();
+            for i in mine {
+                let opened = u32::try_from(i).unwrap_or(u32::MAX);
+                out.extend(hardnat::predict(base, step, opened, 1));
             }
         }
         out.truncate(disco::MAX_CANDIDATES);

@@ -270,7 +270,11 @@ impl PeerPaths {
                     .get(&p)
                     .and_then(|i| i.last_ping)
                     .is_some_and(|t| now < t + PING_GAP);
-                if !recently {
+                // A ping on the path we already trust proves nothing new;
+                // answering it is enough, and halves the keepalive traffic.
+                let current_ok = self.current == Path::Direct(p)
+                    && self.table.get(&p).is_some_and(|i| i.trusted(now));
+                if !recently && !current_ok {
                     self.ping(now, p);
                 }
                 if self.current == Path::Relay && self.probe_at.is_none() {

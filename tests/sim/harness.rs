@@ -57,9 +57,11 @@ impl SimNode {
     /// Time from `since` to the first switch to a direct path to `peer`.
     pub fn time_to_direct(&self, peer: NodeKey, since: Instant) -> Option<Duration> {
         self.events.iter().find_map(|(t, e)| match e {
-            NodeEvent::PathChanged { peer: p, to: Path::Direct(_), .. } if *p == peer => {
-                Some(t.duration_since(since))
-            }
+            NodeEvent::PathChanged {
+                peer: p,
+                to: Path::Direct(_),
+                ..
+            } if *p == peer => Some(t.duration_since(since)),
             _ => None,
         })
     }
@@ -146,15 +148,27 @@ impl Sim {
         };
         let mut candidates = vec![Candidate::udp(local, CandidateKind::Host)];
         if let Some((alias, _)) = h.alias {
-            candidates.push(Candidate::udp(SocketAddr::new(IpAddr::V4(alias), PORT), CandidateKind::Host));
+            candidates.push(Candidate::udp(
+                SocketAddr::new(IpAddr::V4(alias), PORT),
+                CandidateKind::Host,
+            ));
         }
         if let Some(o) = obs2.filter(|o| *o != local) {
             candidates.push(Candidate::udp(o, CandidateKind::ServerReflexive));
         }
-        let nat = NatSummary { mapping, allocation, observed: obs2 };
+        let nat = NatSummary {
+            mapping,
+            allocation,
+            observed: obs2,
+        };
         let n = &mut self.nodes[i];
         n.node.set_local(candidates.clone(), nat);
-        n.info = Some(PeerInfo { node_key: n.key, disco_key: n.node.disco_key(), candidates, nat });
+        n.info = Some(PeerInfo {
+            node_key: n.key,
+            disco_key: n.node.disco_key(),
+            candidates,
+            nat,
+        });
     }
 
     /// Puts `a` and `b` in each other's map; traffic starts on the next tick.
@@ -240,7 +254,10 @@ impl Sim {
                 let path = self.nodes[i].node.path(&peer);
                 let data = vec![4u8; 96];
                 let dest = match path {
-                    Path::Direct(p) => Dest::Udp { socket: p.socket, addr: p.addr },
+                    Path::Direct(p) => Dest::Udp {
+                        socket: p.socket,
+                        addr: p.addr,
+                    },
                     Path::Relay => Dest::Relay(peer),
                 };
                 self.send_from(i, dest, data);
@@ -252,9 +269,18 @@ impl Sim {
     fn deliver(&mut self, d: Delivery) {
         let now = self.now();
         match d {
-            Delivery::Udp { host, to_port, from, bytes } => {
-                let Some(i) = self.nodes.iter().position(|n| n.host == host) else { return };
-                let Some(socket) = self.nodes[i].socket_of(to_port) else { return };
+            Delivery::Udp {
+                host,
+                to_port,
+                from,
+                bytes,
+            } => {
+                let Some(i) = self.nodes.iter().position(|n| n.host == host) else {
+                    return;
+                };
+                let Some(socket) = self.nodes[i].socket_of(to_port) else {
+                    return;
+                };
                 if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard {
                     self.nodes[i].rx_direct += 1;
                 }
@@ -271,6 +297,7 @@ impl Sim {
     /// Runs the world for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now() + d;
+        let mut stalls = 0u32;
         for _ in 0..5_000_000 {
             self.flush();
             let mut next = self.next_tick;
@@ -280,9 +307,25 @@ impl Sim {
                     next = next.min(t);
                 }
             }
-            if next > end {
+            if next >= end {
                 self.world.now = end;
                 return;
+            }
+            if next <= self.world.now {
+                stalls += 1;
+                assert!(
+                    stalls < 10_000,
+                    "no progress at {:?}: tick {:?} delivery {:?} timers {:?}",
+                    self.world.now,
+                    self.next_tick,
+                    self.world.next_delivery(),
+                    self.nodes
+                        .iter()
+                        .map(|n| n.node.poll_timeout())
+                        .collect::<Vec<_>>()
+                );
+            } else {
+                stalls = 0;
             }
             self.world.now = next.max(self.world.now);
             let now = self.now();
@@ -299,6 +342,11 @@ impl Sim {
                 self.next_tick = now + self.tick;
             }
         }
-        panic!("simulation did not reach its end time: a busy loop in the core?");
+        let timers: Vec<_> = self.nodes.iter().map(|n| n.node.poll_timeout()).collect();
+        panic!(
+            "simulation stuck at {:?} (timers {timers:?}, next delivery {:?}): a busy loop in the core?",
+            self.now(),
+            self.world.next_delivery()
+        );
     }
 }

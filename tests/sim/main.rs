@@ -7,7 +7,11 @@
 //! topology where a direct path exists; the others assert that the peers stay
 //! on the relay, that traffic still flows, and why.
 
+// Helpers outside #[test] fns are test code too; clippy only exempts the fns.
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 mod net;
 mod scenarios;
 mod scenarios_hard;
+mod scenarios_paths;

@@ -111,7 +111,13 @@ impl Nat {
     }
 
     /// Translates an outbound packet; returns the public source port.
-    fn outbound(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr, rng: &mut StdRng) -> u16 {
+    fn outbound(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst: SocketAddr,
+        rng: &mut StdRng,
+    ) -> u16 {
         self.expire(now);
         let key = match self.cfg.mapping {
             MapKind::Eim => (src, None),
@@ -141,7 +147,8 @@ impl Nat {
     }
 
     fn allocate(&mut self, wanted: u16, rng: &mut StdRng) -> u16 {
-        let free = |p: u16, by_port: &BTreeMap<u16, MappingState>| p >= 1024 && !by_port.contains_key(&p);
+        let free =
+            |p: u16, by_port: &BTreeMap<u16, MappingState>| p >= 1024 && !by_port.contains_key(&p);
         match self.cfg.alloc {
             Alloc::Preserving if free(wanted, &self.by_port) => wanted,
             Alloc::Preserving | Alloc::Random => loop {
@@ -194,14 +201,22 @@ pub struct Host {
 /// Something the network hands to a host.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Udp { host: usize, to_port: u16, from: SocketAddr, bytes: Vec<u8> },
-    Relay { to: NodeKey, from: NodeKey, bytes: Vec<u8> },
+    Udp {
+        host: usize,
+        to_port: u16,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    Relay {
+        to: NodeKey,
+        from: NodeKey,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A UDP packet seen on the wire, for taps and tests.
 #[derive(Debug, Clone)]
 pub struct Seen {
-    pub at: Instant,
     pub from: SocketAddr,
     pub to: SocketAddr,
     pub bytes: Vec<u8>,
@@ -304,7 +319,14 @@ impl World {
     }
 
     /// Sends through the relay: reliable, no NAT, no UDP needed.
-    pub fn relay(&mut self, from_host: usize, to_host: usize, from: NodeKey, to: NodeKey, bytes: Vec<u8>) {
+    pub fn relay(
+        &mut self,
+        from_host: usize,
+        to_host: usize,
+        from: NodeKey,
+        to: NodeKey,
+        bytes: Vec<u8>,
+    ) {
         let d = self.hosts[from_host].relay_latency + self.hosts[to_host].relay_latency;
         self.push(self.now + d, Delivery::Relay { to, from, bytes });
     }
@@ -359,27 +381,54 @@ impl World {
             return;
         }
         let at = self.now + d;
-        self.tap.push(Seen { at, from, to: dst, bytes: bytes.clone() });
-        self.push(at, Delivery::Udp { host: to, to_port: dst.port(), from, bytes });
+        self.tap.push(Seen {
+            from,
+            to: dst,
+            bytes: bytes.clone(),
+        });
+        self.push(
+            at,
+            Delivery::Udp {
+                host: to,
+                to_port: dst.port(),
+                from,
+                bytes,
+            },
+        );
     }
 
-    fn deliver_internet(&mut self, from: SocketAddr, dst: SocketAddr, bytes: Vec<u8>, mut delay: Duration) {
+    fn deliver_internet(
+        &mut self,
+        from: SocketAddr,
+        dst: SocketAddr,
+        bytes: Vec<u8>,
+        mut delay: Duration,
+    ) {
         let now = self.now;
         // A public host, by its main address or alias.
         let target = self.hosts.iter().position(|h| {
             h.nat.is_none()
-                && (IpAddr::V4(h.ip) == dst.ip() || h.alias.is_some_and(|(a, _)| IpAddr::V4(a) == dst.ip()))
+                && (IpAddr::V4(h.ip) == dst.ip()
+                    || h.alias.is_some_and(|(a, _)| IpAddr::V4(a) == dst.ip()))
         });
         let (host, to_port) = if let Some(t) = target {
             (t, dst.port())
-        } else if let Some(n) = self.nats.iter().position(|n| IpAddr::V4(n.public_ip) == dst.ip()) {
+        } else if let Some(n) = self
+            .nats
+            .iter()
+            .position(|n| IpAddr::V4(n.public_ip) == dst.ip())
+        {
             if self.nats[n].cfg.udp_blocked {
                 return;
             }
             let Some(inside) = self.nats[n].inbound(now, from, dst.port()) else {
                 return;
             };
-            let Some(h) = self.hosts.iter().position(|h| IpAddr::V4(h.ip) == inside.ip()) else {
+            let Some(h) = self
+                .hosts
+                .iter()
+                .position(|h| IpAddr::V4(h.ip) == inside.ip())
+            else {
                 return;
             };
             (h, inside.port())
@@ -402,8 +451,20 @@ impl World {
             }
         }
         delay += self.delay(lat, jit);
-        self.tap.push(Seen { at: now + delay, from, to: dst, bytes: bytes.clone() });
-        self.push(now + delay, Delivery::Udp { host, to_port, from, bytes });
+        self.tap.push(Seen {
+            from,
+            to: dst,
+            bytes: bytes.clone(),
+        });
+        self.push(
+            now + delay,
+            Delivery::Udp {
+                host,
+                to_port,
+                from,
+                bytes,
+            },
+        );
     }
 
     /// Puts an arbitrary datagram on the wire (an attacker, a replay).

@@ -74,7 +74,10 @@ fn eim_to_edm_sequential() {
 fn eim_address_filter_to_edm_random_via_relay_free_path() {
     // An address-dependent filter lets the EDM side in once we sent to its
     // IP at all: plain probing is enough, no birthday needed.
-    let easy = NatConfig { filter: Filter::AddressDependent, ..NatConfig::easy() };
+    let easy = NatConfig {
+        filter: Filter::AddressDependent,
+        ..NatConfig::easy()
+    };
     let hard = NatConfig::hard(crate::net::Alloc::Random);
     let (mut sim, a, b) = pair(5, Some(easy), Some(hard));
     assert_direct_fast(&mut sim, a, b);
@@ -89,14 +92,19 @@ fn same_nat_without_hairpin_uses_host_candidates() {
     let (a, b) = (sim.add_node(ha), sim.add_node(hb));
     sim.connect(a, b);
     assert_direct_fast(&mut sim, a, b);
-    let Path::Direct(p) = sim.path(a, b) else { unreachable!() };
+    let Path::Direct(p) = sim.path(a, b) else {
+        unreachable!()
+    };
     assert_eq!(p.addr.ip(), std::net::IpAddr::V4(sim.world.hosts[hb].ip));
 }
 
 #[test]
 fn same_nat_with_hairpin_still_prefers_host() {
     let mut sim = Sim::new(7);
-    let nat = sim.world.add_nat(NatConfig { hairpin: true, ..NatConfig::easy() });
+    let nat = sim.world.add_nat(NatConfig {
+        hairpin: true,
+        ..NatConfig::easy()
+    });
     let ha = sim.world.add_host(Some(nat), 10 * MS);
     let hb = sim.world.add_host(Some(nat), 10 * MS);
     let (a, b) = (sim.add_node(ha), sim.add_node(hb));
@@ -104,15 +112,24 @@ fn same_nat_with_hairpin_still_prefers_host() {
     assert_direct_fast(&mut sim, a, b);
     sim.run_for(90 * SEC);
     for (x, y) in [(a, b), (b, a)] {
-        let Path::Direct(p) = sim.path(x, y) else { panic!("relay") };
+        let Path::Direct(p) = sim.path(x, y) else {
+            panic!("relay")
+        };
         let host_ip = sim.world.hosts[sim.nodes[y].host].ip;
-        assert_eq!(p.addr.ip(), std::net::IpAddr::V4(host_ip), "node {x} hairpins");
+        assert_eq!(
+            p.addr.ip(),
+            std::net::IpAddr::V4(host_ip),
+            "node {x} hairpins"
+        );
     }
 }
 
 #[test]
 fn udp_blocked_stays_on_relay() {
-    let blocked = NatConfig { udp_blocked: true, ..NatConfig::easy() };
+    let blocked = NatConfig {
+        udp_blocked: true,
+        ..NatConfig::easy()
+    };
     let (mut sim, a, b) = pair(8, Some(blocked), Some(NatConfig::easy()));
     sim.run_for(120 * SEC);
     assert_eq!(sim.path(a, b), Path::Relay);
@@ -121,8 +138,29 @@ fn udp_blocked_stays_on_relay() {
     // Traffic flows through the relay the whole time (5 packets/s).
     assert!(sim.nodes[b].rx_relay > 500, "{}", sim.nodes[b].rx_relay);
     let why = sim.nodes[b].node.relay_reason(&sim.nodes[a].key).unwrap();
-    assert!(matches!(why, RelayReason::NoAnswer { .. } | RelayReason::Probing { .. }), "{why:?}");
+    assert!(
+        matches!(
+            why,
+            RelayReason::NoAnswer { .. } | RelayReason::Probing { .. }
+        ),
+        "{why:?}"
+    );
     // Probing is bounded: 5 rounds, then 30 s, 60 s backoff.
-    let st = sim.nodes[b].node.status(&sim.nodes[a].key, sim.now()).unwrap();
+    let st = sim.nodes[b]
+        .node
+        .status(&sim.nodes[a].key, sim.now())
+        .unwrap();
     assert!(st.stats.pings_sent < 40, "{:?}", st.stats);
+}
+
+#[test]
+fn full_cone_to_edm_random_needs_no_birthday() {
+    // Endpoint-independent filtering lets the hard side's first ping in.
+    let cone = NatConfig {
+        filter: Filter::EndpointIndependent,
+        ..NatConfig::easy()
+    };
+    let hard = NatConfig::hard(crate::net::Alloc::Random);
+    let (mut sim, a, b) = pair(9, Some(cone), Some(hard));
+    assert_direct_fast(&mut sim, a, b);
 }

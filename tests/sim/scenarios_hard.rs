@@ -16,7 +16,9 @@ fn edm_sequential_both_sides_by_prediction() {
     let (mut sim, a, b) = pair(11, Some(hard), Some(hard));
     assert_direct_fast(&mut sim, a, b);
     // The path really is a predicted port, not the STUN-observed one.
-    let Path::Direct(p) = sim.path(a, b) else { unreachable!() };
+    let Path::Direct(p) = sim.path(a, b) else {
+        unreachable!()
+    };
     let observed = sim.nodes[b].info.as_ref().unwrap().nat.observed.unwrap();
     assert_eq!(p.addr.ip(), observed.ip());
     assert_ne!(p.addr.port(), observed.port());
@@ -39,12 +41,18 @@ fn edm_random_both_sides_stays_on_relay_and_says_why() {
     assert!(sim.nodes[b].rx_relay > 500);
     let why = sim.nodes[a].node.relay_reason(&sim.nodes[b].key).unwrap();
     assert_eq!(why, RelayReason::BothHardNat);
-    let st = sim.nodes[a].node.status(&sim.nodes[b].key, sim.now()).unwrap();
+    let st = sim.nodes[a]
+        .node
+        .status(&sim.nodes[b].key, sim.now())
+        .unwrap();
     assert!(st.relay_reason.unwrap().contains("both sides EDM"));
     // No birthday traffic when it cannot work: only the bounded plain rounds.
     assert_eq!(st.stats.birthday_probes, 0);
     assert!(st.stats.pings_sent < 40, "{:?}", st.stats);
-    assert!(!sim.nodes[a].events.iter().any(|(_, e)| matches!(e, NodeEvent::OpenSockets { .. })));
+    assert!(!sim.nodes[a]
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, NodeEvent::OpenSockets { .. })));
 }
 
 /// One birthday run; returns time to direct on the easy side, if any.
@@ -78,7 +86,10 @@ fn birthday_run(seed: u64) -> (Option<Duration>, u64, u64) {
         assert_eq!(closes, vec![vec![p.socket]], "seed {seed}");
     } else {
         assert_eq!(sim.path(easy, hard_node), Path::Relay);
-        let why = sim.nodes[easy].node.relay_reason(&sim.nodes[hard_node].key).unwrap();
+        let why = sim.nodes[easy]
+            .node
+            .relay_reason(&sim.nodes[hard_node].key)
+            .unwrap();
         assert!(matches!(why, RelayReason::BirthdayFailed { .. }), "{why:?}");
     }
     (t, probes, sim.world.udp_bytes)

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use warren::traversal::{Path, RelayReason};
+use warren::traversal::{Config, Path, RelayReason};
 
 use crate::harness::Sim;
 use crate::net::{Filter, NatConfig};
@@ -12,7 +12,17 @@ const SEC: Duration = Duration::from_secs(1);
 
 /// Two nodes, each behind `nat` (or public when `None`), 10 ms from the core.
 pub fn pair(seed: u64, a: Option<NatConfig>, b: Option<NatConfig>) -> (Sim, usize, usize) {
+    pair_with(seed, Config::default(), a, b)
+}
+
+pub fn pair_with(
+    seed: u64,
+    cfg: Config,
+    a: Option<NatConfig>,
+    b: Option<NatConfig>,
+) -> (Sim, usize, usize) {
     let mut sim = Sim::new(seed);
+    sim.cfg = cfg;
     let mut ids = Vec::new();
     for cfg in [a, b] {
         let nat = cfg.map(|c| sim.world.add_nat(c));

@@ -6,7 +6,8 @@ use warren::traversal::node::NodeEvent;
 use warren::traversal::{Path, RelayReason};
 
 use crate::net::{Alloc, NatConfig};
-use crate::scenarios::{assert_direct_fast, pair};
+use crate::scenarios::{assert_direct_fast, pair, pair_with};
+use warren::traversal::Config;
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -113,4 +114,48 @@ fn eim_to_edm_random_by_birthday_over_many_seeds() {
     assert!(max_probes <= 2000);
     // Bounded traffic: probes + spray + data at 5 pkt/s for 40 s.
     assert!(max_bytes < 600_000, "{max_bytes}");
+}
+
+#[test]
+fn failed_birthday_stays_on_relay_and_retries_with_backoff() {
+    // Starve the method (4 sockets, 10 probes: ~0.06 % per attempt).
+    let cfg = Config {
+        birthday_sockets: 4,
+        birthday_probes: 10,
+        ..Config::default()
+    };
+    let hard = NatConfig::hard(Alloc::Random);
+    let (mut sim, easy, hard_node) = pair_with(31, cfg, Some(NatConfig::easy()), Some(hard));
+    sim.run_for(200 * SEC);
+    assert_eq!(sim.path(easy, hard_node), Path::Relay);
+    assert!(sim.nodes[hard_node].rx_relay > 900);
+    for (x, y) in [(easy, hard_node), (hard_node, easy)] {
+        let why = sim.nodes[x].node.relay_reason(&sim.nodes[y].key).unwrap();
+        assert!(
+            matches!(why, RelayReason::BirthdayFailed { .. }),
+            "node {x}: {why:?}"
+        );
+    }
+    let st = sim.nodes[easy]
+        .node
+        .status(&sim.nodes[hard_node].key, sim.now())
+        .unwrap();
+    assert!(st
+        .relay_reason
+        .unwrap()
+        .contains("birthday probing failed after 10 probes"));
+    // Two attempts in 200 s (the second after the backoff), each bounded.
+    assert_eq!(st.stats.birthday_probes, 20, "{:?}", st.stats);
+    let ev = &sim.nodes[hard_node].events;
+    let opens: Vec<_> = ev
+        .iter()
+        .filter(|(_, e)| matches!(e, NodeEvent::OpenSockets { count: 4 }))
+        .map(|(t, _)| *t)
+        .collect();
+    let closes = ev
+        .iter()
+        .filter(|(_, e)| matches!(e, NodeEvent::CloseSockets { keep } if keep.is_empty()))
+        .count();
+    assert_eq!((opens.len(), closes), (2, 2), "{ev:?}");
+    assert!(opens[1] - opens[0] >= 60 * SEC, "{:?}", opens[1] - opens[0]);
 }

@@ -44,6 +44,17 @@ use crate::proto::disco::{
 /// is off until the next netcheck (the count would be a guess anyway).
 const MAX_CONTACTED: usize = 4096;
 
+/// WireGuard messages start with a type of 1–4 and three reserved zero
+/// bytes. The zeros matter: a STUN Binding response starts `0x01 0x01`.
+fn is_wireguard(b: &[u8]) -> bool {
+    matches!(b, [1..=4, 0, 0, 0, ..])
+}
+
+/// STUN (RFC 8489 §6): two zero bits, then the magic cookie at bytes 4..8.
+fn is_stun(b: &[u8]) -> bool {
+    b.len() >= 20 && b[0] & 0xc0 == 0 && b[4..8] == [0x21, 0x12, 0xa4, 0x42]
+}
+
 /// A peer as the coordinator's map describes it.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -320,10 +331,8 @@ impl Node {
                 None,
                 bytes,
             ),
-            Some(1..=4) => Datagram::WireGuard,
-            Some(b) if b & 0xc0 == 0 && bytes.get(4..8) == Some(&[0x21, 0x12, 0xa4, 0x42]) => {
-                Datagram::Stun
-            }
+            _ if is_wireguard(bytes) => Datagram::WireGuard,
+            _ if is_stun(bytes) => Datagram::Stun,
             _ => {
                 self.drops.unknown_datagram += 1;
                 Datagram::Dropped
@@ -336,7 +345,7 @@ impl Node {
     pub fn handle_relay(&mut self, now: Instant, from: NodeKey, bytes: &[u8]) -> Datagram {
         if disco::looks_like_disco(bytes) {
             self.handle_disco(now, Path::Relay, Some(from), bytes)
-        } else if matches!(bytes.first(), Some(1..=4)) {
+        } else if is_wireguard(bytes) {
             Datagram::WireGuard
         } else {
             self.drops.unknown_datagram += 1;
@@ -542,3 +551,7 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

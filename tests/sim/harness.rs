@@ -252,7 +252,9 @@ impl Sim {
             }
             for peer in self.nodes[i].peers.clone() {
                 let path = self.nodes[i].node.path(&peer);
-                let data = vec![4u8; 96];
+                // Looks like a WireGuard data message: type 4, reserved zeros.
+                let mut data = vec![0u8; 96];
+                data[0] = 4;
                 let dest = match path {
                     Path::Direct(p) => Dest::Udp {
                         socket: p.socket,

@@ -243,6 +243,9 @@ impl PeerPaths {
         }
         self.relay_reason = RelayReason::NetworkChanged { at: now };
         self.retry_backoff = self.cfg.retry_initial;
+        // Ends a running birthday attempt properly (its sockets are released),
+        // then allows a new one at once: the NAT may be another one now.
+        self.end_birthday(now, None);
         self.birthday = Birthday::Idle { not_before: None };
         if self.active(now) {
             self.start_discovery(now);

@@ -174,3 +174,18 @@ fn full_cone_to_edm_random_needs_no_birthday() {
     let (mut sim, a, b) = pair(9, Some(cone), Some(hard));
     assert_direct_fast(&mut sim, a, b);
 }
+
+#[test]
+fn eim_to_eim_with_ten_percent_loss() {
+    // Retries at 0.5 s, 1 s, 2 s absorb the loss.
+    let (mut sim, a, b) = pair(10, Some(NatConfig::easy()), Some(NatConfig::easy()));
+    sim.world.loss = 0.1;
+    assert_direct_fast(&mut sim, a, b);
+    // A minute of loss: a fallback needs two lost heartbeat round trips in
+    // a row (trust 6.5 s, heartbeat 3 s), and is repaired by the next round.
+    sim.run_for(60 * SEC);
+    assert!(matches!(sim.path(a, b), Path::Direct(_)));
+    let changes = sim.nodes[a].changes(sim.nodes[b].key);
+    eprintln!("path changes under 10 % loss in 70 s: {changes}");
+    assert!(changes <= 5, "{changes}");
+}

@@ -461,7 +461,7 @@ impl PeerPaths {
         });
     }
 
-    fn ping(&mut self, now: Instant, path: DirectPath) {
+    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) {
         if self.pending.len() >= MAX_PENDING {
             let timeout = self.cfg.ping_timeout;
             self.pending.retain(|_, p| now < p.sent + timeout);

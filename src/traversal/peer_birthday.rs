@@ -6,10 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use rand::Rng;
-
-use super::{Birthday, Payload, PeerPaths, Pending, Transmit};
-use crate::proto::disco::{CandidateKind, Message};
+use super::{Birthday, PeerPaths};
+use crate::proto::disco::CandidateKind;
 use crate::traversal::hardnat::{BirthdayProber, Strategy};
 use crate::traversal::{DirectPath, Event, Path, RelayReason, SocketId};
 
@@ -86,24 +84,15 @@ impl PeerPaths {
     pub(super) fn birthday_timer(&mut self, now: Instant) {
         match &mut self.birthday {
             Birthday::Easy(prober) => {
-                for addr in prober.poll(now, &mut self.rng) {
+                let probes = prober.poll(now, &mut self.rng);
+                let finished = prober.finished(now).then_some(prober.sent());
+                // Probes are not candidates: a path is only learnt if a pong
+                // comes back, which keeps the table small.
+                for addr in probes {
                     self.stats.birthday_probes += 1;
-                    // Probes are not candidates: a path is only learnt if a
-                    // pong comes back, which keeps the table small.
-                    let tx_id: [u8; 12] = self.rng.gen();
-                    let path = DirectPath::primary(addr);
-                    self.pending.insert(tx_id, Pending { path, sent: now });
-                    self.stats.pings_sent += 1;
-                    self.transmits.push_back(Transmit {
-                        path: Path::Direct(path),
-                        payload: Payload::Disco(Message::Ping {
-                            tx_id,
-                            node_key: self.local_key,
-                        }),
-                    });
+                    self.ping(now, DirectPath::primary(addr));
                 }
-                if prober.finished(now) {
-                    let probes = prober.sent();
+                if let Some(probes) = finished {
                     self.fail_birthday(now, probes);
                 }
             }

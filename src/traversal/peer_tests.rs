@@ -22,6 +22,16 @@ fn machine(now: Instant) -> PeerPaths {
     m
 }
 
+/// A machine with traffic flowing and its first round sent; returns the tx
+/// id of the ping to the candidate.
+fn started(t0: Instant) -> (PeerPaths, [u8; 12]) {
+    let mut m = machine(t0);
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let tx_id = ping_to(&drain(&mut m), addr("192.0.2.2:41641"));
+    (m, tx_id)
+}
+
 fn drain(m: &mut PeerPaths) -> Vec<Transmit> {
     std::iter::from_fn(|| m.poll_transmit()).collect()
 }
@@ -58,10 +68,7 @@ fn idle_peer_does_not_probe_until_traffic() {
 fn first_matching_pong_promotes_and_bad_pongs_do_not() {
     let t0 = Instant::now();
     let cand = addr("192.0.2.2:41641");
-    let mut m = machine(t0);
-    m.note_traffic(t0);
-    m.handle_timeout(t0);
-    let tx_id = ping_to(&drain(&mut m), cand);
+    let (mut m, tx_id) = started(t0);
     let t1 = t0 + Duration::from_millis(40);
     let pong = |tx_id| Message::Pong {
         tx_id,
@@ -144,10 +151,7 @@ fn ping_from_stranger_key_is_refused_and_real_ping_is_answered() {
 fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
     let t0 = Instant::now();
     let cand = addr("192.0.2.2:41641");
-    let mut m = machine(t0);
-    m.note_traffic(t0);
-    m.handle_timeout(t0);
-    let tx_id = ping_to(&drain(&mut m), cand);
+    let (mut m, tx_id) = started(t0);
     let path = Path::Direct(DirectPath::primary(cand));
     let pong = Message::Pong {
         tx_id,

@@ -10,3 +10,5 @@ pub mod config;
 pub mod dataplane;
 pub mod control;
 pub mod keys;
+pub mod proto;
+pub mod traversal;

@@ -42,8 +42,9 @@ pub const MAX_SOFTWARE_LEN: usize = 127;
 pub mod attr {
     /// MAPPED-ADDRESS (RFC 3489 clients still read it).
     pub const MAPPED_ADDRESS: u16 = 0x0001;
-    /// CHANGE-REQUEST (RFC 5780). Understood so that NAT-behaviour clients
-    /// like `turnutils_stunclient` get an answer; we never change address.
+    /// CHANGE-REQUEST (RFC 5780). Decoded so a server can refuse a change
+    /// it cannot make (420) instead of silently answering from the same
+    /// address, which would mislead the client's filtering test.
     pub const CHANGE_REQUEST: u16 = 0x0003;
     /// USERNAME: understood (ignored) since we never authenticate.
     pub const USERNAME: u16 = 0x0006;
@@ -164,6 +165,8 @@ pub struct Message {
     pub software: Option<String>,
     /// ERROR-CODE as (code, reason phrase).
     pub error_code: Option<(u16, String)>,
+    /// CHANGE-REQUEST flags (0x4 change IP, 0x2 change port), if present.
+    pub change_request: Option<u32>,
     /// Whether a (valid) FINGERPRINT was present.
     pub fingerprint: bool,
     /// How many comprehension-optional attributes were skipped.
@@ -188,6 +191,7 @@ impl Message {
             mapped_address: None,
             software: None,
             error_code: None,
+            change_request: None,
             fingerprint: false,
             skipped_optional: 0,
         };
@@ -211,8 +215,17 @@ impl Message {
                     check_fingerprint(buf, pos, value)?;
                     msg.fingerprint = true;
                 }
-                attr::CHANGE_REQUEST
-                | attr::USERNAME
+                attr::CHANGE_REQUEST => {
+                    let flags: [u8; 4] =
+                        value
+                            .try_into()
+                            .map_err(|_| StunError::BadAttributeLength {
+                                attr_type,
+                                len: value.len(),
+                            })?;
+                    msg.change_request = Some(u32::from_be_bytes(flags));
+                }
+                attr::USERNAME
                 | attr::MESSAGE_INTEGRITY
                 | attr::MESSAGE_INTEGRITY_SHA256
                 | attr::UNKNOWN_ATTRIBUTES => {}

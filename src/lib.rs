@@ -6,4 +6,6 @@
 //! this crate for the wire protocols it shares with the agent.
 
 pub mod keys;
+pub mod netcheck;
+pub mod portmap;
 pub mod proto;

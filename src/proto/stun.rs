@@ -505,18 +505,26 @@ pub fn binding_response(
     w.finish_with_fingerprint()
 }
 
+impl Message {
+    /// The mapped address of a Binding success response, checked for use as
+    /// an endpoint (no port 0, no unspecified address).
+    pub fn binding_mapped_address(&self) -> Result<SocketAddr, StunError> {
+        if self.class != Class::SuccessResponse || self.method != METHOD_BINDING {
+            return Err(StunError::NotBindingResponse);
+        }
+        let addr = self.reflexive_address().ok_or(StunError::NoMappedAddress)?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(StunError::NoMappedAddress);
+        }
+        Ok(addr)
+    }
+}
+
 /// Decodes a datagram as a Binding success response and returns its
 /// transaction id and reflexive address.
 pub fn parse_binding_response(buf: &[u8]) -> Result<(TransactionId, SocketAddr), StunError> {
     let msg = Message::decode(buf)?;
-    if msg.class != Class::SuccessResponse || msg.method != METHOD_BINDING {
-        return Err(StunError::NotBindingResponse);
-    }
-    let addr = msg.reflexive_address().ok_or(StunError::NoMappedAddress)?;
-    if addr.port() == 0 || addr.ip().is_unspecified() {
-        return Err(StunError::NoMappedAddress);
-    }
-    Ok((msg.transaction_id, addr))
+    Ok((msg.transaction_id, msg.binding_mapped_address()?))
 }
 
 #[cfg(test)]

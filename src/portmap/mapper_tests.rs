@@ -1,0 +1,1 @@
+//! Mapper tests against a fake NAT-PMP gateway on a loopback address.

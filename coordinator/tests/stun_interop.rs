@@ -72,3 +72,48 @@ async fn turnutils_stunclient_gets_our_answer() {
         "client did not report our mapped address: {text}"
     );
 }
+
+/// The netcheck driver against two of our servers, each on two ports, over
+/// loopback: every destination answers and sees the same, un-NATed address.
+#[tokio::test]
+async fn netcheck_against_our_servers() {
+    use warren::netcheck::{self, MappingBehavior, PortAllocation, Server};
+    let stats = Arc::new(StunStats::default());
+    let mut servers = Vec::new();
+    for name in ["coordinator", "relay"] {
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(sock.local_addr().unwrap());
+            tokio::spawn(serve(sock, ServerOptions::default(), stats.clone()));
+        }
+        servers.push(Server {
+            name: name.into(),
+            addrs,
+        });
+    }
+    let socket = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let report = netcheck::run(
+        vec![socket],
+        servers,
+        None,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{report}"
+    );
+    assert!(report.udp);
+    assert_eq!(report.ipv4.global, Some(([127, 0, 0, 1], port).into()));
+    assert_eq!(report.ipv4.mapping, MappingBehavior::NoNat);
+    assert_eq!(report.ipv4.port_allocation, PortAllocation::Preserving);
+    assert!(
+        report.servers.iter().all(|s| s.latency.is_some()),
+        "{report}"
+    );
+    assert_eq!(stats.answered.load(Ordering::Relaxed), 4);
+}

@@ -2,6 +2,8 @@
 //! `turnserver` running as a plain STUN server on loopback. Skips with a
 //! reason when coturn is missing, except under `CI=true`.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,12 +29,15 @@ fn tool_available(tool: &str) -> bool {
 }
 
 /// Kills the server when the test ends, however it ends.
-struct Turnserver(Child, tempfile::TempDir);
+struct Turnserver {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
 
 impl Drop for Turnserver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -63,7 +68,7 @@ fn start_turnserver(port: u16) -> Turnserver {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Turnserver(child, dir)
+    Turnserver { child, _dir: dir }
 }
 
 /// Sends Binding requests until coturn answers (it takes a moment to

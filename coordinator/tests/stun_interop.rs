@@ -2,6 +2,8 @@
 //! get a usable answer from our server. Skips with a reason when the tool is
 //! missing, except under `CI=true` where a missing tool is a failure.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
+
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -5,6 +5,9 @@
 //! binary is the agent daemon plus the CLI; `warren-coordinator` depends on
 //! this crate for the wire protocols it shares with the agent.
 
+pub mod agent;
+pub mod config;
+pub mod dataplane;
 pub mod keys;
 pub mod netcheck;
 pub mod portmap;

@@ -71,16 +71,20 @@ fn parse_hex_v6(s: &str) -> Option<Ipv6Addr> {
 
 /// The IPv4 default gateway of this host, if any.
 pub fn default_gateway_v4() -> io::Result<Option<Ipv4Addr>> {
-    Ok(parse_ipv4_route(&std::fs::read_to_string(
-        "/proc/net/route",
-    )?))
+    Ok(parse_ipv4_route(&read_proc_net("route")?))
 }
 
 /// The IPv6 default gateway of this host and its interface, if any.
 pub fn default_gateway_v6() -> io::Result<Option<(Ipv6Addr, String)>> {
-    Ok(parse_ipv6_route(&std::fs::read_to_string(
-        "/proc/net/ipv6_route",
-    )?))
+    Ok(parse_ipv6_route(&read_proc_net("ipv6_route")?))
+}
+
+/// `/proc/net` is the *process's* network namespace; a thread that entered
+/// another namespace (setns) must read `/proc/thread-self/net`. Old kernels
+/// (< 3.17) lack it, so fall back.
+fn read_proc_net(file: &str) -> io::Result<String> {
+    std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+        .or_else(|_| std::fs::read_to_string(format!("/proc/net/{file}")))
 }
 
 /// The source address the kernel would use to reach `dest`. Connecting a

@@ -12,3 +12,5 @@ pub mod control;
 pub mod keys;
 pub mod proto;
 pub mod traversal;
+pub mod netcheck;
+pub mod portmap;

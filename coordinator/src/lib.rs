@@ -9,9 +9,11 @@
 //! - [`hub`]: carries change notes from the store to the open map streams.
 //! - [`api`]: the HTTP control API (see `warren::control` for the protocol).
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
+//! - [`stun`]: the STUN Binding server (also run by standalone relays).
 
 pub mod admin;
 pub mod api;
 pub mod hub;
 pub mod server;
 pub mod store;
+pub mod stun;

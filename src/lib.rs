@@ -6,3 +6,4 @@
 //! this crate for the wire protocols it shares with the agent.
 
 pub mod keys;
+pub mod proto;

@@ -1,0 +1,3 @@
+//! Library half of `warren-coordinator`.
+
+pub mod relay;

@@ -1,0 +1,3 @@
+//! Sans-IO wire codecs.
+
+pub mod relay;

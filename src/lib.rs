@@ -7,3 +7,4 @@
 
 pub mod keys;
 pub mod proto;
+pub mod relay_client;

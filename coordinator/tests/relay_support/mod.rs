@@ -2,7 +2,7 @@
 //! with an rcgen certificate, or plain lab mode), library clients, and a raw
 //! client that speaks frames by hand for the misbehaving cases.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // test-only helpers
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Relay server tests on loopback with real TCP and TLS: forwarding, the
 //! WebSocket path, admission, proof of key, removal and limits.
 
+#![allow(clippy::unwrap_used)] // helpers of a test crate
+
 mod relay_support;
 
 use std::time::{Duration, Instant};

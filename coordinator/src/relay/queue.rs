@@ -84,18 +84,29 @@ impl FairQueue {
         self.control.is_empty() && self.ring.is_empty()
     }
 
-    /// Queues a forwarded packet frame from `src`.
-    pub fn push_packet(&mut self, src: NodeKey, frame: Bytes) -> Result<(), QueueFull> {
+    /// Whether a packet frame of `len` bytes from `src` would be accepted;
+    /// lets the caller skip building a frame that would be dropped.
+    pub fn check_packet(&self, src: &NodeKey, len: usize) -> Result<(), QueueFull> {
         if self.closed {
             return Err(QueueFull::Closed);
         }
-        if self.bytes + frame.len() > self.limits.max_bytes {
+        if self.bytes + len > self.limits.max_bytes {
             return Err(QueueFull::Bytes);
         }
-        let q = self.per_source.entry(src).or_default();
-        if q.len() >= self.limits.max_per_source {
+        if self
+            .per_source
+            .get(src)
+            .is_some_and(|q| q.len() >= self.limits.max_per_source)
+        {
             return Err(QueueFull::Source);
         }
+        Ok(())
+    }
+
+    /// Queues a forwarded packet frame from `src`.
+    pub fn push_packet(&mut self, src: NodeKey, frame: Bytes) -> Result<(), QueueFull> {
+        self.check_packet(&src, frame.len())?;
+        let q = self.per_source.entry(src).or_default();
         if q.is_empty() {
             self.ring.push_back(src);
         }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Notify};
 use warren::keys::{NodeKey, PrivateKey};
-use warren::proto::relay::{encode_recv_packet, Frame, PeerGoneReason, RelayHealth};
+use warren::proto::relay::{encode_recv_packet, Frame, PeerGoneReason, RelayHealth, HEADER_LEN};
 
 use super::admission::Admission;
 use super::queue::{FairQueue, QueueFull};
@@ -207,15 +207,17 @@ impl Hub {
             self.send_control(src, gone);
             return;
         };
-        let mut buf = BytesMut::with_capacity(packet.len() + 37);
-        encode_recv_packet(&mut buf, src, packet);
-        let frame = buf.freeze();
-        let len = frame.len() as u64;
-        // The gauge moves under the queue's lock so it never underflows.
+        let len = HEADER_LEN + 32 + packet.len();
+        // Check, build and push under the queue's lock: a packet that would
+        // be dropped costs no allocation, and the gauge never underflows.
         let pushed = match to.queue.lock() {
-            Ok(mut q) => q
-                .push_packet(*src, frame)
-                .map(|()| self.metrics.queued_bytes.fetch_add(len, Relaxed)),
+            Ok(mut q) => q.check_packet(src, len).and_then(|()| {
+                let mut buf = BytesMut::with_capacity(len);
+                encode_recv_packet(&mut buf, src, packet);
+                q.push_packet(*src, buf.freeze())?;
+                self.metrics.queued_bytes.fetch_add(len as u64, Relaxed);
+                Ok(())
+            }),
             Err(_) => Err(QueueFull::Closed),
         };
         match pushed {

@@ -64,13 +64,20 @@ pub enum Conn {
 
 /// Where the relay is, parsed from the configured URL.
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
+pub struct Target {
     pub host: String,
     pub port: u16,
     pub tls: bool,
 }
 
-pub(crate) fn parse_url(url: &str, allow_plain: bool) -> Result<Target, DialError> {
+impl Target {
+    /// `host:port`, bracketed for IPv6: the HTTP `Host` header value.
+    pub fn authority(&self) -> String {
+        authority(self)
+    }
+}
+
+pub fn parse_url(url: &str, allow_plain: bool) -> Result<Target, DialError> {
     let uri: Uri = url
         .parse()
         .map_err(|_| DialError::BadUrl(url.into(), "not a URI"))?;
@@ -107,27 +114,13 @@ pub async fn dial(config: &RelayClientConfig) -> Result<Conn, DialError> {
 }
 
 async fn dial_inner(config: &RelayClientConfig) -> Result<Conn, DialError> {
-    let target = parse_url(&config.url, config.allow_plain)?;
-    let tcp = match &config.proxy {
-        Some(proxy) => connect_via_proxy(proxy, &target).await?,
-        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
-    };
-    tcp.set_nodelay(true)?;
-    let stream: Box<dyn Io> = if target.tls {
-        let tls_config = match &config.tls {
-            Some(c) => c.clone(),
-            None => default_tls_config()?,
-        };
-        let name = ServerName::try_from(target.host.clone())
-            .map_err(|_| DialError::BadUrl(config.url.clone(), "host is not a valid TLS name"))?;
-        let tls = tokio_rustls::TlsConnector::from(tls_config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| DialError::Tls(e.to_string()))?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
-    };
+    let (stream, target) = connect_stream(
+        &config.url,
+        config.allow_plain,
+        config.tls.clone(),
+        config.proxy.as_ref(),
+    )
+    .await?;
     match config.transport {
         RelayTransport::Upgrade => upgrade(stream, &target).await,
         RelayTransport::WebSocket => {
@@ -139,6 +132,38 @@ async fn dial_inner(config: &RelayClientConfig) -> Result<Conn, DialError> {
             Ok(Conn::WebSocket(Box::new(ws)))
         }
     }
+}
+
+/// Opens TCP (through `proxy` if given) and TLS for an `https://` URL, or
+/// plain TCP for `http://` when `allow_plain`. Shared with other long-lived
+/// HTTP clients of warren (the relay's node feed from the coordinator), so
+/// proxy and TLS handling exist once. No timeout: callers bound it.
+pub async fn connect_stream(
+    url: &str,
+    allow_plain: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    proxy: Option<&ProxyConfig>,
+) -> Result<(Box<dyn Io>, Target), DialError> {
+    let target = parse_url(url, allow_plain)?;
+    let tcp = match proxy {
+        Some(proxy) => connect_via_proxy(proxy, &target).await?,
+        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+    };
+    tcp.set_nodelay(true)?;
+    if !target.tls {
+        return Ok((Box::new(tcp), target));
+    }
+    let tls_config = match tls {
+        Some(c) => c,
+        None => default_tls_config()?,
+    };
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|_| DialError::BadUrl(url.into(), "host is not a valid TLS name"))?;
+    let tls = tokio_rustls::TlsConnector::from(tls_config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| DialError::Tls(e.to_string()))?;
+    Ok((Box::new(tls), target))
 }
 
 /// The platform-independent default: Mozilla's roots (webpki-roots), ring.

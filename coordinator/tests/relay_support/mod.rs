@@ -42,8 +42,15 @@ pub struct TestRelay {
 
 impl TestRelay {
     pub async fn start(tls: bool, limits: RelayLimits, keys: &[NodeKey]) -> TestRelay {
+        Self::start_with(tls, limits, StaticAdmission::new(keys.iter().copied())).await
+    }
+
+    pub async fn start_with(
+        tls: bool,
+        limits: RelayLimits,
+        admission: Arc<StaticAdmission>,
+    ) -> TestRelay {
         init();
-        let admission = StaticAdmission::new(keys.iter().copied());
         let server = RelayServer::new(
             PrivateKey::generate(),
             limits,

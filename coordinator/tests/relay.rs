@@ -274,3 +274,35 @@ async fn handshake_deadline_and_oversized_frames_close_the_connection() {
     assert_eq!(big.recv(T).await, None);
     assert_eq!(relay.server.health().drop_bad_frame, 1);
 }
+
+#[tokio::test]
+async fn websocket_and_upgrade_work_through_an_http_connect_proxy() {
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let relay = TestRelay::start(true, limits(), &[a.public(), b.public()]).await;
+    let (proxy, tunnels) = connect_proxy().await;
+    let proxy_cfg = warren::relay_client::ProxyConfig::parse(&format!("http://{proxy}")).unwrap();
+    let mut ca = relay.config(RelayTransport::WebSocket);
+    ca.proxy = Some(proxy_cfg.clone());
+    let mut cb = relay.config(RelayTransport::Upgrade);
+    cb.proxy = Some(proxy_cfg);
+    let (atx, mut arx) = RelayClient::connect(ca, &a);
+    let (btx, mut brx) = RelayClient::connect(cb, &b);
+    for rx in [&mut arx, &mut brx] {
+        assert!(matches!(
+            next_event(rx, T).await,
+            Some(RelayEvent::Connected { .. })
+        ));
+    }
+    assert_eq!(tunnels.load(std::sync::atomic::Ordering::SeqCst), 2);
+    atx.send(b.public(), Bytes::from_static(b"via proxy"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_packet(&mut brx, T).await,
+        Some((a.public(), Bytes::from_static(b"via proxy")))
+    );
+    btx.send(a.public(), Bytes::from_static(b"back"))
+        .await
+        .unwrap();
+    assert!(next_packet(&mut arx, T).await.is_some());
+}

@@ -23,7 +23,7 @@ use warren::relay_client::{
     RelayClient, RelayClientConfig, RelayEvent, RelayReceiver, RelaySender,
 };
 use warren_coordinator::relay::{
-    listen, serve, RelayLimits, RelayServer, Security, StaticAdmission,
+    serve, tls_config, RelayLimits, RelayServer, Security, StaticAdmission,
 };
 
 const PKT: usize = 1400;
@@ -64,7 +64,7 @@ async fn serve_child(tls: bool) -> Result<()> {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
         std::fs::write(cert_path(), ck.cert.der())?;
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
-        Security::Tls(listen::tls_config(vec![ck.cert.der().clone()], key.into())?)
+        Security::Tls(tls_config(vec![ck.cert.der().clone()], key.into())?)
     } else {
         Security::PlainForLab
     };

@@ -13,13 +13,12 @@
 //! make the "never panics on any input" property harder to see.
 //!
 //! Submodules: [`decoder`] (incremental decoding), [`auth`] (proof of node
-//! key), [`client`] (client session state machine), [`nodes`] (the relay's
-//! node-list feed from the coordinator).
+//! key, and the relay's node-list feed from the coordinator), [`client`]
+//! (client session state machine).
 
 pub mod auth;
 pub mod client;
 pub mod decoder;
-pub mod nodes;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};

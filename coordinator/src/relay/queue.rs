@@ -161,17 +161,18 @@ impl FairQueue {
     }
 
     /// Pops frames until about `max_bytes` are gathered, for one write.
-    /// Returns how many frames were taken.
+    /// Returns how many of them are forwarded packets (not control frames).
     pub fn pop_batch(&mut self, out: &mut Vec<Bytes>, max_bytes: usize) -> usize {
-        let mut taken = 0;
+        let mut packets = 0;
         let mut size = 0;
         while size < max_bytes {
+            let is_packet = self.control.is_empty();
             let Some(f) = self.pop() else { break };
             size += f.len();
             out.push(f);
-            taken += 1;
+            packets += usize::from(is_packet);
         }
-        taken
+        packets
     }
 }
 
@@ -256,7 +257,7 @@ mod tests {
         q.push_control(pkt(9, 5)).unwrap();
         assert_eq!(q.push_control(pkt(9, 5)), Err(QueueFull::Control));
         let mut batch = Vec::new();
-        assert_eq!(q.pop_batch(&mut batch, 12), 3);
+        assert_eq!(q.pop_batch(&mut batch, 12), 1, "one packet, two control");
         let tags: Vec<u8> = batch.iter().map(|b| b[0]).collect();
         assert_eq!(tags, vec![9, 9, 1]);
     }

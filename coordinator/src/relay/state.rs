@@ -253,14 +253,15 @@ impl Hub {
         }
     }
 
-    /// Pops up to `max` bytes of frames for `c`'s writer.
-    pub fn pop_batch(&self, c: &Client, out: &mut Vec<Bytes>, max: usize) {
+    /// Pops up to `max` bytes of frames for `c`'s writer; returns how many
+    /// are forwarded packets.
+    pub fn pop_batch(&self, c: &Client, out: &mut Vec<Bytes>, max: usize) -> usize {
         let before = out.len();
-        if let Ok(mut q) = c.queue.lock() {
-            q.pop_batch(out, max);
-            let n: usize = out[before..].iter().map(|b| b.len()).sum();
-            self.metrics.queued_bytes.fetch_sub(n as u64, Relaxed);
-        }
+        let Ok(mut q) = c.queue.lock() else { return 0 };
+        let packets = q.pop_batch(out, max);
+        let n: usize = out[before..].iter().map(|b| b.len()).sum();
+        self.metrics.queued_bytes.fetch_sub(n as u64, Relaxed);
+        packets
     }
 
     /// Closes every connection of `key`; returns how many there were.

@@ -19,7 +19,7 @@ use warren::relay_client::{
     RelayClient, RelayClientConfig, RelayEvent, RelayReceiver, RelaySender, RelayTransport,
 };
 use warren_coordinator::relay::{
-    listen, serve, Admission, RelayLimits, RelayServer, Security, StaticAdmission,
+    serve, tls_config, Admission, RelayLimits, RelayServer, Security, StaticAdmission,
 };
 
 pub fn init() {
@@ -125,7 +125,7 @@ pub fn self_signed() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert: CertificateDer<'static> = ck.cert.der().clone();
     let key = PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
-    let server = listen::tls_config(vec![cert.clone()], key.into()).unwrap();
+    let server = tls_config(vec![cert.clone()], key.into()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -278,6 +278,7 @@ async fn handshake_deadline_and_oversized_frames_close_the_connection() {
     let a = PrivateKey::generate();
     let mut l = limits();
     l.handshake_timeout = Duration::from_millis(300);
+    l.max_pending_handshakes = 1;
     l.max_payload = 2048;
     let relay = TestRelay::start(false, l, &[a.public()]).await;
     // Silent client: hello, then nothing until the deadline closes us.

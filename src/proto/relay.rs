@@ -153,6 +153,8 @@ pub struct RelayHealth {
     pub refused_bad_proof: u64,
     pub refused_too_many: u64,
     pub handshake_timeouts: u64,
+    /// Connections turned away because too many handshakes were pending.
+    pub refused_busy: u64,
     pub disconnected_removed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,

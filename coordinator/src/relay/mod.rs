@@ -67,6 +67,9 @@ pub struct RelayLimits {
     pub max_conns_per_node: usize,
     /// Hello, proof and admission must finish within this.
     pub handshake_timeout: Duration,
+    /// Connections allowed in the handshake at once; more are closed at
+    /// once, so unauthenticated sockets cannot pile up.
+    pub max_pending_handshakes: usize,
     /// A client silent for this long is dropped (clients ping every 25 s).
     pub idle_timeout: Duration,
     /// A write that makes no progress for this long ends the connection.
@@ -80,6 +83,7 @@ impl Default for RelayLimits {
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_conns_per_node: 4,
             handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
             idle_timeout: Duration::from_secs(90),
             write_timeout: Duration::from_secs(10),
             queue: QueueLimits::default(),

@@ -42,8 +42,15 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// Serves one client from hello to close.
 pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: String) {
     let mut dec = FrameDecoder::new(hub.limits.max_payload);
+    let Ok(permit) = hub.pending.try_acquire() else {
+        Metrics::inc(&hub.metrics.refused_busy);
+        let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
+        return;
+    };
     let deadline = Instant::now() + hub.limits.handshake_timeout;
-    let key = match timeout_at(deadline, handshake(&hub, &mut rx, &mut tx, &mut dec)).await {
+    let handshook = timeout_at(deadline, handshake(&hub, &mut rx, &mut tx, &mut dec)).await;
+    drop(permit);
+    let key = match handshook {
         Ok(Ok(key)) => key,
         Ok(Err(reason)) => {
             debug!(%peer, ?reason, "relay handshake refused");

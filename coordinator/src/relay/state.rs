@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     pub refused_bad_proof: AtomicU64,
     pub refused_too_many: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    pub refused_busy: AtomicU64,
     pub disconnected_removed: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -57,6 +58,7 @@ impl Metrics {
             refused_bad_proof: g(&self.refused_bad_proof),
             refused_too_many: g(&self.refused_too_many),
             handshake_timeouts: g(&self.handshake_timeouts),
+            refused_busy: g(&self.refused_busy),
             disconnected_removed: g(&self.disconnected_removed),
             bytes_in: g(&self.bytes_in),
             bytes_out: g(&self.bytes_out),
@@ -110,6 +112,8 @@ pub(crate) struct Hub {
     pub limits: RelayLimits,
     pub admission: Arc<dyn Admission>,
     pub metrics: Metrics,
+    /// Bounds connections that have not proven a key yet.
+    pub pending: tokio::sync::Semaphore,
     clients: RwLock<HashMap<NodeKey, Vec<Arc<Client>>>>,
     next_id: AtomicU64,
 }
@@ -121,6 +125,7 @@ impl Hub {
             limits,
             admission,
             metrics: Metrics::default(),
+            pending: tokio::sync::Semaphore::new(limits.max_pending_handshakes),
             clients: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }

@@ -289,12 +289,18 @@ async fn handshake_deadline_and_oversized_frames_close_the_connection() {
     ));
     assert_eq!(silent.recv(T).await, None);
     assert_eq!(relay.server.health().handshake_timeouts, 1);
+    // Before proving a key, nothing larger than a hello is buffered.
+    let mut early = relay.raw().await;
+    assert!(matches!(early.recv(T).await, Some(Frame::ServerHello { .. })));
+    early.send_raw(&[0x02, 0, 0, 0, 66]).await;
+    assert_eq!(early.recv(T).await, None);
+    assert_eq!(relay.server.health().drop_bad_frame, 1);
     // Admitted client announcing a frame beyond the limit: closed.
     let mut big = relay.raw().await;
     assert_eq!(big.hello(&a, a.public()).await, Some(Frame::Accepted));
     big.send_raw(&[0x10, 0, 1, 0, 0]).await;
     assert_eq!(big.recv(T).await, None);
-    assert_eq!(relay.server.health().drop_bad_frame, 1);
+    assert_eq!(relay.server.health().drop_bad_frame, 2);
 }
 
 #[tokio::test]

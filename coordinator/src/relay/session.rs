@@ -36,12 +36,16 @@ use warren::proto::relay::{
 
 use super::state::{Client, CloseReason, Hub, Metrics};
 
+/// Payload of a client hello: version, node key, proof.
+const HELLO_LEN: usize = 1 + 32 + 32;
+
 /// Largest chunk the writer hands to the transport at once.
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// Serves one client from hello to close.
 pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: String) {
-    let mut dec = FrameDecoder::new(hub.limits.max_payload);
+    // Until the client has proven its key, only a hello fits.
+    let mut dec = FrameDecoder::new(HELLO_LEN);
     let Ok(permit) = hub.pending.try_acquire() else {
         Metrics::inc(&hub.metrics.refused_busy);
         let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
@@ -70,6 +74,7 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
             return;
         }
     };
+    dec.set_max_payload(hub.limits.max_payload);
     let span = tracing::info_span!("relay", node = %key.short(), %peer);
     async move {
         let Some(client) = hub.register(key) else {
@@ -81,6 +86,18 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
             let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
             return;
         };
+        // A removal that landed between the admission check and register()
+        // found nothing to disconnect; asking again closes that window.
+        if !hub.admission.is_allowed(&key).await {
+            hub.unregister(&client);
+            Metrics::inc(&hub.metrics.refused_unknown_key);
+            let refuse = Frame::Refused {
+                reason: RefuseReason::UnknownKey,
+            };
+            let _ = timeout(hub.limits.write_timeout, tx.write(refuse.to_bytes())).await;
+            let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
+            return;
+        }
         info!("relay client connected");
         hub.push_control(&client, Frame::Accepted.to_bytes());
         let writer = tokio::spawn(write_loop(hub.clone(), client.clone(), tx).in_current_span());

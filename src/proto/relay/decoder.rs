@@ -32,6 +32,13 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the payload limit, e.g. from the handshake's (a hello is 65
+    /// bytes, so an unauthenticated peer cannot make us buffer more) to the
+    /// session's. Bytes already buffered are kept.
+    pub fn set_max_payload(&mut self, max_payload: usize) {
+        self.max_payload = max_payload;
+    }
+
     /// Appends received bytes.
     pub fn extend(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);

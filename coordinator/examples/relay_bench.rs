@@ -297,14 +297,16 @@ async fn run_all(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)], tls: bool) -
     let (pps, mbit, cpu) = throughput(relay, &pairs[..1]).await?;
     let (_, rss1, _) = proc_usage(relay.pid)?;
     println!(
-        "1 pair:   {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core  RSS {rss1} KiB",
-        cpu / WINDOW.as_secs_f64() * 100.0
+        "1 pair:   {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core ({:.1} µs/pkt)  RSS {rss1} KiB",
+        cpu / WINDOW.as_secs_f64() * 100.0,
+        cpu / (pps * WINDOW.as_secs_f64()) * 1e6
     );
     let (pps, mbit, cpu) = throughput(relay, &pairs[1..51]).await?;
     let (_, rss2, hwm) = proc_usage(relay.pid)?;
     println!(
-        "50 pairs: {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core  RSS {rss2} KiB (peak {hwm} KiB)",
-        cpu / WINDOW.as_secs_f64() * 100.0
+        "50 pairs: {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core ({:.1} µs/pkt)  RSS {rss2} KiB (peak {hwm} KiB)",
+        cpu / WINDOW.as_secs_f64() * 100.0,
+        cpu / (pps * WINDOW.as_secs_f64()) * 1e6
     );
     let mut u = udp_rtt().await?;
     let mut t = tcp_rtt().await?;

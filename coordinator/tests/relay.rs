@@ -249,6 +249,23 @@ async fn removed_node_is_disconnected_within_two_seconds() {
     let h = relay.server.health();
     assert_eq!(h.disconnected_removed, 1);
     assert_eq!(h.clients, 1);
+    // Re-admitted, the client comes back on its own (reconnect with backoff)
+    // and traffic flows again.
+    relay.admission.insert(a.public());
+    loop {
+        match next_event(&mut arx, T).await {
+            Some(RelayEvent::Connected { .. }) => break,
+            Some(RelayEvent::Disconnected { .. }) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    btx.send(a.public(), Bytes::from_static(b"again"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_packet(&mut arx, T).await,
+        Some((b.public(), Bytes::from_static(b"again")))
+    );
 }
 
 #[tokio::test]
@@ -291,7 +308,10 @@ async fn handshake_deadline_and_oversized_frames_close_the_connection() {
     assert_eq!(relay.server.health().handshake_timeouts, 1);
     // Before proving a key, nothing larger than a hello is buffered.
     let mut early = relay.raw().await;
-    assert!(matches!(early.recv(T).await, Some(Frame::ServerHello { .. })));
+    assert!(matches!(
+        early.recv(T).await,
+        Some(Frame::ServerHello { .. })
+    ));
     early.send_raw(&[0x02, 0, 0, 0, 66]).await;
     assert_eq!(early.recv(T).await, None);
     assert_eq!(relay.server.health().drop_bad_frame, 1);

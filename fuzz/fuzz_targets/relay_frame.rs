@@ -12,6 +12,12 @@ use warren::keys::PrivateKey;
 use warren::proto::relay::client::{ClientSession, SessionConfig};
 use warren::proto::relay::{Frame, FrameDecoder, HEADER_LEN};
 
+/// Header plus declared payload length of the frame starting at `at`.
+fn frame_len(wire: &[u8], at: usize) -> usize {
+    let len = u32::from_be_bytes([wire[at + 1], wire[at + 2], wire[at + 3], wire[at + 4]]);
+    HEADER_LEN + len as usize
+}
+
 fuzz_target!(|data: &[u8]| {
     // First byte picks the read size, so frames straddle reads.
     let Some((&step, rest)) = data.split_first() else {
@@ -30,25 +36,12 @@ fuzz_target!(|data: &[u8]| {
                     if !matches!(frame, Frame::Health(_)) {
                         assert_eq!(&rest[offset..offset + enc.len()], &enc[..]);
                     }
-                    let len = u32::from_be_bytes([
-                        rest[offset + 1],
-                        rest[offset + 2],
-                        rest[offset + 3],
-                        rest[offset + 4],
-                    ]) as usize;
-                    offset += HEADER_LEN + len;
+                    offset += frame_len(rest, offset);
                 }
                 Ok(None) => break,
                 Err(e) if e.is_fatal() => return,
-                Err(_) => {
-                    let len = u32::from_be_bytes([
-                        rest[offset + 1],
-                        rest[offset + 2],
-                        rest[offset + 3],
-                        rest[offset + 4],
-                    ]) as usize;
-                    offset += HEADER_LEN + len;
-                }
+                // Unknown type: skipped whole.
+                Err(_) => offset += frame_len(rest, offset),
             }
         }
     }

@@ -48,8 +48,7 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
     let mut dec = FrameDecoder::new(HELLO_LEN);
     let Ok(permit) = hub.pending.try_acquire() else {
         Metrics::inc(&hub.metrics.refused_busy);
-        let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
-        return;
+        return refuse(&hub, tx, None).await;
     };
     let deadline = Instant::now() + hub.limits.handshake_timeout;
     let handshook = timeout_at(deadline, handshake(&hub, &mut rx, &mut tx, &mut dec)).await;
@@ -58,20 +57,11 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
         Ok(Ok(key)) => key,
         Ok(Err(reason)) => {
             debug!(%peer, ?reason, "relay handshake refused");
-            if let Some(r) = reason {
-                let _ = timeout(
-                    hub.limits.write_timeout,
-                    tx.write(Frame::Refused { reason: r }.to_bytes()),
-                )
-                .await;
-            }
-            let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
-            return;
+            return refuse(&hub, tx, reason).await;
         }
         Err(_) => {
             Metrics::inc(&hub.metrics.handshake_timeouts);
-            let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
-            return;
+            return refuse(&hub, tx, None).await;
         }
     };
     dec.set_max_payload(hub.limits.max_payload);
@@ -79,24 +69,14 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
     async move {
         let Some(client) = hub.register(key) else {
             Metrics::inc(&hub.metrics.refused_too_many);
-            let refuse = Frame::Refused {
-                reason: RefuseReason::TooManyConnections,
-            };
-            let _ = timeout(hub.limits.write_timeout, tx.write(refuse.to_bytes())).await;
-            let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
-            return;
+            return refuse(&hub, tx, Some(RefuseReason::TooManyConnections)).await;
         };
         // A removal that landed between the admission check and register()
         // found nothing to disconnect; asking again closes that window.
         if !hub.admission.is_allowed(&key).await {
             hub.unregister(&client);
             Metrics::inc(&hub.metrics.refused_unknown_key);
-            let refuse = Frame::Refused {
-                reason: RefuseReason::UnknownKey,
-            };
-            let _ = timeout(hub.limits.write_timeout, tx.write(refuse.to_bytes())).await;
-            let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
-            return;
+            return refuse(&hub, tx, Some(RefuseReason::UnknownKey)).await;
         }
         info!("relay client connected");
         hub.push_control(&client, Frame::Accepted.to_bytes());
@@ -109,6 +89,16 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
     }
     .instrument(span)
     .await;
+}
+
+/// Tells the client why (if there is a reason to give) and closes, never
+/// waiting longer than the write timeout on a client that does not read.
+async fn refuse(hub: &Hub, mut tx: TxHalf, reason: Option<RefuseReason>) {
+    if let Some(reason) = reason {
+        let bye = Frame::Refused { reason }.to_bytes();
+        let _ = timeout(hub.limits.write_timeout, tx.write(bye)).await;
+    }
+    let _ = timeout(hub.limits.write_timeout, tx.shutdown()).await;
 }
 
 /// Runs the handshake. `Err(Some(reason))` is told to the client,

@@ -105,6 +105,24 @@ async fn plain_lab_mode_and_metrics_endpoint() {
     }
 }
 
+#[test]
+fn tls_config_from_pem_files() {
+    init();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("warren-relay-pem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    assert!(warren_coordinator::relay::tls_config_from_pem(&cert, &key).is_ok());
+    let missing = dir.join("missing.pem");
+    let err = warren_coordinator::relay::tls_config_from_pem(&missing, &key).unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    std::fs::write(&cert, "").unwrap();
+    assert!(warren_coordinator::relay::tls_config_from_pem(&cert, &key).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn plain_get_without_upgrade_is_refused() {
     let relay = TestRelay::start(false, limits(), &[]).await;

@@ -15,9 +15,9 @@
 //! [`run_standalone`] is the `warren-coordinator relay` mode that learns its
 //! node list from the coordinator.
 //!
-//! Structure: [`session`] handles one connection (upgrade or WebSocket), [`state`] holds the
-//! connected clients and counters, [`queue`] is each client's fair bounded
-//! send queue, [`admission`] decides who may connect.
+//! Structure: [`session`] handles one connection (upgrade or WebSocket),
+//! [`state`] holds the connected clients and counters, [`queue`] is each
+//! client's fair bounded send queue, [`admission`] decides who may connect.
 
 pub mod admission;
 pub mod queue;

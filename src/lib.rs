@@ -14,3 +14,4 @@ pub mod proto;
 pub mod traversal;
 pub mod netcheck;
 pub mod portmap;
+pub mod relay_client;

@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTP control API (see `warren::control` for the protocol).
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
 //! - [`stun`]: the STUN Binding server (also run by standalone relays).
+//! - [`relay`]: the encrypted relay, embedded or standalone.
 
 pub mod admin;
 pub mod api;
@@ -17,3 +18,4 @@ pub mod hub;
 pub mod server;
 pub mod store;
 pub mod stun;
+pub mod relay;

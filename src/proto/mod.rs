@@ -6,3 +6,4 @@
 
 pub mod disco;
 pub mod stun;
+pub mod relay;

@@ -31,7 +31,7 @@ pub enum ClientError {
     Io { socket: PathBuf, source: io::Error },
     #[error("the daemon sent an answer this CLI cannot read: {0}")]
     Protocol(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Api(#[from] ApiError),
 }
 

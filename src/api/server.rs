@@ -238,7 +238,13 @@ impl Listener {
         };
         match nix::unistd::Group::from_name(SOCKET_GROUP) {
             Ok(Some(group)) => {
-                if let Err(e) = nix::unistd::chown(&self.path, None, Some(group.gid)) {
+                // Under systemd (`Group=warren`) the socket is born with the
+                // group, and chown(2) is filtered out: only fix what differs.
+                let already = std::fs::metadata(&self.path)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::gid(&m) == group.gid.as_raw());
+                if already {
+                    // Nothing to do.
+                } else if let Err(e) = nix::unistd::chown(&self.path, None, Some(group.gid)) {
                     // Only root can use the socket then; say so once.
                     tracing::warn!(error = %e, socket = %self.path.display(),
                         "cannot give the API socket to group {SOCKET_GROUP}; only root can use it");

@@ -137,3 +137,31 @@ fn agent_unit_keeps_what_the_agent_needs() {
         assert!(!has(bad), "warren.service must not set {bad}");
     }
 }
+
+#[test]
+fn shipped_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/warren.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cfg = warren::config::Config::parse(&text, &path).unwrap();
+    assert_eq!(
+        cfg.interface.private_key_file.as_deref(),
+        Some(Path::new("/var/lib/warren/private.key")),
+        "the key file the postinst makes"
+    );
+    assert_eq!(cfg.agent.socket, Path::new(warren::api::DEFAULT_SOCKET));
+    assert!(cfg.peers.is_empty());
+    // Every commented-out key is a real key: uncommented, it still parses.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.contains(" = ") || rest.starts_with("[[") => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replace("base64…", "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=");
+    let full = warren::config::Config::parse(&uncommented, &path)
+        .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    assert_eq!(full.peers.len(), 1);
+    assert_eq!(full.interface.addresses.len(), 1);
+}

@@ -177,6 +177,24 @@ fn socket_permissions_and_a_caller_without_them() {
         text(&out.stderr),
         "warren: permission denied: run as root or join group warren\n"
     );
+
+    // A second agent on the same socket is refused before it touches
+    // anything, and the first one keeps answering.
+    let out = pair.b.exec(&[
+        BIN,
+        "agent",
+        "--config",
+        pair.b.config.to_str().unwrap(),
+        "--socket",
+        pair.a.socket.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("another warren agent already answers on"),
+        "{err}"
+    );
+    assert_eq!(pair.a.status().public_key, pair.a.public());
 }
 
 #[test]

@@ -27,7 +27,7 @@ pub enum ClientError {
     NotRunning { socket: PathBuf },
     #[error("permission denied: run as root or join group warren")]
     PermissionDenied { socket: PathBuf },
-    #[error("talking to the daemon on {socket}: {source}")]
+    #[error("talking to the daemon on {socket}")]
     Io { socket: PathBuf, source: io::Error },
     #[error("the daemon sent an answer this CLI cannot read: {0}")]
     Protocol(String),

@@ -38,13 +38,19 @@ const MAX_CONNS: usize = 32;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    #[error("creating the API socket directory {path}: {source}")]
+    // Messages leave out `source`: callers print the chain (`{:#}`).
+    #[error(
+        "cannot create the API socket {path}: permission denied; the agent runs as root \
+         with CAP_NET_ADMIN (systemctl start warren), or set a writable --socket"
+    )]
+    Permission { path: PathBuf, source: io::Error },
+    #[error("creating the API socket directory {path}")]
     Dir { path: PathBuf, source: io::Error },
     #[error("another warren agent already answers on {path}; stop it first")]
     InUse { path: PathBuf },
-    #[error("binding the API socket {path}: {source}")]
+    #[error("binding the API socket {path}")]
     Bind { path: PathBuf, source: io::Error },
-    #[error("setting permissions of the API socket {path}: {source}")]
+    #[error("setting permissions of the API socket {path}")]
     Permissions { path: PathBuf, source: io::Error },
 }
 
@@ -203,9 +209,18 @@ impl Listener {
     pub fn bind(path: &Path) -> Result<Listener, ServeError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|source| ServeError::Dir {
-                    path: dir.to_owned(),
-                    source,
+                std::fs::create_dir_all(dir).map_err(|source| {
+                    if source.kind() == io::ErrorKind::PermissionDenied {
+                        ServeError::Permission {
+                            path: path.to_owned(),
+                            source,
+                        }
+                    } else {
+                        ServeError::Dir {
+                            path: dir.to_owned(),
+                            source,
+                        }
+                    }
                 })?;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
@@ -219,9 +234,18 @@ impl Listener {
             }
             let _ = std::fs::remove_file(path);
         }
-        let inner = UnixListener::bind(path).map_err(|source| ServeError::Bind {
-            path: path.to_owned(),
-            source,
+        let inner = UnixListener::bind(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                ServeError::Permission {
+                    path: path.to_owned(),
+                    source,
+                }
+            } else {
+                ServeError::Bind {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
         })?;
         let listener = Listener {
             inner,

@@ -6,6 +6,8 @@
 //! this crate for the wire protocols it shares with the agent.
 
 pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod control;

@@ -24,6 +24,7 @@ pub const DEFAULT_PORT: u16 = 51820;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
     pub interface: InterfaceConfig,
     /// The key read from `private_key_file` at load time, so that a missing
     /// or bad key file is reported against the config line that names it.
@@ -45,14 +46,22 @@ pub struct AgentConfig {
     /// The local API socket the CLI talks to.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Keys, the login and the last network map.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             socket: default_socket(),
+            state_dir: default_state_dir(),
         }
     }
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/warren".into()
 }
 
 fn default_socket() -> PathBuf {
@@ -87,6 +96,20 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
     pub preshared_key: Option<PresharedKey>,
+}
+
+impl Default for InterfaceConfig {
+    fn default() -> Self {
+        InterfaceConfig {
+            name: default_name(),
+            private_key: None,
+            private_key_file: None,
+            listen_port: default_port(),
+            mtu: default_mtu(),
+            addresses: Vec::new(),
+            offload: true,
+        }
+    }
 }
 
 fn default_name() -> String {
@@ -178,20 +201,11 @@ impl Config {
             message: message.to_string(),
         };
         let iface = &self.interface;
-        match (&iface.private_key, &iface.private_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "interface.private_key_file".into(),
-                    "give either private_key or private_key_file, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(err(
-                    "interface.private_key".into(),
-                    "missing: set private_key or private_key_file",
-                ))
-            }
-            _ => {}
+        if iface.private_key.is_some() && iface.private_key_file.is_some() {
+            return Err(err(
+                "interface.private_key_file".into(),
+                "give either private_key or private_key_file, not both",
+            ));
         }
         let bad_char = |c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control();
         if iface.name.is_empty()
@@ -230,24 +244,61 @@ impl Config {
         {
             return Ok(k.clone());
         }
-        let path = self
-            .interface
-            .private_key_file
-            .as_deref()
-            .unwrap_or(Path::new(""));
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.to_owned(),
+        if let Some(path) = &self.interface.private_key_file {
+            return read_key_file(path);
+        }
+        // No key configured: the node key lives in the state directory and
+        // is made at first start (DESIGN §2).
+        let path = self.agent.state_dir.join(NODE_KEY_FILE);
+        if path.exists() {
+            return read_key_file(&path);
+        }
+        let key = PrivateKey::generate();
+        write_private(&path, &key.to_base64()).map_err(|source| ConfigError::Read {
+            file: path.clone(),
             source,
         })?;
-        text.trim()
-            .parse()
-            .map_err(|e: crate::keys::KeyError| ConfigError::Invalid {
-                file: path.to_owned(),
-                line: 1,
-                key: "private key".into(),
-                message: e.to_string(),
-            })
+        tracing::info!(file = %path.display(), "created a new node key");
+        Ok(key)
     }
+}
+
+/// The node key's file name inside the state directory.
+pub const NODE_KEY_FILE: &str = "private.key";
+
+fn read_key_file(path: &Path) -> Result<PrivateKey, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    text.trim()
+        .parse()
+        .map_err(|e: crate::keys::KeyError| ConfigError::Invalid {
+            file: path.to_owned(),
+            line: 1,
+            key: "private key".into(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes a secret file with mode 0600 inside a 0700 directory.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -384,8 +435,6 @@ mod tests {
 
     #[test]
     fn semantic_errors_are_located() {
-        let (line, key, _) = invalid("[interface]\nmtu = 1400\n");
-        assert_eq!((line, key.as_str()), (1, "interface.private_key"));
         let (line, key, _) = invalid(&format!(
             "[interface]\nprivate_key = \"{KEY}\"\nmtu = 100\n"
         ));
@@ -394,6 +443,20 @@ mod tests {
             "[interface]\nprivate_key = \"{KEY}\"\n[[peer]]\npublic_key = \"{PUB}\"\n[[peer]]\npublic_key = \"{PUB}\"\n"
         ));
         assert_eq!((line, key.as_str()), (6, "peer[1].public_key"));
+    }
+
+    #[test]
+    fn without_a_key_the_node_key_is_made_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let c = parse(&format!("[agent]\nstate_dir = \"{}\"\n", state.display())).unwrap();
+        let k1 = c.private_key().unwrap();
+        let k2 = c.private_key().unwrap();
+        assert_eq!(k1.public(), k2.public(), "made once, then reused");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state.join(NODE_KEY_FILE)), 0o600);
+        assert_eq!(mode(&state), 0o700);
     }
 
     #[test]
@@ -437,10 +500,7 @@ mod tests {
 
     #[test]
     fn error_message_names_file() {
-        let e = parse("[interface]\nmtu = 1400\n").unwrap_err().to_string();
-        assert!(
-            e.starts_with("warren.toml:1: key `interface.private_key`"),
-            "{e}"
-        );
+        let e = parse("[interface]\nmtu = 100\n").unwrap_err().to_string();
+        assert!(e.starts_with("warren.toml:2: key `interface.mtu`"), "{e}");
     }
 }

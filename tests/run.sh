@@ -15,4 +15,4 @@ cd "$(dirname "$0")/.."
 threads="${WARREN_TEST_THREADS:-2}"
 
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads="$threads"
+cargo test --workspace --no-fail-fast -- --test-threads="$threads"

@@ -15,7 +15,7 @@
 pub mod admin;
 pub mod api;
 pub mod hub;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod stun;
-pub mod relay;

@@ -10,6 +10,7 @@
 
 mod egress;
 mod inbound;
+pub mod mesh;
 mod outbound;
 pub mod reload;
 mod tun;

@@ -5,5 +5,5 @@
 //! (`traversal`, the relay client, netcheck).
 
 pub mod disco;
-pub mod stun;
 pub mod relay;
+pub mod stun;

@@ -1,0 +1,189 @@
+//! What `warren up` leaves behind: which coordinator this node joined, as
+//! whom, so that a restarted daemon re-joins by itself (no token needed:
+//! the coordinator knows the node key). Plus the host endpoint candidates.
+//!
+//! The login file is small JSON in the state directory, written with mode
+//! 0600 like the node key beside it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::client::ControlClient;
+use crate::control::types::{Endpoint, EndpointKind};
+use crate::keys::PrivateKey;
+
+const LOGIN_FILE: &str = "login.json";
+
+/// `warren up`'s arguments as they reach the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpRequest {
+    pub coordinator: String,
+    pub token: String,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// A CA certificate (PEM) to trust for a coordinator with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    pub coordinator: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl From<&UpRequest> for Login {
+    fn from(r: &UpRequest) -> Login {
+        Login {
+            coordinator: r.coordinator.clone(),
+            hostname: r.hostname.clone().unwrap_or_else(system_hostname),
+            ca_file: r.ca_file.clone(),
+        }
+    }
+}
+
+impl Login {
+    pub fn load(state_dir: &Path) -> Option<Login> {
+        let text = std::fs::read_to_string(state_dir.join(LOGIN_FILE)).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring unreadable {LOGIN_FILE}");
+                None
+            }
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(state_dir)?;
+        let tmp = state_dir.join(format!("{LOGIN_FILE}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(self)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        std::fs::rename(tmp, state_dir.join(LOGIN_FILE))
+    }
+
+    pub fn remove(state_dir: &Path) {
+        let _ = std::fs::remove_file(state_dir.join(LOGIN_FILE));
+    }
+
+    pub fn client(&self, key: PrivateKey, state_dir: &Path) -> Result<ControlClient, String> {
+        let res = match &self.ca_file {
+            Some(ca) => {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
+                ControlClient::with_ca_pem(&self.coordinator, key, state_dir, &pem)
+            }
+            None => ControlClient::new(&self.coordinator, key, state_dir),
+        };
+        res.map_err(|e| e.to_string())
+    }
+}
+
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "warren-node".into())
+}
+
+/// The host's own addresses with our port: the `host` candidates. Loopback,
+/// link-local and the overlay ranges are left out: a peer cannot reach us
+/// there (or would loop through the tunnel).
+pub fn host_endpoints(port: u16) -> Vec<Endpoint> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<Endpoint> = addrs
+        .filter_map(|ifa| {
+            let sa = ifa.address?;
+            let ip: IpAddr = if let Some(v4) = sa.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+            };
+            usable(ip).then_some(Endpoint {
+                addr: SocketAddr::new(ip, port),
+                kind: EndpointKind::Host,
+            })
+        })
+        .collect();
+    out.sort_by_key(|e| e.addr);
+    out.dedup();
+    out
+}
+
+fn usable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            let cgnat_overlay = o[0] == 100 && (64..128).contains(&o[1]);
+            !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || cgnat_overlay)
+        }
+        IpAddr::V6(a) => {
+            let seg = a.segments();
+            let link_local = seg[0] & 0xffc0 == 0xfe80;
+            let ula = seg[0] & 0xfe00 == 0xfc00;
+            !(a.is_loopback() || a.is_unspecified() || link_local || ula)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_round_trips_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Login {
+            coordinator: "http://11.11.0.1:8080".into(),
+            hostname: "a".into(),
+            ca_file: None,
+        };
+        l.save(dir.path()).unwrap();
+        assert_eq!(Login::load(dir.path()), Some(l));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(LOGIN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        Login::remove(dir.path());
+        assert_eq!(Login::load(dir.path()), None);
+    }
+
+    #[test]
+    fn overlay_and_local_addresses_are_not_candidates() {
+        for bad in [
+            "127.0.0.1",
+            "100.64.0.7",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "fd7a::1",
+        ] {
+            assert!(!usable(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["11.11.0.2", "10.1.0.2", "192.168.1.5", "2001:db8::5"] {
+            assert!(usable(good.parse().unwrap()), "{good}");
+        }
+    }
+}

@@ -27,13 +27,22 @@ use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, PG_CHANNEL};
 #[derive(Debug, Clone)]
 pub enum HubEvent {
     /// A node was added or changed; this is its new state.
-    Upsert(Arc<NodeRecord>),
+    Upsert(Arc<Upserted>),
     Removed {
         node_id: i64,
         key: NodeKey,
     },
     /// Changes may have been missed: rebuild from a full map.
     Resync,
+}
+
+/// A node's new state, with its map entry already encoded: thousands of
+/// streams write the same bytes, so the hub encodes them once.
+#[derive(Debug)]
+pub struct Upserted {
+    pub node: NodeRecord,
+    /// `Peer` as JSON.
+    pub peer_json: String,
 }
 
 /// The fan-out point. Cheap to clone.
@@ -96,7 +105,13 @@ impl Hub {
                 key: change.node_key,
             },
             ChangeKind::Upsert => match store.node_by_id(change.node_id).await {
-                Ok(Some(node)) => HubEvent::Upsert(Arc::new(node)),
+                Ok(Some(node)) => match serde_json::to_string(&node.to_peer()) {
+                    Ok(peer_json) => HubEvent::Upsert(Arc::new(Upserted { node, peer_json })),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not encode a peer");
+                        return;
+                    }
+                },
                 // Removed since: its removal note follows.
                 Ok(None) => return,
                 Err(e) => {

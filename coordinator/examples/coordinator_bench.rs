@@ -119,13 +119,14 @@ async fn main() -> anyhow::Result<()> {
 
     // 1. Registrations.
     let keys: Vec<PrivateKey> = (0..a.nodes).map(|_| PrivateKey::generate()).collect();
+    let shared = ControlClient::http_client(None)?;
     let t = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(keys.iter().enumerate())
         .map(|(i, k)| {
             let (url, token, dir) = (a.url.clone(), a.token.clone(), state.path().to_path_buf());
-            let k = k.clone();
+            let (k, http) = (k.clone(), shared.clone());
             async move {
-                let c = ControlClient::new(&url, k, dir)?;
+                let c = ControlClient::with_http_client(&url, k, dir, http)?;
                 c.register(Some(&token), &format!("bench-{i}"), disco)
                     .await?;
                 Ok(())

@@ -110,7 +110,7 @@ impl MapTask {
     }
 
     async fn serve(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> End {
-        if let Err(end) = self.send_full().await {
+        if let Err(end) = self.send_full(false).await {
             return end;
         }
         let mut keepalive = tokio::time::interval(self.st.keepalive);
@@ -151,7 +151,7 @@ impl MapTask {
         {
             // The full map is read now, so it is newer than every event here.
             tracing::debug!("resynchronising");
-            return self.send_full().await;
+            return self.send_full(true).await;
         }
         let id_of = |ev: &Result<HubEvent, RecvError>| match ev {
             Ok(HubEvent::Upsert(u)) => Some(u.node.id),
@@ -196,37 +196,59 @@ impl MapTask {
                     Ok(())
                 }
             }
-            HubEvent::Resync => self.send_full().await,
+            HubEvent::Resync => self.send_full(true).await,
         }
     }
 
-    async fn send_full(&mut self) -> Result<(), End> {
-        let nodes = match self.st.store.list_nodes().await {
-            Ok(n) => n,
+    /// Sends a full map built from the hub's snapshot. After a
+    /// resynchronisation (`recheck`) the node's own row is read again: it
+    /// may have been removed while notes were being lost.
+    async fn send_full(&mut self, recheck: bool) -> Result<(), End> {
+        if recheck {
+            match self.st.store.node_by_id(self.node.id).await {
+                Ok(Some(n)) => self.node = n,
+                Ok(None) => return Err(End::Removed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-read this node");
+                    return Err(End::Gone);
+                }
+            }
+        }
+        let encoded = serde_json::to_string(&self.node.to_peer())
+            .and_then(|me| Ok((me, serde_json::to_string(&self.st.relay_map)?)));
+        let (me, relay) = match encoded {
+            Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "could not build the full map");
+                tracing::error!(error = %e, "could not encode the full map");
                 return Err(End::Gone);
             }
         };
-        let Some(me) = nodes.iter().find(|n| n.id == self.node.id).cloned() else {
-            return Err(End::Removed);
-        };
-        self.known = nodes
-            .iter()
-            .filter(|n| n.id != me.id)
-            .map(|n| n.id)
-            .collect();
-        let msg = MapMessage::Full {
-            self_node: me.to_peer(),
-            peers: nodes
-                .iter()
-                .filter(|n| n.id != me.id)
-                .map(NodeRecord::to_peer)
-                .collect(),
-            relay_map: self.st.relay_map.clone(),
-        };
-        self.node = me;
-        self.send(&msg).await
+        let me_id = self.node.id;
+        let (line, known) = self.st.hub.with_snapshot(|snap| {
+            let mut line = String::with_capacity(
+                snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
+                    + me.len()
+                    + relay.len()
+                    + 64,
+            );
+            line.push_str(r#"{"type":"full","self_node":"#);
+            line.push_str(&me);
+            line.push_str(r#","peers":["#);
+            let mut known = HashSet::with_capacity(snap.len());
+            for (id, u) in snap.iter().filter(|(id, _)| **id != me_id) {
+                if !known.is_empty() {
+                    line.push(',');
+                }
+                line.push_str(&u.peer_json);
+                known.insert(*id);
+            }
+            line.push_str(r#"],"relay_map":"#);
+            line.push_str(&relay);
+            line.push('}');
+            (line, known)
+        });
+        self.known = known;
+        self.send_raw(line).await
     }
 
     async fn send(&self, msg: &MapMessage) -> Result<(), End> {

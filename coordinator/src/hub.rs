@@ -1,5 +1,5 @@
 //! The hub: carries change notes from the store to every open map stream
-//! on this replica.
+//! on this replica, and keeps the current network in memory.
 //!
 //! On SQLite it polls the `changes` table (every 200 ms, and at once when a
 //! request on this replica commits a change and calls [`Hub::wake`]); the
@@ -7,27 +7,34 @@
 //! from another process. On PostgreSQL it `LISTEN`s on the change channel,
 //! so a change committed by any replica (or by an administration command)
 //! reaches all of them. If the listening connection drops, notes sent
-//! meanwhile are lost, so the hub tells every stream to resynchronise from
-//! a full map instead of guessing what it missed.
+//! meanwhile are lost, so the hub reloads its snapshot and tells every
+//! stream to resynchronise from a full map instead of guessing.
 //!
-//! Each note is turned into an event once here (one node load per change,
-//! not one per stream) and fanned out through a broadcast channel; a stream
-//! that falls behind the channel resynchronises the same way.
+//! Each note is turned into an event once here (one node load and one JSON
+//! encoding per change, not one per stream) and fanned out through a
+//! broadcast channel. The hub also keeps a snapshot of every node, already
+//! encoded, from which streams build their full maps: when two thousand
+//! agents reconnect at once after a restart, none of them costs a database
+//! read of the whole network (with SQLite's single connection that herd
+//! used to queue past the pool's timeout). The snapshot is updated *before*
+//! an event is broadcast, and streams subscribe *before* reading it, so a
+//! stream never misses a change (at worst it hears one twice).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio::task::JoinHandle;
 use warren::keys::NodeKey;
 
-use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, PG_CHANNEL};
+use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, StoreError, PG_CHANNEL};
 
 /// What map streams receive.
 #[derive(Debug, Clone)]
 pub enum HubEvent {
     /// A node was added or changed; this is its new state.
-    Upsert(Arc<NodeRecord>),
+    Upsert(Arc<Upserted>),
     Removed {
         node_id: i64,
         key: NodeKey,
@@ -36,11 +43,35 @@ pub enum HubEvent {
     Resync,
 }
 
+/// A node's state with its map entry already encoded: thousands of streams
+/// write the same bytes, so the hub encodes them once.
+#[derive(Debug)]
+pub struct Upserted {
+    pub node: NodeRecord,
+    /// `Peer` as JSON.
+    pub peer_json: String,
+}
+
+impl Upserted {
+    fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
+        match serde_json::to_string(&node.to_peer()) {
+            Ok(peer_json) => Some(Arc::new(Upserted { node, peer_json })),
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a peer");
+                None
+            }
+        }
+    }
+}
+
+type Snapshot = BTreeMap<i64, Arc<Upserted>>;
+
 /// The fan-out point. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Hub {
     tx: broadcast::Sender<HubEvent>,
     wake: Arc<Notify>,
+    snapshot: Arc<RwLock<Snapshot>>,
 }
 
 impl Default for Hub {
@@ -57,6 +88,7 @@ impl Hub {
         Hub {
             tx,
             wake: Arc::new(Notify::new()),
+            snapshot: Arc::default(),
         }
     }
 
@@ -69,9 +101,20 @@ impl Hub {
         self.wake.notify_one();
     }
 
+    /// Runs `f` over the current snapshot (node id → encoded node).
+    pub fn with_snapshot<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
+        // Writers only insert or remove whole entries, so a poisoned lock
+        // still guards a consistent map.
+        f(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn snapshot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
+        self.snapshot.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Starts the task that feeds the hub from `store`, and waits (up to
-    /// `ready_within`) until it is following the change notes, so that a
-    /// replica does not accept agents before it can tell them of changes.
+    /// `ready_within`) until it holds a snapshot and follows the change
+    /// notes, so a replica does not accept agents before it can serve them.
     pub async fn spawn(&self, store: Store, ready_within: Duration) -> JoinHandle<()> {
         let hub = self.clone();
         let (ready, is_ready) = oneshot::channel();
@@ -89,18 +132,39 @@ impl Hub {
         task
     }
 
+    /// Replaces the snapshot with the store's current nodes.
+    async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let nodes = store.list_nodes().await?;
+        let fresh: Snapshot = nodes
+            .into_iter()
+            .filter_map(|n| Some((n.id, Upserted::new(n)?)))
+            .collect();
+        *self.snapshot_mut() = fresh;
+        Ok(())
+    }
+
     async fn dispatch(&self, store: &Store, change: Change) {
         let event = match change.kind {
-            ChangeKind::Removed => HubEvent::Removed {
-                node_id: change.node_id,
-                key: change.node_key,
-            },
+            ChangeKind::Removed => {
+                self.snapshot_mut().remove(&change.node_id);
+                HubEvent::Removed {
+                    node_id: change.node_id,
+                    key: change.node_key,
+                }
+            }
             ChangeKind::Upsert => match store.node_by_id(change.node_id).await {
-                Ok(Some(node)) => HubEvent::Upsert(Arc::new(node)),
+                Ok(Some(node)) => {
+                    let Some(u) = Upserted::new(node) else { return };
+                    self.snapshot_mut().insert(u.node.id, u.clone());
+                    HubEvent::Upsert(u)
+                }
                 // Removed since: its removal note follows.
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "hub could not load a changed node");
+                    if let Err(e) = self.reload(store).await {
+                        tracing::warn!(error = %e, "hub could not reload the network");
+                    }
                     HubEvent::Resync
                 }
             },
@@ -110,11 +174,18 @@ impl Hub {
     }
 
     async fn run_sqlite(self, store: Store, ready: oneshot::Sender<()>) {
+        // Read the position first, then the snapshot: notes committed in
+        // between are replayed, which is harmless.
         let mut last = loop {
-            match store.last_change_id().await {
+            let start = async {
+                let last = store.last_change_id().await?;
+                self.reload(&store).await?;
+                Ok::<_, StoreError>(last)
+            };
+            match start.await {
                 Ok(id) => break id,
                 Err(e) => {
-                    tracing::warn!(error = %e, "hub: reading change notes");
+                    tracing::warn!(error = %e, "hub: loading the network");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -140,11 +211,9 @@ impl Hub {
     async fn run_postgres(self, store: Store, ready: oneshot::Sender<()>) {
         let mut ready = Some(ready);
         loop {
-            match self.listen_postgres(&store, &mut ready).await {
-                Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "hub: PostgreSQL listener failed"),
+            if let Err(e) = self.listen_postgres(&store, &mut ready).await {
+                tracing::warn!(error = %e, "hub: PostgreSQL listener failed");
             }
-            let _ = self.tx.send(HubEvent::Resync);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -153,16 +222,17 @@ impl Hub {
         &self,
         store: &Store,
         ready: &mut Option<oneshot::Sender<()>>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect(store.url()).await?;
         listener.listen(PG_CHANNEL).await?;
+        // Listen first, then load: a change in between arrives as a note
+        // after the load and is applied again, which is harmless.
+        self.reload(store).await?;
+        let _ = self.tx.send(HubEvent::Resync);
         tracing::debug!("hub: listening for change notes");
         if let Some(r) = ready.take() {
             let _ = r.send(());
         }
-        // Whatever happened before we listened is in the full maps streams
-        // send on connect; streams that were already open must catch up.
-        let _ = self.tx.send(HubEvent::Resync);
         loop {
             match listener.try_recv().await? {
                 Some(n) => match Change::parse(n.payload()) {
@@ -172,7 +242,8 @@ impl Hub {
                 // The connection dropped and will be re-established by the
                 // next call; notes may have been lost meanwhile.
                 None => {
-                    tracing::info!("hub: PostgreSQL connection lost; streams will resynchronise");
+                    tracing::info!("hub: PostgreSQL connection lost; resynchronising");
+                    self.reload(store).await?;
                     let _ = self.tx.send(HubEvent::Resync);
                 }
             }

@@ -155,11 +155,14 @@ impl ControlClient {
         Self::build(url, node_key, state_dir.into(), Some(ca_pem))
     }
 
-    fn build(
+    /// A client on a caller-built HTTP client: to share one connection
+    /// pool (and one parse of the root certificates, which is not cheap)
+    /// between many clients, as a load generator or a test does.
+    pub fn with_http_client(
         url: &str,
         node_key: PrivateKey,
-        state_dir: PathBuf,
-        ca_pem: Option<&[u8]>,
+        state_dir: impl Into<PathBuf>,
+        http: reqwest::Client,
     ) -> Result<Self, ControlError> {
         let base = url.trim_end_matches('/').to_owned();
         let host_part = base
@@ -169,6 +172,20 @@ impl ControlClient {
         if host_part.is_empty() || host_part.contains('/') {
             return Err(ControlError::BadUrl(url.to_owned()));
         }
+        Ok(ControlClient {
+            inner: Arc::new(Inner {
+                base,
+                http,
+                node_key,
+                state_dir: state_dir.into(),
+                session: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The HTTP client `new` and `with_ca_pem` use: rustls (the process's
+    /// installed provider), the system roots or only `ca_pem`'s.
+    pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, ControlError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .tls_backend_rustls();
@@ -177,16 +194,16 @@ impl ControlClient {
                 .map_err(|e| ControlError::Tls(e.to_string()))?;
             builder = builder.tls_certs_only(certs);
         }
-        let http = builder.build()?;
-        Ok(ControlClient {
-            inner: Arc::new(Inner {
-                base,
-                http,
-                node_key,
-                state_dir,
-                session: Mutex::new(None),
-            }),
-        })
+        Ok(builder.build()?)
+    }
+
+    fn build(
+        url: &str,
+        node_key: PrivateKey,
+        state_dir: PathBuf,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ControlError> {
+        Self::with_http_client(url, node_key, state_dir, Self::http_client(ca_pem)?)
     }
 
     /// This node's public key.

@@ -15,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::Response;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument as _;
 use warren::control::MapMessage;
@@ -64,6 +65,29 @@ pub(super) async fn map(
         .map_err(|e| ApiError::new(warren::control::ErrorCode::Internal, e.to_string()))
 }
 
+/// The event just received plus whatever else is already queued (bounded).
+fn drain(
+    first: Result<HubEvent, RecvError>,
+    events: &mut broadcast::Receiver<HubEvent>,
+) -> Vec<Result<HubEvent, RecvError>> {
+    let mut batch = vec![first];
+    while batch.len() < 4096 {
+        match events.try_recv() {
+            Ok(ev) => batch.push(Ok(ev)),
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Lagged(n)) => {
+                batch.push(Err(RecvError::Lagged(n)));
+                break;
+            }
+            Err(TryRecvError::Closed) => {
+                batch.push(Err(RecvError::Closed));
+                break;
+            }
+        }
+    }
+    batch
+}
+
 struct MapTask {
     st: AppState,
     node: NodeRecord,
@@ -86,14 +110,17 @@ impl MapTask {
     }
 
     async fn serve(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> End {
-        if let Err(end) = self.send_full().await {
+        if let Err(end) = self.send_full(false).await {
             return end;
         }
         let mut keepalive = tokio::time::interval(self.st.keepalive);
         keepalive.tick().await;
         loop {
             let result = tokio::select! {
-                ev = events.recv() => self.on_event(ev).await,
+                ev = events.recv() => {
+                    let batch = drain(ev, events);
+                    self.on_batch(batch).await
+                }
                 _ = keepalive.tick() => self.send(&MapMessage::Keepalive).await,
                 _ = self.lines.closed() => Err(End::Gone),
             };
@@ -103,81 +130,140 @@ impl MapTask {
         }
     }
 
-    async fn on_event(
-        &mut self,
-        ev: Result<HubEvent, broadcast::error::RecvError>,
-    ) -> Result<(), End> {
+    /// Handles a burst of events. An upsert superseded by a later event for
+    /// the same node in the burst is skipped: when a thousand nodes come
+    /// online at once, each stream sends each node's final state once.
+    async fn on_batch(&mut self, batch: Vec<Result<HubEvent, RecvError>>) -> Result<(), End> {
+        if batch.iter().any(|ev| matches!(ev, Err(RecvError::Closed))) {
+            return Err(End::Gone);
+        }
+        let me = self.node.id;
+        if batch
+            .iter()
+            .any(|ev| matches!(ev, Ok(HubEvent::Removed { node_id, .. }) if *node_id == me))
+        {
+            tracing::info!("node removed: ending its map stream");
+            return Err(End::Removed);
+        }
+        if batch
+            .iter()
+            .any(|ev| matches!(ev, Ok(HubEvent::Resync) | Err(RecvError::Lagged(_))))
+        {
+            // The full map is read now, so it is newer than every event here.
+            tracing::debug!("resynchronising");
+            return self.send_full(true).await;
+        }
+        let id_of = |ev: &Result<HubEvent, RecvError>| match ev {
+            Ok(HubEvent::Upsert(u)) => Some(u.node.id),
+            Ok(HubEvent::Removed { node_id, .. }) => Some(*node_id),
+            _ => None,
+        };
+        for (i, ev) in batch.iter().enumerate() {
+            let superseded = matches!(ev, Ok(HubEvent::Upsert(_)))
+                && batch[i + 1..].iter().any(|later| id_of(later) == id_of(ev));
+            if !superseded {
+                if let Ok(ev) = ev {
+                    self.on_event(ev).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, ev: &HubEvent) -> Result<(), End> {
         match ev {
-            Ok(HubEvent::Upsert(n)) if n.id == self.node.id => {
-                self.node = (*n).clone();
-                self.send(&MapMessage::SelfChanged { node: n.to_peer() })
+            HubEvent::Upsert(u) if u.node.id == self.node.id => {
+                self.node = u.node.clone();
+                self.send_raw(format!(
+                    r#"{{"type":"self_changed","node":{}}}"#,
+                    u.peer_json
+                ))
+                .await
+            }
+            HubEvent::Upsert(u) => {
+                let kind = if self.known.insert(u.node.id) {
+                    "peer_added"
+                } else {
+                    "peer_changed"
+                };
+                self.send_raw(format!(r#"{{"type":"{kind}","peer":{}}}"#, u.peer_json))
                     .await
             }
-            Ok(HubEvent::Upsert(n)) => {
-                let peer = n.to_peer();
-                let msg = if self.known.insert(n.id) {
-                    MapMessage::PeerAdded { peer }
-                } else {
-                    MapMessage::PeerChanged { peer }
-                };
-                self.send(&msg).await
-            }
-            Ok(HubEvent::Removed { node_id, .. }) if node_id == self.node.id => {
-                tracing::info!("node removed: ending its map stream");
-                Err(End::Removed)
-            }
-            Ok(HubEvent::Removed { node_id, key }) => {
-                if self.known.remove(&node_id) {
-                    self.send(&MapMessage::PeerRemoved { key }).await
+            HubEvent::Removed { node_id, key } => {
+                if self.known.remove(node_id) {
+                    self.send(&MapMessage::PeerRemoved { key: *key }).await
                 } else {
                     Ok(())
                 }
             }
-            Ok(HubEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                self.send_full().await
-            }
-            Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
+            HubEvent::Resync => self.send_full(true).await,
         }
     }
 
-    async fn send_full(&mut self) -> Result<(), End> {
-        let nodes = match self.st.store.list_nodes().await {
-            Ok(n) => n,
+    /// Sends a full map built from the hub's snapshot. After a
+    /// resynchronisation (`recheck`) the node's own row is read again: it
+    /// may have been removed while notes were being lost.
+    async fn send_full(&mut self, recheck: bool) -> Result<(), End> {
+        if recheck {
+            match self.st.store.node_by_id(self.node.id).await {
+                Ok(Some(n)) => self.node = n,
+                Ok(None) => return Err(End::Removed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-read this node");
+                    return Err(End::Gone);
+                }
+            }
+        }
+        let encoded = serde_json::to_string(&self.node.to_peer())
+            .and_then(|me| Ok((me, serde_json::to_string(&self.st.relay_map)?)));
+        let (me, relay) = match encoded {
+            Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "could not build the full map");
+                tracing::error!(error = %e, "could not encode the full map");
                 return Err(End::Gone);
             }
         };
-        let Some(me) = nodes.iter().find(|n| n.id == self.node.id).cloned() else {
-            return Err(End::Removed);
-        };
-        self.known = nodes
-            .iter()
-            .filter(|n| n.id != me.id)
-            .map(|n| n.id)
-            .collect();
-        let msg = MapMessage::Full {
-            self_node: me.to_peer(),
-            peers: nodes
-                .iter()
-                .filter(|n| n.id != me.id)
-                .map(NodeRecord::to_peer)
-                .collect(),
-            relay_map: self.st.relay_map.clone(),
-        };
-        self.node = me;
-        self.send(&msg).await
+        let me_id = self.node.id;
+        let (line, known) = self.st.hub.with_snapshot(|snap| {
+            let mut line = String::with_capacity(
+                snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
+                    + me.len()
+                    + relay.len()
+                    + 64,
+            );
+            line.push_str(r#"{"type":"full","self_node":"#);
+            line.push_str(&me);
+            line.push_str(r#","peers":["#);
+            let mut known = HashSet::with_capacity(snap.len());
+            for (id, u) in snap.iter().filter(|(id, _)| **id != me_id) {
+                if !known.is_empty() {
+                    line.push(',');
+                }
+                line.push_str(&u.peer_json);
+                known.insert(*id);
+            }
+            line.push_str(r#"],"relay_map":"#);
+            line.push_str(&relay);
+            line.push('}');
+            (line, known)
+        });
+        self.known = known;
+        self.send_raw(line).await
     }
 
     async fn send(&self, msg: &MapMessage) -> Result<(), End> {
-        let mut line = match serde_json::to_vec(msg) {
-            Ok(l) => l,
+        match serde_json::to_string(msg) {
+            Ok(line) => self.send_raw(line).await,
             Err(e) => {
                 tracing::error!(error = %e, "could not encode a map message");
-                return Err(End::Gone);
+                Err(End::Gone)
             }
-        };
-        line.push(b'\n');
+        }
+    }
+
+    /// Sends one already-encoded line (the newline is added here).
+    async fn send_raw(&self, mut line: String) -> Result<(), End> {
+        line.push('\n');
         self.lines
             .send(Ok(Bytes::from(line)))
             .await

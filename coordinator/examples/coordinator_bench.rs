@@ -1,0 +1,229 @@
+//! Load generator for `tests/bench/coordinator.sh`: registers N simulated
+//! nodes against a running coordinator, opens a map stream for each, makes
+//! one change, and reports how fast registrations go, how long the change
+//! takes to reach every stream, and the coordinator's memory (by pid).
+//!
+//! Registration goes through the agent's real client. The streams are read
+//! raw (signed `GET /map`, lines scanned for the changed key) instead of
+//! through `ControlClient::map_stream`, which would save N copies of an
+//! N-peer map to disk and measure the load generator instead of the
+//! coordinator.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use warren::control::auth::{AuthHeaders, SessionKey};
+use warren::control::{ControlClient, Endpoint, EndpointKind};
+use warren::keys::{NodeKey, PrivateKey};
+
+struct Args {
+    url: String,
+    token: String,
+    nodes: usize,
+    concurrency: usize,
+    pid: Option<u32>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        url: String::new(),
+        token: String::new(),
+        nodes: 2000,
+        concurrency: 32,
+        pid: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--url" => a.url = v,
+            "--token" => a.token = v,
+            "--nodes" => a.nodes = v.parse()?,
+            "--concurrency" => a.concurrency = v.parse()?,
+            "--pid" => a.pid = Some(v.parse()?),
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    if a.url.is_empty() || a.token.is_empty() {
+        bail!("usage: coordinator_bench --url URL --token TOKEN [--nodes N] [--concurrency C] [--pid PID]");
+    }
+    Ok(a)
+}
+
+fn rss(pid: Option<u32>) -> String {
+    let Some(pid) = pid else { return "n/a".into() };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.trim_start_matches(name).trim().to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Opens one map stream; counts its first line, then waits for `needle`.
+async fn stream(
+    http: reqwest::Client,
+    url: String,
+    key: PrivateKey,
+    coord: NodeKey,
+    needle: String,
+    connected: Arc<AtomicUsize>,
+) -> anyhow::Result<Instant> {
+    let session = SessionKey::for_node(&key, &coord)?;
+    let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
+    let mut req = http.get(format!("{url}/map"));
+    for (n, v) in h.to_pairs() {
+        req = req.header(n, v);
+    }
+    let resp = req.send().await?.error_for_status()?;
+    let mut body = resp.bytes_stream().map_err(std::io::Error::other);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut got_full = false;
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if !got_full {
+                got_full = true;
+                connected.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line);
+            if text.contains(&needle) {
+                return Ok(Instant::now());
+            }
+        }
+    }
+    bail!("stream ended")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a = args()?;
+    let state = tempfile::tempdir()?;
+    let disco = PrivateKey::generate().public();
+
+    // 1. Registrations.
+    let keys: Vec<PrivateKey> = (0..a.nodes).map(|_| PrivateKey::generate()).collect();
+    let shared = ControlClient::http_client(None)?;
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(keys.iter().enumerate())
+        .map(|(i, k)| {
+            let (url, token, dir) = (a.url.clone(), a.token.clone(), state.path().to_path_buf());
+            let (k, http) = (k.clone(), shared.clone());
+            async move {
+                let c = ControlClient::with_http_client(&url, k, dir, http)?;
+                c.register(Some(&token), &format!("bench-{i}"), disco)
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(a.concurrency)
+        .collect()
+        .await;
+    let reg_time = t.elapsed();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        eprintln!("first registration error: {e:#}");
+    }
+    println!(
+        "registered {} nodes in {:.2?} ({:.0}/s, concurrency {}, {failed} failed)",
+        a.nodes,
+        reg_time,
+        a.nodes as f64 / reg_time.as_secs_f64(),
+        a.concurrency
+    );
+    println!("coordinator after registration: {}", rss(a.pid));
+
+    // 2. A map stream per node.
+    let coord = ControlClient::new(&a.url, keys[0].clone(), state.path())?
+        .coordinator_key()
+        .await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let marker = format!(
+        "203.0.113.{}:{}",
+        rand::random::<u8>(),
+        10000 + rand::random::<u16>() % 50000
+    );
+    let connected = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for k in keys.iter().skip(1) {
+        let fut = stream(
+            http.clone(),
+            a.url.clone(),
+            k.clone(),
+            coord,
+            marker.clone(),
+            connected.clone(),
+        );
+        tasks.push(tokio::spawn(fut));
+    }
+    let want = a.nodes - 1;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while connected.load(Ordering::Relaxed) < want {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {want} streams got their full map",
+                connected.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{want} map streams open with full maps in {:.2?}",
+        t.elapsed()
+    );
+    // Let the online flips of all those streams drain before measuring.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("coordinator with {want} open streams: {}", rss(a.pid));
+
+    // 3. One change, seen by all: node 0 reports an endpoint no line
+    // contained before (a random documentation address).
+    let c0 = ControlClient::new(&a.url, keys[0].clone(), state.path())?;
+    let eps = [Endpoint {
+        addr: marker.parse()?,
+        kind: EndpointKind::Srflx,
+    }];
+    let t0 = Instant::now();
+    c0.report_endpoints(&eps, None).await?;
+    let mut lat = Vec::new();
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(at))) => lat.push(at.saturating_duration_since(t0)),
+            Ok(Ok(Err(e))) => eprintln!("stream failed: {e:#}"),
+            Ok(Err(e)) => eprintln!("stream task: {e}"),
+            Err(_) => eprintln!("stream did not see the change within 60 s"),
+        }
+    }
+    lat.sort();
+    if lat.is_empty() {
+        bail!("no stream saw the change");
+    }
+    println!(
+        "one change reached {}/{} streams: p50 {:.1?}, p99 {:.1?}, all {:.1?}",
+        lat.len(),
+        want,
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100],
+        lat[lat.len() - 1]
+    );
+    println!("coordinator at the end: {}", rss(a.pid));
+    Ok(())
+}

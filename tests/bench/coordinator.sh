@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Coordinator figures: registrations per second, time for one change to
+# reach every open map stream, and the coordinator's memory, for N simulated
+# nodes (default 2000) against SQLite and then PostgreSQL.
+#
+#   tests/bench/coordinator.sh [NODES]
+#
+# PostgreSQL runs only when WARREN_TEST_POSTGRES_URL points at a server whose
+# user may CREATE DATABASE (a fresh database is made for the run).
+# Builds in release mode: these are measurements.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+NODES=${1:-2000}
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cargo build --release -q -p warren-coordinator --bin warren-coordinator --example coordinator_bench
+BIN=target/release/warren-coordinator
+BENCH=target/release/examples/coordinator_bench
+WORK=$(mktemp -d)
+PID=
+cleanup() {
+    if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# run LABEL [--database URL]
+run() {
+    local label=$1; shift
+    local dir="$WORK/$label"
+    mkdir -p "$dir"
+    local token
+    token=$(RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" token create --reusable | head -1)
+    RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" serve --listen 127.0.0.1:0 >"$dir/log" 2>&1 &
+    PID=$!
+    # The port is chosen by the kernel; read it from the process's sockets.
+    local port= i
+    for i in $(seq 1 100); do
+        port=$(ss -Hltnp 2>/dev/null | awk -v pid="pid=$PID," '$0 ~ pid {split($4, a, ":"); print a[length(a)]; exit}')
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    if [ -z "$port" ]; then echo "coordinator did not start:"; cat "$dir/log"; exit 1; fi
+    echo "== $label: $NODES nodes, coordinator pid $PID on port $port"
+    "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --nodes "$NODES" --pid "$PID"
+    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+}
+
+run sqlite
+if [ -n "${WARREN_TEST_POSTGRES_URL:-}" ]; then
+    db="warren_bench_$$"
+    psql "$WARREN_TEST_POSTGRES_URL" -qc "CREATE DATABASE $db" >/dev/null
+    run postgres --database "${WARREN_TEST_POSTGRES_URL%/*}/$db"
+    psql "$WARREN_TEST_POSTGRES_URL" -qc "DROP DATABASE $db" >/dev/null || true
+else
+    echo "== postgres: skipped (WARREN_TEST_POSTGRES_URL not set)"
+fi

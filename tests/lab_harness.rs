@@ -315,6 +315,7 @@ fn teardown_removes_everything() {
         ("hello\n", "oops\n", Some(3))
     );
     assert!(lab.exit_status(sleeper).is_none(), "sleeper runs");
+    let pid = lab.pid(sleeper);
     let names = lab.namespaces();
     let dir = lab.dir().to_owned();
     assert_eq!(names.len(), 3);
@@ -325,6 +326,10 @@ fn teardown_removes_everything() {
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(!dir.exists(), "lab dir removed");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "spawned process killed"
+    );
 }
 
 #[test]
@@ -410,4 +415,33 @@ fn upnp_gateway_maps_a_port_with_natpmp() {
         .expect("public thread");
     assert_eq!(echoed, b"through upnp");
     host.join().expect("host thread");
+}
+
+#[test]
+fn stale_namespaces_of_dead_runs_are_reaped() {
+    if !lab::require_root() {
+        return;
+    }
+    // A pid that just died stands for a test run killed before its Drop.
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = child.id();
+    child.wait().expect("wait true");
+    let stale = format!("{}-{dead}-0-gw", lab::netns::PREFIX);
+    lab::netns::create(&stale);
+    let lab = Lab::new();
+    let left = lab::netns::list();
+    assert!(
+        !left.contains(&stale),
+        "stale namespace {stale} still there"
+    );
+    // Our own live lab is never reaped by a second one.
+    let mine = lab.namespaces();
+    let _other = Lab::new();
+    let now = lab::netns::list();
+    assert!(
+        mine.iter().all(|n| now.contains(n)),
+        "a live lab's namespaces were reaped"
+    );
 }

@@ -26,6 +26,7 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
+pub mod agent;
 pub mod nat;
 pub mod netns;
 pub mod process;
@@ -404,6 +405,11 @@ impl Lab {
     /// The exit status of a spawned process, if it has exited.
     pub fn exit_status(&self, id: ProcId) -> Option<ExitStatus> {
         self.state().procs[id.0].try_status()
+    }
+
+    /// The pid of a spawned process.
+    pub fn pid(&self, id: ProcId) -> i32 {
+        self.state().procs[id.0].pid()
     }
 
     /// Everything a spawned process has written so far.

@@ -5,5 +5,4 @@
 //! (`traversal`, the relay client, netcheck).
 
 pub mod disco;
-//! Wire codecs shared by the agent and the coordinator (sans-IO).
 pub mod stun;

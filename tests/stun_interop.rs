@@ -12,21 +12,9 @@ use tokio::net::UdpSocket;
 use warren::netcheck::{self, MappingBehavior, Server};
 use warren::proto::stun::{self, Message, TransactionId};
 
-fn tool_available(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required under CI=true (Debian package coturn)"
-        );
-        eprintln!("SKIP: {tool} not installed (apt-get install coturn)");
-    }
-    found
-}
+#[path = "support/tools.rs"]
+mod tools;
+use tools::tool_available;
 
 /// Kills the server when the test ends, however it ends.
 struct Turnserver {
@@ -98,7 +86,7 @@ async fn first_answer(client: &UdpSocket, server: SocketAddr) -> Vec<u8> {
 
 #[tokio::test]
 async fn our_client_reads_coturn_answers() {
-    if !tool_available("turnserver") {
+    if !tool_available("turnserver", "coturn") {
         return;
     }
     let port = free_udp_port();

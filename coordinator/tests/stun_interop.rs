@@ -11,25 +11,13 @@ use std::sync::Arc;
 use tokio::net::UdpSocket;
 use warren_coordinator::stun::{serve, ServerOptions, StunStats};
 
-fn tool_available(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required under CI=true (Debian package coturn)"
-        );
-        eprintln!("SKIP: {tool} not installed (apt-get install coturn)");
-    }
-    found
-}
+#[path = "../../tests/support/tools.rs"]
+mod tools;
+use tools::tool_available;
 
 #[tokio::test]
 async fn turnutils_stunclient_gets_our_answer() {
-    if !tool_available("turnutils_stunclient") {
+    if !tool_available("turnutils_stunclient", "coturn") {
         return;
     }
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -267,3 +267,40 @@ mod opt_ms {
             .transpose()
     }
 }
+
+/// What traversal needs from a report: the IPv4 NAT's behaviour and the
+/// address to predict from. For a sequential allocator that is the *last*
+/// mapping handed out (probes are reported in allocation order), since the
+/// next ports follow it.
+impl From<&Report> for crate::traversal::NatSummary {
+    fn from(r: &Report) -> Self {
+        use crate::traversal::{Allocation, Mapping};
+        let mapping = match r.ipv4.mapping {
+            MappingBehavior::Unknown => Mapping::Unknown,
+            MappingBehavior::NoNat => Mapping::None,
+            MappingBehavior::EndpointIndependent => Mapping::EndpointIndependent,
+            MappingBehavior::EndpointDependent => Mapping::EndpointDependent,
+        };
+        let allocation = match r.ipv4.port_allocation {
+            PortAllocation::Unknown => Allocation::Unknown,
+            PortAllocation::Preserving => Allocation::Preserving,
+            // Prediction counts upwards; a descending allocator is treated
+            // as unpredictable rather than mispredicted.
+            PortAllocation::Sequential { step } => u16::try_from(step)
+                .map_or(Allocation::Random, |step| Allocation::Sequential { step }),
+            PortAllocation::Random => Allocation::Random,
+        };
+        let observed = r
+            .servers
+            .iter()
+            .flat_map(|s| &s.probes)
+            .filter_map(|p| p.mapped.filter(|_| p.addr.is_ipv4()))
+            .next_back()
+            .or(r.ipv4.global);
+        Self {
+            mapping,
+            allocation,
+            observed,
+        }
+    }
+}

@@ -277,6 +277,13 @@ fn edm_sequential_step_two() {
     );
     // The first destination in config order got the first port.
     assert_eq!(r.ipv4.global.map(|g| g.port()), Some(20002));
+    // Traversal predicts from the last port handed out (the fourth).
+    let summary = crate::traversal::NatSummary::from(&r);
+    assert_eq!(
+        summary.allocation,
+        crate::traversal::Allocation::Sequential { step: 2 }
+    );
+    assert_eq!(summary.observed.map(|o| o.port()), Some(20008));
 }
 
 #[test]

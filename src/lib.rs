@@ -5,6 +5,13 @@
 //! binary is the agent daemon plus the CLI; `warren-coordinator` depends on
 //! this crate for the wire protocols it shares with the agent.
 
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod control;
 pub mod keys;
 pub mod proto;
+pub mod traversal;
+pub mod netcheck;
+pub mod portmap;
 pub mod relay_client;

@@ -1,0 +1,220 @@
+//! The agent's tokio driver: the TUN device, the UDP socket, and the tasks
+//! that move packets between them.
+//!
+//! It is deliberately thin. Three tasks run: outbound (TUN → peers), inbound
+//! (network → TUN) and timers (WireGuard's rekey/keepalive clock, the
+//! handshake rate limiter, and a periodic summary of dropped packets). The
+//! two packet tasks run on different runtime workers, so sealing and opening
+//! use two cores. Shutting down aborts the tasks and drops the device, which
+//! removes the TUN interface: nothing is left behind.
+
+mod egress;
+mod inbound;
+mod outbound;
+mod tun;
+pub mod udp;
+
+pub use egress::{Egress, RelaySink};
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::dataplane::{DataPlane, DropCounts, PeerSpec};
+
+/// How often WireGuard's timers run. boringtun's own device uses 250 ms;
+/// handshake retries and keepalives need no finer grain.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Most TUN queues read in parallel; past the core count they only add
+/// contention.
+const MAX_QUEUES: usize = 4;
+/// How often dropped-packet counts are summarised in the log.
+const DROP_REPORT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what}")]
+    Permission {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the TUN device `{name}`")]
+    Tun {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding UDP port {port}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{task} stopped")]
+    Io {
+        task: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a running agent exposes to its caller (status, tests).
+pub struct Running {
+    pub dataplane: Arc<DataPlane>,
+    pub listen: SocketAddr,
+    pub offload: bool,
+}
+
+/// Runs the agent until `shutdown` completes or a packet task fails.
+/// `on_ready` is called once the device is up and packets flow.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), AgentError> {
+    // Everything that can fail on bad input is checked before the device
+    // exists, so a bad config leaves nothing behind.
+    let key = config.private_key()?;
+    let dp = Arc::new(DataPlane::new(key));
+    for p in &config.peers {
+        let mut spec = PeerSpec::new(p.public_key, p.allowed_ips.clone()).with_psk(p.preshared_key);
+        spec.endpoint = p.endpoint;
+        spec.persistent_keepalive = p.persistent_keepalive;
+        dp.upsert_peer(spec);
+    }
+    let iface = &config.interface;
+    let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            AgentError::Permission {
+                what: format!("binding UDP port {}: permission denied", iface.listen_port),
+                source,
+            }
+        } else {
+            AgentError::Bind {
+                port: iface.listen_port,
+                source,
+            }
+        }
+    })?;
+    let listen = udp.local_addr().map_err(|source| AgentError::Bind {
+        port: iface.listen_port,
+        source,
+    })?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tun = tun::create(iface, cores.min(MAX_QUEUES))?;
+    let offload = tun.offload;
+    let dev = Arc::new(tun.dev);
+    let udp = Arc::new(udp);
+    let egress = Arc::new(Egress::new(udp.clone(), dp.drops.clone()));
+    let mtu = usize::from(iface.mtu);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let queues = std::iter::once(dev.clone()).chain(tun.extra_queues.into_iter().map(Arc::new));
+    for queue in queues {
+        let out = outbound::Outbound {
+            dp: dp.clone(),
+            tun: queue,
+            egress: egress.clone(),
+            offload,
+            mtu,
+        };
+        tasks.spawn(async move {
+            out.run().await.map_err(|source| AgentError::Io {
+                task: "TUN reader",
+                source,
+            })
+        });
+    }
+    let inb = inbound::Inbound {
+        dp: dp.clone(),
+        tun: dev.clone(),
+        egress: egress.clone(),
+        mtu,
+    };
+    tasks.spawn(async move {
+        inb.run().await.map_err(|source| AgentError::Io {
+            task: "UDP reader",
+            source,
+        })
+    });
+    let timer_dp = dp.clone();
+    let timer_egress = egress.clone();
+    tasks.spawn(async move {
+        timers(timer_dp, timer_egress).await;
+        Ok(())
+    });
+
+    let running = Running {
+        dataplane: dp.clone(),
+        listen,
+        offload,
+    };
+    tracing::info!(
+        interface = %iface.name,
+        %listen,
+        public_key = %dp.public_key(),
+        peers = dp.peers().len(),
+        offload,
+        udp_gso_segments = udp.max_segments(),
+        "agent ready"
+    );
+    on_ready(&running);
+
+    let result = tokio::select! {
+        _ = shutdown => Ok(()),
+        Some(res) = tasks.join_next() => match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(join) => Err(AgentError::Io { task: "packet task", source: std::io::Error::other(join.to_string()) }),
+        },
+    };
+    tasks.shutdown().await;
+    // The last reference to the device goes here; closing it removes the
+    // interface.
+    drop(dev);
+    tracing::info!(interface = %iface.name, "agent stopped; device removed");
+    result
+}
+
+async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 512];
+    let mut n: u64 = 0;
+    let mut last = DropCounts::default();
+    let ticks_per_second = (Duration::from_secs(1).as_millis() / TIMER_TICK.as_millis()) as u64;
+    let ticks_per_report = DROP_REPORT.as_secs() * ticks_per_second;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let set = dp.peers();
+        for peer in set.iter() {
+            let sealed = peer.tick(&mut buf);
+            egress.send(peer.key, sealed, &buf).await;
+        }
+        if n % ticks_per_second == 0 {
+            dp.reset_rate_limiter();
+        }
+        if n % ticks_per_report == 0 {
+            let now = dp.drops.snapshot();
+            if now != last {
+                tracing::info!(
+                    auth = now.auth - last.auth,
+                    unknown_peer = now.unknown_peer - last.unknown_peer,
+                    no_route = now.no_route - last.no_route,
+                    no_endpoint = now.no_endpoint - last.no_endpoint,
+                    malformed = now.malformed - last.malformed,
+                    "packets dropped in the last {}s",
+                    DROP_REPORT.as_secs()
+                );
+                last = now;
+            }
+        }
+    }
+}

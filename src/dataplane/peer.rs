@@ -1,0 +1,263 @@
+//! One WireGuard peer: a boringtun `Tunn`, the peer's current path (a
+//! direct address or the relay) and the prefixes it owns.
+//!
+//! This is the only place that touches boringtun's `Tunn`. Upstream reads
+//! the wall clock inside `Tunn` (rekey and keepalive timers), so keeping it
+//! behind this small type is the seam that lets the sans-IO core and its
+//! simulations run without it.
+//!
+//! The `Tunn` and the endpoint sit behind one short mutex: encryption and
+//! decryption of one packet take it, and no system call ever happens while it
+//! is held. The outcome of each call is a length into the caller's buffer
+//! plus where to send it, so the caller can batch the actual IO.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use ipnet::IpNet;
+use parking_lot::Mutex;
+
+use crate::keys::{NodeKey, PresharedKey, PrivateKey};
+
+/// What the data plane needs to know to bring up a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub key: NodeKey,
+    pub allowed_ips: Vec<IpNet>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<[u8; 32]>,
+    /// The path is chosen by NAT traversal (a mesh peer): packets start on
+    /// the relay and WireGuard's own roaming is off, because an address that
+    /// merely delivered one packet is not a proven path. Static peers
+    /// (`[[peer]]` in the config) roam as WireGuard does.
+    pub managed: bool,
+}
+
+impl PeerSpec {
+    pub fn new(key: NodeKey, allowed_ips: Vec<IpNet>) -> Self {
+        PeerSpec {
+            key,
+            allowed_ips,
+            endpoint: None,
+            persistent_keepalive: None,
+            preshared_key: None,
+            managed: false,
+        }
+    }
+
+    pub fn with_psk(mut self, psk: Option<PresharedKey>) -> Self {
+        self.preshared_key = psk.map(|p| p.0);
+        self
+    }
+}
+
+/// Where a peer's packets go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// No endpoint known and no relay: packets are dropped.
+    None,
+    Direct(SocketAddr),
+    Relay,
+}
+
+/// Result of sealing one packet for a peer: `len` bytes at the start of the
+/// output buffer, and where they go.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sealed {
+    Send {
+        len: usize,
+        to: SocketAddr,
+    },
+    Relay {
+        len: usize,
+    },
+    /// Something should go out but there is no path to the peer yet.
+    NoEndpoint,
+    /// Nothing to send (the tunnel queued the packet).
+    Nothing,
+}
+
+/// Result of opening one datagram from a peer.
+#[derive(Debug)]
+pub enum Opened {
+    /// A decrypted IP packet of `len` bytes at the start of the buffer.
+    Tunnel { len: usize },
+    /// A protocol reply (handshake response, keepalive, queued data) of
+    /// `len` bytes to send back the way the datagram came; call
+    /// [`Peer::flush_queued`] after.
+    Reply { len: usize },
+    /// Authenticated but nothing to deliver (keepalive).
+    Nothing,
+    /// The packet decrypted but its inner source is not one of the peer's
+    /// allowed IPs: dropped, as WireGuard's cryptokey routing requires.
+    Spoofed,
+    /// Failed authentication or otherwise invalid.
+    Rejected(WireGuardError),
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PeerStats {
+    pub last_handshake: Option<Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub path: PeerPath,
+}
+
+struct State {
+    tunn: Tunn,
+    path: PeerPath,
+}
+
+impl State {
+    fn sealed(&self, len: usize) -> Sealed {
+        match self.path {
+            PeerPath::Direct(to) => Sealed::Send { len, to },
+            PeerPath::Relay => Sealed::Relay { len },
+            PeerPath::None => Sealed::NoEndpoint,
+        }
+    }
+}
+
+pub struct Peer {
+    pub key: NodeKey,
+    /// boringtun's 24-bit peer index; session indices are `index << 8 | n`.
+    pub index: u32,
+    pub spec: PeerSpec,
+    state: Mutex<State>,
+    /// Packets from this peer whose inner source it does not own.
+    pub spoofed: AtomicU64,
+}
+
+impl Peer {
+    pub fn new(own: &PrivateKey, spec: PeerSpec, index: u32, limiter: Arc<RateLimiter>) -> Peer {
+        let tunn = Tunn::new(
+            own.secret().clone(),
+            spec.key.to_x25519(),
+            spec.preshared_key,
+            spec.persistent_keepalive,
+            index,
+            Some(limiter),
+        );
+        let path = match (spec.endpoint, spec.managed) {
+            (_, true) => PeerPath::Relay,
+            (Some(ep), false) => PeerPath::Direct(ep),
+            (None, false) => PeerPath::None,
+        };
+        Peer {
+            key: spec.key,
+            index,
+            state: Mutex::new(State { tunn, path }),
+            spec,
+            spoofed: AtomicU64::new(0),
+        }
+    }
+
+    /// The direct address packets go to, if the path is direct.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match self.state.lock().path {
+            PeerPath::Direct(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn path(&self) -> PeerPath {
+        self.state.lock().path
+    }
+
+    pub fn set_endpoint(&self, to: SocketAddr) {
+        self.set_path(PeerPath::Direct(to));
+    }
+
+    /// Moves the peer to another path (NAT traversal's decision). The
+    /// WireGuard session is untouched: it does not depend on the path.
+    pub fn set_path(&self, path: PeerPath) {
+        self.state.lock().path = path;
+    }
+
+    /// Encrypts one IP packet into `out` (which must hold `src.len() + 32`
+    /// bytes and at least 148).
+    pub fn seal(&self, src: &[u8], out: &mut [u8]) -> Sealed {
+        let mut st = self.state.lock();
+        let len = match st.tunn.encapsulate(src, out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return Sealed::Nothing,
+        };
+        st.sealed(len)
+    }
+
+    /// Decrypts one datagram into `out`. `from` is the UDP source, or `None`
+    /// for a datagram that came through the relay. A static peer's endpoint
+    /// roams to `from` when the datagram proves to come from the peer.
+    pub fn open(&self, from: Option<SocketAddr>, datagram: &[u8], out: &mut [u8]) -> Opened {
+        let kind = datagram.first().copied().unwrap_or(0);
+        let mut st = self.state.lock();
+        let (opened, authentic) = match st.tunn.decapsulate(from.map(|f| f.ip()), datagram, out) {
+            TunnResult::WriteToTunnelV4(p, src) => (self.check_source(p.len(), src.into()), true),
+            TunnResult::WriteToTunnelV6(p, src) => (self.check_source(p.len(), src.into()), true),
+            TunnResult::WriteToNetwork(p) => {
+                // A cookie reply answers a packet we could not yet trust.
+                let authentic = p.first() != Some(&3);
+                (Opened::Reply { len: p.len() }, authentic)
+            }
+            TunnResult::Done => (Opened::Nothing, kind == 4 || kind == 2),
+            TunnResult::Err(e) => (Opened::Rejected(e), false),
+        };
+        if let Some(from) = from {
+            let roam = authentic && kind != 3 && !self.spec.managed;
+            if roam && st.path != PeerPath::Direct(from) {
+                tracing::debug!(peer = %self.key.short(), %from, "endpoint roamed");
+                st.path = PeerPath::Direct(from);
+            }
+        }
+        opened
+    }
+
+    fn check_source(&self, len: usize, src: IpAddr) -> Opened {
+        if self.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+            Opened::Tunnel { len }
+        } else {
+            self.spoofed.fetch_add(1, Ordering::Relaxed);
+            Opened::Spoofed
+        }
+    }
+
+    /// After an [`Opened::Reply`], drains packets the tunnel queued while the
+    /// handshake was in flight: the next one to send, or [`Sealed::Nothing`].
+    pub fn flush_queued(&self, out: &mut [u8]) -> Sealed {
+        let mut st = self.state.lock();
+        let len = match st.tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return Sealed::Nothing,
+        };
+        st.sealed(len)
+    }
+
+    /// Runs WireGuard's timers (rekey, handshake retry, keepalives): a
+    /// datagram to send, or [`Sealed::Nothing`]. `out` must hold 148 bytes.
+    pub fn tick(&self, out: &mut [u8]) -> Sealed {
+        let mut st = self.state.lock();
+        let len = match st.tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return Sealed::Nothing,
+        };
+        st.sealed(len)
+    }
+
+    pub fn stats(&self) -> PeerStats {
+        let st = self.state.lock();
+        let (last_handshake, tx, rx, _, _) = st.tunn.stats();
+        PeerStats {
+            last_handshake,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+            path: st.path,
+        }
+    }
+}

@@ -500,3 +500,64 @@ async fn wrong_secret_is_refused_and_admits_nobody() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Stands in for a middlebox that lets WebSocket through but answers the
+/// relay's own upgrade with an error.
+async fn block_relay_upgrade(
+    State(blocked): State<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let is_relay_upgrade = req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"warren-relay"));
+    if is_relay_upgrade {
+        blocked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    next.run(req).await
+}
+
+#[tokio::test]
+async fn auto_transport_falls_back_to_websocket_when_upgrade_is_blocked() {
+    init();
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let admission = warren_coordinator::relay::StaticAdmission::new([a.public(), b.public()]);
+    let server =
+        warren_coordinator::relay::RelayServer::new(PrivateKey::generate(), limits(), admission);
+    let blocked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = server.router().layer(axum::middleware::from_fn_with_state(
+        blocked.clone(),
+        block_relay_upgrade,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(warren_coordinator::relay::serve(
+        listener,
+        router,
+        warren_coordinator::relay::Security::PlainForLab,
+    ));
+    let config = || {
+        let mut c = warren::relay_client::RelayClientConfig::new(url.clone());
+        c.allow_plain = true;
+        assert_eq!(c.transport, RelayTransport::Auto, "Auto is the default");
+        c
+    };
+    let (atx, mut arx) = RelayClient::connect(config(), &a);
+    let (_btx, mut brx) = RelayClient::connect(config(), &b);
+    for rx in [&mut arx, &mut brx] {
+        assert!(matches!(
+            next_event(rx, T).await,
+            Some(RelayEvent::Connected { .. })
+        ));
+    }
+    assert_eq!(blocked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    atx.send(b.public(), Bytes::from_static(b"over ws"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_packet(&mut brx, T).await,
+        Some((a.public(), Bytes::from_static(b"over ws")))
+    );
+}

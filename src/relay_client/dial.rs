@@ -107,13 +107,26 @@ fn authority(t: &Target) -> String {
 }
 
 /// Opens a transport to the relay, within `config.connect_timeout`.
+/// [`RelayTransport::Auto`] dials the upgrade path; the driver decides when
+/// to fall back.
 pub async fn dial(config: &RelayClientConfig) -> Result<Conn, DialError> {
-    tokio::time::timeout(config.connect_timeout, dial_inner(config))
+    dial_with(config, config.transport).await
+}
+
+/// Like [`dial`], with the transport chosen by the caller.
+pub async fn dial_with(
+    config: &RelayClientConfig,
+    transport: RelayTransport,
+) -> Result<Conn, DialError> {
+    tokio::time::timeout(config.connect_timeout, dial_inner(config, transport))
         .await
         .map_err(|_| DialError::Timeout)?
 }
 
-async fn dial_inner(config: &RelayClientConfig) -> Result<Conn, DialError> {
+async fn dial_inner(
+    config: &RelayClientConfig,
+    transport: RelayTransport,
+) -> Result<Conn, DialError> {
     let (stream, target) = connect_stream(
         &config.url,
         config.allow_plain,
@@ -121,8 +134,8 @@ async fn dial_inner(config: &RelayClientConfig) -> Result<Conn, DialError> {
         config.proxy.as_ref(),
     )
     .await?;
-    match config.transport {
-        RelayTransport::Upgrade => upgrade(stream, &target).await,
+    match transport {
+        RelayTransport::Upgrade | RelayTransport::Auto => upgrade(stream, &target).await,
         RelayTransport::WebSocket => {
             let scheme = if target.tls { "wss" } else { "ws" };
             let url = format!("{scheme}://{}/relay/ws", authority(&target));
@@ -215,6 +228,18 @@ async fn upgrade(mut stream: Box<dyn Io>, target: &Target) -> Result<Conn, DialE
         return Err(DialError::UpgradeStatus(status));
     }
     Ok(Conn::Stream(stream, rest))
+}
+
+impl DialError {
+    /// Whether the relay was reached but the upgrade did not survive the
+    /// path (a proxy or middlebox answered with an error or cut the
+    /// exchange): the case where WebSocket may still get through.
+    pub fn upgrade_blocked(&self) -> bool {
+        matches!(
+            self,
+            DialError::UpgradeStatus(_) | DialError::BadResponse(_)
+        )
+    }
 }
 
 /// Reads one HTTP/1.1 response head; returns the status and whatever bytes

@@ -6,7 +6,9 @@
 //! passes its events on. Backoff doubles from `backoff_min` to `backoff_max`
 //! with jitter, resets once a session is established, and jumps to the
 //! maximum when the relay refused us (an unknown or removed key will not
-//! become welcome by retrying quickly).
+//! become welcome by retrying quickly). With [`RelayTransport::Auto`], an
+//! upgrade that something on the path refuses switches the client to
+//! WebSocket for good, without waiting.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use crate::keys::{NodeKey, PrivateKey};
 use crate::proto::relay::client::{ClientEvent, ClientSession, SessionError};
 
 use super::dial::{self, Conn, DialError, WRITE_TIMEOUT};
-use super::{ClientStats, Command, RelayClientConfig, RelayEvent};
+use super::{ClientStats, Command, RelayClientConfig, RelayEvent, RelayTransport};
 
 /// Commands taken from the queue per write, so one write carries many frames.
 const CMD_BATCH: usize = 128;
@@ -57,10 +59,19 @@ enum EndError {
 impl Driver {
     pub async fn run(mut self) {
         let mut backoff = self.config.backoff_min;
+        let mut transport = match self.config.transport {
+            RelayTransport::Auto => RelayTransport::Upgrade,
+            t => t,
+        };
         loop {
             let mut established = false;
-            let result = match dial::dial(&self.config).await {
+            let result = match dial::dial_with(&self.config, transport).await {
                 Ok(conn) => self.session(conn, &mut established).await,
+                Err(e) if e.upgrade_blocked() && self.may_fall_back(transport) => {
+                    info!("relay upgrade blocked on the path ({e}); switching to WebSocket");
+                    transport = RelayTransport::WebSocket;
+                    continue;
+                }
                 Err(e) => Err(e.into()),
             };
             let err = match result {
@@ -143,6 +154,10 @@ impl Driver {
                 _ = sleep_until(deadline) => s.handle_timeout(now())?,
             }
         }
+    }
+
+    fn may_fall_back(&self, now: RelayTransport) -> bool {
+        self.config.transport == RelayTransport::Auto && now == RelayTransport::Upgrade
     }
 
     fn command(&self, s: &mut ClientSession, c: Command) -> Result<(), SessionError> {

@@ -33,6 +33,9 @@ pub enum RelayTransport {
     /// `GET /relay/ws`: the same frames in WebSocket binary messages, for
     /// proxies that pass only HTTP and WebSocket.
     WebSocket,
+    /// The upgrade first; if something on the path refuses or mangles it,
+    /// WebSocket from then on.
+    Auto,
 }
 
 /// An HTTP proxy reached with `CONNECT`.
@@ -106,7 +109,7 @@ impl RelayClientConfig {
     pub fn new(url: impl Into<String>) -> Self {
         RelayClientConfig {
             url: url.into(),
-            transport: RelayTransport::Upgrade,
+            transport: RelayTransport::Auto,
             allow_plain: false,
             tls: None,
             proxy: None,

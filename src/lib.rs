@@ -7,10 +7,10 @@
 
 pub mod agent;
 pub mod config;
-pub mod dataplane;
 pub mod control;
+pub mod dataplane;
 pub mod keys;
-pub mod proto;
-pub mod traversal;
 pub mod netcheck;
 pub mod portmap;
+pub mod proto;
+pub mod traversal;

@@ -3,13 +3,31 @@
 //! unauthenticated packet may move a path.
 #![no_main]
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use warren::keys::NodeKey;
-use warren::proto::disco::{self, DiscoSecret};
+use warren::proto::disco::{self, DiscoKey, DiscoSecret, SalsaBox};
 use warren::traversal::node::{Node, PeerInfo};
 use warren::traversal::{Config, NatSummary, Path, SocketId};
+
+/// Keys and the box are made once: X25519 per input would dominate the run.
+struct Keys {
+    ours: DiscoSecret,
+    theirs: DiscoKey,
+    sbox: SalsaBox,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let ours = DiscoSecret::from_bytes([1; 32]);
+        let theirs = DiscoSecret::from_bytes([2; 32]).public();
+        let sbox = ours.box_for(&theirs);
+        Keys { ours, theirs, sbox }
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(msg) = disco::decode_plain(data) {
@@ -17,24 +35,22 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.as_ref(), Ok(&msg));
     }
 
-    let ours = DiscoSecret::from_bytes([1; 32]);
-    let theirs = DiscoSecret::from_bytes([2; 32]);
-    let sbox = ours.box_for(&theirs.public());
+    let k = keys();
     if let Ok(header) = disco::parse_header(data) {
-        let _ = header.counter;
-        let _ = disco::open(&sbox, &header.sender, data);
+        let _ = disco::open(&k.sbox, &header.sender, data);
+        let _ = disco::open(&k.sbox, &k.theirs, data);
     }
 
     // Whole-node path: raw bytes on the socket and through the relay, from a
     // peer whose disco key is in the map (so the box is actually tried).
     let now = Instant::now();
     let peer = NodeKey([2; 32]);
-    let mut node = Node::new(Config::default(), NodeKey([1; 32]), ours, 0);
+    let mut node = Node::new(Config::default(), NodeKey([1; 32]), k.ours.clone(), 0);
     node.upsert_peer(
         now,
         PeerInfo {
             node_key: peer,
-            disco_key: theirs.public(),
+            disco_key: k.theirs,
             candidates: Vec::new(),
             nat: NatSummary::default(),
         },
@@ -44,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     if pkt.len() >= 38 {
         // Claim the known sender so the fuzzer reaches the AEAD and beyond.
         pkt[..6].copy_from_slice(&disco::MAGIC);
-        pkt[6..38].copy_from_slice(&theirs.public().0);
+        pkt[6..38].copy_from_slice(&k.theirs.0);
     }
     let _ = node.handle_udp(now, SocketId::PRIMARY, src, data);
     let _ = node.handle_udp(now, SocketId::PRIMARY, src, &pkt);

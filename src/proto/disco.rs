@@ -34,7 +34,10 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crypto_box::aead::Aead;
-use crypto_box::{PublicKey, SalsaBox, SecretKey};
+/// The precomputed box between two disco keys (re-exported so callers need
+/// no direct `crypto_box` dependency).
+pub use crypto_box::SalsaBox;
+use crypto_box::{PublicKey, SecretKey};
 
 use crate::keys::NodeKey;
 

@@ -44,7 +44,8 @@ use rand::Rng;
 use crate::proto::disco::{Candidate, CandidateKind};
 
 /// How a NAT maps an internal address to public ones (RFC 4787 §4.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Mapping {
     #[default]
@@ -58,7 +59,8 @@ pub enum Mapping {
 }
 
 /// How a NAT picks the public port of a new mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
 #[non_exhaustive]
 pub enum Allocation {
     #[default]
@@ -71,8 +73,9 @@ pub enum Allocation {
     Random,
 }
 
-/// The parts of a netcheck report that traversal needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The parts of a netcheck report that traversal needs. Serialisable, so
+/// the coordinator's map can carry each peer's summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct NatSummary {
     pub mapping: Mapping,
     pub allocation: Allocation,

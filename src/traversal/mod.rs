@@ -15,6 +15,7 @@
 //! with endpoint-dependent mapping. The tokio driver (in `agent/`) only moves
 //! bytes and time in and out of a [`node::Node`].
 
+mod convert;
 pub mod hardnat;
 pub mod node;
 pub mod peer;

@@ -47,6 +47,7 @@ pub fn assert_direct_fast(sim: &mut Sim, a: usize, b: usize) -> Duration {
         assert!(matches!(sim.path(x, y), Path::Direct(_)));
         worst = worst.max(t);
     }
+    eprintln!("time to direct (slower side): {worst:?}");
     // Traffic really flowed direct, and relay carried the start.
     assert!(sim.nodes[b].rx_direct > 0 && sim.nodes[b].rx_relay > 0);
     worst

@@ -42,8 +42,9 @@ struct TunBatch {
 
 impl Inbound {
     pub async fn run(self) -> std::io::Result<()> {
-        let rx_size = 65_535;
-        let mut rx: Vec<Vec<u8>> = (0..RX_BUFS).map(|_| vec![0u8; rx_size]).collect();
+        // A fixed array, so the batch's iovecs can be built on the stack
+        // (`each_mut`) instead of allocating a Vec of them per receive.
+        let mut rx: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; 65_535]);
         let mut meta = vec![RecvMeta::default(); RX_BUFS];
         let plain = self.mtu + 64;
         let mut out = TunBatch {
@@ -58,8 +59,7 @@ impl Inbound {
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
             let n = {
-                let mut iovs: Vec<IoSliceMut<'_>> =
-                    rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut iovs = rx.each_mut().map(|b| IoSliceMut::new(b));
                 self.egress.udp.recv(&mut iovs, &mut meta).await?
             };
             let set = self.dp.peers();
@@ -98,7 +98,9 @@ impl Inbound {
             self.flush(out).await?;
         }
         let buf = &mut out.bufs[out.used];
-        buf.clear();
+        // Not cleared first: the buffer still holds its last packet, so
+        // growing it back to full size zero-fills only the few bytes past
+        // that packet (or nothing, after GRO grew it), not the whole MTU.
         buf.resize(OFFSET + out.plain, 0);
         match peer.open(Some(from), dgram, &mut buf[OFFSET..]) {
             Opened::Tunnel { len } => {

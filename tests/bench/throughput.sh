@@ -21,6 +21,8 @@
 #   DURATION=10           seconds per iperf3 run
 #   WARREN_BIN=path       use this warren binary instead of building target/release/warren
 #   SYSTEMS="plain warren warren-nooff wireguard-go boringtun"   which columns to run
+#   WARREN_BASE_BIN=path  adds a column `warren-base` for another warren build
+#                         (offload on), to compare a change in the same run
 #
 # Everything lives in two namespaces wb-<pid>-a/b on 10.99.0.0/24 with no
 # route out; a trap removes them and every process on exit.
@@ -137,6 +139,10 @@ bench() {
     local spid=$!
     PIDS+=("$spid")
     wait_for 5 "iperf3 server on $addr" sh -c "ip netns exec $NB ss -ltn | grep -q '$addr:5201'"
+    # Latency first, on an idle tunnel: after the UDP flood, queues that are
+    # still draining would be measured instead of the path.
+    echo "  $sys: ping x$PINGS..." >&2
+    R[$sys,rtt]=$(ping_median "$addr")
     echo "  $sys: TCP 1 stream, ${DURATION}s..." >&2
     c0=$(cpu_ticks)
     j=$(iperf "$addr")
@@ -154,8 +160,6 @@ bench() {
     j=$(iperf "$addr" -u -l 64 -b 0)
     R[$sys,pps]=$(jq '.end.sum_received.bytes / 64 / .end.sum_received.seconds / 1000' <<<"$j")
     R[$sys,loss]=$(jq '.end.sum.lost_percent' <<<"$j")
-    echo "  $sys: ping x$PINGS..." >&2
-    R[$sys,rtt]=$(ping_median "$addr")
     if ((${#TUNNEL[@]})); then R[$sys,rss]=$(rss_mb); fi
     stop "$spid"
 }
@@ -187,19 +191,19 @@ allowed_ips = ["$4/32"]
 endpoint = "$5:51820"
 CONF
 }
-run_warren() { # SYSTEM OFFLOAD
-    local ka kb pa pb
-    ka=$("$WARREN_BIN" genkey)
-    kb=$("$WARREN_BIN" genkey)
-    pa=$("$WARREN_BIN" pubkey <<<"$ka")
-    pb=$("$WARREN_BIN" pubkey <<<"$kb")
+run_warren() { # SYSTEM OFFLOAD BINARY
+    local ka kb pa pb bin=$3
+    ka=$("$bin" genkey)
+    kb=$("$bin" genkey)
+    pa=$("$bin" pubkey <<<"$ka")
+    pb=$("$bin" pubkey <<<"$kb")
     warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" >"$TMP/a.toml"
     warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" >"$TMP/b.toml"
     # Not through inA/inB: `$!` of a backgrounded function is a subshell's
     # pid, and the CPU and RSS figures need the agent's own.
-    ip netns exec "$NA" "$WARREN_BIN" agent --config "$TMP/a.toml" >"$TMP/$1-a.log" 2>&1 &
+    ip netns exec "$NA" "$bin" agent --config "$TMP/a.toml" >"$TMP/$1-a.log" 2>&1 &
     TUNNEL=("$!")
-    ip netns exec "$NB" "$WARREN_BIN" agent --config "$TMP/b.toml" >"$TMP/$1-b.log" 2>&1 &
+    ip netns exec "$NB" "$bin" agent --config "$TMP/b.toml" >"$TMP/$1-b.log" 2>&1 &
     TUNNEL+=("$!")
     PIDS+=("${TUNNEL[@]}")
     wait_for 15 "warren tunnel" inA ping -c1 -W1 100.64.0.2
@@ -253,8 +257,14 @@ for sys in $SYSTEMS; do
     echo "$sys:" >&2
     case $sys in
         plain) TUNNEL=(); bench plain 10.99.0.2 ;;
-        warren) run_warren warren true ;;
-        warren-nooff) run_warren warren-nooff false ;;
+        warren) run_warren warren true "$WARREN_BIN" ;;
+        warren-nooff) run_warren warren-nooff false "$WARREN_BIN" ;;
+        warren-base)
+            if [[ -x ${WARREN_BASE_BIN:-} ]]; then
+                run_warren warren-base true "$WARREN_BASE_BIN"
+            else
+                SKIPPED[$sys]="WARREN_BASE_BIN is not set to an executable"
+            fi ;;
         wireguard-go)
             uapi_pair wireguard-go "$WGA" "$WGB" 100.65.0 51821 wireguard-go -f ||
                 SKIPPED[$sys]="did not come up (see above)" ;;

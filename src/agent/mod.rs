@@ -82,12 +82,12 @@ pub async fn run(
     // exists, so a bad config leaves nothing behind.
     let key = config.private_key()?;
     let dp = Arc::new(DataPlane::new(key));
-    for p in &config.peers {
+    dp.upsert_peers(config.peers.iter().map(|p| {
         let mut spec = PeerSpec::new(p.public_key, p.allowed_ips.clone()).with_psk(p.preshared_key);
         spec.endpoint = p.endpoint;
         spec.persistent_keepalive = p.persistent_keepalive;
-        dp.upsert_peer(spec);
-    }
+        spec
+    }));
     let iface = &config.interface;
     let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {

@@ -9,7 +9,7 @@
 #                  into target/bench-tools; its column is skipped, with the
 #                  reason printed, when the install fails)
 # For each: iperf3 TCP with 1 and 4 streams, UDP packets per second at 64-byte
-# payloads (iperf3 -u -l 64 -b 0: received pps and loss), ping RTT median
+# payloads (iperf3 -u -l 64 -b 0 -w 4M: received pps and loss), ping RTT median
 # (200 pings, 10 ms apart) and the latency the tunnel adds over the plain
 # link, CPU seconds per GB moved (utime+stime of both tunnel processes over
 # the two TCP runs, from /proc/PID/stat) and resident memory (VmRSS, the
@@ -157,7 +157,10 @@ bench() {
         R[$sys,cpu]=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v b="$bytes" 'BEGIN { printf "%.2f", t / hz / (b / 1e9) }')
     fi
     echo "  $sys: UDP 64-byte packets, ${DURATION}s..." >&2
-    j=$(iperf "$addr" -u -l 64 -b 0)
+    # -w 4M: the receiving iperf3's socket buffer. With the default 208 KB a
+    # burst of coalesced datagrams (UDP GRO on the TUN write) overflows the
+    # server's socket, and the figure measures iperf3, not the tunnel.
+    j=$(iperf "$addr" -u -l 64 -b 0 -w 4M)
     R[$sys,pps]=$(jq '.end.sum_received.bytes / 64 / .end.sum_received.seconds / 1000' <<<"$j")
     R[$sys,loss]=$(jq '.end.sum.lost_percent' <<<"$j")
     if ((${#TUNNEL[@]})); then R[$sys,rss]=$(rss_mb); fi

@@ -6,6 +6,14 @@
 //! this crate for the wire protocols it shares with the agent.
 
 pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod control;
 pub mod keys;
+pub mod proto;
+pub mod traversal;
+pub mod netcheck;
+pub mod portmap;
+pub mod relay_client;

@@ -11,6 +11,7 @@
 mod egress;
 mod inbound;
 mod outbound;
+pub mod reload;
 mod tun;
 pub mod udp;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
-use crate::dataplane::{DataPlane, DropCounts, PeerSpec};
+use crate::dataplane::{DataPlane, DropCounts};
 
 /// How often WireGuard's timers run. boringtun's own device uses 250 ms;
 /// handshake retries and keepalives need no finer grain.
@@ -82,12 +83,7 @@ pub async fn run(
     // exists, so a bad config leaves nothing behind.
     let key = config.private_key()?;
     let dp = Arc::new(DataPlane::new(key));
-    dp.upsert_peers(config.peers.iter().map(|p| {
-        let mut spec = PeerSpec::new(p.public_key, p.allowed_ips.clone()).with_psk(p.preshared_key);
-        spec.endpoint = p.endpoint;
-        spec.persistent_keepalive = p.persistent_keepalive;
-        spec
-    }));
+    dp.upsert_peers(config.peers.iter().map(reload::peer_spec));
     let iface = &config.interface;
     let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {

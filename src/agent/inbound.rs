@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn_udp::RecvMeta;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
@@ -34,7 +34,7 @@ pub struct Inbound {
 }
 
 struct TunBatch {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<TunBuf>,
     used: usize,
     plain: usize,
     gro: GROTable,
@@ -42,14 +42,15 @@ struct TunBatch {
 
 impl Inbound {
     pub async fn run(self) -> std::io::Result<()> {
-        let rx_size = 65_535;
-        let mut rx: Vec<Vec<u8>> = (0..RX_BUFS).map(|_| vec![0u8; rx_size]).collect();
+        // A fixed array, so the batch's iovecs can be built on the stack
+        // (`each_mut`) instead of allocating a Vec of them per receive.
+        let mut rx: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; 65_535]);
         let mut meta = vec![RecvMeta::default(); RX_BUFS];
         let plain = self.mtu + 64;
         let mut out = TunBatch {
             // GRO grows a coalesced buffer up to 64 KB; reserve it once.
             bufs: (0..IDEAL_BATCH_SIZE)
-                .map(|_| Vec::with_capacity(OFFSET + 65_535))
+                .map(|_| TunBuf::with_capacity(OFFSET + 65_535))
                 .collect(),
             used: 0,
             plain,
@@ -58,8 +59,7 @@ impl Inbound {
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
             let n = {
-                let mut iovs: Vec<IoSliceMut<'_>> =
-                    rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let mut iovs = rx.each_mut().map(|b| IoSliceMut::new(b));
                 self.egress.udp.recv(&mut iovs, &mut meta).await?
             };
             let set = self.dp.peers();
@@ -98,18 +98,17 @@ impl Inbound {
             self.flush(out).await?;
         }
         let buf = &mut out.bufs[out.used];
-        buf.clear();
-        buf.resize(OFFSET + out.plain, 0);
-        match peer.open(Some(from), dgram, &mut buf[OFFSET..]) {
+        buf.set_len(OFFSET + out.plain);
+        match peer.open(Some(from), dgram, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
-                buf.truncate(OFFSET + len);
+                buf.set_len(OFFSET + len);
                 out.used += 1;
             }
             Opened::Reply { len } => {
                 let _ = self
                     .egress
                     .udp
-                    .send(from, &buf[OFFSET..OFFSET + len], None)
+                    .send(from, &buf.as_ref()[OFFSET..OFFSET + len], None)
                     .await;
                 loop {
                     match peer.flush_queued(reply) {
@@ -143,5 +142,88 @@ impl Inbound {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// A TUN write buffer whose length is kept apart from its initialised
+/// bytes. A `Vec` truncated to one packet must zero-fill up to the MTU again
+/// before the next packet can be decrypted into it; this one only zeroes
+/// bytes it never held, so reuse costs nothing per packet. tun-rs's GRO
+/// grows and extends it through [`ExpandBuffer`].
+struct TunBuf {
+    /// Initialised bytes: the most this buffer ever held.
+    data: Vec<u8>,
+    /// Bytes of the current packet (or coalesced packets).
+    len: usize,
+}
+
+impl TunBuf {
+    fn with_capacity(n: usize) -> TunBuf {
+        TunBuf {
+            data: Vec::with_capacity(n),
+            len: 0,
+        }
+    }
+
+    /// Sets the length, exposing stale bytes of earlier packets rather than
+    /// zeroing them; only the caller's writes are ever sent.
+    fn set_len(&mut self, len: usize) {
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        self.len = len;
+    }
+}
+
+impl AsRef<[u8]> for TunBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for TunBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl ExpandBuffer for TunBuf {
+    fn buf_capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        let old = self.len;
+        self.set_len(new_len);
+        if new_len > old {
+            self.data[old..new_len].fill(value);
+        }
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let start = self.len;
+        self.set_len(start + src.len());
+        self.data[start..self.len].copy_from_slice(src);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tun_buf_reuse_keeps_contract() {
+        let mut b = TunBuf::with_capacity(64);
+        b.set_len(8);
+        b.as_mut().copy_from_slice(b"abcdefgh");
+        b.set_len(3);
+        assert_eq!(b.as_ref(), b"abc");
+        b.buf_extend_from_slice(b"XY");
+        assert_eq!(b.as_ref(), b"abcXY");
+        b.buf_resize(7, 0);
+        assert_eq!(b.as_ref(), b"abcXY\0\0", "growth is filled with the value");
+        b.buf_resize(2, 0);
+        assert_eq!(b.as_ref(), b"ab");
+        assert!(b.buf_capacity() >= 64);
     }
 }

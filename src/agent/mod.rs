@@ -84,9 +84,7 @@ pub async fn run(
     // exists, so a bad config leaves nothing behind.
     let key = config.private_key()?;
     let dp = Arc::new(DataPlane::new(key));
-    for p in &config.peers {
-        dp.upsert_peer(reload::peer_spec(p));
-    }
+    dp.upsert_peers(config.peers.iter().map(reload::peer_spec));
     let iface = &config.interface;
     let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {

@@ -156,13 +156,42 @@ fn bind_socket(addr: SocketAddr, v6: bool) -> io::Result<std::net::UdpSocket> {
     if v6 {
         s.set_only_v6(false)?;
     }
-    // Large buffers absorb bursts of GSO super-packets; the kernel caps
-    // them at rmem_max/wmem_max, which is fine.
-    let _ = s.set_recv_buffer_size(8 << 20);
-    let _ = s.set_send_buffer_size(8 << 20);
+    // Large buffers absorb bursts of GSO super-packets and of small packets
+    // while a packet task is descheduled. The plain options are capped at
+    // rmem_max/wmem_max (208 KB on a stock kernel); the agent holds
+    // CAP_NET_ADMIN, which lets the FORCE variants pass the cap, as
+    // wireguard-go does. Without the capability, the capped size is fine.
+    if !force_buffer_size(&s, libc::SO_RCVBUFFORCE, SOCKET_BUFFER) {
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if !force_buffer_size(&s, libc::SO_SNDBUFFORCE, SOCKET_BUFFER) {
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// Socket buffer size asked for in each direction.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Sets a buffer size with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`; false when
+/// the kernel refuses (no CAP_NET_ADMIN).
+fn force_buffer_size(sock: &socket2::Socket, option: libc::c_int, size: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: valid fd owned by `sock`; the option value is a c_int that
+    // lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            &value as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
 }
 
 fn disable_gro(sock: &std::net::UdpSocket) {

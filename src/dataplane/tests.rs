@@ -207,3 +207,49 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
     pb.set_path(PeerPath::Direct(b.addr));
     assert_eq!(pb.endpoint(), Some(b.addr));
 }
+
+#[test]
+fn upsert_peers_in_bulk_keeps_unchanged_tunnels() {
+    let a = node("10.0.0.1:1");
+    let others: Vec<Node> = (2..5).map(|i| node(&format!("10.0.0.{i}:1"))).collect();
+    let specs = |ep: u16| -> Vec<PeerSpec> {
+        others
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let ep = SocketAddr::from(([10, 0, 0, 9], ep));
+                spec(n, &format!("100.64.0.{}/32", i + 2), Some(ep))
+            })
+            .collect()
+    };
+    a.dp.upsert_peers(specs(1));
+    let first = a.dp.peers();
+    assert_eq!(first.len(), 3);
+    for (i, n) in others.iter().enumerate() {
+        let dst = Ipv4Addr::new(100, 64, 0, i as u8 + 2).into();
+        let routed = first.routes.lookup(dst).expect("route to each peer");
+        assert_eq!(routed.key, n.dp.public_key());
+    }
+    // Same specs, then only new endpoints: the same tunnels stay.
+    a.dp.upsert_peers(specs(1));
+    a.dp.upsert_peers(specs(7));
+    let now = a.dp.peers();
+    for p in first.iter() {
+        let kept = now.by_key(&p.key).expect("still there");
+        assert!(Arc::ptr_eq(p, kept), "tunnel of an unchanged peer kept");
+        assert_eq!(kept.endpoint().map(|e| e.port()), Some(7));
+    }
+    // A changed allowed IP gives that one peer a new tunnel.
+    let mut changed = specs(7);
+    changed[0].allowed_ips = vec!["100.64.1.0/24".parse().unwrap()];
+    a.dp.upsert_peers(changed);
+    let last = a.dp.peers();
+    assert_eq!(last.len(), 3);
+    let k0 = others[0].dp.public_key();
+    assert!(!Arc::ptr_eq(
+        now.by_key(&k0).unwrap(),
+        last.by_key(&k0).unwrap()
+    ));
+    assert!(last.routes.lookup("100.64.1.9".parse().unwrap()).is_some());
+    assert!(last.routes.lookup("100.64.0.2".parse().unwrap()).is_none());
+}

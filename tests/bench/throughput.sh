@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# Throughput benchmark: iperf3 TCP between two network namespaces joined by
-# one veth link, measured in one run for
-#   1. the plain link (no tunnel),
-#   2. warren (release build, one agent per namespace),
-#   3. Debian's wireguard-go (configured with wg set),
-# then the ratios warren/wireguard-go and warren/plain. Absolute figures vary
-# between runs and machines; the ratios from one run are what to compare.
+# Data-plane benchmark: every tunnel between the same two network namespaces
+# joined by one veth link, measured in one run:
+#   plain          the veth link itself, no tunnel
+#   warren         release build, one agent per namespace (offload on)
+#   warren-nooff   the same with `offload = false` (per-packet TUN and UDP IO)
+#   wireguard-go   Debian's wireguard-go, configured with `wg set`
+#   boringtun      `boringtun-cli` from crates.io (installed by this script
+#                  into target/bench-tools; its column is skipped, with the
+#                  reason printed, when the install fails)
+# For each: iperf3 TCP with 1 and 4 streams, UDP packets per second at 64-byte
+# payloads (iperf3 -u -l 64 -b 0 -w 4M: received pps and loss), ping RTT median
+# (200 pings, 10 ms apart) and the latency the tunnel adds over the plain
+# link, CPU seconds per GB moved (utime+stime of both tunnel processes over
+# the two TCP runs, from /proc/PID/stat) and resident memory (VmRSS, the
+# larger of the two sides, after the traffic). Every figure is also printed
+# as a ratio to wireguard-go's: absolute figures swing with machine load, the
+# ratios from one run are what to compare.
 #
 # Usage (as root):  tests/bench/throughput.sh
-#   DURATION=10      seconds per iperf3 run
-#   WARREN_BIN=path  use this warren binary instead of building target/release/warren
-#   WARREN_OFFLOAD=false  run warren without TUN/UDP offload
+#   DURATION=10           seconds per iperf3 run
+#   WARREN_BIN=path       use this warren binary instead of building target/release/warren
+#   SYSTEMS="plain warren warren-nooff wireguard-go boringtun"   which columns to run
+#   WARREN_BASE_BIN=path  adds a column `warren-base` for another warren build
+#                         (offload on), to compare a change in the same run
 #
-# Everything lives in two namespaces named wb-<pid>-a/b on 10.99.0.0/24 with
-# no route out; a trap removes them and every process on exit.
+# Everything lives in two namespaces wb-<pid>-a/b on 10.99.0.0/24 with no
+# route out; a trap removes them and every process on exit.
 set -euo pipefail
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "throughput.sh: must run as root (it creates network namespaces and TUN devices)" >&2
     exit 1
 fi
-for tool in ip iperf3 wireguard-go wg ping; do
+for tool in ip iperf3 wireguard-go wg ping jq awk getconf; do
     command -v "$tool" >/dev/null || { echo "throughput.sh: $tool not installed" >&2; exit 1; }
 done
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=${DURATION:-10}
-OFFLOAD=${WARREN_OFFLOAD:-true}
+SYSTEMS=${SYSTEMS:-plain warren warren-nooff wireguard-go boringtun}
+PINGS=200
+HZ=$(getconf CLK_TCK)
 if [[ -z ${WARREN_BIN:-} ]]; then
     echo "building warren (release)..." >&2
     (cd "$ROOT" && cargo build --release --bin warren >&2)
@@ -35,10 +49,14 @@ fi
 
 NA=wb-$$-a
 NB=wb-$$-b
-WGA=wb$$a # wireguard-go's UAPI socket dir is global: names must be unique
-WGB=wb$$b
+# wireguard-go's and boringtun's UAPI socket dir is global: names must be unique.
+WGA=wg$$a
+WGB=wg$$b
+BTA=bt$$a
+BTB=bt$$b
 TMP=$(mktemp -d /tmp/warren-bench-XXXXXX)
-PIDS=()
+PIDS=()    # every background process, for the trap
+TUNNEL=()  # the current system's tunnel processes (both sides)
 
 cleanup() {
     set +e
@@ -51,7 +69,7 @@ cleanup() {
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
         ip netns del "$ns" 2>/dev/null
     done
-    rm -f "/var/run/wireguard/$WGA.sock" "/var/run/wireguard/$WGB.sock"
+    for s in "$WGA" "$WGB" "$BTA" "$BTB"; do rm -f "/var/run/wireguard/$s.sock"; done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -70,25 +88,83 @@ wait_for() {
     done
     echo "throughput.sh: timed out after ${secs}s waiting for $what" >&2
     for f in "$TMP"/*.log; do [[ -f $f ]] && { echo "== $f" >&2; tail -20 "$f" >&2; }; done
-    exit 1
-}
-
-# measure ADDR: iperf3 from A to a server in B at ADDR; prints Mbit/s.
-measure() {
-    local addr=$1
-    inB iperf3 -s -1 -B "$addr" -p 5201 >"$TMP/iperf3-server.log" 2>&1 &
-    local spid=$!
-    wait_for 5 "iperf3 server on $addr" sh -c "ip netns exec $NB ss -ltn | grep -q '$addr:5201'"
-    local out
-    out=$(inA timeout $((DURATION + 30)) iperf3 -c "$addr" -p 5201 -t "$DURATION" -f m --connect-timeout 3000)
-    wait "$spid" || true
-    awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Mbits/sec") print $(i - 1) }' <<<"$out" | tail -1
+    return 1
 }
 
 stop() { # PID: SIGTERM and wait (bounded)
     kill "$1" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
     kill -9 "$1" 2>/dev/null || true
+}
+
+# cpu_ticks: utime+stime of the current tunnel processes, in clock ticks.
+# The comm field may hold spaces, so fields are counted after its ')'.
+cpu_ticks() {
+    local total=0 pid t
+    for pid in "${TUNNEL[@]}"; do
+        t=$(sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }')
+        total=$((total + t))
+    done
+    echo "$total"
+}
+
+# rss_mb: the largest VmRSS of the current tunnel processes, in MB.
+rss_mb() {
+    local pid
+    for pid in "${TUNNEL[@]}"; do awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status"; done |
+        sort -n | tail -1 | awk '{ printf "%.1f", $1 / 1024 }'
+}
+
+# iperf ADDR ARGS...: one iperf3 client run from A to the server in B; JSON out.
+iperf() {
+    local addr=$1
+    shift
+    inA timeout $((DURATION + 30)) iperf3 -c "$addr" -p 5201 -t "$DURATION" \
+        --connect-timeout 3000 -J "$@"
+}
+
+# ping_median ADDR: median RTT (ms) of $PINGS pings from A, 10 ms apart.
+ping_median() {
+    inA ping -n -c "$PINGS" -i 0.01 -W 1 "$1" |
+        sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n |
+        awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+declare -A R # R[system,metric]
+
+# bench NAME ADDR: every measurement through the path to ADDR (in B).
+bench() {
+    local sys=$1 addr=$2 j bytes c0 c1
+    ip netns exec "$NB" iperf3 -s -B "$addr" -p 5201 >"$TMP/iperf3-$sys.log" 2>&1 &
+    local spid=$!
+    PIDS+=("$spid")
+    wait_for 5 "iperf3 server on $addr" sh -c "ip netns exec $NB ss -ltn | grep -q '$addr:5201'"
+    # Latency first, on an idle tunnel: after the UDP flood, queues that are
+    # still draining would be measured instead of the path.
+    echo "  $sys: ping x$PINGS..." >&2
+    R[$sys,rtt]=$(ping_median "$addr")
+    echo "  $sys: TCP 1 stream, ${DURATION}s..." >&2
+    c0=$(cpu_ticks)
+    j=$(iperf "$addr")
+    R[$sys,tcp1]=$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$j")
+    bytes=$(jq '.end.sum_received.bytes' <<<"$j")
+    echo "  $sys: TCP 4 streams, ${DURATION}s..." >&2
+    j=$(iperf "$addr" -P 4)
+    R[$sys,tcp4]=$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$j")
+    bytes=$((bytes + $(jq '.end.sum_received.bytes' <<<"$j")))
+    c1=$(cpu_ticks)
+    if ((${#TUNNEL[@]})); then
+        R[$sys,cpu]=$(awk -v t=$((c1 - c0)) -v hz="$HZ" -v b="$bytes" 'BEGIN { printf "%.2f", t / hz / (b / 1e9) }')
+    fi
+    echo "  $sys: UDP 64-byte packets, ${DURATION}s..." >&2
+    # -w 4M: the receiving iperf3's socket buffer. With the default 208 KB a
+    # burst of coalesced datagrams (UDP GRO on the TUN write) overflows the
+    # server's socket, and the figure measures iperf3, not the tunnel.
+    j=$(iperf "$addr" -u -l 64 -b 0 -w 4M)
+    R[$sys,pps]=$(jq '.end.sum_received.bytes / 64 / .end.sum_received.seconds / 1000' <<<"$j")
+    R[$sys,loss]=$(jq '.end.sum.lost_percent' <<<"$j")
+    if ((${#TUNNEL[@]})); then R[$sys,rss]=$(rss_mb); fi
+    stop "$spid"
 }
 
 # --- topology: A (10.99.0.1) <-veth-> B (10.99.0.2), nothing else.
@@ -103,66 +179,138 @@ inA ip link set veth up
 inB ip link set veth up
 wait_for 5 "veth link" inA ping -c1 -W1 10.99.0.2
 
-echo "plain veth: iperf3 ${DURATION}s..." >&2
-PLAIN=$(measure 10.99.0.2)
-
 # --- warren
-KA=$("$WARREN_BIN" genkey)
-KB=$("$WARREN_BIN" genkey)
-PA=$("$WARREN_BIN" pubkey <<<"$KA")
-PB=$("$WARREN_BIN" pubkey <<<"$KB")
-warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT
+warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD
     cat <<CONF
 [interface]
 name = "warren0"
 private_key = "$1"
 listen_port = 51820
 addresses = ["$2/24"]
-offload = $OFFLOAD
+offload = $6
 [[peer]]
 public_key = "$3"
 allowed_ips = ["$4/32"]
 endpoint = "$5:51820"
 CONF
 }
-warren_conf "$KA" 100.64.0.1 "$PB" 100.64.0.2 10.99.0.2 >"$TMP/a.toml"
-warren_conf "$KB" 100.64.0.2 "$PA" 100.64.0.1 10.99.0.1 >"$TMP/b.toml"
-inA "$WARREN_BIN" agent --config "$TMP/a.toml" >"$TMP/warren-a.log" 2>&1 &
-WA=$!
-PIDS+=("$WA")
-inB "$WARREN_BIN" agent --config "$TMP/b.toml" >"$TMP/warren-b.log" 2>&1 &
-WB=$!
-PIDS+=("$WB")
-wait_for 15 "warren tunnel" inA ping -c1 -W1 100.64.0.2
-echo "warren: iperf3 ${DURATION}s..." >&2
-WARREN=$(measure 100.64.0.2)
-stop "$WA"
-stop "$WB"
-
-# --- wireguard-go
-(umask 077 && wg genkey >"$TMP/wga.key" && wg genkey >"$TMP/wgb.key")
-start_wg() { # NS IF KEYFILE ADDR PEER_KEYFILE PEER_OVERLAY PEER_ENDPOINT
-    ip netns exec "$1" wireguard-go -f "$2" >"$TMP/$2.log" 2>&1 &
-    PIDS+=("$!")
-    wait_for 10 "wireguard-go $2" test -S "/var/run/wireguard/$2.sock"
-    ip netns exec "$1" wg set "$2" private-key "$3" listen-port 51821 \
-        peer "$(wg pubkey <"$5")" allowed-ips "$6/32" endpoint "$7:51821"
-    ip netns exec "$1" ip addr add "$4/24" dev "$2"
-    ip netns exec "$1" ip link set "$2" up
+run_warren() { # SYSTEM OFFLOAD BINARY
+    local ka kb pa pb bin=$3
+    ka=$("$bin" genkey)
+    kb=$("$bin" genkey)
+    pa=$("$bin" pubkey <<<"$ka")
+    pb=$("$bin" pubkey <<<"$kb")
+    warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" >"$TMP/a.toml"
+    warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" >"$TMP/b.toml"
+    # Not through inA/inB: `$!` of a backgrounded function is a subshell's
+    # pid, and the CPU and RSS figures need the agent's own.
+    ip netns exec "$NA" "$bin" agent --config "$TMP/a.toml" >"$TMP/$1-a.log" 2>&1 &
+    TUNNEL=("$!")
+    ip netns exec "$NB" "$bin" agent --config "$TMP/b.toml" >"$TMP/$1-b.log" 2>&1 &
+    TUNNEL+=("$!")
+    PIDS+=("${TUNNEL[@]}")
+    wait_for 15 "warren tunnel" inA ping -c1 -W1 100.64.0.2
+    bench "$1" 100.64.0.2
 }
-start_wg "$NA" "$WGA" "$TMP/wga.key" 100.65.0.1 "$TMP/wgb.key" 100.65.0.2 10.99.0.2
-start_wg "$NB" "$WGB" "$TMP/wgb.key" 100.65.0.2 "$TMP/wga.key" 100.65.0.1 10.99.0.1
-wait_for 15 "wireguard-go tunnel" inA ping -c1 -W1 100.65.0.2
-echo "wireguard-go: iperf3 ${DURATION}s..." >&2
-WGGO=$(measure 100.65.0.2)
 
-for v in PLAIN WARREN WGGO; do
-    [[ -n ${!v} ]] || { echo "throughput.sh: no result for $v" >&2; exit 1; }
+# --- wireguard-go and boringtun: both are driven over the UAPI with `wg set`.
+uapi_pair() { # SYSTEM IF_A IF_B SUBNET PORT COMMAND...
+    local sys=$1 ia=$2 ib=$3 net=$4 port=$5
+    shift 5
+    (umask 077 && wg genkey >"$TMP/$sys-a.key" && wg genkey >"$TMP/$sys-b.key")
+    TUNNEL=()
+    local ns ifn key peer me them ep
+    for side in a b; do
+        if [[ $side == a ]]; then
+            ns=$NA ifn=$ia key=$TMP/$sys-a.key peer=$TMP/$sys-b.key me=1 them=2 ep=10.99.0.2
+        else
+            ns=$NB ifn=$ib key=$TMP/$sys-b.key peer=$TMP/$sys-a.key me=2 them=1 ep=10.99.0.1
+        fi
+        ip netns exec "$ns" "$@" "$ifn" >"$TMP/$sys-$side.log" 2>&1 &
+        TUNNEL+=("$!")
+        PIDS+=("$!")
+        wait_for 10 "$sys $ifn" test -S "/var/run/wireguard/$ifn.sock" || return 1
+        ip netns exec "$ns" wg set "$ifn" private-key "$key" listen-port "$port" \
+            peer "$(wg pubkey <"$peer")" allowed-ips "$net.$them/32" endpoint "$ep:$port"
+        ip netns exec "$ns" ip addr add "$net.$me/24" dev "$ifn"
+        ip netns exec "$ns" ip link set "$ifn" up
+    done
+    wait_for 15 "$sys tunnel" inA ping -c1 -W1 "$net.2" || return 1
+    bench "$sys" "$net.2"
+}
+
+# boringtun_bin: path of boringtun-cli, installing it once into target/.
+boringtun_bin() {
+    local dir=$ROOT/target/bench-tools
+    if [[ ! -x $dir/bin/boringtun-cli ]]; then
+        echo "installing boringtun-cli into $dir (once)..." >&2
+        cargo install boringtun-cli --locked --root "$dir" >"$TMP/boringtun-install.log" 2>&1 ||
+            { tail -5 "$TMP/boringtun-install.log" >&2; return 1; }
+    fi
+    echo "$dir/bin/boringtun-cli"
+}
+
+declare -A SKIPPED
+stop_tunnel() {
+    local pid
+    for pid in "${TUNNEL[@]}"; do stop "$pid"; done
+    TUNNEL=()
+}
+for sys in $SYSTEMS; do
+    echo "$sys:" >&2
+    case $sys in
+        plain) TUNNEL=(); bench plain 10.99.0.2 ;;
+        warren) run_warren warren true "$WARREN_BIN" ;;
+        warren-nooff) run_warren warren-nooff false "$WARREN_BIN" ;;
+        warren-base)
+            if [[ -x ${WARREN_BASE_BIN:-} ]]; then
+                run_warren warren-base true "$WARREN_BASE_BIN"
+            else
+                SKIPPED[$sys]="WARREN_BASE_BIN is not set to an executable"
+            fi ;;
+        wireguard-go)
+            uapi_pair wireguard-go "$WGA" "$WGB" 100.65.0 51821 wireguard-go -f ||
+                SKIPPED[$sys]="did not come up (see above)" ;;
+        boringtun)
+            if bt=$(boringtun_bin); then
+                uapi_pair boringtun "$BTA" "$BTB" 100.66.0 51822 \
+                    env WG_SUDO=1 "$bt" --foreground --disable-drop-privileges ||
+                    SKIPPED[$sys]="did not come up (see above)"
+            else
+                SKIPPED[$sys]="cargo install boringtun-cli failed"
+            fi ;;
+        *) echo "throughput.sh: unknown system $sys" >&2; exit 2 ;;
+    esac
+    stop_tunnel
 done
+
+# --- report
+cols=()
+for sys in $SYSTEMS; do [[ -n ${SKIPPED[$sys]:-} ]] || cols+=("$sys"); done
+for sys in $SYSTEMS; do
+    [[ -n ${R[$sys,rtt]:-} && -n ${R[plain,rtt]:-} ]] &&
+        R[$sys,added]=$(awk -v a="${R[$sys,rtt]}" -v b="${R[plain,rtt]}" 'BEGIN { printf "%.3f", a - b }')
+done
+# cell SYSTEM METRIC: "value (ratio x)", the ratio to wireguard-go's figure.
+cell() {
+    local v=${R[$1,$2]:-} g=${R[wireguard-go,$2]:-}
+    [[ -n $v ]] || { echo "-"; return; }
+    awk -v v="$v" -v g="$g" 'BEGIN {
+        f = (v >= 100 || v <= -100) ? sprintf("%.0f", v) : sprintf("%.3g", v)
+        if (g != "" && g + 0 != 0) printf "%s (%.2fx)", f, v / g; else printf "%s", f
+    }'
+}
 echo
-echo "iperf3 TCP, ${DURATION}s each, one veth between two namespaces (offload=$OFFLOAD)"
-printf '%-14s %10s Mbit/s\n' "plain veth" "$PLAIN" "warren" "$WARREN" "wireguard-go" "$WGGO"
-awk -v w="$WARREN" -v g="$WGGO" -v p="$PLAIN" 'BEGIN {
-    printf "warren / wireguard-go = %.2f\n", w / g
-    printf "warren / plain        = %.3f\n", w / p
-}'
+echo "warren data-plane benchmark, one veth between two namespaces, ${DURATION}s per iperf3 run"
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores; ratios are to wireguard-go"
+printf '%-24s' "metric"
+for sys in "${cols[@]}"; do printf ' %18s' "$sys"; done
+echo
+for m in "tcp1:TCP 1 stream Mbit/s" "tcp4:TCP 4 streams Mbit/s" "pps:UDP 64B kpps received" \
+    "loss:UDP 64B loss %" "rtt:ping RTT median ms" "added:added latency ms" \
+    "cpu:CPU s per GB" "rss:RSS MB"; do
+    printf '%-24s' "${m#*:}"
+    for sys in "${cols[@]}"; do printf ' %18s' "$(cell "$sys" "${m%%:*}")"; done
+    echo
+done
+for sys in "${!SKIPPED[@]}"; do echo "skipped $sys: ${SKIPPED[$sys]}"; done

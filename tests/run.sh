@@ -14,5 +14,23 @@ cd "$(dirname "$0")/.."
 
 threads="${WARREN_TEST_THREADS:-2}"
 
+# As root on a fresh machine, install the lab tools and start PostgreSQL
+# first (.ci/run has done it already).
+if [[ $(id -u) -eq 0 && -z "${WARREN_SETUP_DONE:-}" ]]; then
+    tests/setup.sh
+fi
+if [[ $(id -u) -eq 0 && -z "${WARREN_TEST_POSTGRES_URL:-}" ]]; then
+    export WARREN_TEST_POSTGRES_URL=postgres://warren:warren@127.0.0.1:5432/warren
+fi
+if ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null; then
+    echo "tests/run.sh: cargo not found: install Rust with rustup" >&2
+    exit 1
+fi
+cargo --version
+
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads="$threads"

@@ -162,14 +162,13 @@ impl DataPlane {
                 None => cur.by_key.get(&spec.key),
             };
             if let Some(p) = known {
-                if p.spec == spec {
-                    continue;
-                }
-                // Only the endpoint changed: move it without a new handshake.
+                // At most the endpoint changed: move it without a new
+                // handshake. The stored spec keeps the first endpoint, so
+                // the path, not the spec, is what is compared.
                 let mut same = p.spec.clone();
                 same.endpoint = spec.endpoint;
                 if same == spec {
-                    if let Some(ep) = spec.endpoint {
+                    if let Some(ep) = spec.endpoint.filter(|ep| p.endpoint() != Some(*ep)) {
                         p.set_endpoint(ep);
                     }
                     continue;

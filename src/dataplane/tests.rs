@@ -155,6 +155,11 @@ fn upsert_keeps_session_when_only_endpoint_changes() {
     let p = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
     assert_eq!(p.index, before);
     assert_eq!(p.endpoint(), Some(new_ep));
+    // And back to the first endpoint: the stored spec still names it, which
+    // must not hide the move.
+    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    assert_eq!(p.endpoint(), Some(b.addr));
+    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(new_ep)));
     // Changing allowed IPs rebuilds routes.
     a.dp.upsert_peer(spec(&b, "100.64.0.0/24", Some(new_ep)));
     assert!(a

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a Debian machine (root): the NAT-lab tools,
+# wireguard-go, coturn, PostgreSQL (started on loopback, with a `warren` role
+# and database for the coordinator's store tests), tmux and systemd-analyze.
+# Idempotent. tests/run.sh calls it when run as root; .ci/run calls it first.
+#
+# To add a dependency for a later issue, add one line to PACKAGES below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "tests/setup.sh: installing packages needs root; skipping" >&2
+    exit 0
+fi
+
+PACKAGES=(
+    nftables iproute2 iputils-ping conntrack iperf3 tcpdump # NAT lab
+    wireguard-go wireguard-tools                            # stock WireGuard peer for interop
+    netcat-openbsd socat                                    # ad-hoc lab traffic
+    miniupnpd miniupnpd-nftables                            # Nat::Upnp gateways
+    coturn                                                  # STUN interop (turnserver, turnutils_stunclient)
+    postgresql                                              # coordinator store tests on PostgreSQL
+    tmux systemd util-linux                                 # terminal test, systemd-analyze, setpriv
+)
+
+# --no-install-recommends: wireguard-tools recommends wireguard-dkms, which
+# would drag in a kernel toolchain. Never add linux-perf here for the same reason.
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+
+
+# PostgreSQL on loopback for the coordinator's store and replica tests. The
+# machine has no systemd as PID 1, so the cluster is started by hand.
+if ! pg_lsclusters -h | grep -q online; then
+    cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+    [[ -n "$cluster" ]] || { pg_createcluster 15 main >/dev/null; cluster="15 main"; }
+    # shellcheck disable=SC2086
+    pg_ctlcluster $cluster start
+fi
+su postgres -c "psql -q -v ON_ERROR_STOP=1" <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'warren') THEN
+    CREATE ROLE warren LOGIN CREATEDB PASSWORD 'warren';
+  END IF;
+END $$;
+SELECT 'CREATE DATABASE warren OWNER warren'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'warren') \gexec
+SQL
+
+echo "tests/setup.sh: done (PostgreSQL for tests: postgres://warren:warren@127.0.0.1:5432/warren)"

@@ -33,6 +33,30 @@ pub struct Config {
     /// host. Peers learned from a coordinator come on top of these.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+    /// The daemon itself (`[agent]`): its local API socket.
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+/// `[agent]`: settings of the daemon rather than of the tunnel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The local API socket the CLI talks to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: default_socket(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    crate::api::DEFAULT_SOCKET.into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,6 +325,7 @@ mod tests {
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.peers[0].persistent_keepalive, Some(25));
         assert_eq!(c.private_key().unwrap().public().to_string(), PUB);
+        assert_eq!(c.agent.socket, Path::new("/run/warren/warren.sock"));
     }
 
     fn invalid(s: &str) -> (usize, String, String) {

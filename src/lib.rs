@@ -6,6 +6,8 @@
 //! this crate for the wire protocols it shares with the agent.
 
 pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -13,4 +15,5 @@ pub mod keys;
 pub mod netcheck;
 pub mod portmap;
 pub mod proto;
+pub mod relay_client;
 pub mod traversal;

@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use warren::config::Config;
@@ -11,6 +12,8 @@ use warren::keys::PrivateKey;
 #[derive(Parser)]
 #[command(name = "warren", version, about = "warren mesh VPN agent and CLI")]
 struct Cli {
+    #[command(flatten)]
+    global: warren::cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,30 +30,22 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key (as `wg pubkey`).
     Pubkey,
-    /// Print the version.
-    Version {
-        #[arg(long)]
-        json: bool,
-    },
+    /// Client commands, answered by the running daemon (`warren::cli`).
+    #[command(flatten)]
+    Client(warren::cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent { config } => agent(config),
+        Command::Agent { config } => agent(config, cli.global.socket),
         Command::Genkey => {
             println!("{}", PrivateKey::generate().to_base64());
             Ok(())
         }
         Command::Pubkey => pubkey(),
-        Command::Version { json } => {
-            let v = env!("CARGO_PKG_VERSION");
-            if json {
-                println!("{}", serde_json::json!({ "version": v }));
-            } else {
-                println!("warren {v}");
-            }
-            Ok(())
+        Command::Client(cmd) => {
+            warren::cli::run(&cmd, &cli.global.client_socket()).map_err(anyhow::Error::from)
         }
     };
     match result {
@@ -83,7 +78,7 @@ fn init_logging() {
         .init();
 }
 
-fn agent(path: PathBuf) -> anyhow::Result<()> {
+fn agent(path: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> {
     // Parse before logging or any device work: a bad file must fail fast
     // and leave nothing behind.
     let config = Config::load(&path)?;
@@ -93,9 +88,50 @@ fn agent(path: PathBuf) -> anyhow::Result<()> {
         .thread_name("warren")
         .build()?;
     rt.block_on(async move {
-        warren::agent::run(config, shutdown_signal(), |_| {}).await?;
+        // The API socket is bound before the device exists, so a second
+        // daemon fails here without touching the first one's interface.
+        let socket = socket.unwrap_or_else(|| config.agent.socket.clone());
+        let listener = warren::api::server::Listener::bind(&socket)?;
+        let mut service = Vec::new();
+        let running_config = config.clone();
+        warren::agent::run(config, shutdown_signal(), |running| {
+            let view = warren::api::server::AgentView::new(running, &running_config);
+            service.push(tokio::spawn(warren::api::server::serve(
+                listener,
+                Arc::new(view),
+            )));
+            let dp = running.dataplane.clone();
+            match warren::agent::reload::watch_sighup(path, dp, running_config) {
+                Ok(task) => service.push(task),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGHUP; reloading needs a restart")
+                }
+            }
+            notify_systemd_ready(running);
+        })
+        .await?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        for task in service {
+            // Dropping the API task removes the socket file.
+            task.abort();
+            let _ = task.await;
+        }
         Ok(())
     })
+}
+
+/// Tells systemd (`Type=notify`) that the device is up and the API answers.
+/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
+fn notify_systemd_ready(running: &warren::agent::Running) {
+    let status = format!(
+        "{} peers; listening on {}",
+        running.dataplane.peers().len(),
+        running.listen
+    );
+    use sd_notify::NotifyState;
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
+    }
 }
 
 async fn shutdown_signal() {

@@ -10,10 +10,12 @@
 //! - [`api`]: the HTTP control API (see `warren::control` for the protocol).
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
 //! - [`stun`]: the STUN Binding server (also run by standalone relays).
+//! - [`relay`]: the encrypted relay, embedded or standalone.
 
 pub mod admin;
 pub mod api;
 pub mod hub;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod stun;

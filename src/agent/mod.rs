@@ -11,6 +11,7 @@
 mod egress;
 mod inbound;
 mod outbound;
+pub mod reload;
 mod tun;
 pub mod udp;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
-use crate::dataplane::{DataPlane, DropCounts, PeerSpec};
+use crate::dataplane::{DataPlane, DropCounts};
 
 /// How often WireGuard's timers run. boringtun's own device uses 250 ms;
 /// handshake retries and keepalives need no finer grain.
@@ -83,10 +84,7 @@ pub async fn run(
     let key = config.private_key()?;
     let dp = Arc::new(DataPlane::new(key));
     for p in &config.peers {
-        let mut spec = PeerSpec::new(p.public_key, p.allowed_ips.clone()).with_psk(p.preshared_key);
-        spec.endpoint = p.endpoint;
-        spec.persistent_keepalive = p.persistent_keepalive;
-        dp.upsert_peer(spec);
+        dp.upsert_peer(reload::peer_spec(p));
     }
     let iface = &config.interface;
     let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {

@@ -5,4 +5,5 @@
 //! (`traversal`, the relay client, netcheck).
 
 pub mod disco;
+pub mod relay;
 pub mod stun;

@@ -1,0 +1,366 @@
+//! The encrypted relay (DESIGN §6): DERP-like forwarding of opaque packets
+//! between node keys, for peers that have no direct path.
+//!
+//! Clients connect over HTTP: `GET /relay` with `Upgrade: warren-relay`
+//! turns the connection into a raw frame stream, and `GET /relay/ws` does
+//! the same inside WebSocket binary messages for networks whose proxies pass
+//! nothing else. `GET /relay/metrics` serves the counters as JSON. The
+//! relay only ever sees WireGuard ciphertext and disco boxes.
+//!
+//! [`RelayServer::router`] is an axum router, so the coordinator can mount the
+//! relay beside its control API; [`serve`] runs any such router on a TCP
+//! listener with TLS (or plain TCP, only when asked for by name, for labs):
+//! a small accept loop over hyper's HTTP/1 server with upgrades enabled,
+//! because both relay paths take the connection over after the request.
+//! [`run_standalone`] is the `warren-coordinator relay` mode that learns its
+//! node list from the coordinator.
+//!
+//! Structure: [`session`] handles one connection (upgrade or WebSocket),
+//! [`state`] holds the connected clients and counters, [`queue`] is each
+//! client's fair bounded send queue, [`admission`] decides who may connect.
+
+pub mod admission;
+pub mod queue;
+mod session;
+mod state;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use warren::keys::{NodeKey, PrivateKey};
+use warren::proto::relay::{RelayHealth, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+
+pub use admission::{
+    spawn_remote_admission, Admission, FeedError, RemoteAdmissionConfig, StaticAdmission,
+};
+pub use queue::QueueLimits;
+
+use state::{CloseReason, Hub};
+
+/// The `Upgrade` token of the raw frame-stream path.
+pub const UPGRADE_PROTOCOL: &str = "warren-relay";
+
+/// Limits that protect the relay from clients, and clients from each other.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    /// Largest frame payload accepted.
+    pub max_payload: usize,
+    /// Connections one node key may hold at once (reconnects overlap).
+    pub max_conns_per_node: usize,
+    /// Hello, proof and admission must finish within this.
+    pub handshake_timeout: Duration,
+    /// Connections allowed in the handshake at once; more are closed at
+    /// once, so unauthenticated sockets cannot pile up.
+    pub max_pending_handshakes: usize,
+    /// A client silent for this long is dropped (clients ping every 25 s).
+    pub idle_timeout: Duration,
+    /// A write that makes no progress for this long ends the connection.
+    pub write_timeout: Duration,
+    pub queue: QueueLimits,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_conns_per_node: 4,
+            handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
+            idle_timeout: Duration::from_secs(90),
+            write_timeout: Duration::from_secs(10),
+            queue: QueueLimits::default(),
+        }
+    }
+}
+
+/// A running relay: shared state plus the task that enforces removals.
+#[derive(Clone)]
+pub struct RelayServer {
+    hub: Arc<Hub>,
+}
+
+impl RelayServer {
+    /// Creates the relay. Must be called inside a tokio runtime: it spawns
+    /// the task that disconnects removed nodes.
+    pub fn new(key: PrivateKey, limits: RelayLimits, admission: Arc<dyn Admission>) -> Self {
+        let removals = admission.removals();
+        let hub = Arc::new(Hub::new(key, limits, admission));
+        tokio::spawn(enforce_removals(Arc::downgrade(&hub), removals));
+        RelayServer { hub }
+    }
+
+    pub fn public_key(&self) -> NodeKey {
+        self.hub.key.public()
+    }
+
+    pub fn health(&self) -> RelayHealth {
+        self.hub.metrics.snapshot()
+    }
+
+    /// The relay's HTTP routes: `/relay`, `/relay/ws`, `/relay/metrics`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/relay", get(upgrade))
+            .route("/relay/ws", get(websocket))
+            .route("/relay/metrics", get(metrics))
+            .with_state(self.clone())
+    }
+
+    /// Serves one already-established byte stream (for callers with their
+    /// own listener, and for tests).
+    pub async fn serve_stream(&self, io: Box<dyn session::Io>, peer: String) {
+        let (rx, tx) = session::from_stream(io);
+        session::run(self.hub.clone(), rx, tx, peer).await;
+    }
+}
+
+async fn enforce_removals(
+    hub: std::sync::Weak<Hub>,
+    mut removals: tokio::sync::broadcast::Receiver<NodeKey>,
+) {
+    loop {
+        let r = removals.recv().await;
+        let Some(hub) = hub.upgrade() else { return };
+        match r {
+            Ok(key) => {
+                let n = hub.disconnect(&key, CloseReason::Removed);
+                if n > 0 {
+                    info!(node = %key.short(), "removed node disconnected from relay");
+                    hub.metrics
+                        .disconnected_removed
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(RecvError::Lagged(_)) => {
+                // Removals were missed: ask about everyone still here.
+                for key in hub.connected_keys() {
+                    if !hub.admission.is_allowed(&key).await {
+                        let n = hub.disconnect(&key, CloseReason::Removed);
+                        hub.metrics
+                            .disconnected_removed
+                            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn upgrade(State(relay): State<RelayServer>, mut req: Request) -> Response {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !wants {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, UPGRADE_PROTOCOL)],
+            "this endpoint speaks the warren relay protocol only\n",
+        )
+            .into_response();
+    }
+    let peer = peer_of(&req);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => relay.serve_stream(Box::new(TokioIo::new(up)), peer).await,
+            Err(e) => debug!(%peer, "relay upgrade failed: {e}"),
+        }
+    });
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp
+}
+
+async fn websocket(
+    State(relay): State<RelayServer>,
+    ws: WebSocketUpgrade,
+    req: Request,
+) -> Response {
+    let peer = peer_of(&req);
+    let max = relay.hub.limits.max_payload + HEADER_LEN;
+    ws.max_message_size(max.max(64 * 1024) * 2)
+        .max_frame_size(max.max(64 * 1024) * 2)
+        .on_upgrade(move |socket| async move {
+            let (rx, tx) = session::from_websocket(socket);
+            session::run(relay.hub.clone(), rx, tx, peer).await;
+        })
+}
+
+async fn metrics(State(relay): State<RelayServer>) -> Json<RelayHealth> {
+    Json(relay.health())
+}
+
+/// The client's address, if the listener recorded it.
+fn peer_of(req: &Request) -> String {
+    req.extensions()
+        .get::<PeerAddr>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// How long a client has for the TLS handshake and its HTTP request.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client's socket address, put into each request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Whether connections are wrapped in TLS.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Security {
+    Tls(Arc<rustls::ServerConfig>),
+    /// Plain TCP: node keys are still proven, but the relay's identity and
+    /// the packet metadata are not protected. Labs only.
+    PlainForLab,
+}
+
+/// Why the listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no certificate in {0}")]
+    NoCertificate(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A TLS server configuration from PEM files (certificate chain, key).
+pub fn tls_config_from_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ListenError> {
+    let read_err = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| ListenError::Read { path, source }
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(read_err(cert))?
+        .collect::<Result<_, _>>()
+        .map_err(read_err(cert))?;
+    if certs.is_empty() {
+        return Err(ListenError::NoCertificate(cert.display().to_string()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(read_err(key))?;
+    tls_config(certs, key)
+}
+
+/// A TLS server configuration from DER values (tests, embedded certs).
+pub fn tls_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, ListenError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts connections forever and serves `router` on each.
+pub async fn serve(listener: TcpListener, router: Router, security: Security) -> io::Result<()> {
+    let acceptor = match &security {
+        Security::Tls(cfg) => Some(TlsAcceptor::from(cfg.clone())),
+        Security::PlainForLab => {
+            warn!("relay listening on plain TCP (lab mode): traffic metadata is not protected");
+            None
+        }
+    };
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                debug!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let svc = TowerToHyperService::new(router.layer(axum::Extension(PeerAddr(addr))));
+            let builder = {
+                let mut b = http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ACCEPT_TIMEOUT);
+                b
+            };
+            let result = match acceptor {
+                Some(acc) => match tokio::time::timeout(ACCEPT_TIMEOUT, acc.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        builder
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .with_upgrades()
+                            .await
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%addr, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%addr, "HTTP connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// Everything `warren-coordinator relay` needs.
+#[derive(Clone)]
+pub struct StandaloneConfig {
+    pub listen: SocketAddr,
+    pub security: Security,
+    pub key: PrivateKey,
+    pub limits: RelayLimits,
+    pub coordinator: RemoteAdmissionConfig,
+}
+
+/// Runs a relay that learns its node list from the coordinator, until the
+/// listener fails.
+pub async fn run_standalone(cfg: StandaloneConfig) -> std::io::Result<()> {
+    let (admission, _feed) = spawn_remote_admission(cfg.coordinator.clone());
+    let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>);
+    let listener = TcpListener::bind(cfg.listen).await?;
+    info!(addr = %cfg.listen, key = %server.public_key(), "standalone relay listening");
+    serve(listener, server.router(), cfg.security).await
+}

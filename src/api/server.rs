@@ -1,0 +1,350 @@
+//! The daemon side of the local API: the Unix socket and the request loop.
+//!
+//! [`Listener::bind`] prepares the socket before the agent reports ready:
+//! it creates the parent directory when systemd has not (`RuntimeDirectory=`),
+//! replaces a stale socket left by a crashed daemon but refuses to steal one
+//! a live daemon still answers on, and sets the permissions the CLI relies
+//! on (group `warren` when it exists, mode 0660). [`serve`] then answers
+//! requests from a [`Backend`], the daemon's view of the running agent; the
+//! trait keeps this module testable without a TUN device.
+//!
+//! Each connection runs in its own task with a deadline and a size limit, and
+//! the number of connections in flight is bounded: a stuck or hostile local
+//! client costs a task for a few seconds, never the daemon.
+
+use crate::dataplane::peer::PeerPath as DpPath;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::resolve::resolve;
+use super::{
+    ApiError, ErrorCode, IpReply, PeerPath, PeerStatus, PingReply, Reply, Request, Status,
+    VersionReply, MAX_REQUEST, SOCKET_GROUP,
+};
+use crate::agent::Running;
+use crate::dataplane::DataPlane;
+
+/// How long one connection may take to send its request and read the answer.
+const CONN_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNS: usize = 32;
+
+/// Why the API socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    // Messages leave out `source`: callers print the chain (`{:#}`).
+    #[error(
+        "cannot create the API socket {path}: permission denied; the agent runs as root \
+         with CAP_NET_ADMIN (systemctl start warren), or set a writable --socket"
+    )]
+    Permission { path: PathBuf, source: io::Error },
+    #[error("creating the API socket directory {path}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("another warren agent already answers on {path}; stop it first")]
+    InUse { path: PathBuf },
+    #[error("binding the API socket {path}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("setting permissions of the API socket {path}")]
+    Permissions { path: PathBuf, source: io::Error },
+}
+
+/// What the API needs from the running agent.
+pub trait Backend: Send + Sync + 'static {
+    /// A snapshot of the node and its peers.
+    fn status(&self) -> Status;
+}
+
+/// The [`Backend`] of a running agent: reads the data plane's live state.
+pub struct AgentView {
+    pub dataplane: Arc<DataPlane>,
+    pub interface: String,
+    pub addresses: Vec<ipnet::IpNet>,
+    pub listen: std::net::SocketAddr,
+    pub offload: bool,
+    pub started: Instant,
+}
+
+impl AgentView {
+    pub fn new(running: &Running, config: &crate::config::Config) -> AgentView {
+        AgentView {
+            dataplane: running.dataplane.clone(),
+            interface: config.interface.name.clone(),
+            addresses: config.interface.addresses.clone(),
+            listen: running.listen,
+            offload: running.offload,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Backend for AgentView {
+    fn status(&self) -> Status {
+        let set = self.dataplane.peers();
+        let mut peers: Vec<PeerStatus> = set
+            .iter()
+            .map(|p| {
+                let st = p.stats();
+                PeerStatus {
+                    public_key: p.key,
+                    hostname: None,
+                    allowed_ips: p.spec.allowed_ips.clone(),
+                    path: match st.path {
+                        DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
+                        DpPath::Relay => PeerPath::Relay {
+                            region: String::from("relay"),
+                        },
+                        DpPath::None => PeerPath::None,
+                    },
+                    latency_ms: None,
+                    last_handshake_secs: st.last_handshake.map(|d| d.as_secs()),
+                    rx_bytes: st.rx_bytes,
+                    tx_bytes: st.tx_bytes,
+                }
+            })
+            .collect();
+        // Stable order: by first overlay address, then key.
+        peers.sort_by(|a, b| {
+            (a.allowed_ips.first(), a.public_key).cmp(&(b.allowed_ips.first(), b.public_key))
+        });
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            interface: self.interface.clone(),
+            public_key: self.dataplane.public_key(),
+            listen: self.listen,
+            offload: self.offload,
+            addresses: self.addresses.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            peers,
+            drops: self.dataplane.drops.snapshot().into(),
+        }
+    }
+}
+
+/// Answers one request line. Pure apart from reading the backend, so the
+/// protocol is tested without sockets.
+pub fn answer(backend: &dyn Backend, line: &str) -> Reply {
+    let value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return Reply::Error(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("request is not JSON: {e}"),
+            ))
+        }
+    };
+    let request: Request = match serde_json::from_value(value.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            let name = value.get("request").and_then(|r| r.as_str());
+            return Reply::Error(match name {
+                Some(n) if !is_known(n) => ApiError::new(
+                    ErrorCode::UnknownRequest,
+                    format!(
+                        "this daemon (warren {}) does not know the request `{n}`; \
+                         is the daemon older than the CLI?",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                ),
+                _ => ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")),
+            });
+        }
+    };
+    let result = match request {
+        Request::Status => to_value(&backend.status()),
+        Request::Version => to_value(&VersionReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        Request::Ip { peer: None } => {
+            let st = backend.status();
+            to_value(&IpReply {
+                public_key: st.public_key,
+                addresses: st.addresses.iter().map(|n| n.addr()).collect(),
+            })
+        }
+        Request::Ip { peer: Some(name) } => {
+            let st = backend.status();
+            resolve(&st.peers, &name).and_then(|p| {
+                to_value(&IpReply {
+                    public_key: p.public_key,
+                    addresses: p
+                        .allowed_ips
+                        .iter()
+                        .filter(|n| n.prefix_len() == n.max_prefix_len())
+                        .map(|n| n.addr())
+                        .collect(),
+                })
+            })
+        }
+        Request::Ping { peer } => {
+            let st = backend.status();
+            resolve(&st.peers, &peer).and_then(|p| to_value(&PingReply::from_peer(p)))
+        }
+    };
+    match result {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error(e),
+    }
+}
+
+fn is_known(name: &str) -> bool {
+    ["status", "ip", "ping", "version"].contains(&name)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// A bound API socket, not yet serving. Removes the socket file on drop.
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path` with the API's permissions. Must run inside a tokio
+    /// runtime.
+    pub fn bind(path: &Path) -> Result<Listener, ServeError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|source| {
+                    if source.kind() == io::ErrorKind::PermissionDenied {
+                        ServeError::Permission {
+                            path: path.to_owned(),
+                            source,
+                        }
+                    } else {
+                        ServeError::Dir {
+                            path: dir.to_owned(),
+                            source,
+                        }
+                    }
+                })?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+        if path.exists() {
+            // A live daemon answers; a crashed one left a file that refuses.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let inner = UnixListener::bind(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                ServeError::Permission {
+                    path: path.to_owned(),
+                    source,
+                }
+            } else {
+                ServeError::Bind {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let listener = Listener {
+            inner,
+            path: path.to_owned(),
+        };
+        listener.set_permissions()?;
+        Ok(listener)
+    }
+
+    fn set_permissions(&self) -> Result<(), ServeError> {
+        let err = |source| ServeError::Permissions {
+            path: self.path.clone(),
+            source,
+        };
+        match nix::unistd::Group::from_name(SOCKET_GROUP) {
+            Ok(Some(group)) => {
+                // Under systemd (`Group=warren`) the socket is born with the
+                // group, and chown(2) is filtered out: only fix what differs.
+                let already = std::fs::metadata(&self.path)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::gid(&m) == group.gid.as_raw());
+                if already {
+                    // Nothing to do.
+                } else if let Err(e) = nix::unistd::chown(&self.path, None, Some(group.gid)) {
+                    // Only root can use the socket then; say so once.
+                    tracing::warn!(error = %e, socket = %self.path.display(),
+                        "cannot give the API socket to group {SOCKET_GROUP}; only root can use it");
+                }
+            }
+            Ok(None) => tracing::debug!("no group {SOCKET_GROUP}: the API socket is root's only"),
+            Err(e) => tracing::warn!(error = %e, "looking up group {SOCKET_GROUP}"),
+        }
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o660)).map_err(err)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves requests until the task is dropped or aborted.
+pub async fn serve(listener: Listener, backend: Arc<dyn Backend>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    tracing::info!(socket = %listener.path.display(), "local API listening");
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.inner.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends pass; back off instead of spinning.
+                tracing::warn!(error = %e, "local API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = tokio::time::timeout(CONN_DEADLINE, one(stream, &*backend)).await {
+                tracing::debug!(error = %e, "local API: client too slow");
+            }
+        });
+    }
+}
+
+async fn one(stream: UnixStream, backend: &dyn Backend) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
+    let mut line = String::new();
+    let reply = match reader.read_line(&mut line).await {
+        Ok(_) if !line.ends_with('\n') && line.len() >= MAX_REQUEST => Reply::Error(ApiError::new(
+            ErrorCode::BadRequest,
+            "request longer than the limit",
+        )),
+        Ok(_) => answer(backend, line.trim_end()),
+        Err(e) => Reply::Error(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("unreadable request: {e}"),
+        )),
+    };
+    let mut text = serde_json::to_string(&reply).unwrap_or_else(|e| {
+        format!(r#"{{"error":{{"code":"internal","message":"encoding the reply: {e}"}}}}"#)
+    });
+    text.push('\n');
+    let _ = write.write_all(text.as_bytes()).await;
+    let _ = write.shutdown().await;
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -60,7 +60,7 @@ fn start_turnserver(port: u16) -> Turnserver {
 }
 
 /// Sends Binding requests until coturn answers (it takes a moment to
-/// start), bounded to 10 s. Returns the raw answer.
+/// start, longer on a loaded machine), bounded to 30 s. Returns the answer.
 async fn first_answer(client: &UdpSocket, server: SocketAddr, ts: &Turnserver) -> Vec<u8> {
     let give_up = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 1500];

@@ -19,7 +19,7 @@ use tools::tool_available;
 /// Kills the server when the test ends, however it ends.
 struct Turnserver {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Turnserver {
@@ -52,17 +52,17 @@ fn start_turnserver(port: u16) -> Turnserver {
         .args(["--simple-log", "-l", "stdout"])
         .arg("--userdb")
         .arg(dir.path().join("turndb"))
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("log")).unwrap())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Turnserver { child, _dir: dir }
+    Turnserver { child, dir }
 }
 
 /// Sends Binding requests until coturn answers (it takes a moment to
-/// start), bounded to 10 s. Returns the raw answer.
-async fn first_answer(client: &UdpSocket, server: SocketAddr) -> Vec<u8> {
-    let give_up = Instant::now() + Duration::from_secs(10);
+/// start, longer on a loaded machine), bounded to 30 s. Returns the answer.
+async fn first_answer(client: &UdpSocket, server: SocketAddr, ts: &Turnserver) -> Vec<u8> {
+    let give_up = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 1500];
     let mut n = 0u8;
     while Instant::now() < give_up {
@@ -81,7 +81,8 @@ async fn first_answer(client: &UdpSocket, server: SocketAddr) -> Vec<u8> {
             return buf[..len].to_vec();
         }
     }
-    panic!("turnserver did not answer within 10 s");
+    let log = std::fs::read_to_string(ts.dir.path().join("log")).unwrap_or_default();
+    panic!("turnserver did not answer within 30 s; its log:\n{log}");
 }
 
 #[tokio::test]
@@ -90,12 +91,12 @@ async fn our_client_reads_coturn_answers() {
         return;
     }
     let port = free_udp_port();
-    let _server = start_turnserver(port);
+    let turnserver = start_turnserver(port);
     let server: SocketAddr = ([127, 0, 0, 1], port).into();
 
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = client.local_addr().unwrap();
-    let answer = first_answer(&client, server).await;
+    let answer = first_answer(&client, server, &turnserver).await;
     let msg = Message::decode(&answer).unwrap();
     assert_eq!(msg.xor_mapped_address, Some(me));
     assert!(msg.fingerprint, "coturn signs its answers with FINGERPRINT");

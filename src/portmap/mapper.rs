@@ -101,6 +101,14 @@ impl PortMapperHandle {
         self.current.borrow().map(|m| m.external)
     }
 
+    /// The mapped endpoint as the candidate the agent publishes.
+    pub fn candidate(&self) -> Option<crate::control::Endpoint> {
+        self.current().map(|addr| crate::control::Endpoint {
+            addr,
+            kind: crate::control::EndpointKind::Portmapped,
+        })
+    }
+
     /// The current mapping with its protocol.
     pub fn mapping(&self) -> Option<Mapping> {
         *self.current.borrow()

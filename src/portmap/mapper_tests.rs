@@ -92,6 +92,10 @@ async fn maps_renews_and_deletes_via_natpmp() {
     let expected: SocketAddr = (EXTERNAL, 6001).into();
     assert_eq!(handle.current(), Some(expected));
     assert_eq!(handle.mapping().map(|m| m.protocol), Some(Protocol::NatPmp));
+    assert_eq!(
+        handle.candidate().map(|c| (c.addr, c.kind)),
+        Some((expected, crate::control::EndpointKind::Portmapped))
+    );
 
     // Granted 2 s, so the renewal comes after about 1 s, asking for the
     // granted lifetime again.

@@ -25,6 +25,10 @@ pub const DEFAULT_PORT: u16 = 51820;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub interface: InterfaceConfig,
+    /// The key read from `private_key_file` at load time, so that a missing
+    /// or bad key file is reported against the config line that names it.
+    #[serde(skip)]
+    loaded_key: Option<PrivateKey>,
     /// Peers configured by hand (`[[peer]]`), for example a stock WireGuard
     /// host. Peers learned from a coordinator come on top of these.
     #[serde(default, rename = "peer")]
@@ -102,7 +106,7 @@ fn default_true() -> bool {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read")]
     Read {
         file: PathBuf,
         source: std::io::Error,
@@ -122,7 +126,23 @@ impl Config {
             file: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        if let Some(key_file) = &config.interface.private_key_file {
+            let at = |message: String| ConfigError::Invalid {
+                file: path.to_owned(),
+                line: find_key_line(&text, "interface.private_key_file"),
+                key: "interface.private_key_file".into(),
+                message,
+            };
+            let body = std::fs::read_to_string(key_file)
+                .map_err(|e| at(format!("cannot read {}: {e}", key_file.display())))?;
+            let key = body
+                .trim()
+                .parse::<PrivateKey>()
+                .map_err(|e| at(format!("{}: {e}", key_file.display())))?;
+            config.loaded_key = Some(key);
+        }
+        Ok(config)
     }
 
     /// Parses and validates `text`; `file` is only used in error messages.
@@ -173,10 +193,17 @@ impl Config {
             }
             _ => {}
         }
-        if iface.name.is_empty() || iface.name.len() > 15 {
+        let bad_char = |c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control();
+        if iface.name.is_empty()
+            || iface.name.len() > 15
+            || iface.name.chars().any(bad_char)
+            || iface.name == "."
+            || iface.name == ".."
+        {
             return Err(err(
                 "interface.name".into(),
-                "an interface name has 1 to 15 characters",
+                "an interface name has 1 to 15 characters, none of them `/`, `:` or white space, \
+                 and is not `.` or `..`",
             ));
         }
         if iface.mtu < 1280 || iface.mtu > 9000 {
@@ -195,7 +222,12 @@ impl Config {
 
     /// The node's private key, read from the file if configured that way.
     pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
-        if let Some(k) = &self.interface.private_key {
+        if let Some(k) = self
+            .interface
+            .private_key
+            .as_ref()
+            .or(self.loaded_key.as_ref())
+        {
             return Ok(k.clone());
         }
         let path = self
@@ -362,6 +394,45 @@ mod tests {
             "[interface]\nprivate_key = \"{KEY}\"\n[[peer]]\npublic_key = \"{PUB}\"\n[[peer]]\npublic_key = \"{PUB}\"\n"
         ));
         assert_eq!((line, key.as_str()), (6, "peer[1].public_key"));
+    }
+
+    #[test]
+    fn bad_interface_names() {
+        for name in ["a/b", "a b", "x:y", "..", "sixteen-chars-xx"] {
+            let (line, key, _) = invalid(&format!(
+                "[interface]\nprivate_key = \"{KEY}\"\nname = \"{name}\"\n"
+            ));
+            assert_eq!((line, key.as_str()), (3, "interface.name"), "{name}");
+        }
+    }
+
+    #[test]
+    fn key_file_errors_point_at_the_config_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("warren.toml");
+        std::fs::write(
+            &cfg,
+            "[interface]\nmtu = 1400\nprivate_key_file = \"/nonexistent/key\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("warren.toml:3: key `interface.private_key_file`"),
+            "{e}"
+        );
+        assert!(e.contains("cannot read /nonexistent/key"), "{e}");
+        let keyfile = dir.path().join("key");
+        std::fs::write(&keyfile, format!("{KEY}\n")).unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[interface]\nprivate_key_file = \"{}\"\n",
+                keyfile.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load(&cfg).unwrap();
+        assert_eq!(c.private_key().unwrap().public().to_string(), PUB);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use quinn_udp::RecvMeta;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::udp::Udp;
-use crate::dataplane::{DataPlane, Drops, Opened, PeerSet};
+use super::egress::Egress;
+use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
 
 /// Receive buffers per `recvmmsg`.
 const RX_BUFS: usize = 32;
@@ -29,7 +29,7 @@ const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
 pub struct Inbound {
     pub dp: Arc<DataPlane>,
     pub tun: Arc<AsyncDevice>,
-    pub udp: Arc<Udp>,
+    pub egress: Arc<Egress>,
     pub mtu: usize,
 }
 
@@ -60,7 +60,7 @@ impl Inbound {
             let n = {
                 let mut iovs: Vec<IoSliceMut<'_>> =
                     rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                self.udp.recv(&mut iovs, &mut meta).await?
+                self.egress.udp.recv(&mut iovs, &mut meta).await?
             };
             let set = self.dp.peers();
             for (buf, m) in rx.iter().zip(&meta[..n]) {
@@ -90,7 +90,7 @@ impl Inbound {
             Ok(p) => p,
             Err(0) => return Ok(()),
             Err(cookie) => {
-                let _ = self.udp.send(from, &reply[..cookie], None).await;
+                let _ = self.egress.udp.send(from, &reply[..cookie], None).await;
                 return Ok(());
             }
         };
@@ -100,15 +100,22 @@ impl Inbound {
         let buf = &mut out.bufs[out.used];
         buf.clear();
         buf.resize(OFFSET + out.plain, 0);
-        match peer.open(from, dgram, &mut buf[OFFSET..]) {
+        match peer.open(Some(from), dgram, &mut buf[OFFSET..]) {
             Opened::Tunnel { len } => {
                 buf.truncate(OFFSET + len);
                 out.used += 1;
             }
-            Opened::Reply { len, to } => {
-                let _ = self.udp.send(to, &buf[OFFSET..OFFSET + len], None).await;
-                while let Some((len, to)) = peer.flush_queued(reply) {
-                    let _ = self.udp.send(to, &reply[..len], None).await;
+            Opened::Reply { len } => {
+                let _ = self
+                    .egress
+                    .udp
+                    .send(from, &buf[OFFSET..OFFSET + len], None)
+                    .await;
+                loop {
+                    match peer.flush_queued(reply) {
+                        Sealed::Nothing => break,
+                        sealed => self.egress.send(peer.key, sealed, reply).await,
+                    }
                 }
             }
             Opened::Nothing | Opened::Spoofed => {}

@@ -8,11 +8,14 @@
 //! use two cores. Shutting down aborts the tasks and drops the device, which
 //! removes the TUN interface: nothing is left behind.
 
+mod egress;
 mod inbound;
 mod outbound;
 pub mod reload;
 mod tun;
 pub mod udp;
+
+pub use egress::{Egress, RelaySink};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,19 +45,19 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("creating the TUN device `{name}`: {source}")]
+    #[error("creating the TUN device `{name}`")]
     Tun {
         name: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("binding UDP port {port}: {source}")]
+    #[error("binding UDP port {port}")]
     Bind {
         port: u16,
         #[source]
         source: std::io::Error,
     },
-    #[error("{task} stopped: {source}")]
+    #[error("{task} stopped")]
     Io {
         task: &'static str,
         #[source]
@@ -106,6 +109,7 @@ pub async fn run(
     let offload = tun.offload;
     let dev = Arc::new(tun.dev);
     let udp = Arc::new(udp);
+    let egress = Arc::new(Egress::new(udp.clone(), dp.drops.clone()));
     let mtu = usize::from(iface.mtu);
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -114,7 +118,7 @@ pub async fn run(
         let out = outbound::Outbound {
             dp: dp.clone(),
             tun: queue,
-            udp: udp.clone(),
+            egress: egress.clone(),
             offload,
             mtu,
         };
@@ -128,7 +132,7 @@ pub async fn run(
     let inb = inbound::Inbound {
         dp: dp.clone(),
         tun: dev.clone(),
-        udp: udp.clone(),
+        egress: egress.clone(),
         mtu,
     };
     tasks.spawn(async move {
@@ -138,9 +142,9 @@ pub async fn run(
         })
     });
     let timer_dp = dp.clone();
-    let timer_udp = udp.clone();
+    let timer_egress = egress.clone();
     tasks.spawn(async move {
-        timers(timer_dp, timer_udp).await;
+        timers(timer_dp, timer_egress).await;
         Ok(())
     });
 
@@ -176,7 +180,7 @@ pub async fn run(
     result
 }
 
-async fn timers(dp: Arc<DataPlane>, udp: Arc<udp::Udp>) {
+async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 512];
@@ -189,9 +193,8 @@ async fn timers(dp: Arc<DataPlane>, udp: Arc<udp::Udp>) {
         n += 1;
         let set = dp.peers();
         for peer in set.iter() {
-            if let Some((len, to)) = peer.tick(&mut buf) {
-                let _ = udp.send(to, &buf[..len], None).await;
-            }
+            let sealed = peer.tick(&mut buf);
+            egress.send(peer.key, sealed, &buf).await;
         }
         if n % ticks_per_second == 0 {
             dp.reset_rate_limiter();

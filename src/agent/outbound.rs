@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::udp::{TxBatch, Udp};
+use super::egress::Egress;
+use super::udp::TxBatch;
 use crate::dataplane::{packet, DataPlane, Drops, PeerSet, Sealed, SEAL_OVERHEAD};
 
 /// Packets per TUN read batch before we flush to the network.
@@ -19,7 +20,7 @@ const MAX_BATCH: usize = IDEAL_BATCH_SIZE;
 pub struct Outbound {
     pub dp: Arc<DataPlane>,
     pub tun: Arc<AsyncDevice>,
-    pub udp: Arc<Udp>,
+    pub egress: Arc<Egress>,
     pub offload: bool,
     pub mtu: usize,
 }
@@ -35,7 +36,7 @@ impl Outbound {
         let mut batch = TxBatch::new(
             plain + SEAL_OVERHEAD,
             MAX_BATCH * 2,
-            self.udp.max_segments(),
+            self.egress.udp.max_segments(),
         );
         loop {
             let n = if self.offload {
@@ -69,7 +70,7 @@ impl Outbound {
                     Err(e) => return Err(e),
                 }
             }
-            batch.flush(&self.udp).await;
+            batch.flush(&self.egress.udp).await;
         }
     }
 
@@ -91,11 +92,12 @@ impl Outbound {
                 continue;
             };
             if batch.slot().is_none() {
-                batch.flush(&self.udp).await;
+                batch.flush(&self.egress.udp).await;
             }
             let Some(slot) = batch.slot() else { continue };
             match peer.seal(pkt, slot) {
                 Sealed::Send { len, to } => batch.commit(len, to),
+                Sealed::Relay { len } => self.egress.relay(peer.key, &slot[..len]),
                 Sealed::NoEndpoint => Drops::bump(&self.dp.drops.no_endpoint),
                 Sealed::Nothing => {}
             }

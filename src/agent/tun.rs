@@ -53,8 +53,17 @@ fn create_one(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(permission(cfg, e));
             }
-            Err(e) => {
+            // Kernels without virtio-net header support refuse the flags
+            // with EINVAL or ENOTTY; anything else (a busy name, a missing
+            // module) is not about offload and is reported as it is.
+            Err(e) if offload_refused(&e) => {
                 tracing::info!(error = %e, "TUN offload unavailable; using one packet per read");
+            }
+            Err(e) => {
+                return Err(AgentError::Tun {
+                    name: cfg.name.clone(),
+                    source: e,
+                })
             }
         }
     }
@@ -73,6 +82,13 @@ fn create_one(cfg: &InterfaceConfig) -> Result<Tun, AgentError> {
         extra_queues: Vec::new(),
         offload: false,
     })
+}
+
+fn offload_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)
+    ) || e.kind() == io::ErrorKind::Unsupported
 }
 
 fn permission(cfg: &InterfaceConfig, source: io::Error) -> AgentError {

@@ -27,6 +27,7 @@ use super::{
     VersionReply, MAX_REQUEST, SOCKET_GROUP,
 };
 use crate::agent::Running;
+use crate::dataplane::peer::PeerPath as DpPath;
 use crate::dataplane::DataPlane;
 
 /// How long one connection may take to send its request and read the answer.
@@ -94,9 +95,10 @@ impl Backend for AgentView {
                     public_key: p.key,
                     hostname: None,
                     allowed_ips: p.spec.allowed_ips.clone(),
-                    path: match st.endpoint {
-                        Some(endpoint) => PeerPath::Direct { endpoint },
-                        None => PeerPath::None,
+                    path: match st.path {
+                        DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
+                        DpPath::Relay => PeerPath::Relay { region: None },
+                        DpPath::None => PeerPath::None,
                     },
                     latency_ms: None,
                     last_handshake_secs: st.last_handshake.map(|d| d.as_secs()),

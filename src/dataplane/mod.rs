@@ -115,7 +115,7 @@ pub struct DataPlane {
     /// Serialises edits of the peer set (not packets).
     edit: Mutex<()>,
     next_index: AtomicU32,
-    pub drops: Drops,
+    pub drops: Arc<Drops>,
 }
 
 impl DataPlane {
@@ -128,7 +128,7 @@ impl DataPlane {
             peers: ArcSwap::from_pointee(PeerSet::default()),
             edit: Mutex::new(()),
             next_index: AtomicU32::new(1),
-            drops: Drops::default(),
+            drops: Arc::default(),
         }
     }
 

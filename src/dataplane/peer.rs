@@ -1,5 +1,5 @@
-//! One WireGuard peer: a boringtun `Tunn`, the peer's current endpoint and
-//! the prefixes it owns.
+//! One WireGuard peer: a boringtun `Tunn`, the peer's current path (a
+//! direct address or the relay) and the prefixes it owns.
 //!
 //! This is the only place that touches boringtun's `Tunn`. Upstream reads
 //! the wall clock inside `Tunn` (rekey and keepalive timers), so keeping it
@@ -32,6 +32,11 @@ pub struct PeerSpec {
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
     pub preshared_key: Option<[u8; 32]>,
+    /// The path is chosen by NAT traversal (a mesh peer): packets start on
+    /// the relay and WireGuard's own roaming is off, because an address that
+    /// merely delivered one packet is not a proven path. Static peers
+    /// (`[[peer]]` in the config) roam as WireGuard does.
+    pub managed: bool,
 }
 
 impl PeerSpec {
@@ -42,6 +47,7 @@ impl PeerSpec {
             endpoint: None,
             persistent_keepalive: None,
             preshared_key: None,
+            managed: false,
         }
     }
 
@@ -51,14 +57,28 @@ impl PeerSpec {
     }
 }
 
-/// Result of sealing one packet for a peer.
+/// Where a peer's packets go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// No endpoint known and no relay: packets are dropped.
+    None,
+    Direct(SocketAddr),
+    Relay,
+}
+
+/// Result of sealing one packet for a peer: `len` bytes at the start of the
+/// output buffer, and where they go.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sealed {
-    /// `len` bytes at the start of the output buffer go to `to`.
-    Send { len: usize, to: SocketAddr },
-    /// The packet was queued inside the tunnel (handshake pending) and a
-    /// handshake initiation of `len` bytes should go out, but we know no
-    /// endpoint for the peer yet.
+    Send {
+        len: usize,
+        to: SocketAddr,
+    },
+    Relay {
+        len: usize,
+    },
+    /// Something should go out but there is no path to the peer yet.
     NoEndpoint,
     /// Nothing to send (the tunnel queued the packet).
     Nothing,
@@ -70,8 +90,9 @@ pub enum Opened {
     /// A decrypted IP packet of `len` bytes at the start of the buffer.
     Tunnel { len: usize },
     /// A protocol reply (handshake response, keepalive, queued data) of
-    /// `len` bytes to send back to `to`; call [`Peer::flush_queued`] after.
-    Reply { len: usize, to: SocketAddr },
+    /// `len` bytes to send back the way the datagram came; call
+    /// [`Peer::flush_queued`] after.
+    Reply { len: usize },
     /// Authenticated but nothing to deliver (keepalive).
     Nothing,
     /// The packet decrypted but its inner source is not one of the peer's
@@ -81,17 +102,27 @@ pub enum Opened {
     Rejected(WireGuardError),
 }
 
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct PeerStats {
     pub last_handshake: Option<Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
-    pub endpoint: Option<SocketAddr>,
+    pub path: PeerPath,
 }
 
 struct State {
     tunn: Tunn,
-    endpoint: Option<SocketAddr>,
+    path: PeerPath,
+}
+
+impl State {
+    fn sealed(&self, len: usize) -> Sealed {
+        match self.path {
+            PeerPath::Direct(to) => Sealed::Send { len, to },
+            PeerPath::Relay => Sealed::Relay { len },
+            PeerPath::None => Sealed::NoEndpoint,
+        }
+    }
 }
 
 pub struct Peer {
@@ -114,24 +145,40 @@ impl Peer {
             index,
             Some(limiter),
         );
+        let path = match (spec.endpoint, spec.managed) {
+            (_, true) => PeerPath::Relay,
+            (Some(ep), false) => PeerPath::Direct(ep),
+            (None, false) => PeerPath::None,
+        };
         Peer {
             key: spec.key,
             index,
-            state: Mutex::new(State {
-                tunn,
-                endpoint: spec.endpoint,
-            }),
+            state: Mutex::new(State { tunn, path }),
             spec,
             spoofed: AtomicU64::new(0),
         }
     }
 
+    /// The direct address packets go to, if the path is direct.
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        self.state.lock().endpoint
+        match self.state.lock().path {
+            PeerPath::Direct(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn path(&self) -> PeerPath {
+        self.state.lock().path
     }
 
     pub fn set_endpoint(&self, to: SocketAddr) {
-        self.state.lock().endpoint = Some(to);
+        self.set_path(PeerPath::Direct(to));
+    }
+
+    /// Moves the peer to another path (NAT traversal's decision). The
+    /// WireGuard session is untouched: it does not depend on the path.
+    pub fn set_path(&self, path: PeerPath) {
+        self.state.lock().path = path;
     }
 
     /// Encrypts one IP packet into `out` (which must hold `src.len() + 32`
@@ -142,37 +189,32 @@ impl Peer {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
-        match st.endpoint {
-            Some(to) => Sealed::Send { len, to },
-            None => Sealed::NoEndpoint,
-        }
+        st.sealed(len)
     }
 
-    /// Decrypts one datagram received from `from` into `out`. Roams the
-    /// endpoint to `from` when the datagram proves to come from the peer.
-    pub fn open(&self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Opened {
+    /// Decrypts one datagram into `out`. `from` is the UDP source, or `None`
+    /// for a datagram that came through the relay. A static peer's endpoint
+    /// roams to `from` when the datagram proves to come from the peer.
+    pub fn open(&self, from: Option<SocketAddr>, datagram: &[u8], out: &mut [u8]) -> Opened {
         let kind = datagram.first().copied().unwrap_or(0);
         let mut st = self.state.lock();
-        let (opened, authentic) = match st.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        let (opened, authentic) = match st.tunn.decapsulate(from.map(|f| f.ip()), datagram, out) {
             TunnResult::WriteToTunnelV4(p, src) => (self.check_source(p.len(), src.into()), true),
             TunnResult::WriteToTunnelV6(p, src) => (self.check_source(p.len(), src.into()), true),
             TunnResult::WriteToNetwork(p) => {
                 // A cookie reply answers a packet we could not yet trust.
                 let authentic = p.first() != Some(&3);
-                (
-                    Opened::Reply {
-                        len: p.len(),
-                        to: from,
-                    },
-                    authentic,
-                )
+                (Opened::Reply { len: p.len() }, authentic)
             }
             TunnResult::Done => (Opened::Nothing, kind == 4 || kind == 2),
             TunnResult::Err(e) => (Opened::Rejected(e), false),
         };
-        if authentic && kind != 3 && st.endpoint != Some(from) {
-            tracing::debug!(peer = %self.key.short(), %from, "endpoint roamed");
-            st.endpoint = Some(from);
+        if let Some(from) = from {
+            let roam = authentic && kind != 3 && !self.spec.managed;
+            if roam && st.path != PeerPath::Direct(from) {
+                tracing::debug!(peer = %self.key.short(), %from, "endpoint roamed");
+                st.path = PeerPath::Direct(from);
+            }
         }
         opened
     }
@@ -187,26 +229,25 @@ impl Peer {
     }
 
     /// After an [`Opened::Reply`], drains packets the tunnel queued while the
-    /// handshake was in flight. Returns the next one to send, if any.
-    pub fn flush_queued(&self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    /// handshake was in flight: the next one to send, or [`Sealed::Nothing`].
+    pub fn flush_queued(&self, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
         let len = match st.tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return None,
+            _ => return Sealed::Nothing,
         };
-        st.endpoint.map(|to| (len, to))
+        st.sealed(len)
     }
 
-    /// Runs WireGuard's timers (rekey, handshake retry, keepalives). Returns
-    /// a datagram to send, if any. `out` must hold at least 148 bytes.
-    pub fn tick(&self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    /// Runs WireGuard's timers (rekey, handshake retry, keepalives): a
+    /// datagram to send, or [`Sealed::Nothing`]. `out` must hold 148 bytes.
+    pub fn tick(&self, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
         let len = match st.tunn.update_timers(out) {
             TunnResult::WriteToNetwork(p) => p.len(),
-            TunnResult::Err(WireGuardError::ConnectionExpired) => return None,
-            _ => return None,
+            _ => return Sealed::Nothing,
         };
-        st.endpoint.map(|to| (len, to))
+        st.sealed(len)
     }
 
     pub fn stats(&self) -> PeerStats {
@@ -216,7 +257,7 @@ impl Peer {
             last_handshake,
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
-            endpoint: st.endpoint,
+            path: st.path,
         }
     }
 }

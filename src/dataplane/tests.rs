@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use super::packet::build::ipv4;
 use super::*;
+use crate::dataplane::peer::PeerPath;
 
 struct Node {
     dp: DataPlane,
@@ -35,11 +36,11 @@ fn deliver(dst: &Node, from: SocketAddr, dgram: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec
     let Ok(peer) = dst.dp.peer_for(&set, from, dgram, &mut buf) else {
         return (tunnel, replies);
     };
-    match peer.open(from, dgram, &mut buf) {
+    match peer.open(Some(from), dgram, &mut buf) {
         Opened::Tunnel { len } => tunnel.push(buf[..len].to_vec()),
-        Opened::Reply { len, .. } => {
+        Opened::Reply { len } => {
             replies.push(buf[..len].to_vec());
-            while let Some((len, _)) = peer.flush_queued(&mut buf) {
+            while let Sealed::Send { len, .. } = peer.flush_queued(&mut buf) {
                 replies.push(buf[..len].to_vec());
             }
         }
@@ -164,4 +165,45 @@ fn upsert_keeps_session_when_only_endpoint_changes() {
         .is_some());
     assert!(a.dp.remove_peer(&b.dp.public_key()));
     assert!(a.dp.peers().routes.is_empty());
+}
+
+#[test]
+fn managed_peer_starts_on_relay_and_does_not_roam() {
+    let a = node("11.11.0.1:1");
+    let b = node("11.11.0.2:1");
+    let mut sb = spec(&b, "100.64.0.2/32", None);
+    sb.managed = true;
+    a.dp.upsert_peer(sb);
+    let mut sa = spec(&a, "100.64.0.1/32", None);
+    sa.managed = true;
+    b.dp.upsert_peer(sa);
+    let pa = b.dp.peers().by_key(&a.dp.public_key()).unwrap().clone();
+    let pb = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
+    assert_eq!(pb.path(), PeerPath::Relay);
+
+    // The first packet goes to the relay at once: a handshake initiation.
+    let mut out = vec![0u8; 2048];
+    let Sealed::Relay { len } = pb.seal(&ipv4(A_IP, B_IP, b"x"), &mut out) else {
+        panic!("expected the relay");
+    };
+    assert_eq!(out[0], 1);
+    // b opens it (arriving through the relay: no source address) and
+    // answers; nothing moves b's path for a off the relay.
+    let init = out[..len].to_vec();
+    let mut buf = vec![0u8; 2048];
+    assert!(matches!(
+        pa.open(None, &init, &mut buf),
+        Opened::Reply { .. }
+    ));
+    assert_eq!(pa.path(), PeerPath::Relay);
+    // A direct datagram does not roam a managed peer either.
+    let (d, _) = {
+        let resp = buf[..148.min(buf.len())].to_vec();
+        (resp, ())
+    };
+    let _ = pb.open(Some("9.9.9.9:9".parse().unwrap()), &d[..92], &mut out);
+    assert_eq!(pb.path(), PeerPath::Relay);
+    // Traversal moves it.
+    pb.set_path(PeerPath::Direct(b.addr));
+    assert_eq!(pb.endpoint(), Some(b.addr));
 }

@@ -1,0 +1,512 @@
+//! Nodes: registration with address allocation, the map's view of them,
+//! administration (list, rename, remove), liveness, and reaping.
+//!
+//! Addresses are drawn at random from 100.64.0.0/10 and inserted with
+//! `ON CONFLICT DO NOTHING`; a collision (with another node, or with a
+//! replica allocating at the same moment) just draws again. The IPv6 address
+//! is the network's ULA /48 with the IPv4 address in its last 32 bits, so it
+//! is unique exactly when the IPv4 one is. A node re-registering with the
+//! same node key keeps its id, name and addresses.
+//!
+//! A node is online while it has a map stream open on some replica
+//! (`conns > 0`). Streams refresh `last_seen_ms` at each keepalive, so the
+//! reaper can tell a replica that died with streams open from a live one.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use sqlx::{Any, Transaction};
+use warren::control::{Endpoint, Peer};
+use warren::keys::NodeKey;
+
+use super::{now_ms, ChangeKind, Store, StoreError};
+
+/// A node row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRecord {
+    pub id: i64,
+    pub key: NodeKey,
+    pub disco_key: NodeKey,
+    pub name: String,
+    pub hostname: String,
+    pub os: String,
+    pub version: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub ephemeral: bool,
+    pub tags: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+    pub netcheck: Option<serde_json::Value>,
+    pub online: bool,
+    pub last_seen_ms: i64,
+    pub created_ms: i64,
+}
+
+impl NodeRecord {
+    /// The node as its peers see it.
+    pub fn to_peer(&self) -> Peer {
+        Peer {
+            node_id: self.id,
+            key: self.key,
+            disco_key: self.disco_key,
+            name: self.name.clone(),
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            endpoints: self.endpoints.clone(),
+            online: self.online,
+            last_seen_ms: self.last_seen_ms,
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+/// What a registration carries into the store.
+#[derive(Debug, Clone)]
+pub struct RegisterInput {
+    pub token: Option<String>,
+    pub node_key: NodeKey,
+    pub disco_key: NodeKey,
+    pub hostname: String,
+    pub os: String,
+    pub version: String,
+}
+
+/// The outcome of a registration.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub node: NodeRecord,
+    /// False when the node key was already registered.
+    pub created: bool,
+}
+
+const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, endpoints, netcheck, conns, last_seen_ms, created_ms";
+
+type Row = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+);
+
+fn record(r: Row) -> Result<NodeRecord, StoreError> {
+    let bad = |what: &str| StoreError::Corrupt(format!("node {} {what}", r.0));
+    Ok(NodeRecord {
+        id: r.0,
+        key: r.1.parse().map_err(|_| bad("node_key"))?,
+        disco_key: r.2.parse().map_err(|_| bad("disco_key"))?,
+        name: r.3.clone(),
+        hostname: r.4.clone(),
+        os: r.5.clone(),
+        version: r.6.clone(),
+        ipv4: r.7.parse().map_err(|_| bad("ipv4"))?,
+        ipv6: r.8.parse().map_err(|_| bad("ipv6"))?,
+        ephemeral: r.9 != 0,
+        tags: serde_json::from_str(&r.10).map_err(|_| bad("tags"))?,
+        endpoints: serde_json::from_str(&r.11).map_err(|_| bad("endpoints"))?,
+        netcheck: match &r.12 {
+            Some(t) => Some(serde_json::from_str(t).map_err(|_| bad("netcheck"))?),
+            None => None,
+        },
+        online: r.13 > 0,
+        last_seen_ms: r.14,
+        created_ms: r.15,
+    })
+}
+
+/// A DNS-label-shaped name from whatever hostname a node sent.
+pub fn sanitize_name(hostname: &str) -> String {
+    let mut s: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(58);
+    let s = s.trim_matches('-');
+    if s.is_empty() {
+        "node".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn random_ipv4() -> Ipv4Addr {
+    loop {
+        let host = rand::random::<u32>() & 0x003f_ffff;
+        let ip = Ipv4Addr::from(0x6440_0000 | host);
+        let last = ip.octets()[3];
+        // .0 and .255 confuse people and some software; 100.100.100.100
+        // is kept free for a future resolver.
+        if last != 0 && last != 255 && ip != Ipv4Addr::new(100, 100, 100, 100) {
+            return ip;
+        }
+    }
+}
+
+/// The IPv6 address paired with `v4` inside the ULA /48 `prefix`.
+pub fn ipv6_for(prefix: Ipv6Addr, v4: Ipv4Addr) -> Ipv6Addr {
+    let mut b = prefix.octets();
+    b[6..12].fill(0);
+    b[12..16].copy_from_slice(&v4.octets());
+    Ipv6Addr::from(b)
+}
+
+impl Store {
+    async fn node_where(
+        tx: &mut Transaction<'static, Any>,
+        clause: &str,
+        arg: String,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM nodes WHERE {clause}"
+        )))
+        .bind(arg)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.map(record).transpose()
+    }
+
+    /// The node registered with `key`, inside a transaction.
+    pub async fn node_by_key_tx(
+        tx: &mut Transaction<'static, Any>,
+        key: &NodeKey,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        Self::node_where(tx, "node_key = $1", key.to_string()).await
+    }
+
+    pub async fn node_by_key(&self, key: &NodeKey) -> Result<Option<NodeRecord>, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = Self::node_by_key_tx(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn node_by_id(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM nodes WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(record).transpose()
+    }
+
+    /// Finds a node by id, name or key, as an administrator names it.
+    pub async fn find_node(&self, which: &str) -> Result<NodeRecord, StoreError> {
+        let nodes = self.list_nodes().await?;
+        nodes
+            .into_iter()
+            .find(|n| n.id.to_string() == which || n.name == which || n.key.to_string() == which)
+            .ok_or_else(|| StoreError::NoSuchNode(which.to_owned()))
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM nodes ORDER BY id"
+        )))
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(record).collect()
+    }
+
+    async fn free_name(
+        tx: &mut Transaction<'static, Any>,
+        base: &str,
+    ) -> Result<String, StoreError> {
+        let mut candidate = base.to_owned();
+        for _ in 0..16 {
+            let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE name = $1")
+                .bind(&candidate)
+                .fetch_optional(&mut **tx)
+                .await?;
+            if taken.is_none() {
+                return Ok(candidate);
+            }
+            candidate = format!("{base}-{:04x}", rand::random::<u16>());
+        }
+        Err(StoreError::Exhausted("a free node name"))
+    }
+
+    /// Registers a node (or refreshes a known one) inside `tx`, whose
+    /// caller commits it and so decides whether anything happened at all.
+    pub async fn register(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        input: &RegisterInput,
+        ula: Ipv6Addr,
+    ) -> Result<Registered, StoreError> {
+        if input.hostname.len() > 255 {
+            return Err(StoreError::Invalid("hostname longer than 255 bytes".into()));
+        }
+        let now = now_ms();
+        for _ in 0..32 {
+            if let Some(node) = Self::node_by_key_tx(tx, &input.node_key).await? {
+                sqlx::query("UPDATE nodes SET disco_key = $1, hostname = $2, os = $3, version = $4, last_seen_ms = $5 WHERE id = $6")
+                    .bind(input.disco_key.to_string())
+                    .bind(&input.hostname)
+                    .bind(&input.os)
+                    .bind(&input.version)
+                    .bind(now)
+                    .bind(node.id)
+                    .execute(&mut **tx)
+                    .await?;
+                self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
+                    .await?;
+                let node = Self::node_by_key_tx(tx, &input.node_key)
+                    .await?
+                    .ok_or_else(|| StoreError::NoSuchNode(input.node_key.to_string()))?;
+                return Ok(Registered {
+                    node,
+                    created: false,
+                });
+            }
+            let token = input.token.as_deref().ok_or(StoreError::InvalidToken)?;
+            let grant = Self::spend_token(tx, token).await?;
+            loop {
+                let name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
+                let v4 = random_ipv4();
+                let id: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING RETURNING id",
+                )
+                .bind(input.node_key.to_string())
+                .bind(input.disco_key.to_string())
+                .bind(&name)
+                .bind(&input.hostname)
+                .bind(&input.os)
+                .bind(&input.version)
+                .bind(v4.to_string())
+                .bind(ipv6_for(ula, v4).to_string())
+                .bind(i64::from(grant.ephemeral))
+                .bind(serde_json::to_string(&grant.tags).unwrap_or_else(|_| "[]".into()))
+                .bind(&grant.id)
+                .bind(now)
+                .bind(now)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if let Some(id) = id {
+                    self.note_change(tx, id, &input.node_key, ChangeKind::Upsert)
+                        .await?;
+                    let node = Self::node_by_key_tx(tx, &input.node_key)
+                        .await?
+                        .ok_or_else(|| StoreError::NoSuchNode(input.node_key.to_string()))?;
+                    return Ok(Registered {
+                        node,
+                        created: true,
+                    });
+                }
+                // A conflict: the address or name was taken meanwhile, or
+                // the same key registered concurrently (then the outer loop
+                // finds it). Draw again.
+                if Self::node_by_key_tx(tx, &input.node_key).await?.is_some() {
+                    break;
+                }
+            }
+        }
+        Err(StoreError::Exhausted("an overlay address"))
+    }
+
+    /// Removes a node; its streams end and peers get a removal delta.
+    pub async fn remove_node(&self, id: i64) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.begin().await?;
+        let node = self.node_by_id_tx(&mut tx, id).await?;
+        self.delete_in(&mut tx, &node).await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    /// Deletes `node` and notes it, inside `tx`.
+    pub async fn delete_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        node: &NodeRecord,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(node.id)
+            .execute(&mut **tx)
+            .await?;
+        self.note_change(tx, node.id, &node.key, ChangeKind::Removed)
+            .await
+    }
+
+    pub async fn rename_node(&self, id: i64, new_name: &str) -> Result<NodeRecord, StoreError> {
+        let name = sanitize_name(new_name);
+        if name != new_name {
+            return Err(StoreError::Invalid(format!(
+                "{new_name:?} is not a valid name (try {name:?})"
+            )));
+        }
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE nodes SET name = $1 WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM nodes WHERE name = $1 AND id <> $2)")
+            .bind(&name)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Invalid(format!(
+                "no node {id}, or the name {name:?} is taken"
+            )));
+        }
+        let node = self.node_by_id_tx(&mut tx, id).await?;
+        self.note_change(&mut tx, node.id, &node.key, ChangeKind::Upsert)
+            .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    async fn node_by_id_tx(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: i64,
+    ) -> Result<NodeRecord, StoreError> {
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM nodes WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        record(row.ok_or_else(|| StoreError::NoSuchNode(id.to_string()))?)
+    }
+
+    /// Stores a node's endpoint report, inside the request's transaction.
+    pub async fn set_endpoints(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        node: &NodeRecord,
+        endpoints: &[Endpoint],
+        netcheck: Option<&serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        let eps =
+            serde_json::to_string(endpoints).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let nc = netcheck.map(|v| v.to_string());
+        sqlx::query(
+            "UPDATE nodes SET endpoints = $1, netcheck = $2, last_seen_ms = $3 WHERE id = $4",
+        )
+        .bind(eps)
+        .bind(nc)
+        .bind(now_ms())
+        .bind(node.id)
+        .execute(&mut **tx)
+        .await?;
+        self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
+            .await
+    }
+
+    /// A map stream opened (`delta` = 1) or closed (-1). Notes a change when
+    /// the node's online state flips.
+    pub async fn stream_delta(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        node: &NodeRecord,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let before: Option<i64> = sqlx::query_scalar("SELECT conns FROM nodes WHERE id = $1")
+            .bind(node.id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(before) = before else { return Ok(()) };
+        let after = (before + delta).max(0);
+        sqlx::query("UPDATE nodes SET conns = $1, last_seen_ms = $2 WHERE id = $3")
+            .bind(after)
+            .bind(now_ms())
+            .bind(node.id)
+            .execute(&mut **tx)
+            .await?;
+        if (before > 0) != (after > 0) {
+            self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes `last_seen_ms` for the nodes whose streams this replica holds.
+    pub async fn touch(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let now = now_ms();
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(i64::to_string).collect();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE nodes SET last_seen_ms = $1 WHERE id IN ({})",
+                list.join(",")
+            )))
+            .bind(now)
+            .execute(self.pool())
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Marks offline the nodes whose replica stopped refreshing them, and
+    /// removes ephemeral nodes offline for longer than `ephemeral_ms`.
+    /// Returns how many nodes were changed and removed.
+    pub async fn reap(
+        &self,
+        stale_ms: i64,
+        ephemeral_ms: i64,
+    ) -> Result<(usize, usize), StoreError> {
+        let now = now_ms();
+        let stale: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, node_key FROM nodes WHERE conns > 0 AND last_seen_ms < $1")
+                .bind(now - stale_ms)
+                .fetch_all(self.pool())
+                .await?;
+        for (id, key) in &stale {
+            let Ok(key) = key.parse::<NodeKey>() else {
+                continue;
+            };
+            let mut tx = self.begin().await?;
+            let done =
+                sqlx::query("UPDATE nodes SET conns = 0 WHERE id = $1 AND last_seen_ms < $2")
+                    .bind(id)
+                    .bind(now - stale_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            if done.rows_affected() == 1 {
+                self.note_change(&mut tx, *id, &key, ChangeKind::Upsert)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        let gone: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT id, node_key FROM nodes WHERE ephemeral = 1 AND conns = 0 AND last_seen_ms < $1",
+        )
+        .bind(now - ephemeral_ms)
+        .fetch_all(self.pool())
+        .await?;
+        let mut removed = 0;
+        for (id, key) in &gone {
+            let Ok(key) = key.parse::<NodeKey>() else {
+                continue;
+            };
+            let mut tx = self.begin().await?;
+            let done =
+                sqlx::query("DELETE FROM nodes WHERE id = $1 AND conns = 0 AND last_seen_ms < $2")
+                    .bind(id)
+                    .bind(now - ephemeral_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            if done.rows_affected() == 1 {
+                self.note_change(&mut tx, *id, &key, ChangeKind::Removed)
+                    .await?;
+                removed += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok((stale.len(), removed))
+    }
+}

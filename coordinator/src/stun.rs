@@ -1,0 +1,237 @@
+//! STUN Binding server (RFC 8489) for the coordinator and stand-alone relays.
+//!
+//! It answers every Binding request with the source address it saw, as
+//! XOR-MAPPED-ADDRESS plus MAPPED-ADDRESS for RFC 3489 clients, an optional
+//! SOFTWARE and FINGERPRINT. It keeps no per-client state, so it cannot be
+//! used to exhaust memory, and it never answers anything but a well-formed
+//! request, so it cannot be used as a reflector for arbitrary payloads (the
+//! response is at most a few dozen bytes longer than a minimal request).
+//!
+//! To let clients tell endpoint-independent from endpoint-dependent NAT
+//! mappings, run [`serve`] on two sockets (a second port or address): the
+//! server itself is the same. The codec is `warren::proto::stun`; this module
+//! is only the socket loop and the answer policy, kept self-contained so the
+//! coordinator can mount it wherever it wants.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use warren::proto::stun::{self, attr, Class, Message, MessageWriter, StunError};
+
+/// How the server answers.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// SOFTWARE attribute to include, if any.
+    pub software: Option<String>,
+}
+
+/// Counters, shared with whoever exports metrics.
+#[derive(Debug, Default)]
+pub struct StunStats {
+    /// Binding requests answered with a success response.
+    pub answered: AtomicU64,
+    /// Requests answered with an error response (420 unknown attribute).
+    pub rejected: AtomicU64,
+    /// Datagrams dropped without an answer (not STUN, malformed, not a request).
+    pub dropped: AtomicU64,
+}
+
+impl StunStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the server sends back for one datagram, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Success(Vec<u8>),
+    Error(Vec<u8>),
+    Drop(Option<StunError>),
+}
+
+/// The answer policy, without IO, so it is testable on its own.
+pub fn answer(datagram: &[u8], from: SocketAddr, options: &ServerOptions) -> Answer {
+    // A client on a dual-stack socket shows up as ::ffff:a.b.c.d; it wants to
+    // learn its IPv4 address.
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+    match Message::decode(datagram) {
+        Ok(msg) if msg.class != Class::Request || msg.method != stun::METHOD_BINDING => {
+            Answer::Drop(None)
+        }
+        // RFC 5780 §7.2: a server that cannot answer from another address
+        // or port refuses CHANGE-REQUEST as an unknown attribute.
+        Ok(msg) if msg.change_request.is_some_and(|flags| flags & 0x6 != 0) => {
+            Answer::Error(unknown_attribute(msg.transaction_id, attr::CHANGE_REQUEST))
+        }
+        Ok(msg) => Answer::Success(stun::binding_response(
+            msg.transaction_id,
+            from,
+            options.software.as_deref(),
+        )),
+        // RFC 8489 §6.3.1.1: a request with an attribute we must understand
+        // but do not gets 420 and the list of offenders.
+        Err(StunError::UnknownRequiredAttribute(unknown)) => match stun::decode_header(datagram) {
+            // 0x0001 is the Binding request type (class bits zero).
+            Ok((msg_type, tx)) if msg_type == stun::METHOD_BINDING => {
+                Answer::Error(unknown_attribute(tx, unknown))
+            }
+            _ => Answer::Drop(Some(StunError::UnknownRequiredAttribute(unknown))),
+        },
+        Err(e) => Answer::Drop(Some(e)),
+    }
+}
+
+fn unknown_attribute(tx: stun::TransactionId, unknown: u16) -> Vec<u8> {
+    let mut w = MessageWriter::new(Class::ErrorResponse, stun::METHOD_BINDING, tx);
+    w.error_code(420, "Unknown Attribute")
+        .attribute(attr::UNKNOWN_ATTRIBUTES, &unknown.to_be_bytes());
+    w.finish_with_fingerprint()
+}
+
+/// Serves Binding requests on `socket` until the socket fails or the task is
+/// dropped. Transient errors (ICMP feedback surfacing on the socket) are
+/// skipped; anything else ends the loop with the error.
+pub async fn serve(
+    socket: UdpSocket,
+    options: ServerOptions,
+    stats: Arc<StunStats>,
+) -> io::Result<()> {
+    let local = socket.local_addr()?;
+    tracing::info!(%local, "STUN server listening");
+    let mut buf = vec![0u8; stun::MAX_MESSAGE_LEN + 1];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) if is_transient(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let reply = match answer(&buf[..n], from, &options) {
+            Answer::Success(reply) => {
+                StunStats::bump(&stats.answered);
+                reply
+            }
+            Answer::Error(reply) => {
+                StunStats::bump(&stats.rejected);
+                reply
+            }
+            Answer::Drop(_) => {
+                StunStats::bump(&stats.dropped);
+                continue;
+            }
+        };
+        if let Err(e) = socket.send_to(&reply, from).await {
+            if !is_transient(&e) {
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::Interrupted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use warren::proto::stun::{parse_binding_response, TransactionId};
+
+    fn opts() -> ServerOptions {
+        ServerOptions {
+            software: Some("warren-test".into()),
+        }
+    }
+
+    #[test]
+    fn answers_binding_request_with_observed_address() {
+        let tx = TransactionId([9; 12]);
+        let from: SocketAddr = "[::ffff:203.0.113.7]:4242".parse().unwrap();
+        let Answer::Success(reply) = answer(&stun::binding_request(tx), from, &opts()) else {
+            panic!("no success answer");
+        };
+        let msg = Message::decode(&reply).unwrap();
+        assert_eq!(
+            msg.xor_mapped_address,
+            Some("203.0.113.7:4242".parse().unwrap())
+        );
+        assert_eq!(msg.mapped_address, msg.xor_mapped_address);
+        assert_eq!(msg.software.as_deref(), Some("warren-test"));
+        assert!(msg.fingerprint);
+    }
+
+    #[test]
+    fn drops_responses_garbage_and_answers_420() {
+        let tx = TransactionId([1; 12]);
+        let from: SocketAddr = "198.51.100.2:1000".parse().unwrap();
+        let response = stun::binding_response(tx, from, None);
+        assert_eq!(answer(&response, from, &opts()), Answer::Drop(None));
+        assert!(matches!(
+            answer(&[1, 0, 0, 0, 9, 9, 9, 9], from, &opts()),
+            Answer::Drop(Some(StunError::Truncated(8)))
+        ));
+        let mut w = MessageWriter::new(Class::Request, stun::METHOD_BINDING, tx);
+        w.attribute(0x0077, &[0; 4]);
+        let Answer::Error(reply) = answer(&w.finish(), from, &opts()) else {
+            panic!("expected 420");
+        };
+        let msg = Message::decode(&reply).unwrap();
+        assert_eq!(msg.error_code.map(|e| e.0), Some(420));
+        assert_eq!(msg.transaction_id, tx);
+
+        // CHANGE-REQUEST asking for another port: refused; all-zero flags: fine.
+        for (flags, refused) in [(0x2u32, true), (0, false)] {
+            let mut w = MessageWriter::new(Class::Request, stun::METHOD_BINDING, tx);
+            w.attribute(attr::CHANGE_REQUEST, &flags.to_be_bytes());
+            let got = answer(&w.finish(), from, &opts());
+            assert_eq!(matches!(got, Answer::Error(_)), refused, "flags {flags}");
+        }
+    }
+
+    /// Two listeners (as for EIM/EDM detection) on loopback, both answering
+    /// the same client socket with the same observed address.
+    #[tokio::test]
+    async fn serves_on_two_ports_over_loopback() {
+        let stats = Arc::new(StunStats::default());
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            servers.push(sock.local_addr().unwrap());
+            tokio::spawn(serve(sock, opts(), stats.clone()));
+        }
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = client.local_addr().unwrap();
+        client
+            .send_to(b"not stun at all, just noise....", servers[0])
+            .await
+            .unwrap();
+        for (i, server) in servers.iter().enumerate() {
+            let tx = TransactionId([i as u8; 12]);
+            client
+                .send_to(&stun::binding_request(tx), server)
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1500];
+            let (n, src) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("STUN answer within 5 s")
+                .unwrap();
+            assert_eq!(src, *server);
+            assert_eq!(parse_binding_response(&buf[..n]).unwrap(), (tx, me));
+        }
+        assert_eq!(stats.answered.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,504 @@
+//! The agent's side of the control protocol.
+//!
+//! [`ControlClient`] registers the node, reports its endpoints, logs out, and
+//! keeps a map stream open: [`ControlClient::map_stream`] spawns a task that
+//! connects, folds the coordinator's messages into a [`NetMap`], forwards
+//! typed [`MapEvent`]s, saves the map to disk (at most once a second, so a
+//! burst of deltas in a large network costs one write), and reconnects with
+//! exponential backoff when the connection drops or goes silent. Before the
+//! first connection it replays the map saved last time, so an agent that
+//! starts while the coordinator is down still brings its tunnels up.
+//!
+//! The coordinator's public key is fetched once from `GET /key` (TLS
+//! authenticates it) and cached; a `bad_signature` answer clears the cache
+//! so a coordinator whose key was replaced is picked up on the next try.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::auth::{AuthError, AuthHeaders, SessionKey};
+use super::netmap::{MapChange, MapFileError, NetMap};
+use super::types::{
+    Endpoint, EndpointsReport, ErrorBody, ErrorCode, MapMessage, Peer, RegisterRequest,
+    RegisterResponse, ServerKeyResponse, KEEPALIVE_SECS,
+};
+use crate::keys::{NodeKey, PrivateKey};
+
+/// What `register` returns.
+pub type Registration = RegisterResponse;
+
+/// The file in the state directory that holds the last map.
+pub const MAP_FILE: &str = "netmap.json";
+
+/// Longest line the map stream may send (a full map of a large network).
+const MAX_LINE: usize = 64 << 20;
+/// A stream silent for this long is presumed dead and reconnected.
+const SILENCE: Duration = Duration::from_secs(KEEPALIVE_SECS * 5 / 2);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("coordinator URL {0:?} is not usable (want http:// or https://, no trailing path)")]
+    BadUrl(String),
+    #[error("HTTP to the coordinator failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("coordinator refused the request ({status}, {code:?}): {message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("coordinator sent something that is not the control protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    MapFile(#[from] MapFileError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+impl ControlError {
+    /// Whether retrying can help (see [`ErrorCode::is_permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ControlError::Api { code, .. } if code.is_permanent())
+    }
+}
+
+/// What the map stream yields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum MapEvent {
+    /// A complete map: from the file on disk at start (`from_cache`), or
+    /// from the coordinator on each (re)connection.
+    Full {
+        map: NetMap,
+        from_cache: bool,
+    },
+    PeerAdded(Peer),
+    PeerChanged(Peer),
+    PeerRemoved(NodeKey),
+    SelfChanged(Peer),
+    Connected,
+    Disconnected {
+        reason: String,
+        retry_in: Duration,
+    },
+    /// The coordinator no longer accepts this node (removed, logged out).
+    /// The stream ends after this event.
+    Revoked {
+        reason: String,
+    },
+}
+
+/// A running map stream. Dropping it stops the task.
+#[derive(Debug)]
+pub struct MapStream {
+    rx: mpsc::Receiver<MapEvent>,
+    task: JoinHandle<()>,
+}
+
+impl MapStream {
+    /// The next event; `None` once the node was revoked.
+    pub async fn recv(&mut self) -> Option<MapEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for MapStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A client for one coordinator, as one node. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    base: String,
+    http: reqwest::Client,
+    node_key: PrivateKey,
+    state_dir: PathBuf,
+    session: Mutex<Option<(NodeKey, SessionKey)>>,
+}
+
+impl ControlClient {
+    /// A client that trusts the system's root certificates.
+    pub fn new(
+        url: &str,
+        node_key: PrivateKey,
+        state_dir: impl Into<PathBuf>,
+    ) -> Result<Self, ControlError> {
+        Self::build(url, node_key, state_dir.into(), None)
+    }
+
+    /// A client that trusts only the CA certificate(s) in `ca_pem`: for a
+    /// coordinator with a private or self-signed certificate.
+    pub fn with_ca_pem(
+        url: &str,
+        node_key: PrivateKey,
+        state_dir: impl Into<PathBuf>,
+        ca_pem: &[u8],
+    ) -> Result<Self, ControlError> {
+        Self::build(url, node_key, state_dir.into(), Some(ca_pem))
+    }
+
+    fn build(
+        url: &str,
+        node_key: PrivateKey,
+        state_dir: PathBuf,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ControlError> {
+        let base = url.trim_end_matches('/').to_owned();
+        let host_part = base
+            .strip_prefix("https://")
+            .or_else(|| base.strip_prefix("http://"))
+            .ok_or_else(|| ControlError::BadUrl(url.to_owned()))?;
+        if host_part.is_empty() || host_part.contains('/') {
+            return Err(ControlError::BadUrl(url.to_owned()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tls_backend_rustls();
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ControlError::Tls(e.to_string()))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build()?;
+        Ok(ControlClient {
+            inner: Arc::new(Inner {
+                base,
+                http,
+                node_key,
+                state_dir,
+                session: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// This node's public key.
+    pub fn node_key(&self) -> NodeKey {
+        self.inner.node_key.public()
+    }
+
+    /// Where the last map is kept.
+    pub fn map_path(&self) -> PathBuf {
+        self.inner.state_dir.join(MAP_FILE)
+    }
+
+    /// The map saved by the last run, if any.
+    pub fn load_cached_map(&self) -> Result<Option<NetMap>, ControlError> {
+        Ok(NetMap::load(&self.map_path())?)
+    }
+
+    /// The coordinator's public key (fetched once, then cached).
+    pub async fn coordinator_key(&self) -> Result<NodeKey, ControlError> {
+        Ok(self.session().await?.0)
+    }
+
+    async fn session(&self) -> Result<(NodeKey, SessionKey), ControlError> {
+        if let Some(s) = lock(&self.inner.session).clone() {
+            return Ok(s);
+        }
+        let resp = self
+            .inner
+            .http
+            .get(format!("{}/key", self.inner.base))
+            .send()
+            .await?;
+        let resp = check(resp).await?;
+        let body: ServerKeyResponse = parse_json(&resp.bytes().await?)?;
+        let session = SessionKey::for_node(&self.inner.node_key, &body.key)?;
+        *lock(&self.inner.session) = Some((body.key, session.clone()));
+        Ok((body.key, session))
+    }
+
+    async fn signed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, ControlError> {
+        let (_, session) = self.session().await?;
+        let headers = AuthHeaders::sign(
+            &session,
+            self.node_key(),
+            method.as_str(),
+            path,
+            unix_now(),
+            &body,
+        );
+        let mut req = self
+            .inner
+            .http
+            .request(method, format!("{}{path}", self.inner.base));
+        for (name, value) in headers.to_pairs() {
+            req = req.header(name, value);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let result = check(req.send().await?).await;
+        if let Err(ControlError::Api {
+            code: ErrorCode::BadSignature,
+            ..
+        }) = &result
+        {
+            *lock(&self.inner.session) = None;
+        }
+        result
+    }
+
+    /// Registers this node with a join token (`None` to re-register a node
+    /// key the coordinator already knows, which spends nothing).
+    pub async fn register(
+        &self,
+        token: Option<&str>,
+        hostname: &str,
+        disco_key: NodeKey,
+    ) -> Result<Registration, ControlError> {
+        let req = RegisterRequest {
+            token: token.map(str::to_owned),
+            node_key: self.node_key(),
+            disco_key,
+            hostname: hostname.to_owned(),
+            os: std::env::consts::OS.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let resp = self
+            .signed(reqwest::Method::POST, "/register", body)
+            .await?;
+        parse_json(&resp.bytes().await?)
+    }
+
+    /// Publishes this node's endpoint candidates and netcheck summary.
+    pub async fn report_endpoints(
+        &self,
+        endpoints: &[Endpoint],
+        netcheck: Option<serde_json::Value>,
+    ) -> Result<(), ControlError> {
+        let report = EndpointsReport {
+            endpoints: endpoints.to_vec(),
+            netcheck,
+        };
+        let body =
+            serde_json::to_vec(&report).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.signed(reqwest::Method::POST, "/endpoints", body)
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the coordinator this node is leaving the network: it is
+    /// removed (peers get a removal delta), and joining again takes a token.
+    pub async fn logout(&self) -> Result<(), ControlError> {
+        self.signed(reqwest::Method::POST, "/logout", Vec::new())
+            .await?;
+        Ok(())
+    }
+
+    /// Starts the map stream task (see the module doc).
+    pub fn map_stream(&self) -> MapStream {
+        let (tx, rx) = mpsc::channel(256);
+        let client = self.clone();
+        let task = tokio::spawn(async move { client.stream_task(tx).await });
+        MapStream { rx, task }
+    }
+
+    async fn stream_task(self, tx: mpsc::Sender<MapEvent>) {
+        let mut map = match self.load_cached_map() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring unreadable cached map");
+                None
+            }
+        };
+        if let Some(m) = &map {
+            let _ = tx
+                .send(MapEvent::Full {
+                    map: m.clone(),
+                    from_cache: true,
+                })
+                .await;
+        }
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let result = self.stream_once(&tx, &mut map, &mut backoff).await;
+            let reason = match result {
+                Ok(()) => "coordinator closed the map stream".to_owned(),
+                Err(e) if e.is_permanent() => {
+                    let _ = tx
+                        .send(MapEvent::Revoked {
+                            reason: e.to_string(),
+                        })
+                        .await;
+                    return;
+                }
+                Err(e) => e.to_string(),
+            };
+            // Jitter spreads the reconnects of a whole network after a
+            // coordinator restart.
+            let retry_in = backoff.mul_f64(0.75 + rand::random::<f64>() / 2.0);
+            tracing::info!(%reason, ?retry_in, "map stream down");
+            if tx
+                .send(MapEvent::Disconnected { reason, retry_in })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(retry_in).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn stream_once(
+        &self,
+        tx: &mpsc::Sender<MapEvent>,
+        map: &mut Option<NetMap>,
+        backoff: &mut Duration,
+    ) -> Result<(), ControlError> {
+        let resp = self
+            .signed(reqwest::Method::GET, "/map", Vec::new())
+            .await?;
+        let coordinator = self.coordinator_key().await?;
+        *backoff = BACKOFF_MIN;
+        if tx.send(MapEvent::Connected).await.is_err() {
+            return Ok(());
+        }
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut dirty = false;
+        let mut save_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(SILENCE, body.next()) => c,
+                _ = save_tick.tick() => {
+                    if dirty {
+                        self.save(map.as_ref());
+                        dirty = false;
+                    }
+                    continue;
+                }
+            };
+            let chunk = match chunk {
+                Err(_) => return Err(ControlError::Protocol("map stream went silent".into())),
+                Ok(None) => {
+                    if dirty {
+                        self.save(map.as_ref());
+                    }
+                    return Ok(());
+                }
+                Ok(Some(c)) => c?,
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let msg: MapMessage = parse_json(&line)?;
+                let is_full = matches!(msg, MapMessage::Full { .. });
+                if let Some(event) = fold(coordinator, map, msg) {
+                    // A full map is saved at once (it is what a restart
+                    // needs most); deltas are batched by the tick.
+                    if is_full {
+                        self.save(map.as_ref());
+                    } else {
+                        dirty = true;
+                    }
+                    if tx.send(event).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if buf.len() > MAX_LINE {
+                return Err(ControlError::Protocol("map line too long".into()));
+            }
+        }
+    }
+
+    fn save(&self, map: Option<&NetMap>) {
+        if let Some(m) = map {
+            if let Err(e) = m.save(&self.map_path()) {
+                tracing::warn!(error = %e, "could not save the map");
+            }
+        }
+    }
+}
+
+/// Applies one message to the map and says what to tell the caller.
+fn fold(coordinator: NodeKey, map: &mut Option<NetMap>, msg: MapMessage) -> Option<MapEvent> {
+    if let MapMessage::Full { .. } = msg {
+        let full = NetMap::from_full(coordinator, &msg)?;
+        *map = Some(full.clone());
+        return Some(MapEvent::Full {
+            map: full,
+            from_cache: false,
+        });
+    }
+    // A delta before any full map is a protocol slip; ignore it rather
+    // than invent a map around it.
+    let current = map.as_mut()?;
+    match (current.apply(&msg), msg) {
+        (
+            MapChange::PeerAdded(_),
+            MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer },
+        ) => Some(MapEvent::PeerAdded(peer)),
+        (
+            MapChange::PeerChanged(_),
+            MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer },
+        ) => Some(MapEvent::PeerChanged(peer)),
+        (MapChange::PeerRemoved(k), _) => Some(MapEvent::PeerRemoved(k)),
+        (MapChange::SelfChanged, MapMessage::SelfChanged { node }) => {
+            Some(MapEvent::SelfChanged(node))
+        }
+        _ => None,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the cache inconsistent
+    // (it is a single assignment), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(bytes).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+/// Turns a non-2xx answer into a typed error.
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ControlError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(e) => Err(ControlError::Api {
+            status: status.as_u16(),
+            code: e.code,
+            message: e.message,
+        }),
+        Err(_) => Err(ControlError::Protocol(format!(
+            "HTTP {status} without a control-protocol error body"
+        ))),
+    }
+}

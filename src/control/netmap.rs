@@ -1,0 +1,246 @@
+//! The agent's copy of the network map, and its file on disk.
+//!
+//! The map stream delivers one `full` message and then deltas; [`NetMap`]
+//! folds them into the current view. The client writes that view to a file
+//! after every change (write to a temporary file, fsync, rename, so a crash
+//! leaves either the old map or the new one, never half of one) and loads it
+//! at start: with the coordinator down, the agent still knows its peers and
+//! existing tunnels keep working.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{MapMessage, Peer, RelayMap};
+use crate::keys::NodeKey;
+
+/// Why the map file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapFileError {
+    #[error("map file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map file {path} is not a valid map: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What changed when a message was applied, for the caller to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapChange {
+    /// A full map replaced everything.
+    Replaced,
+    PeerAdded(NodeKey),
+    PeerChanged(NodeKey),
+    PeerRemoved(NodeKey),
+    SelfChanged,
+    /// Nothing (a keepalive, or a delta that changed nothing).
+    None,
+}
+
+/// The current network map as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetMap {
+    /// The coordinator's public key this map came from (pinned for later
+    /// requests, see the client).
+    pub coordinator_key: NodeKey,
+    pub self_node: Peer,
+    #[serde(with = "peers_as_list")]
+    pub peers: BTreeMap<NodeKey, Peer>,
+    pub relay_map: RelayMap,
+}
+
+impl NetMap {
+    /// Builds a map from a `full` message; `None` for any other message.
+    pub fn from_full(coordinator_key: NodeKey, msg: &MapMessage) -> Option<Self> {
+        match msg {
+            MapMessage::Full {
+                self_node,
+                peers,
+                relay_map,
+            } => Some(NetMap {
+                coordinator_key,
+                self_node: self_node.clone(),
+                peers: peers.iter().map(|p| (p.key, p.clone())).collect(),
+                relay_map: relay_map.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Folds one message into the map.
+    pub fn apply(&mut self, msg: &MapMessage) -> MapChange {
+        match msg {
+            MapMessage::Full { .. } => {
+                if let Some(m) = NetMap::from_full(self.coordinator_key, msg) {
+                    *self = m;
+                }
+                MapChange::Replaced
+            }
+            MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer } => {
+                match self.peers.insert(peer.key, peer.clone()) {
+                    None => MapChange::PeerAdded(peer.key),
+                    Some(old) if old == *peer => MapChange::None,
+                    Some(_) => MapChange::PeerChanged(peer.key),
+                }
+            }
+            MapMessage::PeerRemoved { key } => match self.peers.remove(key) {
+                Some(_) => MapChange::PeerRemoved(*key),
+                None => MapChange::None,
+            },
+            MapMessage::SelfChanged { node } => {
+                if self.self_node == *node {
+                    MapChange::None
+                } else {
+                    self.self_node = node.clone();
+                    MapChange::SelfChanged
+                }
+            }
+            MapMessage::Keepalive => MapChange::None,
+        }
+    }
+
+    /// Reads a map file; `Ok(None)` when there is none yet.
+    pub fn load(path: &Path) -> Result<Option<Self>, MapFileError> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(MapFileError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| MapFileError::Parse {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Writes the map atomically (temporary file + rename), mode 0600: the
+    /// map lists every peer's addresses, which is nobody else's business.
+    pub fn save(&self, path: &Path) -> Result<(), MapFileError> {
+        let io = |source| MapFileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec_pretty(self).map_err(|source| MapFileError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io)?;
+        f.write_all(&json).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+mod peers_as_list {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<NodeKey, Peer>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<NodeKey, Peer>, D::Error> {
+        let v = Vec::<Peer>::deserialize(d)?;
+        Ok(v.into_iter().map(|p| (p.key, p)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    fn peer(id: i64) -> Peer {
+        let k = PrivateKey::generate().public();
+        Peer {
+            node_id: id,
+            key: k,
+            disco_key: k,
+            name: format!("n{id}"),
+            ipv4: [100, 64, 0, id as u8].into(),
+            ipv6: "fd00::1".parse().unwrap(),
+            endpoints: vec![],
+            online: true,
+            last_seen_ms: 0,
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn deltas_fold_into_the_map_and_survive_a_file_round_trip() {
+        let me = peer(1);
+        let a = peer(2);
+        let full = MapMessage::Full {
+            self_node: me.clone(),
+            peers: vec![a.clone()],
+            relay_map: RelayMap::default(),
+        };
+        let mut map = NetMap::from_full(me.key, &full).unwrap();
+        let b = peer(3);
+        assert_eq!(
+            map.apply(&MapMessage::PeerAdded { peer: b.clone() }),
+            MapChange::PeerAdded(b.key)
+        );
+        let mut a2 = a.clone();
+        a2.online = false;
+        assert_eq!(
+            map.apply(&MapMessage::PeerChanged { peer: a2.clone() }),
+            MapChange::PeerChanged(a.key)
+        );
+        assert_eq!(
+            map.apply(&MapMessage::PeerChanged { peer: a2.clone() }),
+            MapChange::None
+        );
+        assert_eq!(
+            map.apply(&MapMessage::PeerRemoved { key: b.key }),
+            MapChange::PeerRemoved(b.key)
+        );
+        assert_eq!(
+            map.apply(&MapMessage::PeerRemoved { key: b.key }),
+            MapChange::None
+        );
+        assert_eq!(map.peers.len(), 1);
+        assert!(!map.peers[&a.key].online);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("map.json");
+        assert!(NetMap::load(&path).unwrap().is_none());
+        map.save(&path).unwrap();
+        assert_eq!(NetMap::load(&path).unwrap().unwrap(), map);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(
+            NetMap::load(&path),
+            Err(MapFileError::Parse { .. })
+        ));
+    }
+}

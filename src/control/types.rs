@@ -1,0 +1,270 @@
+//! The JSON bodies of the control protocol, shared by agent and coordinator.
+//!
+//! Every request body is `deny_unknown_fields`: a field the coordinator does
+//! not know is far more likely a client bug (or a probe) than a feature, and
+//! refusing it loudly keeps "accepted" meaning "understood". Responses and map
+//! messages are read leniently by the agent instead, so an older agent keeps
+//! working against a newer coordinator that adds fields.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::NodeKey;
+
+/// A node's id in the coordinator's store. Stable for the node's lifetime.
+pub type NodeId = i64;
+
+/// `GET /key`: the coordinator's X25519 public key, which the agent needs to
+/// derive the key that authenticates all its later requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKeyResponse {
+    pub key: NodeKey,
+    /// The coordinator's software version, for diagnostics only.
+    pub version: String,
+}
+
+/// `POST /register` (signed with the node key being registered).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The join token. It may be omitted when the node key is already
+    /// registered: proof of the key is then enough, and nothing is spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub node_key: NodeKey,
+    pub disco_key: NodeKey,
+    pub hostname: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// What the coordinator gives a registered node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: NodeId,
+    /// The name peers see (the hostname, made unique in the network).
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub ephemeral: bool,
+    pub relay_map: RelayMap,
+}
+
+/// Where the relays are. A placeholder until the relay issue lands: the
+/// coordinator sends an empty list, and agents must cope with that.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayMap {
+    #[serde(default)]
+    pub regions: Vec<RelayRegion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRegion {
+    pub id: u16,
+    pub name: String,
+    /// `https://host:port/relay` (or `http://` in the lab).
+    pub url: String,
+    #[serde(default)]
+    pub stun: Vec<SocketAddr>,
+}
+
+/// How an endpoint candidate was learnt; peers try them in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    Host,
+    Portmapped,
+    Srflx,
+    Predicted,
+}
+
+/// One endpoint candidate of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub kind: EndpointKind,
+}
+
+/// The most candidates one report may carry; more is a bug or an attack.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// `POST /endpoints` (signed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsReport {
+    pub endpoints: Vec<Endpoint>,
+    /// The netcheck summary, free-form until netcheck's report type settles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netcheck: Option<serde_json::Value>,
+}
+
+/// A node as its peers see it in the map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node_id: NodeId,
+    pub key: NodeKey,
+    pub disco_key: NodeKey,
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    pub online: bool,
+    /// Unix time in milliseconds when the coordinator last heard from it.
+    pub last_seen_ms: i64,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// One line of the map stream (`GET /map`, newline-delimited JSON).
+///
+/// The first line is always `full`; after it only deltas and keepalives
+/// follow, until the coordinator decides a resynchronisation is simpler than
+/// a delta (after it fell behind, say) and sends `full` again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MapMessage {
+    Full {
+        self_node: Peer,
+        peers: Vec<Peer>,
+        relay_map: RelayMap,
+    },
+    PeerAdded {
+        peer: Peer,
+    },
+    PeerChanged {
+        peer: Peer,
+    },
+    PeerRemoved {
+        key: NodeKey,
+    },
+    /// The receiving node's own entry changed (endpoints it reported, its
+    /// online state, a rename by the administrator).
+    SelfChanged {
+        node: Peer,
+    },
+    Keepalive,
+}
+
+/// How often the coordinator writes a keepalive line on an idle map stream.
+pub const KEEPALIVE_SECS: u64 = 30;
+
+/// The body of every error response, with the HTTP status from
+/// [`ErrorCode::status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Machine-readable error codes. Agents match on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Malformed JSON, an unknown field, a value out of range.
+    BadRequest,
+    PayloadTooLarge,
+    /// Authentication headers missing or malformed.
+    Unauthenticated,
+    /// The MAC does not verify.
+    BadSignature,
+    /// The timestamp is outside the accepted window.
+    StaleRequest,
+    /// The nonce was seen before: a replayed request.
+    Replayed,
+    /// The node key is not (or no longer) registered.
+    UnknownNode,
+    InvalidToken,
+    TokenExpired,
+    TokenRevoked,
+    /// A one-off token that has already been spent.
+    TokenUsed,
+    NotFound,
+    MethodNotAllowed,
+    Internal,
+    /// A code this build does not know (sent by a newer coordinator).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The HTTP status each code travels with.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::Unauthenticated
+            | ErrorCode::BadSignature
+            | ErrorCode::StaleRequest
+            | ErrorCode::Replayed
+            | ErrorCode::UnknownNode
+            | ErrorCode::InvalidToken
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenRevoked
+            | ErrorCode::TokenUsed => 401,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Internal | ErrorCode::Unknown => 500,
+        }
+    }
+
+    /// Whether retrying the same request later can help. A node that was
+    /// removed, or whose token is dead, must stop and tell its operator.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnknownNode
+                | ErrorCode::InvalidToken
+                | ErrorCode::TokenExpired
+                | ErrorCode::TokenRevoked
+                | ErrorCode::TokenUsed
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    #[test]
+    fn map_messages_are_tagged_snake_case() {
+        let k = PrivateKey::generate().public();
+        let line = serde_json::to_string(&MapMessage::PeerRemoved { key: k }).unwrap();
+        assert_eq!(line, format!(r#"{{"type":"peer_removed","key":"{k}"}}"#));
+        let ka: MapMessage = serde_json::from_str(r#"{"type":"keepalive"}"#).unwrap();
+        assert_eq!(ka, MapMessage::Keepalive);
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let k = PrivateKey::generate().public();
+        let ok = format!(r#"{{"node_key":"{k}","disco_key":"{k}","hostname":"a"}}"#);
+        let req: RegisterRequest = serde_json::from_str(&ok).unwrap();
+        assert_eq!(req.token, None);
+        let bad = format!(r#"{{"node_key":"{k}","disco_key":"{k}","hostname":"a","admin":true}}"#);
+        let err = serde_json::from_str::<RegisterRequest>(&bad).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_kinds_are_lowercase() {
+        let e: Endpoint = serde_json::from_str(r#"{"addr":"1.2.3.4:5","kind":"srflx"}"#).unwrap();
+        assert_eq!(e.kind, EndpointKind::Srflx);
+        assert!(serde_json::from_str::<Endpoint>(r#"{"addr":"1.2.3.4:5","kind":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_error_codes_still_parse() {
+        let b: ErrorBody = serde_json::from_str(r#"{"code":"brand_new","message":"m"}"#).unwrap();
+        assert_eq!(b.code, ErrorCode::Unknown);
+        assert_eq!(ErrorCode::Replayed.status(), 401);
+        assert!(ErrorCode::UnknownNode.is_permanent());
+        assert!(!ErrorCode::Internal.is_permanent());
+    }
+}

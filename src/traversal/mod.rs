@@ -1,0 +1,228 @@
+//! NAT traversal and path selection, sans-IO.
+//!
+//! Two layers, both driven the quinn-proto way (`handle_*(now, ..)` inputs,
+//! `poll_transmit` / `poll_timeout` / `poll_event` outputs, no clock, no IO):
+//!
+//! - [`peer::PeerPaths`]: one peer's path state machine (DESIGN §7). It owns
+//!   the peer's candidates, the direct paths it has seen, the pings in flight
+//!   and the timers, and decides which path the data plane uses right now.
+//! - [`node::Node`]: the "magicsock" core of one agent. It demultiplexes the
+//!   shared UDP socket (disco / WireGuard / STUN), seals and opens disco boxes,
+//!   filters replays, routes messages to the right peer machine, and turns the
+//!   peers' outputs into datagrams and relay frames for the driver.
+//!
+//! [`hardnat`] holds the port prediction and birthday-method logic for NATs
+//! with endpoint-dependent mapping. The tokio driver (in `agent/`) only moves
+//! bytes and time in and out of a [`node::Node`].
+
+pub mod hardnat;
+pub mod node;
+pub mod peer;
+mod select;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub use hardnat::{Allocation, Mapping, NatSummary};
+
+/// Which local UDP socket a datagram uses. `0` is the primary socket shared
+/// with WireGuard; `1..` are the extra sockets of the birthday method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SocketId(pub u16);
+
+impl SocketId {
+    pub const PRIMARY: SocketId = SocketId(0);
+}
+
+/// A direct UDP path: from one of our sockets to one address of the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DirectPath {
+    pub socket: SocketId,
+    pub addr: SocketAddr,
+}
+
+impl DirectPath {
+    pub fn primary(addr: SocketAddr) -> Self {
+        DirectPath {
+            socket: SocketId::PRIMARY,
+            addr,
+        }
+    }
+}
+
+/// Where packets for a peer go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Through the relay (DERP-like), always available.
+    Relay,
+    Direct(DirectPath),
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Relay => f.write_str("relay"),
+            Path::Direct(d) if d.socket == SocketId::PRIMARY => write!(f, "direct {}", d.addr),
+            Path::Direct(d) => write!(f, "direct {} (socket {})", d.addr, d.socket.0),
+        }
+    }
+}
+
+/// Tunables. The defaults follow DESIGN §7 and Tailscale's field experience.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Ping interval on the current direct path while traffic flows.
+    pub heartbeat: Duration,
+    /// How long a path stays trusted past its last pong while traffic flows.
+    pub trust: Duration,
+    /// Ping interval on an idle direct path, to hold NAT mappings open.
+    pub keepalive: Duration,
+    /// Traffic older than this makes the peer idle.
+    pub active_timeout: Duration,
+    /// How often a direct path that may not be the best is re-probed.
+    pub reprobe: Duration,
+    /// First retry of a discovery round; doubles for each round.
+    pub probe_retry: Duration,
+    /// Rounds before a discovery attempt is declared failed.
+    pub probe_rounds: u32,
+    /// Wait before the next attempt after a failed one; doubles up to
+    /// `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Least gap between two CallMeMaybe to one peer.
+    pub call_me_maybe_gap: Duration,
+    /// A ping unanswered after this is forgotten.
+    pub ping_timeout: Duration,
+    /// Ports predicted ahead for a NAT with sequential allocation.
+    pub predict_ports: u16,
+    /// Extra sockets the hard side opens for the birthday method.
+    pub birthday_sockets: u16,
+    /// Most random ports the easy side probes in one birthday attempt.
+    pub birthday_probes: u32,
+    /// Probes per second of the easy side.
+    pub birthday_rate: u32,
+    /// Longest a birthday attempt may run.
+    pub birthday_time: Duration,
+    /// Most direct paths remembered per peer (candidates + learnt sources).
+    pub max_paths: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat: Duration::from_secs(3),
+            trust: Duration::from_millis(6500),
+            keepalive: Duration::from_secs(25),
+            active_timeout: Duration::from_secs(45),
+            reprobe: Duration::from_secs(60),
+            probe_retry: Duration::from_millis(500),
+            probe_rounds: 5,
+            retry_initial: Duration::from_secs(30),
+            retry_max: Duration::from_secs(300),
+            call_me_maybe_gap: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(5),
+            predict_ports: 8,
+            birthday_sockets: 256,
+            birthday_probes: 2000,
+            birthday_rate: 100,
+            birthday_time: Duration::from_secs(30),
+            max_paths: 64,
+        }
+    }
+}
+
+/// Why a timer was set; returned with the deadline by `poll_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimerReason {
+    /// Next discovery round (pings to every candidate + CallMeMaybe).
+    Probe,
+    /// Heartbeat or keepalive ping on the current direct path.
+    Heartbeat,
+    /// The current direct path stops being trusted.
+    TrustExpiry,
+    /// Look again for a better path than the current direct one.
+    Reprobe,
+    /// Next batch of birthday probes, or the end of the attempt.
+    Birthday,
+}
+
+/// Why the path changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChangeReason {
+    /// A first pong proved a direct path.
+    PongReceived,
+    /// A clearly better direct path answered.
+    BetterPath,
+    /// The direct path went silent past its trust window.
+    TimedOut,
+    /// The local network changed; every direct path is suspect.
+    NetworkChanged,
+}
+
+/// Outputs of a peer machine besides datagrams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    PathChanged {
+        from: Path,
+        to: Path,
+        reason: ChangeReason,
+    },
+    /// The birthday method needs this many extra local sockets.
+    WantSockets(u16),
+    /// The extra sockets are no longer needed, except `keep` if set.
+    ReleaseSockets { keep: Option<SocketId> },
+}
+
+/// Why a peer is on the relay, for `warren status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayReason {
+    /// Discovery is running and nothing has answered yet.
+    Probing { since: Instant },
+    /// The peer published no candidate we can reach over UDP.
+    NoCandidates,
+    /// A discovery attempt ended with no pong.
+    NoAnswer { at: Instant, candidates: usize },
+    /// Both sides randomise ports per destination; no method here can open a
+    /// direct path without a port mapping.
+    BothHardNat,
+    /// The birthday attempt ran out of probes or time.
+    BirthdayFailed { at: Instant, probes: u32 },
+    /// The direct path went silent.
+    DirectTimedOut { at: Instant, path: DirectPath },
+    /// The local network changed.
+    NetworkChanged { at: Instant },
+}
+
+impl RelayReason {
+    /// Human text, with instants shown relative to `now`.
+    pub fn describe(&self, now: Instant) -> String {
+        let ago = |t: &Instant| {
+            format!(
+                "{:.1}s ago",
+                now.saturating_duration_since(*t).as_secs_f32()
+            )
+        };
+        match self {
+            RelayReason::Probing { since } => format!("probing candidates since {}", ago(since)),
+            RelayReason::NoCandidates => "peer has no UDP candidates".into(),
+            RelayReason::NoAnswer { at, candidates } => {
+                format!("no pong from {candidates} candidates; gave up {}", ago(at))
+            }
+            RelayReason::BothHardNat => {
+                "both sides EDM with random ports: no direct path without a port mapping".into()
+            }
+            RelayReason::BirthdayFailed { at, probes } => {
+                format!("birthday probing failed after {probes} probes, {}", ago(at))
+            }
+            RelayReason::DirectTimedOut { at, path } => {
+                format!("direct path {} went silent {}", path.addr, ago(at))
+            }
+            RelayReason::NetworkChanged { at } => format!("local network changed {}", ago(at)),
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! The node-level traversal core ("magicsock" without the sockets).
+//!
+//! One [`Node`] per agent. It owns the disco key, one [`PeerPaths`] per peer,
+//! and everything that spans peers: the demultiplexing of the shared UDP
+//! socket, the sealing counter, the replay windows, the count of NAT
+//! mappings this host has opened (for port prediction) and the extra
+//! sockets of the birthday method.
+//!
+//! The tokio driver's loop is:
+//!
+//! 1. datagram on socket `s` from `src` → [`Node::handle_udp`]; it says
+//!    whether the bytes were disco (consumed), WireGuard (hand to the data
+//!    plane) or STUN (hand to netcheck). Relay frames → [`Node::handle_relay`].
+//! 2. loop [`Node::poll_transmit`] and send each [`NodeTransmit`] on the
+//!    socket or relay it names.
+//! 3. loop [`Node::poll_event`]: path changes (for logs and `status`), and
+//!    requests to open/close the extra sockets.
+//! 4. sleep until [`Node::poll_timeout`], then [`Node::handle_timeout`].
+//!
+//! The data plane asks [`Node::path`] for every WireGuard packet and calls
+//! [`Node::note_traffic`]. Disco packets from senders that are not in the
+//! map are dropped before any X25519 work, so strangers cannot make us do
+//! crypto; every drop is counted in [`DropStats`], never logged per packet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crypto_box::SalsaBox;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::hardnat::{self, Allocation, Mapping};
+use super::peer::{Payload, PeerPaths, PeerStats};
+use super::{
+    ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
+};
+use crate::keys::NodeKey;
+use crate::proto::disco::{
+    self, Candidate, DiscoError, DiscoKey, DiscoSecret, Message, ReplayWindow,
+};
+
+/// Most destinations remembered for port prediction; past this, prediction
+/// is off until the next netcheck (the count would be a guess anyway).
+const MAX_CONTACTED: usize = 4096;
+
+/// WireGuard messages start with a type of 1–4 and three reserved zero
+/// bytes. The zeros matter: a STUN Binding response starts `0x01 0x01`.
+fn is_wireguard(b: &[u8]) -> bool {
+    matches!(b, [1..=4, 0, 0, 0, ..])
+}
+
+/// STUN (RFC 8489 §6): two zero bits, then the magic cookie at bytes 4..8.
+fn is_stun(b: &[u8]) -> bool {
+    b.len() >= 20 && b[0] & 0xc0 == 0 && b[4..8] == [0x21, 0x12, 0xa4, 0x42]
+}
+
+/// A peer as the coordinator's map describes it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub node_key: NodeKey,
+    pub disco_key: DiscoKey,
+    pub candidates: Vec<Candidate>,
+    pub nat: NatSummary,
+}
+
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    Udp { socket: SocketId, addr: SocketAddr },
+    Relay(NodeKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTransmit {
+    pub dest: Dest,
+    pub bytes: Vec<u8>,
+}
+
+/// What an incoming datagram was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Datagram {
+    /// A disco message, consumed.
+    Disco,
+    /// WireGuard: the data plane's.
+    WireGuard,
+    /// STUN: netcheck's.
+    Stun,
+    /// Dropped and counted.
+    Dropped,
+}
+
+/// Node-level outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    PathChanged {
+        peer: NodeKey,
+        from: Path,
+        to: Path,
+        reason: ChangeReason,
+    },
+    /// Open extra UDP sockets with ids `1..=count` (any free local port),
+    /// then call [`Node::sockets_opened`].
+    OpenSockets { count: u16 },
+    /// Close every extra socket except `keep` (in use by a direct path).
+    CloseSockets { keep: Vec<SocketId> },
+}
+
+/// Counters of refused input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropStats {
+    pub unknown_datagram: u64,
+    pub malformed: u64,
+    pub unknown_sender: u64,
+    pub replayed: u64,
+    pub unsealable: u64,
+    /// Relay frame whose disco sender is not the node the relay vouches for.
+    pub relay_mismatch: u64,
+    /// Opened fine but refused by the peer machine (stray pong, wrong key).
+    pub rejected: u64,
+}
+
+/// One peer's state as `warren status` shows it.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub path: Path,
+    pub rtt: Option<Duration>,
+    pub relay_reason: Option<String>,
+    pub stats: PeerStats,
+}
+
+struct PeerEntry {
+    disco: DiscoKey,
+    sbox: SalsaBox,
+    replay: ReplayWindow,
+    remote_nat: NatSummary,
+    paths: PeerPaths,
+}
+
+/// See the module doc.
+pub struct Node {
+    cfg: Config,
+    local_key: NodeKey,
+    secret: DiscoSecret,
+    public: DiscoKey,
+    peers: BTreeMap<NodeKey, PeerEntry>,
+    by_disco: HashMap<DiscoKey, NodeKey>,
+    counter: u64,
+    rng: StdRng,
+    local_candidates: Vec<Candidate>,
+    local_nat: NatSummary,
+    /// New destinations of the primary socket since the last STUN
+    /// observation, with their order and the peer they were for: on a
+    /// sequential NAT, the i-th one got port `observed + step * (i + 1)`.
+    contacted: HashMap<SocketAddr, (usize, NodeKey)>,
+    predicted: Option<(usize, Vec<Candidate>)>,
+    sockets_open: u16,
+    sockets_requested: bool,
+    sockets_wanted_by: BTreeSet<NodeKey>,
+    sockets_kept: BTreeSet<SocketId>,
+    events: VecDeque<NodeEvent>,
+    drops: DropStats,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("key", &self.local_key)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// `seed` drives every random choice (nonce tails, tx ids, birthday
+    /// ports); the agent passes OS randomness, the simulator a fixed seed.
+    pub fn new(cfg: Config, local_key: NodeKey, secret: DiscoSecret, seed: u64) -> Self {
+        let public = secret.public();
+        Node {
+            cfg,
+            local_key,
+            secret,
+            public,
+            peers: BTreeMap::new(),
+            by_disco: HashMap::new(),
+            counter: 0,
+            rng: StdRng::seed_from_u64(seed),
+            local_candidates: Vec::new(),
+            local_nat: NatSummary::default(),
+            contacted: HashMap::new(),
+            predicted: None,
+            sockets_open: 0,
+            sockets_requested: false,
+            sockets_wanted_by: BTreeSet::new(),
+            sockets_kept: BTreeSet::new(),
+            events: VecDeque::new(),
+            drops: DropStats::default(),
+        }
+    }
+
+    pub fn disco_key(&self) -> DiscoKey {
+        self.public
+    }
+
+    pub fn drops(&self) -> DropStats {
+        self.drops
+    }
+
+    /// This host's candidates and netcheck summary. A new STUN observation
+    /// restarts the count of mappings used for port prediction.
+    pub fn set_local(&mut self, candidates: Vec<Candidate>, nat: NatSummary) {
+        if nat.observed != self.local_nat.observed {
+            self.contacted.clear();
+            self.predicted = None;
+        }
+        self.local_candidates = candidates;
+        self.local_nat = nat;
+        for entry in self.peers.values_mut() {
+            entry.paths.set_nat(nat, entry.remote_nat);
+        }
+    }
+
+    /// Adds or updates a peer from the coordinator's map.
+    pub fn upsert_peer(&mut self, now: Instant, info: PeerInfo) {
+        if let Some(entry) = self.peers.get(&info.node_key) {
+            if entry.disco != info.disco_key {
+                self.by_disco.remove(&entry.disco);
+                self.peers.remove(&info.node_key);
+            }
+        }
+        if !self.peers.contains_key(&info.node_key) {
+            let seed = self.rng.gen();
+            let paths = PeerPaths::new(self.cfg.clone(), self.local_key, info.node_key, seed);
+            self.by_disco.insert(info.disco_key, info.node_key);
+            self.peers.insert(
+                info.node_key,
+                PeerEntry {
+                    disco: info.disco_key,
+                    sbox: self.secret.box_for(&info.disco_key),
+                    replay: ReplayWindow::default(),
+                    remote_nat: info.nat,
+                    paths,
+                },
+            );
+        }
+        if let Some(entry) = self.peers.get_mut(&info.node_key) {
+            entry.remote_nat = info.nat;
+            entry.paths.set_nat(self.local_nat, info.nat);
+            entry.paths.handle_candidates(now, info.candidates);
+        }
+        self.pump(now, info.node_key);
+    }
+
+    pub fn remove_peer(&mut self, now: Instant, key: &NodeKey) {
+        if let Some(entry) = self.peers.remove(key) {
+            self.by_disco.remove(&entry.disco);
+        }
+        if self.sockets_wanted_by.remove(key) {
+            self.maybe_close_sockets(now);
+        }
+    }
+
+    /// The path for the next WireGuard packet to `peer` (relay if unknown).
+    pub fn path(&self, peer: &NodeKey) -> Path {
+        self.peers
+            .get(peer)
+            .map_or(Path::Relay, |e| e.paths.current_path())
+    }
+
+    pub fn status(&self, peer: &NodeKey, now: Instant) -> Option<PeerStatus> {
+        let p = &self.peers.get(peer)?.paths;
+        Some(PeerStatus {
+            path: p.current_path(),
+            rtt: p.rtt(),
+            relay_reason: p.relay_reason().map(|r| r.describe(now)),
+            stats: p.stats(),
+        })
+    }
+
+    /// The raw relay reason, for callers that want to match on it.
+    pub fn relay_reason(&self, peer: &NodeKey) -> Option<RelayReason> {
+        self.peers.get(peer)?.paths.relay_reason().cloned()
+    }
+
+    pub fn note_traffic(&mut self, now: Instant, peer: &NodeKey) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            e.paths.note_traffic(now);
+            self.pump(now, *peer);
+        }
+    }
+
+    /// The host's interfaces or default route changed.
+    pub fn network_changed(&mut self, now: Instant) {
+        self.contacted.clear();
+        self.predicted = None;
+        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(e) = self.peers.get_mut(&k) {
+                e.paths.network_changed(now);
+            }
+            self.pump(now, k);
+        }
+    }
+
+    /// The driver opened the requested extra sockets (`1..=count`).
+    pub fn sockets_opened(&mut self, now: Instant, count: u16) {
+        self.sockets_open = count;
+        let wanting: Vec<NodeKey> = self.sockets_wanted_by.iter().copied().collect();
+        for k in wanting {
+            if let Some(e) = self.peers.get_mut(&k) {
+                e.paths.sockets_ready(now, count);
+            }
+            self.pump(now, k);
+        }
+    }
+
+    /// A datagram arrived on local socket `socket` from `src`.
+    pub fn handle_udp(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        src: SocketAddr,
+        bytes: &[u8],
+    ) -> Datagram {
+        match bytes.first() {
+            Some(_) if disco::looks_like_disco(bytes) => self.handle_disco(
+                now,
+                Path::Direct(DirectPath { socket, addr: src }),
+                None,
+                bytes,
+            ),
+            _ if is_wireguard(bytes) => Datagram::WireGuard,
+            _ if is_stun(bytes) => Datagram::Stun,
+            _ => {
+                self.drops.unknown_datagram += 1;
+                Datagram::Dropped
+            }
+        }
+    }
+
+    /// A packet arrived through the relay from node `from` (the relay has
+    /// authenticated `from`).
+    pub fn handle_relay(&mut self, now: Instant, from: NodeKey, bytes: &[u8]) -> Datagram {
+        if disco::looks_like_disco(bytes) {
+            self.handle_disco(now, Path::Relay, Some(from), bytes)
+        } else if is_wireguard(bytes) {
+            Datagram::WireGuard
+        } else {
+            self.drops.unknown_datagram += 1;
+            Datagram::Dropped
+        }
+    }
+
+    fn handle_disco(
+        &mut self,
+        now: Instant,
+        path: Path,
+        relay_from: Option<NodeKey>,
+        bytes: &[u8],
+    ) -> Datagram {
+        let header = match disco::parse_header(bytes) {
+            Ok(h) => h,
+            Err(_) => {
+                self.drops.malformed += 1;
+                return Datagram::Dropped;
+            }
+        };
+        let Some(&peer) = self.by_disco.get(&header.sender) else {
+            self.drops.unknown_sender += 1;
+            return Datagram::Dropped;
+        };
+        if relay_from.is_some_and(|f| f != peer) {
+            self.drops.relay_mismatch += 1;
+            return Datagram::Dropped;
+        }
+        let Some(entry) = self.peers.get_mut(&peer) else {
+            self.drops.unknown_sender += 1;
+            return Datagram::Dropped;
+        };
+        if entry.replay.check(header.counter).is_err() {
+            self.drops.replayed += 1;
+            return Datagram::Dropped;
+        }
+        let msg = match disco::open(&entry.sbox, &entry.disco, bytes) {
+            Ok((_, msg)) => msg,
+            Err(DiscoError::Unsealable) => {
+                self.drops.unsealable += 1;
+                return Datagram::Dropped;
+            }
+            Err(_) => {
+                self.drops.malformed += 1;
+                return Datagram::Dropped;
+            }
+        };
+        // Only an authentic box may advance the window.
+        if entry.replay.accept(header.counter).is_err() {
+            self.drops.replayed += 1;
+            return Datagram::Dropped;
+        }
+        if entry.paths.handle_disco(now, path, msg).is_err() {
+            self.drops.rejected += 1;
+        }
+        self.pump(now, peer);
+        Datagram::Disco
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(e) = self.peers.get_mut(&k) {
+                if e.paths.poll_timeout().is_some_and(|(t, _)| t <= now) {
+                    e.paths.handle_timeout(now);
+                }
+            }
+            self.pump(now, k);
+        }
+    }
+
+    /// The earliest deadline over all peers. O(peers); a timer wheel can
+    /// replace the scan when meshes grow large.
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        self.peers
+            .values()
+            .filter_map(|e| e.paths.poll_timeout())
+            .min_by_key(|(t, _)| *t)
+    }
+
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next datagram to send, sealed.
+    pub fn poll_transmit(&mut self) -> Option<NodeTransmit> {
+        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            let Some(t) = self.peers.get_mut(&k).and_then(|e| e.paths.poll_transmit()) else {
+                continue;
+            };
+            let msg = match t.payload {
+                Payload::Disco(m) => m,
+                Payload::CallMeMaybe => Message::CallMeMaybe {
+                    endpoints: self.own_endpoints(k),
+                },
+            };
+            let dest = match t.path {
+                Path::Relay => Dest::Relay(k),
+                Path::Direct(p) => {
+                    let n = self.contacted.len();
+                    if p.socket == SocketId::PRIMARY && n < MAX_CONTACTED {
+                        self.contacted.entry(p.addr).or_insert((n, k));
+                    }
+                    Dest::Udp {
+                        socket: p.socket,
+                        addr: p.addr,
+                    }
+                }
+            };
+            self.counter += 1;
+            let random: [u8; 16] = self.rng.gen();
+            let entry = self.peers.get(&k)?;
+            let bytes = disco::seal(&entry.sbox, &self.public, self.counter, random, &msg);
+            return Some(NodeTransmit { dest, bytes });
+        }
+        None
+    }
+
+    /// Our candidates for a CallMeMaybe to `peer`. When our NAT allocates
+    /// sequentially, two lists of predicted ports follow (see `hardnat`):
+    /// first the next `predict_ports` ports our new destinations will get
+    /// (kept until used up, so repeated CallMeMaybe agree), then the ports
+    /// our NAT already gave to the destinations we probed for this peer.
+    /// The peer probes predicted candidates in this order, so both sides'
+    /// future ports pair up index by index.
+    fn own_endpoints(&mut self, peer: NodeKey) -> Vec<Candidate> {
+        let mut out = self.local_candidates.clone();
+        if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(base)) = (
+            self.local_nat.mapping,
+            self.local_nat.allocation,
+            self.local_nat.observed,
+        ) {
+            let used = self.contacted.len();
+            let stale = self
+                .predicted
+                .as_ref()
+                .is_none_or(|(start, p)| used >= start + p.len());
+            if stale && used < MAX_CONTACTED {
+                let opened = u32::try_from(used).unwrap_or(u32::MAX);
+                let p = hardnat::predict(base, step, opened, self.cfg.predict_ports);
+                self.predicted = Some((used, p));
+            }
+            if let Some((_, p)) = &self.predicted {
+                out.extend(p.iter().copied());
+            }
+            let mut mine: Vec<usize> = self
+                .contacted
+                .values()
+                .filter(|(_, k)| *k == peer)
+                .map(|(i, _)| *i)
+                .collect();
+            mine.sort_unstable();
+            for i in mine {
+                let opened = u32::try_from(i).unwrap_or(u32::MAX);
+                out.extend(hardnat::predict(base, step, opened, 1));
+            }
+        }
+        out.truncate(disco::MAX_CANDIDATES);
+        out
+    }
+
+    /// Moves one peer's events to the node queue, acting on socket requests.
+    fn pump(&mut self, now: Instant, key: NodeKey) {
+        while let Some(ev) = self.peers.get_mut(&key).and_then(|e| e.paths.poll_event()) {
+            match ev {
+                Event::PathChanged { from, to, reason } => {
+                    self.events.push_back(NodeEvent::PathChanged {
+                        peer: key,
+                        from,
+                        to,
+                        reason,
+                    });
+                }
+                Event::WantSockets(count) => {
+                    self.sockets_wanted_by.insert(key);
+                    if self.sockets_open > 0 {
+                        let open = self.sockets_open;
+                        if let Some(e) = self.peers.get_mut(&key) {
+                            e.paths.sockets_ready(now, open);
+                        }
+                    } else if !self.sockets_requested {
+                        self.sockets_requested = true;
+                        self.events.push_back(NodeEvent::OpenSockets { count });
+                    }
+                }
+                Event::ReleaseSockets { keep } => {
+                    self.sockets_kept.extend(keep);
+                    self.sockets_wanted_by.remove(&key);
+                    self.maybe_close_sockets(now);
+                }
+            }
+        }
+    }
+
+    fn maybe_close_sockets(&mut self, _now: Instant) {
+        if self.sockets_wanted_by.is_empty() && (self.sockets_open > 0 || self.sockets_requested) {
+            self.sockets_open = 0;
+            self.sockets_requested = false;
+            let keep = self.sockets_kept.iter().copied().collect();
+            self.events.push_back(NodeEvent::CloseSockets { keep });
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

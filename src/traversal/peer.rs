@@ -1,0 +1,566 @@
+//! One peer's path state machine (DESIGN §7), sans-IO.
+//!
+//! Traffic starts on the relay at once. Discovery begins with the first
+//! traffic (or the peer's first disco message), so idle peers in a large mesh
+//! cost nothing: it pings every candidate and asks the peer, through the
+//! relay, to do the same (CallMeMaybe), so that both NATs open at the same
+//! time. A ping from an unknown source is answered and pinged back, which is
+//! how connection reversal and the hard-NAT methods find their paths. Only a
+//! pong that matches a ping we sent on that very path can make a path usable;
+//! the node has already dropped forged and replayed boxes before they get here.
+//!
+//! Discovery runs in rounds (0.5, 1, 2, 4, 8 s apart by default). If no pong
+//! comes, the peer stays on the relay and the next attempt waits 30 s,
+//! doubling up to 5 min. A direct path is heartbeaten every 3 s while traffic
+//! flows and every keepalive (25 s) while idle; it is trusted for 6.5 s past
+//! its last pong (keepalive + 6.5 s when idle), then traffic goes back to the
+//! relay at once and discovery restarts. While direct, the other candidates
+//! are re-probed every minute and a clearly better path takes over.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::hardnat::{self, BirthdayProber, Strategy};
+use super::select::{clearly_better, PathTable};
+use super::{ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, TimerReason};
+use crate::keys::NodeKey;
+use crate::proto::disco::{Candidate, CandidateKind, Message, Transport, MAX_CANDIDATES};
+
+/// What to send. `CallMeMaybe` carries no endpoints here: the node fills in
+/// this host's candidates when it seals the message, because only the node
+/// knows them (and counts the NAT ports used, for prediction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Disco(Message),
+    CallMeMaybe,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub path: Path,
+    pub payload: Payload,
+}
+
+/// Why a disco message was refused by the peer machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejected {
+    #[error("ping names node key that is not this peer's")]
+    NodeKeyMismatch,
+    #[error("pong matches no ping in flight on that path")]
+    UnexpectedPong,
+    #[error("message not accepted over this path")]
+    WrongPath,
+}
+
+/// Counters for `warren status` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub pings_sent: u64,
+    pub pongs_received: u64,
+    pub call_me_maybe_sent: u64,
+    pub birthday_probes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    path: DirectPath,
+    sent: Instant,
+}
+
+#[derive(Debug, Clone)]
+enum Birthday {
+    Idle { not_before: Option<Instant> },
+    Hard { deadline: Instant, sprayed: u16 },
+    Easy(BirthdayProber),
+}
+
+/// Bounds the pings in flight: the birthday method alone may have a few
+/// hundred outstanding.
+const MAX_PENDING: usize = 4096;
+/// Least gap between two pings to one path outside the regular rounds.
+const PING_GAP: Duration = Duration::from_secs(1);
+
+/// The per-peer machine. See the module doc for the behaviour.
+#[derive(Debug)]
+pub struct PeerPaths {
+    cfg: Config,
+    local_key: NodeKey,
+    peer_key: NodeKey,
+    local_nat: NatSummary,
+    remote_nat: NatSummary,
+    candidates: Vec<Candidate>,
+    table: PathTable,
+    current: Path,
+    pending: HashMap<[u8; 12], Pending>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    rng: StdRng,
+    probe_at: Option<Instant>,
+    probe_round: u32,
+    retry_backoff: Duration,
+    heartbeat_at: Option<Instant>,
+    reprobe_at: Option<Instant>,
+    last_cmm: Option<Instant>,
+    last_traffic: Option<Instant>,
+    relay_reason: RelayReason,
+    birthday: Birthday,
+    stats: PeerStats,
+}
+
+impl PeerPaths {
+    /// `seed` feeds the tx ids and birthday ports; the node draws it from its
+    /// own RNG so a whole simulation follows from one seed.
+    pub fn new(cfg: Config, local_key: NodeKey, peer_key: NodeKey, seed: u64) -> Self {
+        let max_paths = cfg.max_paths;
+        let retry = cfg.retry_initial;
+        PeerPaths {
+            cfg,
+            local_key,
+            peer_key,
+            local_nat: NatSummary::default(),
+            remote_nat: NatSummary::default(),
+            candidates: Vec::new(),
+            table: PathTable::new(max_paths),
+            current: Path::Relay,
+            pending: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            rng: StdRng::seed_from_u64(seed),
+            probe_at: None,
+            probe_round: 0,
+            retry_backoff: retry,
+            heartbeat_at: None,
+            reprobe_at: None,
+            last_cmm: None,
+            last_traffic: None,
+            relay_reason: RelayReason::NoCandidates,
+            birthday: Birthday::Idle { not_before: None },
+            stats: PeerStats::default(),
+        }
+    }
+
+    pub fn peer_key(&self) -> NodeKey {
+        self.peer_key
+    }
+
+    /// The path for the next WireGuard packet.
+    pub fn current_path(&self) -> Path {
+        self.current
+    }
+
+    /// Why we are on the relay; `None` while direct.
+    pub fn relay_reason(&self) -> Option<&RelayReason> {
+        match self.current {
+            Path::Relay => Some(&self.relay_reason),
+            Path::Direct(_) => None,
+        }
+    }
+
+    /// Smoothed RTT of the current direct path.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.current {
+            Path::Direct(p) => self.table.get(&p).and_then(|i| i.rtt),
+            Path::Relay => None,
+        }
+    }
+
+    pub fn stats(&self) -> PeerStats {
+        self.stats
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        hardnat::strategy(&self.local_nat, &self.remote_nat)
+    }
+
+    /// The NAT summaries of this host and of the peer (from netcheck and the
+    /// coordinator's map).
+    pub fn set_nat(&mut self, local: NatSummary, remote: NatSummary) {
+        self.local_nat = local;
+        self.remote_nat = remote;
+    }
+
+    /// The peer's candidates from the coordinator map (replacing the old).
+    pub fn handle_candidates(&mut self, now: Instant, candidates: Vec<Candidate>) {
+        let mut fresh: Vec<Candidate> = Vec::new();
+        for c in candidates {
+            if c.transport == Transport::Udp && !fresh.iter().any(|f| f.addr == c.addr) {
+                fresh.push(c);
+            }
+        }
+        fresh.truncate(MAX_CANDIDATES);
+        if fresh == self.candidates {
+            return;
+        }
+        for c in &fresh {
+            self.table.insert(now, DirectPath::primary(c.addr), c.kind);
+        }
+        self.candidates = fresh;
+        match self.current {
+            Path::Relay if self.active(now) => self.start_discovery(now),
+            Path::Relay => {}
+            Path::Direct(_) => self.reprobe_at = Some(now),
+        }
+    }
+
+    /// The data plane sent or received a packet for this peer.
+    pub fn note_traffic(&mut self, now: Instant) {
+        let was_idle = !self.active(now);
+        self.last_traffic = Some(now);
+        if !was_idle {
+            return;
+        }
+        match self.current {
+            Path::Direct(p) => {
+                // The idle trust window was long; traffic needs the short one.
+                if let Some(info) = self.table.get_mut(&p) {
+                    let short = now + self.cfg.trust;
+                    info.trusted_until = info.trusted_until.map(|t| t.min(short));
+                }
+                self.heartbeat_at = Some(now);
+            }
+            Path::Relay => {
+                if self.probe_at.is_none_or(|t| t > now + self.cfg.probe_retry) {
+                    self.start_discovery(now);
+                }
+            }
+        }
+    }
+
+    /// The local network changed: every direct path is suspect.
+    pub fn network_changed(&mut self, now: Instant) {
+        for (_, info) in self.table.iter_mut() {
+            info.forget_trust();
+        }
+        self.pending.clear();
+        self.last_cmm = None;
+        if let Path::Direct(_) = self.current {
+            self.switch(now, Path::Relay, ChangeReason::NetworkChanged);
+        }
+        self.relay_reason = RelayReason::NetworkChanged { at: now };
+        self.retry_backoff = self.cfg.retry_initial;
+        // Ends a running birthday attempt properly (its sockets are released),
+        // then allows a new one at once: the NAT may be another one now.
+        self.end_birthday(now, None);
+        self.birthday = Birthday::Idle { not_before: None };
+        if self.active(now) {
+            self.start_discovery(now);
+        }
+    }
+
+    /// A disco message from the peer, already opened and replay-checked.
+    pub fn handle_disco(&mut self, now: Instant, from: Path, msg: Message) -> Result<(), Rejected> {
+        match (msg, from) {
+            (Message::Ping { tx_id, node_key }, Path::Direct(p)) => {
+                if node_key != self.peer_key {
+                    return Err(Rejected::NodeKeyMismatch);
+                }
+                let observed_src = p.addr;
+                self.transmits.push_back(Transmit {
+                    path: from,
+                    payload: Payload::Disco(Message::Pong {
+                        tx_id,
+                        observed_src,
+                    }),
+                });
+                self.table.insert(now, p, CandidateKind::PeerReflexive);
+                let recently = self
+                    .table
+                    .get(&p)
+                    .and_then(|i| i.last_ping)
+                    .is_some_and(|t| now < t + PING_GAP);
+                // A ping on the path we already trust proves nothing new;
+                // answering it is enough, and halves the keepalive traffic.
+                let current_ok = self.current == Path::Direct(p)
+                    && self.table.get(&p).is_some_and(|i| i.trusted(now));
+                if !recently && !current_ok {
+                    self.ping(now, p);
+                }
+                if self.current == Path::Relay && self.probe_at.is_none() {
+                    self.start_discovery(now);
+                }
+                Ok(())
+            }
+            (Message::Pong { tx_id, .. }, Path::Direct(p)) => {
+                let Some(pending) = self.pending.get(&tx_id).copied() else {
+                    return Err(Rejected::UnexpectedPong);
+                };
+                if pending.path != p {
+                    return Err(Rejected::UnexpectedPong);
+                }
+                self.pending.remove(&tx_id);
+                self.stats.pongs_received += 1;
+                let trust_for = if self.active(now) {
+                    self.cfg.trust
+                } else {
+                    self.cfg.keepalive + self.cfg.trust
+                };
+                if !self.table.insert(now, p, CandidateKind::PeerReflexive) {
+                    return Ok(());
+                }
+                if let Some(info) = self.table.get_mut(&p) {
+                    info.record_pong(now, now.saturating_duration_since(pending.sent), trust_for);
+                }
+                self.select(now);
+                Ok(())
+            }
+            (Message::CallMeMaybe { endpoints }, _) => {
+                self.merge_call_me(now, endpoints);
+                Ok(())
+            }
+            (_, Path::Relay) => Err(Rejected::WrongPath),
+        }
+    }
+
+    fn merge_call_me(&mut self, now: Instant, endpoints: Vec<Candidate>) {
+        // Predictions are only good for the attempt they were made for.
+        let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
+        if has_predicted {
+            self.candidates
+                .retain(|c| c.kind != CandidateKind::Predicted);
+        }
+        for c in endpoints {
+            if c.transport != Transport::Udp
+                || self.candidates.iter().any(|k| k.addr == c.addr)
+                || self.candidates.len() >= MAX_CANDIDATES
+            {
+                continue;
+            }
+            self.table.insert(now, DirectPath::primary(c.addr), c.kind);
+            self.candidates.push(c);
+        }
+        if self.strategy() == Strategy::BirthdayEasy {
+            self.start_birthday_easy(now);
+        }
+        if self.current == Path::Relay {
+            // The peer is probing right now: probe back at once.
+            if self.probe_at.is_none() || self.probe_round == 0 {
+                self.start_discovery(now);
+            }
+            self.probe_now(now);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.cfg.ping_timeout;
+        self.pending.retain(|_, p| now < p.sent + timeout);
+        if let Path::Direct(p) = self.current {
+            if !self.table.get(&p).is_some_and(|i| i.trusted(now)) {
+                self.switch(now, Path::Relay, ChangeReason::TimedOut);
+                self.relay_reason = RelayReason::DirectTimedOut { at: now, path: p };
+                if self.active(now) {
+                    self.start_discovery(now);
+                }
+            }
+        }
+        self.discovery_timer(now);
+        if let (Path::Direct(p), Some(at)) = (self.current, self.heartbeat_at) {
+            if now >= at {
+                self.ping(now, p);
+                let gap = if self.active(now) {
+                    self.cfg.heartbeat
+                } else {
+                    self.cfg.keepalive
+                };
+                self.heartbeat_at = Some(now + gap);
+            }
+        }
+        if let (Path::Direct(p), Some(at)) = (self.current, self.reprobe_at) {
+            if now >= at {
+                let others: Vec<SocketAddr> = self
+                    .candidates
+                    .iter()
+                    .map(|c| c.addr)
+                    .filter(|a| *a != p.addr)
+                    .collect();
+                for addr in others {
+                    self.ping(now, DirectPath::primary(addr));
+                }
+                self.reprobe_at = Some(now + self.cfg.reprobe);
+            }
+        }
+        self.birthday_timer(now);
+    }
+
+    fn discovery_timer(&mut self, now: Instant) {
+        let Some(at) = self.probe_at else { return };
+        if now < at || self.current != Path::Relay {
+            return;
+        }
+        if self.probe_round >= self.cfg.probe_rounds {
+            if !matches!(self.birthday, Birthday::Easy(_) | Birthday::Hard { .. }) {
+                self.relay_reason = match self.strategy() {
+                    Strategy::BothHard => RelayReason::BothHardNat,
+                    _ if self.candidates.is_empty() => RelayReason::NoCandidates,
+                    _ if matches!(self.relay_reason, RelayReason::BirthdayFailed { .. }) => {
+                        self.relay_reason.clone()
+                    }
+                    _ => RelayReason::NoAnswer {
+                        at: now,
+                        candidates: self.candidates.len(),
+                    },
+                };
+            }
+            self.probe_round = 0;
+            if self.active(now) {
+                self.probe_at = Some(now + self.retry_backoff);
+                self.retry_backoff = (self.retry_backoff * 2).min(self.cfg.retry_max);
+            } else {
+                self.probe_at = None;
+            }
+            return;
+        }
+        if self.probe_round == 0 {
+            self.start_birthday(now);
+        }
+        self.probe_now(now);
+        self.probe_at = Some(now + self.cfg.probe_retry * 2u32.saturating_pow(self.probe_round));
+        self.probe_round += 1;
+    }
+
+    fn start_discovery(&mut self, now: Instant) {
+        self.probe_round = 0;
+        self.probe_at = Some(now);
+        // A specific reason (timed out, network changed, hard NAT) says more
+        // than "probing" and stays until an attempt ends.
+        if matches!(
+            self.relay_reason,
+            RelayReason::NoCandidates | RelayReason::NoAnswer { .. }
+        ) {
+            self.relay_reason = RelayReason::Probing { since: now };
+        }
+    }
+
+    fn probe_now(&mut self, now: Instant) {
+        // Non-predicted first; predicted last and in order, because their
+        // order is what lines up with the NAT's port allocation.
+        let mut order: Vec<Candidate> = self.candidates.clone();
+        order.sort_by_key(|c| c.kind == CandidateKind::Predicted);
+        for c in order {
+            self.ping(now, DirectPath::primary(c.addr));
+        }
+        self.maybe_call_me(now);
+    }
+
+    fn maybe_call_me(&mut self, now: Instant) {
+        if self
+            .last_cmm
+            .is_some_and(|t| now < t + self.cfg.call_me_maybe_gap)
+        {
+            return;
+        }
+        self.last_cmm = Some(now);
+        self.stats.call_me_maybe_sent += 1;
+        self.transmits.push_back(Transmit {
+            path: Path::Relay,
+            payload: Payload::CallMeMaybe,
+        });
+    }
+
+    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) {
+        if self.pending.len() >= MAX_PENDING {
+            let timeout = self.cfg.ping_timeout;
+            self.pending.retain(|_, p| now < p.sent + timeout);
+            if self.pending.len() >= MAX_PENDING {
+                return;
+            }
+        }
+        let tx_id: [u8; 12] = self.rng.gen();
+        self.pending.insert(tx_id, Pending { path, sent: now });
+        if let Some(info) = self.table.get_mut(&path) {
+            info.last_ping = Some(now);
+        }
+        self.stats.pings_sent += 1;
+        self.transmits.push_back(Transmit {
+            path: Path::Direct(path),
+            payload: Payload::Disco(Message::Ping {
+                tx_id,
+                node_key: self.local_key,
+            }),
+        });
+    }
+
+    fn select(&mut self, now: Instant) {
+        let Some((best, best_score)) = self.table.best(now) else {
+            return;
+        };
+        match self.current {
+            Path::Relay => self.switch(now, Path::Direct(best), ChangeReason::PongReceived),
+            Path::Direct(cur) if cur != best => {
+                let cur_score = self.table.get(&cur).and_then(|i| i.score());
+                let cur_ok = self.table.get(&cur).is_some_and(|i| i.trusted(now));
+                if !cur_ok || cur_score.is_none_or(|c| clearly_better(best_score, c)) {
+                    self.switch(now, Path::Direct(best), ChangeReason::BetterPath);
+                }
+            }
+            Path::Direct(_) => {}
+        }
+    }
+
+    fn switch(&mut self, now: Instant, to: Path, reason: ChangeReason) {
+        let from = self.current;
+        self.current = to;
+        self.events
+            .push_back(Event::PathChanged { from, to, reason });
+        match to {
+            Path::Direct(p) => {
+                tracing::debug!(peer = %self.peer_key.short(), path = %to, ?reason, "direct path");
+                self.probe_at = None;
+                self.probe_round = 0;
+                self.retry_backoff = self.cfg.retry_initial;
+                self.heartbeat_at = Some(now + self.cfg.heartbeat);
+                self.reprobe_at.get_or_insert(now + self.cfg.reprobe);
+                self.end_birthday(now, Some(p.socket));
+            }
+            Path::Relay => {
+                tracing::debug!(peer = %self.peer_key.short(), ?reason, "back to relay");
+                self.heartbeat_at = None;
+                self.reprobe_at = None;
+            }
+        }
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        self.last_traffic
+            .is_some_and(|t| now < t + self.cfg.active_timeout)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The earliest deadline and what it is for.
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        let mut timers: Vec<(Instant, TimerReason)> = Vec::with_capacity(5);
+        if self.current == Path::Relay {
+            timers.extend(self.probe_at.map(|t| (t, TimerReason::Probe)));
+        }
+        if let Path::Direct(p) = self.current {
+            timers.extend(self.heartbeat_at.map(|t| (t, TimerReason::Heartbeat)));
+            timers.extend(self.reprobe_at.map(|t| (t, TimerReason::Reprobe)));
+            let trust = self.table.get(&p).and_then(|i| i.trusted_until);
+            timers.extend(trust.map(|t| (t, TimerReason::TrustExpiry)));
+        }
+        match &self.birthday {
+            Birthday::Easy(p) => timers.push((p.deadline(), TimerReason::Birthday)),
+            Birthday::Hard { deadline, .. } => timers.push((*deadline, TimerReason::Birthday)),
+            Birthday::Idle { .. } => {}
+        }
+        timers.into_iter().min_by_key(|(t, _)| *t)
+    }
+}
+
+#[path = "peer_birthday.rs"]
+mod birthday;
+
+#[cfg(test)]
+#[path = "peer_tests.rs"]
+mod tests;

@@ -1,0 +1,221 @@
+//! Unit tests of one peer machine, fed by hand (the simulator covers pairs).
+
+use super::*;
+
+fn key(b: u8) -> NodeKey {
+    NodeKey([b; 32])
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn machine(now: Instant) -> PeerPaths {
+    let mut m = PeerPaths::new(Config::default(), key(1), key(2), 9);
+    m.handle_candidates(
+        now,
+        vec![Candidate::udp(
+            addr("192.0.2.2:41641"),
+            CandidateKind::ServerReflexive,
+        )],
+    );
+    m
+}
+
+/// A machine with traffic flowing and its first round sent; returns the tx
+/// id of the ping to the candidate.
+fn started(t0: Instant) -> (PeerPaths, [u8; 12]) {
+    let mut m = machine(t0);
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let tx_id = ping_to(&drain(&mut m), addr("192.0.2.2:41641"));
+    (m, tx_id)
+}
+
+fn drain(m: &mut PeerPaths) -> Vec<Transmit> {
+    std::iter::from_fn(|| m.poll_transmit()).collect()
+}
+
+/// The tx id of the first ping to `to` among `txs`.
+fn ping_to(txs: &[Transmit], to: SocketAddr) -> [u8; 12] {
+    txs.iter()
+        .find_map(|t| match (&t.path, &t.payload) {
+            (Path::Direct(p), Payload::Disco(Message::Ping { tx_id, .. })) if p.addr == to => {
+                Some(*tx_id)
+            }
+            _ => None,
+        })
+        .expect("a ping to the candidate")
+}
+
+#[test]
+fn idle_peer_does_not_probe_until_traffic() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    assert_eq!(m.poll_timeout(), None);
+    assert!(drain(&mut m).is_empty());
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let txs = drain(&mut m);
+    assert!(txs
+        .iter()
+        .any(|t| t.payload == Payload::CallMeMaybe && t.path == Path::Relay));
+    ping_to(&txs, addr("192.0.2.2:41641"));
+    assert_eq!(m.current_path(), Path::Relay);
+}
+
+#[test]
+fn first_matching_pong_promotes_and_bad_pongs_do_not() {
+    let t0 = Instant::now();
+    let cand = addr("192.0.2.2:41641");
+    let (mut m, tx_id) = started(t0);
+    let t1 = t0 + Duration::from_millis(40);
+    let pong = |tx_id| Message::Pong {
+        tx_id,
+        observed_src: addr("198.51.100.1:1"),
+    };
+    // Wrong tx id, right path.
+    let wrong = Path::Direct(DirectPath::primary(cand));
+    assert_eq!(
+        m.handle_disco(t1, wrong, pong([0; 12])),
+        Err(Rejected::UnexpectedPong)
+    );
+    // Right tx id from another address.
+    let other = Path::Direct(DirectPath::primary(addr("203.0.113.5:9")));
+    assert_eq!(
+        m.handle_disco(t1, other, pong(tx_id)),
+        Err(Rejected::UnexpectedPong)
+    );
+    // Over the relay.
+    assert_eq!(
+        m.handle_disco(t1, Path::Relay, pong(tx_id)),
+        Err(Rejected::WrongPath)
+    );
+    assert_eq!(m.current_path(), Path::Relay);
+    assert_eq!(m.poll_event(), None);
+
+    m.handle_disco(t1, wrong, pong(tx_id)).unwrap();
+    assert_eq!(m.current_path(), Path::Direct(DirectPath::primary(cand)));
+    assert_eq!(m.rtt(), Some(Duration::from_millis(40)));
+    assert!(matches!(
+        m.poll_event(),
+        Some(Event::PathChanged {
+            from: Path::Relay,
+            reason: ChangeReason::PongReceived,
+            ..
+        })
+    ));
+    // The same pong again is a replay of a consumed tx id.
+    assert_eq!(
+        m.handle_disco(t1, wrong, pong(tx_id)),
+        Err(Rejected::UnexpectedPong)
+    );
+}
+
+#[test]
+fn ping_from_stranger_key_is_refused_and_real_ping_is_answered() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let from = Path::Direct(DirectPath::primary(addr("203.0.113.7:5000")));
+    let forged = Message::Ping {
+        tx_id: [5; 12],
+        node_key: key(3),
+    };
+    assert_eq!(
+        m.handle_disco(t0, from, forged),
+        Err(Rejected::NodeKeyMismatch)
+    );
+    assert!(drain(&mut m).is_empty());
+    let real = Message::Ping {
+        tx_id: [6; 12],
+        node_key: key(2),
+    };
+    m.handle_disco(t0, from, real).unwrap();
+    let txs = drain(&mut m);
+    assert_eq!(
+        txs[0],
+        Transmit {
+            path: from,
+            payload: Payload::Disco(Message::Pong {
+                tx_id: [6; 12],
+                observed_src: addr("203.0.113.7:5000"),
+            }),
+        }
+    );
+    // And it pings the new source back to prove the path itself.
+    ping_to(&txs, addr("203.0.113.7:5000"));
+    assert_eq!(m.current_path(), Path::Relay);
+}
+
+#[test]
+fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
+    let t0 = Instant::now();
+    let cand = addr("192.0.2.2:41641");
+    let (mut m, tx_id) = started(t0);
+    let path = Path::Direct(DirectPath::primary(cand));
+    let pong = Message::Pong {
+        tx_id,
+        observed_src: cand,
+    };
+    m.handle_disco(t0, path, pong).unwrap();
+    let _ = m.poll_event();
+    // Keep traffic flowing, never answer heartbeats.
+    let mut now = t0;
+    let mut last = Vec::new();
+    while m.current_path() != Path::Relay {
+        let (at, _) = m.poll_timeout().unwrap();
+        assert!(at >= now);
+        now = at;
+        m.note_traffic(now);
+        m.handle_timeout(now);
+        last = drain(&mut m);
+    }
+    assert_eq!(
+        now,
+        t0 + Config::default().trust,
+        "falls back exactly at expiry"
+    );
+    assert!(matches!(
+        m.poll_event(),
+        Some(Event::PathChanged {
+            to: Path::Relay,
+            reason: ChangeReason::TimedOut,
+            ..
+        })
+    ));
+    assert!(matches!(
+        m.relay_reason(),
+        Some(RelayReason::DirectTimedOut { .. })
+    ));
+    // Discovery restarts at once: the candidate is pinged in the same step.
+    ping_to(&last, cand);
+    assert_eq!(
+        m.poll_timeout(),
+        Some((now + Duration::from_millis(500), TimerReason::Probe))
+    );
+}
+
+#[test]
+fn failed_attempt_backs_off_and_records_why() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let mut now = t0;
+    for _ in 0..20 {
+        m.note_traffic(now);
+        m.handle_timeout(now);
+        drain(&mut m);
+        match m.poll_timeout() {
+            Some((t, TimerReason::Probe)) if t - now >= Duration::from_secs(30) => break,
+            Some((t, _)) => now = t,
+            None => panic!("no timer"),
+        }
+    }
+    assert!(matches!(
+        m.relay_reason(),
+        Some(RelayReason::NoAnswer { candidates: 1, .. })
+    ));
+    let text = m.relay_reason().unwrap().describe(now);
+    assert!(text.contains("no pong from 1 candidates"), "{text}");
+    // Bounded: 5 rounds of one ping each, one CallMeMaybe (rate-limited).
+    assert_eq!(m.stats().pings_sent, 5);
+}

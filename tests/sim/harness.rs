@@ -1,0 +1,354 @@
+//! Drives [`warren::traversal::node::Node`]s over the simulated network the
+//! way the tokio driver will over real sockets: datagrams in, transmits and
+//! events out, and a virtual clock that jumps straight to the next deadline
+//! (the next packet, the next node timer or the next application tick).
+//!
+//! Each node also plays a tiny application that sends a data packet to each
+//! of its peers every 200 ms on whatever path the core names, so tests can
+//! check where traffic really flows, not just what the state machine says.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use warren::keys::NodeKey;
+use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
+use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
+use warren::traversal::{Allocation, Config, Mapping, NatSummary, Path, SocketId};
+
+use crate::net::{Alloc, Delivery, World};
+
+pub const PORT: u16 = 41641;
+const EXTRA_BASE: u16 = 42000;
+const STUN1: &str = "192.0.2.10:3478";
+const STUN2: &str = "192.0.2.11:3478";
+
+pub struct SimNode {
+    pub host: usize,
+    pub key: NodeKey,
+    pub node: Node,
+    /// Extra sockets: index `i` is socket id `i + 1`; `None` once closed.
+    extra: Vec<Option<u16>>,
+    pub peers: Vec<NodeKey>,
+    pub info: Option<PeerInfo>,
+    pub events: Vec<(Instant, NodeEvent)>,
+    pub rx_direct: u64,
+    pub rx_relay: u64,
+    pub traffic: bool,
+}
+
+impl SimNode {
+    fn port_of(&self, s: SocketId) -> Option<u16> {
+        match s.0 {
+            0 => Some(PORT),
+            i => self.extra.get(usize::from(i) - 1).copied().flatten(),
+        }
+    }
+
+    fn socket_of(&self, port: u16) -> Option<SocketId> {
+        if port == PORT {
+            return Some(SocketId::PRIMARY);
+        }
+        let i = self.extra.iter().position(|p| *p == Some(port))?;
+        Some(SocketId(u16::try_from(i + 1).ok()?))
+    }
+
+    /// Time from `since` to the first switch to a direct path to `peer`.
+    pub fn time_to_direct(&self, peer: NodeKey, since: Instant) -> Option<Duration> {
+        self.events.iter().find_map(|(t, e)| match e {
+            NodeEvent::PathChanged {
+                peer: p,
+                to: Path::Direct(_),
+                ..
+            } if *p == peer => Some(t.duration_since(since)),
+            _ => None,
+        })
+    }
+
+    /// Number of path changes towards `peer`.
+    pub fn changes(&self, peer: NodeKey) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, e)| matches!(e, NodeEvent::PathChanged { peer: p, .. } if *p == peer))
+            .count()
+    }
+}
+
+pub struct Sim {
+    pub world: World,
+    pub nodes: Vec<SimNode>,
+    pub cfg: Config,
+    rng: StdRng,
+    tick: Duration,
+    next_tick: Instant,
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Self {
+        let t0 = Instant::now();
+        Sim {
+            world: World::new(seed, t0),
+            nodes: Vec::new(),
+            cfg: Config::default(),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            tick: Duration::from_millis(200),
+            next_tick: t0,
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        self.world.now
+    }
+
+    /// A node on `host`; runs netcheck at once.
+    pub fn add_node(&mut self, host: usize) -> usize {
+        let i = self.nodes.len();
+        let key = NodeKey([i as u8 + 1; 32]);
+        let secret = DiscoSecret::generate(&mut self.rng);
+        let node = Node::new(self.cfg.clone(), key, secret, 1000 + i as u64);
+        self.nodes.push(SimNode {
+            host,
+            key,
+            node,
+            extra: Vec::new(),
+            peers: Vec::new(),
+            info: None,
+            events: Vec::new(),
+            rx_direct: 0,
+            rx_relay: 0,
+            traffic: true,
+        });
+        self.netcheck(i);
+        i
+    }
+
+    /// What netcheck would learn: two STUN probes (which really use NAT
+    /// ports), EIM/EDM from comparing them, the step from their difference.
+    pub fn netcheck(&mut self, i: usize) {
+        let host = self.nodes[i].host;
+        let obs1 = self.world.stun(host, PORT, STUN1.parse().unwrap());
+        let obs2 = self.world.stun(host, PORT, STUN2.parse().unwrap());
+        let h = &self.world.hosts[host];
+        let local = SocketAddr::new(IpAddr::V4(h.ip), PORT);
+        let nat_cfg = h.nat.map(|n| self.world.nats[n].cfg);
+        let mapping = match (nat_cfg, obs1, obs2) {
+            (None, _, _) => Mapping::None,
+            (Some(_), Some(a), Some(b)) if a == b => Mapping::EndpointIndependent,
+            (Some(_), Some(_), Some(_)) => Mapping::EndpointDependent,
+            _ => Mapping::Unknown,
+        };
+        let allocation = match (nat_cfg.map(|c| c.alloc), obs1, obs2) {
+            (Some(Alloc::Sequential(_)), Some(a), Some(b)) => Allocation::Sequential {
+                step: b.port().wrapping_sub(a.port()),
+            },
+            (Some(Alloc::Random), _, _) => Allocation::Random,
+            (Some(Alloc::Preserving), _, _) => Allocation::Preserving,
+            _ => Allocation::Unknown,
+        };
+        let mut candidates = vec![Candidate::udp(local, CandidateKind::Host)];
+        if let Some((alias, _)) = h.alias {
+            candidates.push(Candidate::udp(
+                SocketAddr::new(IpAddr::V4(alias), PORT),
+                CandidateKind::Host,
+            ));
+        }
+        if let Some(o) = obs2.filter(|o| *o != local) {
+            candidates.push(Candidate::udp(o, CandidateKind::ServerReflexive));
+        }
+        let nat = NatSummary {
+            mapping,
+            allocation,
+            observed: obs2,
+        };
+        let n = &mut self.nodes[i];
+        n.node.set_local(candidates.clone(), nat);
+        n.info = Some(PeerInfo {
+            node_key: n.key,
+            disco_key: n.node.disco_key(),
+            candidates,
+            nat,
+        });
+    }
+
+    /// Puts `a` and `b` in each other's map; traffic starts on the next tick.
+    pub fn connect(&mut self, a: usize, b: usize) {
+        let now = self.now();
+        for (x, y) in [(a, b), (b, a)] {
+            let info = self.nodes[y].info.clone().expect("netcheck ran");
+            let key = info.node_key;
+            let n = &mut self.nodes[x];
+            n.node.upsert_peer(now, info);
+            n.peers.push(key);
+        }
+    }
+
+    fn index_of(&self, key: &NodeKey) -> Option<usize> {
+        self.nodes.iter().position(|n| n.key == *key)
+    }
+
+    pub fn path(&self, a: usize, b: usize) -> Path {
+        self.nodes[a].node.path(&self.nodes[b].key)
+    }
+
+    /// Moves every pending transmit and event out of the nodes.
+    fn flush(&mut self) {
+        let now = self.now();
+        for i in 0..self.nodes.len() {
+            loop {
+                let mut progressed = false;
+                while let Some(t) = self.nodes[i].node.poll_transmit() {
+                    progressed = true;
+                    self.send_from(i, t.dest, t.bytes);
+                }
+                while let Some(ev) = self.nodes[i].node.poll_event() {
+                    progressed = true;
+                    match &ev {
+                        NodeEvent::OpenSockets { count } => {
+                            let n = &mut self.nodes[i];
+                            n.extra = (1..=*count).map(|s| Some(EXTRA_BASE + s)).collect();
+                            n.node.sockets_opened(now, *count);
+                        }
+                        NodeEvent::CloseSockets { keep } => {
+                            for (idx, slot) in self.nodes[i].extra.iter_mut().enumerate() {
+                                if !keep.iter().any(|k| usize::from(k.0) == idx + 1) {
+                                    *slot = None;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.nodes[i].events.push((now, ev));
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn send_from(&mut self, i: usize, dest: Dest, bytes: Vec<u8>) {
+        let host = self.nodes[i].host;
+        match dest {
+            Dest::Udp { socket, addr } => {
+                if let Some(port) = self.nodes[i].port_of(socket) {
+                    self.world.send(host, port, addr, bytes);
+                }
+            }
+            Dest::Relay(to) => {
+                if let Some(j) = self.index_of(&to) {
+                    let (from, to_host) = (self.nodes[i].key, self.nodes[j].host);
+                    self.world.relay(host, to_host, from, to, bytes);
+                }
+            }
+        }
+    }
+
+    fn app_tick(&mut self) {
+        let now = self.now();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].traffic {
+                continue;
+            }
+            for peer in self.nodes[i].peers.clone() {
+                let path = self.nodes[i].node.path(&peer);
+                // Looks like a WireGuard data message: type 4, reserved zeros.
+                let mut data = vec![0u8; 96];
+                data[0] = 4;
+                let dest = match path {
+                    Path::Direct(p) => Dest::Udp {
+                        socket: p.socket,
+                        addr: p.addr,
+                    },
+                    Path::Relay => Dest::Relay(peer),
+                };
+                self.send_from(i, dest, data);
+                self.nodes[i].node.note_traffic(now, &peer);
+            }
+        }
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let now = self.now();
+        match d {
+            Delivery::Udp {
+                host,
+                to_port,
+                from,
+                bytes,
+            } => {
+                let Some(i) = self.nodes.iter().position(|n| n.host == host) else {
+                    return;
+                };
+                let Some(socket) = self.nodes[i].socket_of(to_port) else {
+                    return;
+                };
+                if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard {
+                    self.nodes[i].rx_direct += 1;
+                }
+            }
+            Delivery::Relay { to, from, bytes } => {
+                let Some(i) = self.index_of(&to) else { return };
+                if self.nodes[i].node.handle_relay(now, from, &bytes) == Datagram::WireGuard {
+                    self.nodes[i].rx_relay += 1;
+                }
+            }
+        }
+    }
+
+    /// Runs the world for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now() + d;
+        let mut stalls = 0u32;
+        for _ in 0..5_000_000 {
+            self.flush();
+            let mut next = self.next_tick;
+            next = next.min(self.world.next_delivery().unwrap_or(end));
+            for n in &self.nodes {
+                if let Some((t, _)) = n.node.poll_timeout() {
+                    next = next.min(t);
+                }
+            }
+            if next >= end {
+                self.world.now = end;
+                return;
+            }
+            if next <= self.world.now {
+                stalls += 1;
+                assert!(
+                    stalls < 10_000,
+                    "no progress at {:?}: tick {:?} delivery {:?} timers {:?}",
+                    self.world.now,
+                    self.next_tick,
+                    self.world.next_delivery(),
+                    self.nodes
+                        .iter()
+                        .map(|n| n.node.poll_timeout())
+                        .collect::<Vec<_>>()
+                );
+            } else {
+                stalls = 0;
+            }
+            self.world.now = next.max(self.world.now);
+            let now = self.now();
+            while let Some(d) = self.world.pop_due() {
+                self.deliver(d);
+            }
+            for n in &mut self.nodes {
+                if n.node.poll_timeout().is_some_and(|(t, _)| t <= now) {
+                    n.node.handle_timeout(now);
+                }
+            }
+            if now >= self.next_tick {
+                self.app_tick();
+                self.next_tick = now + self.tick;
+            }
+        }
+        let timers: Vec<_> = self.nodes.iter().map(|n| n.node.poll_timeout()).collect();
+        panic!(
+            "simulation stuck at {:?} (timers {timers:?}, next delivery {:?}): a busy loop in the core?",
+            self.now(),
+            self.world.next_delivery()
+        );
+    }
+}

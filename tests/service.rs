@@ -41,7 +41,7 @@ fn status_json_and_table_show_the_live_peer() {
     assert_eq!(
         p.path,
         PeerPath::Direct {
-            endpoint: "10.77.0.2:51820".parse().unwrap()
+            endpoint: pair.underlay(Side::B).parse().unwrap()
         }
     );
     assert!(p.last_handshake_secs.is_some_and(|s| s < 60), "{p:?}");
@@ -72,7 +72,10 @@ fn status_json_and_table_show_the_live_peer() {
         .find(|l| l.starts_with(&pair.b.public().short()))
         .unwrap_or_else(|| panic!("no row for the peer:\n{table}"));
     assert!(row.contains("100.64.0.2"), "{row}");
-    assert!(row.contains("direct 10.77.0.2:51820"), "{row}");
+    assert!(
+        row.contains(&format!("direct {}", pair.underlay(Side::B))),
+        "{row}"
+    );
     assert!(row.contains("s ago"), "{row}");
 }
 
@@ -180,16 +183,19 @@ fn socket_permissions_and_a_caller_without_them() {
 
     // A second agent on the same socket is refused before it touches
     // anything, and the first one keeps answering.
-    let out = pair.b.exec(&[
-        BIN,
-        "agent",
-        "--config",
-        pair.b.config.to_str().unwrap(),
-        "--socket",
-        pair.a.socket.to_str().unwrap(),
-    ]);
+    let out = pair.lab.exec(
+        &pair.b.host,
+        &[
+            BIN,
+            "agent",
+            "--config",
+            pair.b.config.to_str().unwrap(),
+            "--socket",
+            pair.a.socket.to_str().unwrap(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
+    let err = out.stderr;
     assert!(
         err.contains("another warren agent already answers on"),
         "{err}"
@@ -266,7 +272,7 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
         &format!("\n[[peer]]\npublic_key = \"{extra}\"\nallowed_ips = [\"100.64.0.9/32\"]\n"),
     );
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(pair.a.pid().unwrap() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(pair.pid(Side::A), libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let st = pair.a.status();
@@ -276,7 +282,7 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
         assert!(
             Instant::now() < deadline,
             "reload not applied:\n{}",
-            pair.a.log_text()
+            pair.log(Side::A)
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -288,11 +294,11 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
     // The same session: its handshake and byte counts survived the reload.
     assert!(kept.last_handshake_secs.is_some(), "{kept:?}");
     assert!(kept.rx_bytes >= before.peers[0].rx_bytes && kept.rx_bytes > 0);
-    assert!(pair.a.log_text().contains("SIGHUP: config reloaded"));
+    assert!(pair.log(Side::A).contains("SIGHUP: config reloaded"));
     // A broken file changes nothing and the daemon lives on.
     std::fs::write(&pair.a.config, "[interface\n").unwrap();
     // SAFETY: as above.
-    unsafe { libc::kill(pair.a.pid().unwrap() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(pair.pid(Side::A), libc::SIGHUP) };
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(pair.a.status().peers.len(), 2);
     pair.ping_through();

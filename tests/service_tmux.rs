@@ -14,7 +14,7 @@ mod service_fixture;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use service_fixture::{require_root, text, Pair, BIN};
+use service_fixture::{require_root, text, Pair, Side, BIN};
 
 /// A tmux server of our own (`-L`), killed on drop even when a test panics.
 struct Tmux {
@@ -130,7 +130,8 @@ fn status_in_a_terminal_shows_the_table() {
     );
     let row = lines[header + 1];
     assert!(row.starts_with(&pair.b.public().short()), "{screen}");
-    for cell in ["100.64.0.2", "direct 10.77.0.2:51820", "s ago", " B"] {
+    let path = format!("direct {}", pair.underlay(Side::B));
+    for cell in ["100.64.0.2", path.as_str(), "s ago", " B"] {
         assert!(row.contains(cell), "{cell:?} not in {row:?}\n{screen}");
     }
     // The node line above the table names the interface and its address.

@@ -212,17 +212,10 @@ impl Listener {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|source| {
-                    if source.kind() == io::ErrorKind::PermissionDenied {
-                        ServeError::Permission {
-                            path: path.to_owned(),
-                            source,
-                        }
-                    } else {
-                        ServeError::Dir {
-                            path: dir.to_owned(),
-                            source,
-                        }
-                    }
+                    denied_or(path, source, |source| ServeError::Dir {
+                        path: dir.to_owned(),
+                        source,
+                    })
                 })?;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
@@ -237,17 +230,10 @@ impl Listener {
             let _ = std::fs::remove_file(path);
         }
         let inner = UnixListener::bind(path).map_err(|source| {
-            if source.kind() == io::ErrorKind::PermissionDenied {
-                ServeError::Permission {
-                    path: path.to_owned(),
-                    source,
-                }
-            } else {
-                ServeError::Bind {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
+            denied_or(path, source, |source| ServeError::Bind {
+                path: path.to_owned(),
+                source,
+            })
         })?;
         let listener = Listener {
             inner,
@@ -284,6 +270,23 @@ impl Listener {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A permission error becomes the sentence saying what the agent needs;
+/// anything else becomes `other(source)`.
+fn denied_or(
+    path: &Path,
+    source: io::Error,
+    other: impl FnOnce(io::Error) -> ServeError,
+) -> ServeError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        ServeError::Permission {
+            path: path.to_owned(),
+            source,
+        }
+    } else {
+        other(source)
     }
 }
 

@@ -127,10 +127,10 @@ CONF
 }
 warren_conf "$KA" 100.64.0.1 "$PB" 100.64.0.2 10.99.0.2 >"$TMP/a.toml"
 warren_conf "$KB" 100.64.0.2 "$PA" 100.64.0.1 10.99.0.1 >"$TMP/b.toml"
-inA "$WARREN_BIN" agent --config "$TMP/a.toml" >"$TMP/warren-a.log" 2>&1 &
+inA "$WARREN_BIN" agent --config "$TMP/a.toml" --socket "$TMP/a.sock" >"$TMP/warren-a.log" 2>&1 &
 WA=$!
 PIDS+=("$WA")
-inB "$WARREN_BIN" agent --config "$TMP/b.toml" >"$TMP/warren-b.log" 2>&1 &
+inB "$WARREN_BIN" agent --config "$TMP/b.toml" --socket "$TMP/b.sock" >"$TMP/warren-b.log" 2>&1 &
 WB=$!
 PIDS+=("$WB")
 wait_for 15 "warren tunnel" inA ping -c1 -W1 100.64.0.2

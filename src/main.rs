@@ -36,6 +36,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // One TLS provider for the whole process (the control client and the
+    // relay client use rustls): ring, installed before any client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent { config } => agent(config, cli.global.socket),

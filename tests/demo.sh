@@ -110,7 +110,7 @@ allowed_ips = ["100.64.0.1/32"]
 EOF
     chmod 600 "$DIR"/*.toml
     for h in a b; do
-        ip netns exec wdemo-$h "$bin" agent --config "$DIR/$h.toml" >"$DIR/$h.log" 2>&1 &
+        ip netns exec wdemo-$h "$bin" agent --config "$DIR/$h.toml" --socket "$DIR/$h.sock" >"$DIR/$h.log" 2>&1 &
         echo $! > "$DIR/$h.pid"
     done
     for _ in $(seq 1 50); do
@@ -118,6 +118,7 @@ EOF
             echo
             echo "warren demo is up: host a = 100.64.0.1, host b = 100.64.0.2"
             echo "  sudo ip netns exec wdemo-a ping 100.64.0.2"
+            echo "  sudo $bin --socket $DIR/a.sock status"
             echo "  sudo ip netns exec wdemo-b ping 100.64.0.1"
             echo "  agent logs: $DIR/a.log $DIR/b.log"
             echo "  tear down:  sudo tests/demo.sh down"

@@ -1,7 +1,11 @@
 //! The client commands against a real daemon (`warren agent` in network
 //! namespaces, see `service_fixture`): `status`, `ip`, `ping`, `version`,
 //! with `--json` parsed and checked, their errors as a person sees them,
-//! the socket's permissions, and a SIGHUP reload that keeps the tunnel.
+//! the socket's permissions, a SIGHUP reload that keeps the tunnel, and
+//! `warren status` typed into a real terminal (tmux) and read back from the
+//! screen: width detection, no stray escape codes, nothing cut off. The
+//! terminal test needs tmux (`apt-get install tmux`); without it it is
+//! skipped, except under `CI=true`.
 //!
 //! Tests that need a daemon need root; without it they are skipped with the
 //! reason printed (and fail under `CI=true`). The daemon-down and bad-flag
@@ -12,7 +16,7 @@
 mod service_fixture;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use service_fixture::{is_socket, require_root, text, Pair, Side, BIN};
@@ -41,7 +45,7 @@ fn status_json_and_table_show_the_live_peer() {
     assert_eq!(
         p.path,
         PeerPath::Direct {
-            endpoint: "10.77.0.2:51820".parse().unwrap()
+            endpoint: pair.underlay(Side::B).parse().unwrap()
         }
     );
     assert!(p.last_handshake_secs.is_some_and(|s| s < 60), "{p:?}");
@@ -72,7 +76,10 @@ fn status_json_and_table_show_the_live_peer() {
         .find(|l| l.starts_with(&pair.b.public().short()))
         .unwrap_or_else(|| panic!("no row for the peer:\n{table}"));
     assert!(row.contains("100.64.0.2"), "{row}");
-    assert!(row.contains("direct 10.77.0.2:51820"), "{row}");
+    assert!(
+        row.contains(&format!("direct {}", pair.underlay(Side::B))),
+        "{row}"
+    );
     assert!(row.contains("s ago"), "{row}");
 }
 
@@ -180,16 +187,19 @@ fn socket_permissions_and_a_caller_without_them() {
 
     // A second agent on the same socket is refused before it touches
     // anything, and the first one keeps answering.
-    let out = pair.b.exec(&[
-        BIN,
-        "agent",
-        "--config",
-        pair.b.config.to_str().unwrap(),
-        "--socket",
-        pair.a.socket.to_str().unwrap(),
-    ]);
+    let out = pair.lab.exec(
+        &pair.b.host,
+        &[
+            BIN,
+            "agent",
+            "--config",
+            pair.b.config.to_str().unwrap(),
+            "--socket",
+            pair.a.socket.to_str().unwrap(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
+    let err = out.stderr;
     assert!(
         err.contains("another warren agent already answers on"),
         "{err}"
@@ -266,7 +276,7 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
         &format!("\n[[peer]]\npublic_key = \"{extra}\"\nallowed_ips = [\"100.64.0.9/32\"]\n"),
     );
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(pair.a.pid().unwrap() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(pair.pid(Side::A), libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let st = pair.a.status();
@@ -276,7 +286,7 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
         assert!(
             Instant::now() < deadline,
             "reload not applied:\n{}",
-            pair.a.log_text()
+            pair.log(Side::A)
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -288,12 +298,151 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
     // The same session: its handshake and byte counts survived the reload.
     assert!(kept.last_handshake_secs.is_some(), "{kept:?}");
     assert!(kept.rx_bytes >= before.peers[0].rx_bytes && kept.rx_bytes > 0);
-    assert!(pair.a.log_text().contains("SIGHUP: config reloaded"));
+    assert!(pair.log(Side::A).contains("SIGHUP: config reloaded"));
     // A broken file changes nothing and the daemon lives on.
     std::fs::write(&pair.a.config, "[interface\n").unwrap();
     // SAFETY: as above.
-    unsafe { libc::kill(pair.a.pid().unwrap() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(pair.pid(Side::A), libc::SIGHUP) };
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(pair.a.status().peers.len(), 2);
     pair.ping_through();
+}
+
+/// A tmux server of our own (`-L`), killed on drop even when a test panics.
+struct Tmux {
+    server: String,
+}
+
+impl Tmux {
+    fn start(width: u16, height: u16) -> Option<Tmux> {
+        let t = Tmux {
+            server: format!("warren-test-{}", std::process::id()),
+        };
+        let out = Command::new("tmux")
+            .args(["-L", &t.server, "-f", "/dev/null", "new-session", "-d"])
+            .args([
+                "-s",
+                "main",
+                "-x",
+                &width.to_string(),
+                "-y",
+                &height.to_string(),
+            ])
+            // A plain shell with a known prompt, no rc files.
+            .args([
+                "env",
+                "PS1=$ ",
+                "TERM=xterm",
+                "bash",
+                "--norc",
+                "--noprofile",
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(t),
+            Ok(o) => panic!("tmux new-session failed: {}", text(&o.stderr)),
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("tmux is needed (apt-get install tmux): {e}");
+                }
+                eprintln!("skipping: tmux is not installed ({e})");
+                None
+            }
+        }
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        let out = Command::new("tmux")
+            .args(["-L", &self.server])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {}", text(&out.stderr));
+        out
+    }
+
+    fn type_line(&self, line: &str) {
+        self.tmux(&["send-keys", "-t", "main", "-l", line]);
+        self.tmux(&["send-keys", "-t", "main", "Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        text(&self.tmux(&["capture-pane", "-p", "-t", "main"]).stdout)
+    }
+
+    /// Polls the screen until `done` holds, at most `timeout`.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if done(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.server, "kill-server"])
+            .output();
+    }
+}
+
+#[test]
+fn status_in_a_terminal_shows_the_table() {
+    if !require_root() {
+        return;
+    }
+    let pair = Pair::start();
+    pair.ping_through();
+    let Some(term) = Tmux::start(100, 30) else {
+        return;
+    };
+    term.type_line(&format!(
+        "{BIN} --socket {} status; echo EXIT=$?",
+        pair.a.socket.display()
+    ));
+    // The typed command line shows "EXIT=$?" too: wait for the output line.
+    let exited = |s: &str| s.lines().any(|l| l.starts_with("EXIT="));
+    let screen = term.wait_for(Duration::from_secs(10), exited);
+    assert!(screen.lines().any(|l| l == "EXIT=0"), "{screen}");
+    let lines: Vec<&str> = screen.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("PEER"))
+        .unwrap_or_else(|| panic!("no table header on screen:\n{screen}"));
+    let cols: Vec<&str> = lines[header].split_whitespace().collect();
+    assert_eq!(
+        cols,
+        ["PEER", "IPS", "PATH", "LATENCY", "HANDSHAKE", "RX", "TX"],
+        "{screen}"
+    );
+    let row = lines[header + 1];
+    assert!(row.starts_with(&pair.b.public().short()), "{screen}");
+    let path = format!("direct {}", pair.underlay(Side::B));
+    for cell in ["100.64.0.2", path.as_str(), "s ago", " B"] {
+        assert!(row.contains(cell), "{cell:?} not in {row:?}\n{screen}");
+    }
+    // The node line above the table names the interface and its address.
+    assert!(
+        screen.contains(&format!("{}  100.64.0.1/10  key ", pair.a.ifname)),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains('\u{1b}'),
+        "escape codes on screen:\n{screen}"
+    );
+
+    // An error reads as one clear line on the same terminal.
+    term.type_line(&format!("{BIN} --socket /nonexistent/warren.sock status"));
+    let screen = term.wait_for(Duration::from_secs(10), |s| {
+        s.lines().any(|l| l.starts_with("warren: "))
+    });
+    assert!(
+        screen.contains("warren is not running (start it with: systemctl start warren)"),
+        "{screen}"
+    );
 }

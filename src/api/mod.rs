@@ -196,8 +196,9 @@ pub struct PeerStatus {
 pub enum PeerPath {
     /// Straight over UDP to this address.
     Direct { endpoint: SocketAddr },
-    /// Through the relay of this region.
-    Relay { region: String },
+    /// Through a relay; `region` names it once the agent knows its home
+    /// relay's region.
+    Relay { region: Option<String> },
     /// No way to reach the peer yet (no endpoint known).
     None,
 }

@@ -12,7 +12,6 @@
 //! the number of connections in flight is bounded: a stuck or hostile local
 //! client costs a task for a few seconds, never the daemon.
 
-use crate::dataplane::peer::PeerPath as DpPath;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +27,7 @@ use super::{
     VersionReply, MAX_REQUEST, SOCKET_GROUP,
 };
 use crate::agent::Running;
+use crate::dataplane::peer::PeerPath as DpPath;
 use crate::dataplane::DataPlane;
 
 /// How long one connection may take to send its request and read the answer.
@@ -97,9 +97,7 @@ impl Backend for AgentView {
                     allowed_ips: p.spec.allowed_ips.clone(),
                     path: match st.path {
                         DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
-                        DpPath::Relay => PeerPath::Relay {
-                            region: String::from("relay"),
-                        },
+                        DpPath::Relay => PeerPath::Relay { region: None },
                         DpPath::None => PeerPath::None,
                     },
                     latency_ms: None,
@@ -214,17 +212,10 @@ impl Listener {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|source| {
-                    if source.kind() == io::ErrorKind::PermissionDenied {
-                        ServeError::Permission {
-                            path: path.to_owned(),
-                            source,
-                        }
-                    } else {
-                        ServeError::Dir {
-                            path: dir.to_owned(),
-                            source,
-                        }
-                    }
+                    denied_or(path, source, |source| ServeError::Dir {
+                        path: dir.to_owned(),
+                        source,
+                    })
                 })?;
                 let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
             }
@@ -239,17 +230,10 @@ impl Listener {
             let _ = std::fs::remove_file(path);
         }
         let inner = UnixListener::bind(path).map_err(|source| {
-            if source.kind() == io::ErrorKind::PermissionDenied {
-                ServeError::Permission {
-                    path: path.to_owned(),
-                    source,
-                }
-            } else {
-                ServeError::Bind {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
+            denied_or(path, source, |source| ServeError::Bind {
+                path: path.to_owned(),
+                source,
+            })
         })?;
         let listener = Listener {
             inner,
@@ -286,6 +270,23 @@ impl Listener {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A permission error becomes the sentence saying what the agent needs;
+/// anything else becomes `other(source)`.
+fn denied_or(
+    path: &Path,
+    source: io::Error,
+    other: impl FnOnce(io::Error) -> ServeError,
+) -> ServeError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        ServeError::Permission {
+            path: path.to_owned(),
+            source,
+        }
+    } else {
+        other(source)
     }
 }
 

@@ -45,7 +45,7 @@ pub enum ClientCommand {
     /// of their key; any of those, or an overlay IP, names a peer in `ip` and
     /// `ping`.
     Status {
-        /// Print the status as JSON (fields documented in packaging/README.md).
+        /// Print the status as JSON (stable field names, listed in the README).
         #[arg(long)]
         json: bool,
     },

@@ -111,7 +111,8 @@ pub fn ips(nets: &[IpNet]) -> String {
 pub fn path(p: &PeerPath) -> String {
     match p {
         PeerPath::Direct { endpoint } => format!("direct {endpoint}"),
-        PeerPath::Relay { region } => format!("relay {region}"),
+        PeerPath::Relay { region: Some(r) } => format!("relay {r}"),
+        PeerPath::Relay { region: None } => "relay".into(),
         PeerPath::None => "no endpoint".into(),
     }
 }
@@ -233,7 +234,7 @@ mod tests {
                 hostname: Some("nas".into()),
                 allowed_ips: vec![],
                 path: PeerPath::Relay {
-                    region: "fra".into(),
+                    region: Some("fra".into()),
                 },
                 latency_ms: Some(23.0),
                 last_handshake_secs: None,

@@ -159,7 +159,12 @@ impl Agent {
         let path = lab.write_file(&format!("{}.toml", node.name), &text);
         let path = path.to_string_lossy();
         let name = format!("warren-{}", node.name);
-        let proc = lab.spawn(node, &name, &[WARREN, "agent", "--config", &path]);
+        // Each agent gets its own API socket: the default path is one per
+        // machine, and the lab runs several agents at once.
+        let socket = lab.dir().join(format!("{}.sock", node.name));
+        let socket = socket.to_string_lossy();
+        let argv = [WARREN, "agent", "--config", &path, "--socket", &socket];
+        let proc = lab.spawn(node, &name, &argv);
         let ifname = config.ifname.as_str();
         let up = super::poll_until(START_TIMEOUT, Duration::from_millis(50), || {
             lab.exit_status(proc).is_some() || lab.has_link(node, ifname)

@@ -81,6 +81,7 @@ async fn stream(
     coord: NodeKey,
     needle: String,
     connected: Arc<AtomicUsize>,
+    lines: Arc<AtomicUsize>,
 ) -> anyhow::Result<Instant> {
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
@@ -174,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             coord,
             marker.clone(),
             connected.clone(),
+            lines.clone(),
         );
         tasks.push(tokio::spawn(fut));
     }

@@ -81,6 +81,7 @@ async fn stream(
     coord: NodeKey,
     needle: String,
     connected: Arc<AtomicUsize>,
+    lines: Arc<AtomicUsize>,
 ) -> anyhow::Result<Instant> {
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
@@ -96,6 +97,7 @@ async fn stream(
         buf.extend_from_slice(&chunk?);
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
+            lines.fetch_add(1, Ordering::Relaxed);
             if !got_full {
                 got_full = true;
                 connected.fetch_add(1, Ordering::Relaxed);
@@ -162,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         10000 + rand::random::<u16>() % 50000
     );
     let connected = Arc::new(AtomicUsize::new(0));
+    let lines = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = Vec::new();
     for k in keys.iter().skip(1) {
@@ -172,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             coord,
             marker.clone(),
             connected.clone(),
+            lines.clone(),
         );
         tasks.push(tokio::spawn(fut));
     }
@@ -190,8 +194,27 @@ async fn main() -> anyhow::Result<()> {
         "{want} map streams open with full maps in {:.2?}",
         t.elapsed()
     );
-    // Let the online flips of all those streams drain before measuring.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every stream coming online is itself a change every other stream is
+    // told about: N² lines. Measure how long that storm takes to drain, and
+    // measure the single change only once the streams are quiet.
+    let opened = Instant::now();
+    let mut last = lines.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = lines.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+        if opened.elapsed() > Duration::from_secs(900) {
+            bail!("streams never went quiet");
+        }
+    }
+    println!(
+        "reconnect storm: {last} lines delivered; quiet {:.1?} after the last stream opened",
+        opened.elapsed() - Duration::from_secs(2)
+    );
     println!("coordinator with {want} open streams: {}", rss(a.pid));
 
     // 3. One change, seen by all: node 0 reports an endpoint no line
@@ -204,12 +227,13 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     c0.report_endpoints(&eps, None).await?;
     let mut lat = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for task in tasks {
-        match tokio::time::timeout(Duration::from_secs(60), task).await {
+        match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(Ok(at))) => lat.push(at.saturating_duration_since(t0)),
             Ok(Ok(Err(e))) => eprintln!("stream failed: {e:#}"),
             Ok(Err(e)) => eprintln!("stream task: {e}"),
-            Err(_) => eprintln!("stream did not see the change within 60 s"),
+            Err(_) => eprintln!("a stream did not see the change within 60 s"),
         }
     }
     lat.sort();

@@ -149,7 +149,15 @@ impl Agent {
     /// Writes `config`, starts `warren agent` and waits for its TUN device;
     /// panics with the agent's log if it exits instead.
     pub fn start(lab: &Lab, node: &Node, config: &AgentConfig) -> Agent {
-        let path = lab.write_file(&format!("{}.toml", node.name), &config.to_toml());
+        // The local API socket defaults to one machine-wide path (the file
+        // system is not per namespace): each lab agent gets its own.
+        let socket = lab.dir().join(format!("{}.sock", node.name));
+        let text = format!(
+            "{}\n[agent]\nsocket = \"{}\"\n",
+            config.to_toml(),
+            socket.display()
+        );
+        let path = lab.write_file(&format!("{}.toml", node.name), &text);
         let path = path.to_string_lossy();
         let name = format!("warren-{}", node.name);
         let proc = lab.spawn(node, &name, &[WARREN, "agent", "--config", &path]);

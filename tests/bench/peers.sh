@@ -68,6 +68,12 @@ ip -n "$NS" link set void1 up
 
 echo "writing a config with $PEERS peers..." >&2
 {
+    # Its own local API socket (the default path is machine-wide); builds
+    # older than the local API know no `[agent]`.
+    if "$WARREN_BIN" --help 2>/dev/null | grep -q -- --socket; then
+        echo "[agent]"
+        echo "socket = \"$TMP/agent.sock\""
+    fi
     echo "[interface]"
     echo "name = \"warren0\""
     echo "private_key = \"$("$WARREN_BIN" genkey)\""

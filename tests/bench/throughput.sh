@@ -180,7 +180,12 @@ inB ip link set veth up
 wait_for 5 "veth link" inA ping -c1 -W1 10.99.0.2
 
 # --- warren
-warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD
+warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD BINARY
+    # Each agent its own local API socket (the default path is machine-wide);
+    # builds older than the local API (an A/B base) know no `[agent]`.
+    if "$7" --help 2>/dev/null | grep -q -- --socket; then
+        printf '[agent]\nsocket = "%s"\n' "$TMP/warren-$2.sock"
+    fi
     cat <<CONF
 [interface]
 name = "warren0"
@@ -200,8 +205,8 @@ run_warren() { # SYSTEM OFFLOAD BINARY
     kb=$("$bin" genkey)
     pa=$("$bin" pubkey <<<"$ka")
     pb=$("$bin" pubkey <<<"$kb")
-    warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" >"$TMP/a.toml"
-    warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" >"$TMP/b.toml"
+    warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" "$bin" >"$TMP/a.toml"
+    warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" "$bin" >"$TMP/b.toml"
     # Not through inA/inB: `$!` of a backgrounded function is a subshell's
     # pid, and the CPU and RSS figures need the agent's own.
     ip netns exec "$NA" "$bin" agent --config "$TMP/a.toml" >"$TMP/$1-a.log" 2>&1 &

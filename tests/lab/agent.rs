@@ -149,14 +149,7 @@ impl Agent {
     /// Writes `config`, starts `warren agent` and waits for its TUN device;
     /// panics with the agent's log if it exits instead.
     pub fn start(lab: &Lab, node: &Node, config: &AgentConfig) -> Agent {
-        // Every agent gets its own local API socket: the default path is
-        // one per host, and parallel tests share the host.
-        let mut text = config.to_toml();
-        if !text.contains("[agent]") {
-            let sock = lab.dir().join(format!("{}.sock", node.name));
-            text += &format!("\n[agent]\nsocket = \"{}\"\n", sock.display());
-        }
-        let path = lab.write_file(&format!("{}.toml", node.name), &text);
+        let path = lab.write_file(&format!("{}.toml", node.name), &config.to_toml());
         let path = path.to_string_lossy();
         let name = format!("warren-{}", node.name);
         // Each agent gets its own API socket: the default path is one per

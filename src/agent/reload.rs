@@ -41,15 +41,18 @@ pub struct ReloadReport {
 /// Applies the peers of `new` to `dp`, given that `old` is what it runs.
 pub fn apply(dp: &DataPlane, old: &Config, new: &Config) -> ReloadReport {
     let mut report = ReloadReport::default();
-    for p in &new.peers {
-        let spec = peer_spec(p);
-        match dp.peers().by_key(&p.public_key) {
-            Some(cur) if cur.spec == spec => report.unchanged += 1,
+    let current = dp.peers();
+    let specs: Vec<_> = new.peers.iter().map(peer_spec).collect();
+    for spec in &specs {
+        match current.by_key(&spec.key) {
+            Some(cur) if &cur.spec == spec => report.unchanged += 1,
             Some(_) => report.changed += 1,
             None => report.added += 1,
         }
-        dp.upsert_peer(spec);
     }
+    drop(current);
+    // One rebuild of the peer set for the whole file, not one per peer.
+    dp.upsert_peers(specs);
     for p in &old.peers {
         if !new.peers.iter().any(|q| q.public_key == p.public_key) && dp.remove_peer(&p.public_key)
         {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use warren::control::auth::{AuthHeaders, SessionKey};
-use warren::control::{ControlClient, Endpoint, EndpointKind};
+use warren::control::{ControlClient, Endpoint, EndpointKind, EndpointsReport};
 use warren::keys::{NodeKey, PrivateKey};
 
 struct Args {
@@ -225,7 +225,8 @@ async fn main() -> anyhow::Result<()> {
         kind: EndpointKind::Srflx,
     }];
     let t0 = Instant::now();
-    c0.report_endpoints(&eps, None).await?;
+    c0.report_endpoints(&EndpointsReport::endpoints(&eps))
+        .await?;
     let mut lat = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for task in tasks {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{client, expect, first_full};
-use warren::control::{ControlError, Endpoint, EndpointKind, ErrorCode, MapEvent};
+use warren::control::{ControlError, Endpoint, EndpointKind, EndpointsReport, ErrorCode, MapEvent};
 use warren::keys::PrivateKey;
 use warren_coordinator::store::NewToken;
 
@@ -77,7 +77,10 @@ async fn three_nodes_see_each_other_and_every_change_within_a_second() {
     ];
     let t = Instant::now();
     clients[1]
-        .report_endpoints(&eps, Some(serde_json::json!({"udp": true})))
+        .report_endpoints(&EndpointsReport {
+            netcheck: Some(serde_json::json!({"udp": true})),
+            ..EndpointsReport::endpoints(&eps)
+        })
         .await
         .unwrap();
     let k1 = clients[1].node_key();
@@ -246,7 +249,11 @@ async fn a_removed_node_is_cut_off() {
         kind: EndpointKind::Host,
     }];
     assert_eq!(
-        api_code(b.report_endpoints(&eps, None).await.unwrap_err()),
+        api_code(
+            b.report_endpoints(&EndpointsReport::endpoints(&eps))
+                .await
+                .unwrap_err()
+        ),
         ErrorCode::UnknownNode
     );
     assert_eq!(

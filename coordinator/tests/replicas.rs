@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{client, expect, Watch};
-use warren::control::{Endpoint, EndpointKind, MapEvent};
+use warren::control::{Endpoint, EndpointKind, EndpointsReport, MapEvent};
 use warren::keys::PrivateKey;
 use warren_coordinator::server::{self, Config, ServerError};
 
@@ -44,7 +44,9 @@ async fn agents_on_different_replicas_see_each_other() {
         addr: "203.0.113.5:41641".parse().unwrap(),
         kind: EndpointKind::Portmapped,
     }];
-    b.report_endpoints(&eps, None).await.unwrap();
+    b.report_endpoints(&EndpointsReport::endpoints(&eps))
+        .await
+        .unwrap();
     sa.until(WITHIN, "B online with endpoints", |m| {
         m.peers
             .get(&kb)
@@ -54,7 +56,9 @@ async fn agents_on_different_replicas_see_each_other() {
 
     // A's endpoints reach B the other way round.
     let ka = a.node_key();
-    a.report_endpoints(&eps, None).await.unwrap();
+    a.report_endpoints(&EndpointsReport::endpoints(&eps))
+        .await
+        .unwrap();
     sb.until(WITHIN, "A's endpoints", |m| {
         m.peers.get(&ka).is_some_and(|p| p.endpoints == eps)
     })

@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use super::auth::{AuthError, AuthHeaders, SessionKey};
 use super::netmap::{MapChange, MapFileError, NetMap};
 use super::types::{
-    Endpoint, EndpointsReport, ErrorBody, ErrorCode, MapMessage, Peer, RegisterRequest,
-    RegisterResponse, ServerKeyResponse, KEEPALIVE_SECS,
+    EndpointsReport, ErrorBody, ErrorCode, MapMessage, Peer, RegisterRequest, RegisterResponse,
+    ServerKeyResponse, KEEPALIVE_SECS,
 };
 use crate::keys::{NodeKey, PrivateKey};
 
@@ -303,17 +303,8 @@ impl ControlClient {
     }
 
     /// Publishes this node's endpoint candidates and netcheck summary.
-    pub async fn report_endpoints(
-        &self,
-        endpoints: &[Endpoint],
-        netcheck: Option<serde_json::Value>,
-    ) -> Result<(), ControlError> {
-        let report = EndpointsReport {
-            endpoints: endpoints.to_vec(),
-            netcheck,
-        };
-        let body =
-            serde_json::to_vec(&report).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    pub async fn report_endpoints(&self, report: &EndpointsReport) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(report).map_err(|e| ControlError::Protocol(e.to_string()))?;
         self.signed(reqwest::Method::POST, "/endpoints", body)
             .await?;
         Ok(())

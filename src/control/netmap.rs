@@ -193,6 +193,8 @@ mod tests {
             online: true,
             last_seen_ms: 0,
             tags: vec![],
+            nat: Default::default(),
+            home_relay: None,
         }
     }
 

@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::NodeKey;
+use crate::traversal::NatSummary;
 
 /// A node's id in the coordinator's store. Stable for the node's lifetime.
 pub type NodeId = i64;
@@ -100,6 +101,25 @@ pub struct EndpointsReport {
     /// The netcheck summary, free-form until netcheck's report type settles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netcheck: Option<serde_json::Value>,
+    /// What the node's NAT does, for its peers' hard-NAT strategies.
+    #[serde(default)]
+    pub nat: NatSummary,
+    /// The relay region the node keeps its connection to: peers reach it
+    /// there while no direct path works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<u16>,
+}
+
+impl EndpointsReport {
+    /// A report of candidates only (no netcheck, NAT or relay news).
+    pub fn endpoints(endpoints: &[Endpoint]) -> Self {
+        EndpointsReport {
+            endpoints: endpoints.to_vec(),
+            netcheck: None,
+            nat: NatSummary::default(),
+            home_relay: None,
+        }
+    }
 }
 
 /// A node as its peers see it in the map.
@@ -118,6 +138,12 @@ pub struct Peer {
     pub last_seen_ms: i64,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The node's NAT as its last netcheck saw it.
+    #[serde(default)]
+    pub nat: NatSummary,
+    /// The relay region where the node can be reached (its home relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<u16>,
 }
 
 /// One line of the map stream (`GET /map`, newline-delimited JSON).

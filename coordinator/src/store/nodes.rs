@@ -55,6 +55,8 @@ impl NodeRecord {
             online: self.online,
             last_seen_ms: self.last_seen_ms,
             tags: self.tags.clone(),
+            nat: Default::default(),
+            home_relay: None,
         }
     }
 }

@@ -27,7 +27,7 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::{Egress, RelaySink};
 use crate::control::client::{ControlClient, MapEvent};
-use crate::control::types::{Endpoint, EndpointKind, Peer as MapPeer, RelayMap};
+use crate::control::types::{Endpoint, EndpointKind, EndpointsReport, Peer as MapPeer, RelayMap};
 use crate::dataplane::peer::PeerPath;
 use crate::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
 use crate::keys::{NodeKey, PrivateKey};
@@ -371,7 +371,11 @@ impl Mesh {
             .collect();
         node.set_local(candidates, NatSummary::default());
         if eps != j.reported {
-            match j.client.report_endpoints(&eps, None).await {
+            match j
+                .client
+                .report_endpoints(&EndpointsReport::endpoints(&eps))
+                .await
+            {
                 Ok(()) => j.reported = eps,
                 Err(e) => tracing::info!(error = %e, "reporting endpoints failed; will retry"),
             }

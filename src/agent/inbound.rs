@@ -7,18 +7,22 @@
 //! of one flow into one super-packet, so the kernel sees a few large writes.
 //!
 //! Protocol replies (handshake responses, cookies) are rare and are sent at
-//! once. Non-WireGuard datagrams are dropped and counted here; disco and
-//! STUN will be demultiplexed at this point when they share the socket.
+//! once. Everything else on the socket (disco, STUN answers) is handed to
+//! the mesh task through a bounded channel, copied: those are a few packets
+//! a second, and a full channel drops them (counted) rather than stall the
+//! data path.
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn_udp::RecvMeta;
+use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
+use crate::traversal::node::is_wireguard;
 
 /// Receive buffers per `recvmmsg`.
 const RX_BUFS: usize = 32;
@@ -31,6 +35,8 @@ pub struct Inbound {
     pub tun: Arc<AsyncDevice>,
     pub egress: Arc<Egress>,
     pub mtu: usize,
+    /// Where non-WireGuard datagrams go; `None` drops them (no mesh).
+    pub side: Option<mpsc::Sender<(SocketAddr, Vec<u8>)>>,
 }
 
 struct TunBatch {
@@ -82,8 +88,14 @@ impl Inbound {
         out: &mut TunBatch,
         reply: &mut [u8],
     ) -> std::io::Result<()> {
-        if !matches!(dgram.first(), Some(1..=4)) {
-            Drops::bump(&self.dp.drops.malformed);
+        if !is_wireguard(dgram) {
+            let sent = self
+                .side
+                .as_ref()
+                .is_some_and(|side| side.try_send((from, dgram.to_vec())).is_ok());
+            if !sent {
+                Drops::bump(&self.dp.drops.malformed);
+            }
             return Ok(());
         }
         let peer = match self.dp.peer_for(set, from, dgram, reply) {

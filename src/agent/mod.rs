@@ -133,6 +133,7 @@ pub async fn run(
         tun: dev.clone(),
         egress: egress.clone(),
         mtu,
+        side: None,
     };
     tasks.spawn(async move {
         inb.run().await.map_err(|source| AgentError::Io {

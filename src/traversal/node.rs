@@ -39,6 +39,7 @@ use crate::keys::NodeKey;
 use crate::proto::disco::{
     self, Candidate, DiscoError, DiscoKey, DiscoSecret, Message, ReplayWindow,
 };
+use crate::proto::stun::is_stun;
 
 /// Most destinations remembered for port prediction; past this, prediction
 /// is off until the next netcheck (the count would be a guess anyway).
@@ -46,13 +47,8 @@ const MAX_CONTACTED: usize = 4096;
 
 /// WireGuard messages start with a type of 1–4 and three reserved zero
 /// bytes. The zeros matter: a STUN Binding response starts `0x01 0x01`.
-fn is_wireguard(b: &[u8]) -> bool {
+pub fn is_wireguard(b: &[u8]) -> bool {
     matches!(b, [1..=4, 0, 0, 0, ..])
-}
-
-/// STUN (RFC 8489 §6): two zero bits, then the magic cookie at bytes 4..8.
-fn is_stun(b: &[u8]) -> bool {
-    b.len() >= 20 && b[0] & 0xc0 == 0 && b[4..8] == [0x21, 0x12, 0xa4, 0x42]
 }
 
 /// A peer as the coordinator's map describes it.

@@ -183,8 +183,13 @@ impl Mesh {
                 call = self.calls.recv() => {
                     let Some((cmd, reply)) = call else { return };
                     self.on_command(cmd, reply).await;
+                    // The caller's next `status` must see the effect.
+                    self.publish_view(Instant::now());
                 }
-                ev = session::next_map(&mut self.session) => self.on_map(ev),
+                ev = session::next_map(&mut self.session) => {
+                    self.on_map(ev);
+                    self.publish_view(Instant::now());
+                }
                 inc = self.relay_rx.recv() => match inc {
                     Some(Incoming::Packet { from, bytes }) => self.on_relay(from, &bytes).await,
                     Some(Incoming::Event { region, event }) => self.relays.note_event(region, &event),
@@ -249,6 +254,8 @@ impl Mesh {
 
     fn start_netcheck(&mut self, now: Instant) {
         if !self.discovery.start(now, self.relays.map()) {
+            // No STUN server: host and port-mapped candidates still count.
+            self.publish_local(None);
             let waiters = std::mem::take(&mut self.netcheck_waiters);
             for w in waiters {
                 let _ = w.send(Err(crate::api::ApiError::new(

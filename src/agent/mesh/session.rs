@@ -437,19 +437,25 @@ impl Mesh {
             }
             self.relays.set_home(*nearest);
         }
-        let candidates = self.discovery.candidates();
-        let nat = self.discovery.nat();
-        self.node
-            .set_local(candidates.iter().map(Into::into).collect(), nat);
         let waiters = std::mem::take(&mut self.netcheck_waiters);
         let value =
             serde_json::to_value(&report).map_err(|e| api_err(ErrorCode::Internal, e.to_string()));
         for w in waiters {
             let _ = w.send(value.clone());
         }
+        self.publish_local(serde_json::to_value(&report).ok());
+    }
+
+    /// Gives traversal this node's candidates and NAT, and publishes them
+    /// (with the home relay) to the coordinator.
+    pub(super) fn publish_local(&mut self, netcheck: Option<serde_json::Value>) {
+        let candidates = self.discovery.candidates();
+        let nat = self.discovery.nat();
+        self.node
+            .set_local(candidates.iter().map(Into::into).collect(), nat);
         let report = EndpointsReport {
             endpoints: candidates,
-            netcheck: serde_json::to_value(&report).ok(),
+            netcheck,
             nat,
             home_relay: self.relays.home(),
         };

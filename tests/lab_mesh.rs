@@ -207,3 +207,60 @@ fn join_with_token_ping_remove_and_rejoin() {
     );
     assert!(wait_peers(&lab, &b, &[], Duration::from_secs(2)));
 }
+
+#[test]
+fn tunnels_survive_a_coordinator_outage_and_resync_after() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let c = lab.public("coord");
+    let coord = Coordinator::start(&lab, &c, &[]);
+    let na = lab.public("a");
+    let gw = lab.gateway("gw", Nat::Eim);
+    let nb = lab.host_behind(&gw, "b");
+    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
+    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
+    let (team, _) = coord.token(&lab, &["--reusable"]);
+    up(&lab, &a, &coord, &team).expect_ok("up a");
+    up(&lab, &b, &coord, &team).expect_ok("up b");
+    assert!(wait_peers(&lab, &a, &["b"], JOIN_TIMEOUT));
+    assert!(wait_peers(&lab, &b, &["a"], JOIN_TIMEOUT));
+    let ip_a = overlay_v4(&a.status(&lab));
+    let ip_b = overlay_v4(&b.status(&lab));
+    assert!(lab.ping_within(&b.node, &ip_a, JOIN_TIMEOUT));
+
+    lab.signal(coord.proc, libc::SIGTERM);
+    assert!(lab.wait_exit(coord.proc, Duration::from_secs(10)).is_some());
+    // The agents notice, say so, and keep their tunnels.
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            a.status(&lab)["mesh"]["state"] == "reconnecting"
+        }),
+        "{}",
+        a.status(&lab)
+    );
+    for _ in 0..3 {
+        assert!(lab.ping(&a.node, &ip_b), "the tunnel outlives the coordinator");
+        assert!(lab.ping(&b.node, &ip_a));
+    }
+    let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
+    assert!(text.contains("coordinator unreachable"), "{text}");
+
+    // Back on the same store: the agents re-sync, and a node that joins
+    // now reaches both.
+    let coord = Coordinator::start(&lab, &c, &[]);
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            a.status(&lab)["mesh"]["state"] == "running"
+        }),
+        "a re-connects: {}",
+        a.status(&lab)
+    );
+    let nc = lab.public("c");
+    let cc = Agent::start(&lab, &nc, &AgentConfig::mesh(&lab, &nc));
+    up(&lab, &cc, &coord, &team).expect_ok("up c");
+    assert!(wait_peers(&lab, &a, &["b", "c"], JOIN_TIMEOUT));
+    assert!(wait_peers(&lab, &b, &["a", "c"], JOIN_TIMEOUT));
+    assert!(lab.ping_within(&cc.node, &ip_b, JOIN_TIMEOUT));
+}

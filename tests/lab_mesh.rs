@@ -241,7 +241,10 @@ fn tunnels_survive_a_coordinator_outage_and_resync_after() {
         a.status(&lab)
     );
     for _ in 0..3 {
-        assert!(lab.ping(&a.node, &ip_b), "the tunnel outlives the coordinator");
+        assert!(
+            lab.ping(&a.node, &ip_b),
+            "the tunnel outlives the coordinator"
+        );
         assert!(lab.ping(&b.node, &ip_a));
     }
     let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;

@@ -108,11 +108,18 @@ pub struct PeerStats {
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub path: PeerPath,
+    /// See `State::activity`; only its changes mean anything.
+    pub activity: u64,
 }
 
 struct State {
     tunn: Tunn,
     path: PeerPath,
+    /// Packets sealed or opened for this peer, handshakes and packets that
+    /// found no path included: traversal's "is this peer in use" signal,
+    /// which byte counters (data only, once a session exists) cannot give
+    /// before the first handshake completes.
+    activity: u64,
 }
 
 impl State {
@@ -153,7 +160,11 @@ impl Peer {
         Peer {
             key: spec.key,
             index,
-            state: Mutex::new(State { tunn, path }),
+            state: Mutex::new(State {
+                tunn,
+                path,
+                activity: 0,
+            }),
             spec,
             spoofed: AtomicU64::new(0),
         }
@@ -185,6 +196,7 @@ impl Peer {
     /// bytes and at least 148).
     pub fn seal(&self, src: &[u8], out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
+        st.activity = st.activity.wrapping_add(1);
         let len = match st.tunn.encapsulate(src, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
@@ -198,6 +210,7 @@ impl Peer {
     pub fn open(&self, from: Option<SocketAddr>, datagram: &[u8], out: &mut [u8]) -> Opened {
         let kind = datagram.first().copied().unwrap_or(0);
         let mut st = self.state.lock();
+        st.activity = st.activity.wrapping_add(1);
         let (opened, authentic) = match st.tunn.decapsulate(from.map(|f| f.ip()), datagram, out) {
             TunnResult::WriteToTunnelV4(p, src) => (self.check_source(p.len(), src.into()), true),
             TunnResult::WriteToTunnelV6(p, src) => (self.check_source(p.len(), src.into()), true),
@@ -258,6 +271,7 @@ impl Peer {
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
             path: st.path,
+            activity: st.activity,
         }
     }
 }

@@ -85,6 +85,8 @@ pub struct AgentConfig {
     pub peers: Vec<PeerCfg>,
     /// `[agent] state_dir`; `None` leaves the section out.
     pub state_dir: Option<String>,
+    /// `[agent] portmap` (written only with `state_dir`).
+    pub portmap: bool,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -103,6 +105,7 @@ impl AgentConfig {
             offload: None,
             peers: Vec::new(),
             state_dir: None,
+            portmap: false,
         }
     }
 
@@ -139,7 +142,10 @@ impl AgentConfig {
             s += &format!("offload = {o}\n");
         }
         if let Some(dir) = &self.state_dir {
-            s += &format!("\n[agent]\nstate_dir = \"{dir}\"\nportmap = false\n");
+            s += &format!(
+                "\n[agent]\nstate_dir = \"{dir}\"\nportmap = {}\n",
+                self.portmap
+            );
         }
         for p in &self.peers {
             s += &format!(

@@ -13,8 +13,9 @@ use super::agent::WARREN;
 use super::process::Output;
 use super::{Lab, Node, ProcId};
 
-/// The port the lab coordinator listens on.
-pub const COORD_PORT: u16 = 8080;
+/// The port the lab coordinator listens on: 443, the one port a
+/// UDP-blocked gateway lets through.
+pub const COORD_PORT: u16 = 443;
 
 pub fn coordinator_bin() -> PathBuf {
     PathBuf::from(WARREN).with_file_name("warren-coordinator")

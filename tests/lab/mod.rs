@@ -290,6 +290,24 @@ impl Lab {
             "lan",
         ]);
         must(&["ip", "-n", &ns, "link", "set", "lan", "up"]);
+        // Hosts on one LAN talk through the bridge, as through a home
+        // router's switch. Where br_netfilter is loaded (Docker loads it),
+        // bridged frames would also cross this namespace's forward chain
+        // and its drop policy; the knob is per namespace since Linux 5.3,
+        // and absent without the module, hence no `must`.
+        let _ = run_bounded(
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.bridge.bridge-nf-call-iptables=0",
+            ],
+            None,
+            EXEC_TIMEOUT,
+        );
         let rules = self.write_file(&format!("{name}.nft"), &nat.ruleset(ip));
         let rules = rules.to_string_lossy();
         must(&["ip", "netns", "exec", &ns, "nft", "-f", &rules]);

@@ -111,7 +111,7 @@ pub(crate) struct Mesh {
     netcheck_waiters: Vec<handle::Reply>,
     /// When each peer's path last turned direct.
     direct_since: HashMap<NodeKey, Instant>,
-    traffic: HashMap<NodeKey, (u64, u64)>,
+    traffic: HashMap<NodeKey, u64>,
     host_addrs: Vec<crate::control::Endpoint>,
     gro: GROTable,
     buf: Vec<u8>,
@@ -199,7 +199,9 @@ impl Mesh {
                     let Some((from, bytes)) = side else { return };
                     let now = Instant::now();
                     // Traversal takes disco and says what else it is.
-                    if self.node.handle_udp(now, SocketId::PRIMARY, from, &bytes) == Datagram::Stun {
+                    let kind = self.node.handle_udp(now, SocketId::PRIMARY, from, &bytes);
+                    tracing::trace!(%from, len = bytes.len(), ?kind, "datagram in");
+                    if kind == Datagram::Stun {
                         self.discovery.handle_stun(now, from, &bytes);
                     }
                 }
@@ -226,8 +228,7 @@ impl Mesh {
     /// due netcheck, refresh the API's view.
     fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
         for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
-            let st = p.stats();
-            let cur = (st.tx_bytes, st.rx_bytes);
+            let cur = p.stats().activity;
             if self.traffic.insert(p.key, cur) != Some(cur) {
                 self.node.note_traffic(now, &p.key);
             }
@@ -312,6 +313,7 @@ impl Mesh {
             self.on_netcheck(report);
         }
         while let Some(t) = self.node.poll_transmit() {
+            tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
             match t.dest {
                 Dest::Udp { socket, addr } if socket == SocketId::PRIMARY => {
                     let _ = self.egress.udp.send(addr, &t.bytes, None).await;

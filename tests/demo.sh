@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Starts a small working warren network on this machine, in network
-# namespaces: two hosts ("wdemo-a", "wdemo-b"), each behind its own NAT
-# gateway, joined by an "internet" namespace. Each host runs a warren agent.
+# namespaces: a coordinator ("wdemo-coord", also STUN server and relay) on
+# an "internet" namespace, and two hosts ("wdemo-a", "wdemo-b"), each behind
+# its own NAT gateway. Each host runs a warren agent that joins the network
+# with `warren up` and a token; the peers come from the coordinator's map,
+# traffic starts on the relay and turns direct through the NATs.
 #
-#   tests/demo.sh up      build (release), create the namespaces, start agents
-#   tests/demo.sh down    stop the agents and remove everything
+#   tests/demo.sh up      build (release), create the namespaces, start it all
+#   tests/demo.sh down    stop everything and remove it
 #
-# Host b's gateway forwards UDP 51820 to b; host a knows only that public
-# endpoint, and b learns a's address from a's first handshake (roaming).
 # Everything stays inside the namespaces; nothing is routed out.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DIR=/tmp/warren-demo
-NS=(wdemo-inet wdemo-gwa wdemo-gwb wdemo-a wdemo-b)
+NS=(wdemo-inet wdemo-coord wdemo-gwa wdemo-gwb wdemo-a wdemo-b)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -45,21 +46,24 @@ up() {
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables iputils-ping
     fi
     command -v cargo >/dev/null || { echo "demo.sh: cargo is missing: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
-    cargo build --release --bin warren
+    cargo build --release --bin warren --bin warren-coordinator
     local bin=$PWD/target/release/warren
+    local cbin=$PWD/target/release/warren-coordinator
     down
     mkdir -p "$DIR"
     for ns in "${NS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 
-    # The internet: a bridge in wdemo-inet; gateways at 11.11.0.1 and .2.
+    # The internet: a bridge in wdemo-inet; gateways at 11.11.0.1 and .2,
+    # the coordinator at 11.11.0.10.
     ip -n wdemo-inet link add br0 type bridge
     ip -n wdemo-inet link set br0 up
     link wdemo-inet ia wdemo-gwa wan
     link wdemo-inet ib wdemo-gwb wan
-    ip -n wdemo-inet link set ia master br0
-    ip -n wdemo-inet link set ib master br0
+    link wdemo-inet ic wdemo-coord wan
+    for i in ia ib ic; do ip -n wdemo-inet link set $i master br0; done
     ip -n wdemo-gwa addr add 11.11.0.1/24 dev wan
     ip -n wdemo-gwb addr add 11.11.0.2/24 dev wan
+    ip -n wdemo-coord addr add 11.11.0.10/24 dev wan
 
     # Homes: 10.0.1.0/24 behind gwa, 10.0.2.0/24 behind gwb.
     link wdemo-gwa lan wdemo-a eth0
@@ -72,55 +76,50 @@ up() {
     ip -n wdemo-b route add default via 10.0.2.1
     for gw in wdemo-gwa wdemo-gwb; do
         ip netns exec $gw sysctl -qw net.ipv4.ip_forward=1
+        echo 'table ip nat { chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; } }' \
+            | ip netns exec $gw nft -f -
     done
-    ip netns exec wdemo-gwa nft -f - <<EOF
-table ip nat {
-  chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }
-}
-EOF
-    ip netns exec wdemo-gwb nft -f - <<EOF
-table ip nat {
-  chain pre { type nat hook prerouting priority -100; iifname "wan" udp dport 51820 dnat to 10.0.2.2:51820; }
-  chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }
-}
-EOF
 
-    local ka kb pa pb
-    ka=$($bin genkey); kb=$($bin genkey)
-    pa=$(echo "$ka" | $bin pubkey); pb=$(echo "$kb" | $bin pubkey)
-    cat > "$DIR/a.toml" <<EOF
-[interface]
-private_key = "$ka"
-addresses = ["100.64.0.1/24"]
+    # The coordinator: control API and relay on TCP 443 (plain HTTP, which
+    # --insecure-http allows for labs), STUN on UDP 3478.
+    ip netns exec wdemo-coord "$cbin" --data-dir "$DIR/coord" serve \
+        --listen 11.11.0.10:443 --insecure-http >"$DIR/coord.log" 2>&1 &
+    echo $! > "$DIR/coord.pid"
+    local url=http://11.11.0.10:443
+    for _ in $(seq 1 100); do
+        ip netns exec wdemo-coord bash -c "exec 3<>/dev/tcp/11.11.0.10/443" 2>/dev/null && break
+        sleep 0.1
+    done
+    local token
+    token=$("$cbin" --data-dir "$DIR/coord" token create --reusable --expires 24h | head -1)
 
-[[peer]]
-public_key = "$pb"
-allowed_ips = ["100.64.0.2/32"]
-endpoint = "11.11.0.2:51820"
-persistent_keepalive = 25
-EOF
-    cat > "$DIR/b.toml" <<EOF
-[interface]
-private_key = "$kb"
-addresses = ["100.64.0.2/24"]
-
-[[peer]]
-public_key = "$pa"
-allowed_ips = ["100.64.0.1/32"]
-EOF
-    chmod 600 "$DIR"/*.toml
     for h in a b; do
+        mkdir -p "$DIR/$h"
+        printf '[agent]\nstate_dir = "%s"\nportmap = false\n' "$DIR/$h" > "$DIR/$h.toml"
         ip netns exec wdemo-$h "$bin" agent --config "$DIR/$h.toml" --socket "$DIR/$h.sock" >"$DIR/$h.log" 2>&1 &
         echo $! > "$DIR/$h.pid"
     done
+    for h in a b; do
+        for _ in $(seq 1 50); do [ -S "$DIR/$h.sock" ] && break; sleep 0.1; done
+        WARREN_TOKEN=$token "$bin" --socket "$DIR/$h.sock" up --coordinator $url --hostname $h
+    done
+    local ipb=""
     for _ in $(seq 1 50); do
-        if ip netns exec wdemo-a ping -c1 -W1 100.64.0.2 >/dev/null 2>&1; then
+        ipb=$("$bin" --socket "$DIR/b.sock" ip -4 2>/dev/null || true)
+        [ -n "$ipb" ] && break
+        sleep 0.1
+    done
+    for _ in $(seq 1 100); do
+        if ip netns exec wdemo-a ping -c1 -W1 "$ipb" >/dev/null 2>&1; then
+            sleep 2
             echo
-            echo "warren demo is up: host a = 100.64.0.1, host b = 100.64.0.2"
-            echo "  sudo ip netns exec wdemo-a ping 100.64.0.2"
-            echo "  sudo $bin --socket $DIR/a.sock status"
-            echo "  sudo ip netns exec wdemo-b ping 100.64.0.1"
-            echo "  agent logs: $DIR/a.log $DIR/b.log"
+            "$bin" --socket "$DIR/a.sock" status
+            echo
+            echo "warren demo is up: hosts a and b behind two NATs, coordinator at $url"
+            echo "  sudo ip netns exec wdemo-a ping $ipb"
+            echo "  sudo $bin --socket $DIR/a.sock status      (also: netcheck, ip, ping b)"
+            echo "  sudo $cbin --data-dir $DIR/coord node list"
+            echo "  logs: $DIR/coord.log $DIR/a.log $DIR/b.log"
             echo "  tear down:  sudo tests/demo.sh down"
             return 0
         fi

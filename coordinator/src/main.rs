@@ -23,7 +23,7 @@ use warren_coordinator::{admin, server, standalone};
     about = "warren's control server"
 )]
 struct Cli {
-    /// Where the coordinator key and the SQLite database live.
+    /// Where the keys (coordinator.key, relay.key) and the SQLite database live.
     #[arg(
         long,
         global = true,
@@ -56,15 +56,8 @@ enum Cmd {
 struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
-    /// PEM certificate chain for TLS.
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS.
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Allow plain HTTP on a non-loopback address (test labs only).
-    #[arg(long)]
-    insecure_http: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long an ephemeral node may stay offline before it is removed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     ephemeral_timeout: Duration,
@@ -101,6 +94,21 @@ struct ServeArgs {
     relay_secret_file: Option<PathBuf>,
 }
 
+/// TLS, or the lab's plain HTTP (same rule for `serve` and `relay`).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// PEM certificate chain for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address, and for `relay` to a
+    /// coordinator off loopback (test labs only).
+    #[arg(long)]
+    insecure_http: bool,
+}
+
 #[derive(clap::Args, Debug)]
 struct StunArgs {
     /// STUN (UDP) address [default: the listen IP, port 3478].
@@ -132,15 +140,8 @@ impl StunArgs {
 struct RelayArgs {
     #[arg(long, default_value = "127.0.0.1:8444")]
     listen: SocketAddr,
-    /// PEM certificate chain for TLS.
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS.
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Allow plain HTTP off loopback, here and to the coordinator (labs only).
-    #[arg(long)]
-    insecure_http: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// The coordinator's URL, whose node feed says who may connect.
     #[arg(long, value_name = "URL")]
     coordinator: String,
@@ -252,9 +253,9 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, data_dir: PathBuf, database: Option<String>) -> anyhow::Result<()> {
     let mut cfg = server::Config::new(args.listen, data_dir);
     cfg.database = database;
-    cfg.tls_cert = args.tls_cert;
-    cfg.tls_key = args.tls_key;
-    cfg.insecure_http = args.insecure_http;
+    cfg.tls_cert = args.tls.tls_cert;
+    cfg.tls_key = args.tls.tls_key;
+    cfg.insecure_http = args.tls.insecure_http;
     cfg.ephemeral_timeout = args.ephemeral_timeout;
     cfg.keepalive = args.keepalive;
     cfg.stun_listen = args.stun.sockets(args.listen);
@@ -282,9 +283,9 @@ async fn serve(args: ServeArgs, data_dir: PathBuf, database: Option<String>) -> 
 async fn relay(args: RelayArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     let opts = standalone::Options {
         listen: args.listen,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        insecure_http: args.insecure_http,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        insecure_http: args.tls.insecure_http,
         coordinator: args.coordinator,
         coordinator_ca: args.coordinator_ca,
         secret: server::read_relay_secret(&args.secret_file)?,

@@ -42,7 +42,7 @@ use warren::control::ErrorCode;
 use warren::keys::NodeKey;
 use warren::proto::relay::auth::{verify_auth_header, NodesEvent, KEEPALIVE_SECS, NODES_PATH};
 
-use crate::api::ApiError;
+use crate::api::{unix_now, ApiError};
 use crate::hub::{Hub, HubEvent};
 use crate::relay::Admission;
 use crate::store::Store;
@@ -152,13 +152,6 @@ pub fn feed_router(hub: Hub, secret: Vec<u8>) -> Router {
             hub,
             secret: Arc::new(secret),
         })
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 type Line = Result<Bytes, Infallible>;

@@ -104,6 +104,18 @@ async fn exchange(url: &str, a: &PrivateKey, b: &PrivateKey) -> [(RelaySender, R
     [(atx, arx), (btx, brx)]
 }
 
+/// A key the coordinator never registered is refused.
+async fn expect_refused(url: &str) {
+    let stranger = PrivateKey::generate();
+    let (_tx, mut rx) = RelayClient::connect(relay_config(url), &stranger);
+    match next_state(&mut rx, T).await {
+        Some(RelayEvent::Disconnected { error }) => {
+            assert!(error.contains("UnknownKey"), "{error}")
+        }
+        other => panic!("an unregistered key got in: {other:?}"),
+    }
+}
+
 /// Removes `name` as the administrator does, and checks that `rx` (its
 /// relay connection) is cut within 2 s.
 async fn remove_and_expect_cut(
@@ -174,14 +186,7 @@ async fn embedded_relay_admits_registered_nodes_only_and_cuts_removed_ones() {
     let (b, _cb) = join(&srv, dir.path(), "b").await;
     let [(_atx, mut arx), _b] = exchange(&url, &a, &b).await;
 
-    let stranger = PrivateKey::generate();
-    let (_stx, mut srx) = RelayClient::connect(relay_config(&url), &stranger);
-    match next_state(&mut srx, T).await {
-        Some(RelayEvent::Disconnected { error }) => {
-            assert!(error.contains("UnknownKey"), "{error}")
-        }
-        other => panic!("an unregistered key got in: {other:?}"),
-    }
+    expect_refused(&url).await;
 
     remove_and_expect_cut(&srv.store, "a", &mut arx).await;
     let h = srv.relay.as_ref().unwrap().health();
@@ -345,14 +350,7 @@ async fn standalone_relay_follows_the_feed_and_cuts_removed_nodes() {
     let url = format!("http://{}/relay", relay.addr());
     let [(_atx, mut arx), _b] = exchange(&url, &a, &b).await;
 
-    let stranger = PrivateKey::generate();
-    let (_stx, mut srx) = RelayClient::connect(relay_config(&url), &stranger);
-    match next_state(&mut srx, T).await {
-        Some(RelayEvent::Disconnected { error }) => {
-            assert!(error.contains("UnknownKey"), "{error}")
-        }
-        other => panic!("an unregistered key got in: {other:?}"),
-    }
+    expect_refused(&url).await;
     remove_and_expect_cut(&srv.store, "a", &mut arx).await;
     assert_eq!(relay.relay.server.health().disconnected_removed, 1);
 

@@ -120,7 +120,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -34,6 +34,7 @@ async fn start(dir: &Path, database: Option<String>, secret: bool) -> Running {
     let mut cfg = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
     cfg.database = database;
     cfg.keepalive = Duration::from_secs(1);
+    cfg.ephemeral_timeout = Duration::from_secs(1);
     cfg.stun_listen = vec!["127.0.0.1:0".parse().unwrap(); 2];
     cfg.relay_secret = secret.then(|| SECRET.to_vec());
     server::start(cfg).await.expect("coordinator starts")
@@ -41,11 +42,20 @@ async fn start(dir: &Path, database: Option<String>, secret: bool) -> Running {
 
 /// A registered node: its key and control client.
 async fn join(srv: &Running, dir: &Path, name: &str) -> (PrivateKey, ControlClient) {
+    join_as(srv, dir, name, false).await
+}
+
+async fn join_as(
+    srv: &Running,
+    dir: &Path,
+    name: &str,
+    ephemeral: bool,
+) -> (PrivateKey, ControlClient) {
     let key = PrivateKey::generate();
     let state = dir.join(name);
     std::fs::create_dir_all(&state).unwrap();
     let c = ControlClient::new(&common::url(srv), key.clone(), &state).unwrap();
-    let tok = common::token(&srv.store, false, false).await;
+    let tok = common::token(&srv.store, false, ephemeral).await;
     c.register(Some(&tok), name, PrivateKey::generate().public())
         .await
         .unwrap();
@@ -218,6 +228,22 @@ async fn logout_cuts_the_relay_connection_too() {
         other => panic!("not disconnected within 2 s: {other:?}"),
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn an_expired_ephemeral_node_is_cut_from_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), None, false).await;
+    let url = srv.relay_map.regions[0].url.clone();
+    let (a, _ca) = join_as(&srv, dir.path(), "eph", true).await;
+    // Connected to the relay but with no map stream: offline to the
+    // coordinator, so it expires after the 1 s ephemeral timeout.
+    let (_atx, mut arx) = connected(&url, &a, T).await;
+    match next_state(&mut arx, Duration::from_secs(5)).await {
+        Some(RelayEvent::Disconnected { error }) => assert!(error.contains("Removed"), "{error}"),
+        other => panic!("not cut after expiry: {other:?}"),
+    }
+    assert!(srv.store.node_by_key(&a.public()).await.unwrap().is_none());
 }
 
 #[tokio::test]

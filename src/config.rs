@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// Keys, the login and the last network map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Ask the gateway for a port mapping (UPnP IGD, NAT-PMP, PCP) once
+    /// joined to a network.
+    #[serde(default = "default_true")]
+    pub portmap: bool,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +60,7 @@ impl Default for AgentConfig {
         AgentConfig {
             socket: default_socket(),
             state_dir: default_state_dir(),
+            portmap: true,
         }
     }
 }

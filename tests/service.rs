@@ -298,7 +298,12 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
     // The same session: its handshake and byte counts survived the reload.
     assert!(kept.last_handshake_secs.is_some(), "{kept:?}");
     assert!(kept.rx_bytes >= before.peers[0].rx_bytes && kept.rx_bytes > 0);
-    assert!(pair.log(Side::A).contains("SIGHUP: config reloaded"));
+    // The log line is written just after the peers are applied.
+    let logged = Instant::now() + Duration::from_secs(5);
+    while !pair.log(Side::A).contains("SIGHUP: config reloaded") {
+        assert!(Instant::now() < logged, "the reload is not logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A broken file changes nothing and the daemon lives on.
     std::fs::write(&pair.a.config, "[interface\n").unwrap();
     // SAFETY: as above.

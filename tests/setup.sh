@@ -16,7 +16,7 @@ fi
 PACKAGES=(
     nftables iproute2 iputils-ping conntrack iperf3 tcpdump # NAT lab
     wireguard-go wireguard-tools                            # stock WireGuard peer for interop
-    netcat-openbsd socat                                    # ad-hoc lab traffic
+    netcat-openbsd socat curl                               # ad-hoc lab traffic
     miniupnpd miniupnpd-nftables                            # Nat::Upnp gateways
     coturn                                                  # STUN interop (turnserver, turnutils_stunclient)
     postgresql                                              # coordinator store tests on PostgreSQL

@@ -71,7 +71,13 @@ pub struct Running {
     pub dataplane: Arc<DataPlane>,
     pub listen: SocketAddr,
     pub offload: bool,
+    /// The mesh task (coordinator, traversal, relays).
+    pub mesh: mesh::MeshHandle,
 }
+
+/// Non-WireGuard datagrams waiting for the mesh task; past this they are
+/// dropped (they are disco and STUN: a few per second per peer).
+const SIDE_QUEUE: usize = 1024;
 
 /// Runs the agent until `shutdown` completes or a packet task fails.
 /// `on_ready` is called once the device is up and packets flow.
@@ -128,12 +134,23 @@ pub async fn run(
             })
         });
     }
+    let (side_tx, side_rx) = tokio::sync::mpsc::channel(SIDE_QUEUE);
+    let (mesh, mesh_task) = mesh::spawn(mesh::MeshParts {
+        dp: dp.clone(),
+        egress: egress.clone(),
+        tun: dev.clone(),
+        key: config.private_key()?,
+        state_dir: config.agent.state_dir.clone(),
+        listen,
+        side: side_rx,
+        portmap: config.agent.portmap.then(crate::portmap::Config::default),
+    });
     let inb = inbound::Inbound {
         dp: dp.clone(),
         tun: dev.clone(),
         egress: egress.clone(),
         mtu,
-        side: None,
+        side: Some(side_tx),
     };
     tasks.spawn(async move {
         inb.run().await.map_err(|source| AgentError::Io {
@@ -152,6 +169,7 @@ pub async fn run(
         dataplane: dp.clone(),
         listen,
         offload,
+        mesh,
     };
     tracing::info!(
         interface = %iface.name,
@@ -173,6 +191,8 @@ pub async fn run(
         },
     };
     tasks.shutdown().await;
+    mesh_task.abort();
+    let _ = mesh_task.await;
     // The last reference to the device goes here; closing it removes the
     // interface.
     drop(dev);

@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use super::{ApiError, Reply, Request};
 
 /// Bound on a whole round trip; the daemon answers from memory.
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the daemon's own deadline for `up` and `netcheck`.
+const TIMEOUT: Duration = Duration::from_secs(35);
 /// Longest reply accepted: a status with thousands of peers fits.
 const MAX_REPLY: u64 = 64 * 1024 * 1024;
 

@@ -22,20 +22,25 @@
 //! {"request": "ip", "peer": "laptop"}
 //! {"request": "ping", "peer": "100.64.0.2"}
 //! {"request": "version"}
+//! {"request": "up", "coordinator": "https://…", "token": "…"}
+//! {"request": "down"}
+//! {"request": "logout"}
+//! {"request": "netcheck"}
 //! ```
 //!
 //! The answer is either `{"ok": PAYLOAD}` or
 //! `{"error": {"code": "unknown_peer", "message": "…"}}`. A request the
 //! daemon does not know (a newer CLI talking to an older daemon) is answered
-//! with the code `unknown_request`, so requests to come (`up`, `down`,
-//! `netcheck`, `logout`) slot in as new variants of [`Request`] without
-//! breaking either side. The payload types ([`Status`], [`IpReply`],
+//! with the code `unknown_request`, so new requests slot in as new variants
+//! of [`Request`] without breaking either side. The payload types ([`Status`], [`IpReply`],
 //! [`PingReply`], [`VersionReply`]) and their field names are stable: they
 //! are also what `--json` prints.
 
 pub mod client;
+pub mod mesh;
 pub mod resolve;
 pub mod server;
+mod view;
 
 use std::net::SocketAddr;
 
@@ -71,6 +76,14 @@ pub enum Request {
     Ping { peer: String },
     /// The daemon's version.
     Version,
+    /// Join a network with a token, or re-join the last one.
+    Up(mesh::UpArgs),
+    /// Leave the network for now: peers are dropped, the login is kept.
+    Down,
+    /// Leave the network for good: the coordinator forgets this node.
+    Logout,
+    /// Probe the network (STUN, NAT behaviour, port mapping) and report.
+    Netcheck,
 }
 
 /// Why a request failed.
@@ -90,6 +103,10 @@ pub enum ErrorCode {
     Unsupported,
     /// The daemon failed.
     Internal,
+    /// The coordinator refused (bad token, node removed) or is unreachable.
+    Coordinator,
+    /// The request needs a joined network (`warren up` first).
+    NotJoined,
     /// A code from a newer daemon that this CLI does not know.
     #[serde(other)]
     Other,
@@ -140,6 +157,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Packets dropped since start, by reason.
     pub drops: Drops,
+    /// The node's standing in the network; absent for a static config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<mesh::MeshStatus>,
 }
 
 /// Packets dropped since the daemon started, by reason. A copy of the data
@@ -187,6 +207,9 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Traversal's view of the peer; absent for a peer from the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<mesh::PeerMesh>,
 }
 
 /// The path packets to a peer take.
@@ -276,7 +299,15 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"request":"status"}"#
         );
-        assert!(serde_json::from_str::<Request>(r#"{"request":"up"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"request":"up","token":"t"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Up(mesh::UpArgs {
+                token: Some("t".into()),
+                ..Default::default()
+            })
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"request":"up","tokn":"t"}"#).is_err());
     }
 
     #[test]

@@ -130,6 +130,7 @@ mod tests {
             last_handshake_secs: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            mesh: None,
         }
     }
 

@@ -16,22 +16,23 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::resolve::resolve;
+pub use super::view::AgentView;
 use super::{
-    ApiError, ErrorCode, IpReply, PeerPath, PeerStatus, PingReply, Reply, Request, Status,
-    VersionReply, MAX_REQUEST, SOCKET_GROUP,
+    ApiError, ErrorCode, IpReply, PingReply, Reply, Request, Status, VersionReply, MAX_REQUEST,
+    SOCKET_GROUP,
 };
-use crate::agent::Running;
-use crate::dataplane::peer::PeerPath as DpPath;
-use crate::dataplane::DataPlane;
 
 /// How long one connection may take to send its request and read the answer.
-const CONN_DEADLINE: Duration = Duration::from_secs(5);
+/// `up` waits on the coordinator and `netcheck` on STUN servers, so this is
+/// the longest of those plus slack.
+const CONN_DEADLINE: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNS: usize = 32;
 
@@ -59,75 +60,23 @@ pub enum ServeError {
 pub trait Backend: Send + Sync + 'static {
     /// A snapshot of the node and its peers.
     fn status(&self) -> Status;
-}
 
-/// The [`Backend`] of a running agent: reads the data plane's live state.
-pub struct AgentView {
-    pub dataplane: Arc<DataPlane>,
-    pub interface: String,
-    pub addresses: Vec<ipnet::IpNet>,
-    pub listen: std::net::SocketAddr,
-    pub offload: bool,
-    pub started: Instant,
-}
-
-impl AgentView {
-    pub fn new(running: &Running, config: &crate::config::Config) -> AgentView {
-        AgentView {
-            dataplane: running.dataplane.clone(),
-            interface: config.interface.name.clone(),
-            addresses: config.interface.addresses.clone(),
-            listen: running.listen,
-            offload: running.offload,
-            started: Instant::now(),
-        }
+    /// Requests that act on the mesh: `up`, `down`, `logout`, `netcheck`.
+    /// A backend without a mesh (tests, a static config) refuses them.
+    fn mesh(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        let _ = request;
+        Box::pin(async {
+            Err(ApiError::new(
+                ErrorCode::Unsupported,
+                "this daemon runs without a mesh",
+            ))
+        })
     }
 }
 
-impl Backend for AgentView {
-    fn status(&self) -> Status {
-        let set = self.dataplane.peers();
-        let mut peers: Vec<PeerStatus> = set
-            .iter()
-            .map(|p| {
-                let st = p.stats();
-                PeerStatus {
-                    public_key: p.key,
-                    hostname: None,
-                    allowed_ips: p.spec.allowed_ips.clone(),
-                    path: match st.path {
-                        DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
-                        DpPath::Relay => PeerPath::Relay { region: None },
-                        DpPath::None => PeerPath::None,
-                    },
-                    latency_ms: None,
-                    last_handshake_secs: st.last_handshake.map(|d| d.as_secs()),
-                    rx_bytes: st.rx_bytes,
-                    tx_bytes: st.tx_bytes,
-                }
-            })
-            .collect();
-        // Stable order: by first overlay address, then key.
-        peers.sort_by(|a, b| {
-            (a.allowed_ips.first(), a.public_key).cmp(&(b.allowed_ips.first(), b.public_key))
-        });
-        Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            interface: self.interface.clone(),
-            public_key: self.dataplane.public_key(),
-            listen: self.listen,
-            offload: self.offload,
-            addresses: self.addresses.clone(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            peers,
-            drops: self.dataplane.drops.snapshot().into(),
-        }
-    }
-}
-
-/// Answers one request line. Pure apart from reading the backend, so the
-/// protocol is tested without sockets.
-pub fn answer(backend: &dyn Backend, line: &str) -> Reply {
+/// Answers one request line. Pure apart from the backend, so the protocol
+/// is tested without sockets.
+pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
     let value: serde_json::Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => {
@@ -184,6 +133,9 @@ pub fn answer(backend: &dyn Backend, line: &str) -> Reply {
             let st = backend.status();
             resolve(&st.peers, &peer).and_then(|p| to_value(&PingReply::from_peer(p)))
         }
+        r @ (Request::Up(_) | Request::Down | Request::Logout | Request::Netcheck) => {
+            backend.mesh(r).await
+        }
     };
     match result {
         Ok(v) => Reply::Ok(v),
@@ -192,7 +144,10 @@ pub fn answer(backend: &dyn Backend, line: &str) -> Reply {
 }
 
 fn is_known(name: &str) -> bool {
-    ["status", "ip", "ping", "version"].contains(&name)
+    [
+        "status", "ip", "ping", "version", "up", "down", "logout", "netcheck",
+    ]
+    .contains(&name)
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
@@ -332,7 +287,7 @@ async fn one(stream: UnixStream, backend: &dyn Backend) {
             ErrorCode::BadRequest,
             "request longer than the limit",
         )),
-        Ok(_) => answer(backend, line.trim_end()),
+        Ok(_) => answer(backend, line.trim_end()).await,
         Err(e) => Reply::Error(ApiError::new(
             ErrorCode::BadRequest,
             format!("unreadable request: {e}"),

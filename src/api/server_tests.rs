@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::api::client::{call, call_raw, ClientError};
-use crate::api::Drops;
+use crate::api::{Drops, PeerPath, PeerStatus};
 use crate::keys::NodeKey;
 
 struct Fake(Status);
@@ -31,6 +31,7 @@ fn fake() -> Fake {
         last_handshake_secs: hs,
         rx_bytes: 1000,
         tx_bytes: 2000,
+        mesh: None,
     };
     Fake(Status {
         version: "9.9.9".into(),
@@ -48,7 +49,16 @@ fn fake() -> Fake {
             peer(2, "100.64.0.3/32", None, None),
         ],
         drops: Drops::default(),
+        mesh: None,
     })
+}
+
+/// Runs [`answer`] to completion; the fake backend never waits.
+fn ask(b: &Fake, line: &str) -> Reply {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(answer(b, line))
 }
 
 fn ok(reply: Reply) -> serde_json::Value {
@@ -68,22 +78,22 @@ fn err(reply: Reply) -> ApiError {
 #[test]
 fn status_and_version() {
     let b = fake();
-    let st: Status = serde_json::from_value(ok(answer(&b, r#"{"request":"status"}"#))).unwrap();
+    let st: Status = serde_json::from_value(ok(ask(&b, r#"{"request":"status"}"#))).unwrap();
     assert_eq!(st, b.0);
-    let v = ok(answer(&b, r#"{"request":"version"}"#));
+    let v = ok(ask(&b, r#"{"request":"version"}"#));
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 }
 
 #[test]
 fn ip_of_self_and_of_a_peer() {
     let b = fake();
-    let me: IpReply = serde_json::from_value(ok(answer(&b, r#"{"request":"ip"}"#))).unwrap();
+    let me: IpReply = serde_json::from_value(ok(ask(&b, r#"{"request":"ip"}"#))).unwrap();
     assert_eq!(me.public_key, NodeKey([9; 32]));
     let shown: Vec<String> = me.addresses.iter().map(|a| a.to_string()).collect();
     assert_eq!(shown, ["100.64.0.1", "fd7a::1"]);
     // Only host routes are a peer's addresses; its /16 is not.
     let p: IpReply =
-        serde_json::from_value(ok(answer(&b, r#"{"request":"ip","peer":"100.64.0.3"}"#))).unwrap();
+        serde_json::from_value(ok(ask(&b, r#"{"request":"ip","peer":"100.64.0.3"}"#))).unwrap();
     assert_eq!(p.public_key, NodeKey([2; 32]));
     assert_eq!(
         p.addresses,
@@ -95,13 +105,11 @@ fn ip_of_self_and_of_a_peer() {
 fn ping_reports_liveness() {
     let b = fake();
     let alive: PingReply =
-        serde_json::from_value(ok(answer(&b, r#"{"request":"ping","peer":"100.64.0.2"}"#)))
-            .unwrap();
+        serde_json::from_value(ok(ask(&b, r#"{"request":"ping","peer":"100.64.0.2"}"#))).unwrap();
     assert!(alive.alive);
     assert_eq!(alive.last_handshake_secs, Some(12));
     let silent: PingReply =
-        serde_json::from_value(ok(answer(&b, r#"{"request":"ping","peer":"100.64.0.3"}"#)))
-            .unwrap();
+        serde_json::from_value(ok(ask(&b, r#"{"request":"ping","peer":"100.64.0.3"}"#))).unwrap();
     assert!(!silent.alive);
     assert_eq!(silent.path, PeerPath::None);
 }
@@ -109,19 +117,21 @@ fn ping_reports_liveness() {
 #[test]
 fn errors_are_typed() {
     let b = fake();
-    assert_eq!(err(answer(&b, "not json")).code, ErrorCode::BadRequest);
+    assert_eq!(err(ask(&b, "not json")).code, ErrorCode::BadRequest);
+    assert_eq!(err(ask(&b, r#"{"peer":"x"}"#)).code, ErrorCode::BadRequest);
     assert_eq!(
-        err(answer(&b, r#"{"peer":"x"}"#)).code,
+        err(ask(&b, r#"{"request":"ping"}"#)).code,
         ErrorCode::BadRequest
     );
-    assert_eq!(
-        err(answer(&b, r#"{"request":"ping"}"#)).code,
-        ErrorCode::BadRequest
-    );
-    let e = err(answer(&b, r#"{"request":"netcheck"}"#));
+    let e = err(ask(&b, r#"{"request":"teleport"}"#));
     assert_eq!(e.code, ErrorCode::UnknownRequest);
-    assert!(e.message.contains("netcheck"), "{}", e.message);
-    let e = err(answer(&b, r#"{"request":"ping","peer":"nobody"}"#));
+    assert!(e.message.contains("teleport"), "{}", e.message);
+    // Known, but this backend has no mesh.
+    let e = err(ask(&b, r#"{"request":"netcheck"}"#));
+    assert_eq!(e.code, ErrorCode::Unsupported);
+    let e = err(ask(&b, r#"{"request":"up","token":7}"#));
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    let e = err(ask(&b, r#"{"request":"ping","peer":"nobody"}"#));
     assert_eq!(e.code, ErrorCode::UnknownPeer);
 }
 
@@ -185,7 +195,7 @@ async fn round_trip_over_the_socket() {
         let raw = {
             use std::io::{Read, Write};
             let mut s = std::os::unix::net::UnixStream::connect(&p).unwrap();
-            s.write_all(b"{\"request\":\"logout\"}\n").unwrap();
+            s.write_all(b"{\"request\":\"teleport\"}\n").unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).unwrap();
             out

@@ -1,5 +1,5 @@
-//! The client commands of the `warren` binary (`status`, `ip`, `ping`,
-//! `version`): argument parsing, one request to the daemon through
+//! The client commands of the `warren` binary (`up`, `down`, `logout`,
+//! `status`, `ip`, `ping`, `netcheck`, `version`): argument parsing, one request to the daemon through
 //! [`crate::api::client`], and the answer printed for a person or, with
 //! `--json`, as the API's own payload types (stable field names, see
 //! [`crate::api`]).
@@ -9,6 +9,7 @@
 //! rendering without spawning processes.
 
 pub mod render;
+pub mod render_mesh;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::api::client::{call, ClientError};
+use crate::api::mesh::{UpArgs, UpReply};
 use crate::api::{IpReply, PingReply, Request, Status, VersionReply, DEFAULT_SOCKET};
+use crate::netcheck::Report;
 
 /// Options every command takes.
 #[derive(Debug, Clone, Args)]
@@ -39,6 +42,52 @@ impl GlobalArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientCommand {
+    /// Join a network, or re-join the one left with `down`.
+    ///
+    /// The first time, give the coordinator and a join token (from
+    /// `warren-coordinator token create`). Afterwards `warren up` alone
+    /// re-joins; the daemon also re-joins by itself when it restarts.
+    Up {
+        /// The coordinator, e.g. https://coord.example.com:8443.
+        #[arg(long, value_name = "URL")]
+        coordinator: Option<String>,
+        /// The join token. Prefer --token-file or WARREN_TOKEN: a command
+        /// line is visible to every user of the host.
+        #[arg(
+            long,
+            env = "WARREN_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the join token from this file.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// This node's name in the network [default: the host name].
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Trust only this CA certificate (PEM) for the coordinator and its
+        /// relays: for a private CA.
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
+        /// Print `{"coordinator", "name", "addresses"}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave the network for now: tunnels to peers close, the login is
+    /// kept, and `warren up` re-joins without a token.
+    Down,
+    /// Leave the network for good: the coordinator removes this node, and
+    /// joining again takes a new token.
+    Logout,
+    /// Probe the network from the agent's own socket: UDP, IPv4/IPv6,
+    /// the NAT's mapping and port pattern, hairpinning, port mapping, and
+    /// the latency to each relay.
+    Netcheck {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show this node and every peer: addresses, path, last handshake, bytes.
     ///
     /// Peers are listed by host name when known, else by the first characters
@@ -93,12 +142,72 @@ pub enum CliError {
     PeerDown(String),
     #[error("writing the output: {0}")]
     Output(#[from] io::Error),
+    #[error("reading the token file {path}: {source}")]
+    TokenFile { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Runs a client command against the daemon on `socket`.
 pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
     let mut out = io::stdout().lock();
     match cmd {
+        ClientCommand::Up {
+            coordinator,
+            token,
+            token_file,
+            hostname,
+            ca_file,
+            json,
+        } => {
+            let token = match (token, token_file) {
+                (_, Some(path)) => Some(read_token(path)?),
+                (t, None) => t.clone(),
+            };
+            if token.is_some() && coordinator.is_none() {
+                return Err(CliError::Usage(
+                    "a token needs --coordinator URL too".into(),
+                ));
+            }
+            let ca_file = ca_file
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+            let args = UpArgs {
+                coordinator: coordinator.clone(),
+                token,
+                hostname: hostname.clone(),
+                ca_file,
+            };
+            let reply: UpReply = call(socket, &Request::Up(args))?;
+            if *json {
+                print_json(&mut out, &reply)?;
+            } else {
+                let addrs: Vec<String> = reply.addresses.iter().map(|a| a.to_string()).collect();
+                writeln!(
+                    out,
+                    "joined {} as {} ({})",
+                    reply.coordinator,
+                    reply.name,
+                    addrs.join(", ")
+                )?;
+            }
+        }
+        ClientCommand::Down => {
+            call::<serde_json::Value>(socket, &Request::Down)?;
+            writeln!(out, "left the network; `warren up` re-joins")?;
+        }
+        ClientCommand::Logout => {
+            call::<serde_json::Value>(socket, &Request::Logout)?;
+            writeln!(out, "logged out; joining again needs a token")?;
+        }
+        ClientCommand::Netcheck { json } => {
+            let report: Report = call(socket, &Request::Netcheck)?;
+            if *json {
+                print_json(&mut out, &report)?;
+            } else {
+                out.write_all(render_mesh::netcheck(&report).as_bytes())?;
+            }
+        }
         ClientCommand::Status { json } => {
             let st: Status = call(socket, &Request::Status)?;
             if *json {
@@ -138,6 +247,22 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// A token file holds the token, perhaps with a trailing newline.
+fn read_token(path: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::TokenFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CliError::Usage(format!(
+            "the token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(token.to_owned())
 }
 
 #[derive(Serialize)]

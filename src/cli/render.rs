@@ -35,12 +35,20 @@ pub fn status(st: &Status) -> String {
         duration(st.uptime_secs),
         if st.offload { ", offload" } else { "" },
     );
+    if let Some(m) = &st.mesh {
+        out.push_str(&super::render_mesh::node(m));
+    }
     out.push('\n');
     if st.peers.is_empty() {
         out.push_str("no peers\n");
     } else {
         out.push_str(&peer_table(&st.peers));
         out.push('\n');
+        let notes = super::render_mesh::peer_notes(&st.peers);
+        if !notes.is_empty() {
+            out.push('\n');
+            out.push_str(&notes);
+        }
     }
     let d = st.drops;
     let drops: Vec<String> = [
@@ -208,6 +216,7 @@ mod tests {
             uptime_secs: 75,
             peers,
             drops,
+            mesh: None,
         }
     }
 
@@ -228,6 +237,7 @@ mod tests {
                 last_handshake_secs: Some(12),
                 rx_bytes: 2048,
                 tx_bytes: 100,
+                mesh: None,
             },
             PeerStatus {
                 public_key: NodeKey([2; 32]),
@@ -240,6 +250,7 @@ mod tests {
                 last_handshake_secs: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                mesh: None,
             },
         ];
         let text = status(&status_with(peers, Drops::default()));

@@ -193,6 +193,30 @@ pub fn default_tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
     Ok(Arc::new(cfg))
 }
 
+/// TLS settings trusting only the CA certificates in `pem`: for a
+/// coordinator (and its embedded relay) under a private CA.
+pub fn tls_config_with_ca(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, DialError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| DialError::Tls(format!("CA file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| DialError::Tls(format!("CA file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(DialError::Tls("CA file holds no certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DialError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 async fn connect_via_proxy(proxy: &ProxyConfig, target: &Target) -> Result<TcpStream, DialError> {
     let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
     let auth = authority(target);

@@ -205,6 +205,13 @@ impl RelaySender {
     }
 }
 
+/// What [`RelayReceiver::recv_any`] yields.
+#[derive(Debug)]
+pub enum Received {
+    Packet(NodeKey, Bytes),
+    Event(RelayEvent),
+}
+
 /// The receiving half.
 #[derive(Debug)]
 pub struct RelayReceiver {
@@ -221,6 +228,15 @@ impl RelayReceiver {
     /// The next connection event; `None` once the client has stopped.
     pub async fn recv_event(&mut self) -> Option<RelayEvent> {
         self.events.recv().await
+    }
+
+    /// The next packet or event, whichever comes first; `None` once the
+    /// client has stopped.
+    pub async fn recv_any(&mut self) -> Option<Received> {
+        tokio::select! {
+            p = self.packets.recv() => p.map(|(from, bytes)| Received::Packet(from, bytes)),
+            e = self.events.recv() => e.map(Received::Event),
+        }
     }
 }
 

@@ -83,6 +83,8 @@ pub struct AgentConfig {
     /// None leaves the key out (the agent's default applies).
     pub offload: Option<bool>,
     pub peers: Vec<PeerCfg>,
+    /// `[agent] state_dir`; `None` leaves the section out.
+    pub state_dir: Option<String>,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -100,6 +102,19 @@ impl AgentConfig {
             addresses: addresses.iter().map(|s| s.to_string()).collect(),
             offload: None,
             peers: Vec::new(),
+            state_dir: None,
+        }
+    }
+
+    /// A node that learns everything from a coordinator: no key (generated
+    /// in its own state directory), no addresses, no peers.
+    pub fn mesh(lab: &super::Lab, node: &Node) -> Self {
+        let dir = lab.dir().join(format!("state-{}", node.name));
+        AgentConfig {
+            private_key: String::new(),
+            addresses: Vec::new(),
+            state_dir: Some(dir.to_string_lossy().into_owned()),
+            ..AgentConfig::new("", &[])
         }
     }
 
@@ -111,15 +126,20 @@ impl AgentConfig {
     /// The file text. `[interface]` is line 1, then one key per line in
     /// the order: name, private_key, listen_port, addresses, offload.
     pub fn to_toml(&self) -> String {
-        let mut s = format!(
-            "[interface]\nname = \"{}\"\nprivate_key = \"{}\"\nlisten_port = {}\naddresses = {}\n",
-            self.ifname,
-            self.private_key,
+        let mut s = format!("[interface]\nname = \"{}\"\n", self.ifname);
+        if !self.private_key.is_empty() {
+            s += &format!("private_key = \"{}\"\n", self.private_key);
+        }
+        s += &format!(
+            "listen_port = {}\naddresses = {}\n",
             self.listen_port,
             toml_list(&self.addresses)
         );
         if let Some(o) = self.offload {
             s += &format!("offload = {o}\n");
+        }
+        if let Some(dir) = &self.state_dir {
+            s += &format!("\n[agent]\nstate_dir = \"{dir}\"\nportmap = false\n");
         }
         for p in &self.peers {
             s += &format!(
@@ -184,6 +204,30 @@ impl Agent {
 
     pub fn running(&self, lab: &Lab) -> bool {
         lab.exit_status(self.proc).is_none()
+    }
+
+    /// The agent's API socket.
+    pub fn socket(&self, lab: &Lab) -> String {
+        lab.dir()
+            .join(format!("{}.sock", self.node.name))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Runs `warren --socket <this agent's> ARGS` in the agent's node.
+    pub fn cli(&self, lab: &Lab, args: &[&str]) -> super::process::Output {
+        let socket = self.socket(lab);
+        let mut argv = vec![WARREN, "--socket", &socket];
+        argv.extend_from_slice(args);
+        lab.exec(&self.node, &argv)
+    }
+
+    /// `warren status --json`, parsed.
+    pub fn status(&self, lab: &Lab) -> serde_json::Value {
+        let out = self
+            .cli(lab, &["status", "--json"])
+            .expect_ok("warren status");
+        serde_json::from_str(&out.stdout).expect("status is JSON")
     }
 }
 

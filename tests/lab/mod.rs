@@ -27,6 +27,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod coord;
 pub mod nat;
 pub mod netns;
 pub mod process;

@@ -16,35 +16,16 @@ use crate::keys::PrivateKey;
 
 const LOGIN_FILE: &str = "login.json";
 
-/// `warren up`'s arguments as they reach the daemon.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpRequest {
-    pub coordinator: String,
-    pub token: String,
-    #[serde(default)]
-    pub hostname: Option<String>,
-    /// A CA certificate (PEM) to trust for a coordinator with a private CA.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Login {
     pub coordinator: String,
     pub hostname: String,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-}
-
-impl From<&UpRequest> for Login {
-    fn from(r: &UpRequest) -> Login {
-        Login {
-            coordinator: r.coordinator.clone(),
-            hostname: r.hostname.clone().unwrap_or_else(system_hostname),
-            ca_file: r.ca_file.clone(),
-        }
-    }
+    /// Set by `warren down`: the node stays out of the network across
+    /// restarts until `warren up`.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl Login {
@@ -83,13 +64,19 @@ impl Login {
         let _ = std::fs::remove_file(state_dir.join(LOGIN_FILE));
     }
 
+    /// The CA certificate(s) to trust, when the login names a file.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        match &self.ca_file {
+            Some(ca) => std::fs::read(ca)
+                .map(Some)
+                .map_err(|e| format!("reading the CA file {}: {e}", ca.display())),
+            None => Ok(None),
+        }
+    }
+
     pub fn client(&self, key: PrivateKey, state_dir: &Path) -> Result<ControlClient, String> {
-        let res = match &self.ca_file {
-            Some(ca) => {
-                let pem =
-                    std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
-                ControlClient::with_ca_pem(&self.coordinator, key, state_dir, &pem)
-            }
+        let res = match self.ca_pem()? {
+            Some(pem) => ControlClient::with_ca_pem(&self.coordinator, key, state_dir, &pem),
             None => ControlClient::new(&self.coordinator, key, state_dir),
         };
         res.map_err(|e| e.to_string())
@@ -157,6 +144,7 @@ mod tests {
             coordinator: "http://11.11.0.1:8080".into(),
             hostname: "a".into(),
             ca_file: None,
+            stopped: true,
         };
         l.save(dir.path()).unwrap();
         assert_eq!(Login::load(dir.path()), Some(l));

@@ -1,57 +1,68 @@
 //! The mesh: joining a coordinator and keeping the peers, their paths and
-//! the relay in step with the network map.
+//! the relays in step with the network map.
 //!
-//! One task owns everything that is not a packet: the control client (the
-//! map stream), the traversal core ([`traversal::node::Node`], sans-IO) and
-//! the relay connection. It is a single `select!` loop over:
-//! - `up` requests from the local API (register with a token, then follow);
+//! One task owns everything that is not a packet: the control session (the
+//! map stream), the traversal core ([`Node`], sans-IO), discovery (netcheck
+//! on the shared socket, port mapping) and the relay connections. It is a
+//! single `select!` loop over:
+//! - commands from the local API (`up`, `down`, `logout`, `netcheck`);
 //! - map events → peers in the data plane (as managed peers: first packet
 //!   on the relay) and in the traversal core;
-//! - disco/STUN datagrams that the UDP reader set aside, and packets from
-//!   the relay (disco → traversal, WireGuard → opened and written to TUN);
-//! - the traversal core's timer; its transmits go out on UDP or the relay,
-//!   its path decisions are pushed into the data plane's peers.
+//! - datagrams the UDP reader set aside (disco → traversal, STUN →
+//!   discovery) and packets from the relays (disco → traversal, WireGuard →
+//!   opened and written to the TUN);
+//! - the traversal and discovery timers, and a one-second housekeeping tick;
+//! - background control requests (registration, endpoint reports), so a slow
+//!   coordinator never stalls disco or the relays.
 //!
 //! The data plane never waits on this task: it reads each peer's path from
-//! the peer itself, and only disco and control traffic pass through here.
+//! the peer itself, and only disco, STUN and control traffic pass through
+//! here. Files: [`session`] (the coordinator side), [`relays`],
+//! [`discover`], [`handle`] (the API's view), [`login`].
 
-use std::net::{IpAddr, SocketAddr};
+mod discover;
+mod handle;
+mod login;
+mod relays;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::egress::{Egress, RelaySink};
-use crate::control::client::{ControlClient, MapEvent};
-use crate::control::types::{Endpoint, EndpointKind, EndpointsReport, Peer as MapPeer, RelayMap};
+use super::egress::Egress;
+use crate::api::mesh::PeerMesh;
+use crate::control::types::Peer as MapPeer;
 use crate::dataplane::peer::PeerPath;
-use crate::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
+use crate::dataplane::{DataPlane, Opened, Sealed};
 use crate::keys::{NodeKey, PrivateKey};
-use crate::proto::disco::{Candidate, CandidateKind, DiscoKey, DiscoSecret};
-use crate::relay_client::{RelayClient, RelayClientConfig, RelayReceiver, RelaySender};
-use crate::traversal::node::{Dest, Node, NodeEvent, PeerInfo};
-use crate::traversal::{NatSummary, Path, SocketId};
+use crate::proto::disco::DiscoSecret;
+use crate::traversal::node::{Datagram, Dest, Node, NodeEvent};
+use crate::traversal::{Path, SocketId};
 
-mod login;
-pub use login::{Login, UpRequest};
+pub use handle::{Command, MeshHandle};
+pub use login::Login;
 
-/// How often endpoints are re-gathered and, when changed, reported.
-const ENDPOINT_INTERVAL: Duration = Duration::from_secs(30);
-/// How often traffic counters are turned into `note_traffic` calls.
-const TRAFFIC_INTERVAL: Duration = Duration::from_secs(1);
+use discover::Discovery;
+use relays::{Incoming, Relays};
+use session::{Background, Session};
+
+/// How often the housekeeping tick runs: traffic notes for traversal, idle
+/// relays, local address changes, the status view.
+const TICK: Duration = Duration::from_secs(1);
+/// Local addresses are compared every this many ticks.
+const ADDR_CHECK_TICKS: u64 = 2;
 const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
 
-/// A request from the local API, answered on the oneshot.
-pub type UpCall = (
-    UpRequest,
-    oneshot::Sender<Result<serde_json::Value, String>>,
-);
-
-pub struct Mesh {
+/// What the mesh task needs from the agent.
+pub struct MeshParts {
     pub dp: Arc<DataPlane>,
     pub egress: Arc<Egress>,
     pub tun: Arc<AsyncDevice>,
@@ -60,56 +71,108 @@ pub struct Mesh {
     pub listen: SocketAddr,
     /// Datagrams on the UDP socket that are not WireGuard.
     pub side: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-    pub up: mpsc::Receiver<UpCall>,
+    pub portmap: Option<crate::portmap::Config>,
 }
 
-struct Joined {
-    client: ControlClient,
-    relay_url: Option<String>,
-    reported: Vec<Endpoint>,
+/// Starts the mesh task; the handle is how the API reaches it.
+pub fn spawn(parts: MeshParts) -> (MeshHandle, tokio::task::JoinHandle<()>) {
+    let (calls_tx, calls) = mpsc::channel(8);
+    let view = Arc::new(Mutex::new(handle::View::default()));
+    let handle = MeshHandle::new(calls_tx, view.clone());
+    let task = tokio::spawn(async move {
+        let mesh = Mesh::new(parts, calls, view);
+        mesh.run().await
+    });
+    (handle, task)
 }
 
-/// The receiving ends, kept apart from [`Joined`] so that the select loop
-/// can wait on both at once.
-#[derive(Default)]
-struct Inputs {
-    stream: Option<crate::control::client::MapStream>,
-    relay: Option<RelayReceiver>,
-}
+pub(crate) struct Mesh {
+    dp: Arc<DataPlane>,
+    egress: Arc<Egress>,
+    tun: Arc<AsyncDevice>,
+    key: PrivateKey,
+    state_dir: PathBuf,
+    listen: SocketAddr,
+    side: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    calls: mpsc::Receiver<(Command, handle::Reply)>,
+    view: Arc<Mutex<handle::View>>,
+    portmap: Option<crate::portmap::Config>,
 
-struct Sink(RelaySender);
-
-impl RelaySink for Sink {
-    fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
-        self.0
-            .try_send(peer, Bytes::copy_from_slice(packet))
-            .is_ok()
-    }
+    node: Node,
+    disco: DiscoSecret,
+    relays: Relays,
+    relay_rx: mpsc::Receiver<Incoming>,
+    discovery: Discovery,
+    session: Option<Session>,
+    background: JoinSet<Background>,
+    /// Peers as the map describes them (names, candidates, home relays).
+    map_peers: HashMap<NodeKey, MapPeer>,
+    /// Netcheck requests waiting for the running netcheck's report.
+    netcheck_waiters: Vec<handle::Reply>,
+    /// When each peer's path last turned direct.
+    direct_since: HashMap<NodeKey, Instant>,
+    traffic: HashMap<NodeKey, (u64, u64)>,
+    host_addrs: Vec<crate::control::Endpoint>,
+    gro: GROTable,
+    buf: Vec<u8>,
 }
 
 impl Mesh {
-    pub async fn run(mut self) {
-        let secret = DiscoSecret::generate(&mut rand::rngs::OsRng);
-        let disco_pub = secret.public();
-        let seed = rand::random();
-        let mut node = Node::new(Default::default(), self.key.public(), secret, seed);
-        let mut joined: Option<Joined> = None;
-        let mut inputs = Inputs::default();
-        if let Some(login) = Login::load(&self.state_dir) {
-            match self.join(&login, None, disco_pub, &mut inputs).await {
-                Ok(j) => joined = Some(j),
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-joining the coordinator failed; run `warren up`")
-                }
-            }
+    fn new(
+        parts: MeshParts,
+        calls: mpsc::Receiver<(Command, handle::Reply)>,
+        view: Arc<Mutex<handle::View>>,
+    ) -> Mesh {
+        let disco = DiscoSecret::generate(&mut rand::rngs::OsRng);
+        let node = Node::new(
+            Default::default(),
+            parts.key.public(),
+            disco.clone(),
+            rand::random(),
+        );
+        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None);
+        parts.egress.set_relay(Some(sink));
+        Mesh {
+            discovery: Discovery::new(parts.listen.port()),
+            dp: parts.dp,
+            egress: parts.egress,
+            tun: parts.tun,
+            key: parts.key,
+            state_dir: parts.state_dir,
+            listen: parts.listen,
+            side: parts.side,
+            portmap: parts.portmap,
+            calls,
+            view,
+            node,
+            disco,
+            relays,
+            relay_rx,
+            session: None,
+            background: JoinSet::new(),
+            map_peers: HashMap::new(),
+            netcheck_waiters: Vec::new(),
+            direct_since: HashMap::new(),
+            traffic: HashMap::new(),
+            host_addrs: Vec::new(),
+            gro: GROTable::default(),
+            buf: vec![0u8; 65_535 + OFFSET],
         }
-        let mut tick_traffic = tokio::time::interval(TRAFFIC_INTERVAL);
-        let mut tick_endpoints = tokio::time::interval(ENDPOINT_INTERVAL);
-        let mut counters: std::collections::HashMap<NodeKey, (u64, u64)> = Default::default();
-        let mut gro = GROTable::default();
-        let mut buf = vec![0u8; 65_535 + OFFSET];
+    }
+
+    async fn run(mut self) {
+        self.resume_saved_login();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
-            let deadline = node.poll_timeout().map(|(t, _)| t);
+            let deadline = [
+                self.node.poll_timeout().map(|(t, _)| t),
+                self.discovery.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -117,193 +180,103 @@ impl Mesh {
                 }
             };
             tokio::select! {
-                call = self.up.recv() => {
-                    let Some((req, reply)) = call else { return };
-                    let login = Login::from(&req);
-                    let answer = match self.join(&login, Some(req.token.as_str()), disco_pub, &mut inputs).await {
-                        Ok(j) => {
-                            let _ = login.save(&self.state_dir);
-                            let addrs = self.dp.public_key();
-                            joined = Some(j);
-                            Ok(serde_json::json!({ "joined": login.coordinator, "public_key": addrs }))
-                        }
-                        Err(e) => Err(e),
-                    };
-                    let _ = reply.send(answer);
+                call = self.calls.recv() => {
+                    let Some((cmd, reply)) = call else { return };
+                    self.on_command(cmd, reply).await;
+                    // The caller's next `status` must see the effect.
+                    self.publish_view(Instant::now());
                 }
-                ev = next_map(&mut inputs.stream) => match ev {
-                    Some(ev) => self.on_map(&mut node, ev).await,
-                    None => {
-                        tracing::warn!("coordinator stream ended; this node was removed or logged out");
-                        for p in self.dp.peers().iter() {
-                            if p.spec.managed {
-                                self.dp.remove_peer(&p.key);
-                                node.remove_peer(Instant::now(), &p.key);
-                            }
-                        }
-                        self.egress.set_relay(None);
-                        joined = None;
-                        inputs = Inputs::default();
-                    }
-                },
-                pkt = next_relay(&mut inputs.relay) => match pkt {
-                    Some((from, bytes)) => self.on_relay(&mut node, from, &bytes, &mut gro, &mut buf).await,
-                    None => inputs.relay = None,
+                ev = session::next_map(&mut self.session) => {
+                    self.on_map(ev);
+                    self.publish_view(Instant::now());
+                }
+                inc = self.relay_rx.recv() => match inc {
+                    Some(Incoming::Packet { from, bytes }) => self.on_relay(from, &bytes).await,
+                    Some(Incoming::Event { region, event }) => self.relays.note_event(region, &event),
+                    None => return,
                 },
                 side = self.side.recv() => {
                     let Some((from, bytes)) = side else { return };
-                    node.handle_udp(Instant::now(), SocketId::PRIMARY, from, &bytes);
-                }
-                _ = sleep => node.handle_timeout(Instant::now()),
-                _ = tick_traffic.tick() => {
                     let now = Instant::now();
-                    for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
-                        let st = p.stats();
-                        let cur = (st.tx_bytes, st.rx_bytes);
-                        if counters.insert(p.key, cur) != Some(cur) {
-                            node.note_traffic(now, &p.key);
-                        }
+                    // Traversal takes disco and says what else it is.
+                    if self.node.handle_udp(now, SocketId::PRIMARY, from, &bytes) == Datagram::Stun {
+                        self.discovery.handle_stun(now, from, &bytes);
                     }
                 }
-                _ = tick_endpoints.tick() => {
-                    if let Some(j) = joined.as_mut() {
-                        self.report_endpoints(&mut node, j).await;
-                    }
+                Some(done) = self.background.join_next() => match done {
+                    Ok(bg) => self.on_background(bg),
+                    Err(e) => tracing::warn!(error = %e, "control request task failed"),
+                },
+                _ = sleep => {
+                    let now = Instant::now();
+                    self.node.handle_timeout(now);
+                    self.discovery.handle_timeout(now);
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.housekeeping(Instant::now(), ticks % ADDR_CHECK_TICKS == 0);
                 }
             }
-            self.pump(&mut node).await;
+            self.pump().await;
         }
     }
 
-    async fn join(
-        &self,
-        login: &Login,
-        token: Option<&str>,
-        disco: DiscoKey,
-        inputs: &mut Inputs,
-    ) -> Result<Joined, String> {
-        let client = login.client(self.key.clone(), &self.state_dir)?;
-        let reg = client
-            .register(token, &login.hostname, NodeKey(disco.0))
-            .await
-            .map_err(|e| e.to_string())?;
-        self.set_addresses(reg.ipv4.into(), reg.ipv6.into());
-        tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
-        inputs.stream = Some(client.map_stream());
-        let mut j = Joined {
-            client,
-            relay_url: None,
-            reported: Vec::new(),
-        };
-        if let Some(rx) = self.connect_relay(&mut j, &reg.relay_map) {
-            inputs.relay = Some(rx);
-        }
-        Ok(j)
-    }
-
-    fn set_addresses(&self, v4: IpAddr, v6: IpAddr) {
-        // The whole overlay range is routed to the device: /10 and /48.
-        for (ip, prefix) in [(v4, 10u8), (v6, 48u8)] {
-            let res = match ip {
-                IpAddr::V4(a) => self.tun.add_address_v4(a, prefix),
-                IpAddr::V6(a) => self.tun.add_address_v6(a, prefix),
-            };
-            if let Err(e) = res {
-                // EEXIST on re-join is expected.
-                tracing::debug!(%ip, error = %e, "adding overlay address");
+    /// Once a second: feed traffic to traversal (heartbeats run only while
+    /// packets flow), close idle relays, notice address changes, start a
+    /// due netcheck, refresh the API's view.
+    fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
+        for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
+            let st = p.stats();
+            let cur = (st.tx_bytes, st.rx_bytes);
+            if self.traffic.insert(p.key, cur) != Some(cur) {
+                self.node.note_traffic(now, &p.key);
             }
         }
-    }
-
-    fn connect_relay(&self, j: &mut Joined, map: &RelayMap) -> Option<RelayReceiver> {
-        let region = map.regions.first()?;
-        if j.relay_url.as_deref() == Some(region.url.as_str()) {
-            return None;
-        }
-        let mut cfg = RelayClientConfig::new(region.url.clone());
-        cfg.allow_plain = region.url.starts_with("http://");
-        let (tx, rx) = RelayClient::connect(cfg, &self.key);
-        self.egress.set_relay(Some(Box::new(Sink(tx))));
-        j.relay_url = Some(region.url.clone());
-        tracing::info!(relay = %region.name, url = %region.url, "home relay");
-        Some(rx)
-    }
-
-    async fn on_map(&self, node: &mut Node, ev: MapEvent) {
-        let now = Instant::now();
-        match ev {
-            MapEvent::Full { map, from_cache } => {
-                tracing::info!(peers = map.peers.len(), from_cache, "network map");
-                self.set_addresses(map.self_node.ipv4.into(), map.self_node.ipv6.into());
-                let keep: std::collections::HashSet<NodeKey> = map.peers.keys().copied().collect();
-                for p in self.dp.peers().iter() {
-                    if p.spec.managed && !keep.contains(&p.key) {
-                        self.dp.remove_peer(&p.key);
-                        node.remove_peer(now, &p.key);
-                    }
+        self.traffic.retain(|k, _| self.map_peers.contains_key(k));
+        self.relays.close_idle(now);
+        let active = self.session.as_ref().is_some_and(|s| s.is_active());
+        if active && check_addrs {
+            let addrs = login::host_endpoints(self.listen.port());
+            if addrs != self.host_addrs {
+                if !self.host_addrs.is_empty() {
+                    tracing::info!("local addresses changed; re-discovering paths");
+                    self.node.network_changed(now);
                 }
-                for p in map.peers.values() {
-                    self.add_peer(node, now, p);
-                }
+                self.host_addrs = addrs;
+                self.start_netcheck(now);
             }
-            MapEvent::PeerAdded(p) | MapEvent::PeerChanged(p) => self.add_peer(node, now, &p),
-            MapEvent::PeerRemoved(k) => {
-                tracing::info!(peer = %k.short(), "peer removed");
-                self.dp.remove_peer(&k);
-                node.remove_peer(now, &k);
+        }
+        if active && self.discovery.due(now) {
+            self.start_netcheck(now);
+        }
+        self.publish_view(now);
+    }
+
+    fn start_netcheck(&mut self, now: Instant) {
+        if !self.discovery.start(now, self.relays.map()) {
+            // No STUN server: host and port-mapped candidates still count.
+            self.publish_local(None);
+            let waiters = std::mem::take(&mut self.netcheck_waiters);
+            for w in waiters {
+                let _ = w.send(Err(crate::api::ApiError::new(
+                    crate::api::ErrorCode::NotJoined,
+                    "no STUN server known: the coordinator's relay map lists none",
+                )));
             }
-            MapEvent::SelfChanged(me) => self.set_addresses(me.ipv4.into(), me.ipv6.into()),
-            MapEvent::Revoked { reason } => {
-                tracing::warn!(%reason, "coordinator revoked this node")
-            }
-            _ => {}
         }
     }
 
-    fn add_peer(&self, node: &mut Node, now: Instant, p: &MapPeer) {
-        if p.key == self.dp.public_key() {
-            return;
-        }
-        let allowed: Vec<IpNet> = vec![
-            IpNet::from(IpAddr::V4(p.ipv4)),
-            IpNet::from(IpAddr::V6(p.ipv6)),
-        ];
-        let mut spec = PeerSpec::new(p.key, allowed);
-        spec.managed = true;
-        spec.persistent_keepalive = None;
-        self.dp.upsert_peer(spec);
-        let candidates = p
-            .endpoints
-            .iter()
-            .map(|e| Candidate::udp(e.addr, candidate_kind(e.kind)))
-            .collect();
-        node.upsert_peer(
-            now,
-            PeerInfo {
-                node_key: p.key,
-                disco_key: DiscoKey(p.disco_key.0),
-                candidates,
-                nat: NatSummary::default(),
-            },
-        );
-    }
-
-    async fn on_relay(
-        &self,
-        node: &mut Node,
-        from: NodeKey,
-        bytes: &[u8],
-        gro: &mut GROTable,
-        buf: &mut Vec<u8>,
-    ) {
-        use crate::traversal::node::Datagram;
-        if node.handle_relay(Instant::now(), from, bytes) != Datagram::WireGuard {
+    /// Opens a WireGuard packet that came through a relay and writes it to
+    /// the TUN; disco is consumed by traversal.
+    async fn on_relay(&mut self, from: NodeKey, bytes: &Bytes) {
+        if self.node.handle_relay(Instant::now(), from, bytes) != Datagram::WireGuard {
             return;
         }
         let set = self.dp.peers();
         let Some(peer) = set.by_key(&from) else {
             return;
         };
+        let buf = &mut self.buf;
         buf.clear();
         buf.resize(OFFSET + 65_535, 0);
         match peer.open(None, bytes, &mut buf[OFFSET..]) {
@@ -311,7 +284,7 @@ impl Mesh {
                 buf.truncate(OFFSET + len);
                 let _ = self
                     .tun
-                    .send_multiple(gro, std::slice::from_mut(buf), OFFSET)
+                    .send_multiple(&mut self.gro, std::slice::from_mut(buf), OFFSET)
                     .await;
             }
             Opened::Reply { len } => {
@@ -328,19 +301,27 @@ impl Mesh {
         }
     }
 
-    /// Sends what the traversal core wants sent and applies its decisions.
-    async fn pump(&self, node: &mut Node) {
-        while let Some(t) = node.poll_transmit() {
+    /// Sends what traversal and discovery want sent and applies traversal's
+    /// path decisions to the data plane.
+    async fn pump(&mut self) {
+        let now = Instant::now();
+        while let Some((to, bytes)) = self.discovery.poll_transmit(now) {
+            let _ = self.egress.udp.send(to, &bytes, None).await;
+        }
+        if let Some(report) = self.discovery.poll_report() {
+            self.on_netcheck(report);
+        }
+        while let Some(t) = self.node.poll_transmit() {
             match t.dest {
                 Dest::Udp { socket, addr } if socket == SocketId::PRIMARY => {
                     let _ = self.egress.udp.send(addr, &t.bytes, None).await;
                 }
-                // Extra birthday sockets are not opened by this driver yet.
+                // Extra birthday sockets are not opened by this driver.
                 Dest::Udp { .. } => {}
                 Dest::Relay(k) => self.egress.relay(k, &t.bytes),
             }
         }
-        while let Some(ev) = node.poll_event() {
+        while let Some(ev) = self.node.poll_event() {
             match ev {
                 NodeEvent::PathChanged {
                     peer,
@@ -349,59 +330,66 @@ impl Mesh {
                     reason,
                 } => {
                     tracing::info!(peer = %peer.short(), %from, %to, ?reason, "path changed");
-                    if let Some(p) = self.dp.peers().by_key(&peer) {
-                        p.set_path(match to {
-                            Path::Direct(d) if d.socket == SocketId::PRIMARY => {
-                                PeerPath::Direct(d.addr)
-                            }
-                            _ => PeerPath::Relay,
-                        });
-                    }
+                    self.apply_path(&peer, to, now);
                 }
                 NodeEvent::OpenSockets { .. } | NodeEvent::CloseSockets { .. } => {}
             }
         }
     }
 
-    async fn report_endpoints(&self, node: &mut Node, j: &mut Joined) {
-        let eps = login::host_endpoints(self.listen.port());
-        let candidates = eps
-            .iter()
-            .map(|e| Candidate::udp(e.addr, candidate_kind(e.kind)))
-            .collect();
-        node.set_local(candidates, NatSummary::default());
-        if eps != j.reported {
-            match j
-                .client
-                .report_endpoints(&EndpointsReport::endpoints(&eps))
-                .await
-            {
-                Ok(()) => j.reported = eps,
-                Err(e) => tracing::info!(error = %e, "reporting endpoints failed; will retry"),
-            }
+    fn apply_path(&mut self, peer: &NodeKey, to: Path, now: Instant) {
+        let dp_path = match to {
+            Path::Direct(d) if d.socket == SocketId::PRIMARY => PeerPath::Direct(d.addr),
+            _ => PeerPath::Relay,
+        };
+        if matches!(dp_path, PeerPath::Direct(_)) {
+            self.direct_since.entry(*peer).or_insert(now);
+        } else {
+            self.direct_since.remove(peer);
+        }
+        if let Some(p) = self.dp.peers().by_key(peer) {
+            p.set_path(dp_path);
         }
     }
-}
 
-fn candidate_kind(k: EndpointKind) -> CandidateKind {
-    match k {
-        EndpointKind::Host => CandidateKind::Host,
-        EndpointKind::Portmapped => CandidateKind::PortMapped,
-        EndpointKind::Srflx => CandidateKind::ServerReflexive,
-        EndpointKind::Predicted => CandidateKind::Predicted,
-    }
-}
-
-async fn next_map(s: &mut Option<crate::control::client::MapStream>) -> Option<MapEvent> {
-    match s {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_relay(r: &mut Option<RelayReceiver>) -> Option<(NodeKey, Bytes)> {
-    match r {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
+    /// Writes the status view the API reads.
+    fn publish_view(&self, now: Instant) {
+        let node = self.node_status();
+        let peers = self
+            .map_peers
+            .values()
+            .map(|p| {
+                let st = self.node.status(&p.key, now);
+                let relayed = st.as_ref().is_none_or(|s| matches!(s.path, Path::Relay));
+                let mesh = PeerMesh {
+                    hostname: p.name.clone(),
+                    online: p.online,
+                    relay_region: if relayed {
+                        self.relays
+                            .peer_region(&p.key)
+                            .and_then(|r| self.relays.region_name(r))
+                    } else {
+                        None
+                    },
+                    latency_ms: st
+                        .as_ref()
+                        .and_then(|s| s.rtt)
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    relay_reason: st.as_ref().and_then(|s| s.relay_reason.clone()),
+                    candidates: p.endpoints.iter().map(|e| e.addr).collect(),
+                    pings_sent: st.as_ref().map_or(0, |s| s.stats.pings_sent),
+                    pongs_received: st.as_ref().map_or(0, |s| s.stats.pongs_received),
+                    direct_since_secs: self
+                        .direct_since
+                        .get(&p.key)
+                        .map(|t| now.duration_since(*t).as_secs()),
+                };
+                (p.key, mesh)
+            })
+            .collect();
+        handle::publish(&self.view, |v| {
+            v.node = node;
+            v.peers = peers;
+        });
     }
 }

@@ -1,0 +1,291 @@
+//! The agent's relay connections: one to its home region, kept open, and
+//! one to each other region where a peer it talks to lives, opened on
+//! demand and closed when idle (DESIGN §6).
+//!
+//! Packets for a relayed peer must reach the relay that peer is connected
+//! to, so the send side is a routing table — peer key → that region's
+//! sender, else the home region's — that the data plane reads without a
+//! lock ([`ArcSwap`]) on every relayed packet. The mesh task rebuilds the
+//! table when the map or the home region changes, which is rare.
+//!
+//! Each connection's receiver is drained by a small task that tags packets
+//! and events with the region and funnels them into one channel, so the
+//! mesh's `select!` waits on one receiver however many relays are open.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agent::egress::RelaySink;
+use crate::control::types::{RelayMap, RelayRegion};
+use crate::keys::{NodeKey, PrivateKey};
+use crate::relay_client::{Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender};
+
+/// A non-home connection with no packet in this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// What the relay connections deliver to the mesh task.
+#[derive(Debug)]
+pub enum Incoming {
+    Packet { from: NodeKey, bytes: Bytes },
+    Event { region: u16, event: RelayEvent },
+}
+
+#[derive(Default)]
+struct Routes {
+    home: Option<RelaySender>,
+    by_peer: HashMap<NodeKey, RelaySender>,
+}
+
+/// The data plane's view: where to queue a relayed packet.
+struct Sink(Arc<ArcSwap<Routes>>);
+
+impl RelaySink for Sink {
+    fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
+        let routes = self.0.load();
+        let Some(tx) = routes.by_peer.get(&peer).or(routes.home.as_ref()) else {
+            return false;
+        };
+        tx.try_send(peer, Bytes::copy_from_slice(packet)).is_ok()
+    }
+}
+
+struct Conn {
+    tx: RelaySender,
+    pump: JoinHandle<()>,
+    last_sent: u64,
+    last_active: Instant,
+    connected: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Dropping the sender stops the client; the pump ends with it.
+        self.pump.abort();
+    }
+}
+
+pub struct Relays {
+    key: PrivateKey,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    map: RelayMap,
+    home: Option<u16>,
+    /// Each peer's home region, from the map.
+    peer_region: HashMap<NodeKey, u16>,
+    conns: HashMap<u16, Conn>,
+    routes: Arc<ArcSwap<Routes>>,
+    incoming: mpsc::Sender<Incoming>,
+}
+
+impl Relays {
+    /// Returns the pool, the sink to give the data plane's egress, and the
+    /// receiver of everything the relays deliver.
+    pub fn new(
+        key: PrivateKey,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> (Relays, Box<dyn RelaySink>, mpsc::Receiver<Incoming>) {
+        let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
+        let (incoming, rx) = mpsc::channel(1024);
+        let pool = Relays {
+            key,
+            tls,
+            map: RelayMap::default(),
+            home: None,
+            peer_region: HashMap::new(),
+            conns: HashMap::new(),
+            routes: routes.clone(),
+            incoming,
+        };
+        (pool, Box::new(Sink(routes)), rx)
+    }
+
+    /// TLS settings for relays (a private CA); applies to new connections.
+    pub fn set_tls(&mut self, tls: Option<Arc<rustls::ClientConfig>>) {
+        self.tls = tls;
+    }
+
+    pub fn set_map(&mut self, map: RelayMap) {
+        if map != self.map {
+            self.map = map;
+            self.conns
+                .retain(|id, _| self.map.regions.iter().any(|r| r.id == *id));
+            if self.home.is_some_and(|h| self.region(h).is_none()) {
+                self.home = None;
+            }
+            self.refresh();
+        }
+    }
+
+    pub fn map(&self) -> &RelayMap {
+        &self.map
+    }
+
+    pub fn home(&self) -> Option<u16> {
+        self.home
+    }
+
+    pub fn region(&self, id: u16) -> Option<&RelayRegion> {
+        self.map.regions.iter().find(|r| r.id == id)
+    }
+
+    pub fn region_name(&self, id: u16) -> Option<String> {
+        self.region(id).map(|r| r.name.clone())
+    }
+
+    /// Makes `id` the home region (it must be in the map).
+    pub fn set_home(&mut self, id: u16) {
+        if self.home != Some(id) && self.region(id).is_some() {
+            if let Some(r) = self.region(id) {
+                tracing::info!(region = %r.name, url = %r.url, "home relay");
+            }
+            self.home = Some(id);
+            self.refresh();
+        }
+    }
+
+    /// Records where `peer` can be reached (`None`: unknown, use home).
+    pub fn set_peer_region(&mut self, peer: NodeKey, region: Option<u16>) {
+        let old = match region {
+            Some(r) => self.peer_region.insert(peer, r),
+            None => self.peer_region.remove(&peer),
+        };
+        if old != region {
+            self.refresh();
+        }
+    }
+
+    pub fn remove_peer(&mut self, peer: &NodeKey) {
+        if self.peer_region.remove(peer).is_some() {
+            self.refresh();
+        }
+    }
+
+    /// The region a relayed packet to `peer` goes through.
+    pub fn peer_region(&self, peer: &NodeKey) -> Option<u16> {
+        self.peer_region
+            .get(peer)
+            .copied()
+            .filter(|r| self.region(*r).is_some())
+            .or(self.home)
+    }
+
+    pub fn is_connected(&self, region: u16) -> bool {
+        self.conns.get(&region).is_some_and(|c| c.connected)
+    }
+
+    /// Notes a connection event (called by the mesh for each
+    /// [`Incoming::Event`]).
+    pub fn note_event(&mut self, region: u16, event: &RelayEvent) {
+        if let Some(c) = self.conns.get_mut(&region) {
+            match event {
+                RelayEvent::Connected { .. } => c.connected = true,
+                RelayEvent::Disconnected { .. } => c.connected = false,
+                _ => {}
+            }
+        }
+    }
+
+    /// Closes non-home connections that carried nothing for a while.
+    pub fn close_idle(&mut self, now: Instant) {
+        let home = self.home;
+        let mut closed = false;
+        for (id, c) in self.conns.iter_mut() {
+            let sent = c.tx.stats().packets_sent.load(Ordering::Relaxed)
+                + c.tx.stats().packets_received.load(Ordering::Relaxed);
+            if sent != c.last_sent {
+                c.last_sent = sent;
+                c.last_active = now;
+            } else if Some(*id) != home && now.duration_since(c.last_active) >= IDLE_CLOSE {
+                closed = true;
+            }
+        }
+        if closed {
+            self.conns.retain(|id, c| {
+                let keep = Some(*id) == home || now.duration_since(c.last_active) < IDLE_CLOSE;
+                if !keep {
+                    tracing::info!(region = id, "closing idle relay connection");
+                }
+                keep
+            });
+            // Peers of a closed region fall back to the home route until
+            // they are needed again.
+            self.publish();
+        }
+    }
+
+    /// Closes every connection (the node left the network).
+    pub fn clear(&mut self) {
+        self.conns.clear();
+        self.peer_region.clear();
+        self.home = None;
+        self.map = RelayMap::default();
+        self.publish();
+    }
+
+    /// Opens the connections the routes need and publishes the routes.
+    fn refresh(&mut self) {
+        let mut wanted: Vec<u16> = self.home.into_iter().collect();
+        wanted.extend(self.peer_region.values().copied());
+        wanted.sort_unstable();
+        wanted.dedup();
+        for id in wanted {
+            if !self.conns.contains_key(&id) {
+                if let Some(region) = self.region(id).cloned() {
+                    let conn = self.connect(&region);
+                    self.conns.insert(id, conn);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let home = self
+            .home
+            .and_then(|h| self.conns.get(&h))
+            .map(|c| c.tx.clone());
+        let by_peer = self
+            .peer_region
+            .iter()
+            .filter(|(_, r)| Some(**r) != self.home)
+            .filter_map(|(k, r)| Some((*k, self.conns.get(r)?.tx.clone())))
+            .collect();
+        self.routes.store(Arc::new(Routes { home, by_peer }));
+    }
+
+    fn connect(&self, region: &RelayRegion) -> Conn {
+        let mut cfg = RelayClientConfig::new(region.url.clone());
+        cfg.allow_plain = region.url.starts_with("http://");
+        cfg.tls = self.tls.clone();
+        cfg.proxy = crate::relay_client::ProxyConfig::from_env();
+        tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");
+        let (tx, mut rx) = RelayClient::connect(cfg, &self.key);
+        let out = self.incoming.clone();
+        let id = region.id;
+        let pump = tokio::spawn(async move {
+            loop {
+                let item = match rx.recv_any().await {
+                    Some(Received::Packet(from, bytes)) => Incoming::Packet { from, bytes },
+                    Some(Received::Event(event)) => Incoming::Event { region: id, event },
+                    None => return,
+                };
+                if out.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Conn {
+            tx,
+            pump,
+            last_sent: 0,
+            last_active: Instant::now(),
+            connected: false,
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The coordinator side of the mesh: `up`, `down`, `logout`, the map
+//! stream's events, and the control requests that run in the background.
+//!
+//! `up` with a token registers inline (the CLI waits for the answer, and a
+//! refused token must change nothing). A daemon that restarts with a saved
+//! login does not wait: it starts the map stream at once — the stream
+//! replays the map saved on disk, so tunnels come back even while the
+//! coordinator is down — and re-registers in the background to publish the
+//! new disco key, retrying with backoff.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::handle::{Command, Reply};
+use super::login::{system_hostname, Login};
+use super::Mesh;
+use crate::api::mesh::{MeshState, MeshStatus, UpArgs, UpReply};
+use crate::api::{ApiError, ErrorCode};
+use crate::control::client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
+use crate::control::types::{EndpointsReport, Peer as MapPeer};
+use crate::dataplane::PeerSpec;
+use crate::keys::NodeKey;
+use crate::netcheck::Report;
+use crate::proto::disco::DiscoKey;
+use crate::traversal::node::PeerInfo;
+
+/// Longest wait on the coordinator for `up`.
+const UP_TIMEOUT: Duration = Duration::from_secs(20);
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+pub struct Session {
+    pub login: Login,
+    pub client: ControlClient,
+    pub stream: Option<MapStream>,
+    pub name: Option<String>,
+    /// The node's overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    pub state: MeshState,
+    pub last_error: Option<String>,
+    /// The last report the coordinator accepted, and whether one is in
+    /// flight (reports are sent one at a time, the latest state wins).
+    pub reported: Option<EndpointsReport>,
+    pub reporting: bool,
+}
+
+impl Session {
+    pub fn is_active(&self) -> bool {
+        self.stream.is_some()
+    }
+}
+
+/// A finished background request.
+pub enum Background {
+    Registered(Result<Registration, ControlError>),
+    Reported {
+        report: EndpointsReport,
+        result: Result<(), ControlError>,
+    },
+}
+
+pub async fn next_map(s: &mut Option<Session>) -> Option<MapEvent> {
+    match s.as_mut().and_then(|s| s.stream.as_mut()) {
+        Some(stream) => stream.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn api_err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+impl Mesh {
+    fn disco_key(&self) -> NodeKey {
+        NodeKey(self.disco.public().0)
+    }
+
+    /// At start: follow the network joined last time, unless `down`.
+    pub(super) fn resume_saved_login(&mut self) {
+        let Some(login) = Login::load(&self.state_dir) else {
+            return;
+        };
+        match login.client(self.key.clone(), &self.state_dir) {
+            Ok(client) => {
+                let stopped = login.stopped;
+                self.session = Some(Session {
+                    login,
+                    client,
+                    stream: None,
+                    name: None,
+                    addresses: Vec::new(),
+                    state: MeshState::Stopped,
+                    last_error: None,
+                    reported: None,
+                    reporting: false,
+                });
+                if !stopped {
+                    self.start_following(true);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "saved login unusable; run `warren up`"),
+        }
+    }
+
+    /// Opens the map stream and, if `reregister`, re-registers in the
+    /// background (new disco key, current host name and version).
+    fn start_following(&mut self, reregister: bool) {
+        let disco = self.disco_key();
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        s.stream = Some(s.client.map_stream());
+        s.state = MeshState::Reconnecting;
+        if reregister {
+            let client = s.client.clone();
+            let hostname = s.login.hostname.clone();
+            self.background.spawn(async move {
+                let mut wait = RETRY_MIN;
+                loop {
+                    match client.register(None, &hostname, disco).await {
+                        Err(e) if !e.is_permanent() => {
+                            tracing::info!(error = %e, retry_in = ?wait, "re-registering failed");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(RETRY_MAX);
+                        }
+                        res => return Background::Registered(res),
+                    }
+                }
+            });
+        }
+    }
+
+    pub(super) async fn on_command(&mut self, cmd: Command, reply: Reply) {
+        let answer = match cmd {
+            Command::Up(args) => self.up(args).await,
+            Command::Down => self.down(),
+            Command::Logout => self.logout().await,
+            Command::Netcheck => {
+                if self.relays.map().regions.is_empty() {
+                    Err(api_err(
+                        ErrorCode::NotJoined,
+                        "netcheck needs the STUN servers of a network: run `warren up` first",
+                    ))
+                } else {
+                    if !self.discovery.is_running() {
+                        self.start_netcheck(Instant::now());
+                    }
+                    self.netcheck_waiters.push(reply);
+                    return;
+                }
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    async fn up(&mut self, args: UpArgs) -> Result<serde_json::Value, ApiError> {
+        let Some(coordinator) = args.coordinator.clone() else {
+            // Re-join the network left with `down`.
+            let Some(s) = self.session.as_mut() else {
+                return Err(api_err(
+                    ErrorCode::NotJoined,
+                    "not joined to any network: give --coordinator URL and --token",
+                ));
+            };
+            if args.token.is_some() {
+                return Err(api_err(
+                    ErrorCode::BadRequest,
+                    "a token needs --coordinator too",
+                ));
+            }
+            s.login.stopped = false;
+            let _ = s.login.save(&self.state_dir);
+            let reply = up_reply(s);
+            if !s.is_active() {
+                self.start_following(true);
+            }
+            return reply;
+        };
+        let login = Login {
+            coordinator,
+            hostname: args.hostname.clone().unwrap_or_else(system_hostname),
+            ca_file: args.ca_file.clone(),
+            stopped: false,
+        };
+        let client = login
+            .client(self.key.clone(), &self.state_dir)
+            .map_err(|e| api_err(ErrorCode::BadRequest, e))?;
+        let reg = tokio::time::timeout(
+            UP_TIMEOUT,
+            client.register(args.token.as_deref(), &login.hostname, self.disco_key()),
+        )
+        .await
+        .map_err(|_| {
+            api_err(
+                ErrorCode::Coordinator,
+                format!("no answer from {} within {UP_TIMEOUT:?}", login.coordinator),
+            )
+        })?
+        .map_err(|e| api_err(ErrorCode::Coordinator, e.to_string()))?;
+        // Accepted: whatever network this node followed before is left.
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.login.coordinator != login.coordinator)
+        {
+            self.leave();
+        }
+        if let Err(e) = login.save(&self.state_dir) {
+            tracing::warn!(error = %e, "cannot save the login; a restart will need `warren up`");
+        }
+        let relay_tls = login
+            .ca_pem()
+            .ok()
+            .flatten()
+            .and_then(|pem| crate::relay_client::dial::tls_config_with_ca(&pem).ok());
+        self.relays.set_tls(relay_tls);
+        // Same network again: the open map stream carries on.
+        let keep_stream = self.session.as_mut().and_then(|s| s.stream.take());
+        self.session = Some(Session {
+            login,
+            client,
+            stream: keep_stream,
+            name: Some(reg.name.clone()),
+            addresses: Vec::new(),
+            state: MeshState::Reconnecting,
+            last_error: None,
+            reported: None,
+            reporting: false,
+        });
+        self.on_registered(reg);
+        if self.session.as_ref().is_some_and(|s| !s.is_active()) {
+            self.start_following(false);
+        }
+        let s = self
+            .session
+            .as_ref()
+            .ok_or_else(|| api_err(ErrorCode::Internal, "session vanished during `up`"))?;
+        up_reply(s)
+    }
+
+    fn on_registered(&mut self, reg: Registration) {
+        tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
+        self.set_addresses(reg.ipv4.into(), reg.ipv6.into());
+        if let Some(s) = self.session.as_mut() {
+            s.name = Some(reg.name.clone());
+        }
+        self.set_relay_map(reg.relay_map);
+    }
+
+    fn down(&mut self) -> Result<serde_json::Value, ApiError> {
+        let Some(s) = self.session.as_mut() else {
+            return Err(api_err(ErrorCode::NotJoined, "not joined to any network"));
+        };
+        s.login.stopped = true;
+        let _ = s.login.save(&self.state_dir);
+        s.stream = None;
+        s.state = MeshState::Stopped;
+        self.drop_peers();
+        tracing::info!("left the network (down); `warren up` re-joins");
+        Ok(serde_json::json!({}))
+    }
+
+    async fn logout(&mut self) -> Result<serde_json::Value, ApiError> {
+        let Some(s) = self.session.as_ref() else {
+            return Err(api_err(ErrorCode::NotJoined, "not joined to any network"));
+        };
+        tokio::time::timeout(UP_TIMEOUT, s.client.logout())
+            .await
+            .map_err(|_| api_err(ErrorCode::Coordinator, "the coordinator did not answer"))?
+            .map_err(|e| api_err(ErrorCode::Coordinator, e.to_string()))?;
+        let map_file = s.client.map_path();
+        self.leave();
+        let _ = std::fs::remove_file(map_file);
+        tracing::info!("logged out; joining again takes a token");
+        Ok(serde_json::json!({}))
+    }
+
+    /// Forgets the network: peers, relays, the saved login.
+    fn leave(&mut self) {
+        self.session = None;
+        Login::remove(&self.state_dir);
+        self.drop_peers();
+    }
+
+    fn drop_peers(&mut self) {
+        let now = Instant::now();
+        let managed: Vec<NodeKey> = self
+            .dp
+            .peers()
+            .iter()
+            .filter(|p| p.spec.managed)
+            .map(|p| p.key)
+            .collect();
+        for k in managed {
+            self.dp.remove_peer(&k);
+            self.node.remove_peer(now, &k);
+        }
+        self.map_peers.clear();
+        self.direct_since.clear();
+        self.relays.clear();
+        self.discovery.stop();
+    }
+
+    pub(super) fn on_map(&mut self, ev: Option<MapEvent>) {
+        let now = Instant::now();
+        let Some(ev) = ev else {
+            return self.revoked("the coordinator closed the map stream for good");
+        };
+        match ev {
+            MapEvent::Full { map, from_cache } => {
+                tracing::info!(peers = map.peers.len(), from_cache, "network map");
+                self.set_addresses(map.self_node.ipv4.into(), map.self_node.ipv6.into());
+                if let Some(s) = self.session.as_mut() {
+                    s.name = Some(map.self_node.name.clone());
+                }
+                self.set_relay_map(map.relay_map.clone());
+                let gone: Vec<NodeKey> = self
+                    .map_peers
+                    .keys()
+                    .filter(|k| !map.peers.contains_key(k))
+                    .copied()
+                    .collect();
+                for k in gone {
+                    self.remove_peer(now, &k);
+                }
+                for p in map.peers.values() {
+                    self.add_peer(now, p);
+                }
+            }
+            MapEvent::PeerAdded(p) | MapEvent::PeerChanged(p) => self.add_peer(now, &p),
+            MapEvent::PeerRemoved(k) => {
+                tracing::info!(peer = %k.short(), "peer removed");
+                self.remove_peer(now, &k);
+            }
+            MapEvent::SelfChanged(me) => {
+                self.set_addresses(me.ipv4.into(), me.ipv6.into());
+                if let Some(s) = self.session.as_mut() {
+                    s.name = Some(me.name);
+                }
+            }
+            MapEvent::Connected => {
+                if let Some(s) = self.session.as_mut() {
+                    s.state = MeshState::Running;
+                    s.last_error = None;
+                }
+            }
+            MapEvent::Disconnected { reason, retry_in } => {
+                tracing::info!(%reason, ?retry_in, "coordinator unreachable; keeping the last map");
+                if let Some(s) = self.session.as_mut() {
+                    s.state = MeshState::Reconnecting;
+                    s.last_error = Some(reason);
+                }
+            }
+            MapEvent::Revoked { reason } => self.revoked(&reason),
+        }
+    }
+
+    fn revoked(&mut self, reason: &str) {
+        if self.session.is_none() {
+            return;
+        }
+        tracing::warn!(%reason, "the coordinator no longer accepts this node; run `warren up --token`");
+        self.leave();
+    }
+
+    fn add_peer(&mut self, now: Instant, p: &MapPeer) {
+        if p.key == self.dp.public_key() {
+            return;
+        }
+        let allowed: Vec<IpNet> = vec![
+            IpNet::from(IpAddr::V4(p.ipv4)),
+            IpNet::from(IpAddr::V6(p.ipv6)),
+        ];
+        let mut spec = PeerSpec::new(p.key, allowed);
+        spec.managed = true;
+        self.dp.upsert_peer(spec);
+        let mut info = PeerInfo::from_map(p, p.nat);
+        info.disco_key = DiscoKey(p.disco_key.0);
+        self.node.upsert_peer(now, info);
+        self.relays.set_peer_region(p.key, p.home_relay);
+        // A replaced data-plane peer starts on the relay; keep it in step
+        // with what traversal already knows.
+        self.apply_path(&p.key, self.node.path(&p.key), now);
+        self.map_peers.insert(p.key, p.clone());
+    }
+
+    fn remove_peer(&mut self, now: Instant, k: &NodeKey) {
+        self.dp.remove_peer(k);
+        self.node.remove_peer(now, k);
+        self.relays.remove_peer(k);
+        self.map_peers.remove(k);
+        self.direct_since.remove(k);
+    }
+
+    fn set_addresses(&mut self, v4: IpAddr, v6: IpAddr) {
+        if let Some(s) = self.session.as_mut() {
+            s.addresses = vec![v4, v6];
+        }
+        // The whole overlay range is routed to the device: /10 and /48.
+        for (ip, prefix) in [(v4, 10u8), (v6, 48u8)] {
+            let res = match ip {
+                IpAddr::V4(a) => self.tun.add_address_v4(a, prefix),
+                IpAddr::V6(a) => self.tun.add_address_v6(a, prefix),
+            };
+            if let Err(e) = res {
+                // EEXIST on re-join is expected.
+                tracing::debug!(%ip, error = %e, "adding overlay address");
+            }
+        }
+    }
+
+    fn set_relay_map(&mut self, map: crate::control::types::RelayMap) {
+        let changed = &map != self.relays.map();
+        self.relays.set_map(map);
+        if self.relays.home().is_none() {
+            // Relay from the first packet: the first region until netcheck
+            // has measured which is nearest.
+            if let Some(first) = self.relays.map().regions.first().map(|r| r.id) {
+                self.relays.set_home(first);
+            }
+        }
+        if changed {
+            if let Some(pm) = self.portmap.clone() {
+                self.discovery.start_portmap(pm);
+            }
+            self.start_netcheck(Instant::now());
+        }
+    }
+
+    pub(super) fn on_netcheck(&mut self, report: Report) {
+        let latency = self.discovery.region_latency();
+        if let Some((nearest, rtt)) = latency.first() {
+            if self.relays.home() != Some(*nearest) {
+                tracing::info!(region = nearest, ?rtt, "nearest relay");
+            }
+            self.relays.set_home(*nearest);
+        }
+        let waiters = std::mem::take(&mut self.netcheck_waiters);
+        let value =
+            serde_json::to_value(&report).map_err(|e| api_err(ErrorCode::Internal, e.to_string()));
+        for w in waiters {
+            let _ = w.send(value.clone());
+        }
+        self.publish_local(serde_json::to_value(&report).ok());
+    }
+
+    /// Gives traversal this node's candidates and NAT, and publishes them
+    /// (with the home relay) to the coordinator.
+    pub(super) fn publish_local(&mut self, netcheck: Option<serde_json::Value>) {
+        let candidates = self.discovery.candidates();
+        let nat = self.discovery.nat();
+        self.node
+            .set_local(candidates.iter().map(Into::into).collect(), nat);
+        let report = EndpointsReport {
+            endpoints: candidates,
+            netcheck,
+            nat,
+            home_relay: self.relays.home(),
+        };
+        self.report(report);
+    }
+
+    /// Sends `report` unless it is what the coordinator already has; one
+    /// request at a time, the newest wins.
+    fn report(&mut self, report: EndpointsReport) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let same = |a: &EndpointsReport, b: &EndpointsReport| {
+            a.endpoints == b.endpoints && a.nat == b.nat && a.home_relay == b.home_relay
+        };
+        if s.reported.as_ref().is_some_and(|r| same(r, &report)) || s.reporting {
+            return;
+        }
+        s.reporting = true;
+        let client = s.client.clone();
+        self.background.spawn(async move {
+            let result = client.report_endpoints(&report).await;
+            Background::Reported { report, result }
+        });
+    }
+
+    pub(super) fn on_background(&mut self, bg: Background) {
+        match bg {
+            Background::Registered(Ok(reg)) => self.on_registered(reg),
+            Background::Registered(Err(e)) => self.revoked(&e.to_string()),
+            Background::Reported { report, result } => {
+                let Some(s) = self.session.as_mut() else {
+                    return;
+                };
+                s.reporting = false;
+                match result {
+                    Ok(()) => s.reported = Some(report),
+                    Err(e) if e.is_permanent() => self.revoked(&e.to_string()),
+                    Err(e) => {
+                        tracing::info!(error = %e, "reporting endpoints failed; will retry");
+                        // The next netcheck (or address change) retries.
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn node_status(&self) -> MeshStatus {
+        let Some(s) = &self.session else {
+            return MeshStatus::default();
+        };
+        let names = |id: u16| {
+            self.relays
+                .region_name(id)
+                .unwrap_or_else(|| id.to_string())
+        };
+        MeshStatus {
+            state: s.state,
+            coordinator: Some(s.login.coordinator.clone()),
+            name: s.name.clone(),
+            addresses: s.addresses.clone(),
+            home_relay: self.relays.home().map(names),
+            home_relay_connected: self
+                .relays
+                .home()
+                .is_some_and(|h| self.relays.is_connected(h)),
+            relay_latency_ms: self
+                .discovery
+                .region_latency()
+                .into_iter()
+                .map(|(id, d)| (names(id), d.as_secs_f64() * 1e3))
+                .collect(),
+            endpoints: s
+                .reported
+                .as_ref()
+                .map(|r| r.endpoints.clone())
+                .unwrap_or_default(),
+            nat: self.discovery.nat(),
+            udp: self.discovery.last.as_ref().map(|r| r.udp),
+            last_error: s.last_error.clone(),
+        }
+    }
+}
+
+fn up_reply(s: &Session) -> Result<serde_json::Value, ApiError> {
+    let reply = UpReply {
+        coordinator: s.login.coordinator.clone(),
+        name: s.name.clone().unwrap_or_default(),
+        addresses: s.addresses.clone(),
+    };
+    serde_json::to_value(reply).map_err(|e| api_err(ErrorCode::Internal, e.to_string()))
+}

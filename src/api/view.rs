@@ -1,0 +1,131 @@
+//! The [`Backend`] of a running agent: the data plane's live counters and
+//! paths, merged with the mesh's view (host names, relay regions, latency,
+//! why a peer is relayed), and the mesh commands handed to the mesh task.
+//!
+//! The data plane is the authority on what packets do now (path, bytes,
+//! handshakes); the mesh adds what only the control side knows. A peer from
+//! the config file has no mesh entry and shows only the former.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use ipnet::IpNet;
+
+use super::server::Backend;
+use super::{ApiError, ErrorCode, PeerPath, PeerStatus, Request, Status};
+use crate::agent::mesh::{Command, MeshHandle};
+use crate::agent::Running;
+use crate::dataplane::peer::PeerPath as DpPath;
+use crate::dataplane::DataPlane;
+
+pub struct AgentView {
+    pub dataplane: Arc<DataPlane>,
+    pub interface: String,
+    pub addresses: Vec<IpNet>,
+    pub listen: std::net::SocketAddr,
+    pub offload: bool,
+    pub started: Instant,
+    pub mesh: Option<MeshHandle>,
+}
+
+impl AgentView {
+    pub fn new(running: &Running, config: &crate::config::Config) -> AgentView {
+        AgentView {
+            dataplane: running.dataplane.clone(),
+            interface: config.interface.name.clone(),
+            addresses: config.interface.addresses.clone(),
+            listen: running.listen,
+            offload: running.offload,
+            started: Instant::now(),
+            mesh: Some(running.mesh.clone()),
+        }
+    }
+}
+
+impl Backend for AgentView {
+    fn status(&self) -> Status {
+        let view = self.mesh.as_ref().map(|m| m.view());
+        let set = self.dataplane.peers();
+        let mut peers: Vec<PeerStatus> = set
+            .iter()
+            .map(|p| {
+                let st = p.stats();
+                let mesh = view.as_ref().and_then(|v| v.peers.get(&p.key)).cloned();
+                PeerStatus {
+                    public_key: p.key,
+                    hostname: mesh.as_ref().map(|m| m.hostname.clone()),
+                    allowed_ips: p.spec.allowed_ips.clone(),
+                    path: match st.path {
+                        DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
+                        DpPath::Relay => PeerPath::Relay {
+                            region: mesh.as_ref().and_then(|m| m.relay_region.clone()),
+                        },
+                        DpPath::None => PeerPath::None,
+                    },
+                    latency_ms: mesh.as_ref().and_then(|m| m.latency_ms),
+                    last_handshake_secs: st.last_handshake.map(|d| d.as_secs()),
+                    rx_bytes: st.rx_bytes,
+                    tx_bytes: st.tx_bytes,
+                    mesh,
+                }
+            })
+            .collect();
+        // Stable order: by first overlay address, then key.
+        peers.sort_by(|a, b| {
+            (a.allowed_ips.first(), a.public_key).cmp(&(b.allowed_ips.first(), b.public_key))
+        });
+        let mut addresses = self.addresses.clone();
+        let node = view.map(|v| v.node);
+        if let Some(n) = &node {
+            for ip in &n.addresses {
+                let net = match ip {
+                    IpAddr::V4(_) => IpNet::new(*ip, 10),
+                    IpAddr::V6(_) => IpNet::new(*ip, 48),
+                };
+                if let Ok(net) = net {
+                    if !addresses.contains(&net) {
+                        addresses.push(net);
+                    }
+                }
+            }
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            interface: self.interface.clone(),
+            public_key: self.dataplane.public_key(),
+            listen: self.listen,
+            offload: self.offload,
+            addresses,
+            uptime_secs: self.started.elapsed().as_secs(),
+            peers,
+            drops: self.dataplane.drops.snapshot().into(),
+            mesh: node,
+        }
+    }
+
+    fn mesh(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        Box::pin(async move {
+            let Some(mesh) = &self.mesh else {
+                return Err(ApiError::new(
+                    ErrorCode::Unsupported,
+                    "this daemon runs without a mesh",
+                ));
+            };
+            let cmd = match request {
+                Request::Up(args) => Command::Up(args),
+                Request::Down => Command::Down,
+                Request::Logout => Command::Logout,
+                Request::Netcheck => Command::Netcheck,
+                other => {
+                    return Err(ApiError::new(
+                        ErrorCode::Internal,
+                        format!("{other:?} is not a mesh request"),
+                    ))
+                }
+            };
+            mesh.call(cmd).await
+        })
+    }
+}

@@ -1,0 +1,234 @@
+//! How the mesh looks to a person: the network lines of `warren status`,
+//! the reasons peers are relayed, and the `warren netcheck` report.
+//!
+//! The aim is that nobody has to guess why a connection is relayed: the
+//! status says where the node stands with its coordinator, which relay it
+//! uses, what its NAT does, and for each relayed peer the reason in words.
+
+use std::fmt::Write;
+
+use crate::api::mesh::{MeshState, MeshStatus};
+use crate::api::{PeerPath, PeerStatus};
+use crate::netcheck::{FamilyReport, MappingBehavior, PortAllocation, Report};
+use crate::traversal::hardnat::{Allocation, Mapping};
+use crate::traversal::NatSummary;
+
+/// The lines under the header of `warren status` for a mesh node.
+pub fn node(m: &MeshStatus) -> String {
+    let mut out = String::new();
+    let coord = m.coordinator.as_deref().unwrap_or("-");
+    let name = m.name.as_deref().unwrap_or("(unnamed)");
+    let state = match m.state {
+        MeshState::NeedsLogin => {
+            return "network: not joined (warren up --coordinator URL --token TOKEN)\n".into()
+        }
+        MeshState::Stopped => "stopped (warren up to re-join)".to_owned(),
+        MeshState::Running => "connected".to_owned(),
+        MeshState::Reconnecting => match &m.last_error {
+            Some(e) => format!("coordinator unreachable, using the last map ({e})"),
+            None => "connecting".to_owned(),
+        },
+    };
+    let _ = writeln!(out, "network: {name} on {coord}: {state}");
+    if m.state == MeshState::Stopped {
+        return out;
+    }
+    if let Some(home) = &m.home_relay {
+        let lat: Vec<String> = m
+            .relay_latency_ms
+            .iter()
+            .map(|(r, ms)| format!("{r} {ms:.1} ms"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "relay: {home} ({}){}",
+            if m.home_relay_connected {
+                "connected"
+            } else {
+                "connecting"
+            },
+            if lat.is_empty() {
+                String::new()
+            } else {
+                format!("; STUN latency {}", lat.join(", "))
+            }
+        );
+    }
+    let udp = match m.udp {
+        Some(true) => "UDP works",
+        Some(false) => "UDP blocked (relay over TCP)",
+        None => "UDP not checked yet",
+    };
+    let _ = writeln!(out, "nat: {}; {udp}", nat(&m.nat));
+    if !m.endpoints.is_empty() {
+        let eps: Vec<String> = m
+            .endpoints
+            .iter()
+            .map(|e| format!("{} ({:?})", e.addr, e.kind).to_lowercase())
+            .collect();
+        let _ = writeln!(out, "endpoints: {}", eps.join(", "));
+    }
+    out
+}
+
+/// A NAT summary in words.
+pub fn nat(n: &NatSummary) -> String {
+    let mapping = match n.mapping {
+        Mapping::None => return "none (public address)".into(),
+        Mapping::EndpointIndependent => "endpoint-independent (easy)",
+        Mapping::EndpointDependent => "endpoint-dependent (hard)",
+        _ => "unknown",
+    };
+    let alloc = match n.allocation {
+        Allocation::Preserving => ", port-preserving".to_owned(),
+        Allocation::Sequential { step } => format!(", sequential ports (step {step})"),
+        Allocation::Random => ", random ports".to_owned(),
+        _ => String::new(),
+    };
+    format!("{mapping}{alloc}")
+}
+
+/// One line per relayed peer saying why, and when a path turned direct.
+pub fn peer_notes(peers: &[PeerStatus]) -> String {
+    let mut out = String::new();
+    for p in peers {
+        let Some(m) = &p.mesh else { continue };
+        let name = super::render::peer_name(p);
+        match (&p.path, &m.relay_reason, m.direct_since_secs) {
+            (PeerPath::Relay { .. }, Some(reason), _) => {
+                let _ = writeln!(out, "{name}: relayed: {reason}");
+            }
+            (PeerPath::Direct { .. }, _, Some(secs)) => {
+                let _ = writeln!(
+                    out,
+                    "{name}: direct for {} ({} pings, {} pongs)",
+                    super::render::duration(secs),
+                    m.pings_sent,
+                    m.pongs_received
+                );
+            }
+            _ => {}
+        }
+        if !m.online {
+            let _ = writeln!(out, "{name}: offline at the coordinator");
+        }
+    }
+    out
+}
+
+/// `warren netcheck` for a person.
+pub fn netcheck(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "UDP: {}",
+        if r.udp {
+            "yes"
+        } else {
+            "no (blocked; the relay over TCP/443 carries traffic)"
+        }
+    );
+    family(&mut out, "IPv4", &r.ipv4);
+    family(&mut out, "IPv6", &r.ipv6);
+    let hp = match r.hairpinning {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "not tested",
+    };
+    let _ = writeln!(out, "hairpinning: {hp}");
+    let pm = match r.portmap {
+        Some(p) if p.any() => {
+            let mut v = Vec::new();
+            if p.upnp {
+                v.push("UPnP");
+            }
+            if p.natpmp {
+                v.push("NAT-PMP");
+            }
+            if p.pcp {
+                v.push("PCP");
+            }
+            v.join(", ")
+        }
+        Some(_) => "none".into(),
+        None => "not probed".into(),
+    };
+    let _ = writeln!(out, "port mapping: {pm}");
+    for s in &r.servers {
+        let lat = s
+            .latency
+            .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "no answer".into());
+        let preferred = if r.preferred_server.as_deref() == Some(s.name.as_str()) {
+            " (nearest)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "relay {}: {lat}{preferred}", s.name);
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, f: &FamilyReport) {
+    if !f.works {
+        let _ = writeln!(out, "{name}: no");
+        return;
+    }
+    let global = f.global.map(|g| g.to_string()).unwrap_or_default();
+    let mapping = match f.mapping {
+        MappingBehavior::NoNat => "no NAT",
+        MappingBehavior::EndpointIndependent => "NAT, endpoint-independent mapping (easy)",
+        MappingBehavior::EndpointDependent => "NAT, endpoint-dependent mapping (hard)",
+        MappingBehavior::Unknown => "mapping unknown",
+    };
+    let ports = match f.port_allocation {
+        PortAllocation::Preserving => "port-preserving".to_owned(),
+        PortAllocation::Sequential { step } => format!("sequential ports, step {step}"),
+        PortAllocation::Random => "random ports".to_owned(),
+        PortAllocation::Unknown => "port pattern unknown".to_owned(),
+    };
+    let _ = writeln!(out, "{name}: {global}; {mapping}; {ports}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_said_in_words() {
+        let m = MeshStatus::default();
+        assert!(node(&m).contains("not joined"), "{}", node(&m));
+        let m = MeshStatus {
+            state: MeshState::Reconnecting,
+            coordinator: Some("https://c".into()),
+            name: Some("a".into()),
+            last_error: Some("connection refused".into()),
+            home_relay: Some("lab".into()),
+            relay_latency_ms: vec![("lab".into(), 1.25)],
+            udp: Some(false),
+            ..Default::default()
+        };
+        let text = node(&m);
+        assert!(text.contains("network: a on https://c: coordinator unreachable"));
+        assert!(text.contains("connection refused"));
+        assert!(
+            text.contains("relay: lab (connecting); STUN latency lab 1.2 ms"),
+            "{text}"
+        );
+        assert!(text.contains("UDP blocked"), "{text}");
+    }
+
+    #[test]
+    fn nat_words() {
+        let n = NatSummary {
+            mapping: Mapping::EndpointDependent,
+            allocation: Allocation::Sequential { step: 1 },
+            observed: None,
+        };
+        assert_eq!(
+            nat(&n),
+            "endpoint-dependent (hard), sequential ports (step 1)"
+        );
+        assert_eq!(nat(&NatSummary::default()), "unknown");
+    }
+}

@@ -1,0 +1,101 @@
+//! A real `warren-coordinator` in a lab node, and its admin commands.
+//!
+//! The binary is the workspace's own build (`tests/run.sh` builds the
+//! whole workspace first); it sits beside the `warren` binary. It serves
+//! plain HTTP with `--insecure-http`, which is what the flag is for: the
+//! lab's "internet" is made of namespaces this test owns.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::agent::WARREN;
+use super::process::Output;
+use super::{Lab, Node, ProcId};
+
+/// The port the lab coordinator listens on.
+pub const COORD_PORT: u16 = 8080;
+
+pub fn coordinator_bin() -> PathBuf {
+    PathBuf::from(WARREN).with_file_name("warren-coordinator")
+}
+
+pub struct Coordinator {
+    pub node: Node,
+    pub ip: Ipv4Addr,
+    pub data_dir: PathBuf,
+    pub proc: ProcId,
+}
+
+impl Coordinator {
+    /// Starts `warren-coordinator serve` on `node` (its first address) with
+    /// `extra` flags, and waits until it answers.
+    pub fn start(lab: &Lab, node: &Node, extra: &[&str]) -> Coordinator {
+        let ip = node.ip;
+        let data_dir = lab.dir().join(format!("coord-{}", node.name));
+        let bin = coordinator_bin();
+        let listen = format!("{ip}:{COORD_PORT}");
+        let dir = data_dir.to_string_lossy().into_owned();
+        let bin_s = bin.to_string_lossy().into_owned();
+        let mut argv = vec![
+            bin_s.as_str(),
+            "--data-dir",
+            &dir,
+            "serve",
+            "--listen",
+            &listen,
+            "--insecure-http",
+            "--ephemeral-timeout",
+            "30s",
+        ];
+        argv.extend_from_slice(extra);
+        let proc = lab.spawn(node, "coordinator", &argv);
+        let url = format!("http://{ip}:{COORD_PORT}/key");
+        let up = super::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            lab.exit_status(proc).is_some()
+                || lab.exec(node, &["curl", "-sf", "-m", "1", &url]).ok()
+        });
+        assert!(
+            up && lab.exit_status(proc).is_none(),
+            "coordinator did not come up:\n{}",
+            lab.log(proc)
+        );
+        Coordinator {
+            node: node.clone(),
+            ip,
+            data_dir,
+            proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}:{COORD_PORT}", self.ip)
+    }
+
+    /// Runs an admin command (`token …`, `node …`) against the store.
+    pub fn admin(&self, lab: &Lab, args: &[&str]) -> Output {
+        let bin = coordinator_bin();
+        let bin = bin.to_string_lossy();
+        let dir = self.data_dir.to_string_lossy();
+        let mut argv = vec![bin.as_ref(), "--data-dir", dir.as_ref()];
+        argv.extend_from_slice(args);
+        lab.exec(&self.node, &argv)
+    }
+
+    /// Creates a token with `flags`; returns (token, id).
+    pub fn token(&self, lab: &Lab, flags: &[&str]) -> (String, String) {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(flags);
+        let out = self.admin(lab, &args).expect_ok("token create");
+        let mut lines = out.stdout.lines();
+        let token = lines.next().unwrap_or_default().trim().to_owned();
+        let id = lines
+            .next()
+            .and_then(|l| l.strip_prefix("# id "))
+            .and_then(|l| l.split(';').next())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!token.is_empty() && !id.is_empty(), "{}", out.stdout);
+        (token, id)
+    }
+}

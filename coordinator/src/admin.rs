@@ -89,13 +89,13 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         return Ok(serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n");
     }
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {}\n",
-        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "ENDPOINTS"
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}\n",
+        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "RELAY", "ENDPOINTS"
     );
     for n in &nodes {
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}",
             n.id,
             n.name,
             n.ipv4,
@@ -103,6 +103,9 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
             if n.online { "yes" } else { "no" },
             when(n.last_seen_ms),
             n.version,
+            n.home_relay
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
             endpoints(n)
         );
     }

@@ -11,11 +11,17 @@
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
 //! - [`stun`]: the STUN Binding server (also run by standalone relays).
 //! - [`relay`]: the encrypted relay, embedded or standalone.
+//! - [`relay_map`]: the relay regions agents are told about.
+//! - [`relay_nodes`]: who may use the relays (embedded admission, node feed).
+//! - [`standalone`]: `warren-coordinator relay`, a relay for another region.
 
 pub mod admin;
 pub mod api;
 pub mod hub;
 pub mod relay;
+pub mod relay_map;
+pub mod relay_nodes;
 pub mod server;
+pub mod standalone;
 pub mod store;
 pub mod stun;

@@ -1,7 +1,9 @@
 //! `warren-coordinator`: the control server and its administration.
 //!
-//! `serve` runs the server; `token …` and `node …` work on the store
-//! directly (the same `--data-dir` / `--database` as the server's).
+//! `serve` runs the server (with its STUN server and embedded relay);
+//! `relay` runs a standalone relay for another region; `token …` and
+//! `node …` work on the store directly (the same `--data-dir` /
+//! `--database` as the server's).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use warren_coordinator::relay::RelayLimits;
+use warren_coordinator::relay_map::{self, EmbeddedRegion};
 use warren_coordinator::store::{NewToken, Store};
-use warren_coordinator::{admin, server};
+use warren_coordinator::{admin, server, standalone};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,7 +23,7 @@ use warren_coordinator::{admin, server};
     about = "warren's control server"
 )]
 struct Cli {
-    /// Where the coordinator key and the SQLite database live.
+    /// Where the keys (coordinator.key, relay.key) and the SQLite database live.
     #[arg(
         long,
         global = true,
@@ -36,8 +40,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the control server.
+    /// Run the control server, its STUN server and the embedded relay.
     Serve(ServeArgs),
+    /// Run a standalone relay (and STUN server) for another region.
+    Relay(RelayArgs),
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -50,21 +56,106 @@ enum Cmd {
 struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
-    /// PEM certificate chain for TLS.
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS.
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Allow plain HTTP on a non-loopback address (test labs only).
-    #[arg(long)]
-    insecure_http: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long an ephemeral node may stay offline before it is removed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     ephemeral_timeout: Duration,
     /// Map stream keepalive interval.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
+    /// The URL agents use for this coordinator (https://host[:port]); the
+    /// embedded relay is published at <URL>/relay. Needed when --listen is
+    /// a wildcard address.
+    #[arg(long)]
+    public_url: Option<String>,
+    #[command(flatten)]
+    stun: StunArgs,
+    /// STUN address to publish in the relay map (repeatable; default: the
+    /// STUN listening addresses).
+    #[arg(long = "stun-advertise", value_name = "ADDR")]
+    stun_advertise: Vec<SocketAddr>,
+    /// The embedded relay's region id.
+    #[arg(long, default_value_t = 1)]
+    region_id: u16,
+    /// The embedded relay's region name.
+    #[arg(long, default_value = "default")]
+    region_name: String,
+    /// Run no embedded relay (and publish no region for it).
+    #[arg(long)]
+    no_relay: bool,
+    /// TOML file listing standalone relays' regions ([[region]] id, name,
+    /// url, stun = [...]) to publish after the embedded one.
+    #[arg(long, value_name = "FILE")]
+    relay_map: Option<PathBuf>,
+    /// File holding the secret standalone relays prove on the node feed
+    /// (GET /api/v1/relay/nodes); without it the feed is off.
+    #[arg(long, value_name = "FILE")]
+    relay_secret_file: Option<PathBuf>,
+}
+
+/// TLS, or the lab's plain HTTP (same rule for `serve` and `relay`).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// PEM certificate chain for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address, and for `relay` to a
+    /// coordinator off loopback (test labs only).
+    #[arg(long)]
+    insecure_http: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct StunArgs {
+    /// STUN (UDP) address [default: the listen IP, port 3478].
+    #[arg(long, value_name = "ADDR")]
+    stun_listen: Option<SocketAddr>,
+    /// A second STUN port, so agents can tell endpoint-dependent mappings.
+    #[arg(long, value_name = "ADDR")]
+    stun_alt_listen: Option<SocketAddr>,
+    /// Run no STUN server.
+    #[arg(long, conflicts_with_all = ["stun_listen", "stun_alt_listen"])]
+    no_stun: bool,
+}
+
+impl StunArgs {
+    fn sockets(&self, listen: SocketAddr) -> Vec<SocketAddr> {
+        if self.no_stun {
+            return Vec::new();
+        }
+        let primary = self
+            .stun_listen
+            .unwrap_or_else(|| SocketAddr::new(listen.ip(), 3478));
+        std::iter::once(primary)
+            .chain(self.stun_alt_listen)
+            .collect()
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RelayArgs {
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// The coordinator's URL, whose node feed says who may connect.
+    #[arg(long, value_name = "URL")]
+    coordinator: String,
+    /// PEM CA certificates to trust for the coordinator (default: public roots).
+    #[arg(long, value_name = "FILE")]
+    coordinator_ca: Option<PathBuf>,
+    /// File holding the relay secret (the coordinator's --relay-secret-file).
+    #[arg(long, value_name = "FILE")]
+    secret_file: PathBuf,
+    #[command(flatten)]
+    stun: StunArgs,
+    /// How often to log the relay's counters.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    health_every: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,21 +207,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Cmd::Serve(args) = cli.cmd {
-        let mut cfg = server::Config::new(args.listen, cli.data_dir);
-        cfg.database = cli.database;
-        cfg.tls_cert = args.tls_cert;
-        cfg.tls_key = args.tls_key;
-        cfg.insecure_http = args.insecure_http;
-        cfg.ephemeral_timeout = args.ephemeral_timeout;
-        cfg.keepalive = args.keepalive;
-        let running = server::start(cfg).await?;
-        tokio::select! {
-            _ = running_wait(running) => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
-        }
-        return Ok(());
-    }
+    let cli = match cli.cmd {
+        Cmd::Serve(args) => return serve(args, cli.data_dir, cli.database).await,
+        Cmd::Relay(args) => return relay(args, cli.data_dir).await,
+        _ => cli,
+    };
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("creating {}", cli.data_dir.display()))?;
     let url = cli
@@ -139,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| Store::sqlite_url(&cli.data_dir));
     let store = Store::open(&url).await.context("opening the store")?;
     let out = match cli.cmd {
-        Cmd::Serve(_) => unreachable!("handled above"),
+        Cmd::Serve(_) | Cmd::Relay(_) => unreachable!("handled above"),
         Cmd::Token(TokenCmd::Create {
             reusable,
             ephemeral,
@@ -169,6 +250,54 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn running_wait(r: server::Running) {
-    r.wait().await
+async fn serve(args: ServeArgs, data_dir: PathBuf, database: Option<String>) -> anyhow::Result<()> {
+    let mut cfg = server::Config::new(args.listen, data_dir);
+    cfg.database = database;
+    cfg.tls_cert = args.tls.tls_cert;
+    cfg.tls_key = args.tls.tls_key;
+    cfg.insecure_http = args.tls.insecure_http;
+    cfg.ephemeral_timeout = args.ephemeral_timeout;
+    cfg.keepalive = args.keepalive;
+    cfg.stun_listen = args.stun.sockets(args.listen);
+    cfg.embedded_relay = (!args.no_relay).then_some(EmbeddedRegion {
+        id: args.region_id,
+        name: args.region_name,
+        public_url: args.public_url,
+        stun_advertise: args.stun_advertise,
+    });
+    let reserved = cfg.embedded_relay.as_ref().map(|r| r.id);
+    if let Some(path) = &args.relay_map {
+        cfg.relay_map = relay_map::load(path, reserved)?;
+    }
+    if let Some(path) = &args.relay_secret_file {
+        cfg.relay_secret = Some(server::read_relay_secret(path)?);
+    }
+    let running = server::start(cfg).await?;
+    tokio::select! {
+        _ = running.wait() => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+    }
+    Ok(())
+}
+
+async fn relay(args: RelayArgs, data_dir: PathBuf) -> anyhow::Result<()> {
+    let opts = standalone::Options {
+        listen: args.listen,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        insecure_http: args.tls.insecure_http,
+        coordinator: args.coordinator,
+        coordinator_ca: args.coordinator_ca,
+        secret: server::read_relay_secret(&args.secret_file)?,
+        data_dir,
+        stun_listen: args.stun.sockets(args.listen),
+        limits: RelayLimits::default(),
+        health_every: Some(args.health_every),
+    };
+    let running = standalone::start(opts).await?;
+    tokio::select! {
+        r = running.wait() => r.context("relay listener")?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+    }
+    Ok(())
 }

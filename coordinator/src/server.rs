@@ -1,5 +1,8 @@
 //! Running the coordinator: configuration, its key, TLS, and the
-//! background tasks (hub, liveness refresh, reaping).
+//! background tasks (hub, liveness refresh, reaping), plus the STUN server
+//! and the embedded relay, which share the control API's listener (the
+//! relay's routes sit beside the API's, so one port and one certificate
+//! serve both).
 //!
 //! Plain HTTP is refused unless the listening address is loopback or the
 //! operator passed the lab flag: the control protocol's only protection for
@@ -19,14 +22,18 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use warren::control::{RelayMap, KEEPALIVE_SECS};
 use warren::keys::PrivateKey;
 
 use crate::api::{self, AppState};
 use crate::hub::Hub;
+use crate::relay::{Admission, PeerAddr, RelayLimits, RelayServer};
+use crate::relay_map::EmbeddedRegion;
+use crate::relay_nodes::{feed_router, StoreAdmission};
 use crate::store::{Store, StoreError};
+use crate::stun;
 
 /// Why the coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,8 @@ pub enum ServerError {
     PlainHttpRefused(SocketAddr),
     #[error("this replica's key ({ours}) is not the network's ({theirs}): copy coordinator.key from another replica")]
     KeyMismatch { ours: String, theirs: String },
+    #[error("relay: {0}")]
+    Relay(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -70,7 +79,17 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long an ephemeral node may stay offline before it is removed.
     pub ephemeral_timeout: Duration,
+    /// Regions of standalone relays, published after the embedded one.
     pub relay_map: RelayMap,
+    /// The embedded relay's region; `None` runs no embedded relay.
+    pub embedded_relay: Option<EmbeddedRegion>,
+    pub relay_limits: RelayLimits,
+    /// STUN sockets to serve on: the primary, then an optional second port
+    /// (for mapping-behaviour tests). Empty runs no STUN server.
+    pub stun_listen: Vec<SocketAddr>,
+    /// The secret standalone relays prove on the node feed; `None` leaves
+    /// the feed unmounted.
+    pub relay_secret: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -86,6 +105,10 @@ impl Config {
             keepalive: Duration::from_secs(KEEPALIVE_SECS),
             ephemeral_timeout: Duration::from_secs(600),
             relay_map: RelayMap::default(),
+            embedded_relay: Some(EmbeddedRegion::default()),
+            relay_limits: RelayLimits::default(),
+            stun_listen: Vec::new(),
+            relay_secret: None,
         }
     }
 
@@ -117,7 +140,7 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, ServerError> {
             f.write_all(format!("{}\n", key.to_base64()).as_bytes())
                 .map_err(io_err(path))?;
             f.sync_all().map_err(io_err(path))?;
-            tracing::info!(public = %key.public(), "created coordinator key");
+            tracing::info!(file = %path.display(), public = %key.public(), "created a key");
             Ok(key)
         }
         Err(e) => Err(io_err(path)(e)),
@@ -141,12 +164,69 @@ fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ServerErr
     Ok(config)
 }
 
+/// Reads a relay secret file (trimmed). Short secrets are refused: the
+/// feed's MAC is only as strong as the secret.
+pub fn read_relay_secret(path: &Path) -> Result<Vec<u8>, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let secret = text.trim().as_bytes().to_vec();
+    if secret.len() < 16 {
+        return Err(ServerError::Relay(format!(
+            "{}: a relay secret needs at least 16 characters (try `openssl rand -base64 32`)",
+            path.display()
+        )));
+    }
+    Ok(secret)
+}
+
+/// Binds the STUN sockets and starts a server on each. Returns the bound
+/// addresses (ports resolved) and the tasks.
+pub async fn start_stun(
+    listen: &[SocketAddr],
+    software: &str,
+) -> Result<(Vec<SocketAddr>, Vec<JoinHandle<()>>), ServerError> {
+    let stats = Arc::new(stun::StunStats::default());
+    let (mut addrs, mut tasks) = (Vec::new(), Vec::new());
+    for want in listen {
+        let err = |source| ServerError::Io {
+            path: format!("STUN socket {want}"),
+            source,
+        };
+        let sock = UdpSocket::bind(want).await.map_err(err)?;
+        addrs.push(sock.local_addr().map_err(err)?);
+        let options = stun::ServerOptions {
+            software: Some(software.to_owned()),
+        };
+        let stats = stats.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = stun::serve(sock, options, stats).await {
+                tracing::error!(error = %e, "STUN server stopped");
+            }
+        }));
+    }
+    Ok((addrs, tasks))
+}
+
 /// A running coordinator. Dropping it stops the listener and tasks.
-#[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
     pub store: Store,
+    /// The bound STUN sockets (primary first).
+    pub stun: Vec<SocketAddr>,
+    /// The relay map agents are given.
+    pub relay_map: RelayMap,
+    /// The embedded relay, if it runs.
+    pub relay: Option<RelayServer>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .field("stun", &self.stun)
+            .field("relay_map", &self.relay_map)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Running {
@@ -182,6 +262,18 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(io_err(&cfg.data_dir))?;
     let key = load_or_create_key(&cfg.data_dir.join("coordinator.key"))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Io {
+            path: cfg.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Io {
+        path: cfg.listen.to_string(),
+        source,
+    })?;
+    let (stun_addrs, mut tasks) = start_stun(&cfg.stun_listen, "warren-coordinator").await?;
+    let relay_map = publish_map(&cfg, addr, tls.is_some(), &stun_addrs)?;
     let store = Store::open(&cfg.database_url()).await?;
     let recorded = store
         .setting_or_init("coordinator_public_key", || key.public().to_string())
@@ -198,44 +290,81 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         hub: hub.clone(),
         key,
         ula: store.ula_prefix().await?,
-        relay_map: cfg.relay_map.clone(),
+        relay_map: relay_map.clone(),
         keepalive: cfg.keepalive,
         live: Arc::default(),
     };
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServerError::Io {
-            path: cfg.listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Io {
-        path: cfg.listen.to_string(),
-        source,
-    })?;
     let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
-    let app = api::router(state.clone());
-    let serve = match tls {
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "server stopped");
-            }
-        }),
-        Some(tls) => tokio::spawn(serve_tls(
-            listener,
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            app,
-        )),
+    let mut app = api::router(state.clone());
+    let relay = match &cfg.embedded_relay {
+        Some(_) => {
+            let relay_key = load_or_create_key(&cfg.data_dir.join("relay.key"))?;
+            let (admission, follow) = StoreAdmission::spawn(store.clone(), &hub);
+            tasks.push(follow);
+            let relay =
+                RelayServer::new(relay_key, cfg.relay_limits, admission as Arc<dyn Admission>);
+            app = app.merge(relay.router());
+            Some(relay)
+        }
+        None => None,
     };
+    if let Some(secret) = &cfg.relay_secret {
+        app = app.merge(feed_router(hub.clone(), secret.clone()));
+    }
+    let acceptor = tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
+    let serve = tokio::spawn(serve_http(listener, acceptor, app));
     let upkeep = tokio::spawn(upkeep(state, cfg.ephemeral_timeout));
-    tracing::info!(%addr, tls = cfg.tls_cert.is_some(), backend = ?store.backend(), "coordinator listening");
+    tracing::info!(
+        %addr,
+        tls = cfg.tls_cert.is_some(),
+        backend = ?store.backend(),
+        stun = ?stun_addrs,
+        relay_regions = ?relay_map.regions.iter().map(|r| (r.id, r.url.as_str())).collect::<Vec<_>>(),
+        node_feed = cfg.relay_secret.is_some(),
+        "coordinator listening"
+    );
+    // The listener first: `Running::wait` waits on it.
+    tasks.splice(0..0, [serve, feed, upkeep]);
     Ok(Running {
         addr,
         store,
-        tasks: vec![serve, feed, upkeep],
+        stun: stun_addrs,
+        relay_map,
+        relay,
+        tasks,
     })
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, app: axum::Router) {
+/// The relay map agents get: the embedded region, then the listed ones.
+fn publish_map(
+    cfg: &Config,
+    addr: SocketAddr,
+    tls: bool,
+    stun: &[SocketAddr],
+) -> Result<RelayMap, ServerError> {
+    let mut regions = Vec::new();
+    if let Some(spec) = &cfg.embedded_relay {
+        if cfg.relay_map.regions.iter().any(|r| r.id == spec.id) {
+            return Err(ServerError::Relay(format!(
+                "region {} is both the embedded relay's and a listed one",
+                spec.id
+            )));
+        }
+        regions.extend(spec.region(addr, tls, stun).map_err(ServerError::Relay)?);
+    }
+    regions.extend(cfg.relay_map.regions.iter().cloned());
+    Ok(RelayMap { regions })
+}
+
+/// Accepts connections forever and serves `app` on each, over TLS when an
+/// acceptor is given. HTTP/1.1 connections may be upgraded (the relay takes
+/// them over); each request carries the client's address for the relay's
+/// logs.
+async fn serve_http(
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -246,21 +375,33 @@ async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, a
                 continue;
             }
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(PeerAddr(peer))));
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let service = TowerToHyperService::new(app);
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+            let result = match acceptor {
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(tcp);
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

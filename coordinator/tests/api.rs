@@ -327,3 +327,46 @@ async fn ephemeral_nodes_go_on_logout_or_when_offline_too_long() {
     .await;
     assert!(srv.store.node_by_key(&k2).await.unwrap().is_none());
 }
+
+/// A node's NAT summary and home relay reach its peers as a delta, like
+/// its endpoints do.
+#[tokio::test]
+async fn nat_and_home_relay_changes_reach_peers() {
+    use warren::traversal::{Allocation, Mapping, NatSummary};
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = common::start(dir.path(), None).await;
+    let url = common::url(&srv);
+    let tok = common::token(&srv.store, true, false).await;
+    let disco = PrivateKey::generate().public();
+    let (d0, d1) = (dir.path().join("0"), dir.path().join("1"));
+    std::fs::create_dir_all(&d0).unwrap();
+    std::fs::create_dir_all(&d1).unwrap();
+    let (c0, c1) = (client(&url, &d0), client(&url, &d1));
+    c0.register(Some(&tok), "zero", disco).await.unwrap();
+    c1.register(Some(&tok), "one", disco).await.unwrap();
+    let mut w = common::Watch::new(c0.map_stream()).await;
+    let k1 = c1.node_key();
+    w.until(WITHIN, "peer one", |m| m.peers.contains_key(&k1))
+        .await;
+    let nat = NatSummary {
+        mapping: Mapping::EndpointDependent,
+        allocation: Allocation::Sequential { step: 2 },
+        observed: Some("198.51.100.20:5000".parse().unwrap()),
+    };
+    for home in [Some(2), Some(3), None] {
+        c1.report_endpoints(&EndpointsReport {
+            nat,
+            home_relay: home,
+            ..EndpointsReport::endpoints(&[])
+        })
+        .await
+        .unwrap();
+        w.until(WITHIN, "nat and home relay", |m| {
+            m.peers
+                .get(&k1)
+                .is_some_and(|p| p.nat == nat && p.home_relay == home)
+        })
+        .await;
+    }
+}

@@ -253,3 +253,62 @@ async fn concurrent_one_off_registrations_admit_one() {
         assert_eq!(ok, 1, "{:?}", store.backend());
     }
 }
+
+/// The NAT summary and home relay from an endpoint report are stored and
+/// reach the peers' view of the node; a later report replaces them.
+#[tokio::test]
+async fn nat_and_home_relay_round_trip_on_both_backends() {
+    use warren::control::{Endpoint, EndpointKind, EndpointsReport};
+    use warren::traversal::{Allocation, Mapping, NatSummary};
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores = vec![Store::open(&Store::sqlite_url(dir.path())).await.unwrap()];
+    if let Some(url) = common::fresh_postgres().await {
+        stores.push(Store::open(&url).await.unwrap());
+    }
+    for store in stores {
+        let tok = store.create_token(&NewToken::default()).await.unwrap().1;
+        let key = PrivateKey::generate();
+        let node = register(&store, Some(&tok), &key, "n").await.unwrap().node;
+        // Fresh nodes have neither.
+        assert_eq!(node.nat, NatSummary::default());
+        assert_eq!(node.to_peer().home_relay, None);
+        let nat = NatSummary {
+            mapping: Mapping::EndpointDependent,
+            allocation: Allocation::Random,
+            observed: Some("203.0.113.9:41641".parse().unwrap()),
+        };
+        let report = EndpointsReport {
+            nat,
+            home_relay: Some(7),
+            ..EndpointsReport::endpoints(&[Endpoint {
+                addr: "192.0.2.4:41641".parse().unwrap(),
+                kind: EndpointKind::Host,
+            }])
+        };
+        let mut tx = store.begin().await.unwrap();
+        store.set_endpoints(&mut tx, &node, &report).await.unwrap();
+        tx.commit().await.unwrap();
+        let back = store.node_by_key(&key.public()).await.unwrap().unwrap();
+        let peer = back.to_peer();
+        assert_eq!(
+            (peer.nat, peer.home_relay),
+            (nat, Some(7)),
+            "{:?}",
+            store.backend()
+        );
+        assert_eq!(store.list_nodes().await.unwrap()[0].home_relay, Some(7));
+        // A report without them clears them (they describe the node now).
+        let mut tx = store.begin().await.unwrap();
+        store
+            .set_endpoints(&mut tx, &back, &EndpointsReport::endpoints(&[]))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let cleared = store.node_by_key(&key.public()).await.unwrap().unwrap();
+        assert_eq!(
+            (cleared.nat, cleared.home_relay),
+            (NatSummary::default(), None)
+        );
+    }
+}

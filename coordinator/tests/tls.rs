@@ -3,8 +3,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use warren::control::ControlClient;
 use warren::keys::PrivateKey;
+use warren::relay_client::{RelayClient, RelayClientConfig, RelayEvent, RelayTransport};
 use warren_coordinator::server::{self, Config, ServerError};
 
 #[tokio::test]
@@ -26,9 +29,10 @@ async fn agent_registers_and_streams_over_tls() {
     let url = format!("https://127.0.0.1:{}", srv.addr.port());
     let tok = common::token(&srv.store, true, false).await;
 
+    let node_key = PrivateKey::generate();
     let c = ControlClient::with_ca_pem(
         &url,
-        PrivateKey::generate(),
+        node_key.clone(),
         dir.path().join("a"),
         cert.cert.pem().as_bytes(),
     )
@@ -40,6 +44,35 @@ async fn agent_registers_and_streams_over_tls() {
     let mut s = c.map_stream();
     let map = common::first_full(&mut s).await;
     assert_eq!(map.self_node.ipv4, reg.ipv4);
+
+    // The embedded relay shares the TLS listener (HTTP/1.1 upgrade there,
+    // though the listener also offers h2) and is published with https.
+    let region = &reg.relay_map.regions[0];
+    assert_eq!(
+        region.url,
+        format!("https://127.0.0.1:{}/relay", srv.addr.port())
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let trust = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    for transport in [RelayTransport::Upgrade, RelayTransport::WebSocket] {
+        let mut rc = RelayClientConfig::new(region.url.clone());
+        rc.transport = transport;
+        rc.tls = Some(std::sync::Arc::new(trust.clone()));
+        let (_tx, mut rx) = RelayClient::connect(rc, &node_key);
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv_event()).await {
+            Ok(Some(RelayEvent::Connected { relay_key })) => {
+                assert_eq!(Some(relay_key), srv.relay.as_ref().map(|r| r.public_key()))
+            }
+            other => panic!("{transport:?}: {other:?}"),
+        }
+    }
 
     // A client that does not trust this CA gets nowhere, and plain HTTP to
     // the TLS port is no way around it.

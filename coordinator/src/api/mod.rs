@@ -120,7 +120,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -262,9 +262,7 @@ async fn endpoints(
     let node = Store::node_by_key_tx(&mut tx, &a.auth.node)
         .await?
         .ok_or_else(unknown_node)?;
-    st.store
-        .set_endpoints(&mut tx, &node, &report.endpoints, report.netcheck.as_ref())
-        .await?;
+    st.store.set_endpoints(&mut tx, &node, &report).await?;
     tx.commit().await?;
     st.hub.wake();
     tracing::debug!(node = %node.key.short(), n = report.endpoints.len(), "endpoints");

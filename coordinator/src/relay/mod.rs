@@ -355,12 +355,50 @@ pub struct StandaloneConfig {
     pub coordinator: RemoteAdmissionConfig,
 }
 
+/// A standalone relay that is listening: its address, the server (for its
+/// counters) and the tasks, stopped when this is dropped.
+pub struct Standalone {
+    pub addr: SocketAddr,
+    pub server: RelayServer,
+    serve: tokio::task::JoinHandle<io::Result<()>>,
+    feed: tokio::task::JoinHandle<()>,
+}
+
+impl Standalone {
+    /// Runs until the listener fails.
+    pub async fn wait(&mut self) -> io::Result<()> {
+        match (&mut self.serve).await {
+            Ok(r) => r,
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.serve.abort();
+        self.feed.abort();
+    }
+}
+
+/// Binds and starts a relay that learns its node list from the coordinator.
+pub async fn start_standalone(cfg: StandaloneConfig) -> io::Result<Standalone> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let (admission, feed) = spawn_remote_admission(cfg.coordinator.clone());
+    let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>);
+    info!(%addr, key = %server.public_key(), "standalone relay listening");
+    let serve = tokio::spawn(serve(listener, server.router(), cfg.security));
+    Ok(Standalone {
+        addr,
+        server,
+        serve,
+        feed,
+    })
+}
+
 /// Runs a relay that learns its node list from the coordinator, until the
 /// listener fails.
 pub async fn run_standalone(cfg: StandaloneConfig) -> std::io::Result<()> {
-    let (admission, _feed) = spawn_remote_admission(cfg.coordinator.clone());
-    let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>);
-    let listener = TcpListener::bind(cfg.listen).await?;
-    info!(addr = %cfg.listen, key = %server.public_key(), "standalone relay listening");
-    serve(listener, server.router(), cfg.security).await
+    start_standalone(cfg).await?.wait().await
 }

@@ -14,9 +14,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use sqlx::{Any, Transaction};
-use warren::control::{Endpoint, Peer};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row as _, Transaction};
+use warren::control::{Endpoint, EndpointsReport, Peer};
 use warren::keys::NodeKey;
+use warren::traversal::NatSummary;
 
 use super::{now_ms, ChangeKind, Store, StoreError};
 
@@ -39,6 +41,10 @@ pub struct NodeRecord {
     pub online: bool,
     pub last_seen_ms: i64,
     pub created_ms: i64,
+    /// What the node's NAT does, from its last endpoint report.
+    pub nat: NatSummary,
+    /// The relay region the node said it is reachable at.
+    pub home_relay: Option<u16>,
 }
 
 impl NodeRecord {
@@ -55,8 +61,8 @@ impl NodeRecord {
             online: self.online,
             last_seen_ms: self.last_seen_ms,
             tags: self.tags.clone(),
-            nat: Default::default(),
-            home_relay: None,
+            nat: self.nat,
+            home_relay: self.home_relay,
         }
     }
 }
@@ -80,49 +86,48 @@ pub struct Registered {
     pub created: bool,
 }
 
-const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, endpoints, netcheck, conns, last_seen_ms, created_ms";
+const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay";
 
-type Row = (
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-);
-
-fn record(r: Row) -> Result<NodeRecord, StoreError> {
-    let bad = |what: &str| StoreError::Corrupt(format!("node {} {what}", r.0));
+/// Decodes a row selected with [`COLUMNS`]. By column name rather than as a
+/// tuple: sqlx decodes tuples of at most sixteen columns, and names keep the
+/// order of `COLUMNS` from mattering.
+fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
+    let id: i64 = r.try_get("id")?;
+    let bad = |what: &str| StoreError::Corrupt(format!("node {id} {what}"));
+    let text = |col: &str| r.try_get::<String, _>(col);
+    let json = |col: &str| -> Result<Option<serde_json::Value>, StoreError> {
+        match r.try_get::<Option<String>, _>(col)? {
+            Some(t) => Ok(Some(serde_json::from_str(&t).map_err(|_| bad(col))?)),
+            None => Ok(None),
+        }
+    };
+    let nat = match json("nat")? {
+        Some(v) => serde_json::from_value(v).map_err(|_| bad("nat"))?,
+        None => NatSummary::default(),
+    };
+    let home_relay = match r.try_get::<Option<i64>, _>("home_relay")? {
+        Some(n) => Some(u16::try_from(n).map_err(|_| bad("home_relay"))?),
+        None => None,
+    };
     Ok(NodeRecord {
-        id: r.0,
-        key: r.1.parse().map_err(|_| bad("node_key"))?,
-        disco_key: r.2.parse().map_err(|_| bad("disco_key"))?,
-        name: r.3.clone(),
-        hostname: r.4.clone(),
-        os: r.5.clone(),
-        version: r.6.clone(),
-        ipv4: r.7.parse().map_err(|_| bad("ipv4"))?,
-        ipv6: r.8.parse().map_err(|_| bad("ipv6"))?,
-        ephemeral: r.9 != 0,
-        tags: serde_json::from_str(&r.10).map_err(|_| bad("tags"))?,
-        endpoints: serde_json::from_str(&r.11).map_err(|_| bad("endpoints"))?,
-        netcheck: match &r.12 {
-            Some(t) => Some(serde_json::from_str(t).map_err(|_| bad("netcheck"))?),
-            None => None,
-        },
-        online: r.13 > 0,
-        last_seen_ms: r.14,
-        created_ms: r.15,
+        id,
+        key: text("node_key")?.parse().map_err(|_| bad("node_key"))?,
+        disco_key: text("disco_key")?.parse().map_err(|_| bad("disco_key"))?,
+        name: text("name")?,
+        hostname: text("hostname")?,
+        os: text("os")?,
+        version: text("version")?,
+        ipv4: text("ipv4")?.parse().map_err(|_| bad("ipv4"))?,
+        ipv6: text("ipv6")?.parse().map_err(|_| bad("ipv6"))?,
+        ephemeral: r.try_get::<i64, _>("ephemeral")? != 0,
+        tags: serde_json::from_str(&text("tags")?).map_err(|_| bad("tags"))?,
+        endpoints: serde_json::from_str(&text("endpoints")?).map_err(|_| bad("endpoints"))?,
+        netcheck: json("netcheck")?,
+        online: r.try_get::<i64, _>("conns")? > 0,
+        last_seen_ms: r.try_get("last_seen_ms")?,
+        created_ms: r.try_get("created_ms")?,
+        nat,
+        home_relay,
     })
 }
 
@@ -175,13 +180,13 @@ impl Store {
         clause: &str,
         arg: String,
     ) -> Result<Option<NodeRecord>, StoreError> {
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM nodes WHERE {clause}"
         )))
         .bind(arg)
         .fetch_optional(&mut **tx)
         .await?;
-        row.map(record).transpose()
+        row.as_ref().map(record).transpose()
     }
 
     /// The node registered with `key`, inside a transaction.
@@ -200,13 +205,13 @@ impl Store {
     }
 
     pub async fn node_by_id(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM nodes WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(self.pool())
         .await?;
-        row.map(record).transpose()
+        row.as_ref().map(record).transpose()
     }
 
     /// Finds a node by id, name or key, as an administrator names it.
@@ -219,12 +224,12 @@ impl Store {
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM nodes ORDER BY id"
         )))
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter().map(record).collect()
+        rows.iter().map(record).collect()
     }
 
     async fn free_name(
@@ -377,31 +382,35 @@ impl Store {
         tx: &mut Transaction<'static, Any>,
         id: i64,
     ) -> Result<NodeRecord, StoreError> {
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM nodes WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&mut **tx)
         .await?;
-        record(row.ok_or_else(|| StoreError::NoSuchNode(id.to_string()))?)
+        record(&row.ok_or_else(|| StoreError::NoSuchNode(id.to_string()))?)
     }
 
-    /// Stores a node's endpoint report, inside the request's transaction.
+    /// Stores a node's endpoint report (candidates, netcheck summary, NAT
+    /// behaviour, home relay), inside the request's transaction. Always
+    /// noted: each field is in the peers' view of the node.
     pub async fn set_endpoints(
         &self,
         tx: &mut Transaction<'static, Any>,
         node: &NodeRecord,
-        endpoints: &[Endpoint],
-        netcheck: Option<&serde_json::Value>,
+        report: &EndpointsReport,
     ) -> Result<(), StoreError> {
-        let eps =
-            serde_json::to_string(endpoints).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let nc = netcheck.map(|v| v.to_string());
+        let invalid = |e: serde_json::Error| StoreError::Invalid(e.to_string());
+        let eps = serde_json::to_string(&report.endpoints).map_err(invalid)?;
+        let nc = report.netcheck.as_ref().map(|v| v.to_string());
+        let nat = serde_json::to_string(&report.nat).map_err(invalid)?;
         sqlx::query(
-            "UPDATE nodes SET endpoints = $1, netcheck = $2, last_seen_ms = $3 WHERE id = $4",
+            "UPDATE nodes SET endpoints = $1, netcheck = $2, nat = $3, home_relay = $4, last_seen_ms = $5 WHERE id = $6",
         )
         .bind(eps)
         .bind(nc)
+        .bind(nat)
+        .bind(report.home_relay.map(i64::from))
         .bind(now_ms())
         .bind(node.id)
         .execute(&mut **tx)

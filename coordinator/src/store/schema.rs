@@ -20,7 +20,8 @@ struct Migration {
     postgres: &'static [&'static str],
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
+const MIGRATIONS: &[Migration] = &[
+    Migration {
     version: 1,
     sqlite: &[
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -70,7 +71,21 @@ const MIGRATIONS: &[Migration] = &[Migration {
             id BIGSERIAL PRIMARY KEY, node_id BIGINT NOT NULL,
             node_key TEXT NOT NULL, kind TEXT NOT NULL, at_ms BIGINT NOT NULL)",
     ],
-}];
+    },
+    // What the node's NAT does (a `NatSummary` as JSON) and its home relay
+    // region, both from its endpoint reports, for its peers' maps.
+    Migration {
+        version: 2,
+        sqlite: &[
+            "ALTER TABLE nodes ADD COLUMN nat TEXT",
+            "ALTER TABLE nodes ADD COLUMN home_relay BIGINT",
+        ],
+        postgres: &[
+            "ALTER TABLE nodes ADD COLUMN nat TEXT",
+            "ALTER TABLE nodes ADD COLUMN home_relay BIGINT",
+        ],
+    },
+];
 
 /// An arbitrary constant naming the migration advisory lock.
 const PG_LOCK_ID: i64 = 0x7761_7272_656e; // "warren"

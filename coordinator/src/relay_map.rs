@@ -1,0 +1,347 @@
+//! The relay map the coordinator publishes: its own embedded relay as one
+//! region, plus the regions of standalone relays read from a TOML file.
+//!
+//! The map travels in every registration answer and every full map, so an
+//! agent learns where the relays are from the coordinator alone (DESIGN §6).
+//! The embedded region's URL comes from the URL agents use for this
+//! coordinator (`--public-url`), or from the listening address when that is
+//! concrete; a wildcard address says nothing about how agents reach us, so
+//! then the URL must be given.
+//!
+//! File errors name the line and the dotted key (`region[1].url`), as the
+//! agent's configuration errors do: the key path comes from
+//! `serde_path_to_error`, the line from the TOML parser's span, or, for
+//! checks serde cannot express (duplicate ids, a bad URL), from a search of
+//! the text for that key inside the right `[[region]]` table.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use warren::control::{RelayMap, RelayRegion};
+use warren::relay_client::dial;
+
+/// The path the relay is served at (see `relay::RelayServer::router`).
+pub const RELAY_PATH: &str = "/relay";
+
+/// A relay map file that cannot be used, located in the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayMapError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: key `{key}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MapFile {
+    #[serde(default)]
+    region: Vec<RegionEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionEntry {
+    id: u16,
+    name: String,
+    url: String,
+    #[serde(default)]
+    stun: Vec<SocketAddr>,
+}
+
+/// Reads a relay map file. `reserved` is the embedded relay's region id,
+/// which no listed region may reuse.
+pub fn load(path: &Path, reserved: Option<u16>) -> Result<RelayMap, RelayMapError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RelayMapError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, reserved)
+}
+
+/// Parses and checks a relay map; `file` is only used in error messages.
+pub fn parse(text: &str, file: &Path, reserved: Option<u16>) -> Result<RelayMap, RelayMapError> {
+    let de = toml::Deserializer::new(text);
+    let parsed: MapFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| line_of(text, s.start))
+            .unwrap_or_else(|| find_key_line(text, &key));
+        RelayMapError::Invalid {
+            file: file.to_owned(),
+            line,
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            message: inner.message().trim().to_owned(),
+        }
+    })?;
+    let invalid = |key: String, message: String| RelayMapError::Invalid {
+        file: file.to_owned(),
+        line: find_key_line(text, &key),
+        key,
+        message,
+    };
+    let mut ids = HashSet::new();
+    let mut regions = Vec::with_capacity(parsed.region.len());
+    for (i, r) in parsed.region.into_iter().enumerate() {
+        if r.id == 0 {
+            return Err(invalid(
+                format!("region[{i}].id"),
+                "0 is not a region id".into(),
+            ));
+        }
+        if Some(r.id) == reserved {
+            return Err(invalid(
+                format!("region[{i}].id"),
+                format!(
+                    "region {} is the embedded relay's (change --region-id or this id)",
+                    r.id
+                ),
+            ));
+        }
+        if !ids.insert(r.id) {
+            return Err(invalid(
+                format!("region[{i}].id"),
+                format!("region {} is listed twice", r.id),
+            ));
+        }
+        if r.name.trim().is_empty() {
+            return Err(invalid(format!("region[{i}].name"), "empty name".into()));
+        }
+        if let Err(e) = dial::parse_url(&r.url, true) {
+            return Err(invalid(format!("region[{i}].url"), e.to_string()));
+        }
+        regions.push(RelayRegion {
+            id: r.id,
+            name: r.name,
+            url: r.url,
+            stun: r.stun,
+        });
+    }
+    Ok(RelayMap { regions })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Best-effort line of `region[N].key` (an index on the key is ignored):
+/// the key's line inside the N-th `[[region]]` table, or the table's header
+/// when the key is absent, or line 1.
+fn find_key_line(text: &str, path: &str) -> usize {
+    let (table, leaf) = path.split_once('.').unwrap_or(("", path));
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    let (name, index) = match table.split_once('[') {
+        Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (table, None),
+    };
+    let mut seen = 0usize;
+    let mut header = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let t = line.trim_matches(|c| c == '[' || c == ']').trim();
+            let here = t == name && index.is_none_or(|i| seen == i);
+            if t == name {
+                seen += 1;
+            }
+            if header.is_some() && !here {
+                break;
+            }
+            if here {
+                header = Some(n + 1);
+            }
+            continue;
+        }
+        if header.is_some() || name.is_empty() {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == leaf {
+                    return n + 1;
+                }
+            }
+        }
+    }
+    header.unwrap_or(1)
+}
+
+/// The embedded relay's region, as configured.
+#[derive(Debug, Clone)]
+pub struct EmbeddedRegion {
+    pub id: u16,
+    pub name: String,
+    /// The URL agents use for this coordinator (`https://host[:port]`).
+    pub public_url: Option<String>,
+    /// STUN addresses to publish; empty means the bound STUN sockets.
+    pub stun_advertise: Vec<SocketAddr>,
+}
+
+impl Default for EmbeddedRegion {
+    fn default() -> Self {
+        EmbeddedRegion {
+            id: 1,
+            name: "default".into(),
+            public_url: None,
+            stun_advertise: Vec::new(),
+        }
+    }
+}
+
+impl EmbeddedRegion {
+    /// The region agents see, given where the coordinator listens and the
+    /// STUN sockets it bound. `None` (with a warning) when no URL can be
+    /// told: the relay still runs, but agents are not sent to it.
+    pub fn region(
+        &self,
+        listen: SocketAddr,
+        tls: bool,
+        stun_bound: &[SocketAddr],
+    ) -> Result<Option<RelayRegion>, String> {
+        let base = match &self.public_url {
+            Some(u) => {
+                dial::parse_url(u, true).map_err(|e| format!("--public-url: {e}"))?;
+                let rest = u.split_once("://").map(|(_, r)| r).unwrap_or(u);
+                if rest.trim_end_matches('/').contains('/') {
+                    return Err(format!(
+                        "--public-url {u:?}: give scheme://host[:port] only; the relay is served at {RELAY_PATH} on it"
+                    ));
+                }
+                u.trim_end_matches('/').to_owned()
+            }
+            None if listen.ip().is_unspecified() => {
+                tracing::warn!(
+                    %listen,
+                    "the embedded relay is not published: a wildcard address does not tell \
+                     agents where to find it; give --public-url (or --no-relay to silence this)"
+                );
+                return Ok(None);
+            }
+            None => format!("{}://{listen}", if tls { "https" } else { "http" }),
+        };
+        let stun = if self.stun_advertise.is_empty() {
+            // A wildcard socket is published at the public URL's address
+            // when that is an IP literal; otherwise it cannot be published.
+            let public_ip = dial::parse_url(&base, true)
+                .ok()
+                .and_then(|t| t.host.parse::<std::net::IpAddr>().ok());
+            stun_bound
+                .iter()
+                .filter_map(|a| match (a.ip().is_unspecified(), public_ip) {
+                    (false, _) => Some(*a),
+                    (true, Some(ip)) => Some(SocketAddr::new(ip, a.port())),
+                    (true, None) => {
+                        tracing::warn!(
+                            stun = %a,
+                            "STUN listens on a wildcard address: give --stun-advertise to publish it"
+                        );
+                        None
+                    }
+                })
+                .collect()
+        } else {
+            self.stun_advertise.clone()
+        };
+        Ok(Some(RelayRegion {
+            id: self.id,
+            name: self.name.clone(),
+            url: format!("{base}{RELAY_PATH}"),
+            stun,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<RelayMap, RelayMapError> {
+        parse(text, Path::new("relays.toml"), Some(1))
+    }
+
+    fn where_(e: RelayMapError) -> (usize, String) {
+        match e {
+            RelayMapError::Invalid { line, key, .. } => (line, key),
+            other => panic!("{other}"),
+        }
+    }
+
+    const GOOD: &str = "[[region]]\nid = 2\nname = \"eu\"\nurl = \"https://eu.example/relay\"\nstun = [\"192.0.2.1:3478\"]\n\n[[region]]\nid = 3\nname = \"us\"\nurl = \"https://us.example\"\n";
+
+    #[test]
+    fn good_file_parses() {
+        let m = p(GOOD).unwrap();
+        assert_eq!(m.regions.len(), 2);
+        assert_eq!(m.regions[0].stun, vec!["192.0.2.1:3478".parse().unwrap()]);
+        assert_eq!(m.regions[1].url, "https://us.example");
+        assert!(p("").unwrap().regions.is_empty());
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let bad_stun = GOOD.replace("192.0.2.1:3478", "nonsense");
+        assert_eq!(
+            where_(p(&bad_stun).unwrap_err()),
+            (5, "region[0].stun[0]".into())
+        );
+        let bad_url = GOOD.replace("https://us.example", "ftp://us.example");
+        assert_eq!(
+            where_(p(&bad_url).unwrap_err()),
+            (10, "region[1].url".into())
+        );
+        let dup = GOOD.replace("id = 3", "id = 2");
+        assert_eq!(where_(p(&dup).unwrap_err()), (8, "region[1].id".into()));
+        let reserved = GOOD.replace("id = 3", "id = 1");
+        let e = p(&reserved).unwrap_err();
+        assert!(e.to_string().contains("embedded"), "{e}");
+        assert_eq!(where_(e), (8, "region[1].id".into()));
+        let unknown = GOOD.replace("name = \"us\"", "name = \"us\"\nport = 1");
+        assert_eq!(
+            where_(p(&unknown).unwrap_err()),
+            (10, "region[1].port".into())
+        );
+        let missing = GOOD.replace("name = \"us\"\n", "");
+        let (line, key) = where_(p(&missing).unwrap_err());
+        assert_eq!(key, "region[1]");
+        assert!((7..=8).contains(&line), "line {line}");
+    }
+
+    #[test]
+    fn embedded_region_url_and_stun() {
+        let r = EmbeddedRegion::default();
+        let listen: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let stun: Vec<SocketAddr> = vec!["127.0.0.1:3478".parse().unwrap()];
+        let got = r.region(listen, true, &stun).unwrap().unwrap();
+        assert_eq!(got.url, "https://127.0.0.1:8443/relay");
+        assert_eq!(got.stun, stun);
+        let any: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        assert_eq!(r.region(any, true, &stun), Ok(None));
+        let with = EmbeddedRegion {
+            public_url: Some("https://198.51.100.4/".into()),
+            ..Default::default()
+        };
+        let wild: Vec<SocketAddr> = vec!["0.0.0.0:3478".parse().unwrap()];
+        let got = with.region(any, true, &wild).unwrap().unwrap();
+        assert_eq!(got.url, "https://198.51.100.4/relay");
+        assert_eq!(got.stun, vec!["198.51.100.4:3478".parse().unwrap()]);
+        let path = EmbeddedRegion {
+            public_url: Some("https://x.example/prefix".into()),
+            ..Default::default()
+        };
+        assert!(path.region(any, true, &wild).is_err());
+    }
+}

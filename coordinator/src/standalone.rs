@@ -1,0 +1,191 @@
+//! `warren-coordinator relay`: a relay (with its STUN server) for a further
+//! region, away from the coordinator.
+//!
+//! It learns which node keys may connect from the coordinator's node feed
+//! (see [`crate::relay_nodes`]), proving itself with the shared relay
+//! secret, and keeps its own key in the data directory. The rules on plain
+//! HTTP are the coordinator's: TLS unless the relay listens on loopback or
+//! the operator asks for lab mode by name; the same goes for the feed's
+//! connection to the coordinator. The agents find this relay only through
+//! the coordinator's relay map (`--relay-map`), which the operator keeps in
+//! step with the relays actually running.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
+use tokio::task::JoinHandle;
+use warren::relay_client::dial;
+
+use crate::relay::{
+    start_standalone, tls_config_from_pem, RelayLimits, RemoteAdmissionConfig, Security,
+    Standalone, StandaloneConfig,
+};
+use crate::server::{load_or_create_key, start_stun, ServerError};
+
+/// Everything the `relay` subcommand is told.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP off loopback, and to a coordinator off loopback (labs).
+    pub insecure_http: bool,
+    /// The coordinator's URL (`https://host[:port]`).
+    pub coordinator: String,
+    /// PEM roots to trust for the coordinator instead of the public ones.
+    pub coordinator_ca: Option<PathBuf>,
+    pub secret: Vec<u8>,
+    /// Where `relay.key` lives.
+    pub data_dir: PathBuf,
+    /// STUN sockets (primary, then the optional second port); may be empty.
+    pub stun_listen: Vec<SocketAddr>,
+    pub limits: RelayLimits,
+    /// How often to log the relay's counters; `None` never does.
+    pub health_every: Option<Duration>,
+}
+
+/// A running standalone relay. Dropping it stops everything.
+pub struct RunningRelay {
+    pub relay: Standalone,
+    /// The bound STUN sockets.
+    pub stun: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningRelay {
+    pub fn addr(&self) -> SocketAddr {
+        self.relay.addr
+    }
+
+    /// Runs until the relay's listener fails.
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        self.relay.wait().await
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn coordinator_tls(opts: &Options) -> Result<Option<Arc<rustls::ClientConfig>>, ServerError> {
+    let Some(ca) = &opts.coordinator_ca else {
+        return Ok(None);
+    };
+    let bad = |e: String| ServerError::Tls(format!("{}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+        roots
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate".into()));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Some(Arc::new(cfg)))
+}
+
+/// Checks the options, binds, and starts the relay and its STUN server.
+pub async fn start(opts: Options) -> Result<RunningRelay, ServerError> {
+    let security = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => {
+            Security::Tls(tls_config_from_pem(c, k).map_err(|e| ServerError::Tls(e.to_string()))?)
+        }
+        (None, None) if opts.listen.ip().is_loopback() || opts.insecure_http => {
+            Security::PlainForLab
+        }
+        (None, None) => return Err(ServerError::PlainHttpRefused(opts.listen)),
+        _ => {
+            return Err(ServerError::Tls(
+                "--tls-cert and --tls-key go together".into(),
+            ))
+        }
+    };
+    let target = dial::parse_url(&opts.coordinator, true)
+        .map_err(|e| ServerError::Relay(format!("--coordinator: {e}")))?;
+    let allow_plain = opts.insecure_http || is_loopback_host(&target.host);
+    if !target.tls && !allow_plain {
+        return Err(ServerError::Relay(format!(
+            "--coordinator {}: plain http is allowed only to loopback or with --insecure-http",
+            opts.coordinator
+        )));
+    }
+    std::fs::create_dir_all(&opts.data_dir).map_err(|source| ServerError::Io {
+        path: opts.data_dir.display().to_string(),
+        source,
+    })?;
+    let key = load_or_create_key(&opts.data_dir.join("relay.key"))?;
+    let coordinator = RemoteAdmissionConfig {
+        coordinator_url: opts.coordinator.clone(),
+        allow_plain,
+        secret: opts.secret.clone(),
+        relay_key: key.public(),
+        tls: coordinator_tls(&opts)?,
+    };
+    let (stun, mut tasks) = start_stun(&opts.stun_listen, "warren-relay").await?;
+    let relay = start_standalone(StandaloneConfig {
+        listen: opts.listen,
+        security,
+        key,
+        limits: opts.limits,
+        coordinator,
+    })
+    .await
+    .map_err(|source| ServerError::Io {
+        path: opts.listen.to_string(),
+        source,
+    })?;
+    if let Some(every) = opts.health_every {
+        tasks.push(tokio::spawn(log_health(relay.server.clone(), every)));
+    }
+    Ok(RunningRelay { relay, stun, tasks })
+}
+
+/// Logs the relay's counters now and then, when they moved.
+async fn log_health(server: crate::relay::RelayServer, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let h = server.health();
+        if last.as_ref() == Some(&h) {
+            continue;
+        }
+        let drops =
+            h.drop_queue_full + h.drop_no_such_peer + h.drop_bad_frame + h.drop_write_timeout;
+        tracing::info!(
+            clients = h.clients,
+            bytes_in = h.bytes_in,
+            bytes_out = h.bytes_out,
+            packets_forwarded = h.packets_forwarded,
+            drops,
+            refused =
+                h.refused_unknown_key + h.refused_bad_proof + h.refused_too_many + h.refused_busy,
+            disconnected_removed = h.disconnected_removed,
+            "relay counters (all of them: GET /relay/metrics)"
+        );
+        last = Some(h);
+    }
+}

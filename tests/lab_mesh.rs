@@ -229,6 +229,16 @@ fn tunnels_survive_a_coordinator_outage_and_resync_after() {
     let ip_a = overlay_v4(&a.status(&lab));
     let ip_b = overlay_v4(&b.status(&lab));
     assert!(lab.ping_within(&b.node, &ip_a, JOIN_TIMEOUT));
+    // The coordinator is also the relay: the outage must find the tunnel
+    // on its direct path, which needs no one else.
+    assert!(
+        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
+            let _ = lab.ping(&b.node, &ip_a);
+            b.status(&lab)["peers"][0]["path"]["kind"] == "direct"
+        }),
+        "b never goes direct: {}",
+        b.status(&lab)
+    );
 
     lab.signal(coord.proc, libc::SIGTERM);
     assert!(lab.wait_exit(coord.proc, Duration::from_secs(10)).is_some());

@@ -9,6 +9,7 @@
 //! removes the TUN interface: nothing is left behind.
 
 mod egress;
+mod hot;
 mod inbound;
 pub mod mesh;
 mod outbound;
@@ -118,7 +119,6 @@ pub async fn run(
             dp: dp.clone(),
             tun: queue,
             egress: egress.clone(),
-            offload,
             mtu,
         };
         tasks.spawn(async move {

@@ -112,6 +112,14 @@ cpu_ticks() {
     echo "$total"
 }
 
+# wakeups: voluntary context switches of every thread of the current
+# tunnel processes.
+wakeups() {
+    local pid
+    for pid in "${TUNNEL[@]}"; do cat /proc/"$pid"/task/*/status; done |
+        awk '/^voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
+}
+
 # rss_mb: the largest VmRSS of the current tunnel processes, in MB.
 rss_mb() {
     local pid
@@ -153,7 +161,13 @@ bench() {
     # Latency first, on an idle tunnel: after the UDP flood, queues that are
     # still draining would be measured instead of the path.
     echo "  $sys: ping x$PINGS..." >&2
+    local w0 w1
+    w0=$(wakeups)
     ping_rtts "$addr" >"$TMP/rtt-$sys"
+    w1=$(wakeups)
+    # Context switches of the tunnel processes per ping (both sides): how
+    # often a round trip puts a thread to sleep and wakes it again.
+    R[$sys,wakes]=$(awk -v a="$w0" -v b="$w1" -v n="$PINGS" 'BEGIN { printf "%.1f", (b - a) / n }')
     R[$sys,rtt]=$(median <"$TMP/rtt-$sys")
     R[$sys,rtt90]=$(p90 <"$TMP/rtt-$sys")
     if [[ $ONLY == latency ]]; then
@@ -332,7 +346,7 @@ for sys in "${cols[@]}"; do printf ' %18s' "$sys"; done
 echo
 for m in "tcp1:TCP 1 stream Mbit/s" "tcp4:TCP 4 streams Mbit/s" "pps:UDP 64B kpps received" \
     "loss:UDP 64B loss %" "rtt:ping RTT median ms" "added:added latency ms" \
-    "rtt90:ping RTT p90 ms" "added90:added latency p90 ms" \
+    "rtt90:ping RTT p90 ms" "added90:added latency p90 ms" "wakes:thread wakes per ping" \
     "cpu:CPU s per GB" "rss:RSS MB"; do
     printf '%-24s' "${m#*:}"
     for sys in "${cols[@]}"; do printf ' %18s' "$(cell "$sys" "${m%%:*}")"; done

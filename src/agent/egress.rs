@@ -52,31 +52,13 @@ impl Egress {
 
     /// Sends one sealed packet (`buf` starts with it) wherever it goes.
     pub async fn send(&self, peer: NodeKey, sealed: Sealed, buf: &[u8]) {
-        if let Some((to, packet)) = self.direct(peer, sealed, buf) {
-            let _ = self.udp.send(to, packet, None).await;
-        }
-    }
-
-    /// [`Egress::send`] for the packet threads, which do not await.
-    pub fn send_now(&self, peer: NodeKey, sealed: Sealed, buf: &[u8]) {
-        if let Some((to, packet)) = self.direct(peer, sealed, buf) {
-            let _ = self.udp.send_now(to, packet, None);
-        }
-    }
-
-    /// Handles every outcome but a direct send, which it returns.
-    fn direct<'a>(
-        &self,
-        peer: NodeKey,
-        sealed: Sealed,
-        buf: &'a [u8],
-    ) -> Option<(std::net::SocketAddr, &'a [u8])> {
         match sealed {
-            Sealed::Send { len, to } => return Some((to, &buf[..len])),
+            Sealed::Send { len, to } => {
+                let _ = self.udp.send(to, &buf[..len], None).await;
+            }
             Sealed::Relay { len } => self.relay(peer, &buf[..len]),
             Sealed::NoEndpoint => Drops::bump(&self.drops.no_endpoint),
             Sealed::Nothing => {}
         }
-        None
     }
 }

@@ -18,12 +18,9 @@ use std::sync::Arc;
 
 use quinn_udp::RecvMeta;
 use tokio::sync::mpsc;
-use tun_rs::{
-    AsyncDevice, DeviceImpl, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
-};
+use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
-use super::hot::{run_on_thread, Waiter};
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
 use crate::traversal::node::is_wireguard;
 
@@ -50,13 +47,7 @@ struct TunBatch {
 }
 
 impl Inbound {
-    /// Runs the loop on a thread of its own (see [`super::hot`]).
     pub async fn run(self) -> std::io::Result<()> {
-        run_on_thread("warren-udp-rx", move |w| self.run_blocking(w)).await
-    }
-
-    fn run_blocking(&self, w: &Waiter) -> std::io::Result<()> {
-        let fd = self.egress.udp.raw_fd();
         // A fixed array, so the batch's iovecs can be built on the stack
         // (`each_mut`) instead of allocating a Vec of them per receive.
         let mut rx: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; 65_535]);
@@ -73,33 +64,23 @@ impl Inbound {
         };
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
-            let got = {
+            let n = {
                 let mut iovs = rx.each_mut().map(|b| IoSliceMut::new(b));
-                self.egress.udp.try_recv(&mut iovs, &mut meta)
-            };
-            let n = match got {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if w.stopped() {
-                        return Ok(());
-                    }
-                    w.readable(fd)?;
-                    continue;
-                }
-                Err(e) => return Err(e),
+                self.egress.udp.recv(&mut iovs, &mut meta).await?
             };
             let set = self.dp.peers();
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {
-                    self.open_one(&set, m.addr, dgram, &mut out, &mut reply)?;
+                    self.open_one(&set, m.addr, dgram, &mut out, &mut reply)
+                        .await?;
                 }
             }
-            self.flush(&mut out)?;
+            self.flush(&mut out).await?;
         }
     }
 
-    fn open_one(
+    async fn open_one(
         &self,
         set: &PeerSet,
         from: SocketAddr,
@@ -121,12 +102,12 @@ impl Inbound {
             Ok(p) => p,
             Err(0) => return Ok(()),
             Err(cookie) => {
-                let _ = self.egress.udp.send_now(from, &reply[..cookie], None);
+                let _ = self.egress.udp.send(from, &reply[..cookie], None).await;
                 return Ok(());
             }
         };
         if out.used == out.bufs.len() {
-            self.flush(out)?;
+            self.flush(out).await?;
         }
         let buf = &mut out.bufs[out.used];
         buf.set_len(OFFSET + out.plain);
@@ -139,11 +120,12 @@ impl Inbound {
                 let _ = self
                     .egress
                     .udp
-                    .send_now(from, &buf.as_ref()[OFFSET..OFFSET + len], None);
+                    .send(from, &buf.as_ref()[OFFSET..OFFSET + len], None)
+                    .await;
                 loop {
                     match peer.flush_queued(reply) {
                         Sealed::Nothing => break,
-                        sealed => self.egress.send_now(peer.key, sealed, reply),
+                        sealed => self.egress.send(peer.key, sealed, reply).await,
                     }
                 }
             }
@@ -153,14 +135,14 @@ impl Inbound {
         Ok(())
     }
 
-    fn flush(&self, out: &mut TunBatch) -> std::io::Result<()> {
+    async fn flush(&self, out: &mut TunBatch) -> std::io::Result<()> {
         if out.used == 0 {
             return Ok(());
         }
-        // The async device's descriptor, written without the runtime: a
-        // TUN write does not wait for room.
-        let dev: &DeviceImpl = &self.tun;
-        let res = dev.send_multiple(&mut out.gro, &mut out.bufs[..out.used], OFFSET);
+        let res = self
+            .tun
+            .send_multiple(&mut out.gro, &mut out.bufs[..out.used], OFFSET)
+            .await;
         out.used = 0;
         match res {
             Ok(_) => Ok(()),

@@ -9,7 +9,6 @@
 //! removes the TUN interface: nothing is left behind.
 
 mod egress;
-mod hot;
 mod inbound;
 pub mod mesh;
 mod outbound;
@@ -119,6 +118,7 @@ pub async fn run(
             dp: dp.clone(),
             tun: queue,
             egress: egress.clone(),
+            offload,
             mtu,
         };
         tasks.spawn(async move {

@@ -6,13 +6,11 @@
 //! so that a burst leaves as a few GSO sends instead of one system call per
 //! packet. The peer set is loaded once per batch, not per packet.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use tun_rs::{AsyncDevice, DeviceImpl, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
-use super::hot::{run_on_thread, Waiter};
 use super::udp::TxBatch;
 use crate::dataplane::{packet, DataPlane, Drops, PeerSet, Sealed, SEAL_OVERHEAD};
 
@@ -23,20 +21,12 @@ pub struct Outbound {
     pub dp: Arc<DataPlane>,
     pub tun: Arc<AsyncDevice>,
     pub egress: Arc<Egress>,
+    pub offload: bool,
     pub mtu: usize,
 }
 
 impl Outbound {
-    /// Runs the loop on a thread of its own (see [`super::hot`]).
     pub async fn run(self) -> std::io::Result<()> {
-        run_on_thread("warren-tun-rx", move |w| self.run_blocking(w)).await
-    }
-
-    fn run_blocking(&self, w: &Waiter) -> std::io::Result<()> {
-        // The async device's own descriptor, read without the runtime: it
-        // is non-blocking, and the thread sleeps in `poll` instead.
-        let dev: &DeviceImpl = &self.tun;
-        let fd = self.tun.as_raw_fd();
         // Plaintext packets can reach the MTU; a handshake initiation (148
         // bytes) can come out of a sealing call too.
         let plain = self.mtu.max(148) + 64;
@@ -48,41 +38,49 @@ impl Outbound {
             MAX_BATCH * 2,
             self.egress.udp.max_segments(),
         );
-        // Without offload this reads one packet into `bufs[0]`.
-        let mut read = |bufs: &mut [Vec<u8>], sizes: &mut [usize]| {
-            dev.recv_multiple(&mut original, bufs, sizes, 0)
-        };
         loop {
-            let n = match read(&mut bufs, &mut sizes) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if w.stopped() {
-                        return Ok(());
-                    }
-                    w.readable(fd)?;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let n = if self.offload {
+                self.tun
+                    .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                    .await?
+            } else {
+                sizes[0] = self.tun.recv(&mut bufs[0]).await?;
+                1
             };
             let set = self.dp.peers();
-            self.seal_all(&set, &bufs, &sizes[..n], &mut batch);
+            self.seal_all(&set, &bufs, &sizes[..n], &mut batch).await;
             // Drain what else is ready, bounded so latency stays low.
             let mut packets = n;
             while packets < MAX_BATCH {
-                match read(&mut bufs, &mut sizes) {
+                let more = if self.offload {
+                    self.tun
+                        .try_recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                } else {
+                    self.tun.try_recv(&mut bufs[0]).map(|len| {
+                        sizes[0] = len;
+                        1
+                    })
+                };
+                match more {
                     Ok(m) => {
                         packets += m;
-                        self.seal_all(&set, &bufs, &sizes[..m], &mut batch);
+                        self.seal_all(&set, &bufs, &sizes[..m], &mut batch).await;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }
             }
-            batch.flush(&self.egress.udp);
+            batch.flush(&self.egress.udp).await;
         }
     }
 
-    fn seal_all(&self, set: &PeerSet, bufs: &[Vec<u8>], sizes: &[usize], batch: &mut TxBatch) {
+    async fn seal_all(
+        &self,
+        set: &PeerSet,
+        bufs: &[Vec<u8>],
+        sizes: &[usize],
+        batch: &mut TxBatch,
+    ) {
         for (buf, &len) in bufs.iter().zip(sizes) {
             let pkt = &buf[..len];
             let Some(dst) = packet::destination(pkt) else {
@@ -94,7 +92,7 @@ impl Outbound {
                 continue;
             };
             if batch.slot().is_none() {
-                batch.flush(&self.egress.udp);
+                batch.flush(&self.egress.udp).await;
             }
             let Some(slot) = batch.slot() else { continue };
             match peer.seal(pkt, slot) {

@@ -11,13 +11,10 @@ use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::time::Duration;
-
 use tokio::io::Interest;
 
 pub struct Udp {
-    sock: std::net::UdpSocket,
+    sock: tokio::net::UdpSocket,
     state: UdpSocketState,
     dual_stack: bool,
     gso: bool,
@@ -39,7 +36,7 @@ impl Udp {
         if !offload {
             disable_gro(&std_sock);
         }
-        let sock = std_sock;
+        let sock = tokio::net::UdpSocket::from_std(std_sock)?;
         let gso = offload && state.max_gso_segments() > 1;
         Ok(Udp {
             sock,
@@ -69,77 +66,33 @@ impl Udp {
 
     /// Sends `contents` to `to`; with `segment` set, as GSO segments of that
     /// size. Falls back to one datagram per segment if the kernel refuses.
-    ///
-    /// For the control tasks. The socket is not registered with the
-    /// runtime (see the module doc), so a full send buffer is waited out
-    /// with short sleeps; it only fills while the data path saturates.
     pub async fn send(
         &self,
         to: SocketAddr,
         contents: &[u8],
         segment: Option<usize>,
     ) -> io::Result<()> {
-        let mut tries = 0;
-        loop {
-            match self.send_waiting(to, contents, segment, || false) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < ASYNC_SEND_TRIES => {
-                    tries += 1;
-                    tokio::time::sleep(ASYNC_SEND_BACKOFF).await;
-                }
-                r => return r,
-            }
-        }
-    }
-
-    /// Sends like [`Udp::send`], from a packet thread: a full socket buffer
-    /// is waited out briefly, then the datagram is dropped.
-    pub fn send_now(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-    ) -> io::Result<()> {
-        let fd = self.raw_fd();
-        self.send_waiting(to, contents, segment, || {
-            super::hot::wait_fd(fd, libc::POLLOUT, SEND_WAIT_MS)
-        })
-    }
-
-    /// Sends, calling `wait` on a full buffer; it returns false to give up.
-    fn send_waiting(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-        mut wait: impl FnMut() -> bool,
-    ) -> io::Result<()> {
         let destination = self.map_addr(to);
-        let mut send = |contents: &[u8], segment_size: Option<usize>| {
-            let t = Transmit {
-                destination,
-                ecn: None,
-                contents,
-                segment_size,
-                src_ip: None,
-            };
-            loop {
-                match self.state.try_send((&self.sock).into(), &t) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if !wait() {
-                            return Err(e);
-                        }
-                    }
-                    r => return r,
-                }
-            }
+        let t = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
         };
-        match (send(contents, segment), segment) {
+        let res = self
+            .sock
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
+            .await;
+        match (res, segment) {
             (Err(e), Some(seg))
                 if e.raw_os_error() == Some(libc::EIO)
                     || e.raw_os_error() == Some(libc::EINVAL) =>
             {
                 for chunk in contents.chunks(seg) {
-                    send(chunk, None)?;
+                    self.send_one(destination, chunk).await?;
                 }
                 Ok(())
             }
@@ -147,47 +100,33 @@ impl Udp {
         }
     }
 
-    /// Receives what is queued without waiting (`WouldBlock` when nothing
-    /// is), like [`Udp::recv`].
-    pub fn try_recv(
-        &self,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> io::Result<usize> {
-        let n = self.state.recv((&self.sock).into(), bufs, meta)?;
-        for m in &mut meta[..n] {
-            m.addr = canonical(m.addr);
-        }
-        Ok(n)
-    }
-
-    /// The descriptor, for a packet thread to wait on.
-    pub fn raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    async fn send_one(&self, destination: SocketAddr, contents: &[u8]) -> io::Result<()> {
+        let t = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        };
+        self.sock
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.sock).into(), &t)
+            })
+            .await
     }
 
     /// Receives a batch. Each `meta[i]` describes `bufs[i]`: `len` bytes made
     /// of datagrams of `stride` bytes (the last may be shorter). Source
     /// addresses come back in canonical form (IPv4, not v4-mapped IPv6).
-    ///
-    /// The UDP reader thread owns receiving; this is for tests and tools.
-    /// It registers a duplicate of the descriptor with the runtime for the
-    /// length of the call only, so that the runtime is not woken by every
-    /// datagram the whole time.
     pub async fn recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        let dup = self.sock.as_fd().try_clone_to_owned()?;
-        // SAFETY: the AsyncFd owns `dup`, which stays open and unchanged
-        // until it is dropped with the AsyncFd.
-        let fd =
-            unsafe { tokio::io::unix::AsyncFd::register_with_interest(dup, Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
-        let n = fd
-            .async_io(Interest::READABLE, |fd| {
-                self.state.recv(fd.into(), bufs, meta)
+        let n = self
+            .sock
+            .async_io(Interest::READABLE, || {
+                self.state.recv((&self.sock).into(), bufs, meta)
             })
             .await?;
         for m in &mut meta[..n] {
@@ -232,14 +171,6 @@ fn bind_socket(addr: SocketAddr, v6: bool) -> io::Result<std::net::UdpSocket> {
     s.bind(&addr.into())?;
     Ok(s.into())
 }
-
-/// How long a packet thread waits for room in a full send buffer before it
-/// drops the datagram.
-const SEND_WAIT_MS: libc::c_int = 100;
-
-/// How often, and how long apart, an async send retries a full buffer.
-const ASYNC_SEND_TRIES: u32 = 100;
-const ASYNC_SEND_BACKOFF: Duration = Duration::from_millis(1);
 
 /// Socket buffer size asked for in each direction.
 const SOCKET_BUFFER: usize = 8 << 20;
@@ -367,11 +298,15 @@ impl TxBatch {
 
     /// Sends every run and empties the batch. Errors are counted by the
     /// caller; one failed send does not stop the others.
-    pub fn flush(&mut self, udp: &Udp) -> usize {
+    pub async fn flush(&mut self, udp: &Udp) -> usize {
         let mut failed = 0;
         for r in &self.runs {
             let seg = (r.count > 1).then_some(r.segment);
-            if udp.send_now(r.to, &self.buf[r.start..r.end], seg).is_err() {
+            if udp
+                .send(r.to, &self.buf[r.start..r.end], seg)
+                .await
+                .is_err()
+            {
                 failed += 1;
             }
         }

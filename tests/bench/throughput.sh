@@ -23,6 +23,9 @@
 #   SYSTEMS="plain warren warren-nooff wireguard-go boringtun"   which columns to run
 #   WARREN_BASE_BIN=path  adds a column `warren-base` for another warren build
 #                         (offload on), to compare a change in the same run
+#   PINGS=200             pings per latency figure
+#   ONLY=latency          ping figures only (median and 90th percentile), no
+#                         iperf3: a quick loop for latency work
 #
 # Everything lives in two namespaces wb-<pid>-a/b on 10.99.0.0/24 with no
 # route out; a trap removes them and every process on exit.
@@ -39,7 +42,8 @@ done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=${DURATION:-10}
 SYSTEMS=${SYSTEMS:-plain warren warren-nooff wireguard-go boringtun}
-PINGS=200
+PINGS=${PINGS:-200}
+ONLY=${ONLY:-}
 HZ=$(getconf CLK_TCK)
 if [[ -z ${WARREN_BIN:-} ]]; then
     echo "building warren (release)..." >&2
@@ -108,6 +112,14 @@ cpu_ticks() {
     echo "$total"
 }
 
+# wakeups: voluntary context switches of every thread of the current
+# tunnel processes.
+wakeups() {
+    local pid
+    for pid in "${TUNNEL[@]}"; do cat /proc/"$pid"/task/*/status; done |
+        awk '/^voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
+}
+
 # rss_mb: the largest VmRSS of the current tunnel processes, in MB.
 rss_mb() {
     local pid
@@ -123,11 +135,18 @@ iperf() {
         --connect-timeout 3000 -J "$@"
 }
 
-# ping_median ADDR: median RTT (ms) of $PINGS pings from A, 10 ms apart.
-ping_median() {
+# ping_rtts ADDR: RTTs (ms, sorted) of $PINGS pings from A, 10 ms apart.
+ping_rtts() {
     inA ping -n -c "$PINGS" -i 0.01 -W 1 "$1" |
-        sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n |
-        awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n
+}
+
+# median / p90: of sorted numbers on stdin.
+median() {
+    awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+p90() {
+    awk '{ v[NR] = $1 } END { if (NR == 0) exit 1; i = int(NR * 0.9); if (i < 1) i = 1; print v[i] }'
 }
 
 declare -A R # R[system,metric]
@@ -142,7 +161,19 @@ bench() {
     # Latency first, on an idle tunnel: after the UDP flood, queues that are
     # still draining would be measured instead of the path.
     echo "  $sys: ping x$PINGS..." >&2
-    R[$sys,rtt]=$(ping_median "$addr")
+    local w0 w1
+    w0=$(wakeups)
+    ping_rtts "$addr" >"$TMP/rtt-$sys"
+    w1=$(wakeups)
+    # Context switches of the tunnel processes per ping (both sides): how
+    # often a round trip puts a thread to sleep and wakes it again.
+    R[$sys,wakes]=$(awk -v a="$w0" -v b="$w1" -v n="$PINGS" 'BEGIN { printf "%.1f", (b - a) / n }')
+    R[$sys,rtt]=$(median <"$TMP/rtt-$sys")
+    R[$sys,rtt90]=$(p90 <"$TMP/rtt-$sys")
+    if [[ $ONLY == latency ]]; then
+        stop "$spid"
+        return
+    fi
     echo "  $sys: TCP 1 stream, ${DURATION}s..." >&2
     c0=$(cpu_ticks)
     j=$(iperf "$addr")
@@ -295,6 +326,8 @@ for sys in $SYSTEMS; do [[ -n ${SKIPPED[$sys]:-} ]] || cols+=("$sys"); done
 for sys in $SYSTEMS; do
     [[ -n ${R[$sys,rtt]:-} && -n ${R[plain,rtt]:-} ]] &&
         R[$sys,added]=$(awk -v a="${R[$sys,rtt]}" -v b="${R[plain,rtt]}" 'BEGIN { printf "%.3f", a - b }')
+    [[ -n ${R[$sys,rtt90]:-} && -n ${R[plain,rtt90]:-} ]] &&
+        R[$sys,added90]=$(awk -v a="${R[$sys,rtt90]}" -v b="${R[plain,rtt90]}" 'BEGIN { printf "%.3f", a - b }')
 done
 # cell SYSTEM METRIC: "value (ratio x)", the ratio to wireguard-go's figure.
 cell() {
@@ -313,6 +346,7 @@ for sys in "${cols[@]}"; do printf ' %18s' "$sys"; done
 echo
 for m in "tcp1:TCP 1 stream Mbit/s" "tcp4:TCP 4 streams Mbit/s" "pps:UDP 64B kpps received" \
     "loss:UDP 64B loss %" "rtt:ping RTT median ms" "added:added latency ms" \
+    "rtt90:ping RTT p90 ms" "added90:added latency p90 ms" "wakes:thread wakes per ping" \
     "cpu:CPU s per GB" "rss:RSS MB"; do
     printf '%-24s' "${m#*:}"
     for sys in "${cols[@]}"; do printf ' %18s' "$(cell "$sys" "${m%%:*}")"; done

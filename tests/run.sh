@@ -33,4 +33,12 @@ fi
 cargo --version
 
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast -- --test-threads="$threads"
+rm -f target/nat-matrix.txt
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads="$threads" || status=$?
+# The NAT matrix (tests/lab_matrix.rs) writes its table here; show it.
+if [[ -f target/nat-matrix.txt ]]; then
+    echo
+    cat target/nat-matrix.txt
+fi
+exit "$status"

@@ -115,11 +115,9 @@ fn expect_direct(a: Kind, b: Kind) -> bool {
 ///   method, whose extra sockets the agent does not open yet.
 fn known_gap(a: Kind, b: Kind) -> bool {
     let hard = |k: Kind| matches!(k, Kind::EdmSeq | Kind::EdmRandom);
-    !expect_direct(a, b)
-        && !a.udp_blocked()
-        && !b.udp_blocked()
-        && !(a == Kind::EdmRandom && b == Kind::EdmRandom)
-        && (a.easy() || b.easy() || hard(a) || hard(b))
+    let both_random = a == Kind::EdmRandom && b == Kind::EdmRandom;
+    let excluded = expect_direct(a, b) || a.udp_blocked() || b.udp_blocked() || both_random;
+    !excluded && (a.easy() || b.easy() || hard(a) || hard(b))
 }
 
 struct Cell {

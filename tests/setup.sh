@@ -19,6 +19,7 @@ PACKAGES=(
     netcat-openbsd socat curl                               # ad-hoc lab traffic
     miniupnpd miniupnpd-nftables                            # Nat::Upnp gateways
     coturn                                                  # STUN interop (turnserver, turnutils_stunclient)
+    tinyproxy                                               # relay through an HTTP proxy
     postgresql                                              # coordinator store tests on PostgreSQL
     tmux systemd util-linux                                 # terminal test, systemd-analyze, setpriv
 )

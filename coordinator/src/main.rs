@@ -114,9 +114,14 @@ struct StunArgs {
     /// STUN (UDP) address [default: the listen IP, port 3478].
     #[arg(long, value_name = "ADDR")]
     stun_listen: Option<SocketAddr>,
-    /// A second STUN port, so agents can tell endpoint-dependent mappings.
+    /// A second STUN port, so agents can tell endpoint-dependent mappings
+    /// [default: the STUN IP, port + 1].
     #[arg(long, value_name = "ADDR")]
     stun_alt_listen: Option<SocketAddr>,
+    /// Only one STUN port: agents then cannot tell EIM from EDM unless
+    /// another region's STUN server answers too.
+    #[arg(long, conflicts_with = "stun_alt_listen")]
+    no_stun_alt: bool,
     /// Run no STUN server.
     #[arg(long, conflicts_with_all = ["stun_listen", "stun_alt_listen"])]
     no_stun: bool,
@@ -130,9 +135,17 @@ impl StunArgs {
         let primary = self
             .stun_listen
             .unwrap_or_else(|| SocketAddr::new(listen.ip(), 3478));
-        std::iter::once(primary)
-            .chain(self.stun_alt_listen)
-            .collect()
+        // Netcheck tells endpoint-dependent mapping by comparing what two
+        // server addresses see, so a lone coordinator serves two ports.
+        let alt = match (self.stun_alt_listen, self.no_stun_alt) {
+            (Some(a), _) => Some(a),
+            (None, true) => None,
+            (None, false) => primary
+                .port()
+                .checked_add(1)
+                .map(|p| SocketAddr::new(primary.ip(), p)),
+        };
+        std::iter::once(primary).chain(alt).collect()
     }
 }
 

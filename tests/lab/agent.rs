@@ -175,6 +175,12 @@ impl Agent {
     /// Writes `config`, starts `warren agent` and waits for its TUN device;
     /// panics with the agent's log if it exits instead.
     pub fn start(lab: &Lab, node: &Node, config: &AgentConfig) -> Agent {
+        Agent::start_with_env(lab, node, config, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (`KEY=value`),
+    /// such as `HTTPS_PROXY`.
+    pub fn start_with_env(lab: &Lab, node: &Node, config: &AgentConfig, env: &[&str]) -> Agent {
         let path = lab.write_file(&format!("{}.toml", node.name), &config.to_toml());
         let path = path.to_string_lossy();
         let name = format!("warren-{}", node.name);
@@ -182,7 +188,12 @@ impl Agent {
         // machine, and the lab runs several agents at once.
         let socket = lab.dir().join(format!("{}.sock", node.name));
         let socket = socket.to_string_lossy();
-        let argv = [WARREN, "agent", "--config", &path, "--socket", &socket];
+        let mut argv: Vec<&str> = Vec::new();
+        if !env.is_empty() {
+            argv.push("env");
+            argv.extend_from_slice(env);
+        }
+        argv.extend_from_slice(&[WARREN, "agent", "--config", &path, "--socket", &socket]);
         let proc = lab.spawn(node, &name, &argv);
         let ifname = config.ifname.as_str();
         let up = super::poll_until(START_TIMEOUT, Duration::from_millis(50), || {

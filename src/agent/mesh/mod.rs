@@ -228,8 +228,9 @@ impl Mesh {
     /// due netcheck, refresh the API's view.
     fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
         for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
+            // A new peer starts at zero: being added is not traffic.
             let cur = p.stats().activity;
-            if self.traffic.insert(p.key, cur) != Some(cur) {
+            if self.traffic.insert(p.key, cur).unwrap_or(0) != cur {
                 self.node.note_traffic(now, &p.key);
             }
         }

@@ -1,0 +1,159 @@
+//! Lab tests of the relay as the agents use it: the fallback that always
+//! works. Two agents behind random-port (EDM) NATs, behind gateways that
+//! let only TCP 443 out, and behind a gateway whose only way out is an HTTP
+//! proxy (tinyproxy): each time a ping and a 50 MB checksummed transfer go
+//! through the coordinator's embedded relay, and `warren status` says so.
+
+#![allow(clippy::unwrap_used)]
+
+mod lab;
+
+use std::time::Duration;
+
+use lab::agent::{tcp_transfer, Agent, AgentConfig};
+use lab::coord::Coordinator;
+use lab::nat::{Nat, FILTER_TABLE};
+use lab::{poll_until, Lab, Node};
+use serde_json::Value;
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+const TRANSFER: usize = 50 << 20;
+
+fn overlay_v4(st: &Value) -> String {
+    st["mesh"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|v| v.as_str().filter(|s| s.contains('.'))))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn join(lab: &Lab, coord: &Coordinator, token: &str, a: &Agent) {
+    let url = coord.url();
+    a.cli(
+        lab,
+        &["up", "--coordinator", &url, "--token", token, "--hostname", &a.node.name],
+    )
+    .expect_ok("warren up");
+}
+
+/// Joins both, pings, checks the path is the relay, moves 50 MB.
+fn relayed_pair(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) {
+    let (token, _) = coord.token(lab, &["--reusable"]);
+    join(lab, coord, &token, a);
+    join(lab, coord, &token, b);
+    assert!(
+        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
+            a.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
+                && b.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
+        }),
+        "the pair does not see each other"
+    );
+    let ip_b = overlay_v4(&b.status(lab));
+    assert!(
+        lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)),
+        "{}",
+        a.cli(lab, &["status"]).stdout
+    );
+    let st = a.status(lab);
+    let path = &st["peers"][0]["path"];
+    assert_eq!(path["kind"], "relay", "{st}");
+    assert_eq!(path["region"], "default", "status names the region: {st}");
+    let text = a.cli(lab, &["status"]).expect_ok("status").stdout;
+    assert!(text.contains("relay default"), "{text}");
+    let (sent, got) = tcp_transfer(lab, &a.node, &b.node, ip_b.parse().unwrap(), 5201, TRANSFER);
+    assert_eq!(sent, got, "50 MB arrive intact through the relay");
+}
+
+#[test]
+fn two_random_edm_nats_talk_through_the_relay() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let a = behind(&lab, "a", Nat::Edm);
+    let b = behind(&lab, "b", Nat::Edm);
+    let (a, b) = (mesh_agent(&lab, &a), mesh_agent(&lab, &b));
+    relayed_pair(&lab, &coord, &a, &b);
+    let st = a.status(&lab);
+    assert_eq!(st["mesh"]["home_relay_connected"], true, "{st}");
+}
+
+#[test]
+fn udp_blocked_on_both_sides_works_over_tcp_443() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let a = behind(&lab, "a", Nat::UdpBlocked);
+    let b = behind(&lab, "b", Nat::UdpBlocked);
+    let (a, b) = (mesh_agent(&lab, &a), mesh_agent(&lab, &b));
+    relayed_pair(&lab, &coord, &a, &b);
+    // Netcheck saw that UDP is blocked, and says so.
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            a.status(&lab)["mesh"]["udp"] == false
+        }),
+        "{}",
+        a.status(&lab)
+    );
+    let report = a.cli(&lab, &["netcheck"]).expect_ok("netcheck").stdout;
+    assert!(report.contains("UDP: no"), "{report}");
+}
+
+#[test]
+fn through_an_http_proxy_only() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let mut agents = Vec::new();
+    for name in ["a", "b"] {
+        // Nothing from the LAN is forwarded: the proxy on the gateway is
+        // the only way out.
+        let gw = lab.gateway(&format!("g{name}"), Nat::UdpBlocked);
+        lab.exec(
+            &gw,
+            &["nft", "insert", "rule", "inet", FILTER_TABLE, "forward", "iifname", "lan", "drop"],
+        )
+        .expect_ok("close the gateway");
+        let lan_ip = gw.lan.as_ref().unwrap().router;
+        let conf = lab.write_file(
+            &format!("tinyproxy-{name}.conf"),
+            &format!(
+                "Port 8888\nListen {lan_ip}\nTimeout 600\nMaxClients 50\nAllow 10.0.0.0/8\n\
+                 ConnectPort 443\nLogLevel Info\n"
+            ),
+        );
+        let conf = conf.to_string_lossy().into_owned();
+        lab.spawn(&gw, &format!("tinyproxy-{name}"), &["tinyproxy", "-d", "-c", &conf]);
+        let host = lab.host_behind(&gw, name);
+        let proxy = format!("http://{lan_ip}:8888");
+        let env = [format!("HTTPS_PROXY={proxy}"), format!("HTTP_PROXY={proxy}")];
+        let env: Vec<&str> = env.iter().map(String::as_str).collect();
+        // The proxy is up once it accepts connections.
+        assert!(poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            lab.exec(&host, &["nc", "-z", "-w", "1", &lan_ip.to_string(), "8888"]).ok()
+        }));
+        let cfg = AgentConfig::mesh(&lab, &host);
+        agents.push(Agent::start_with_env(&lab, &host, &cfg, &env));
+    }
+    // Without the proxy there is no way out at all.
+    let direct = lab.exec(
+        &agents[0].node,
+        &["nc", "-z", "-w", "1", &coord.ip.to_string(), "443"],
+    );
+    assert!(!direct.ok(), "the gateway must not forward anything");
+    relayed_pair(&lab, &coord, &agents[0], &agents[1]);
+}
+
+fn behind(lab: &Lab, name: &str, nat: Nat) -> Node {
+    let gw = lab.gateway(&format!("g{name}"), nat);
+    lab.host_behind(&gw, name)
+}
+
+fn mesh_agent(lab: &Lab, node: &Node) -> Agent {
+    Agent::start(lab, node, &AgentConfig::mesh(lab, node))
+}

@@ -73,15 +73,26 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Opens one map stream; counts its first line, then waits for `needle`.
+/// What the streams have received, summed over all of them.
+#[derive(Default)]
+struct Counters {
+    /// Streams that got their first full map.
+    connected: AtomicUsize,
+    lines: AtomicUsize,
+    /// Full maps, the first of each stream included.
+    fulls: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// Opens one map stream; counts its lines, then waits for `needle` (in a
+/// delta, or in a later full map if the coordinator sends one instead).
 async fn stream(
     http: reqwest::Client,
     url: String,
     key: PrivateKey,
     coord: NodeKey,
     needle: String,
-    connected: Arc<AtomicUsize>,
-    lines: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
 ) -> anyhow::Result<Instant> {
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
@@ -94,20 +105,33 @@ async fn stream(
     let mut buf: Vec<u8> = Vec::new();
     let mut got_full = false;
     while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk?);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            lines.fetch_add(1, Ordering::Relaxed);
+        let chunk = chunk?;
+        counters.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
+        // Only the new bytes are searched for line ends, and the buffer is
+        // shifted once per chunk: a chunk of many lines must cost the load
+        // generator linear time, or it measures itself.
+        let searched = buf.len();
+        buf.extend_from_slice(&chunk);
+        let mut start = 0;
+        let mut from = searched;
+        while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..from + off];
+            start = from + off + 1;
+            from = start;
+            counters.lines.fetch_add(1, Ordering::Relaxed);
+            if line.starts_with(br#"{"type":"full""#) {
+                counters.fulls.fetch_add(1, Ordering::Relaxed);
+            }
             if !got_full {
                 got_full = true;
-                connected.fetch_add(1, Ordering::Relaxed);
+                counters.connected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let text = String::from_utf8_lossy(&line);
-            if text.contains(&needle) {
+            if String::from_utf8_lossy(line).contains(&needle) {
                 return Ok(Instant::now());
             }
         }
+        buf.drain(..start);
     }
     bail!("stream ended")
 }
@@ -163,8 +187,7 @@ async fn main() -> anyhow::Result<()> {
         rand::random::<u8>(),
         10000 + rand::random::<u16>() % 50000
     );
-    let connected = Arc::new(AtomicUsize::new(0));
-    let lines = Arc::new(AtomicUsize::new(0));
+    let counters = Arc::new(Counters::default());
     let t = Instant::now();
     let mut tasks = Vec::new();
     for k in keys.iter().skip(1) {
@@ -174,18 +197,17 @@ async fn main() -> anyhow::Result<()> {
             k.clone(),
             coord,
             marker.clone(),
-            connected.clone(),
-            lines.clone(),
+            counters.clone(),
         );
         tasks.push(tokio::spawn(fut));
     }
     let want = a.nodes - 1;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while connected.load(Ordering::Relaxed) < want {
+    while counters.connected.load(Ordering::Relaxed) < want {
         if Instant::now() > deadline {
             bail!(
                 "only {} of {want} streams got their full map",
-                connected.load(Ordering::Relaxed)
+                counters.connected.load(Ordering::Relaxed)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -195,14 +217,14 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed()
     );
     // Every stream coming online is itself a change every other stream is
-    // told about: N² lines. Measure how long that storm takes to drain, and
+    // told about: N² deltas if each is written on its own. Measure how long that storm takes to drain, and
     // measure the single change only once the streams are quiet.
     let opened = Instant::now();
-    let mut last = lines.load(Ordering::Relaxed);
+    let mut last = counters.lines.load(Ordering::Relaxed);
     let mut quiet_since = Instant::now();
     while quiet_since.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = lines.load(Ordering::Relaxed);
+        let now = counters.lines.load(Ordering::Relaxed);
         if now != last {
             last = now;
             quiet_since = Instant::now();
@@ -211,9 +233,16 @@ async fn main() -> anyhow::Result<()> {
             bail!("streams never went quiet");
         }
     }
+    let quiet = opened.elapsed() - Duration::from_secs(2);
     println!(
-        "reconnect storm: {last} lines delivered; quiet {:.1?} after the last stream opened",
-        opened.elapsed() - Duration::from_secs(2)
+        "reconnect storm: quiet {:.1?} after the first stream opened, {quiet:.1?} after the last",
+        t.elapsed() - Duration::from_secs(2)
+    );
+    let fulls = counters.fulls.load(Ordering::Relaxed);
+    println!(
+        "reconnect storm: {last} lines ({} deltas, {fulls} full maps of which {want} first), {:.1} MB",
+        last - fulls,
+        counters.bytes.load(Ordering::Relaxed) as f64 / 1e6
     );
     println!("coordinator with {want} open streams: {}", rss(a.pid));
 

@@ -19,6 +19,13 @@
 //! used to queue past the pool's timeout). The snapshot is updated *before*
 //! an event is broadcast, and streams subscribe *before* reading it, so a
 //! stream never misses a change (at worst it hears one twice).
+//!
+//! What each stream then writes, and when, is decided by its
+//! [`outbox::Outbox`]: pending changes coalesced per peer and written at
+//! most once per tick, so a reconnect storm does not cost every stream a
+//! line per event.
+
+pub mod outbox;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -53,7 +60,8 @@ pub struct Upserted {
 }
 
 impl Upserted {
-    fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
+    /// Encodes `node`'s map entry; `None` (logged) if it cannot be.
+    pub fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
         match serde_json::to_string(&node.to_peer()) {
             Ok(peer_json) => Some(Arc::new(Upserted { node, peer_json })),
             Err(e) => {
@@ -64,7 +72,8 @@ impl Upserted {
     }
 }
 
-type Snapshot = BTreeMap<i64, Arc<Upserted>>;
+/// Every node by id, already encoded.
+pub type Snapshot = BTreeMap<i64, Arc<Upserted>>;
 
 /// The fan-out point. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -106,6 +115,11 @@ impl Hub {
         // Writers only insert or remove whole entries, so a poisoned lock
         // still guards a consistent map.
         f(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// How many nodes the network has (this node included).
+    pub fn node_count(&self) -> usize {
+        self.with_snapshot(|s| s.len())
     }
 
     fn snapshot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {

@@ -196,14 +196,14 @@ fn a_stream_far_behind_gets_one_full_map() {
     let t0 = Instant::now();
     let (mut ob, net, _map, nodes) = started(200, t0);
     let t = t0 + TICK;
-    // Under half the map: deltas.
-    for n in &nodes[1..90] {
+    // Under three quarters of the map: deltas.
+    for n in &nodes[1..150] {
         ob.push(HubEvent::Upsert(up(n)), t);
     }
-    assert_eq!(writes_lines(ob.poll_flush(t, net.snap.len())).len(), 89);
-    // Half the map or more: a full map, and nothing left over.
+    assert_eq!(writes_lines(ob.poll_flush(t, net.snap.len())).len(), 149);
+    // Three quarters or more: a full map, and nothing left over.
     let t = t + TICK;
-    for n in &nodes[1..110] {
+    for n in &nodes[1..152] {
         ob.push(HubEvent::Upsert(up(n)), t);
     }
     assert!(matches!(

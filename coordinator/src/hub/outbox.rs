@@ -16,8 +16,10 @@
 //!   whatever its size, and a peer flapping within a tick is sent once.
 //! - A stream that is behind (its agent reads slowly, or the hub's broadcast
 //!   overtook it) gets one full map instead of its backlog once the backlog
-//!   is half the size of the map or more; a full map is also what a stream
-//!   owes after it lost events.
+//!   is three quarters of the map or more (then the full map costs hardly
+//!   more to write, and the agent replaces its map once instead of applying
+//!   thousands of deltas); a full map is also what a stream owes after it
+//!   lost events.
 //!
 //! Whether a pending upsert is `peer_added` or `peer_changed` (and whether a
 //! removal is sent at all) is decided when it is written, against the set of
@@ -185,7 +187,7 @@ impl Outbox {
         self.since = None;
         let previous_write = self.last_write.replace(now);
         let me = self.self_node.take();
-        let behind = self.pending.len() >= MIN_FULL && self.pending.len() * 2 >= map_len;
+        let behind = self.pending.len() >= MIN_FULL && self.pending.len() * 4 >= map_len * 3;
         if self.full.is_some() || behind {
             self.pending.clear();
             return Flush::Full {

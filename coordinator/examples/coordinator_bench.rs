@@ -63,7 +63,30 @@ fn rss(pid: Option<u32>) -> String {
             .map(|l| l.trim_start_matches(name).trim().to_owned())
             .unwrap_or_else(|| "?".into())
     };
-    format!("RSS {} (peak {})", field("VmRSS:"), field("VmHWM:"))
+    format!(
+        "RSS {} (peak {}), CPU {}",
+        field("VmRSS:"),
+        field("VmHWM:"),
+        cpu(pid)
+    )
+}
+
+/// User + system CPU time of `pid` so far, from `/proc/PID/stat` (in
+/// clock ticks of 10 ms, which is what Linux reports on every usual build).
+fn cpu(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match f[..] {
+        [user, system] => format!("{:.1}s", (user + system) as f64 / 100.0),
+        _ => "?".into(),
+    }
 }
 
 fn now() -> u64 {
@@ -73,15 +96,26 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Opens one map stream; counts its first line, then waits for `needle`.
+/// What the streams have received, summed over all of them.
+#[derive(Default)]
+struct Counters {
+    /// Streams that got their first full map.
+    connected: AtomicUsize,
+    lines: AtomicUsize,
+    /// Full maps, the first of each stream included.
+    fulls: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// Opens one map stream; counts its lines, then waits for `needle` (in a
+/// delta, or in a later full map if the coordinator sends one instead).
 async fn stream(
     http: reqwest::Client,
     url: String,
     key: PrivateKey,
     coord: NodeKey,
     needle: String,
-    connected: Arc<AtomicUsize>,
-    lines: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
 ) -> anyhow::Result<Instant> {
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
@@ -94,19 +128,38 @@ async fn stream(
     let mut buf: Vec<u8> = Vec::new();
     let mut got_full = false;
     while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk?);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            lines.fetch_add(1, Ordering::Relaxed);
+        let chunk = chunk?;
+        counters.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
+        // Only the new bytes are searched for line ends, and the buffer is
+        // shifted once per chunk: a chunk of many lines must cost the load
+        // generator linear time, or it measures itself.
+        let searched = buf.len();
+        buf.extend_from_slice(&chunk);
+        let mut start = 0;
+        let mut from = searched;
+        while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..from + off];
+            start = from + off + 1;
+            from = start;
+            counters.lines.fetch_add(1, Ordering::Relaxed);
+            if line.starts_with(br#"{"type":"full""#) {
+                counters.fulls.fetch_add(1, Ordering::Relaxed);
+            }
             if !got_full {
                 got_full = true;
-                connected.fetch_add(1, Ordering::Relaxed);
+                counters.connected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let text = String::from_utf8_lossy(&line);
-            if text.contains(&needle) {
+            if String::from_utf8_lossy(line).contains(&needle) {
                 return Ok(Instant::now());
             }
+        }
+        buf.drain(..start);
+        // A full map leaves a buffer of its size behind; thousands of them
+        // would make the load generator's memory, not the coordinator, the
+        // subject of the measurement.
+        if buf.capacity() > 1 << 20 && buf.len() < 1 << 16 {
+            buf.shrink_to(1 << 16);
         }
     }
     bail!("stream ended")
@@ -163,8 +216,7 @@ async fn main() -> anyhow::Result<()> {
         rand::random::<u8>(),
         10000 + rand::random::<u16>() % 50000
     );
-    let connected = Arc::new(AtomicUsize::new(0));
-    let lines = Arc::new(AtomicUsize::new(0));
+    let counters = Arc::new(Counters::default());
     let t = Instant::now();
     let mut tasks = Vec::new();
     for k in keys.iter().skip(1) {
@@ -174,18 +226,17 @@ async fn main() -> anyhow::Result<()> {
             k.clone(),
             coord,
             marker.clone(),
-            connected.clone(),
-            lines.clone(),
+            counters.clone(),
         );
         tasks.push(tokio::spawn(fut));
     }
     let want = a.nodes - 1;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while connected.load(Ordering::Relaxed) < want {
+    while counters.connected.load(Ordering::Relaxed) < want {
         if Instant::now() > deadline {
             bail!(
                 "only {} of {want} streams got their full map",
-                connected.load(Ordering::Relaxed)
+                counters.connected.load(Ordering::Relaxed)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -195,14 +246,14 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed()
     );
     // Every stream coming online is itself a change every other stream is
-    // told about: N² lines. Measure how long that storm takes to drain, and
+    // told about: N² deltas if each is written on its own. Measure how long that storm takes to drain, and
     // measure the single change only once the streams are quiet.
     let opened = Instant::now();
-    let mut last = lines.load(Ordering::Relaxed);
+    let mut last = counters.lines.load(Ordering::Relaxed);
     let mut quiet_since = Instant::now();
     while quiet_since.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = lines.load(Ordering::Relaxed);
+        let now = counters.lines.load(Ordering::Relaxed);
         if now != last {
             last = now;
             quiet_since = Instant::now();
@@ -211,11 +262,21 @@ async fn main() -> anyhow::Result<()> {
             bail!("streams never went quiet");
         }
     }
+    let quiet = opened.elapsed() - Duration::from_secs(2);
     println!(
-        "reconnect storm: {last} lines delivered; quiet {:.1?} after the last stream opened",
-        opened.elapsed() - Duration::from_secs(2)
+        "reconnect storm: quiet {:.1?} after the first stream opened, {quiet:.1?} after the last",
+        t.elapsed() - Duration::from_secs(2)
+    );
+    let fulls = counters.fulls.load(Ordering::Relaxed);
+    println!(
+        "reconnect storm: {last} lines ({} deltas, {fulls} full maps of which {want} first), {:.1} MB",
+        last - fulls,
+        counters.bytes.load(Ordering::Relaxed) as f64 / 1e6
     );
     println!("coordinator with {want} open streams: {}", rss(a.pid));
+    // The load generator shares the machine: if it is the busier of the
+    // two, the storm's wall-clock time measures it, not the coordinator.
+    println!("load generator so far: CPU {}", cpu(std::process::id()));
 
     // 3. One change, seen by all: node 0 reports an endpoint no line
     // contained before (a random documentation address).
@@ -224,6 +285,10 @@ async fn main() -> anyhow::Result<()> {
         addr: marker.parse()?,
         kind: EndpointKind::Srflx,
     }];
+    let before = (
+        counters.lines.load(Ordering::Relaxed),
+        counters.fulls.load(Ordering::Relaxed),
+    );
     let t0 = Instant::now();
     c0.report_endpoints(&EndpointsReport::endpoints(&eps))
         .await?;
@@ -248,6 +313,11 @@ async fn main() -> anyhow::Result<()> {
         lat[lat.len() / 2],
         lat[lat.len() * 99 / 100],
         lat[lat.len() - 1]
+    );
+    println!(
+        "one change: {} lines, {} of them full maps",
+        counters.lines.load(Ordering::Relaxed) - before.0,
+        counters.fulls.load(Ordering::Relaxed) - before.1
     );
     println!("coordinator at the end: {}", rss(a.pid));
     Ok(())

@@ -10,8 +10,9 @@
 //! meanwhile are lost, so the hub reloads its snapshot and tells every
 //! stream to resynchronise from a full map instead of guessing.
 //!
-//! Each note is turned into an event once here (one node load and one JSON
-//! encoding per change, not one per stream) and fanned out through a
+//! Each note is turned into an event once here (one node load, or one load
+//! of the whole network for a batch of notes, and one JSON encoding per
+//! change, not one per stream) and fanned out through a
 //! broadcast channel. The hub also keeps a snapshot of every node, already
 //! encoded, from which streams build their full maps: when two thousand
 //! agents reconnect at once after a restart, none of them costs a database
@@ -19,8 +20,15 @@
 //! used to queue past the pool's timeout). The snapshot is updated *before*
 //! an event is broadcast, and streams subscribe *before* reading it, so a
 //! stream never misses a change (at worst it hears one twice).
+//!
+//! What each stream then writes, and when, is decided by its
+//! [`outbox::Outbox`]: pending changes coalesced per peer and written at
+//! most once per tick, so a reconnect storm does not cost every stream a
+//! line per event.
 
-use std::collections::BTreeMap;
+pub mod outbox;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -53,7 +61,8 @@ pub struct Upserted {
 }
 
 impl Upserted {
-    fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
+    /// Encodes `node`'s map entry; `None` (logged) if it cannot be.
+    pub fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
         match serde_json::to_string(&node.to_peer()) {
             Ok(peer_json) => Some(Arc::new(Upserted { node, peer_json })),
             Err(e) => {
@@ -64,7 +73,8 @@ impl Upserted {
     }
 }
 
-type Snapshot = BTreeMap<i64, Arc<Upserted>>;
+/// Every node by id, already encoded.
+pub type Snapshot = BTreeMap<i64, Arc<Upserted>>;
 
 /// The fan-out point. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -81,6 +91,16 @@ impl Default for Hub {
 }
 
 const POLL: Duration = Duration::from_millis(200);
+
+/// From this many change notes read at once, the hub loads every node in
+/// one query instead of each changed node on its own: after a restart
+/// thousands of nodes come online within a second, and a read per note
+/// (queued behind those nodes' own writes on SQLite's single connection)
+/// made the hub itself trickle the storm out over tens of seconds.
+const BATCH_LOAD: usize = 16;
+
+/// Most PostgreSQL notes taken into one batch.
+const BATCH_MAX: usize = 1000;
 
 impl Hub {
     pub fn new() -> Self {
@@ -106,6 +126,11 @@ impl Hub {
         // Writers only insert or remove whole entries, so a poisoned lock
         // still guards a consistent map.
         f(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// How many nodes the network has (this node included).
+    pub fn node_count(&self) -> usize {
+        self.with_snapshot(|s| s.len())
     }
 
     fn snapshot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
@@ -173,6 +198,58 @@ impl Hub {
         let _ = self.tx.send(event);
     }
 
+    /// Dispatches a batch of notes, in order. A node with several notes in
+    /// the batch is dispatched once, at its last, from one load of the
+    /// whole network.
+    async fn dispatch_all(&self, store: &Store, changes: Vec<Change>) {
+        if changes.len() < BATCH_LOAD {
+            for change in changes {
+                self.dispatch(store, change).await;
+            }
+            return;
+        }
+        // Read after the notes were: every node is at least as new as its
+        // last note here (newer is fine, its own note follows).
+        let mut fresh: HashMap<i64, NodeRecord> = match store.list_nodes().await {
+            Ok(nodes) => nodes.into_iter().map(|n| (n.id, n)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "hub could not load the network; reading nodes one by one");
+                for change in changes {
+                    self.dispatch(store, change).await;
+                }
+                return;
+            }
+        };
+        let last: HashMap<i64, usize> = changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.node_id, i))
+            .collect();
+        for (i, change) in changes.into_iter().enumerate() {
+            if last.get(&change.node_id) != Some(&i) {
+                continue;
+            }
+            let event = match change.kind {
+                ChangeKind::Removed => {
+                    self.snapshot_mut().remove(&change.node_id);
+                    HubEvent::Removed {
+                        node_id: change.node_id,
+                        key: change.node_key,
+                    }
+                }
+                // Not there: removed since, and its removal note follows.
+                ChangeKind::Upsert => match fresh.remove(&change.node_id).and_then(Upserted::new) {
+                    Some(u) => {
+                        self.snapshot_mut().insert(u.node.id, u.clone());
+                        HubEvent::Upsert(u)
+                    }
+                    None => continue,
+                },
+            };
+            let _ = self.tx.send(event);
+        }
+    }
+
     async fn run_sqlite(self, store: Store, ready: oneshot::Sender<()>) {
         // Read the position first, then the snapshot: notes committed in
         // between are replayed, which is harmless.
@@ -196,12 +273,13 @@ impl Hub {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
-            match store.changes_since(last, 1000).await {
+            match store.changes_since(last, BATCH_MAX as i64).await {
                 Ok(changes) => {
-                    for (id, change) in changes {
-                        last = id;
-                        self.dispatch(&store, change).await;
+                    if let Some((id, _)) = changes.last() {
+                        last = *id;
                     }
+                    let changes = changes.into_iter().map(|(_, c)| c).collect();
+                    self.dispatch_all(&store, changes).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "hub: reading change notes"),
             }
@@ -235,10 +313,26 @@ impl Hub {
         }
         loop {
             match listener.try_recv().await? {
-                Some(n) => match Change::parse(n.payload()) {
-                    Some(change) => self.dispatch(store, change).await,
-                    None => tracing::warn!(payload = n.payload(), "hub: malformed change note"),
-                },
+                Some(n) => {
+                    // Whatever else has arrived goes in the same batch.
+                    let mut batch = vec![n];
+                    while batch.len() < BATCH_MAX {
+                        match listener.next_buffered() {
+                            Some(n) => batch.push(n),
+                            None => break,
+                        }
+                    }
+                    let mut changes = Vec::with_capacity(batch.len());
+                    for n in batch {
+                        match Change::parse(n.payload()) {
+                            Some(change) => changes.push(change),
+                            None => {
+                                tracing::warn!(payload = n.payload(), "hub: malformed change note")
+                            }
+                        }
+                    }
+                    self.dispatch_all(store, changes).await;
+                }
                 // The connection dropped and will be re-established by the
                 // next call; notes may have been lost meanwhile.
                 None => {
@@ -250,3 +344,6 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,6 +5,13 @@
 #
 #   tests/bench/coordinator.sh [NODES]
 #
+# The first phase is itself the reconnect storm a coordinator restart
+# causes: every stream opens at once, and each one coming online is a
+# change every other stream hears about. The bench reports how long that
+# takes to go quiet, and how many lines, full maps and bytes it cost.
+#
+# COORDINATOR_BIN and BENCH_BIN run other builds (say, of an older commit
+# for a before/after comparison) instead of building this tree.
 # PostgreSQL runs only when WARREN_TEST_POSTGRES_URL points at a server whose
 # user may CREATE DATABASE (a fresh database is made for the run).
 # Builds in release mode: these are measurements.
@@ -14,9 +21,11 @@ cd "$(dirname "$0")/../.."
 NODES=${1:-2000}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release -q -p warren-coordinator --bin warren-coordinator --example coordinator_bench
-BIN=target/release/warren-coordinator
-BENCH=target/release/examples/coordinator_bench
+if [ -z "${COORDINATOR_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+    cargo build --release -q -p warren-coordinator --bin warren-coordinator --example coordinator_bench
+fi
+BIN=${COORDINATOR_BIN:-target/release/warren-coordinator}
+BENCH=${BENCH_BIN:-target/release/examples/coordinator_bench}
 WORK=$(mktemp -d)
 PID=
 cleanup() {

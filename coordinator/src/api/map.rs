@@ -2,14 +2,17 @@
 //!
 //! The handler authenticates, marks the node online, subscribes to the hub
 //! *before* reading the full map (so no change can fall between the two),
-//! and hands the response body to a task that turns hub events into deltas.
-//! The task tracks which peers this stream has been told about, so it can
-//! say `peer_added` or `peer_changed` and never announces a removal of a
-//! peer the node never saw. When the node itself is removed the task just
-//! returns: the body ends, and the node's next request is refused.
+//! and hands the response body to a task that turns hub events into lines.
+//! What to write and when is the stream's [`Outbox`]'s call (one pending
+//! entry per peer, a write per tick at most, a full map for a stream far
+//! behind); this task only moves events in and lines out. While the agent
+//! reads slowly the task keeps taking events into the outbox, so a slow
+//! agent costs one entry per peer, never a queue of every event. When the
+//! node itself is removed the task just returns: the body ends, and the
+//! node's next request is refused.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -17,10 +20,11 @@ use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::Response;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant as TokioInstant;
 use tracing::Instrument as _;
-use warren::control::MapMessage;
 
 use super::{authenticate, require_empty, unknown_node, ApiError, AppState};
+use crate::hub::outbox::{full_line, Flush, Outbox};
 use crate::hub::HubEvent;
 use crate::store::{NodeRecord, Store};
 
@@ -46,11 +50,13 @@ pub(super) async fn map(
     *st.live().entry(node.id).or_default() += 1;
 
     let events = st.hub.subscribe();
-    let (lines, rx) = mpsc::channel::<Line>(64);
+    // Few slots: a write can be a whole map, and a stream whose agent reads
+    // slowly should coalesce in its outbox rather than queue writes here.
+    let (lines, rx) = mpsc::channel::<Line>(8);
     let mut stream = MapTask {
         st: st.clone(),
+        outbox: Outbox::new(node.id, Instant::now()),
         node,
-        known: HashSet::new(),
         lines,
     };
     // The first full map is sent from the task too, so that a failure to
@@ -65,33 +71,13 @@ pub(super) async fn map(
         .map_err(|e| ApiError::new(warren::control::ErrorCode::Internal, e.to_string()))
 }
 
-/// The event just received plus whatever else is already queued (bounded).
-fn drain(
-    first: Result<HubEvent, RecvError>,
-    events: &mut broadcast::Receiver<HubEvent>,
-) -> Vec<Result<HubEvent, RecvError>> {
-    let mut batch = vec![first];
-    while batch.len() < 4096 {
-        match events.try_recv() {
-            Ok(ev) => batch.push(Ok(ev)),
-            Err(TryRecvError::Empty) => break,
-            Err(TryRecvError::Lagged(n)) => {
-                batch.push(Err(RecvError::Lagged(n)));
-                break;
-            }
-            Err(TryRecvError::Closed) => {
-                batch.push(Err(RecvError::Closed));
-                break;
-            }
-        }
-    }
-    batch
-}
+/// Most events taken from the broadcast in one go (it holds 8192).
+const DRAIN_MAX: usize = 16384;
 
 struct MapTask {
     st: AppState,
     node: NodeRecord,
-    known: HashSet<i64>,
+    outbox: Outbox,
     lines: mpsc::Sender<Line>,
 }
 
@@ -110,19 +96,22 @@ impl MapTask {
     }
 
     async fn serve(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> End {
-        if let Err(end) = self.send_full(false).await {
-            return end;
-        }
         let mut keepalive = tokio::time::interval(self.st.keepalive);
         keepalive.tick().await;
         loop {
-            let result = tokio::select! {
-                ev = events.recv() => {
-                    let batch = drain(ev, events);
-                    self.on_batch(batch).await
-                }
-                _ = keepalive.tick() => self.send(&MapMessage::Keepalive).await,
-                _ = self.lines.closed() => Err(End::Gone),
+            let result = match self.outbox.poll_timeout() {
+                Some(due) if due <= Instant::now() => self.write(events).await,
+                // Events are left in the broadcast while a write is due
+                // later: they are taken in one go when it is, instead of
+                // waking this task for each.
+                due => tokio::select! {
+                    ev = events.recv(), if due.is_none() => self.take(ev),
+                    _ = tokio::time::sleep_until(TokioInstant::from_std(
+                        due.unwrap_or_else(Instant::now),
+                    )), if due.is_some() => Ok(()),
+                    _ = keepalive.tick() => self.keepalive(),
+                    _ = self.lines.closed() => Err(End::Gone),
+                },
             };
             if let Err(end) = result {
                 return end;
@@ -130,80 +119,79 @@ impl MapTask {
         }
     }
 
-    /// Handles a burst of events. An upsert superseded by a later event for
-    /// the same node in the burst is skipped: when a thousand nodes come
-    /// online at once, each stream sends each node's final state once.
-    async fn on_batch(&mut self, batch: Vec<Result<HubEvent, RecvError>>) -> Result<(), End> {
-        if batch.iter().any(|ev| matches!(ev, Err(RecvError::Closed))) {
-            return Err(End::Gone);
+    /// Takes one event from the broadcast into the outbox.
+    fn take(&mut self, ev: Result<HubEvent, RecvError>) -> Result<(), End> {
+        match ev {
+            Ok(ev) => self.outbox.push(ev, Instant::now()),
+            Err(RecvError::Lagged(_)) => self.outbox.lagged(Instant::now()),
+            Err(RecvError::Closed) => return Err(End::Gone),
         }
-        let me = self.node.id;
-        if batch
-            .iter()
-            .any(|ev| matches!(ev, Ok(HubEvent::Removed { node_id, .. }) if *node_id == me))
-        {
+        if self.outbox.is_removed() {
             tracing::info!("node removed: ending its map stream");
             return Err(End::Removed);
-        }
-        if batch
-            .iter()
-            .any(|ev| matches!(ev, Ok(HubEvent::Resync) | Err(RecvError::Lagged(_))))
-        {
-            // The full map is read now, so it is newer than every event here.
-            tracing::debug!("resynchronising");
-            return self.send_full(true).await;
-        }
-        let id_of = |ev: &Result<HubEvent, RecvError>| match ev {
-            Ok(HubEvent::Upsert(u)) => Some(u.node.id),
-            Ok(HubEvent::Removed { node_id, .. }) => Some(*node_id),
-            _ => None,
-        };
-        for (i, ev) in batch.iter().enumerate() {
-            let superseded = matches!(ev, Ok(HubEvent::Upsert(_)))
-                && batch[i + 1..].iter().any(|later| id_of(later) == id_of(ev));
-            if !superseded {
-                if let Ok(ev) = ev {
-                    self.on_event(ev).await?;
-                }
-            }
         }
         Ok(())
     }
 
-    async fn on_event(&mut self, ev: &HubEvent) -> Result<(), End> {
-        match ev {
-            HubEvent::Upsert(u) if u.node.id == self.node.id => {
-                self.node = u.node.clone();
-                self.send_raw(format!(
-                    r#"{{"type":"self_changed","node":{}}}"#,
-                    u.peer_json
-                ))
-                .await
+    /// Writes what is due: waits for room in the body (taking events
+    /// meanwhile), then takes everything queued and writes it at once.
+    async fn write(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> Result<(), End> {
+        let lines = self.lines.clone();
+        let permit = loop {
+            tokio::select! {
+                p = lines.reserve() => break p.map_err(|_| End::Gone)?,
+                ev = events.recv() => self.take(ev)?,
             }
-            HubEvent::Upsert(u) => {
-                let kind = if self.known.insert(u.node.id) {
-                    "peer_added"
-                } else {
-                    "peer_changed"
-                };
-                self.send_raw(format!(r#"{{"type":"{kind}","peer":{}}}"#, u.peer_json))
-                    .await
+        };
+        for _ in 0..DRAIN_MAX {
+            match events.try_recv() {
+                Ok(ev) => self.take(Ok(ev))?,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Lagged(n)) => self.take(Err(RecvError::Lagged(n)))?,
+                Err(TryRecvError::Closed) => return Err(End::Gone),
             }
-            HubEvent::Removed { node_id, key } => {
-                if self.known.remove(node_id) {
-                    self.send(&MapMessage::PeerRemoved { key: *key }).await
-                } else {
-                    Ok(())
+        }
+        let map_len = self.st.hub.node_count();
+        let text = match self.outbox.poll_flush(Instant::now(), map_len) {
+            Flush::Wait => return Ok(()),
+            Flush::Removed => return Err(End::Removed),
+            Flush::Lines { text, me } => {
+                if let Some(me) = me {
+                    self.node = me.node.clone();
                 }
+                text
             }
-            HubEvent::Resync => self.send_full(true).await,
+            Flush::Full { recheck, me } => {
+                if let Some(me) = me {
+                    self.node = me.node.clone();
+                }
+                if recheck {
+                    tracing::debug!("resynchronising");
+                }
+                let mut line = self.full(recheck).await?;
+                line.push('\n');
+                line
+            }
+        };
+        permit.send(Ok(Bytes::from(text)));
+        Ok(())
+    }
+
+    /// A keepalive, unless the body is full (then it is not idle anyway).
+    fn keepalive(&self) -> Result<(), End> {
+        match self
+            .lines
+            .try_send(Ok(Bytes::from_static(b"{\"type\":\"keepalive\"}\n")))
+        {
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
+            _ => Ok(()),
         }
     }
 
-    /// Sends a full map built from the hub's snapshot. After a
-    /// resynchronisation (`recheck`) the node's own row is read again: it
-    /// may have been removed while notes were being lost.
-    async fn send_full(&mut self, recheck: bool) -> Result<(), End> {
+    /// A full map built from the hub's snapshot. After a resynchronisation
+    /// (`recheck`) the node's own row is read again: it may have been
+    /// removed while notes were being lost.
+    async fn full(&mut self, recheck: bool) -> Result<String, End> {
         if recheck {
             match self.st.store.node_by_id(self.node.id).await {
                 Ok(Some(n)) => self.node = n,
@@ -223,51 +211,12 @@ impl MapTask {
                 return Err(End::Gone);
             }
         };
-        let me_id = self.node.id;
-        let (line, known) = self.st.hub.with_snapshot(|snap| {
-            let mut line = String::with_capacity(
-                snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
-                    + me.len()
-                    + relay.len()
-                    + 64,
-            );
-            line.push_str(r#"{"type":"full","self_node":"#);
-            line.push_str(&me);
-            line.push_str(r#","peers":["#);
-            let mut known = HashSet::with_capacity(snap.len());
-            for (id, u) in snap.iter().filter(|(id, _)| **id != me_id) {
-                if !known.is_empty() {
-                    line.push(',');
-                }
-                line.push_str(&u.peer_json);
-                known.insert(*id);
-            }
-            line.push_str(r#"],"relay_map":"#);
-            line.push_str(&relay);
-            line.push('}');
-            (line, known)
-        });
-        self.known = known;
-        self.send_raw(line).await
-    }
-
-    async fn send(&self, msg: &MapMessage) -> Result<(), End> {
-        match serde_json::to_string(msg) {
-            Ok(line) => self.send_raw(line).await,
-            Err(e) => {
-                tracing::error!(error = %e, "could not encode a map message");
-                Err(End::Gone)
-            }
-        }
-    }
-
-    /// Sends one already-encoded line (the newline is added here).
-    async fn send_raw(&self, mut line: String) -> Result<(), End> {
-        line.push('\n');
-        self.lines
-            .send(Ok(Bytes::from(line)))
-            .await
-            .map_err(|_| End::Gone)
+        let (line, known) = self
+            .st
+            .hub
+            .with_snapshot(|snap| full_line(snap, self.node.id, &me, &relay));
+        self.outbox.full_sent(known);
+        Ok(line)
     }
 
     async fn close(&self, end: End) {

@@ -1,0 +1,279 @@
+//! What one map stream still owes its agent, coalesced.
+//!
+//! A map stream used to write every hub event as its own line, as soon as
+//! it arrived. When two thousand nodes come online at once (a coordinator
+//! restart), that is every node's online change written to every stream,
+//! one line, one task wake-up and one socket write at a time: minutes of
+//! work for the coordinator and a flood for every agent.
+//!
+//! The [`Outbox`] keeps instead at most one pending entry per peer key, the
+//! latest state winning, and says when to write:
+//!
+//! - A stream that has been quiet for a [`TICK`] writes a change at once, so
+//!   a lone change still reaches every agent as fast as before.
+//! - Otherwise what arrived meanwhile waits for the end of the tick and goes
+//!   out in one write: a burst costs each stream a few writes per second,
+//!   whatever its size, and a peer flapping within a tick is sent once.
+//! - A stream that is behind (its agent reads slowly, or the hub's broadcast
+//!   overtook it) gets one full map instead of its backlog once the backlog
+//!   is three quarters of the map or more (then the full map costs hardly
+//!   more to write, and the agent replaces its map once instead of applying
+//!   thousands of deltas); a full map is also what a stream owes after it
+//!   lost events.
+//!
+//! Whether a pending upsert is `peer_added` or `peer_changed` (and whether a
+//! removal is sent at all) is decided when it is written, against the set of
+//! peers the agent has been told about: an add followed by changes is still
+//! an add, a removal supersedes earlier changes, and a removal of a peer the
+//! agent never heard of is not sent. Entries are keyed by node key, as the
+//! agent's map is, so a key that is removed and registered again (a new node
+//! id) folds into one `peer_changed` and can never be reordered into a
+//! removal after its re-addition. The set of peers the agent holds is kept
+//! by node id (8 bytes a peer, against 32 for a key: with two thousand
+//! streams of two thousand peers that is most of the coordinator's memory);
+//! each pending entry remembers the id its key had when it was last written,
+//! which is the one the set may hold.
+//!
+//! Sans-IO: the caller passes the time in and does the reading and writing,
+//! so the rules are tested with a virtual clock (see `tests/outbox.rs`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warren::keys::NodeKey;
+
+use super::{HubEvent, Snapshot, Upserted};
+
+/// The shortest time between two writes of deltas on one stream, and so the
+/// most a change waits in the outbox. Well under the one second within
+/// which a change must reach every online peer.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// A backlog this small is always sent as deltas, however small the map:
+/// a full map is for streams that are really behind.
+const MIN_FULL: usize = 32;
+
+/// The latest state of one peer key since the last write.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// The node id of the first event for this key since the last write:
+    /// the id under which the agent may hold the key.
+    base: i64,
+    state: State,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Upsert(Arc<Upserted>),
+    Removed(i64),
+}
+
+/// What the stream should write now.
+#[derive(Debug)]
+pub enum Flush {
+    /// Nothing yet: wait for [`Outbox::poll_timeout`] or the next event.
+    Wait,
+    /// A full map, read from the hub's snapshot now (it is newer than every
+    /// event pushed so far); then call [`Outbox::full_sent`]. `recheck`:
+    /// events may have been lost, so re-read this node's own row too.
+    /// `me` is this node's latest state if an event carried it.
+    Full {
+        recheck: bool,
+        me: Option<Arc<Upserted>>,
+    },
+    /// Newline-terminated lines, to write in one go. `me` as above, when a
+    /// `self_changed` is among them.
+    Lines {
+        text: String,
+        me: Option<Arc<Upserted>>,
+    },
+    /// This node was removed: end the stream.
+    Removed,
+}
+
+/// One stream's pending changes. See the module documentation.
+#[derive(Debug)]
+pub struct Outbox {
+    me: i64,
+    /// Node ids of the peers the agent holds, as of what has been handed
+    /// out to write.
+    known: HashSet<i64>,
+    pending: BTreeMap<NodeKey, Pending>,
+    self_node: Option<Arc<Upserted>>,
+    /// A full map is owed; `Some(true)`: with a re-read of this node.
+    full: Option<bool>,
+    removed: bool,
+    /// When the oldest change still owed arrived.
+    since: Option<Instant>,
+    last_write: Option<Instant>,
+}
+
+impl Outbox {
+    /// A new stream for node `me`; it owes a full map first.
+    pub fn new(me: i64, now: Instant) -> Self {
+        Outbox {
+            me,
+            known: HashSet::new(),
+            pending: BTreeMap::new(),
+            self_node: None,
+            full: Some(false),
+            removed: false,
+            since: Some(now),
+            last_write: None,
+        }
+    }
+
+    /// Takes in one hub event.
+    pub fn push(&mut self, ev: HubEvent, now: Instant) {
+        match ev {
+            HubEvent::Upsert(u) if u.node.id == self.me => self.self_node = Some(u),
+            HubEvent::Upsert(u) => self.pend(u.node.key, u.node.id, State::Upsert(u)),
+            HubEvent::Removed { node_id, .. } if node_id == self.me => self.removed = true,
+            HubEvent::Removed { node_id, key } => self.pend(key, node_id, State::Removed(node_id)),
+            HubEvent::Resync => self.full = Some(true),
+        }
+        self.since.get_or_insert(now);
+    }
+
+    fn pend(&mut self, key: NodeKey, id: i64, state: State) {
+        self.pending
+            .entry(key)
+            .and_modify(|p| p.state = state.clone())
+            .or_insert(Pending { base: id, state });
+    }
+
+    /// Events were lost (the broadcast overtook this stream).
+    pub fn lagged(&mut self, now: Instant) {
+        self.full = Some(true);
+        self.since.get_or_insert(now);
+    }
+
+    /// Whether a removal of this node was pushed: the stream should end
+    /// without waiting for the tick.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
+    /// Changes waiting to be written (peers, plus one for this node).
+    pub fn backlog(&self) -> usize {
+        self.pending.len() + usize::from(self.self_node.is_some())
+    }
+
+    /// When [`Outbox::poll_flush`] will have something to write; `None`
+    /// when nothing is owed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let since = self.since?;
+        if self.removed {
+            return Some(since);
+        }
+        Some(match self.last_write {
+            Some(last) => since.max(last + TICK),
+            None => since,
+        })
+    }
+
+    /// What to write now. `map_len` is the number of nodes in the hub's
+    /// snapshot, to judge whether a full map is cheaper than the backlog.
+    pub fn poll_flush(&mut self, now: Instant, map_len: usize) -> Flush {
+        if self.removed {
+            return Flush::Removed;
+        }
+        match self.poll_timeout() {
+            Some(due) if due <= now => {}
+            _ => return Flush::Wait,
+        }
+        self.since = None;
+        let previous_write = self.last_write.replace(now);
+        let me = self.self_node.take();
+        let behind = self.pending.len() >= MIN_FULL && self.pending.len() * 4 >= map_len * 3;
+        if self.full.is_some() || behind {
+            self.pending.clear();
+            return Flush::Full {
+                recheck: self.full.take().unwrap_or(false),
+                me,
+            };
+        }
+        let mut text = String::new();
+        if let Some(u) = &me {
+            line(&mut text, "self_changed", "node", &u.peer_json);
+        }
+        for (key, p) in std::mem::take(&mut self.pending) {
+            let had = self.known.remove(&p.base);
+            match p.state {
+                State::Upsert(u) => {
+                    let kind = if self.known.insert(u.node.id) && !had {
+                        "peer_added"
+                    } else {
+                        "peer_changed"
+                    };
+                    line(&mut text, kind, "peer", &u.peer_json);
+                }
+                State::Removed(id) => {
+                    if self.known.remove(&id) || had {
+                        // The shape `MapMessage::PeerRemoved` encodes to
+                        // (pinned by a test of the protocol types).
+                        let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
+                    }
+                }
+            }
+        }
+        if text.is_empty() {
+            // Only removals of peers the agent never heard of: no write,
+            // so the next change is not held back by a tick.
+            self.last_write = previous_write;
+            return Flush::Wait;
+        }
+        Flush::Lines { text, me }
+    }
+
+    /// A full map listing these peers (by node id) was written.
+    pub fn full_sent(&mut self, known: HashSet<i64>) {
+        self.known = known;
+    }
+}
+
+/// Appends `{"type":kind,"field":json}` and a newline.
+fn line(text: &mut String, kind: &str, field: &str, json: &str) {
+    text.reserve(json.len() + kind.len() + field.len() + 20);
+    text.push_str(r#"{"type":""#);
+    text.push_str(kind);
+    text.push_str(r#"",""#);
+    text.push_str(field);
+    text.push_str(r#"":"#);
+    text.push_str(json);
+    text.push_str("}\n");
+}
+
+/// A `full` map line (without its newline) from the hub's snapshot, and the
+/// node ids of the peers it lists. `me_json` and `relay_json` are this node and
+/// the relay map, already encoded.
+pub fn full_line(
+    snap: &Snapshot,
+    me: i64,
+    me_json: &str,
+    relay_json: &str,
+) -> (String, HashSet<i64>) {
+    let mut line = String::with_capacity(
+        snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
+            + me_json.len()
+            + relay_json.len()
+            + 64,
+    );
+    line.push_str(r#"{"type":"full","self_node":"#);
+    line.push_str(me_json);
+    line.push_str(r#","peers":["#);
+    let mut known = HashSet::with_capacity(snap.len());
+    for u in snap.values().filter(|u| u.node.id != me) {
+        if !known.is_empty() {
+            line.push(',');
+        }
+        line.push_str(&u.peer_json);
+        known.insert(u.node.id);
+    }
+    line.push_str(r#"],"relay_map":"#);
+    line.push_str(relay_json);
+    line.push('}');
+    (line, known)
+}

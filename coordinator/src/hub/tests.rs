@@ -1,0 +1,98 @@
+//! The hub's batch path, on a real SQLite store: a batch of notes becomes
+//! one event per node, in its latest state, and leaves the snapshot equal to
+//! the store.
+
+use std::collections::HashMap;
+
+use warren::control::{Endpoint, EndpointKind};
+use warren::keys::PrivateKey;
+
+use super::*;
+use crate::store::{NewToken, RegisterInput};
+
+async fn register(store: &Store, token: &str) -> NodeRecord {
+    let ula = store.ula_prefix().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let input = RegisterInput {
+        token: Some(token.to_owned()),
+        node_key: PrivateKey::generate().public(),
+        disco_key: PrivateKey::generate().public(),
+        hostname: "h".into(),
+        os: "linux".into(),
+        version: "0".into(),
+    };
+    let r = store.register(&mut tx, &input, ula).await.unwrap();
+    tx.commit().await.unwrap();
+    r.node
+}
+
+async fn report(store: &Store, node: &NodeRecord, port: u16) {
+    let eps = [Endpoint {
+        addr: std::net::SocketAddr::from(([192, 0, 2, 1], port)),
+        kind: EndpointKind::Host,
+    }];
+    let mut tx = store.begin().await.unwrap();
+    store
+        .set_endpoints(&mut tx, node, &eps, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_of_notes_is_one_event_per_node_in_its_latest_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&Store::sqlite_url(dir.path())).await.unwrap();
+    let spec = NewToken {
+        reusable: true,
+        ..Default::default()
+    };
+    let token = store.create_token(&spec).await.unwrap().1;
+    let mut nodes = Vec::new();
+    for _ in 0..BATCH_LOAD + 4 {
+        nodes.push(register(&store, &token).await);
+    }
+    report(&store, &nodes[0], 1).await;
+    report(&store, &nodes[0], 2).await;
+    report(&store, &nodes[1], 3).await;
+    store.remove_node(nodes[1].id).await.unwrap();
+
+    let hub = Hub::new();
+    let mut rx = hub.subscribe();
+    let changes: Vec<Change> = store
+        .changes_since(0, BATCH_MAX as i64)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect();
+    assert!(changes.len() >= BATCH_LOAD + 7);
+    hub.dispatch_all(&store, changes).await;
+
+    let mut seen: HashMap<i64, HubEvent> = HashMap::new();
+    while let Ok(ev) = rx.try_recv() {
+        let id = match &ev {
+            HubEvent::Upsert(u) => u.node.id,
+            HubEvent::Removed { node_id, .. } => *node_id,
+            HubEvent::Resync => panic!("no resync here"),
+        };
+        assert!(seen.insert(id, ev).is_none(), "node {id} dispatched twice");
+    }
+    assert_eq!(seen.len(), nodes.len());
+    match &seen[&nodes[0].id] {
+        HubEvent::Upsert(u) => assert_eq!(u.node.endpoints[0].addr.port(), 2),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(seen[&nodes[1].id], HubEvent::Removed { .. }));
+
+    let want: BTreeMap<i64, String> = store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.id, serde_json::to_string(&n.to_peer()).unwrap()))
+        .collect();
+    let got: BTreeMap<i64, String> =
+        hub.with_snapshot(|s| s.iter().map(|(id, u)| (*id, u.peer_json.clone())).collect());
+    assert_eq!(got, want);
+}

@@ -1,0 +1,399 @@
+//! The map stream's outbox on a virtual clock: the coalescing rules one by
+//! one, then randomized runs (fixed seeds) of adds, changes, removals,
+//! re-registrations, resynchronisations and lost events against a reader
+//! that is sometimes slow, checking that the agent's folded map always ends
+//! equal to the truth and that a quiet stream writes within a tick.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use warren::control::{Endpoint, EndpointKind, MapMessage, NetMap, RelayMap};
+use warren::keys::{NodeKey, PrivateKey};
+use warren_coordinator::hub::outbox::{full_line, Flush, Outbox, TICK};
+use warren_coordinator::hub::{HubEvent, Upserted};
+use warren_coordinator::store::NodeRecord;
+
+const ME: i64 = 1;
+
+fn record(id: i64, key: NodeKey) -> NodeRecord {
+    NodeRecord {
+        id,
+        key,
+        disco_key: key,
+        name: format!("n{id}"),
+        hostname: format!("h{id}"),
+        os: "linux".into(),
+        version: "0".into(),
+        ipv4: [100, 64, (id >> 8) as u8, id as u8].into(),
+        ipv6: "fd00::1".parse().unwrap(),
+        ephemeral: false,
+        tags: vec![],
+        endpoints: vec![],
+        netcheck: None,
+        online: false,
+        last_seen_ms: 0,
+        created_ms: 0,
+    }
+}
+
+fn key() -> NodeKey {
+    PrivateKey::generate().public()
+}
+
+fn up(n: &NodeRecord) -> Arc<Upserted> {
+    Upserted::new(n.clone()).unwrap()
+}
+
+/// The messages in a batch of lines, in order.
+fn parse(text: &str) -> Vec<MapMessage> {
+    assert!(text.ends_with('\n'), "lines end with a newline: {text:?}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The hub's side for the tests: the snapshot every full map is read from.
+struct Net {
+    snap: BTreeMap<i64, Arc<Upserted>>,
+}
+
+impl Net {
+    /// What `map.rs` writes for a full map, folded into a fresh agent map.
+    fn full(&self, outbox: &mut Outbox) -> NetMap {
+        let me = &self.snap[&ME];
+        let relay = serde_json::to_string(&RelayMap::default()).unwrap();
+        let (text, known) = full_line(&self.snap, ME, &me.peer_json, &relay);
+        let msg: MapMessage = serde_json::from_str(&text).unwrap();
+        outbox.full_sent(known);
+        NetMap::from_full(me.node.key, &msg).unwrap()
+    }
+}
+
+fn writes_lines(flush: Flush) -> Vec<MapMessage> {
+    match flush {
+        Flush::Lines { text, .. } => parse(&text),
+        other => panic!("expected lines, got {other:?}"),
+    }
+}
+
+/// A stream past its first full map, and a network of `me` plus `peers`.
+fn started(peers: usize, t0: Instant) -> (Outbox, Net, NetMap, Vec<NodeRecord>) {
+    let mut nodes: Vec<NodeRecord> = (0..=peers as i64).map(|i| record(ME + i, key())).collect();
+    nodes[0].online = true;
+    let net = Net {
+        snap: nodes.iter().map(|n| (n.id, up(n))).collect(),
+    };
+    let mut outbox = Outbox::new(ME, t0);
+    assert!(matches!(
+        outbox.poll_flush(t0, net.snap.len()),
+        Flush::Full { recheck: false, .. }
+    ));
+    let map = net.full(&mut outbox);
+    assert_eq!(map.peers.len(), peers);
+    (outbox, net, map, nodes)
+}
+
+#[test]
+fn a_quiet_stream_writes_at_once_and_a_burst_waits_for_the_tick() {
+    let t0 = Instant::now();
+    let (mut ob, _net, _map, mut nodes) = started(3, t0);
+    let t1 = t0 + TICK * 4;
+    nodes[1].online = true;
+    ob.push(HubEvent::Upsert(up(&nodes[1])), t1);
+    assert_eq!(ob.poll_timeout(), Some(t1), "a lone change goes at once");
+    let msgs = writes_lines(ob.poll_flush(t1, 4));
+    assert!(matches!(&msgs[..], [MapMessage::PeerChanged { peer }] if peer.online));
+
+    // A burst right after: held until a tick after the last write, then one
+    // write with every peer once, in its latest state.
+    let t2 = t1 + Duration::from_millis(10);
+    for online in [false, true, false] {
+        nodes[2].online = online;
+        ob.push(HubEvent::Upsert(up(&nodes[2])), t2);
+        nodes[3].online = !online;
+        ob.push(HubEvent::Upsert(up(&nodes[3])), t2);
+    }
+    assert_eq!(ob.poll_timeout(), Some(t1 + TICK));
+    assert!(matches!(ob.poll_flush(t1 + TICK / 2, 4), Flush::Wait));
+    let msgs = writes_lines(ob.poll_flush(t1 + TICK, 4));
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    for m in &msgs {
+        let MapMessage::PeerChanged { peer } = m else {
+            panic!("{m:?}")
+        };
+        // Node 2 ended offline, node 3 online.
+        let want = peer.key != nodes[2].key;
+        assert_eq!(peer.online, want);
+    }
+    assert_eq!(ob.poll_timeout(), None);
+}
+
+#[test]
+fn an_add_stays_an_add_and_a_removal_supersedes() {
+    let t0 = Instant::now();
+    let (mut ob, _net, _map, mut nodes) = started(2, t0);
+    let t = t0 + TICK;
+    // Added, then changed twice: one add with the latest state.
+    let mut fresh = record(10, key());
+    ob.push(HubEvent::Upsert(up(&fresh)), t);
+    fresh.name = "renamed".into();
+    ob.push(HubEvent::Upsert(up(&fresh)), t);
+    fresh.online = true;
+    ob.push(HubEvent::Upsert(up(&fresh)), t);
+    // Changed, then removed: one removal.
+    nodes[1].online = true;
+    ob.push(HubEvent::Upsert(up(&nodes[1])), t);
+    ob.push(
+        HubEvent::Removed {
+            node_id: nodes[1].id,
+            key: nodes[1].key,
+        },
+        t,
+    );
+    // Added and removed before anything was written: nothing at all.
+    let ghost = record(11, key());
+    ob.push(HubEvent::Upsert(up(&ghost)), t);
+    ob.push(
+        HubEvent::Removed {
+            node_id: ghost.id,
+            key: ghost.key,
+        },
+        t,
+    );
+    let msgs = writes_lines(ob.poll_flush(t, 4));
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(msgs.iter().any(|m| matches!(m,
+        MapMessage::PeerAdded { peer } if peer.key == fresh.key && peer.name == "renamed" && peer.online)));
+    assert!(msgs
+        .iter()
+        .any(|m| matches!(m, MapMessage::PeerRemoved { key } if *key == nodes[1].key)));
+
+    // The removed key comes back as a new node (new id): whatever order the
+    // two events would be written in, the agent ends with the new node.
+    let t = t + TICK;
+    ob.push(
+        HubEvent::Removed {
+            node_id: fresh.id,
+            key: fresh.key,
+        },
+        t,
+    );
+    let again = NodeRecord {
+        id: 12,
+        ..fresh.clone()
+    };
+    ob.push(HubEvent::Upsert(up(&again)), t);
+    let msgs = writes_lines(ob.poll_flush(t, 4));
+    assert!(matches!(&msgs[..], [MapMessage::PeerChanged { peer }] if peer.node_id == 12));
+}
+
+#[test]
+fn a_stream_far_behind_gets_one_full_map() {
+    let t0 = Instant::now();
+    let (mut ob, net, _map, nodes) = started(200, t0);
+    let t = t0 + TICK;
+    // Under three quarters of the map: deltas.
+    for n in &nodes[1..150] {
+        ob.push(HubEvent::Upsert(up(n)), t);
+    }
+    assert_eq!(writes_lines(ob.poll_flush(t, net.snap.len())).len(), 149);
+    // Three quarters or more: a full map, and nothing left over.
+    let t = t + TICK;
+    for n in &nodes[1..152] {
+        ob.push(HubEvent::Upsert(up(n)), t);
+    }
+    assert!(matches!(
+        ob.poll_flush(t, net.snap.len()),
+        Flush::Full { recheck: false, .. }
+    ));
+    assert_eq!(ob.poll_timeout(), None);
+    // Lost events: a full map with this node re-read.
+    ob.lagged(t + TICK);
+    assert!(matches!(
+        ob.poll_flush(t + TICK, net.snap.len()),
+        Flush::Full { recheck: true, .. }
+    ));
+    // This node removed: said at once, whatever the tick.
+    ob.push(HubEvent::Upsert(up(&nodes[3])), t + TICK);
+    ob.push(
+        HubEvent::Removed {
+            node_id: ME,
+            key: nodes[0].key,
+        },
+        t + TICK,
+    );
+    assert!(ob.is_removed());
+    assert!(matches!(ob.poll_flush(t + TICK, 201), Flush::Removed));
+}
+
+/// Every node coming online at once, one stream: each peer is written once,
+/// in a handful of writes, not one write per event.
+#[test]
+fn a_reconnect_storm_costs_a_stream_few_writes() {
+    let t0 = Instant::now();
+    let (mut ob, net, mut map, mut nodes) = started(2000, t0);
+    let mut now = t0 + TICK;
+    let (mut writes, mut lines) = (0, 0);
+    // 2000 nodes come online over two seconds, one per millisecond.
+    for n in nodes.iter_mut().skip(1) {
+        n.online = true;
+        ob.push(HubEvent::Upsert(up(n)), now);
+        if let Flush::Lines { text, .. } = ob.poll_flush(now, net.snap.len()) {
+            writes += 1;
+            for m in parse(&text) {
+                lines += 1;
+                map.apply(&m);
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    if let Some(due) = ob.poll_timeout() {
+        let Flush::Lines { text, .. } = ob.poll_flush(due, net.snap.len()) else {
+            panic!()
+        };
+        writes += 1;
+        for m in parse(&text) {
+            lines += 1;
+            map.apply(&m);
+        }
+    }
+    assert_eq!(lines, 2000);
+    assert!(writes <= 10, "{writes} writes");
+    assert!(map.peers.values().all(|p| p.online));
+}
+
+/// One randomized run; returns how many writes the stream made.
+fn random_run(seed: u64, steps: usize) -> usize {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let t0 = Instant::now();
+    let (mut ob, mut net, mut map, _) = started(rng.gen_range(0..30), t0);
+    let mut next_id = 1000;
+    let mut removed_keys: Vec<NodeKey> = Vec::new();
+    // Events the hub has broadcast that this stream has not read yet.
+    let mut queue: Vec<HubEvent> = Vec::new();
+    let mut now = t0 + TICK;
+    let mut writes = 0;
+    for _ in 0..steps {
+        now += Duration::from_millis(rng.gen_range(0..60));
+        // The hub: update the snapshot first, then broadcast.
+        let ids: Vec<i64> = net.snap.keys().copied().collect();
+        let pick = ids[rng.gen_range(0..ids.len())];
+        let ev = match rng.gen_range(0..100) {
+            0..=19 => {
+                // A node registers; sometimes with a key removed earlier.
+                let k = if !removed_keys.is_empty() && rng.gen_bool(0.3) {
+                    removed_keys.swap_remove(rng.gen_range(0..removed_keys.len()))
+                } else {
+                    key()
+                };
+                next_id += 1;
+                let u = up(&record(next_id, k));
+                net.snap.insert(next_id, u.clone());
+                Some(HubEvent::Upsert(u))
+            }
+            20..=34 if pick != ME => {
+                let u = net.snap.remove(&pick).unwrap();
+                removed_keys.push(u.node.key);
+                Some(HubEvent::Removed {
+                    node_id: pick,
+                    key: u.node.key,
+                })
+            }
+            35..=37 => Some(HubEvent::Resync),
+            38..=39 => {
+                // The broadcast overtook the stream: its queue is gone.
+                queue.clear();
+                ob.lagged(now);
+                None
+            }
+            _ => {
+                let mut n = net.snap[&pick].node.clone();
+                n.online = !n.online;
+                n.last_seen_ms += 1;
+                if rng.gen_bool(0.3) {
+                    n.endpoints = vec![Endpoint {
+                        addr: format!("192.0.2.{}:41641", rng.gen_range(1..255))
+                            .parse()
+                            .unwrap(),
+                        kind: EndpointKind::Host,
+                    }];
+                }
+                let u = up(&n);
+                net.snap.insert(pick, u.clone());
+                Some(HubEvent::Upsert(u))
+            }
+        };
+        queue.extend(ev);
+        // The stream reads its events now or later (a busy task).
+        if rng.gen_bool(0.7) {
+            for ev in queue.drain(..) {
+                ob.push(ev, now);
+            }
+        }
+        // The agent has room for a write only some of the time.
+        let reader_ready = rng.gen_bool(0.6);
+        if let Some(due) = ob.poll_timeout() {
+            assert!(
+                due <= now + TICK,
+                "seed {seed}: a change waits at most a tick"
+            );
+        }
+        if reader_ready {
+            writes += write(&mut ob, &net, &mut map, now);
+        }
+    }
+    // The network goes quiet and the agent catches up.
+    for ev in queue.drain(..) {
+        ob.push(ev, now);
+    }
+    while let Some(due) = ob.poll_timeout() {
+        now = now.max(due);
+        writes += write(&mut ob, &net, &mut map, now);
+    }
+    let me = &net.snap[&ME].node;
+    assert_eq!(map.self_node, me.to_peer(), "seed {seed}: self");
+    let truth: BTreeMap<NodeKey, _> = net
+        .snap
+        .values()
+        .filter(|u| u.node.id != ME)
+        .map(|u| (u.node.key, u.node.to_peer()))
+        .collect();
+    assert_eq!(
+        map.peers.keys().collect::<HashSet<_>>(),
+        truth.keys().collect::<HashSet<_>>(),
+        "seed {seed}: peers"
+    );
+    assert_eq!(map.peers, truth, "seed {seed}: peer states");
+    writes
+}
+
+/// Writes what is due, folding it into the agent's map.
+fn write(ob: &mut Outbox, net: &Net, map: &mut NetMap, now: Instant) -> usize {
+    match ob.poll_flush(now, net.snap.len()) {
+        Flush::Wait => 0,
+        Flush::Full { .. } => {
+            *map = net.full(ob);
+            1
+        }
+        Flush::Lines { text, .. } => {
+            for m in parse(&text) {
+                map.apply(&m);
+            }
+            1
+        }
+        Flush::Removed => panic!("this node is never removed here"),
+    }
+}
+
+#[test]
+fn randomized_changes_with_a_slow_reader_fold_to_the_truth() {
+    let mut writes = 0;
+    for seed in 0..200 {
+        writes += random_run(seed, 300);
+    }
+    assert!(writes > 0);
+}

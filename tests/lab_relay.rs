@@ -22,7 +22,10 @@ const TRANSFER: usize = 50 << 20;
 fn overlay_v4(st: &Value) -> String {
     st["mesh"]["addresses"]
         .as_array()
-        .and_then(|a| a.iter().find_map(|v| v.as_str().filter(|s| s.contains('.'))))
+        .and_then(|a| {
+            a.iter()
+                .find_map(|v| v.as_str().filter(|s| s.contains('.')))
+        })
         .unwrap_or_default()
         .to_owned()
 }
@@ -31,7 +34,15 @@ fn join(lab: &Lab, coord: &Coordinator, token: &str, a: &Agent) {
     let url = coord.url();
     a.cli(
         lab,
-        &["up", "--coordinator", &url, "--token", token, "--hostname", &a.node.name],
+        &[
+            "up",
+            "--coordinator",
+            &url,
+            "--token",
+            token,
+            "--hostname",
+            &a.node.name,
+        ],
     )
     .expect_ok("warren up");
 }
@@ -116,7 +127,17 @@ fn through_an_http_proxy_only() {
         let gw = lab.gateway(&format!("g{name}"), Nat::UdpBlocked);
         lab.exec(
             &gw,
-            &["nft", "insert", "rule", "inet", FILTER_TABLE, "forward", "iifname", "lan", "drop"],
+            &[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                FILTER_TABLE,
+                "forward",
+                "iifname",
+                "lan",
+                "drop",
+            ],
         )
         .expect_ok("close the gateway");
         let lan_ip = gw.lan.as_ref().unwrap().router;
@@ -128,15 +149,27 @@ fn through_an_http_proxy_only() {
             ),
         );
         let conf = conf.to_string_lossy().into_owned();
-        lab.spawn(&gw, &format!("tinyproxy-{name}"), &["tinyproxy", "-d", "-c", &conf]);
+        lab.spawn(
+            &gw,
+            &format!("tinyproxy-{name}"),
+            &["tinyproxy", "-d", "-c", &conf],
+        );
         let host = lab.host_behind(&gw, name);
         let proxy = format!("http://{lan_ip}:8888");
-        let env = [format!("HTTPS_PROXY={proxy}"), format!("HTTP_PROXY={proxy}")];
+        let env = [
+            format!("HTTPS_PROXY={proxy}"),
+            format!("HTTP_PROXY={proxy}"),
+        ];
         let env: Vec<&str> = env.iter().map(String::as_str).collect();
         // The proxy is up once it accepts connections.
-        assert!(poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
-            lab.exec(&host, &["nc", "-z", "-w", "1", &lan_ip.to_string(), "8888"]).ok()
-        }));
+        assert!(poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                lab.exec(&host, &["nc", "-z", "-w", "1", &lan_ip.to_string(), "8888"])
+                    .ok()
+            }
+        ));
         let cfg = AgentConfig::mesh(&lab, &host);
         agents.push(Agent::start_with_env(&lab, &host, &cfg, &env));
     }

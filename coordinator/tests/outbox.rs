@@ -34,6 +34,8 @@ fn record(id: i64, key: NodeKey) -> NodeRecord {
         tags: vec![],
         endpoints: vec![],
         netcheck: None,
+        nat: Default::default(),
+        home_relay: None,
         online: false,
         last_seen_ms: 0,
         created_ms: 0,

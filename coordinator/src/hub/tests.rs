@@ -33,7 +33,11 @@ async fn report(store: &Store, node: &NodeRecord, port: u16) {
     }];
     let mut tx = store.begin().await.unwrap();
     store
-        .set_endpoints(&mut tx, node, &eps, None)
+        .set_endpoints(
+            &mut tx,
+            node,
+            &warren::control::EndpointsReport::endpoints(&eps),
+        )
         .await
         .unwrap();
     tx.commit().await.unwrap();

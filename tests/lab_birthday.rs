@@ -156,6 +156,48 @@ fn random_port_nat_to_public_host_goes_direct() {
     assert!(out.to_direct.is_some());
 }
 
+/// Makes `gw` drop unsolicited traffic to itself, as home routers do. The
+/// lab's plain gateways accept it, so the first birthday ping to reach the
+/// easy side's gateway leaves a conntrack entry there that collides with
+/// the easy side's later probe to the same port: the probe is remapped to
+/// another source port and no longer matches the hard side's hole. Dropped
+/// in the filter hook, the unsolicited packet's entry is never confirmed.
+fn drop_unsolicited(lab: &Lab, gw: &Node) {
+    lab.exec(
+        gw,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            lab::nat::FILTER_TABLE,
+            "input",
+            "{ type filter hook input priority filter; policy accept; }",
+        ],
+    )
+    .expect_ok("add input chain");
+    lab.exec(
+        gw,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            lab::nat::FILTER_TABLE,
+            "input",
+            "iifname",
+            "wan",
+            "ct",
+            "state",
+            "new",
+            "drop",
+        ],
+    )
+    .expect_ok("drop unsolicited input");
+}
+
+/// The lab's plain EIM gateway: the tunnel must work; the path is reported
+/// (see [`drop_unsolicited`] for why it may stay on the relay).
 #[test]
 fn random_port_nat_to_port_preserving_nat() {
     if !lab::require_root() {
@@ -168,11 +210,30 @@ fn random_port_nat_to_port_preserving_nat() {
     let easy = lab.host_behind(&ge, "easy");
     let out = run_pair(&lab, &hard, &easy);
     eprintln!(
-        "EDM-random <-> EIM: final path {}, time to direct {:?}",
+        "EDM-random <-> EIM (lab gateway): final path {}, time to direct {:?}",
         out.path, out.to_direct
     );
-    assert_eq!(
-        out.path, "direct",
-        "the birthday method finds a direct path"
+    assert!(out.path == "direct" || out.path == "relay", "{}", out.path);
+}
+
+/// Both gateways drop unsolicited input, as home routers do: the birthday
+/// method's case, which must end direct.
+#[test]
+fn random_port_nat_to_port_preserving_router_goes_direct() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let gh = lab.gateway("gwh", Nat::Edm);
+    let hard = lab.host_behind(&gh, "hard");
+    let ge = lab.gateway("gwe", Nat::Eim);
+    let easy = lab.host_behind(&ge, "easy");
+    drop_unsolicited(&lab, &gh);
+    drop_unsolicited(&lab, &ge);
+    let out = run_pair(&lab, &hard, &easy);
+    eprintln!(
+        "EDM-random <-> EIM (router): final path {}, time to direct {:?}",
+        out.path, out.to_direct
     );
+    assert_eq!(out.path, "direct", "the birthday method finds a direct path");
 }

@@ -7,7 +7,12 @@
 //! transfer over whatever path is up) and measures how long the pair takes
 //! to turn direct, printing the final path and the agents' birthday log
 //! lines. The public case is direct without the birthday method; the EIM
-//! case is the one the extra sockets are for.
+//! case is the one the extra sockets are for. It goes direct when the EIM
+//! gateway drops unsolicited traffic to itself, as home routers do; the
+//! lab's plain gateway accepts it, and the hard side's spray then leaves
+//! conntrack entries there that make the easy side's matching probe leave
+//! from a remapped port (see [`drop_unsolicited`]), so that case is only
+//! required to work over the relay and to give its sockets back.
 
 #![allow(clippy::unwrap_used)]
 

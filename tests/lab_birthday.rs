@@ -134,9 +134,24 @@ fn run_pair(lab: &Lab, hard: &Node, other: &Node) -> Outcome {
         direct
     });
     let to_direct = direct.then(|| t1.elapsed());
+    // Disco pings each side sent so far (the spray and the probes
+    // included): the attempt's traffic cost.
+    let pings = |a: &Agent, peer: &Agent| {
+        peer_of(&a.status(lab), &peer.node.name)
+            .map_or(Value::Null, |p| p["mesh"]["pings_sent"].clone())
+    };
+    eprintln!(
+        "disco pings sent: {} {}, {} {}",
+        h.node.name,
+        pings(&h, &o),
+        o.node.name,
+        pings(&o, &h)
+    );
     let ip = ip_o.parse().unwrap();
+    let t2 = Instant::now();
     let (sent, got) = tcp_transfer(lab, &h.node, &o.node, ip, 5201, 4 << 20);
     assert_eq!(sent, got, "the transfer arrives intact");
+    eprintln!("4 MiB transfer in {:?}", t2.elapsed());
     assert!(lab.ping_within(&h.node, &ip_o, Duration::from_secs(5)));
     let st = h.status(lab);
     let path = peer_of(&st, &o.node.name).map_or(Value::Null, |p| p["path"].clone());

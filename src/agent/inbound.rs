@@ -58,8 +58,10 @@ pub struct Inbound {
 pub struct Sizing {
     /// Receive buffers per `recvmmsg`.
     pub rx_bufs: usize,
-    /// Bytes per receive buffer; `None` for the largest datagram GRO makes.
-    pub rx_len: Option<usize>,
+    /// Whether the socket coalesces datagrams (GRO): then a buffer must
+    /// hold 64 KiB, else one datagram of at most the MTU plus WireGuard's
+    /// overhead.
+    pub gro: bool,
     /// Whether TUN write buffers are reserved at full GRO size up front
     /// (else they grow as packets need).
     pub reserve: bool,
@@ -69,14 +71,14 @@ impl Sizing {
     /// The primary socket: deep batches, GRO-sized buffers.
     pub const PRIMARY: Sizing = Sizing {
         rx_bufs: MAX_RX_BUFS,
-        rx_len: None,
+        gro: true,
         reserve: true,
     };
     /// An extra socket, bound without GRO so a buffer of one datagram is
     /// enough: 8 of them still let `recvmmsg` amortise the system call.
     pub const EXTRA: Sizing = Sizing {
         rx_bufs: 8,
-        rx_len: Some(0),
+        gro: false,
         reserve: false,
     };
 }
@@ -100,7 +102,7 @@ impl Inbound {
         let plain = self.mtu + 64;
         // WireGuard adds 32 bytes; a little more lets oversized junk show as
         // a failed open rather than a truncated one.
-        let rx_len = size.rx_len.map_or(65_535, |n| n.max(plain + 64));
+        let rx_len = if size.gro { 65_535 } else { plain + 64 };
         let used = size.rx_bufs.clamp(1, MAX_RX_BUFS);
         // A fixed array, so the batch's iovecs can be built on the stack
         // (`each_mut`) instead of allocating a Vec of them per receive;

@@ -96,7 +96,8 @@ fn run_pair(lab: &Lab, hard: &Node, other: &Node) -> Outcome {
     let c = lab.public("coord");
     // A second STUN port lets netcheck see that the mapping varies by
     // destination: without it no side is known to be hard and the birthday
-    // method never starts.
+    // method never starts. Named explicitly (port + 1, as the coordinator's
+    // default will be) so the test does not rest on that default.
     let alt = format!("{}:3479", c.ip);
     let coord = Coordinator::start(lab, &c, &["--stun-alt-listen", &alt]);
     let (token, _) = coord.token(lab, &["--reusable"]);

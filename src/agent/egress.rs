@@ -1,18 +1,24 @@
-//! Where sealed packets leave the host: the UDP socket, or the relay.
+//! Where sealed packets leave the host: the UDP socket, one of the birthday
+//! method's extra sockets, or the relay.
 //!
 //! The data plane says per packet whether a peer's path is direct or the
 //! relay ([`Sealed`]); this type turns that into the actual send. The relay
 //! connection comes and goes (it is dialled in the background and may be
 //! replaced when the home relay changes), so it sits in an `ArcSwapOption`
-//! that the packet tasks read without a lock.
+//! that the packet tasks read without a lock. The extra sockets come and go
+//! with birthday attempts, so their table is an `ArcSwap` too; the primary
+//! socket is a plain field, so the common path costs one match arm and no
+//! atomic load.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::udp::Udp;
 use crate::dataplane::{Drops, Sealed};
 use crate::keys::NodeKey;
+use crate::traversal::SocketId;
 
 /// Accepts packets for the relay. It must not block: a full queue drops.
 pub trait RelaySink: Send + Sync {
@@ -20,8 +26,13 @@ pub trait RelaySink: Send + Sync {
     fn send(&self, peer: NodeKey, packet: &[u8]) -> bool;
 }
 
+/// The extra sockets: entry `i` is socket `SocketId(i + 1)`, `None` once
+/// closed (ids are positions, so closing one must not renumber the others).
+pub type SocketTable = Vec<Option<Arc<Udp>>>;
+
 pub struct Egress {
     pub udp: Arc<Udp>,
+    extra: ArcSwap<SocketTable>,
     relay: ArcSwapOption<Box<dyn RelaySink>>,
     drops: Arc<Drops>,
 }
@@ -30,6 +41,7 @@ impl Egress {
     pub fn new(udp: Arc<Udp>, drops: Arc<Drops>) -> Egress {
         Egress {
             udp,
+            extra: ArcSwap::from_pointee(Vec::new()),
             relay: ArcSwapOption::empty(),
             drops,
         }
@@ -37,6 +49,33 @@ impl Egress {
 
     pub fn set_relay(&self, sink: Option<Box<dyn RelaySink>>) {
         self.relay.store(sink.map(Arc::new));
+    }
+
+    /// Replaces the table of extra sockets.
+    pub fn set_sockets(&self, table: SocketTable) {
+        self.extra.store(Arc::new(table));
+    }
+
+    /// Extra socket `id`, if it is open (never the primary one).
+    pub fn socket(&self, id: SocketId) -> Option<Arc<Udp>> {
+        let i = usize::from(id.0).checked_sub(1)?;
+        self.extra.load().get(i).cloned().flatten()
+    }
+
+    /// Sends one datagram from local socket `socket` (primary or extra).
+    pub async fn send_on(&self, socket: SocketId, to: SocketAddr, packet: &[u8]) {
+        if socket == SocketId::PRIMARY {
+            let _ = self.udp.send(to, packet, None).await;
+            return;
+        }
+        match self.socket(socket) {
+            Some(s) => {
+                let _ = s.send(to, packet, None).await;
+            }
+            // The socket closed under a path that still names it: traversal
+            // will move the peer; until then its packets have nowhere to go.
+            None => Drops::bump(&self.drops.no_endpoint),
+        }
     }
 
     /// Hands one packet to the relay, counting it when there is none.
@@ -56,9 +95,94 @@ impl Egress {
             Sealed::Send { len, to } => {
                 let _ = self.udp.send(to, &buf[..len], None).await;
             }
+            Sealed::SendOn { len, to, socket } => self.send_on(socket, to, &buf[..len]).await,
             Sealed::Relay { len } => self.relay(peer, &buf[..len]),
             Sealed::NoEndpoint => Drops::bump(&self.drops.no_endpoint),
             Sealed::Nothing => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{DataPlane, PeerSpec};
+    use crate::keys::PrivateKey;
+
+    fn bind() -> Arc<Udp> {
+        Arc::new(Udp::bind(0, false).unwrap())
+    }
+
+    fn port(u: &Udp) -> u16 {
+        u.local_addr().unwrap().port()
+    }
+
+    /// The source port of the next datagram `rx` receives.
+    async fn source_port(rx: &Udp) -> u16 {
+        let mut buf = vec![0u8; 2048];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.recv(&mut iov, &mut meta),
+        )
+        .await
+        .expect("a datagram arrives")
+        .unwrap();
+        assert_eq!(n, 1);
+        meta[0].addr.port()
+    }
+
+    #[tokio::test]
+    async fn a_peer_on_socket_k_sends_from_socket_k() {
+        let primary = bind();
+        let extra = [bind(), bind(), bind()];
+        let rx = bind();
+        let to = SocketAddr::from(([127, 0, 0, 1], port(&rx)));
+        let dp = DataPlane::new(PrivateKey::generate());
+        let egress = Egress::new(primary.clone(), dp.drops.clone());
+        // Socket 2 was closed: ids are positions and must not shift.
+        egress.set_sockets(vec![Some(extra[0].clone()), None, Some(extra[2].clone())]);
+        let packet = crate::dataplane::packet::build::ipv4(
+            std::net::Ipv4Addr::new(10, 9, 0, 1),
+            std::net::Ipv4Addr::new(10, 9, 0, 2),
+            b"hi",
+        );
+        let mut out = vec![0u8; 2048];
+        for (socket, want) in [
+            (SocketId(3), port(&extra[2])),
+            (SocketId(1), port(&extra[0])),
+            (SocketId::PRIMARY, port(&primary)),
+        ] {
+            // A fresh peer each time: before a session, sealing answers with
+            // a handshake initiation once (then queues), and that is this
+            // peer's packet on this peer's path.
+            let other = PrivateKey::generate().public();
+            let mut spec = PeerSpec::new(other, vec!["10.9.0.2/32".parse().unwrap()]);
+            spec.managed = true;
+            dp.upsert_peer(spec);
+            let set = dp.peers();
+            let peer = set.by_key(&other).unwrap();
+            peer.set_direct_via(to, socket);
+            let sealed = peer.seal(&packet, &mut out);
+            let on_extra = socket != SocketId::PRIMARY;
+            assert_eq!(
+                matches!(sealed, Sealed::SendOn { .. }),
+                on_extra,
+                "{sealed:?}"
+            );
+            assert_eq!(
+                matches!(sealed, Sealed::Send { .. }),
+                !on_extra,
+                "{sealed:?}"
+            );
+            egress.send(other, sealed, &out).await;
+            assert_eq!(source_port(&rx).await, want, "path on {socket:?}");
+        }
+
+        // A path on a socket that is gone drops, counted, and sends nothing.
+        let before = dp.drops.snapshot().no_endpoint;
+        egress.send_on(SocketId(2), to, b"x").await;
+        assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);
     }
 }

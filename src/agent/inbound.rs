@@ -7,10 +7,17 @@
 //! of one flow into one super-packet, so the kernel sees a few large writes.
 //!
 //! Protocol replies (handshake responses, cookies) are rare and are sent at
-//! once. Everything else on the socket (disco, STUN answers) is handed to
-//! the mesh task through a bounded channel, copied: those are a few packets
-//! a second, and a full channel drops them (counted) rather than stall the
+//! once, from the socket the datagram came in on. Everything else on the
+//! socket (disco, STUN answers) is handed to the mesh task through a bounded
+//! channel, copied and tagged with the socket: those are a few packets a
+//! second, and a full channel drops them (counted) rather than stall the
 //! data path.
+//!
+//! The same loop serves the birthday method's extra sockets ([`Inbound::run_on`]
+//! with [`Sizing::EXTRA`]): up to 256 of them are open during an attempt,
+//! so each gets a few small buffers instead of the primary socket's
+//! megabytes, and the one that wins keeps carrying WireGuard through
+//! exactly the code the primary socket uses.
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
@@ -21,11 +28,18 @@ use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
+use super::udp::Udp;
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
 use crate::traversal::node::is_wireguard;
+use crate::traversal::SocketId;
 
-/// Receive buffers per `recvmmsg`.
-const RX_BUFS: usize = 32;
+/// A datagram that is not WireGuard, for the mesh task: the local socket it
+/// came in on, its source, its bytes.
+pub type SideDatagram = (SocketId, SocketAddr, Vec<u8>);
+
+/// Most receive buffers per `recvmmsg`.
+const MAX_RX_BUFS: usize = 32;
+
 /// Room in front of each decrypted packet for the virtio-net header that
 /// tun-rs writes when offload is on.
 const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
@@ -36,7 +50,37 @@ pub struct Inbound {
     pub egress: Arc<Egress>,
     pub mtu: usize,
     /// Where non-WireGuard datagrams go; `None` drops them (no mesh).
-    pub side: Option<mpsc::Sender<(SocketAddr, Vec<u8>)>>,
+    pub side: Option<mpsc::Sender<SideDatagram>>,
+}
+
+/// How much a receive loop holds on to.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    /// Receive buffers per `recvmmsg`.
+    pub rx_bufs: usize,
+    /// Whether the socket coalesces datagrams (GRO): then a buffer must
+    /// hold 64 KiB, else one datagram of at most the MTU plus WireGuard's
+    /// overhead.
+    pub gro: bool,
+    /// Whether TUN write buffers are reserved at full GRO size up front
+    /// (else they grow as packets need).
+    pub reserve: bool,
+}
+
+impl Sizing {
+    /// The primary socket: deep batches, GRO-sized buffers.
+    pub const PRIMARY: Sizing = Sizing {
+        rx_bufs: MAX_RX_BUFS,
+        gro: true,
+        reserve: true,
+    };
+    /// An extra socket, bound without GRO so a buffer of one datagram is
+    /// enough: 8 of them still let `recvmmsg` amortise the system call.
+    pub const EXTRA: Sizing = Sizing {
+        rx_bufs: 8,
+        gro: false,
+        reserve: false,
+    };
 }
 
 struct TunBatch {
@@ -47,17 +91,39 @@ struct TunBatch {
 }
 
 impl Inbound {
+    /// Serves the primary socket.
     pub async fn run(self) -> std::io::Result<()> {
-        // A fixed array, so the batch's iovecs can be built on the stack
-        // (`each_mut`) instead of allocating a Vec of them per receive.
-        let mut rx: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; 65_535]);
-        let mut meta = vec![RecvMeta::default(); RX_BUFS];
+        let udp = self.egress.udp.clone();
+        self.run_on(SocketId::PRIMARY, &udp, Sizing::PRIMARY).await
+    }
+
+    /// Serves local socket `socket` (`udp`) until it fails.
+    pub async fn run_on(self, socket: SocketId, udp: &Udp, size: Sizing) -> std::io::Result<()> {
         let plain = self.mtu + 64;
+        // WireGuard adds 32 bytes; a little more lets oversized junk show as
+        // a failed open rather than a truncated one.
+        let rx_len = if size.gro { 65_535 } else { plain + 64 };
+        let used = size.rx_bufs.clamp(1, MAX_RX_BUFS);
+        // A fixed array, so the batch's iovecs can be built on the stack
+        // (`each_mut`) instead of allocating a Vec of them per receive;
+        // entries past `used` stay empty and cost nothing.
+        let mut rx: [Vec<u8>; MAX_RX_BUFS] = std::array::from_fn(|i| {
+            if i < used {
+                vec![0u8; rx_len]
+            } else {
+                Vec::new()
+            }
+        });
+        let mut meta = vec![RecvMeta::default(); used];
+        let cap = if size.reserve { OFFSET + 65_535 } else { 0 };
+        let batch = if size.reserve {
+            IDEAL_BATCH_SIZE
+        } else {
+            size.rx_bufs
+        };
         let mut out = TunBatch {
             // GRO grows a coalesced buffer up to 64 KB; reserve it once.
-            bufs: (0..IDEAL_BATCH_SIZE)
-                .map(|_| TunBuf::with_capacity(OFFSET + 65_535))
-                .collect(),
+            bufs: (0..batch).map(|_| TunBuf::with_capacity(cap)).collect(),
             used: 0,
             plain,
             gro: GROTable::default(),
@@ -66,13 +132,13 @@ impl Inbound {
         loop {
             let n = {
                 let mut iovs = rx.each_mut().map(|b| IoSliceMut::new(b));
-                self.egress.udp.recv(&mut iovs, &mut meta).await?
+                udp.recv(&mut iovs[..used], &mut meta).await?
             };
             let set = self.dp.peers();
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {
-                    self.open_one(&set, m.addr, dgram, &mut out, &mut reply)
+                    self.open_one(&set, (socket, udp), m.addr, dgram, &mut out, &mut reply)
                         .await?;
                 }
             }
@@ -83,6 +149,7 @@ impl Inbound {
     async fn open_one(
         &self,
         set: &PeerSet,
+        (socket, udp): (SocketId, &Udp),
         from: SocketAddr,
         dgram: &[u8],
         out: &mut TunBatch,
@@ -92,7 +159,7 @@ impl Inbound {
             let sent = self
                 .side
                 .as_ref()
-                .is_some_and(|side| side.try_send((from, dgram.to_vec())).is_ok());
+                .is_some_and(|side| side.try_send((socket, from, dgram.to_vec())).is_ok());
             if !sent {
                 Drops::bump(&self.dp.drops.malformed);
             }
@@ -102,7 +169,7 @@ impl Inbound {
             Ok(p) => p,
             Err(0) => return Ok(()),
             Err(cookie) => {
-                let _ = self.egress.udp.send(from, &reply[..cookie], None).await;
+                let _ = udp.send(from, &reply[..cookie], None).await;
                 return Ok(());
             }
         };
@@ -117,9 +184,7 @@ impl Inbound {
                 out.used += 1;
             }
             Opened::Reply { len } => {
-                let _ = self
-                    .egress
-                    .udp
+                let _ = udp
                     .send(from, &buf.as_ref()[OFFSET..OFFSET + len], None)
                     .await;
                 loop {

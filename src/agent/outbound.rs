@@ -97,6 +97,8 @@ impl Outbound {
             let Some(slot) = batch.slot() else { continue };
             match peer.seal(pkt, slot) {
                 Sealed::Send { len, to } => batch.commit(len, to),
+                // A birthday path: rare, and not batched with the primary socket's.
+                sealed @ Sealed::SendOn { .. } => self.egress.send(peer.key, sealed, slot).await,
                 Sealed::Relay { len } => self.egress.relay(peer.key, &slot[..len]),
                 Sealed::NoEndpoint => Drops::bump(&self.dp.drops.no_endpoint),
                 Sealed::Nothing => {}

@@ -1,5 +1,6 @@
 //! One WireGuard peer: a boringtun `Tunn`, the peer's current path (a
-//! direct address or the relay) and the prefixes it owns.
+//! direct address, from the primary socket or one of the birthday method's
+//! extra sockets, or the relay) and the prefixes it owns.
 //!
 //! This is the only place that touches boringtun's `Tunn`. Upstream reads
 //! the wall clock inside `Tunn` (rekey and keepalive timers), so keeping it
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 
 use crate::keys::{NodeKey, PresharedKey, PrivateKey};
+use crate::traversal::SocketId;
 
 /// What the data plane needs to know to bring up a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +59,9 @@ impl PeerSpec {
     }
 }
 
-/// Where a peer's packets go now.
+/// Where a peer's packets go now. Which local socket a direct path leaves
+/// from is kept beside it (see [`Peer::set_direct_via`]): nearly every path
+/// uses the primary socket, and the API shows only the address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerPath {
@@ -74,6 +78,14 @@ pub enum Sealed {
     Send {
         len: usize,
         to: SocketAddr,
+    },
+    /// Like `Send`, but from extra socket `socket` (never the primary one):
+    /// a path the birthday method found. A variant of its own keeps the
+    /// common case's match and batching unchanged.
+    SendOn {
+        len: usize,
+        to: SocketAddr,
+        socket: SocketId,
     },
     Relay {
         len: usize,
@@ -115,6 +127,8 @@ pub struct PeerStats {
 struct State {
     tunn: Tunn,
     path: PeerPath,
+    /// The local socket a `Direct` path leaves from.
+    socket: SocketId,
     /// Packets sealed or opened for this peer, handshakes and packets that
     /// found no path included: traversal's "is this peer in use" signal,
     /// which byte counters (data only, once a session exists) cannot give
@@ -125,7 +139,12 @@ struct State {
 impl State {
     fn sealed(&self, len: usize) -> Sealed {
         match self.path {
-            PeerPath::Direct(to) => Sealed::Send { len, to },
+            PeerPath::Direct(to) if self.socket == SocketId::PRIMARY => Sealed::Send { len, to },
+            PeerPath::Direct(to) => Sealed::SendOn {
+                len,
+                to,
+                socket: self.socket,
+            },
             PeerPath::Relay => Sealed::Relay { len },
             PeerPath::None => Sealed::NoEndpoint,
         }
@@ -163,6 +182,7 @@ impl Peer {
             state: Mutex::new(State {
                 tunn,
                 path,
+                socket: SocketId::PRIMARY,
                 activity: 0,
             }),
             spec,
@@ -186,10 +206,25 @@ impl Peer {
         self.set_path(PeerPath::Direct(to));
     }
 
-    /// Moves the peer to another path (NAT traversal's decision). The
-    /// WireGuard session is untouched: it does not depend on the path.
+    /// Moves the peer to another path (NAT traversal's decision), direct
+    /// ones from the primary socket. The WireGuard session is untouched: it
+    /// does not depend on the path.
     pub fn set_path(&self, path: PeerPath) {
-        self.state.lock().path = path;
+        let mut st = self.state.lock();
+        st.path = path;
+        st.socket = SocketId::PRIMARY;
+    }
+
+    /// Moves the peer to a direct path from local socket `socket`.
+    pub fn set_direct_via(&self, to: SocketAddr, socket: SocketId) {
+        let mut st = self.state.lock();
+        st.path = PeerPath::Direct(to);
+        st.socket = socket;
+    }
+
+    /// The local socket a direct path leaves from.
+    pub fn socket(&self) -> SocketId {
+        self.state.lock().socket
     }
 
     /// Encrypts one IP packet into `out` (which must hold `src.len() + 32`
@@ -227,6 +262,7 @@ impl Peer {
             if roam && st.path != PeerPath::Direct(from) {
                 tracing::debug!(peer = %self.key.short(), %from, "endpoint roamed");
                 st.path = PeerPath::Direct(from);
+                st.socket = SocketId::PRIMARY;
             }
         }
         opened

@@ -8,9 +8,10 @@
 //! - commands from the local API (`up`, `down`, `logout`, `netcheck`);
 //! - map events → peers in the data plane (as managed peers: first packet
 //!   on the relay) and in the traversal core;
-//! - datagrams the UDP reader set aside (disco → traversal, STUN →
-//!   discovery) and packets from the relays (disco → traversal, WireGuard →
-//!   opened and written to the TUN);
+//! - datagrams the UDP readers set aside (disco → traversal, STUN →
+//!   discovery), from the primary socket or the birthday method's extra
+//!   sockets ([`sockets`]), and packets from the relays (disco → traversal,
+//!   WireGuard → opened and written to the TUN);
 //! - the traversal and discovery timers, and a one-second housekeeping tick;
 //! - background control requests (registration, endpoint reports), so a slow
 //!   coordinator never stalls disco or the relays.
@@ -18,13 +19,14 @@
 //! The data plane never waits on this task: it reads each peer's path from
 //! the peer itself, and only disco, STUN and control traffic pass through
 //! here. Files: [`session`] (the coordinator side), [`relays`],
-//! [`discover`], [`handle`] (the API's view), [`login`].
+//! [`discover`], [`handle`] (the API's view), [`login`], [`sockets`].
 
 mod discover;
 mod handle;
 mod login;
 mod relays;
 mod session;
+mod sockets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +40,7 @@ use tokio::task::JoinSet;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
+use super::inbound::SideDatagram;
 use crate::api::mesh::PeerMesh;
 use crate::control::types::Peer as MapPeer;
 use crate::dataplane::peer::PeerPath;
@@ -53,10 +56,14 @@ pub use login::Login;
 use discover::Discovery;
 use relays::{Incoming, Relays};
 use session::{Background, Session};
+use sockets::ExtraSockets;
 
 /// How often the housekeeping tick runs: traffic notes for traversal, idle
 /// relays, local address changes, the status view.
 const TICK: Duration = Duration::from_secs(1);
+/// Datagrams from the extra sockets waiting for the mesh task (disco and
+/// stray STUN; WireGuard never passes here).
+const EXTRA_QUEUE: usize = 256;
 /// Local addresses are compared every this many ticks.
 const ADDR_CHECK_TICKS: u64 = 2;
 const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
@@ -70,7 +77,7 @@ pub struct MeshParts {
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     /// Datagrams on the UDP socket that are not WireGuard.
-    pub side: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    pub side: mpsc::Receiver<SideDatagram>,
     pub portmap: Option<crate::portmap::Config>,
 }
 
@@ -93,7 +100,10 @@ pub(crate) struct Mesh {
     key: PrivateKey,
     state_dir: PathBuf,
     listen: SocketAddr,
-    side: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    side: mpsc::Receiver<SideDatagram>,
+    /// The birthday method's extra sockets and what their readers set aside.
+    sockets: ExtraSockets,
+    extra_side: mpsc::Receiver<SideDatagram>,
     calls: mpsc::Receiver<(Command, handle::Reply)>,
     view: Arc<Mutex<handle::View>>,
     portmap: Option<crate::portmap::Config>,
@@ -132,7 +142,16 @@ impl Mesh {
         );
         let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None);
         parts.egress.set_relay(Some(sink));
+        let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
+        let sockets = ExtraSockets::new(
+            parts.dp.clone(),
+            parts.tun.clone(),
+            parts.egress.clone(),
+            extra_tx,
+        );
         Mesh {
+            sockets,
+            extra_side,
             discovery: Discovery::new(parts.listen.port()),
             dp: parts.dp,
             egress: parts.egress,
@@ -196,15 +215,10 @@ impl Mesh {
                     None => return,
                 },
                 side = self.side.recv() => {
-                    let Some((from, bytes)) = side else { return };
-                    let now = Instant::now();
-                    // Traversal takes disco and says what else it is.
-                    let kind = self.node.handle_udp(now, SocketId::PRIMARY, from, &bytes);
-                    tracing::trace!(%from, len = bytes.len(), ?kind, "datagram in");
-                    if kind == Datagram::Stun {
-                        self.discovery.handle_stun(now, from, &bytes);
-                    }
+                    let Some(d) = side else { return };
+                    self.on_side(d);
                 }
+                Some(d) = self.extra_side.recv() => self.on_side(d),
                 Some(done) = self.background.join_next() => match done {
                     Ok(bg) => self.on_background(bg),
                     Err(e) => tracing::warn!(error = %e, "control request task failed"),
@@ -268,6 +282,18 @@ impl Mesh {
         }
     }
 
+    /// A datagram a UDP reader set aside: traversal takes disco and says
+    /// what else it is.
+    fn on_side(&mut self, (socket, from, bytes): SideDatagram) {
+        let now = Instant::now();
+        let kind = self.node.handle_udp(now, socket, from, &bytes);
+        tracing::trace!(socket = socket.0, %from, len = bytes.len(), ?kind, "datagram in");
+        // Netcheck runs on the primary socket only.
+        if kind == Datagram::Stun && socket == SocketId::PRIMARY {
+            self.discovery.handle_stun(now, from, &bytes);
+        }
+    }
+
     /// Opens a WireGuard packet that came through a relay and writes it to
     /// the TUN; disco is consumed by traversal.
     async fn on_relay(&mut self, from: NodeKey, bytes: &Bytes) {
@@ -313,18 +339,19 @@ impl Mesh {
         if let Some(report) = self.discovery.poll_report() {
             self.on_netcheck(report);
         }
-        while let Some(t) = self.node.poll_transmit() {
-            tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
-            match t.dest {
-                Dest::Udp { socket, addr } if socket == SocketId::PRIMARY => {
-                    let _ = self.egress.udp.send(addr, &t.bytes, None).await;
+        // Opening sockets makes traversal send (the birthday spray), so
+        // transmits and events are drained until neither has more.
+        loop {
+            while let Some(t) = self.node.poll_transmit() {
+                tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
+                match t.dest {
+                    Dest::Udp { socket, addr } => self.egress.send_on(socket, addr, &t.bytes).await,
+                    Dest::Relay(k) => self.egress.relay(k, &t.bytes),
                 }
-                // Extra birthday sockets are not opened by this driver.
-                Dest::Udp { .. } => {}
-                Dest::Relay(k) => self.egress.relay(k, &t.bytes),
             }
-        }
-        while let Some(ev) = self.node.poll_event() {
+            let Some(ev) = self.node.poll_event() else {
+                break;
+            };
             match ev {
                 NodeEvent::PathChanged {
                     peer,
@@ -335,23 +362,42 @@ impl Mesh {
                     tracing::info!(peer = %peer.short(), %from, %to, ?reason, "path changed");
                     self.apply_path(&peer, to, now);
                 }
-                NodeEvent::OpenSockets { .. } | NodeEvent::CloseSockets { .. } => {}
+                NodeEvent::OpenSockets { count } => {
+                    let open = self.sockets.open(count);
+                    tracing::info!(count, open, "birthday: extra sockets opened");
+                    self.node.sockets_opened(now, open);
+                }
+                NodeEvent::CloseSockets { keep } => {
+                    self.sockets.close(&keep);
+                    tracing::info!(
+                        ?keep,
+                        still_open = self.sockets.open_count(),
+                        "birthday: extra sockets closed"
+                    );
+                }
             }
         }
     }
 
+    /// Moves the peer in the data plane to traversal's path: direct from
+    /// whichever local socket won (the primary one or a birthday socket), or
+    /// the relay.
     fn apply_path(&mut self, peer: &NodeKey, to: Path, now: Instant) {
-        let dp_path = match to {
-            Path::Direct(d) if d.socket == SocketId::PRIMARY => PeerPath::Direct(d.addr),
-            _ => PeerPath::Relay,
-        };
-        if matches!(dp_path, PeerPath::Direct(_)) {
-            self.direct_since.entry(*peer).or_insert(now);
-        } else {
-            self.direct_since.remove(peer);
-        }
-        if let Some(p) = self.dp.peers().by_key(peer) {
-            p.set_path(dp_path);
+        let set = self.dp.peers();
+        let dp_peer = set.by_key(peer);
+        match to {
+            Path::Direct(d) => {
+                self.direct_since.entry(*peer).or_insert(now);
+                if let Some(p) = dp_peer {
+                    p.set_direct_via(d.addr, d.socket);
+                }
+            }
+            Path::Relay => {
+                self.direct_since.remove(peer);
+                if let Some(p) = dp_peer {
+                    p.set_path(PeerPath::Relay);
+                }
+            }
         }
     }
 

@@ -97,27 +97,27 @@ impl Kind {
 }
 
 /// Where this agent, as built, must end up: a cell expected direct that
-/// ends on the relay fails the test. An open side is reached by the other
-/// side's pings, whatever its NAT.
+/// ends on the relay fails the test. An open side (no NAT, or a port
+/// mapping) is reached by the other side's pings whatever its NAT; two
+/// endpoint-independent NATs open their filters to each other with
+/// simultaneous pings (`CallMeMaybe` through the relay).
 fn expect_direct(a: Kind, b: Kind) -> bool {
-    !a.udp_blocked() && !b.udp_blocked() && (a.open() || b.open())
+    !a.udp_blocked() && !b.udp_blocked() && (a.open() || b.open() || (a.easy() && b.easy()))
 }
 
-/// Cells where a direct path exists in principle but this agent stays on
-/// the relay (marked `*` in the table):
-/// - two easy NATs: Linux masquerade filters by address and port, and the
-///   first ping to arrive before the other side has sent creates a
-///   conntrack entry on that gateway that collides with the gateway's own
-///   mapping for the reply, so the replying side's port is remapped and
-///   neither side's hole matches. Needs the opening packet to die before
-///   the far NAT (a TTL-limited ping) or the birthday method;
-/// - an easy or sequential side against random EDM: needs the birthday
-///   method, whose extra sockets the agent does not open yet.
+/// Cells where a direct path exists in principle but is not asserted
+/// (marked `*` when the pair was not direct within the window):
+/// - an easy side against random EDM: the birthday method (256 extra
+///   sockets on the hard side, random probes from the easy side) wins in
+///   most runs, in 2–7 s, but it is a probability, not a promise;
+/// - sequential EDM against sequential or random EDM, or against double
+///   NAT: port prediction is tried, and any other flow through the same
+///   gateway moves the counter under it.
 fn known_gap(a: Kind, b: Kind) -> bool {
     let hard = |k: Kind| matches!(k, Kind::EdmSeq | Kind::EdmRandom);
     let both_random = a == Kind::EdmRandom && b == Kind::EdmRandom;
     let excluded = expect_direct(a, b) || a.udp_blocked() || b.udp_blocked() || both_random;
-    !excluded && (a.easy() || b.easy() || hard(a) || hard(b))
+    !excluded && (hard(a) || hard(b))
 }
 
 struct Cell {
@@ -203,7 +203,14 @@ fn nat_matrix() {
             let t1 = Instant::now();
             let want_direct = expect_direct(*rk, *ck);
             let to_direct = if reached {
-                let wait = if want_direct { 10 } else { 2 };
+                // Birthday attempts run for up to 30 s; give them a while.
+                let wait = if want_direct {
+                    10
+                } else if known_gap(*rk, *ck) {
+                    8
+                } else {
+                    2
+                };
                 let mut direct = false;
                 poll_until(
                     Duration::from_secs(wait),
@@ -307,8 +314,8 @@ fn render(cells: &[(Kind, Kind, Cell)]) -> String {
         out.push('\n');
     }
     out.push_str(
-        "\n* relayed where a direct path exists in principle: see `known_gap` in \
-         tests/lab_matrix.rs (two Linux-masquerade NATs; the birthday method)\n\
+        "\n* not direct within the window where a direct path exists in principle: \
+         see `known_gap` in tests/lab_matrix.rs (birthday, port prediction)\n\
          ! the 10 MB transfer failed\n",
     );
     out

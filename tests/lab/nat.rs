@@ -121,6 +121,17 @@ impl Nat {
             Nat::None => "iifname \"wan\" oifname \"lan\" accept",
             _ => "",
         };
+        // A home router drops what nobody asked for on its WAN side. That
+        // matters beyond tidiness: an unsolicited packet that is accepted
+        // leaves a conntrack entry whose tuple then collides with the
+        // router's own mapping when the host answers the same peer, so the
+        // host's port gets remapped (hole punching between two such NATs
+        // would then fail in a way real routers do not). A dropped packet's
+        // entry is never confirmed.
+        let input = match self {
+            Nat::None => "",
+            _ => "iifname \"wan\" ct state new drop",
+        };
         format!(
             "table ip {NAT_TABLE} {{
   chain prerouting {{
@@ -138,6 +149,10 @@ table inet {FILTER_TABLE} {{
     ct status dnat accept
     {outbound}
     {inbound}
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    {input}
   }}
 }}
 {upnp}"

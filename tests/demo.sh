@@ -76,8 +76,13 @@ up() {
     ip -n wdemo-b route add default via 10.0.2.1
     for gw in wdemo-gwa wdemo-gwb; do
         ip netns exec $gw sysctl -qw net.ipv4.ip_forward=1
-        echo 'table ip nat { chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; } }' \
-            | ip netns exec $gw nft -f -
+        # Masquerade, and drop unsolicited packets on the WAN side as a home
+        # router does.
+        printf '%s\n' 'table ip nat {' \
+            '  chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }' \
+            '}' 'table ip filter {' \
+            '  chain input { type filter hook input priority 0; iifname "wan" ct state new drop; }' \
+            '}' | ip netns exec $gw nft -f -
     done
 
     # The coordinator: control API and relay on TCP 443 (plain HTTP, which
@@ -111,7 +116,8 @@ up() {
     done
     for _ in $(seq 1 100); do
         if ip netns exec wdemo-a ping -c1 -W1 "$ipb" >/dev/null 2>&1; then
-            sleep 2
+            # Traffic starts path discovery: give it a moment to go direct.
+            ip netns exec wdemo-a ping -c 10 -i 0.2 -W1 "$ipb" >/dev/null 2>&1 || true
             echo
             "$bin" --socket "$DIR/a.sock" status
             echo

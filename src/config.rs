@@ -3,10 +3,9 @@
 //! Errors matter more than parsing here: a person edits this file by hand,
 //! and "invalid type" alone does not tell them where to look. Every error
 //! therefore names the file, the line and the dotted key (`peer[1].endpoint`).
-//! The key path comes from `serde_path_to_error`, the line from the span the
-//! TOML parser reports. Checks that serde cannot express (a key given twice
-//! in two forms, duplicate peers) run after parsing and point at the line of
-//! the offending key, found through the parsed document's spans.
+//! [`crate::toml_loc`] finds the key and line of a parse error. Checks that
+//! serde cannot express (a key given twice in two forms, duplicate peers) run
+//! after parsing and point at the line of the offending key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -158,7 +157,7 @@ impl Config {
         if let Some(key_file) = &config.interface.private_key_file {
             let at = |message: String| ConfigError::Invalid {
                 file: path.to_owned(),
-                line: find_key_line(&text, "interface.private_key_file"),
+                line: crate::toml_loc::key_line(&text, "interface.private_key_file"),
                 key: "interface.private_key_file".into(),
                 message,
             };
@@ -175,24 +174,11 @@ impl Config {
 
     /// Parses and validates `text`; `file` is only used in error messages.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner
-                .span()
-                .map(|s| line_of(text, s.start))
-                .unwrap_or_else(|| find_key_line(text, &key));
-            ConfigError::Invalid {
-                file: file.to_owned(),
-                line,
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: inner.message().trim().to_string(),
-            }
+        let config: Config = crate::toml_loc::from_str(text).map_err(|e| ConfigError::Invalid {
+            file: file.to_owned(),
+            line: e.line,
+            key: e.key,
+            message: e.message,
         })?;
         config.validate(text, file)?;
         Ok(config)
@@ -200,7 +186,7 @@ impl Config {
 
     fn validate(&self, text: &str, file: &Path) -> Result<(), ConfigError> {
         let err = |key: String, message: &str| ConfigError::Invalid {
-            line: find_key_line(text, &key),
+            line: crate::toml_loc::key_line(text, &key),
             file: file.to_owned(),
             key,
             message: message.to_string(),
@@ -304,55 +290,6 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// Best-effort line of a dotted key such as `peer[1].endpoint` or
-/// `interface.mtu`: the line of the last segment's key inside the right
-/// table, or of the table header when the key itself is absent (a missing
-/// key). Used for errors the parser gives no span for.
-fn find_key_line(text: &str, path: &str) -> usize {
-    let mut segs: Vec<&str> = path.split('.').collect();
-    let leaf = segs.pop().unwrap_or("");
-    let (table, index) = match segs.first() {
-        Some(t) => match t.split_once('[') {
-            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (*t, None),
-        },
-        None => ("", None),
-    };
-    let mut in_table = table.is_empty();
-    let mut header_line = 1;
-    let mut seen = 0usize;
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.starts_with('[') {
-            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
-            in_table = name == table
-                && match index {
-                    Some(i) => {
-                        seen += 1;
-                        seen == i + 1
-                    }
-                    None => true,
-                };
-            if in_table {
-                header_line = n + 1;
-            }
-            continue;
-        }
-        if in_table {
-            if let Some((k, _)) = line.split_once('=') {
-                if k.trim() == leaf {
-                    return n + 1;
-                }
-            }
-        }
-    }
-    header_line
 }
 
 #[cfg(test)]

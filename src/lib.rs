@@ -16,4 +16,5 @@ pub mod netcheck;
 pub mod portmap;
 pub mod proto;
 pub mod relay_client;
+pub mod toml_loc;
 pub mod traversal;

@@ -9,10 +9,8 @@
 //! then the URL must be given.
 //!
 //! File errors name the line and the dotted key (`region[1].url`), as the
-//! agent's configuration errors do: the key path comes from
-//! `serde_path_to_error`, the line from the TOML parser's span, or, for
-//! checks serde cannot express (duplicate ids, a bad URL), from a search of
-//! the text for that key inside the right `[[region]]` table.
+//! agent's configuration errors do, through the same locator
+//! ([`warren::toml_loc`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -21,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use warren::control::{RelayMap, RelayRegion};
 use warren::relay_client::dial;
+use warren::toml_loc;
 
 /// The path the relay is served at (see `relay::RelayServer::router`).
 pub const RELAY_PATH: &str = "/relay";
@@ -72,28 +71,15 @@ pub fn load(path: &Path, reserved: Option<u16>) -> Result<RelayMap, RelayMapErro
 
 /// Parses and checks a relay map; `file` is only used in error messages.
 pub fn parse(text: &str, file: &Path, reserved: Option<u16>) -> Result<RelayMap, RelayMapError> {
-    let de = toml::Deserializer::new(text);
-    let parsed: MapFile = serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner();
-        let line = inner
-            .span()
-            .map(|s| line_of(text, s.start))
-            .unwrap_or_else(|| find_key_line(text, &key));
-        RelayMapError::Invalid {
-            file: file.to_owned(),
-            line,
-            key: if key == "." {
-                "(top level)".into()
-            } else {
-                key
-            },
-            message: inner.message().trim().to_owned(),
-        }
+    let parsed: MapFile = toml_loc::from_str(text).map_err(|e| RelayMapError::Invalid {
+        file: file.to_owned(),
+        line: e.line,
+        key: e.key,
+        message: e.message,
     })?;
     let invalid = |key: String, message: String| RelayMapError::Invalid {
         file: file.to_owned(),
-        line: find_key_line(text, &key),
+        line: toml_loc::key_line(text, &key),
         key,
         message,
     };
@@ -135,49 +121,6 @@ pub fn parse(text: &str, file: &Path, reserved: Option<u16>) -> Result<RelayMap,
         });
     }
     Ok(RelayMap { regions })
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// Best-effort line of `region[N].key` (an index on the key is ignored):
-/// the key's line inside the N-th `[[region]]` table, or the table's header
-/// when the key is absent, or line 1.
-fn find_key_line(text: &str, path: &str) -> usize {
-    let (table, leaf) = path.split_once('.').unwrap_or(("", path));
-    let leaf = leaf.split('[').next().unwrap_or(leaf);
-    let (name, index) = match table.split_once('[') {
-        Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
-        None => (table, None),
-    };
-    let mut seen = 0usize;
-    let mut header = None;
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.starts_with('[') {
-            let t = line.trim_matches(|c| c == '[' || c == ']').trim();
-            let here = t == name && index.is_none_or(|i| seen == i);
-            if t == name {
-                seen += 1;
-            }
-            if header.is_some() && !here {
-                break;
-            }
-            if here {
-                header = Some(n + 1);
-            }
-            continue;
-        }
-        if header.is_some() || name.is_empty() {
-            if let Some((k, _)) = line.split_once('=') {
-                if k.trim() == leaf {
-                    return n + 1;
-                }
-            }
-        }
-    }
-    header.unwrap_or(1)
 }
 
 /// The embedded relay's region, as configured.

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
 use lab::coord::Coordinator;
+use lab::mesh::{join, join_with, overlay_v4, path_of};
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
-use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -127,25 +127,6 @@ struct Cell {
     transfer_ok: bool,
 }
 
-fn path_of(st: &Value, peer: &str) -> String {
-    st["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["hostname"] == peer))
-        .map(|p| p["path"]["kind"].as_str().unwrap_or("none").to_owned())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn overlay_v4(st: &Value) -> String {
-    st["mesh"]["addresses"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find_map(|v| v.as_str().filter(|s| s.contains('.')))
-        })
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn nat_matrix() {
     if !lab::require_root() {
@@ -155,7 +136,6 @@ fn nat_matrix() {
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     let (token, _) = coord.token(&lab, &["--reusable"]);
-    let url = coord.url();
     let mut rows = Vec::new();
     let mut cols = Vec::new();
     for (i, k) in KINDS.iter().enumerate() {
@@ -163,22 +143,7 @@ fn nat_matrix() {
             let node = k.host(&lab, &format!("{side}{i}"));
             let mut cfg = AgentConfig::mesh(&lab, &node);
             cfg.portmap = *k == Kind::Upnp;
-            let agent = Agent::start(&lab, &node, &cfg);
-            agent
-                .cli(
-                    &lab,
-                    &[
-                        "up",
-                        "--coordinator",
-                        &url,
-                        "--token",
-                        &token,
-                        "--hostname",
-                        &node.name,
-                    ],
-                )
-                .expect_ok("warren up");
-            list.push((*k, agent));
+            list.push((*k, join_with(&lab, &coord, &token, &node, &cfg)));
         }
     }
     // Everyone sees everyone before any pair is measured.
@@ -332,27 +297,12 @@ fn same_nat_pair_goes_direct_over_the_lan() {
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     let (token, _) = coord.token(&lab, &["--reusable"]);
-    let url = coord.url();
     let gw = lab.gateway("gw", Nat::Eim);
     let agents: Vec<Agent> = ["x", "y"]
         .iter()
         .map(|name| {
             let node = lab.host_behind(&gw, name);
-            let a = Agent::start(&lab, &node, &AgentConfig::mesh(&lab, &node));
-            a.cli(
-                &lab,
-                &[
-                    "up",
-                    "--coordinator",
-                    &url,
-                    "--token",
-                    &token,
-                    "--hostname",
-                    name,
-                ],
-            )
-            .expect_ok("up");
-            a
+            join(&lab, &coord, &token, &node)
         })
         .collect();
     let (x, y) = (&agents[0], &agents[1]);

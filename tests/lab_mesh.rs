@@ -12,52 +12,12 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig};
 use lab::coord::Coordinator;
+use lab::mesh::{overlay_v4, peer_names, up};
 use lab::nat::Nat;
 use lab::{poll_until, Lab};
-use serde_json::Value;
 
 /// A node joins, learns its peers and has a working tunnel within this.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn up(lab: &Lab, a: &Agent, coord: &Coordinator, token: &str) -> lab::Output {
-    let url = coord.url();
-    a.cli(
-        lab,
-        &[
-            "up",
-            "--coordinator",
-            &url,
-            "--token",
-            token,
-            "--hostname",
-            &a.node.name,
-        ],
-    )
-}
-
-fn overlay_v4(st: &Value) -> String {
-    st["mesh"]["addresses"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find_map(|v| v.as_str().filter(|s| s.contains('.')))
-        })
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn peer_names(st: &Value) -> Vec<String> {
-    let mut names: Vec<String> = st["peers"]
-        .as_array()
-        .map(|ps| {
-            ps.iter()
-                .filter_map(|p| p["hostname"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
 
 fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: Duration) -> bool {
     poll_until(timeout, Duration::from_millis(100), || {

@@ -12,46 +12,18 @@ use std::time::Duration;
 
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
 use lab::coord::Coordinator;
+use lab::mesh::{overlay_v4, up};
 use lab::nat::{Nat, FILTER_TABLE};
 use lab::{poll_until, Lab, Node};
-use serde_json::Value;
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 const TRANSFER: usize = 50 << 20;
 
-fn overlay_v4(st: &Value) -> String {
-    st["mesh"]["addresses"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find_map(|v| v.as_str().filter(|s| s.contains('.')))
-        })
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn join(lab: &Lab, coord: &Coordinator, token: &str, a: &Agent) {
-    let url = coord.url();
-    a.cli(
-        lab,
-        &[
-            "up",
-            "--coordinator",
-            &url,
-            "--token",
-            token,
-            "--hostname",
-            &a.node.name,
-        ],
-    )
-    .expect_ok("warren up");
-}
-
 /// Joins both, pings, checks the path is the relay, moves 50 MB.
 fn relayed_pair(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) {
     let (token, _) = coord.token(lab, &["--reusable"]);
-    join(lab, coord, &token, a);
-    join(lab, coord, &token, b);
+    up(lab, a, coord, &token).expect_ok("warren up");
+    up(lab, b, coord, &token).expect_ok("warren up");
     assert!(
         poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
             a.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1

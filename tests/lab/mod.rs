@@ -28,6 +28,7 @@
 
 pub mod agent;
 pub mod coord;
+pub mod mesh;
 pub mod nat;
 pub mod netns;
 pub mod process;

@@ -1,0 +1,88 @@
+//! Agents that join a network: `warren up` against a lab coordinator, and
+//! reading what `warren status --json` says about the node and its peers.
+//! Shared by the mesh, relay, birthday and matrix tests.
+
+use serde_json::Value;
+
+use super::agent::{Agent, AgentConfig};
+use super::coord::Coordinator;
+use super::process::Output;
+use super::{Lab, Node};
+
+/// `warren up` with `token`, named after the agent's node.
+pub fn up(lab: &Lab, a: &Agent, coord: &Coordinator, token: &str) -> Output {
+    let url = coord.url();
+    a.cli(
+        lab,
+        &[
+            "up",
+            "--coordinator",
+            &url,
+            "--token",
+            token,
+            "--hostname",
+            &a.node.name,
+        ],
+    )
+}
+
+/// Starts an agent with `config` on `node` and joins it; panics if `up`
+/// fails.
+pub fn join_with(
+    lab: &Lab,
+    coord: &Coordinator,
+    token: &str,
+    node: &Node,
+    config: &AgentConfig,
+) -> Agent {
+    let a = Agent::start(lab, node, config);
+    up(lab, &a, coord, token).expect_ok("warren up");
+    a
+}
+
+/// [`join_with`] the default mesh config.
+pub fn join(lab: &Lab, coord: &Coordinator, token: &str, node: &Node) -> Agent {
+    join_with(lab, coord, token, node, &AgentConfig::mesh(lab, node))
+}
+
+/// The node's overlay IPv4 address ("" before it has one).
+pub fn overlay_v4(st: &Value) -> String {
+    st["mesh"]["addresses"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find_map(|v| v.as_str().filter(|s| s.contains('.')))
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A peer's entry, by host name.
+pub fn peer_of<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
+    st["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["hostname"] == name))
+}
+
+/// A peer's path kind (`direct`, `relay`, `none`), or `unknown` when the
+/// peer is not listed.
+pub fn path_of(st: &Value, name: &str) -> String {
+    peer_of(st, name).map_or_else(
+        || "unknown".into(),
+        |p| p["path"]["kind"].as_str().unwrap_or("none").to_owned(),
+    )
+}
+
+/// The peers' host names, sorted.
+pub fn peer_names(st: &Value) -> Vec<String> {
+    let mut names: Vec<String> = st["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["hostname"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -227,7 +227,7 @@ impl Inbound {
 /// before the next packet can be decrypted into it; this one only zeroes
 /// bytes it never held, so reuse costs nothing per packet. tun-rs's GRO
 /// grows and extends it through [`ExpandBuffer`].
-struct TunBuf {
+pub(super) struct TunBuf {
     /// Initialised bytes: the most this buffer ever held.
     data: Vec<u8>,
     /// Bytes of the current packet (or coalesced packets).
@@ -235,7 +235,7 @@ struct TunBuf {
 }
 
 impl TunBuf {
-    fn with_capacity(n: usize) -> TunBuf {
+    pub(super) fn with_capacity(n: usize) -> TunBuf {
         TunBuf {
             data: Vec::with_capacity(n),
             len: 0,
@@ -244,7 +244,7 @@ impl TunBuf {
 
     /// Sets the length, exposing stale bytes of earlier packets rather than
     /// zeroing them; only the caller's writes are ever sent.
-    fn set_len(&mut self, len: usize) {
+    pub(super) fn set_len(&mut self, len: usize) {
         if self.data.len() < len {
             self.data.resize(len, 0);
         }

@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
-use super::inbound::SideDatagram;
+use super::inbound::{SideDatagram, TunBuf};
 use crate::api::mesh::PeerMesh;
 use crate::control::types::Peer as MapPeer;
 use crate::dataplane::peer::PeerPath;
@@ -124,7 +124,8 @@ pub(crate) struct Mesh {
     traffic: HashMap<NodeKey, u64>,
     host_addrs: Vec<crate::control::Endpoint>,
     gro: GROTable,
-    buf: Vec<u8>,
+    /// Where relayed WireGuard packets are opened; reused without zeroing.
+    buf: TunBuf,
 }
 
 impl Mesh {
@@ -175,7 +176,7 @@ impl Mesh {
             traffic: HashMap::new(),
             host_addrs: Vec::new(),
             gro: GROTable::default(),
-            buf: vec![0u8; 65_535 + OFFSET],
+            buf: TunBuf::with_capacity(OFFSET + 65_535),
         }
     }
 
@@ -305,18 +306,19 @@ impl Mesh {
             return;
         };
         let buf = &mut self.buf;
-        buf.clear();
-        buf.resize(OFFSET + 65_535, 0);
-        match peer.open(None, bytes, &mut buf[OFFSET..]) {
+        // The plaintext is never longer than the datagram; protocol replies
+        // (handshake response, cookie) fit in 256 bytes.
+        buf.set_len(OFFSET + bytes.len().max(256));
+        match peer.open(None, bytes, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
-                buf.truncate(OFFSET + len);
+                buf.set_len(OFFSET + len);
                 let _ = self
                     .tun
                     .send_multiple(&mut self.gro, std::slice::from_mut(buf), OFFSET)
                     .await;
             }
             Opened::Reply { len } => {
-                self.egress.relay(from, &buf[OFFSET..OFFSET + len]);
+                self.egress.relay(from, &buf.as_ref()[OFFSET..OFFSET + len]);
                 let mut out = vec![0u8; 2048];
                 loop {
                     match peer.flush_queued(&mut out) {

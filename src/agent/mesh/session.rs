@@ -396,6 +396,11 @@ impl Mesh {
 
     fn set_addresses(&mut self, v4: IpAddr, v6: IpAddr) {
         if let Some(s) = self.session.as_mut() {
+            // Every full map and self change repeats them: one pair of
+            // netlink calls per actual change is enough.
+            if s.addresses == [v4, v6] {
+                return;
+            }
             s.addresses = vec![v4, v6];
         }
         // The whole overlay range is routed to the device: /10 and /48.

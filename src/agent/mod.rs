@@ -143,7 +143,7 @@ pub async fn run(
         state_dir: config.agent.state_dir.clone(),
         listen,
         side: side_rx,
-        portmap: config.agent.portmap.then(crate::portmap::Config::default),
+        portmap: config.agent.portmap_config(),
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

@@ -147,11 +147,6 @@ fn agent_maps_its_port_through_each_protocol_in_turn() {
             "{protocol}: mapping still at the gateway after stop:\n{rules}\n{}",
             lab.log(a.proc)
         );
-        assert!(
-            lab.log(a.proc).contains("port mapping deleted"),
-            "{protocol}: {}",
-            lab.log(a.proc)
-        );
     }
 }
 

@@ -58,9 +58,10 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// Answers every request with `natpmp` or `pcp` (by the request's version
-/// byte), patched with the request's identifying fields when `patch`.
-async fn serve(gateway: Arc<UdpSocket>, natpmp: Vec<u8>, pcp: Vec<u8>, patch: bool) {
+/// Answers every request with `natpmp_answer` or `pcp_answer` (by the
+/// request's version byte), patched with the request's identifying fields
+/// when `patch`.
+async fn serve(gateway: Arc<UdpSocket>, natpmp_answer: Vec<u8>, pcp_answer: Vec<u8>, patch: bool) {
     let mut buf = [0u8; 1100];
     loop {
         let Ok((n, from)) = gateway.recv_from(&mut buf).await else {
@@ -68,9 +69,9 @@ async fn serve(gateway: Arc<UdpSocket>, natpmp: Vec<u8>, pcp: Vec<u8>, patch: bo
         };
         let req = &buf[..n];
         let mut answer = if req.first() == Some(&2) {
-            pcp.clone()
+            pcp_answer.clone()
         } else {
-            natpmp.clone()
+            natpmp_answer.clone()
         };
         if patch {
             // PCP: the MAP nonce sits at 24..36 in request and answer.

@@ -97,3 +97,20 @@ pub struct PeerMesh {
     /// When the path last turned direct, as seconds ago.
     pub direct_since_secs: Option<u64>,
 }
+
+/// One on-demand disco ping round (`warren ping`): the pongs that came back
+/// within the round's wait, fastest path first as they arrived.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingRound {
+    pub pongs: Vec<Pong>,
+    /// Whether a pong came back over a direct path.
+    pub direct: bool,
+}
+
+/// One pong of a [`PingRound`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The path it took: direct (the peer's address) or a relay region.
+    pub path: super::PeerPath,
+    pub latency_ms: f64,
+}

@@ -188,6 +188,7 @@ async fn round_trip_over_the_socket() {
             &p,
             &Request::Ping {
                 peer: "zzzzzz".into(),
+                timeout_ms: None,
             },
         )
         .unwrap_err();

@@ -176,6 +176,12 @@ pub enum Event {
     WantSockets(u16),
     /// The extra sockets are no longer needed, except `keep` if set.
     ReleaseSockets { keep: Option<SocketId> },
+    /// A pong answered on-demand ping round `round` (`warren ping`).
+    PingReply {
+        round: u64,
+        path: Path,
+        rtt: Duration,
+    },
 }
 
 /// Why a peer is on the relay, for `warren status`.

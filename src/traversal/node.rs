@@ -102,6 +102,13 @@ pub enum NodeEvent {
     OpenSockets { count: u16 },
     /// Close every extra socket except `keep` (in use by a direct path).
     CloseSockets { keep: Vec<SocketId> },
+    /// A pong answered on-demand ping round `round` (see [`Node::ping`]).
+    PingReply {
+        peer: NodeKey,
+        round: u64,
+        path: Path,
+        rtt: Duration,
+    },
 }
 
 /// Counters of refused input.
@@ -285,6 +292,15 @@ impl Node {
             e.paths.note_traffic(now);
             self.pump(now, *peer);
         }
+    }
+
+    /// Starts an on-demand ping round to `peer` (`warren ping`): pings over
+    /// the relay and the direct paths; each pong comes out as a
+    /// [`NodeEvent::PingReply`] with the round number returned here.
+    pub fn ping(&mut self, now: Instant, peer: &NodeKey) -> Option<u64> {
+        let round = self.peers.get_mut(peer)?.paths.ping_round(now);
+        self.pump(now, *peer);
+        Some(round)
     }
 
     /// The host's interfaces or default route changed.
@@ -528,6 +544,14 @@ impl Node {
                         self.sockets_requested = true;
                         self.events.push_back(NodeEvent::OpenSockets { count });
                     }
+                }
+                Event::PingReply { round, path, rtt } => {
+                    self.events.push_back(NodeEvent::PingReply {
+                        peer: key,
+                        round,
+                        path,
+                        rtt,
+                    });
                 }
                 Event::ReleaseSockets { keep } => {
                     self.sockets_kept.extend(keep);

@@ -109,6 +109,7 @@ pub struct PeerPaths {
     last_traffic: Option<Instant>,
     relay_reason: RelayReason,
     birthday: Birthday,
+    on_demand: ping::OnDemand,
     stats: PeerStats,
 }
 
@@ -140,6 +141,7 @@ impl PeerPaths {
             last_traffic: None,
             relay_reason: RelayReason::NoCandidates,
             birthday: Birthday::Idle { not_before: None },
+            on_demand: ping::OnDemand::default(),
             stats: PeerStats::default(),
         }
     }
@@ -294,6 +296,7 @@ impl PeerPaths {
                 }
                 self.pending.remove(&tx_id);
                 self.stats.pongs_received += 1;
+                self.on_demand_pong(now, tx_id, Path::Direct(p));
                 let trust_for = if self.active(now) {
                     self.cfg.trust
                 } else {
@@ -312,7 +315,10 @@ impl PeerPaths {
                 self.merge_call_me(now, endpoints);
                 Ok(())
             }
-            (_, Path::Relay) => Err(Rejected::WrongPath),
+            (Message::Ping { tx_id, node_key }, Path::Relay) => {
+                self.answer_relay_ping(tx_id, node_key)
+            }
+            (Message::Pong { tx_id, .. }, Path::Relay) => self.relay_pong(now, tx_id),
         }
     }
 
@@ -461,12 +467,13 @@ impl PeerPaths {
         });
     }
 
-    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) {
+    /// Sends a ping on `path`; its tx id, unless too many are in flight.
+    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) -> Option<[u8; 12]> {
         if self.pending.len() >= MAX_PENDING {
             let timeout = self.cfg.ping_timeout;
             self.pending.retain(|_, p| now < p.sent + timeout);
             if self.pending.len() >= MAX_PENDING {
-                return;
+                return None;
             }
         }
         let tx_id: [u8; 12] = self.rng.gen();
@@ -482,6 +489,7 @@ impl PeerPaths {
                 node_key: self.local_key,
             }),
         });
+        Some(tx_id)
     }
 
     fn select(&mut self, now: Instant) {
@@ -560,6 +568,9 @@ impl PeerPaths {
 
 #[path = "peer_birthday.rs"]
 mod birthday;
+
+#[path = "peer_ping.rs"]
+mod ping;
 
 #[cfg(test)]
 #[path = "peer_tests.rs"]

@@ -219,3 +219,61 @@ fn failed_attempt_backs_off_and_records_why() {
     // Bounded: 5 rounds of one ping each, one CallMeMaybe (rate-limited).
     assert_eq!(m.stats().pings_sent, 5);
 }
+
+#[test]
+fn relay_ping_is_answered_and_relay_pong_never_moves_the_path() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    // The peer pings us through the relay: a pong goes back the same way.
+    let ping = |key: NodeKey| Message::Ping {
+        tx_id: [5; 12],
+        node_key: key,
+    };
+    assert_eq!(
+        m.handle_disco(t0, Path::Relay, ping(key(3))),
+        Err(Rejected::NodeKeyMismatch)
+    );
+    m.handle_disco(t0, Path::Relay, ping(key(2))).unwrap();
+    let txs = drain(&mut m);
+    assert!(matches!(
+        txs.as_slice(),
+        [Transmit {
+            path: Path::Relay,
+            payload: Payload::Disco(Message::Pong { tx_id, .. })
+        }] if *tx_id == [5; 12]
+    ));
+    // Our own round: the relay pong makes a reply and nothing else.
+    assert_eq!(m.ping_round(t0), 1);
+    let relay_tx = drain(&mut m)
+        .iter()
+        .find_map(|t| match (&t.path, &t.payload) {
+            (Path::Relay, Payload::Disco(Message::Ping { tx_id, .. })) => Some(*tx_id),
+            _ => None,
+        })
+        .expect("a ping over the relay");
+    let pong = |tx_id| Message::Pong {
+        tx_id,
+        observed_src: addr("0.0.0.0:0"),
+    };
+    assert_eq!(
+        m.handle_disco(t0, Path::Relay, pong([1; 12])),
+        Err(Rejected::WrongPath)
+    );
+    let t1 = t0 + Duration::from_millis(25);
+    m.handle_disco(t1, Path::Relay, pong(relay_tx)).unwrap();
+    assert_eq!(m.current_path(), Path::Relay);
+    let events: Vec<Event> = std::iter::from_fn(|| m.poll_event()).collect();
+    assert_eq!(
+        events,
+        vec![Event::PingReply {
+            round: 1,
+            path: Path::Relay,
+            rtt: Duration::from_millis(25)
+        }]
+    );
+    // The same pong again matches nothing.
+    assert_eq!(
+        m.handle_disco(t1, Path::Relay, pong(relay_tx)),
+        Err(Rejected::WrongPath)
+    );
+}

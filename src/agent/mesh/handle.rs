@@ -1,5 +1,5 @@
 //! How the rest of the daemon talks to the mesh task: commands from the
-//! local API (`up`, `down`, `logout`, `netcheck`) answered on a oneshot, and
+//! local API (`up`, `down`, `logout`, `netcheck`, `ping`) answered on a oneshot, and
 //! a snapshot of the mesh's state that `status` reads without waiting on
 //! the task.
 //!
@@ -23,6 +23,13 @@ pub enum Command {
     Down,
     Logout,
     Netcheck,
+    /// One disco ping round to `peer`, answered with a
+    /// [`crate::api::mesh::PingRound`] after the first direct pong, a short
+    /// grace after the first relayed one, or `timeout`.
+    Ping {
+        peer: NodeKey,
+        timeout: std::time::Duration,
+    },
 }
 
 pub type Reply = oneshot::Sender<Result<serde_json::Value, ApiError>>;

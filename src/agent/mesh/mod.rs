@@ -24,6 +24,7 @@
 mod discover;
 mod handle;
 mod login;
+mod ping;
 mod relays;
 mod session;
 mod sockets;
@@ -119,6 +120,8 @@ pub(crate) struct Mesh {
     map_peers: HashMap<NodeKey, MapPeer>,
     /// Netcheck requests waiting for the running netcheck's report.
     netcheck_waiters: Vec<handle::Reply>,
+    /// `warren ping` requests waiting for their round's pongs.
+    ping_waiters: Vec<ping::Waiter>,
     /// When each peer's path last turned direct.
     direct_since: HashMap<NodeKey, Instant>,
     traffic: HashMap<NodeKey, u64>,
@@ -172,6 +175,7 @@ impl Mesh {
             background: JoinSet::new(),
             map_peers: HashMap::new(),
             netcheck_waiters: Vec::new(),
+            ping_waiters: Vec::new(),
             direct_since: HashMap::new(),
             traffic: HashMap::new(),
             host_addrs: Vec::new(),
@@ -189,6 +193,7 @@ impl Mesh {
             let deadline = [
                 self.node.poll_timeout().map(|(t, _)| t),
                 self.discovery.poll_timeout(),
+                self.ping_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -369,6 +374,12 @@ impl Mesh {
                     tracing::info!(count, open, "birthday: extra sockets opened");
                     self.node.sockets_opened(now, open);
                 }
+                NodeEvent::PingReply {
+                    peer,
+                    round,
+                    path,
+                    rtt,
+                } => self.on_ping_reply(peer, round, path, rtt),
                 NodeEvent::CloseSockets { keep } => {
                     self.sockets.close(&keep);
                     tracing::info!(
@@ -379,6 +390,7 @@ impl Mesh {
                 }
             }
         }
+        self.finish_pings(Instant::now());
     }
 
     /// Moves the peer in the data plane to traversal's path: direct from

@@ -74,11 +74,7 @@ fn ping_shows_relay_pongs_then_the_path_turning_direct() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert!(lines.len() >= 3, "{}", out.stdout);
     let want = format!("pong from b ({ip_b}) via relay default in ");
-    assert!(
-        lines.iter().all(|l| l.starts_with(&want)),
-        "{}",
-        out.stdout
-    );
+    assert!(lines.iter().all(|l| l.starts_with(&want)), "{}", out.stdout);
     // With --until-direct (the default) and no direct path: exit 1.
     let out = a.cli(&lab, &["ping", "b", "-c", "2"]);
     assert!(!out.ok(), "{}", out.stdout);
@@ -141,6 +137,14 @@ fn ping_shows_relay_pongs_then_the_path_turning_direct() {
     );
     // Once direct, a round answers over the direct path at once.
     let out = a.cli(&lab, &["ping", "b"]).expect_ok("warren ping direct");
-    assert!(out.stdout.contains("direct path found after 1 ping"), "{}", out.stdout);
-    assert!(out.stdout.contains(&format!("via {}:", gb.ip)), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("direct path found after 1 ping"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("via {}:", gb.ip)),
+        "{}",
+        out.stdout
+    );
 }

@@ -277,3 +277,64 @@ fn relay_ping_is_answered_and_relay_pong_never_moves_the_path() {
         Err(Rejected::WrongPath)
     );
 }
+
+#[test]
+fn a_birthday_path_that_dies_gets_a_new_attempt_at_once() {
+    use crate::traversal::{Allocation, Mapping, SocketId};
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let peer_public = addr("192.0.2.2:41641");
+    m.set_nat(
+        NatSummary {
+            mapping: Mapping::EndpointDependent,
+            allocation: Allocation::Random,
+            observed: Some(addr("198.51.100.1:5000")),
+        },
+        NatSummary {
+            mapping: Mapping::EndpointIndependent,
+            allocation: Allocation::Preserving,
+            observed: Some(peer_public),
+        },
+    );
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let wants = |m: &mut PeerPaths| {
+        std::iter::from_fn(|| m.poll_event()).any(|e| matches!(e, Event::WantSockets(_)))
+    };
+    assert!(wants(&mut m), "the hard side asks for sockets");
+    m.sockets_ready(t0, 4);
+    let via2 = drain(&mut m)
+        .iter()
+        .find_map(|t| match (&t.path, &t.payload) {
+            (Path::Direct(p), Payload::Disco(Message::Ping { tx_id, .. }))
+                if p.socket == SocketId(2) =>
+            {
+                Some((*p, *tx_id))
+            }
+            _ => None,
+        })
+        .expect("a spray ping from socket 2");
+    let t1 = t0 + Duration::from_millis(300);
+    let pong = Message::Pong {
+        tx_id: via2.1,
+        observed_src: addr("198.51.100.1:6000"),
+    };
+    m.handle_disco(t1, Path::Direct(via2.0), pong).unwrap();
+    assert_eq!(m.current_path(), Path::Direct(via2.0));
+    let _ = std::iter::from_fn(|| m.poll_event()).count();
+    // The NAT forgets the mapping: no pong answers the heartbeats, the path
+    // times out, and the next discovery round starts a new attempt at once
+    // (a success must not leave the retry backoff behind).
+    let mut now = t1;
+    while m.current_path() != Path::Relay {
+        let (t, _) = m.poll_timeout().unwrap();
+        assert!(t < t1 + Duration::from_secs(10), "the path never timed out");
+        now = t;
+        m.note_traffic(now);
+        m.handle_timeout(now);
+        let _ = drain(&mut m);
+    }
+    let (t, _) = m.poll_timeout().unwrap();
+    m.handle_timeout(t.max(now));
+    assert!(wants(&mut m), "a new birthday attempt right after the loss");
+}

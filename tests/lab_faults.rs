@@ -150,7 +150,7 @@ fn conntrack_flush_mid_transfer_falls_back_to_relay_and_returns_direct() {
                 path_of(&a.status(lab), "b") == "relay"
             });
             let fallback_after = flushed.elapsed();
-            let back = poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            let back = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
                 path_of(&a.status(lab), "b") == "direct"
             });
             let direct_after = flushed.elapsed();

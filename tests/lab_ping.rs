@@ -80,14 +80,47 @@ fn ping_shows_relay_pongs_then_the_path_turning_direct() {
     assert!(!out.ok(), "{}", out.stdout);
     assert!(out.stderr.contains("direct path"), "{}", out.stderr);
 
-    // Status says why b is relayed, with a wall-clock time (HH:MM).
+    // Once the attempt gives up, status says why b is relayed, with a
+    // wall-clock time, and which candidates were tried.
+    let reason = |st: &Value| {
+        peer_of(st, "b").unwrap()["mesh"]["relay_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            reason(&a.status(&lab)).contains("gave up at ")
+        }),
+        "{}",
+        a.status(&lab)
+    );
     let st = a.status(&lab);
-    let reason = peer_of(&st, "b").unwrap()["mesh"]["relay_reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    eprintln!("relay reason: {reason}");
-    assert!(!reason.is_empty(), "{st}");
+    let why = reason(&st);
+    eprintln!("relay reason: {why}");
+    let clock = why.rsplit("gave up at ").next().unwrap();
+    let b = clock.as_bytes();
+    assert!(
+        clock.len() == 12 && b[2] == b':' && b[5] == b':' && clock.ends_with(" UTC"),
+        "HH:MM:SS UTC: {why}"
+    );
+    let tried = peer_of(&st, "b").unwrap()["mesh"]["tried"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        tried
+            .iter()
+            .any(|t| t["kind"] == "srflx" && t["last_pong"].is_null()),
+        "{st}"
+    );
+    let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
+    eprintln!("{text}");
+    assert!(text.contains("b: relayed: no pong from"), "{text}");
+    assert!(
+        text.contains("b: tried ") && text.contains("(srflx, no pong)"),
+        "{text}"
+    );
 
     // Unblocked: the pings themselves ask b to probe back, and the path
     // turns direct within a few rounds.

@@ -96,6 +96,22 @@ pub struct PeerMesh {
     pub pongs_received: u64,
     /// When the path last turned direct, as seconds ago.
     pub direct_since_secs: Option<u64>,
+    /// The direct paths pinged so far ("candidates tried"), best kind first.
+    #[serde(default)]
+    pub tried: Vec<TriedPath>,
+}
+
+/// One direct path traversal pinged, and what came of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriedPath {
+    pub addr: SocketAddr,
+    /// Where the address came from: host, portmap, srflx, predicted, prflx.
+    pub kind: String,
+    /// Wall-clock time (UTC, `HH:MM:SS`) of the last ping.
+    pub last_ping: Option<String>,
+    /// Wall-clock time of the last pong; `None` when it never answered.
+    pub last_pong: Option<String>,
+    pub rtt_ms: Option<f64>,
 }
 
 /// One on-demand disco ping round (`warren ping`): the pongs that came back

@@ -34,6 +34,7 @@ use super::hardnat::{self, Allocation, Mapping};
 use super::peer::{Payload, PeerPaths, PeerStats};
 use super::{
     ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
+    Tried,
 };
 use crate::keys::NodeKey;
 use crate::proto::disco::{
@@ -132,6 +133,8 @@ pub struct PeerStatus {
     pub rtt: Option<Duration>,
     pub relay_reason: Option<String>,
     pub stats: PeerStats,
+    /// The direct paths pinged so far and their answers.
+    pub tried: Vec<Tried>,
 }
 
 struct PeerEntry {
@@ -272,13 +275,38 @@ impl Node {
             .map_or(Path::Relay, |e| e.paths.current_path())
     }
 
+    /// The peer's status, with times relative to `now`.
     pub fn status(&self, peer: &NodeKey, now: Instant) -> Option<PeerStatus> {
-        let p = &self.peers.get(peer)?.paths;
+        self.status_with(peer, &|t| {
+            format!("{:.1}s ago", now.saturating_duration_since(t).as_secs_f32())
+        })
+    }
+
+    /// The peer's status, with times rendered by `when` (the driver gives
+    /// wall-clock time). The relay reason leads with the pair's hard-NAT
+    /// situation when there is one: "both sides EDM random; …".
+    pub fn status_with(
+        &self,
+        peer: &NodeKey,
+        when: &dyn Fn(Instant) -> String,
+    ) -> Option<PeerStatus> {
+        let e = self.peers.get(peer)?;
+        let p = &e.paths;
+        let nat = hardnat::describe_pair(&self.local_nat, &e.remote_nat);
+        let reason = p.relay_reason().map(|r| {
+            let text = r.describe_with(when);
+            match (&nat, r) {
+                // That reason already says it.
+                (_, RelayReason::BothHardNat) | (None, _) => text,
+                (Some(n), _) => format!("{n}; {text}"),
+            }
+        });
         Some(PeerStatus {
             path: p.current_path(),
             rtt: p.rtt(),
-            relay_reason: p.relay_reason().map(|r| r.describe(now)),
+            relay_reason: reason,
             stats: p.stats(),
+            tried: p.tried(),
         })
     }
 

@@ -288,3 +288,61 @@ fn a_late_or_replayed_pong_makes_no_second_reply() {
     assert!(ping_replies(&mut a).iter().all(|(round, _, _)| *round != 2));
     assert!(a.drops().rejected > before);
 }
+
+#[test]
+fn status_names_the_hard_nat_pair_and_the_paths_tried_with_times() {
+    let t0 = Instant::now();
+    let (mut a, _, _, b_addr) = nodes(t0);
+    let kb = NodeKey([2; 32]);
+    let random = NatSummary {
+        mapping: Mapping::EndpointDependent,
+        allocation: Allocation::Random,
+        observed: None,
+    };
+    a.set_local(vec![], random);
+    a.upsert_peer(
+        t0,
+        PeerInfo {
+            node_key: kb,
+            disco_key: a.peers[&kb].disco,
+            candidates: vec![Candidate::udp(b_addr, CandidateKind::ServerReflexive)],
+            nat: random,
+        },
+    );
+    a.note_traffic(t0, &kb);
+    a.handle_timeout(t0);
+    // Every round goes unanswered.
+    let mut now = t0;
+    while let Some((t, _)) = a
+        .poll_timeout()
+        .filter(|(t, _)| *t < t0 + Duration::from_secs(20))
+    {
+        now = t;
+        a.handle_timeout(now);
+        let _ = std::iter::from_fn(|| a.poll_transmit()).count();
+    }
+    let when = |t: Instant| format!("at +{}s", t.duration_since(t0).as_secs());
+    let st = a.status_with(&kb, &when).unwrap();
+    let reason = st.relay_reason.unwrap();
+    assert!(reason.starts_with("both sides EDM"), "{reason}");
+    assert_eq!(st.tried.len(), 1);
+    assert_eq!(st.tried[0].path, DirectPath::primary(b_addr));
+    assert_eq!(st.tried[0].last_pong, None);
+    assert!(st.tried[0].last_ping.is_some_and(|t| t <= now));
+    // An unanswered attempt against an easy peer says when it gave up.
+    let (mut c, _, _, _) = nodes(t0);
+    c.note_traffic(t0, &kb);
+    while let Some((t, _)) = c
+        .poll_timeout()
+        .filter(|(t, _)| *t < t0 + Duration::from_secs(20))
+    {
+        c.handle_timeout(t);
+        let _ = std::iter::from_fn(|| c.poll_transmit()).count();
+    }
+    let reason = c.status_with(&kb, &when).unwrap().relay_reason.unwrap();
+    assert_eq!(reason, "no pong from 1 candidates; gave up at +15s");
+    assert_eq!(
+        super::hardnat::describe_pair(&NatSummary::default(), &random).as_deref(),
+        Some("peer EDM random")
+    );
+}

@@ -175,6 +175,10 @@ impl PeerPaths {
         self.stats
     }
 
+    pub fn tried(&self) -> Vec<super::Tried> {
+        self.table.tried()
+    }
+
     pub fn strategy(&self) -> Strategy {
         hardnat::strategy(&self.local_nat, &self.remote_nat)
     }

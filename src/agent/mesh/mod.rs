@@ -42,7 +42,7 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
 use super::inbound::{SideDatagram, TunBuf};
-use crate::api::mesh::PeerMesh;
+use crate::api::mesh::{PeerMesh, TriedPath};
 use crate::control::types::Peer as MapPeer;
 use crate::dataplane::peer::PeerPath;
 use crate::dataplane::{DataPlane, Opened, Sealed};
@@ -418,11 +418,14 @@ impl Mesh {
     /// Writes the status view the API reads.
     fn publish_view(&self, now: Instant) {
         let node = self.node_status();
+        let wall = std::time::SystemTime::now();
+        let clock = |t: Instant| handle::wall_clock(now, wall, t);
+        let at = |t: Instant| format!("at {} UTC", clock(t));
         let peers = self
             .map_peers
             .values()
             .map(|p| {
-                let st = self.node.status(&p.key, now);
+                let st = self.node.status_with(&p.key, &at);
                 let relayed = st.as_ref().is_none_or(|s| matches!(s.path, Path::Relay));
                 let mesh = PeerMesh {
                     hostname: p.name.clone(),
@@ -446,6 +449,18 @@ impl Mesh {
                         .direct_since
                         .get(&p.key)
                         .map(|t| now.duration_since(*t).as_secs()),
+                    tried: st.as_ref().map_or_else(Vec::new, |s| {
+                        s.tried
+                            .iter()
+                            .map(|t| TriedPath {
+                                addr: t.path.addr,
+                                kind: t.kind.name().into(),
+                                last_ping: t.last_ping.map(clock),
+                                last_pong: t.last_pong.map(clock),
+                                rtt_ms: t.rtt.map(|d| d.as_secs_f64() * 1e3),
+                            })
+                            .collect()
+                    }),
                 };
                 (p.key, mesh)
             })

@@ -20,7 +20,7 @@
 //! ```json
 //! {"request": "status"}
 //! {"request": "ip", "peer": "laptop"}
-//! {"request": "ping", "peer": "100.64.0.2"}
+//! {"request": "ping", "peer": "100.64.0.2", "timeout_ms": 5000}
 //! {"request": "version"}
 //! {"request": "up", "coordinator": "https://…", "token": "…"}
 //! {"request": "down"}

@@ -5,7 +5,8 @@
 //! map stream), the traversal core ([`Node`], sans-IO), discovery (netcheck
 //! on the shared socket, port mapping) and the relay connections. It is a
 //! single `select!` loop over:
-//! - commands from the local API (`up`, `down`, `logout`, `netcheck`);
+//! - commands from the local API (`up`, `down`, `logout`, `netcheck`,
+//!   `ping`; a ping waits for its round's pongs in [`ping`]);
 //! - map events → peers in the data plane (as managed peers: first packet
 //!   on the relay) and in the traversal core;
 //! - datagrams the UDP readers set aside (disco → traversal, STUN →

@@ -446,14 +446,22 @@ impl PeerPaths {
     }
 
     fn probe_now(&mut self, now: Instant) {
-        // Non-predicted first; predicted last and in order, because their
-        // order is what lines up with the NAT's port allocation.
-        let mut order: Vec<Candidate> = self.candidates.clone();
-        order.sort_by_key(|c| c.kind == CandidateKind::Predicted);
-        for c in order {
+        // Non-predicted first, then our CallMeMaybe, then the predicted in
+        // order. The CallMeMaybe is sealed between the two, so the ports it
+        // predicts for our NAT are exactly the ones our pings to the peer's
+        // predicted ports are about to take: i-th to i-th on both sides,
+        // also when we only started because the peer's CallMeMaybe came.
+        let (predicted, plain): (Vec<Candidate>, Vec<Candidate>) = self
+            .candidates
+            .iter()
+            .partition(|c| c.kind == CandidateKind::Predicted);
+        for c in plain {
             self.ping(now, DirectPath::primary(c.addr));
         }
         self.maybe_call_me(now);
+        for c in predicted {
+            self.ping(now, DirectPath::primary(c.addr));
+        }
     }
 
     fn maybe_call_me(&mut self, now: Instant) {

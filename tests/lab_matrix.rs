@@ -335,3 +335,41 @@ fn same_nat_pair_goes_direct_over_the_lan() {
         y.node.ip
     );
 }
+
+/// Two fresh peers behind sequential EDM NATs: port prediction alone (the
+/// CallMeMaybe lists the ports each side's probes will take) opens a direct
+/// path, when nothing else has moved the NATs' counters.
+#[test]
+fn sequential_edm_pair_goes_direct_by_prediction() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let agents: Vec<Agent> = ["x", "y"]
+        .iter()
+        .map(|name| {
+            let gw = lab.gateway(&format!("g{name}"), Nat::EdmSequential);
+            let node = lab.host_behind(&gw, name);
+            join(&lab, &coord, &token, &node)
+        })
+        .collect();
+    let (x, y) = (&agents[0], &agents[1]);
+    assert!(poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || path_of(&x.status(&lab), "y") != "unknown"
+            && y.status(&lab)["mesh"]["nat"]["allocation"]["kind"] == "sequential"
+            && x.status(&lab)["mesh"]["nat"]["allocation"]["kind"] == "sequential"
+    ));
+    let ip_y = overlay_v4(&y.status(&lab));
+    assert!(lab.ping_within(&x.node, &ip_y, Duration::from_secs(5)));
+    let t0 = Instant::now();
+    let direct = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let _ = lab.ping(&x.node, &ip_y);
+        path_of(&x.status(&lab), "y") == "direct"
+    });
+    eprintln!("sequential pair: direct {direct} after {:?}", t0.elapsed());
+    assert!(direct, "{}", x.cli(&lab, &["status"]).stdout);
+}

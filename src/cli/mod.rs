@@ -129,7 +129,7 @@ pub enum ClientCommand {
         count: u32,
         /// Stop at the first direct pong (`--until-direct=false` to send
         /// every round).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
               default_missing_value = "true", value_name = "BOOL")]
         until_direct: bool,
         /// How long each round waits for a pong (like 5s or 500ms).

@@ -99,4 +99,37 @@ pub struct PeerMesh {
     pub pongs_received: u64,
     /// When the path last turned direct, as seconds ago.
     pub direct_since_secs: Option<u64>,
+    /// The direct paths pinged so far ("candidates tried"), best kind first.
+    #[serde(default)]
+    pub tried: Vec<TriedPath>,
+}
+
+/// One direct path traversal pinged, and what came of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriedPath {
+    pub addr: SocketAddr,
+    /// Where the address came from: host, portmap, srflx, predicted, prflx.
+    pub kind: String,
+    /// Wall-clock time (UTC, `HH:MM:SS`) of the last ping.
+    pub last_ping: Option<String>,
+    /// Wall-clock time of the last pong; `None` when it never answered.
+    pub last_pong: Option<String>,
+    pub rtt_ms: Option<f64>,
+}
+
+/// One on-demand disco ping round (`warren ping`): the pongs that came back
+/// within the round's wait, fastest path first as they arrived.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingRound {
+    pub pongs: Vec<Pong>,
+    /// Whether a pong came back over a direct path.
+    pub direct: bool,
+}
+
+/// One pong of a [`PingRound`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The path it took: direct (the peer's address) or a relay region.
+    pub path: super::PeerPath,
+    pub latency_ms: f64,
 }

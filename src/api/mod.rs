@@ -20,7 +20,7 @@
 //! ```json
 //! {"request": "status"}
 //! {"request": "ip", "peer": "laptop"}
-//! {"request": "ping", "peer": "100.64.0.2"}
+//! {"request": "ping", "peer": "100.64.0.2", "timeout_ms": 5000}
 //! {"request": "version"}
 //! {"request": "up", "coordinator": "https://…", "token": "…"}
 //! {"request": "down"}
@@ -72,8 +72,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peer: Option<String>,
     },
-    /// WireGuard-level liveness of one peer (see [`PingReply`]).
-    Ping { peer: String },
+    /// One disco ping round to a peer of the mesh, with its WireGuard-level
+    /// liveness (see [`PingReply`]). `timeout_ms` bounds the wait for pongs.
+    Ping {
+        peer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
     /// The daemon's version.
     Version,
     /// Join a network with a token, or re-join the last one.
@@ -238,22 +243,30 @@ pub struct IpReply {
 
 /// Answer to [`Request::Ping`].
 ///
-/// The daemon cannot send an ICMP echo into the tunnel without a raw socket
-/// (and it must not need one), so `ping` answers at the WireGuard level: a
-/// peer is `alive` when a handshake completed within the last
-/// [`ALIVE_WITHIN_SECS`] (WireGuard's own session lifetime: past it, the
-/// session would be rejected anyway). Active path probing (disco pings,
-/// "the path turned direct") comes with NAT traversal.
+/// For a peer of the mesh the daemon runs one disco ping round (over the
+/// relay and the direct paths) and `round` lists the pongs, each with its
+/// path and latency; the CLI repeats requests, one round each, so the
+/// daemon never holds a long-lived request. Every peer also gets the
+/// WireGuard-level answer: `alive` when a handshake completed within the
+/// last [`ALIVE_WITHIN_SECS`] (WireGuard's own session lifetime: past it,
+/// the session would be rejected anyway); for a peer from the config file,
+/// which has no disco key, that is all there is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PingReply {
     pub public_key: NodeKey,
     pub hostname: Option<String>,
+    /// The peer's first overlay address.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
     pub alive: bool,
     pub path: PeerPath,
     pub latency_ms: Option<f64>,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The disco ping round; absent for a peer from the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<mesh::PingRound>,
 }
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this is dead.
@@ -264,12 +277,18 @@ impl PingReply {
         PingReply {
             public_key: p.public_key,
             hostname: p.hostname.clone(),
+            address: p
+                .allowed_ips
+                .iter()
+                .find(|n| n.prefix_len() == n.max_prefix_len())
+                .map(|n| n.addr()),
             alive: p.last_handshake_secs.is_some_and(|s| s < ALIVE_WITHIN_SECS),
             path: p.path.clone(),
             latency_ms: p.latency_ms,
             last_handshake_secs: p.last_handshake_secs,
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
+            round: None,
         }
     }
 }

@@ -22,17 +22,23 @@ use futures_util::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::mesh::PingRound;
 use super::resolve::resolve;
 pub use super::view::AgentView;
 use super::{
     ApiError, ErrorCode, IpReply, PingReply, Reply, Request, Status, VersionReply, MAX_REQUEST,
     SOCKET_GROUP,
 };
+use crate::keys::NodeKey;
 
 /// How long one connection may take to send its request and read the answer.
 /// `up` waits on the coordinator and `netcheck` on STUN servers, so this is
 /// the longest of those plus slack.
 const CONN_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one ping round waits for pongs unless the request says.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait a ping request may ask for (well inside the deadline).
+const MAX_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNS: usize = 32;
 
@@ -60,6 +66,21 @@ pub enum ServeError {
 pub trait Backend: Send + Sync + 'static {
     /// A snapshot of the node and its peers.
     fn status(&self) -> Status;
+
+    /// One disco ping round to a mesh peer, waiting at most `timeout`.
+    fn disco_ping(
+        &self,
+        peer: NodeKey,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<PingRound, ApiError>> {
+        let _ = (peer, timeout);
+        Box::pin(async {
+            Err(ApiError::new(
+                ErrorCode::Unsupported,
+                "this daemon runs without a mesh",
+            ))
+        })
+    }
 
     /// Requests that act on the mesh: `up`, `down`, `logout`, `netcheck`.
     /// A backend without a mesh (tests, a static config) refuses them.
@@ -129,10 +150,7 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
                 })
             })
         }
-        Request::Ping { peer } => {
-            let st = backend.status();
-            resolve(&st.peers, &peer).and_then(|p| to_value(&PingReply::from_peer(p)))
-        }
+        Request::Ping { peer, timeout_ms } => ping(backend, &peer, timeout_ms).await,
         r @ (Request::Up(_) | Request::Down | Request::Logout | Request::Netcheck) => {
             backend.mesh(r).await
         }
@@ -141,6 +159,24 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
         Ok(v) => Reply::Ok(v),
         Err(e) => Reply::Error(e),
     }
+}
+
+/// Resolves the peer, runs a disco round when it is a mesh peer, and adds
+/// the WireGuard-level liveness.
+async fn ping(
+    backend: &dyn Backend,
+    query: &str,
+    timeout_ms: Option<u64>,
+) -> Result<serde_json::Value, ApiError> {
+    let st = backend.status();
+    let p = resolve(&st.peers, query)?;
+    let mut reply = PingReply::from_peer(p);
+    if p.mesh.is_some() {
+        let ms = timeout_ms.unwrap_or(PING_TIMEOUT.as_millis() as u64);
+        let timeout = Duration::from_millis(ms).min(MAX_PING_TIMEOUT);
+        reply.round = Some(backend.disco_ping(p.public_key, timeout).await?);
+    }
+    to_value(&reply)
 }
 
 fn is_known(name: &str) -> bool {

@@ -54,7 +54,7 @@ fn fake() -> Fake {
 }
 
 /// Runs [`answer`] to completion; the fake backend never waits.
-fn ask(b: &Fake, line: &str) -> Reply {
+fn ask(b: &dyn Backend, line: &str) -> Reply {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
@@ -112,6 +112,61 @@ fn ping_reports_liveness() {
         serde_json::from_value(ok(ask(&b, r#"{"request":"ping","peer":"100.64.0.3"}"#))).unwrap();
     assert!(!silent.alive);
     assert_eq!(silent.path, PeerPath::None);
+}
+
+/// A backend whose first peer is a mesh peer: pings get a round, and the
+/// timeout asked for is recorded.
+struct MeshFake(Fake, std::sync::Mutex<Vec<std::time::Duration>>);
+
+impl Backend for MeshFake {
+    fn status(&self) -> Status {
+        let mut st = self.0.status();
+        st.peers[0].mesh = Some(crate::api::mesh::PeerMesh::default());
+        st
+    }
+
+    fn disco_ping(
+        &self,
+        peer: NodeKey,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'_, Result<PingRound, ApiError>> {
+        self.1.lock().unwrap().push(timeout);
+        Box::pin(async move {
+            assert_eq!(peer, NodeKey([1; 32]));
+            Ok(PingRound {
+                pongs: vec![crate::api::mesh::Pong {
+                    path: PeerPath::Relay {
+                        region: Some("default".into()),
+                    },
+                    latency_ms: 3.4,
+                }],
+                direct: false,
+            })
+        })
+    }
+}
+
+#[test]
+fn ping_runs_a_disco_round_for_mesh_peers_only() {
+    let b = MeshFake(fake(), Default::default());
+    let r: PingReply = serde_json::from_value(ok(ask(
+        &b,
+        r#"{"request":"ping","peer":"100.64.0.2","timeout_ms":60000}"#,
+    )))
+    .unwrap();
+    let round = r.round.expect("a disco round");
+    assert_eq!(round.pongs.len(), 1);
+    assert_eq!(round.pongs[0].latency_ms, 3.4);
+    assert_eq!(r.address, Some("100.64.0.2".parse().unwrap()));
+    // The wait is capped, and defaults to PING_TIMEOUT.
+    let _ = ask(&b, r#"{"request":"ping","peer":"100.64.0.2"}"#);
+    let asked = b.1.lock().unwrap().clone();
+    assert_eq!(asked, vec![MAX_PING_TIMEOUT, PING_TIMEOUT]);
+    // A peer from the config has no disco: liveness only.
+    let r: PingReply =
+        serde_json::from_value(ok(ask(&b, r#"{"request":"ping","peer":"100.64.0.3"}"#))).unwrap();
+    assert!(r.round.is_none());
+    assert_eq!(b.1.lock().unwrap().len(), 2);
 }
 
 #[test]
@@ -188,6 +243,7 @@ async fn round_trip_over_the_socket() {
             &p,
             &Request::Ping {
                 peer: "zzzzzz".into(),
+                timeout_ms: None,
             },
         )
         .unwrap_err();

@@ -8,17 +8,19 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use ipnet::IpNet;
 
+use super::mesh::PingRound;
 use super::server::Backend;
 use super::{ApiError, ErrorCode, PeerPath, PeerStatus, Request, Status};
 use crate::agent::mesh::{Command, MeshHandle};
 use crate::agent::Running;
 use crate::dataplane::peer::PeerPath as DpPath;
 use crate::dataplane::DataPlane;
+use crate::keys::NodeKey;
 
 pub struct AgentView {
     pub dataplane: Arc<DataPlane>,
@@ -103,6 +105,23 @@ impl Backend for AgentView {
             drops: self.dataplane.drops.snapshot().into(),
             mesh: node,
         }
+    }
+
+    fn disco_ping(
+        &self,
+        peer: NodeKey,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<PingRound, ApiError>> {
+        Box::pin(async move {
+            let Some(mesh) = &self.mesh else {
+                return Err(ApiError::new(
+                    ErrorCode::Unsupported,
+                    "this daemon runs without a mesh",
+                ));
+            };
+            let v = mesh.call(Command::Ping { peer, timeout }).await?;
+            serde_json::from_value(v).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+        })
     }
 
     fn mesh(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {

@@ -8,6 +8,7 @@
 //! [`ClientCommand`] into its subcommands and the tests can check the
 //! rendering without spawning processes.
 
+pub mod ping;
 pub mod render;
 pub mod render_mesh;
 
@@ -19,7 +20,7 @@ use serde::Serialize;
 
 use crate::api::client::{call, ClientError};
 use crate::api::mesh::{UpArgs, UpReply};
-use crate::api::{IpReply, PingReply, Request, Status, VersionReply, DEFAULT_SOCKET};
+use crate::api::{IpReply, Request, Status, VersionReply, DEFAULT_SOCKET};
 use crate::netcheck::Report;
 
 /// Options every command takes.
@@ -112,14 +113,30 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check that a peer is alive: a WireGuard handshake within 3 minutes.
+    /// Ping a peer with disco pings, like `tailscale ping`.
     ///
-    /// Exits with status 1 when the peer is not responding. This reads the
-    /// tunnel's state; it sends no ICMP.
+    /// Each round pings over the relay and the direct paths; every pong is
+    /// printed with its path and latency, and the moment the path turns
+    /// direct is reported. Exits with status 1 when no pong came back, or
+    /// with --until-direct when no direct path was found. A peer from the
+    /// config file has no disco: its WireGuard liveness is printed instead
+    /// (a handshake within 3 minutes).
     Ping {
         /// A peer: host name, overlay IP, or key prefix (4+ characters).
         peer: String,
-        /// Print the peer's liveness as JSON.
+        /// Rounds to send at most (one a second).
+        #[arg(short = 'c', long, default_value_t = 10)]
+        count: u32,
+        /// Stop at the first direct pong (`--until-direct=false` to send
+        /// every round).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+              default_missing_value = "true", value_name = "BOOL")]
+        until_direct: bool,
+        /// How long each round waits for a pong (like 5s or 500ms).
+        #[arg(long, default_value = "5s", value_parser = ping::parse_timeout)]
+        timeout: std::time::Duration,
+        /// Print a JSON array: one object per round, with its pongs' paths
+        /// and latencies.
         #[arg(long)]
         json: bool,
     },
@@ -229,17 +246,20 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 }
             }
         }
-        ClientCommand::Ping { peer, json } => {
-            let reply: PingReply = call(socket, &Request::Ping { peer: peer.clone() })?;
-            let text = render::ping(&reply, peer);
-            if *json {
-                print_json(&mut out, &reply)?;
-            } else if reply.alive {
-                writeln!(out, "{text}")?;
-            }
-            if !reply.alive {
-                return Err(CliError::PeerDown(text));
-            }
+        ClientCommand::Ping {
+            peer,
+            count,
+            until_direct,
+            timeout,
+            json,
+        } => {
+            let opts = ping::Options {
+                count: *count,
+                until_direct: *until_direct,
+                timeout: *timeout,
+                json: *json,
+            };
+            ping::run(&mut out, socket, peer, &opts)?;
         }
         ClientCommand::Version { json } => {
             let daemon = call::<VersionReply>(socket, &Request::Version);

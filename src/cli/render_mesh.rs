@@ -7,7 +7,7 @@
 
 use std::fmt::Write;
 
-use crate::api::mesh::{MeshState, MeshStatus};
+use crate::api::mesh::{MeshState, MeshStatus, TriedPath};
 use crate::api::{PeerPath, PeerStatus};
 use crate::netcheck::{FamilyReport, MappingBehavior, PortAllocation, Report};
 use crate::traversal::hardnat::{Allocation, Mapping};
@@ -97,6 +97,9 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
         match (&p.path, &m.relay_reason, m.direct_since_secs) {
             (PeerPath::Relay { .. }, Some(reason), _) => {
                 let _ = writeln!(out, "{name}: relayed: {reason}");
+                if !m.tried.is_empty() {
+                    let _ = writeln!(out, "{name}: tried {}", tried(&m.tried));
+                }
             }
             (PeerPath::Direct { .. }, _, Some(secs)) => {
                 let _ = writeln!(
@@ -114,6 +117,26 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
         }
     }
     out
+}
+
+/// Most tried paths listed on the status line; the rest are counted.
+const TRIED_SHOWN: usize = 6;
+
+/// "11.11.0.12:51820 (srflx, no pong), 10.2.0.2:51820 (host, pong at
+/// 14:02:05)".
+fn tried(paths: &[TriedPath]) -> String {
+    let mut parts: Vec<String> = paths
+        .iter()
+        .take(TRIED_SHOWN)
+        .map(|t| match &t.last_pong {
+            Some(at) => format!("{} ({}, last pong at {at})", t.addr, t.kind),
+            None => format!("{} ({}, no pong)", t.addr, t.kind),
+        })
+        .collect();
+    if paths.len() > TRIED_SHOWN {
+        parts.push(format!("and {} more", paths.len() - TRIED_SHOWN));
+    }
+    parts.join(", ")
 }
 
 /// `warren netcheck` for a person.
@@ -262,5 +285,52 @@ mod tests {
         ] {
             assert_eq!(summary.short(), want, "{summary:?}");
         }
+    }
+
+    #[test]
+    fn relayed_peer_shows_reason_and_tried_paths() {
+        use crate::api::mesh::PeerMesh;
+        use crate::keys::NodeKey;
+        let t = |addr: &str, kind: &str, pong: Option<&str>| TriedPath {
+            addr: addr.parse().unwrap(),
+            kind: kind.into(),
+            last_ping: Some("14:02:01".into()),
+            last_pong: pong.map(str::to_owned),
+            rtt_ms: None,
+        };
+        let mut paths = vec![
+            t("10.2.0.2:51820", "host", None),
+            t("11.11.0.12:51820", "srflx", Some("14:01:00")),
+        ];
+        let peer = PeerStatus {
+            public_key: NodeKey([3; 32]),
+            hostname: Some("bob".into()),
+            allowed_ips: vec![],
+            path: PeerPath::Relay { region: None },
+            latency_ms: None,
+            last_handshake_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            mesh: Some(PeerMesh {
+                hostname: "bob".into(),
+                online: true,
+                relay_reason: Some(
+                    "both sides EDM random; birthday probing failed after 2000 probes at 14:02:05 UTC"
+                        .into(),
+                ),
+                tried: paths.clone(),
+                ..Default::default()
+            }),
+        };
+        let text = peer_notes(std::slice::from_ref(&peer));
+        assert_eq!(
+            text,
+            "bob: relayed: both sides EDM random; birthday probing failed after 2000 probes \
+             at 14:02:05 UTC\n\
+             bob: tried 10.2.0.2:51820 (host, no pong), 11.11.0.12:51820 (srflx, last pong \
+             at 14:01:00)\n"
+        );
+        paths.extend((0..7).map(|i| t(&format!("10.9.0.{i}:1"), "predicted", None)));
+        assert!(tried(&paths).ends_with(", and 3 more"), "{}", tried(&paths));
     }
 }

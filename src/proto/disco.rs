@@ -136,6 +136,17 @@ pub enum CandidateKind {
 }
 
 impl CandidateKind {
+    /// Short name for status output (ICE's words where ICE has one).
+    pub fn name(self) -> &'static str {
+        match self {
+            CandidateKind::Host => "host",
+            CandidateKind::PortMapped => "portmap",
+            CandidateKind::ServerReflexive => "srflx",
+            CandidateKind::Predicted => "predicted",
+            CandidateKind::PeerReflexive => "prflx",
+        }
+    }
+
     fn to_wire(self) -> u8 {
         match self {
             CandidateKind::Host => 1,

@@ -109,6 +109,26 @@ impl NatSummary {
             _ => "-".into(),
         }
     }
+    fn hard_kind(&self) -> Option<&'static str> {
+        match (self.mapping, self.allocation) {
+            (Mapping::EndpointDependent, Allocation::Random) => Some("EDM random"),
+            (Mapping::EndpointDependent, Allocation::Sequential { .. }) => Some("EDM sequential"),
+            (Mapping::EndpointDependent, _) => Some("EDM"),
+            _ => None,
+        }
+    }
+}
+
+/// The hard-NAT situation of a pair in a few words, for `status` ("both
+/// sides EDM random", "peer EDM sequential"); `None` when neither is hard.
+pub fn describe_pair(local: &NatSummary, remote: &NatSummary) -> Option<String> {
+    match (local.hard_kind(), remote.hard_kind()) {
+        (Some(l), Some(r)) if l == r => Some(format!("both sides {l}")),
+        (Some(l), Some(r)) => Some(format!("this side {l}, peer {r}")),
+        (Some(l), None) => Some(format!("this side {l}")),
+        (None, Some(r)) => Some(format!("peer {r}")),
+        (None, None) => None,
+    }
 }
 
 /// What this side does about hard NATs for one peer.

@@ -176,6 +176,23 @@ pub enum Event {
     WantSockets(u16),
     /// The extra sockets are no longer needed, except `keep` if set.
     ReleaseSockets { keep: Option<SocketId> },
+    /// A pong answered on-demand ping round `round` (`warren ping`).
+    PingReply {
+        round: u64,
+        path: Path,
+        rtt: Duration,
+    },
+}
+
+/// A direct path that was pinged, and what came of it (`warren status`'s
+/// "candidates tried").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tried {
+    pub path: DirectPath,
+    pub kind: crate::proto::disco::CandidateKind,
+    pub last_ping: Option<Instant>,
+    pub last_pong: Option<Instant>,
+    pub rtt: Option<Duration>,
 }
 
 /// Why a peer is on the relay, for `warren status`.
@@ -200,30 +217,40 @@ pub enum RelayReason {
 }
 
 impl RelayReason {
-    /// Human text, with instants shown relative to `now`.
+    /// Human text, with instants shown relative to `now` ("3.2s ago").
     pub fn describe(&self, now: Instant) -> String {
-        let ago = |t: &Instant| {
-            format!(
-                "{:.1}s ago",
-                now.saturating_duration_since(*t).as_secs_f32()
-            )
-        };
+        self.describe_with(&|t| {
+            format!("{:.1}s ago", now.saturating_duration_since(t).as_secs_f32())
+        })
+    }
+
+    /// Human text, with each instant rendered by `when` ("at 14:02:05").
+    /// The core has no wall clock; the driver, which has, passes one in.
+    pub fn describe_with(&self, when: &dyn Fn(Instant) -> String) -> String {
         match self {
-            RelayReason::Probing { since } => format!("probing candidates since {}", ago(since)),
+            RelayReason::Probing { since } => {
+                format!("probing candidates, started {}", when(*since))
+            }
             RelayReason::NoCandidates => "peer has no UDP candidates".into(),
             RelayReason::NoAnswer { at, candidates } => {
-                format!("no pong from {candidates} candidates; gave up {}", ago(at))
+                format!(
+                    "no pong from {candidates} candidates; gave up {}",
+                    when(*at)
+                )
             }
             RelayReason::BothHardNat => {
                 "both sides EDM with random ports: no direct path without a port mapping".into()
             }
             RelayReason::BirthdayFailed { at, probes } => {
-                format!("birthday probing failed after {probes} probes, {}", ago(at))
+                format!(
+                    "birthday probing failed after {probes} probes {}",
+                    when(*at)
+                )
             }
             RelayReason::DirectTimedOut { at, path } => {
-                format!("direct path {} went silent {}", path.addr, ago(at))
+                format!("direct path {} went silent {}", path.addr, when(*at))
             }
-            RelayReason::NetworkChanged { at } => format!("local network changed {}", ago(at)),
+            RelayReason::NetworkChanged { at } => format!("local network changed {}", when(*at)),
         }
     }
 }

@@ -34,6 +34,7 @@ use super::hardnat::{self, Allocation, Mapping};
 use super::peer::{Payload, PeerPaths, PeerStats};
 use super::{
     ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
+    Tried,
 };
 use crate::keys::NodeKey;
 use crate::proto::disco::{
@@ -102,6 +103,13 @@ pub enum NodeEvent {
     OpenSockets { count: u16 },
     /// Close every extra socket except `keep` (in use by a direct path).
     CloseSockets { keep: Vec<SocketId> },
+    /// A pong answered on-demand ping round `round` (see [`Node::ping`]).
+    PingReply {
+        peer: NodeKey,
+        round: u64,
+        path: Path,
+        rtt: Duration,
+    },
 }
 
 /// Counters of refused input.
@@ -116,15 +124,6 @@ pub struct DropStats {
     pub relay_mismatch: u64,
     /// Opened fine but refused by the peer machine (stray pong, wrong key).
     pub rejected: u64,
-}
-
-/// One peer's state as `warren status` shows it.
-#[derive(Debug, Clone)]
-pub struct PeerStatus {
-    pub path: Path,
-    pub rtt: Option<Duration>,
-    pub relay_reason: Option<String>,
-    pub stats: PeerStats,
 }
 
 struct PeerEntry {
@@ -265,16 +264,6 @@ impl Node {
             .map_or(Path::Relay, |e| e.paths.current_path())
     }
 
-    pub fn status(&self, peer: &NodeKey, now: Instant) -> Option<PeerStatus> {
-        let p = &self.peers.get(peer)?.paths;
-        Some(PeerStatus {
-            path: p.current_path(),
-            rtt: p.rtt(),
-            relay_reason: p.relay_reason().map(|r| r.describe(now)),
-            stats: p.stats(),
-        })
-    }
-
     /// The raw relay reason, for callers that want to match on it.
     pub fn relay_reason(&self, peer: &NodeKey) -> Option<RelayReason> {
         self.peers.get(peer)?.paths.relay_reason().cloned()
@@ -285,6 +274,15 @@ impl Node {
             e.paths.note_traffic(now);
             self.pump(now, *peer);
         }
+    }
+
+    /// Starts an on-demand ping round to `peer` (`warren ping`): pings over
+    /// the relay and the direct paths; each pong comes out as a
+    /// [`NodeEvent::PingReply`] with the round number returned here.
+    pub fn ping(&mut self, now: Instant, peer: &NodeKey) -> Option<u64> {
+        let round = self.peers.get_mut(peer)?.paths.ping_round(now);
+        self.pump(now, *peer);
+        Some(round)
     }
 
     /// The host's interfaces or default route changed.
@@ -529,6 +527,14 @@ impl Node {
                         self.events.push_back(NodeEvent::OpenSockets { count });
                     }
                 }
+                Event::PingReply { round, path, rtt } => {
+                    self.events.push_back(NodeEvent::PingReply {
+                        peer: key,
+                        round,
+                        path,
+                        rtt,
+                    });
+                }
                 Event::ReleaseSockets { keep } => {
                     self.sockets_kept.extend(keep);
                     self.sockets_wanted_by.remove(&key);
@@ -547,6 +553,10 @@ impl Node {
         }
     }
 }
+
+#[path = "node_status.rs"]
+mod status;
+pub use status::PeerStatus;
 
 #[cfg(test)]
 #[path = "node_tests.rs"]

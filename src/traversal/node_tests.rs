@@ -176,3 +176,173 @@ fn sequential_nat_predicts_in_call_me_maybe() {
     want.push(30002);
     assert_eq!(ports, want);
 }
+
+/// Delivers every datagram `from` wants to send to `to` at `now`; returns
+/// how many went by relay and by UDP.
+fn shuttle(
+    from: &mut Node,
+    from_key: NodeKey,
+    from_addr: SocketAddr,
+    to: &mut Node,
+    now: Instant,
+) -> (usize, usize) {
+    let (mut relayed, mut udp) = (0, 0);
+    while let Some(t) = from.poll_transmit() {
+        match t.dest {
+            Dest::Udp { .. } => {
+                udp += 1;
+                to.handle_udp(now, SocketId::PRIMARY, from_addr, &t.bytes);
+            }
+            Dest::Relay(_) => {
+                relayed += 1;
+                to.handle_relay(now, from_key, &t.bytes);
+            }
+        }
+    }
+    (relayed, udp)
+}
+
+fn ping_replies(n: &mut Node) -> Vec<(u64, Path, Duration)> {
+    std::iter::from_fn(|| n.poll_event())
+        .filter_map(|e| match e {
+            NodeEvent::PingReply {
+                round, path, rtt, ..
+            } => Some((round, path, rtt)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ping_round_reports_the_relay_pong_then_the_direct_one() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let (mut a, mut b, a_addr, b_addr) = nodes(t0);
+    let (ka, kb) = (NodeKey([1; 32]), NodeKey([2; 32]));
+    assert_eq!(a.ping(t0, &NodeKey([7; 32])), None, "not a peer");
+    assert_eq!(a.ping(t0, &kb), Some(1));
+    // Relay ping + CallMeMaybe, and a ping to b's one candidate.
+    let (relayed, udp) = shuttle(&mut a, ka, a_addr, &mut b, t0 + ms(20));
+    assert_eq!((relayed, udp), (2, 1));
+    // b answers both pings (and probes back, being asked to).
+    shuttle(&mut b, kb, b_addr, &mut a, t0 + ms(40));
+    let replies = ping_replies(&mut a);
+    assert_eq!(
+        replies,
+        vec![
+            (1, Path::Relay, ms(40)),
+            (1, Path::Direct(DirectPath::primary(b_addr)), ms(40)),
+        ]
+    );
+    // The direct pong was a real one: the path moved.
+    assert_eq!(a.path(&kb), Path::Direct(DirectPath::primary(b_addr)));
+    assert_eq!(a.drops(), DropStats::default());
+    assert_eq!(b.drops(), DropStats::default());
+
+    // Let b's probes back settle.
+    for _ in 0..3 {
+        shuttle(&mut a, ka, a_addr, &mut b, t0 + ms(50));
+        shuttle(&mut b, kb, b_addr, &mut a, t0 + ms(50));
+    }
+    assert!(ping_replies(&mut a).is_empty());
+    // On a direct path a round pings that path and the relay, no CallMeMaybe.
+    let t1 = t0 + ms(2000);
+    assert_eq!(a.ping(t1, &kb), Some(2));
+    let (relayed, udp) = shuttle(&mut a, ka, a_addr, &mut b, t1 + ms(1));
+    assert_eq!((relayed, udp), (1, 1));
+    shuttle(&mut b, kb, b_addr, &mut a, t1 + ms(3));
+    let mut replies = ping_replies(&mut a);
+    replies.sort_by_key(|r| r.2);
+    assert_eq!(
+        replies,
+        vec![
+            (2, Path::Relay, ms(3)),
+            (2, Path::Direct(DirectPath::primary(b_addr)), ms(3)),
+        ]
+    );
+}
+
+#[test]
+fn a_late_or_replayed_pong_makes_no_second_reply() {
+    let t0 = Instant::now();
+    let (mut a, mut b, a_addr, b_addr) = nodes(t0);
+    let (ka, kb) = (NodeKey([1; 32]), NodeKey([2; 32]));
+    a.ping(t0, &kb);
+    shuttle(&mut a, ka, a_addr, &mut b, t0);
+    // Keep b's relay pong aside and deliver it twice.
+    let pong = std::iter::from_fn(|| b.poll_transmit())
+        .find(|t| matches!(t.dest, Dest::Relay(_)))
+        .unwrap();
+    a.handle_relay(t0, kb, &pong.bytes);
+    assert_eq!(a.handle_relay(t0, kb, &pong.bytes), Datagram::Dropped);
+    assert_eq!(a.drops().replayed, 1);
+    assert_eq!(ping_replies(&mut a).len(), 1);
+    // A pong whose round has expired is refused and reports nothing.
+    a.ping(t0, &kb);
+    shuttle(&mut a, ka, a_addr, &mut b, t0);
+    let late = t0 + Config::default().ping_timeout + Duration::from_secs(1);
+    a.ping(late, &kb); // forgets the expired round's pings
+    let _ = std::iter::from_fn(|| a.poll_transmit()).count();
+    let before = a.drops().rejected;
+    shuttle(&mut b, kb, b_addr, &mut a, late);
+    assert!(ping_replies(&mut a).iter().all(|(round, _, _)| *round != 2));
+    assert!(a.drops().rejected > before);
+}
+
+#[test]
+fn status_names_the_hard_nat_pair_and_the_paths_tried_with_times() {
+    let t0 = Instant::now();
+    let (mut a, _, _, b_addr) = nodes(t0);
+    let kb = NodeKey([2; 32]);
+    let random = NatSummary {
+        mapping: Mapping::EndpointDependent,
+        allocation: Allocation::Random,
+        observed: None,
+    };
+    a.set_local(vec![], random);
+    a.upsert_peer(
+        t0,
+        PeerInfo {
+            node_key: kb,
+            disco_key: a.peers[&kb].disco,
+            candidates: vec![Candidate::udp(b_addr, CandidateKind::ServerReflexive)],
+            nat: random,
+        },
+    );
+    a.note_traffic(t0, &kb);
+    a.handle_timeout(t0);
+    // Every round goes unanswered.
+    let mut now = t0;
+    while let Some((t, _)) = a
+        .poll_timeout()
+        .filter(|(t, _)| *t < t0 + Duration::from_secs(20))
+    {
+        now = t;
+        a.handle_timeout(now);
+        let _ = std::iter::from_fn(|| a.poll_transmit()).count();
+    }
+    let when = |t: Instant| format!("at +{}s", t.duration_since(t0).as_secs());
+    let st = a.status_with(&kb, &when).unwrap();
+    let reason = st.relay_reason.unwrap();
+    assert!(reason.starts_with("both sides EDM"), "{reason}");
+    assert_eq!(st.tried.len(), 1);
+    assert_eq!(st.tried[0].path, DirectPath::primary(b_addr));
+    assert_eq!(st.tried[0].last_pong, None);
+    assert!(st.tried[0].last_ping.is_some_and(|t| t <= now));
+    // An unanswered attempt against an easy peer says when it gave up.
+    let (mut c, _, _, _) = nodes(t0);
+    c.note_traffic(t0, &kb);
+    while let Some((t, _)) = c
+        .poll_timeout()
+        .filter(|(t, _)| *t < t0 + Duration::from_secs(20))
+    {
+        c.handle_timeout(t);
+        let _ = std::iter::from_fn(|| c.poll_transmit()).count();
+    }
+    let reason = c.status_with(&kb, &when).unwrap().relay_reason.unwrap();
+    assert_eq!(reason, "no pong from 1 candidates; gave up at +15s");
+    assert_eq!(
+        super::hardnat::describe_pair(&NatSummary::default(), &random).as_deref(),
+        Some("peer EDM random")
+    );
+}

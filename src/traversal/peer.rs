@@ -109,6 +109,7 @@ pub struct PeerPaths {
     last_traffic: Option<Instant>,
     relay_reason: RelayReason,
     birthday: Birthday,
+    on_demand: ping::OnDemand,
     stats: PeerStats,
 }
 
@@ -140,6 +141,7 @@ impl PeerPaths {
             last_traffic: None,
             relay_reason: RelayReason::NoCandidates,
             birthday: Birthday::Idle { not_before: None },
+            on_demand: ping::OnDemand::default(),
             stats: PeerStats::default(),
         }
     }
@@ -171,6 +173,10 @@ impl PeerPaths {
 
     pub fn stats(&self) -> PeerStats {
         self.stats
+    }
+
+    pub fn tried(&self) -> Vec<super::Tried> {
+        self.table.tried()
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -294,6 +300,7 @@ impl PeerPaths {
                 }
                 self.pending.remove(&tx_id);
                 self.stats.pongs_received += 1;
+                self.on_demand_pong(now, tx_id, Path::Direct(p));
                 let trust_for = if self.active(now) {
                     self.cfg.trust
                 } else {
@@ -312,7 +319,10 @@ impl PeerPaths {
                 self.merge_call_me(now, endpoints);
                 Ok(())
             }
-            (_, Path::Relay) => Err(Rejected::WrongPath),
+            (Message::Ping { tx_id, node_key }, Path::Relay) => {
+                self.answer_relay_ping(tx_id, node_key)
+            }
+            (Message::Pong { tx_id, .. }, Path::Relay) => self.relay_pong(now, tx_id),
         }
     }
 
@@ -436,14 +446,22 @@ impl PeerPaths {
     }
 
     fn probe_now(&mut self, now: Instant) {
-        // Non-predicted first; predicted last and in order, because their
-        // order is what lines up with the NAT's port allocation.
-        let mut order: Vec<Candidate> = self.candidates.clone();
-        order.sort_by_key(|c| c.kind == CandidateKind::Predicted);
-        for c in order {
+        // Non-predicted first, then our CallMeMaybe, then the predicted in
+        // order. The CallMeMaybe is sealed between the two, so the ports it
+        // predicts for our NAT are exactly the ones our pings to the peer's
+        // predicted ports are about to take: i-th to i-th on both sides,
+        // also when we only started because the peer's CallMeMaybe came.
+        let (predicted, plain): (Vec<Candidate>, Vec<Candidate>) = self
+            .candidates
+            .iter()
+            .partition(|c| c.kind == CandidateKind::Predicted);
+        for c in plain {
             self.ping(now, DirectPath::primary(c.addr));
         }
         self.maybe_call_me(now);
+        for c in predicted {
+            self.ping(now, DirectPath::primary(c.addr));
+        }
     }
 
     fn maybe_call_me(&mut self, now: Instant) {
@@ -461,12 +479,13 @@ impl PeerPaths {
         });
     }
 
-    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) {
+    /// Sends a ping on `path`; its tx id, unless too many are in flight.
+    pub(super) fn ping(&mut self, now: Instant, path: DirectPath) -> Option<[u8; 12]> {
         if self.pending.len() >= MAX_PENDING {
             let timeout = self.cfg.ping_timeout;
             self.pending.retain(|_, p| now < p.sent + timeout);
             if self.pending.len() >= MAX_PENDING {
-                return;
+                return None;
             }
         }
         let tx_id: [u8; 12] = self.rng.gen();
@@ -482,6 +501,7 @@ impl PeerPaths {
                 node_key: self.local_key,
             }),
         });
+        Some(tx_id)
     }
 
     fn select(&mut self, now: Instant) {
@@ -560,6 +580,9 @@ impl PeerPaths {
 
 #[path = "peer_birthday.rs"]
 mod birthday;
+
+#[path = "peer_ping.rs"]
+mod ping;
 
 #[cfg(test)]
 #[path = "peer_tests.rs"]

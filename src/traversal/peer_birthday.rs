@@ -116,8 +116,11 @@ impl PeerPaths {
         if matches!(self.birthday, Birthday::Idle { .. }) {
             return;
         }
+        // `keep` is given when a direct path won: a success earns no
+        // backoff, so when that path dies later (the NAT forgot its
+        // mapping) a new attempt may start at once.
         self.birthday = Birthday::Idle {
-            not_before: Some(now + self.retry_backoff),
+            not_before: keep.is_none().then(|| now + self.retry_backoff),
         };
         if was_hard {
             let keep = keep.filter(|s| *s != SocketId::PRIMARY);

@@ -219,3 +219,122 @@ fn failed_attempt_backs_off_and_records_why() {
     // Bounded: 5 rounds of one ping each, one CallMeMaybe (rate-limited).
     assert_eq!(m.stats().pings_sent, 5);
 }
+
+#[test]
+fn relay_ping_is_answered_and_relay_pong_never_moves_the_path() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    // The peer pings us through the relay: a pong goes back the same way.
+    let ping = |key: NodeKey| Message::Ping {
+        tx_id: [5; 12],
+        node_key: key,
+    };
+    assert_eq!(
+        m.handle_disco(t0, Path::Relay, ping(key(3))),
+        Err(Rejected::NodeKeyMismatch)
+    );
+    m.handle_disco(t0, Path::Relay, ping(key(2))).unwrap();
+    let txs = drain(&mut m);
+    assert!(matches!(
+        txs.as_slice(),
+        [Transmit {
+            path: Path::Relay,
+            payload: Payload::Disco(Message::Pong { tx_id, .. })
+        }] if *tx_id == [5; 12]
+    ));
+    // Our own round: the relay pong makes a reply and nothing else.
+    assert_eq!(m.ping_round(t0), 1);
+    let relay_tx = drain(&mut m)
+        .iter()
+        .find_map(|t| match (&t.path, &t.payload) {
+            (Path::Relay, Payload::Disco(Message::Ping { tx_id, .. })) => Some(*tx_id),
+            _ => None,
+        })
+        .expect("a ping over the relay");
+    let pong = |tx_id| Message::Pong {
+        tx_id,
+        observed_src: addr("0.0.0.0:0"),
+    };
+    assert_eq!(
+        m.handle_disco(t0, Path::Relay, pong([1; 12])),
+        Err(Rejected::WrongPath)
+    );
+    let t1 = t0 + Duration::from_millis(25);
+    m.handle_disco(t1, Path::Relay, pong(relay_tx)).unwrap();
+    assert_eq!(m.current_path(), Path::Relay);
+    let events: Vec<Event> = std::iter::from_fn(|| m.poll_event()).collect();
+    assert_eq!(
+        events,
+        vec![Event::PingReply {
+            round: 1,
+            path: Path::Relay,
+            rtt: Duration::from_millis(25)
+        }]
+    );
+    // The same pong again matches nothing.
+    assert_eq!(
+        m.handle_disco(t1, Path::Relay, pong(relay_tx)),
+        Err(Rejected::WrongPath)
+    );
+}
+
+#[test]
+fn a_birthday_path_that_dies_gets_a_new_attempt_at_once() {
+    use crate::traversal::{Allocation, Mapping, SocketId};
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let peer_public = addr("192.0.2.2:41641");
+    m.set_nat(
+        NatSummary {
+            mapping: Mapping::EndpointDependent,
+            allocation: Allocation::Random,
+            observed: Some(addr("198.51.100.1:5000")),
+        },
+        NatSummary {
+            mapping: Mapping::EndpointIndependent,
+            allocation: Allocation::Preserving,
+            observed: Some(peer_public),
+        },
+    );
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let wants = |m: &mut PeerPaths| {
+        std::iter::from_fn(|| m.poll_event()).any(|e| matches!(e, Event::WantSockets(_)))
+    };
+    assert!(wants(&mut m), "the hard side asks for sockets");
+    m.sockets_ready(t0, 4);
+    let via2 = drain(&mut m)
+        .iter()
+        .find_map(|t| match (&t.path, &t.payload) {
+            (Path::Direct(p), Payload::Disco(Message::Ping { tx_id, .. }))
+                if p.socket == SocketId(2) =>
+            {
+                Some((*p, *tx_id))
+            }
+            _ => None,
+        })
+        .expect("a spray ping from socket 2");
+    let t1 = t0 + Duration::from_millis(300);
+    let pong = Message::Pong {
+        tx_id: via2.1,
+        observed_src: addr("198.51.100.1:6000"),
+    };
+    m.handle_disco(t1, Path::Direct(via2.0), pong).unwrap();
+    assert_eq!(m.current_path(), Path::Direct(via2.0));
+    let _ = std::iter::from_fn(|| m.poll_event()).count();
+    // The NAT forgets the mapping: no pong answers the heartbeats, the path
+    // times out, and the next discovery round starts a new attempt at once
+    // (a success must not leave the retry backoff behind).
+    let mut now = t1;
+    while m.current_path() != Path::Relay {
+        let (t, _) = m.poll_timeout().unwrap();
+        assert!(t < t1 + Duration::from_secs(10), "the path never timed out");
+        now = t;
+        m.note_traffic(now);
+        m.handle_timeout(now);
+        let _ = drain(&mut m);
+    }
+    let (t, _) = m.poll_timeout().unwrap();
+    m.handle_timeout(t.max(now));
+    assert!(wants(&mut m), "a new birthday attempt right after the loss");
+}

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::DirectPath;
+use super::{DirectPath, Tried};
 use crate::proto::disco::CandidateKind;
 
 /// What we know about one direct path.
@@ -136,6 +136,24 @@ impl PathTable {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&DirectPath, &mut PathInfo)> {
         self.paths.iter_mut()
+    }
+
+    /// The paths pinged at least once, best kind first, for `status`.
+    pub fn tried(&self) -> Vec<Tried> {
+        let mut out: Vec<Tried> = self
+            .paths
+            .iter()
+            .filter(|(_, i)| i.last_ping.is_some())
+            .map(|(p, i)| Tried {
+                path: *p,
+                kind: i.kind,
+                last_ping: i.last_ping,
+                last_pong: i.last_pong,
+                rtt: i.rtt,
+            })
+            .collect();
+        out.sort_by_key(|t| (t.kind, t.path));
+        out
     }
 }
 

@@ -270,6 +270,20 @@ pub fn tcp_transfer(
     port: u16,
     len: usize,
 ) -> ([u8; 32], [u8; 32]) {
+    tcp_transfer_paced(lab, from, to, to_ip, port, len, None)
+}
+
+/// [`tcp_transfer`] at no more than `rate` bytes a second when given, so a
+/// transfer spans a fault injected while it runs.
+pub fn tcp_transfer_paced(
+    lab: &Lab,
+    from: &Node,
+    to: &Node,
+    to_ip: IpAddr,
+    port: u16,
+    len: usize,
+    rate: Option<u64>,
+) -> ([u8; 32], [u8; 32]) {
     const IO: Duration = Duration::from_secs(30);
     let (tx, rx) = mpsc::channel();
     let receiver = lab.thread_in(to, move || {
@@ -311,14 +325,26 @@ pub fn tcp_transfer(
         conn.set_write_timeout(Some(IO)).expect("write timeout");
         let mut urandom = std::fs::File::open("/dev/urandom").expect("urandom");
         let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 1024 * 1024];
+        let mut buf = vec![
+            0u8;
+            if rate.is_some() {
+                64 * 1024
+            } else {
+                1024 * 1024
+            }
+        ];
         let mut left = len;
+        let start = Instant::now();
         while left > 0 {
             let n = left.min(buf.len());
             urandom.read_exact(&mut buf[..n]).expect("read urandom");
             hash.update(&buf[..n]);
             conn.write_all(&buf[..n]).expect("sender write");
             left -= n;
+            if let Some(rate) = rate {
+                let due = start + Duration::from_secs_f64((len - left) as f64 / rate as f64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
         }
         conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
         <[u8; 32]>::from(hash.finalize())

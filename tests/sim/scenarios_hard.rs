@@ -25,6 +25,24 @@ fn edm_sequential_both_sides_by_prediction() {
     assert_ne!(p.addr.port(), observed.port());
 }
 
+/// Only one side has traffic at first: the other starts when the
+/// CallMeMaybe arrives, as in the agent (the first packet goes one way).
+#[test]
+fn edm_sequential_both_sides_when_one_side_starts() {
+    let hard = NatConfig::hard(Alloc::Sequential(1));
+    let (mut sim, a, b) = pair(13, Some(hard), Some(hard));
+    sim.nodes[b].traffic = false;
+    sim.run_for(10 * SEC);
+    let peer = sim.nodes[b].key;
+    let t = sim.nodes[a].time_to_direct(peer, sim.now() - 10 * SEC);
+    assert!(
+        matches!(sim.path(a, b), Path::Direct(_)),
+        "not direct: {:?}",
+        sim.nodes[a].events
+    );
+    assert!(t.is_some_and(|t| t < 3 * SEC), "{t:?}");
+}
+
 #[test]
 fn edm_sequential_step_two() {
     let hard = NatConfig::hard(Alloc::Sequential(2));

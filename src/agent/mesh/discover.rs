@@ -194,12 +194,13 @@ impl Discovery {
         out
     }
 
-    /// The NAT summary for IPv4, where NATs live.
+    /// The NAT summary for IPv4, where NATs live. Built from the whole
+    /// report: port prediction counts from the *last* port the NAT handed
+    /// out (the last probe), not from the first server's mapping that the
+    /// family report calls `global`: with two STUN ports that was one port
+    /// behind, and every prediction missed.
     pub fn nat(&self) -> NatSummary {
-        self.last
-            .as_ref()
-            .map(|r| NatSummary::from(&r.ipv4))
-            .unwrap_or_default()
+        self.last.as_ref().map(NatSummary::from).unwrap_or_default()
     }
 
     /// Each region's latency from the last run, lowest first.

@@ -1,5 +1,5 @@
 //! How the rest of the daemon talks to the mesh task: commands from the
-//! local API (`up`, `down`, `logout`, `netcheck`) answered on a oneshot, and
+//! local API (`up`, `down`, `logout`, `netcheck`, `ping`) answered on a oneshot, and
 //! a snapshot of the mesh's state that `status` reads without waiting on
 //! the task.
 //!
@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,6 +27,13 @@ pub enum Command {
     /// The daemon is exiting: give back what is held outside this host
     /// (the port mapping) and answer once it is done.
     Shutdown,
+    /// One disco ping round to `peer`, answered with a
+    /// [`crate::api::mesh::PingRound`] after the first direct pong, a short
+    /// grace after the first relayed one, or `timeout`.
+    Ping {
+        peer: NodeKey,
+        timeout: std::time::Duration,
+    },
 }
 
 pub type Reply = oneshot::Sender<Result<serde_json::Value, ApiError>>;
@@ -66,10 +74,37 @@ impl MeshHandle {
     }
 }
 
+/// Renders a core instant as wall-clock time, "HH:MM:SS" in UTC. The
+/// traversal core only has `Instant`s; this is the edge where they meet
+/// the clock a person reads (`now` and `wall` are taken together).
+pub(super) fn wall_clock(now: Instant, wall: SystemTime, t: Instant) -> String {
+    let at = wall
+        .checked_sub(now.saturating_duration_since(t))
+        .unwrap_or(wall);
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
 /// The mesh task's side of the view.
 pub(super) fn publish(view: &Mutex<View>, f: impl FnOnce(&mut View)) {
     match view.lock() {
         Ok(mut v) => f(&mut v),
         Err(poisoned) => f(&mut poisoned.into_inner()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn instants_become_utc_clock_times() {
+        let now = Instant::now();
+        // 1970-01-02 14:02:05 UTC.
+        let wall = UNIX_EPOCH + Duration::from_secs(86_400 + 14 * 3600 + 2 * 60 + 5);
+        assert_eq!(wall_clock(now, wall, now), "14:02:05");
+        let earlier = now.checked_sub(Duration::from_secs(65)).unwrap();
+        assert_eq!(wall_clock(now, wall, earlier), "14:01:00");
     }
 }

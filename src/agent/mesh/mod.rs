@@ -5,7 +5,8 @@
 //! map stream), the traversal core ([`Node`], sans-IO), discovery (netcheck
 //! on the shared socket, port mapping) and the relay connections. It is a
 //! single `select!` loop over:
-//! - commands from the local API (`up`, `down`, `logout`, `netcheck`);
+//! - commands from the local API (`up`, `down`, `logout`, `netcheck`,
+//!   `ping`; a ping waits for its round's pongs in [`ping`]);
 //! - map events → peers in the data plane (as managed peers: first packet
 //!   on the relay) and in the traversal core;
 //! - datagrams the UDP readers set aside (disco → traversal, STUN →
@@ -24,6 +25,7 @@
 mod discover;
 mod handle;
 mod login;
+mod ping;
 mod relays;
 mod session;
 mod sockets;
@@ -41,7 +43,7 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::egress::Egress;
 use super::inbound::{SideDatagram, TunBuf};
-use crate::api::mesh::PeerMesh;
+use crate::api::mesh::{PeerMesh, TriedPath};
 use crate::control::types::Peer as MapPeer;
 use crate::dataplane::peer::PeerPath;
 use crate::dataplane::{DataPlane, Opened, Sealed};
@@ -119,6 +121,8 @@ pub(crate) struct Mesh {
     map_peers: HashMap<NodeKey, MapPeer>,
     /// Netcheck requests waiting for the running netcheck's report.
     netcheck_waiters: Vec<handle::Reply>,
+    /// `warren ping` requests waiting for their round's pongs.
+    ping_waiters: Vec<ping::Waiter>,
     /// When each peer's path last turned direct.
     direct_since: HashMap<NodeKey, Instant>,
     traffic: HashMap<NodeKey, u64>,
@@ -172,6 +176,7 @@ impl Mesh {
             background: JoinSet::new(),
             map_peers: HashMap::new(),
             netcheck_waiters: Vec::new(),
+            ping_waiters: Vec::new(),
             direct_since: HashMap::new(),
             traffic: HashMap::new(),
             host_addrs: Vec::new(),
@@ -189,6 +194,7 @@ impl Mesh {
             let deadline = [
                 self.node.poll_timeout().map(|(t, _)| t),
                 self.discovery.poll_timeout(),
+                self.ping_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -369,6 +375,12 @@ impl Mesh {
                     tracing::info!(count, open, "birthday: extra sockets opened");
                     self.node.sockets_opened(now, open);
                 }
+                NodeEvent::PingReply {
+                    peer,
+                    round,
+                    path,
+                    rtt,
+                } => self.on_ping_reply(peer, round, path, rtt),
                 NodeEvent::CloseSockets { keep } => {
                     self.sockets.close(&keep);
                     tracing::info!(
@@ -379,6 +391,7 @@ impl Mesh {
                 }
             }
         }
+        self.finish_pings(Instant::now());
     }
 
     /// Moves the peer in the data plane to traversal's path: direct from
@@ -406,11 +419,14 @@ impl Mesh {
     /// Writes the status view the API reads.
     fn publish_view(&self, now: Instant) {
         let node = self.node_status();
+        let wall = std::time::SystemTime::now();
+        let clock = |t: Instant| handle::wall_clock(now, wall, t);
+        let at = |t: Instant| format!("at {} UTC", clock(t));
         let peers = self
             .map_peers
             .values()
             .map(|p| {
-                let st = self.node.status(&p.key, now);
+                let st = self.node.status_with(&p.key, &at);
                 let relayed = st.as_ref().is_none_or(|s| matches!(s.path, Path::Relay));
                 let mesh = PeerMesh {
                     hostname: p.name.clone(),
@@ -435,6 +451,18 @@ impl Mesh {
                         .direct_since
                         .get(&p.key)
                         .map(|t| now.duration_since(*t).as_secs()),
+                    tried: st.as_ref().map_or_else(Vec::new, |s| {
+                        s.tried
+                            .iter()
+                            .map(|t| TriedPath {
+                                addr: t.path.addr,
+                                kind: t.kind.name().into(),
+                                last_ping: t.last_ping.map(clock),
+                                last_pong: t.last_pong.map(clock),
+                                rtt_ms: t.rtt.map(|d| d.as_secs_f64() * 1e3),
+                            })
+                            .collect()
+                    }),
                 };
                 (p.key, mesh)
             })

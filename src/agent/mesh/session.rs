@@ -141,6 +141,10 @@ impl Mesh {
                 self.discovery.release_portmap().await;
                 Ok(serde_json::Value::Null)
             }
+            Command::Ping { peer, timeout } => {
+                self.start_ping(peer, timeout, reply);
+                return;
+            }
             Command::Netcheck => {
                 if self.relays.map().regions.is_empty() {
                     Err(api_err(

@@ -52,6 +52,15 @@ pub struct AgentConfig {
     /// joined to a network.
     #[serde(default = "default_true")]
     pub portmap: bool,
+    /// How relay connections enter: `"auto"` (the HTTP upgrade, falling
+    /// back to WebSocket when the path refuses it), `"upgrade"` or
+    /// `"websocket"` (for proxies that pass nothing else).
+    #[serde(default)]
+    pub relay_transport: crate::relay_client::RelayTransport,
+    /// Seconds without traffic after which a connection to a relay other
+    /// than the home relay is closed.
+    #[serde(default = "default_relay_idle")]
+    pub relay_idle_timeout: u64,
 }
 
 impl Default for AgentConfig {
@@ -60,8 +69,14 @@ impl Default for AgentConfig {
             socket: default_socket(),
             state_dir: default_state_dir(),
             portmap: true,
+            relay_transport: Default::default(),
+            relay_idle_timeout: default_relay_idle(),
         }
     }
+}
+
+fn default_relay_idle() -> u64 {
+    60
 }
 
 fn default_state_dir() -> PathBuf {
@@ -213,6 +228,12 @@ impl Config {
         }
         if iface.mtu < 1280 || iface.mtu > 9000 {
             return Err(err("interface.mtu".into(), "must be between 1280 and 9000"));
+        }
+        if self.agent.relay_idle_timeout == 0 {
+            return Err(err(
+                "agent.relay_idle_timeout".into(),
+                "must be at least 1 (seconds)",
+            ));
         }
         for (i, p) in self.peers.iter().enumerate() {
             if self.peers[..i].iter().any(|q| q.public_key == p.public_key) {
@@ -438,6 +459,32 @@ mod tests {
         .unwrap();
         let c = Config::load(&cfg).unwrap();
         assert_eq!(c.private_key().unwrap().public().to_string(), PUB);
+    }
+
+    #[test]
+    fn relay_transport_and_idle_timeout() {
+        use crate::relay_client::RelayTransport;
+        let c = parse("[agent]\nportmap = false\n").unwrap();
+        assert_eq!(c.agent.relay_transport, RelayTransport::Auto);
+        assert_eq!(c.agent.relay_idle_timeout, 60);
+        for (text, want) in [
+            ("auto", RelayTransport::Auto),
+            ("upgrade", RelayTransport::Upgrade),
+            ("websocket", RelayTransport::WebSocket),
+        ] {
+            let c = parse(&format!("[agent]\nrelay_transport = \"{text}\"\n")).unwrap();
+            assert_eq!(c.agent.relay_transport, want, "{text}");
+        }
+        let (line, key, msg) = invalid("[agent]\nportmap = true\nrelay_transport = \"ws\"\n");
+        assert_eq!((line, key.as_str()), (3, "agent.relay_transport"), "{msg}");
+        assert!(
+            msg.contains("websocket"),
+            "the message lists the choices: {msg}"
+        );
+        let (line, key, _) = invalid("[agent]\n\nrelay_idle_timeout = 0\n");
+        assert_eq!((line, key.as_str()), (3, "agent.relay_idle_timeout"));
+        let (line, key, _) = invalid("[agent]\nrelay_idle_timeout = \"1m\"\n");
+        assert_eq!((line, key.as_str()), (2, "agent.relay_idle_timeout"));
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     pub state_dir: Option<String>,
     /// `[agent] portmap` (written only with `state_dir`).
     pub portmap: bool,
+    /// Further `[agent]` lines (`key = value`), written only with
+    /// `state_dir`: `relay_transport`, `relay_idle_timeout`.
+    pub agent_extra: Vec<String>,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -106,6 +109,7 @@ impl AgentConfig {
             peers: Vec::new(),
             state_dir: None,
             portmap: false,
+            agent_extra: Vec::new(),
         }
     }
 
@@ -146,6 +150,10 @@ impl AgentConfig {
                 "\n[agent]\nstate_dir = \"{dir}\"\nportmap = {}\n",
                 self.portmap
             );
+            for line in &self.agent_extra {
+                s += line;
+                s += "\n";
+            }
         }
         for p in &self.peers {
             s += &format!(

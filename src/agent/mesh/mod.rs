@@ -25,6 +25,7 @@ mod discover;
 mod handle;
 mod login;
 mod relays;
+pub use relays::RelayOptions;
 mod session;
 mod sockets;
 
@@ -79,6 +80,8 @@ pub struct MeshParts {
     /// Datagrams on the UDP socket that are not WireGuard.
     pub side: mpsc::Receiver<SideDatagram>,
     pub portmap: Option<crate::portmap::Config>,
+    /// How relay connections are made and when idle ones close.
+    pub relay: RelayOptions,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -141,7 +144,7 @@ impl Mesh {
             disco.clone(),
             rand::random(),
         );
-        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None);
+        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None, parts.relay);
         parts.egress.set_relay(Some(sink));
         let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
         let sockets = ExtraSockets::new(

@@ -25,10 +25,26 @@ use tokio::task::JoinHandle;
 use crate::agent::egress::RelaySink;
 use crate::control::types::{RelayMap, RelayRegion};
 use crate::keys::{NodeKey, PrivateKey};
-use crate::relay_client::{Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender};
+use crate::relay_client::{
+    Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender, RelayTransport,
+};
 
-/// A non-home connection with no packet in this long is closed.
-const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How the pool connects, from the agent's `[agent]` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    pub transport: RelayTransport,
+    /// A non-home connection with no packet in this long is closed.
+    pub idle_close: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            transport: RelayTransport::Auto,
+            idle_close: Duration::from_secs(60),
+        }
+    }
+}
 
 /// What the relay connections deliver to the mesh task.
 #[derive(Debug)]
@@ -74,6 +90,7 @@ impl Drop for Conn {
 pub struct Relays {
     key: PrivateKey,
     tls: Option<Arc<rustls::ClientConfig>>,
+    options: RelayOptions,
     map: RelayMap,
     home: Option<u16>,
     /// Each peer's home region, from the map.
@@ -89,12 +106,14 @@ impl Relays {
     pub fn new(
         key: PrivateKey,
         tls: Option<Arc<rustls::ClientConfig>>,
+        options: RelayOptions,
     ) -> (Relays, Box<dyn RelaySink>, mpsc::Receiver<Incoming>) {
         let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let (incoming, rx) = mpsc::channel(1024);
         let pool = Relays {
             key,
             tls,
+            options,
             map: RelayMap::default(),
             home: None,
             peer_region: HashMap::new(),
@@ -194,6 +213,7 @@ impl Relays {
     /// Closes non-home connections that carried nothing for a while.
     pub fn close_idle(&mut self, now: Instant) {
         let home = self.home;
+        let idle = self.options.idle_close;
         let mut closed = false;
         for (id, c) in self.conns.iter_mut() {
             let sent = c.tx.stats().packets_sent.load(Ordering::Relaxed)
@@ -201,13 +221,13 @@ impl Relays {
             if sent != c.last_sent {
                 c.last_sent = sent;
                 c.last_active = now;
-            } else if Some(*id) != home && now.duration_since(c.last_active) >= IDLE_CLOSE {
+            } else if Some(*id) != home && now.duration_since(c.last_active) >= idle {
                 closed = true;
             }
         }
         if closed {
             self.conns.retain(|id, c| {
-                let keep = Some(*id) == home || now.duration_since(c.last_active) < IDLE_CLOSE;
+                let keep = Some(*id) == home || now.duration_since(c.last_active) < idle;
                 if !keep {
                     tracing::info!(region = id, "closing idle relay connection");
                 }
@@ -262,6 +282,7 @@ impl Relays {
     fn connect(&self, region: &RelayRegion) -> Conn {
         let mut cfg = RelayClientConfig::new(region.url.clone());
         cfg.allow_plain = region.url.starts_with("http://");
+        cfg.transport = self.options.transport;
         cfg.tls = self.tls.clone();
         cfg.proxy = crate::relay_client::ProxyConfig::from_env();
         tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");

@@ -49,22 +49,49 @@ impl Default for RelayOptions {
 /// What the relay connections deliver to the mesh task.
 #[derive(Debug)]
 pub enum Incoming {
-    Packet { from: NodeKey, bytes: Bytes },
-    Event { region: u16, event: RelayEvent },
+    Packet {
+        from: NodeKey,
+        bytes: Bytes,
+    },
+    Event {
+        region: u16,
+        event: RelayEvent,
+    },
+    /// A packet for `peer` found its region's connection closed for
+    /// idleness: open it again ([`Relays::wanted`]).
+    Wanted {
+        peer: NodeKey,
+    },
 }
 
 #[derive(Default)]
 struct Routes {
     home: Option<RelaySender>,
     by_peer: HashMap<NodeKey, RelaySender>,
+    /// Peers whose region has no open connection (closed when idle). Their
+    /// packets are dropped, not sent to the home relay where the peer is
+    /// not, and the first one asks the mesh task to reconnect.
+    parked: std::collections::HashSet<NodeKey>,
+    /// Whether this table already asked; one request per table is enough,
+    /// since reconnecting publishes a new one.
+    asked: std::sync::atomic::AtomicBool,
 }
 
 /// The data plane's view: where to queue a relayed packet.
-struct Sink(Arc<ArcSwap<Routes>>);
+struct Sink {
+    routes: Arc<ArcSwap<Routes>>,
+    wanted: mpsc::Sender<Incoming>,
+}
 
 impl RelaySink for Sink {
     fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
-        let routes = self.0.load();
+        let routes = self.routes.load();
+        if routes.parked.contains(&peer) {
+            if !routes.asked.swap(true, Ordering::Relaxed) {
+                let _ = self.wanted.try_send(Incoming::Wanted { peer });
+            }
+            return false;
+        }
         let Some(tx) = routes.by_peer.get(&peer).or(routes.home.as_ref()) else {
             return false;
         };
@@ -110,6 +137,10 @@ impl Relays {
     ) -> (Relays, Box<dyn RelaySink>, mpsc::Receiver<Incoming>) {
         let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let (incoming, rx) = mpsc::channel(1024);
+        let sink = Sink {
+            routes: routes.clone(),
+            wanted: incoming.clone(),
+        };
         let pool = Relays {
             key,
             tls,
@@ -121,7 +152,7 @@ impl Relays {
             routes: routes.clone(),
             incoming,
         };
-        (pool, Box::new(Sink(routes)), rx)
+        (pool, Box::new(sink), rx)
     }
 
     /// TLS settings for relays (a private CA); applies to new connections.
@@ -233,10 +264,26 @@ impl Relays {
                 }
                 keep
             });
-            // Peers of a closed region fall back to the home route until
-            // they are needed again.
+            // Peers of a closed region are parked until they are needed
+            // again.
             self.publish();
         }
+    }
+
+    /// Reopens the connection to `peer`'s region (a packet for it found
+    /// the connection closed).
+    pub fn wanted(&mut self, peer: &NodeKey) {
+        let Some(id) = self.peer_region(peer) else {
+            return;
+        };
+        if !self.conns.contains_key(&id) {
+            if let Some(region) = self.region(id).cloned() {
+                tracing::debug!(region = %region.name, "reopening relay connection on demand");
+                let conn = self.connect(&region);
+                self.conns.insert(id, conn);
+            }
+        }
+        self.publish();
     }
 
     /// Closes every connection (the node left the network).
@@ -270,13 +317,27 @@ impl Relays {
             .home
             .and_then(|h| self.conns.get(&h))
             .map(|c| c.tx.clone());
-        let by_peer = self
-            .peer_region
-            .iter()
-            .filter(|(_, r)| Some(**r) != self.home)
-            .filter_map(|(k, r)| Some((*k, self.conns.get(r)?.tx.clone())))
-            .collect();
-        self.routes.store(Arc::new(Routes { home, by_peer }));
+        let mut by_peer = HashMap::new();
+        let mut parked = std::collections::HashSet::new();
+        for (k, r) in &self.peer_region {
+            if Some(*r) == self.home || self.region(*r).is_none() {
+                continue;
+            }
+            match self.conns.get(r) {
+                Some(c) => {
+                    by_peer.insert(*k, c.tx.clone());
+                }
+                None => {
+                    parked.insert(*k);
+                }
+            }
+        }
+        self.routes.store(Arc::new(Routes {
+            home,
+            by_peer,
+            parked,
+            asked: Default::default(),
+        }));
     }
 
     fn connect(&self, region: &RelayRegion) -> Conn {

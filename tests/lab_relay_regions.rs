@@ -11,7 +11,8 @@
 //! r1 and agent B to r2. Both gateways are random-port (EDM) NATs that drop
 //! all forwarded UDP except STUN, so there is no direct path: A's packets
 //! to B must go through B's home relay (r2), B's replies through A's (r1),
-//! and each side's non-home connection must close once idle.
+//! and each side's non-home connection must close once idle. Last, B is
+//! removed at the coordinator and must be off the standalone relay in 2 s.
 
 #![allow(clippy::unwrap_used)]
 
@@ -173,6 +174,26 @@ fn each_agent_homes_on_its_nearest_region_and_reaches_the_other_through_its_home
         lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)),
         "{}",
         a.status(&lab)
+    );
+    assert_eq!(relay_metrics(&lab, &r2, &r2_url)["clients"], 2);
+
+    // B removed at the coordinator: the standalone relay, which learns the
+    // node list over the coordinator's feed, has B off within 2 s.
+    coord
+        .admin(&lab, &["node", "remove", "b"])
+        .expect_ok("node remove");
+    let t0 = Instant::now();
+    let cut = poll_until(Duration::from_secs(2), Duration::from_millis(50), || {
+        relay_metrics(&lab, &r2, &r2_url)["clients"] == 1
+    });
+    assert!(
+        cut,
+        "B still on r2 2 s after removal: {}",
+        relay_metrics(&lab, &r2, &r2_url)
+    );
+    eprintln!(
+        "removed node off the standalone relay in {:?}",
+        t0.elapsed()
     );
 }
 

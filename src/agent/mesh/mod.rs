@@ -216,7 +216,7 @@ impl Mesh {
                 inc = self.relay_rx.recv() => match inc {
                     Some(Incoming::Packet { from, bytes }) => self.on_relay(from, &bytes).await,
                     Some(Incoming::Event { region, event }) => self.relays.note_event(region, &event),
-                    Some(Incoming::Wanted { peer }) => self.relays.wanted(&peer),
+                    Some(Incoming::Wanted { peer, packet }) => self.relays.wanted(&peer, packet),
                     None => return,
                 },
                 side = self.side.recv() => {

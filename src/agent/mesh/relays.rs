@@ -58,9 +58,10 @@ pub enum Incoming {
         event: RelayEvent,
     },
     /// A packet for `peer` found its region's connection closed for
-    /// idleness: open it again ([`Relays::wanted`]).
+    /// idleness: open it again and send the packet ([`Relays::wanted`]).
     Wanted {
         peer: NodeKey,
+        packet: Bytes,
     },
 }
 
@@ -87,10 +88,16 @@ impl RelaySink for Sink {
     fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
         let routes = self.routes.load();
         if routes.parked.contains(&peer) {
-            if !routes.asked.swap(true, Ordering::Relaxed) {
-                let _ = self.wanted.try_send(Incoming::Wanted { peer });
+            if routes.asked.swap(true, Ordering::Relaxed) {
+                return false;
             }
-            return false;
+            // The first packet rides along: it is often a handshake, which
+            // WireGuard would otherwise retry only after 5 s.
+            let packet = Bytes::copy_from_slice(packet);
+            return self
+                .wanted
+                .try_send(Incoming::Wanted { peer, packet })
+                .is_ok();
         }
         let Some(tx) = routes.by_peer.get(&peer).or(routes.home.as_ref()) else {
             return false;
@@ -271,8 +278,9 @@ impl Relays {
     }
 
     /// Reopens the connection to `peer`'s region (a packet for it found
-    /// the connection closed).
-    pub fn wanted(&mut self, peer: &NodeKey) {
+    /// the connection closed) and queues that packet on it; the client
+    /// sends it once connected.
+    pub fn wanted(&mut self, peer: &NodeKey, packet: Bytes) {
         let Some(id) = self.peer_region(peer) else {
             return;
         };
@@ -282,6 +290,9 @@ impl Relays {
                 let conn = self.connect(&region);
                 self.conns.insert(id, conn);
             }
+        }
+        if let Some(c) = self.conns.get(&id) {
+            let _ = c.tx.try_send(*peer, packet);
         }
         self.publish();
     }

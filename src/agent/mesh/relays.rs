@@ -7,6 +7,10 @@
 //! sender, else the home region's — that the data plane reads without a
 //! lock ([`ArcSwap`]) on every relayed packet. The mesh task rebuilds the
 //! table when the map or the home region changes, which is rare.
+//! A peer whose region's connection was closed for idleness is "parked"
+//! in the table rather than routed to the home relay (where it is not):
+//! the data plane hands the first packet for it back to the mesh task,
+//! which reopens the connection and sends it there.
 //!
 //! Each connection's receiver is drained by a small task that tags packets
 //! and events with the region and funnels them into one channel, so the

@@ -56,6 +56,15 @@ pub struct AgentConfig {
     /// tries them in that fixed order whatever the order here.
     #[serde(default = "all_portmap_protocols")]
     pub portmap_protocols: Vec<crate::portmap::Protocol>,
+    /// How relay connections enter: `"auto"` (the HTTP upgrade, falling
+    /// back to WebSocket when the path refuses it), `"upgrade"` or
+    /// `"websocket"` (for proxies that pass nothing else).
+    #[serde(default)]
+    pub relay_transport: crate::relay_client::RelayTransport,
+    /// Seconds without traffic after which a connection to a relay other
+    /// than the home relay is closed.
+    #[serde(default = "default_relay_idle")]
+    pub relay_idle_timeout: u64,
 }
 
 impl AgentConfig {
@@ -78,8 +87,14 @@ impl Default for AgentConfig {
             state_dir: default_state_dir(),
             portmap: true,
             portmap_protocols: all_portmap_protocols(),
+            relay_transport: Default::default(),
+            relay_idle_timeout: default_relay_idle(),
         }
     }
+}
+
+fn default_relay_idle() -> u64 {
+    60
 }
 
 fn default_state_dir() -> PathBuf {
@@ -247,6 +262,12 @@ impl Config {
                     &format!("{p} is listed twice"),
                 ));
             }
+        }
+        if self.agent.relay_idle_timeout == 0 {
+            return Err(err(
+                "agent.relay_idle_timeout".into(),
+                "must be at least 1 (seconds)",
+            ));
         }
         for (i, p) in self.peers.iter().enumerate() {
             if self.peers[..i].iter().any(|q| q.public_key == p.public_key) {
@@ -508,6 +529,32 @@ mod tests {
         assert!(msg.contains("twice"), "{msg}");
         let (line, key, _) = invalid("[agent]\nportmap_protocols = \"pcp\"\n");
         assert_eq!((line, key.as_str()), (2, "agent.portmap_protocols"));
+    }
+
+    #[test]
+    fn relay_transport_and_idle_timeout() {
+        use crate::relay_client::RelayTransport;
+        let c = parse("[agent]\nportmap = false\n").unwrap();
+        assert_eq!(c.agent.relay_transport, RelayTransport::Auto);
+        assert_eq!(c.agent.relay_idle_timeout, 60);
+        for (text, want) in [
+            ("auto", RelayTransport::Auto),
+            ("upgrade", RelayTransport::Upgrade),
+            ("websocket", RelayTransport::WebSocket),
+        ] {
+            let c = parse(&format!("[agent]\nrelay_transport = \"{text}\"\n")).unwrap();
+            assert_eq!(c.agent.relay_transport, want, "{text}");
+        }
+        let (line, key, msg) = invalid("[agent]\nportmap = true\nrelay_transport = \"ws\"\n");
+        assert_eq!((line, key.as_str()), (3, "agent.relay_transport"), "{msg}");
+        assert!(
+            msg.contains("websocket"),
+            "the message lists the choices: {msg}"
+        );
+        let (line, key, _) = invalid("[agent]\n\nrelay_idle_timeout = 0\n");
+        assert_eq!((line, key.as_str()), (3, "agent.relay_idle_timeout"));
+        let (line, key, _) = invalid("[agent]\nrelay_idle_timeout = \"1m\"\n");
+        assert_eq!((line, key.as_str()), (2, "agent.relay_idle_timeout"));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Lab tests of the relay as the agents use it: the fallback that always
 //! works. Two agents behind random-port (EDM) NATs, behind gateways that
 //! let only TCP 443 out, and behind a gateway whose only way out is an HTTP
-//! proxy (tinyproxy): each time a ping and a 50 MB checksummed transfer go
-//! through the coordinator's embedded relay, and `warren status` says so.
+//! proxy (tinyproxy), once with the default transport (the HTTP upgrade
+//! inside `CONNECT`) and once with agents set to WebSocket: each time a ping
+//! and a 50 MB checksummed transfer go through the coordinator's embedded
+//! relay, `warren status` says so, and the relay's counters say which path
+//! the agents came in by.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +14,7 @@ mod lab;
 use std::time::Duration;
 
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
-use lab::coord::Coordinator;
+use lab::coord::{relay_metrics, Coordinator};
 use lab::mesh::{overlay_v4, up};
 use lab::nat::{Nat, FILTER_TABLE};
 use lab::{poll_until, Lab, Node};
@@ -92,6 +95,43 @@ fn through_an_http_proxy_only() {
     }
     let lab = Lab::new();
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (a, b) = proxied_pair(&lab, &coord, &[]);
+    relayed_pair(&lab, &coord, &a, &b);
+    // The default transport got through: the HTTP upgrade inside CONNECT.
+    let m = relay_metrics(&lab, &coord.node, &coord.url());
+    assert_eq!(m["connections_websocket"], 0, "{m}");
+    assert!(m["connections_upgrade"].as_u64() >= Some(2), "{m}");
+}
+
+#[test]
+fn websocket_through_an_http_proxy_only() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (a, b) = proxied_pair(&lab, &coord, &["relay_transport = \"websocket\""]);
+    relayed_pair(&lab, &coord, &a, &b);
+    // Both agents entered over WebSocket and never over the upgrade, and
+    // the 50 MB went through the relay.
+    let m = relay_metrics(&lab, &coord.node, &coord.url());
+    assert_eq!(m["connections_upgrade"], 0, "{m}");
+    assert!(m["connections_websocket"].as_u64() >= Some(2), "{m}");
+    assert!(
+        m["bytes_out"].as_u64() > Some(TRANSFER as u64),
+        "the transfer went through the relay: {m}"
+    );
+    let log = lab.log(a.proc);
+    assert!(
+        !log.contains("switching to WebSocket"),
+        "no fallback was needed"
+    );
+}
+
+/// Two agents behind gateways whose only way out is tinyproxy on the
+/// gateway, given to the agents as `HTTPS_PROXY`; `agent_extra` goes into
+/// their `[agent]` section.
+fn proxied_pair(lab: &Lab, coord: &Coordinator, agent_extra: &[&str]) -> (Agent, Agent) {
     let mut agents = Vec::new();
     for name in ["a", "b"] {
         // Nothing from the LAN is forwarded: the proxy on the gateway is
@@ -142,8 +182,9 @@ fn through_an_http_proxy_only() {
                     .ok()
             }
         ));
-        let cfg = AgentConfig::mesh(&lab, &host);
-        agents.push(Agent::start_with_env(&lab, &host, &cfg, &env));
+        let mut cfg = AgentConfig::mesh(lab, &host);
+        cfg.agent_extra = agent_extra.iter().map(|s| s.to_string()).collect();
+        agents.push(Agent::start_with_env(lab, &host, &cfg, &env));
     }
     // Without the proxy there is no way out at all.
     let direct = lab.exec(
@@ -151,7 +192,9 @@ fn through_an_http_proxy_only() {
         &["nc", "-z", "-w", "1", &coord.ip.to_string(), "443"],
     );
     assert!(!direct.ok(), "the gateway must not forward anything");
-    relayed_pair(&lab, &coord, &agents[0], &agents[1]);
+    let b = agents.pop().unwrap();
+    let a = agents.pop().unwrap();
+    (a, b)
 }
 
 fn behind(lab: &Lab, name: &str, nat: Nat) -> Node {

@@ -96,6 +96,13 @@ fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
     Ok((ticks / USER_HZ, kib("VmRSS:"), kib("VmHWM:")))
 }
 
+/// Resets the process's peak RSS (VmHWM) to its current RSS, so each phase
+/// reports its own peak (`clear_refs` value 5, Linux 4.0+). Best effort: a
+/// kernel without it leaves the peak cumulative.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
 /// Linux reports CPU time in USER_HZ ticks, 100 on every mainstream
 /// architecture (the kernel ABI fixes it; sysconf would only repeat it).
 const USER_HZ: f64 = 100.0;
@@ -294,20 +301,18 @@ async fn run_all(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)], tls: bool) -
         if tls { "TLS" } else { "plain TCP (lab mode)" }
     );
     println!("relay RSS idle: {rss0} KiB");
-    let (pps, mbit, cpu) = throughput(relay, &pairs[..1]).await?;
-    let (_, rss1, _) = proc_usage(relay.pid)?;
-    println!(
-        "1 pair:   {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core ({:.1} µs/pkt)  RSS {rss1} KiB",
-        cpu / WINDOW.as_secs_f64() * 100.0,
-        cpu / (pps * WINDOW.as_secs_f64()) * 1e6
-    );
-    let (pps, mbit, cpu) = throughput(relay, &pairs[1..51]).await?;
-    let (_, rss2, hwm) = proc_usage(relay.pid)?;
-    println!(
-        "50 pairs: {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {:.0}% of one core ({:.1} µs/pkt)  RSS {rss2} KiB (peak {hwm} KiB)",
-        cpu / WINDOW.as_secs_f64() * 100.0,
-        cpu / (pps * WINDOW.as_secs_f64()) * 1e6
-    );
+    for (label, phase) in [("1 pair:  ", &pairs[..1]), ("50 pairs:", &pairs[1..51])] {
+        reset_peak(relay.pid);
+        let (pps, mbit, cpu) = throughput(relay, phase).await?;
+        let (_, rss, peak) = proc_usage(relay.pid)?;
+        println!(
+            "{label} {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {cpu:.2} s in {:.0} s \
+             ({:.0}% of one core, {:.1} µs/pkt)  RSS {rss} KiB, peak {peak} KiB",
+            WINDOW.as_secs_f64(),
+            cpu / WINDOW.as_secs_f64() * 100.0,
+            cpu / (pps * WINDOW.as_secs_f64()) * 1e6
+        );
+    }
     let mut u = udp_rtt().await?;
     let mut t = tcp_rtt().await?;
     let mut r = relay_rtt(relay, &pairs[51]).await?;

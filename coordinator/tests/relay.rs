@@ -56,6 +56,15 @@ async fn exchange(tls: bool, ta: RelayTransport, tb: RelayTransport) {
     }
     let h = relay.server.health();
     assert_eq!(h.clients, 2);
+    let ws = [ta, tb]
+        .iter()
+        .filter(|t| **t == RelayTransport::WebSocket)
+        .count() as u64;
+    assert_eq!(
+        (h.connections_websocket, h.connections_upgrade),
+        (ws, 2 - ws),
+        "each connection is counted by its path"
+    );
     assert_eq!(h.packets_in, 101);
     assert_eq!(h.packets_forwarded, 101);
     assert!(h.bytes_in > 0 && h.bytes_out > 0);
@@ -553,6 +562,12 @@ async fn auto_transport_falls_back_to_websocket_when_upgrade_is_blocked() {
         ));
     }
     assert_eq!(blocked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let h = server.health();
+    assert_eq!(
+        (h.connections_websocket, h.connections_upgrade),
+        (2, 0),
+        "both came in over WebSocket: {h:?}"
+    );
     atx.send(b.public(), Bytes::from_static(b"over ws"))
         .await
         .unwrap();

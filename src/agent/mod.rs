@@ -147,6 +147,10 @@ pub async fn run(
         listen,
         side: side_rx,
         portmap: config.agent.portmap_config(),
+        relay: mesh::RelayOptions {
+            transport: config.agent.relay_transport,
+            idle_close: std::time::Duration::from_secs(config.agent.relay_idle_timeout),
+        },
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

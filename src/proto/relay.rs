@@ -149,6 +149,12 @@ impl PeerGoneReason {
 pub struct RelayHealth {
     pub clients: u64,
     pub connections_total: u64,
+    /// Admitted connections that came through the HTTP upgrade path.
+    #[serde(default)]
+    pub connections_upgrade: u64,
+    /// Admitted connections that came through WebSocket.
+    #[serde(default)]
+    pub connections_websocket: u64,
     pub refused_unknown_key: u64,
     pub refused_bad_proof: u64,
     pub refused_too_many: u64,

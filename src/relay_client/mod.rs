@@ -25,8 +25,10 @@ use crate::proto::relay::{PeerGoneReason, RelayHealth};
 
 pub use dial::DialError;
 
-/// Which HTTP path carries the frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which HTTP path carries the frames (the agent's `relay_transport`:
+/// `"upgrade"`, `"websocket"` or `"auto"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RelayTransport {
     /// `GET /relay` with `Upgrade: warren-relay`: a raw frame stream.
     Upgrade,
@@ -35,6 +37,7 @@ pub enum RelayTransport {
     WebSocket,
     /// The upgrade first; if something on the path refuses or mangles it,
     /// WebSocket from then on.
+    #[default]
     Auto,
 }
 

@@ -90,6 +90,9 @@ pub struct AgentConfig {
     /// `[agent] portmap_protocols` (written only with `state_dir`); `None`
     /// leaves the key out (all protocols).
     pub portmap_protocols: Option<Vec<String>>,
+    /// Further `[agent]` lines (`key = value`), written only with
+    /// `state_dir`: `relay_transport`, `relay_idle_timeout`.
+    pub agent_extra: Vec<String>,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -110,6 +113,7 @@ impl AgentConfig {
             state_dir: None,
             portmap: false,
             portmap_protocols: None,
+            agent_extra: Vec::new(),
         }
     }
 
@@ -152,6 +156,10 @@ impl AgentConfig {
             );
             if let Some(list) = &self.portmap_protocols {
                 s += &format!("portmap_protocols = {}\n", toml_list(list));
+            }
+            for line in &self.agent_extra {
+                s += line;
+                s += "\n";
             }
         }
         for p in &self.peers {

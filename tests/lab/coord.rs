@@ -100,3 +100,13 @@ impl Coordinator {
         (token, id)
     }
 }
+
+/// The counters a relay serves on `GET <base_url>/relay/metrics`, fetched
+/// from `from` (the relay's own node does: it is never firewalled).
+pub fn relay_metrics(lab: &Lab, from: &Node, base_url: &str) -> serde_json::Value {
+    let url = format!("{base_url}/relay/metrics");
+    let out = lab
+        .exec(from, &["curl", "-sf", "-m", "2", &url])
+        .expect_ok("relay metrics");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{url}: {e}: {}", out.stdout))
+}

@@ -78,7 +78,15 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
             Metrics::inc(&hub.metrics.refused_unknown_key);
             return refuse(&hub, tx, Some(RefuseReason::UnknownKey)).await;
         }
-        info!("relay client connected");
+        let via = match rx {
+            RxHalf::Stream(_) => &hub.metrics.connections_upgrade,
+            RxHalf::Ws(_) => &hub.metrics.connections_websocket,
+        };
+        Metrics::inc(via);
+        info!(
+            websocket = matches!(rx, RxHalf::Ws(_)),
+            "relay client connected"
+        );
         hub.push_control(&client, Frame::Accepted.to_bytes());
         let writer = tokio::spawn(write_loop(hub.clone(), client.clone(), tx).in_current_span());
         let why = read_loop(&hub, &client, &mut rx, &mut dec).await;

@@ -27,6 +27,8 @@ const MAX_TRACKED_SENDERS: usize = 4096;
 pub(crate) struct Metrics {
     pub clients: AtomicU64,
     pub connections_total: AtomicU64,
+    pub connections_upgrade: AtomicU64,
+    pub connections_websocket: AtomicU64,
     pub refused_unknown_key: AtomicU64,
     pub refused_bad_proof: AtomicU64,
     pub refused_too_many: AtomicU64,
@@ -54,6 +56,8 @@ impl Metrics {
         RelayHealth {
             clients: g(&self.clients),
             connections_total: g(&self.connections_total),
+            connections_upgrade: g(&self.connections_upgrade),
+            connections_websocket: g(&self.connections_websocket),
             refused_unknown_key: g(&self.refused_unknown_key),
             refused_bad_proof: g(&self.refused_bad_proof),
             refused_too_many: g(&self.refused_too_many),

@@ -27,6 +27,7 @@ mod handle;
 mod login;
 mod ping;
 mod relays;
+pub use relays::RelayOptions;
 mod session;
 mod sockets;
 
@@ -81,6 +82,8 @@ pub struct MeshParts {
     /// Datagrams on the UDP socket that are not WireGuard.
     pub side: mpsc::Receiver<SideDatagram>,
     pub portmap: Option<crate::portmap::Config>,
+    /// How relay connections are made and when idle ones close.
+    pub relay: RelayOptions,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -145,7 +148,7 @@ impl Mesh {
             disco.clone(),
             rand::random(),
         );
-        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None);
+        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None, parts.relay);
         parts.egress.set_relay(Some(sink));
         let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
         let sockets = ExtraSockets::new(
@@ -219,6 +222,7 @@ impl Mesh {
                 inc = self.relay_rx.recv() => match inc {
                     Some(Incoming::Packet { from, bytes }) => self.on_relay(from, &bytes).await,
                     Some(Incoming::Event { region, event }) => self.relays.note_event(region, &event),
+                    Some(Incoming::Wanted { peer, packet }) => self.relays.wanted(&peer, packet),
                     None => return,
                 },
                 side = self.side.recv() => {

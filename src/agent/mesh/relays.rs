@@ -7,6 +7,10 @@
 //! sender, else the home region's — that the data plane reads without a
 //! lock ([`ArcSwap`]) on every relayed packet. The mesh task rebuilds the
 //! table when the map or the home region changes, which is rare.
+//! A peer whose region's connection was closed for idleness is "parked"
+//! in the table rather than routed to the home relay (where it is not):
+//! the data plane hands the first packet for it back to the mesh task,
+//! which reopens the connection and sends it there.
 //!
 //! Each connection's receiver is drained by a small task that tags packets
 //! and events with the region and funnels them into one channel, so the
@@ -25,30 +29,80 @@ use tokio::task::JoinHandle;
 use crate::agent::egress::RelaySink;
 use crate::control::types::{RelayMap, RelayRegion};
 use crate::keys::{NodeKey, PrivateKey};
-use crate::relay_client::{Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender};
+use crate::relay_client::{
+    Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender, RelayTransport,
+};
 
-/// A non-home connection with no packet in this long is closed.
-const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How the pool connects, from the agent's `[agent]` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    pub transport: RelayTransport,
+    /// A non-home connection with no packet in this long is closed.
+    pub idle_close: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            transport: RelayTransport::Auto,
+            idle_close: Duration::from_secs(60),
+        }
+    }
+}
 
 /// What the relay connections deliver to the mesh task.
 #[derive(Debug)]
 pub enum Incoming {
-    Packet { from: NodeKey, bytes: Bytes },
-    Event { region: u16, event: RelayEvent },
+    Packet {
+        from: NodeKey,
+        bytes: Bytes,
+    },
+    Event {
+        region: u16,
+        event: RelayEvent,
+    },
+    /// A packet for `peer` found its region's connection closed for
+    /// idleness: open it again and send the packet ([`Relays::wanted`]).
+    Wanted {
+        peer: NodeKey,
+        packet: Bytes,
+    },
 }
 
 #[derive(Default)]
 struct Routes {
     home: Option<RelaySender>,
     by_peer: HashMap<NodeKey, RelaySender>,
+    /// Peers whose region has no open connection (closed when idle). Their
+    /// packets are dropped, not sent to the home relay where the peer is
+    /// not, and the first one asks the mesh task to reconnect.
+    parked: std::collections::HashSet<NodeKey>,
+    /// Whether this table already asked; one request per table is enough,
+    /// since reconnecting publishes a new one.
+    asked: std::sync::atomic::AtomicBool,
 }
 
 /// The data plane's view: where to queue a relayed packet.
-struct Sink(Arc<ArcSwap<Routes>>);
+struct Sink {
+    routes: Arc<ArcSwap<Routes>>,
+    wanted: mpsc::Sender<Incoming>,
+}
 
 impl RelaySink for Sink {
     fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
-        let routes = self.0.load();
+        let routes = self.routes.load();
+        if routes.parked.contains(&peer) {
+            if routes.asked.swap(true, Ordering::Relaxed) {
+                return false;
+            }
+            // The first packet rides along: it is often a handshake, which
+            // WireGuard would otherwise retry only after 5 s.
+            let packet = Bytes::copy_from_slice(packet);
+            return self
+                .wanted
+                .try_send(Incoming::Wanted { peer, packet })
+                .is_ok();
+        }
         let Some(tx) = routes.by_peer.get(&peer).or(routes.home.as_ref()) else {
             return false;
         };
@@ -74,6 +128,7 @@ impl Drop for Conn {
 pub struct Relays {
     key: PrivateKey,
     tls: Option<Arc<rustls::ClientConfig>>,
+    options: RelayOptions,
     map: RelayMap,
     home: Option<u16>,
     /// Each peer's home region, from the map.
@@ -89,12 +144,18 @@ impl Relays {
     pub fn new(
         key: PrivateKey,
         tls: Option<Arc<rustls::ClientConfig>>,
+        options: RelayOptions,
     ) -> (Relays, Box<dyn RelaySink>, mpsc::Receiver<Incoming>) {
         let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let (incoming, rx) = mpsc::channel(1024);
+        let sink = Sink {
+            routes: routes.clone(),
+            wanted: incoming.clone(),
+        };
         let pool = Relays {
             key,
             tls,
+            options,
             map: RelayMap::default(),
             home: None,
             peer_region: HashMap::new(),
@@ -102,7 +163,7 @@ impl Relays {
             routes: routes.clone(),
             incoming,
         };
-        (pool, Box::new(Sink(routes)), rx)
+        (pool, Box::new(sink), rx)
     }
 
     /// TLS settings for relays (a private CA); applies to new connections.
@@ -194,6 +255,7 @@ impl Relays {
     /// Closes non-home connections that carried nothing for a while.
     pub fn close_idle(&mut self, now: Instant) {
         let home = self.home;
+        let idle = self.options.idle_close;
         let mut closed = false;
         for (id, c) in self.conns.iter_mut() {
             let sent = c.tx.stats().packets_sent.load(Ordering::Relaxed)
@@ -201,22 +263,42 @@ impl Relays {
             if sent != c.last_sent {
                 c.last_sent = sent;
                 c.last_active = now;
-            } else if Some(*id) != home && now.duration_since(c.last_active) >= IDLE_CLOSE {
+            } else if Some(*id) != home && now.duration_since(c.last_active) >= idle {
                 closed = true;
             }
         }
         if closed {
             self.conns.retain(|id, c| {
-                let keep = Some(*id) == home || now.duration_since(c.last_active) < IDLE_CLOSE;
+                let keep = Some(*id) == home || now.duration_since(c.last_active) < idle;
                 if !keep {
                     tracing::info!(region = id, "closing idle relay connection");
                 }
                 keep
             });
-            // Peers of a closed region fall back to the home route until
-            // they are needed again.
+            // Peers of a closed region are parked until they are needed
+            // again.
             self.publish();
         }
+    }
+
+    /// Reopens the connection to `peer`'s region (a packet for it found
+    /// the connection closed) and queues that packet on it; the client
+    /// sends it once connected.
+    pub fn wanted(&mut self, peer: &NodeKey, packet: Bytes) {
+        let Some(id) = self.peer_region(peer) else {
+            return;
+        };
+        if !self.conns.contains_key(&id) {
+            if let Some(region) = self.region(id).cloned() {
+                tracing::debug!(region = %region.name, "reopening relay connection on demand");
+                let conn = self.connect(&region);
+                self.conns.insert(id, conn);
+            }
+        }
+        if let Some(c) = self.conns.get(&id) {
+            let _ = c.tx.try_send(*peer, packet);
+        }
+        self.publish();
     }
 
     /// Closes every connection (the node left the network).
@@ -250,18 +332,33 @@ impl Relays {
             .home
             .and_then(|h| self.conns.get(&h))
             .map(|c| c.tx.clone());
-        let by_peer = self
-            .peer_region
-            .iter()
-            .filter(|(_, r)| Some(**r) != self.home)
-            .filter_map(|(k, r)| Some((*k, self.conns.get(r)?.tx.clone())))
-            .collect();
-        self.routes.store(Arc::new(Routes { home, by_peer }));
+        let mut by_peer = HashMap::new();
+        let mut parked = std::collections::HashSet::new();
+        for (k, r) in &self.peer_region {
+            if Some(*r) == self.home || self.region(*r).is_none() {
+                continue;
+            }
+            match self.conns.get(r) {
+                Some(c) => {
+                    by_peer.insert(*k, c.tx.clone());
+                }
+                None => {
+                    parked.insert(*k);
+                }
+            }
+        }
+        self.routes.store(Arc::new(Routes {
+            home,
+            by_peer,
+            parked,
+            asked: Default::default(),
+        }));
     }
 
     fn connect(&self, region: &RelayRegion) -> Conn {
         let mut cfg = RelayClientConfig::new(region.url.clone());
         cfg.allow_plain = region.url.starts_with("http://");
+        cfg.transport = self.options.transport;
         cfg.tls = self.tls.clone();
         cfg.proxy = crate::relay_client::ProxyConfig::from_env();
         tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");

@@ -89,13 +89,23 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         return Ok(serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n");
     }
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}\n",
-        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "RELAY", "ENDPOINTS"
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<20} {}\n",
+        "ID",
+        "NAME",
+        "IPV4",
+        "IPV6",
+        "ONLINE",
+        "LAST SEEN",
+        "VERSION",
+        "RELAY",
+        "TAGS",
+        "ENDPOINTS"
     );
     for n in &nodes {
+        let tags = n.all_tags();
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<20} {}",
             n.id,
             n.name,
             n.ipv4,
@@ -106,6 +116,11 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
             n.home_relay
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),
+            if tags.is_empty() {
+                "-".into()
+            } else {
+                tags.join(",")
+            },
             endpoints(n)
         );
     }

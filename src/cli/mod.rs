@@ -10,6 +10,7 @@
 
 pub mod render;
 pub mod render_mesh;
+pub mod up;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::api::client::{call, ClientError};
-use crate::api::mesh::{UpArgs, UpReply};
+use crate::api::mesh::UpArgs;
 use crate::api::{IpReply, PingReply, Request, Status, VersionReply, DEFAULT_SOCKET};
 use crate::netcheck::Report;
 
@@ -47,6 +48,11 @@ pub enum ClientCommand {
     /// The first time, give the coordinator and a join token (from
     /// `warren-coordinator token create`). Afterwards `warren up` alone
     /// re-joins; the daemon also re-joins by itself when it restarts.
+    ///
+    /// Shows each stage (registering, network map, tunnel) and fails after
+    /// --timeout. Settings you leave out keep their current values; on a
+    /// node that is already up, a setting that differs is refused (and
+    /// listed) unless you add --reconfigure.
     Up {
         /// The coordinator, e.g. https://coord.example.com:8443.
         #[arg(long, value_name = "URL")]
@@ -70,7 +76,22 @@ pub enum ClientCommand {
         /// relays: for a private CA.
         #[arg(long, value_name = "PATH")]
         ca_file: Option<PathBuf>,
-        /// Print `{"coordinator", "name", "addresses"}` as JSON.
+        /// Tags to advertise, comma-separated: tag:server,tag:db. Each is
+        /// `tag:` then lower-case letters, digits and '-'. An empty value
+        /// clears them.
+        #[arg(long, value_name = "TAGS", value_parser = parse_tags)]
+        advertise_tags: Option<Vec<String>>,
+        /// Apply settings that differ from those of a node that is already
+        /// up (only those you pass change).
+        #[arg(long)]
+        reconfigure: bool,
+        /// Give up waiting after this long (e.g. 30s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = up::DEFAULT_TIMEOUT,
+              value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// No progress; print one JSON object at the end: `coordinator`,
+        /// `name`, `addresses`, `tags`, `changed`, `peers`, `interface`,
+        /// `home_relay`, `elapsed_ms`.
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +179,9 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             token_file,
             hostname,
             ca_file,
+            advertise_tags,
+            reconfigure,
+            timeout,
             json,
         } => {
             let token = match (token, token_file) {
@@ -177,20 +201,11 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 token,
                 hostname: hostname.clone(),
                 ca_file,
+                advertise_tags: advertise_tags.clone(),
+                reconfigure: *reconfigure,
+                timeout_secs: None,
             };
-            let reply: UpReply = call(socket, &Request::Up(args))?;
-            if *json {
-                print_json(&mut out, &reply)?;
-            } else {
-                let addrs: Vec<String> = reply.addresses.iter().map(|a| a.to_string()).collect();
-                writeln!(
-                    out,
-                    "joined {} as {} ({})",
-                    reply.coordinator,
-                    reply.name,
-                    addrs.join(", ")
-                )?;
-            }
+            up::run(socket, args, *timeout, *json, &mut out, &mut io::stderr())?;
         }
         ClientCommand::Down => {
             call::<serde_json::Value>(socket, &Request::Down)?;
@@ -247,6 +262,10 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+fn parse_tags(s: &str) -> Result<Vec<String>, String> {
+    crate::control::tags::parse_tag_list(s).map_err(|e| e.to_string())
 }
 
 /// A token file holds the token, perhaps with a trailing newline.

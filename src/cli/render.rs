@@ -14,7 +14,16 @@ use ipnet::IpNet;
 use crate::api::{PeerPath, PeerStatus, PingReply, Status, ALIVE_WITHIN_SECS};
 
 /// The `status` table's column headers, in order (the tests read them).
-pub const STATUS_HEADERS: [&str; 7] = ["PEER", "IPS", "PATH", "LATENCY", "HANDSHAKE", "RX", "TX"];
+pub const STATUS_HEADERS: [&str; 8] = [
+    "PEER",
+    "IPS",
+    "OS",
+    "PATH",
+    "LATENCY",
+    "HANDSHAKE",
+    "RX",
+    "TX",
+];
 
 /// Renders `warren status`.
 pub fn status(st: &Status) -> String {
@@ -77,6 +86,7 @@ fn peer_table(peers: &[PeerStatus]) -> String {
         t.add_row(vec![
             peer_name(p),
             ips(&p.allowed_ips),
+            os(p),
             path(&p.path),
             p.latency_ms.map(latency).unwrap_or_default(),
             p.last_handshake_secs
@@ -97,6 +107,21 @@ fn peer_table(peers: &[PeerStatus]) -> String {
 /// The name `status` shows for a peer: its host name, else its short key.
 pub fn peer_name(p: &PeerStatus) -> String {
     p.hostname.clone().unwrap_or_else(|| p.public_key.short())
+}
+
+/// The peer's system and warren version ("linux 0.1.0"); "-" for a peer
+/// from the config file or an older coordinator.
+pub fn os(p: &PeerStatus) -> String {
+    let text = p
+        .mesh
+        .as_ref()
+        .map(|m| format!("{} {}", m.os, m.version).trim().to_owned())
+        .unwrap_or_default();
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text
+    }
 }
 
 /// Allowed IPs, single addresses without their `/32` or `/128`.
@@ -250,7 +275,14 @@ mod tests {
                 last_handshake_secs: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
-                mesh: None,
+                mesh: Some(crate::api::mesh::PeerMesh {
+                    hostname: "nas".into(),
+                    online: true,
+                    os: "linux".into(),
+                    version: "0.3.1".into(),
+                    tags: vec!["tag:db".into()],
+                    ..Default::default()
+                }),
             },
         ];
         let text = status(&status_with(peers, Drops::default()));
@@ -266,6 +298,7 @@ mod tests {
         for cell in [
             NodeKey([1; 32]).short().as_str(),
             "100.64.0.2, 10.1.0.0/16",
+            " - ",
             "direct 192.0.2.7:51820",
             "12s ago",
             "2.0 KiB",
@@ -276,6 +309,8 @@ mod tests {
         assert!(lines[4].starts_with("nas "), "{text}");
         assert!(lines[4].contains("relay fra") && lines[4].contains("23 ms"));
         assert!(lines[4].contains("never"));
+        assert!(lines[4].contains("linux 0.3.1"), "{text}");
+        assert!(text.contains("\nnas: tags tag:db\n"), "{text}");
         assert!(!text.contains("dropped"), "{text}");
     }
 

@@ -40,6 +40,11 @@ pub struct RegisterRequest {
     pub os: String,
     #[serde(default)]
     pub version: String,
+    /// Tags the node advertises (`warren up --advertise-tags`), checked with
+    /// [`super::tags::validate_tag`]. `None` keeps what the coordinator has
+    /// (an older agent sends none); `Some(vec![])` clears them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
 
 /// What the coordinator gives a registered node.
@@ -136,8 +141,15 @@ pub struct Peer {
     pub online: bool,
     /// Unix time in milliseconds when the coordinator last heard from it.
     pub last_seen_ms: i64,
+    /// The tags its join token granted and those it advertises, sorted.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The node's operating system (`linux`) and warren version, as it
+    /// registered them; empty from an older coordinator.
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub version: String,
     /// The node's NAT as its last netcheck saw it.
     #[serde(default)]
     pub nat: NatSummary,

@@ -27,6 +27,7 @@ mod login;
 mod relays;
 mod session;
 mod sockets;
+mod up;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -415,6 +416,9 @@ impl Mesh {
                 let mesh = PeerMesh {
                     hostname: p.name.clone(),
                     online: p.online,
+                    os: p.os.clone(),
+                    version: p.version.clone(),
+                    tags: p.tags.clone(),
                     relay_region: if relayed {
                         self.relays
                             .peer_region(&p.key)

@@ -82,7 +82,11 @@ fn join_with_token_ping_remove_and_rejoin() {
     // A reusable token joins the other two; the peers come from the map.
     let (team, _) = coord.token(&lab, &["--reusable"]);
     let joined = up(&lab, &b, &coord, &team).expect_ok("up b");
-    assert!(joined.stdout.contains("joined"), "{}", joined.stdout);
+    assert!(
+        joined.stdout.contains("warren is up: b"),
+        "{}",
+        joined.stdout
+    );
     up(&lab, &cc, &coord, &team).expect_ok("up c");
     for (agent, others) in [(&a, ["b", "c"]), (&b, ["a", "c"]), (&cc, ["a", "b"])] {
         assert!(

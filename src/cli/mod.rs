@@ -80,7 +80,7 @@ pub enum ClientCommand {
         /// `tag:` then lower-case letters, digits and '-'. An empty value
         /// clears them.
         #[arg(long, value_name = "TAGS", value_parser = parse_tags)]
-        advertise_tags: Option<Vec<String>>,
+        advertise_tags: Option<TagList>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -201,7 +201,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 token,
                 hostname: hostname.clone(),
                 ca_file,
-                advertise_tags: advertise_tags.clone(),
+                advertise_tags: advertise_tags.clone().map(|t| t.0),
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };
@@ -264,8 +264,15 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-fn parse_tags(s: &str) -> Result<Vec<String>, String> {
-    crate::control::tags::parse_tag_list(s).map_err(|e| e.to_string())
+/// `--advertise-tags`' value: one argument holding a comma-separated list
+/// (a newtype so clap does not take it for a repeated flag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagList(pub Vec<String>);
+
+fn parse_tags(s: &str) -> Result<TagList, String> {
+    crate::control::tags::parse_tag_list(s)
+        .map(TagList)
+        .map_err(|e| e.to_string())
 }
 
 /// A token file holds the token, perhaps with a trailing newline.

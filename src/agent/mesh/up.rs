@@ -236,9 +236,10 @@ impl Mesh {
         // Same network again: the open map stream carries on.
         let old = self.session.take();
         let keep_stream = old.as_ref().is_some_and(|s| s.stream.is_some());
-        let (stream, map_received) = match old {
-            Some(s) if keep_stream => (s.stream, s.map_received),
-            _ => (None, false),
+        // A kept stream sends no new `Connected`: keep its state too.
+        let (stream, map_received, state) = match old {
+            Some(s) if keep_stream => (s.stream, s.map_received, s.state),
+            _ => (None, false, MeshState::Reconnecting),
         };
         self.session = Some(Session {
             login,
@@ -246,7 +247,7 @@ impl Mesh {
             stream,
             name: Some(reg.name.clone()),
             addresses: Vec::new(),
-            state: MeshState::Reconnecting,
+            state,
             last_error: None,
             reported: None,
             reporting: false,

@@ -270,7 +270,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
 pub struct TagList(pub Vec<String>);
 
 fn parse_tags(s: &str) -> Result<TagList, String> {
-    crate::control::tags::parse_tag_list(s)
+    crate::control::types::parse_tag_list(s)
         .map(TagList)
         .map_err(|e| e.to_string())
 }

@@ -37,7 +37,6 @@
 pub mod auth;
 pub mod client;
 pub mod netmap;
-pub mod tags;
 pub mod types;
 
 pub use client::{ControlClient, ControlError, MapEvent, MapStream, Registration};

@@ -219,7 +219,7 @@ async fn register(
     }
     let tags = match &req.tags {
         Some(t) => Some(
-            warren::control::tags::normalize_tags(t)
+            warren::control::types::normalize_tags(t)
                 .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?,
         ),
         None => None,

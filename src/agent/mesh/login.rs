@@ -22,7 +22,7 @@ pub struct Login {
     pub hostname: String,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// The tags this node advertises, sorted (see [`crate::control::tags`]).
+    /// The tags this node advertises, sorted (see [`crate::control::types::validate_tag`]).
     #[serde(default)]
     pub tags: Vec<String>,
     /// Set by `warren down`: the node stays out of the network across

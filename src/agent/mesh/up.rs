@@ -24,7 +24,7 @@ use super::session::{api_err, Session, UP_TIMEOUT};
 use super::Mesh;
 use crate::api::mesh::{MeshState, UpArgs, UpReply};
 use crate::api::{ApiError, ErrorCode};
-use crate::control::tags::normalize_tags;
+use crate::control::types::normalize_tags;
 
 /// One setting `up` was asked to change.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -251,3 +251,112 @@ impl<W: Write> Progress<'_, W> {
         writeln!(self.err, "{outcome}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(state: MeshState, map: bool, relay: Option<&str>, connected: bool) -> MeshStatus {
+        MeshStatus {
+            state,
+            map_received: map,
+            addresses: vec!["100.64.0.1".parse().unwrap()],
+            home_relay: relay.map(str::to_owned),
+            home_relay_connected: connected,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stages_are_reached_only_when_status_says_so() {
+        // A map replayed from disk while reconnecting is not "map received".
+        assert!(!reached(
+            Stage::Map,
+            &mesh(MeshState::Reconnecting, false, None, false)
+        ));
+        assert!(!reached(
+            Stage::Map,
+            &mesh(MeshState::Running, false, None, false)
+        ));
+        assert!(reached(
+            Stage::Map,
+            &mesh(MeshState::Running, true, None, false)
+        ));
+        // The tunnel waits for the home relay, when there is one.
+        let m = mesh(MeshState::Running, true, Some("fra"), false);
+        assert!(!reached(Stage::Tunnel, &m));
+        let m = mesh(MeshState::Running, true, Some("fra"), true);
+        assert!(reached(Stage::Tunnel, &m));
+        assert!(reached(
+            Stage::Tunnel,
+            &mesh(MeshState::Running, true, None, false)
+        ));
+        let mut no_addr = mesh(MeshState::Running, true, None, false);
+        no_addr.addresses.clear();
+        assert!(!reached(Stage::Tunnel, &no_addr));
+    }
+
+    fn joined() -> UpReply {
+        UpReply {
+            coordinator: "https://c.example".into(),
+            name: "web1".into(),
+            addresses: vec!["100.64.0.1".parse().unwrap(), "fd7a::1".parse().unwrap()],
+            tags: vec!["tag:web".into()],
+            changed: vec!["advertise-tags".into()],
+        }
+    }
+
+    #[test]
+    fn summary_and_json_say_what_the_node_is() {
+        let r = UpResult {
+            joined: joined(),
+            peers: 1,
+            interface: "warren0".into(),
+            home_relay: Some("fra".into()),
+            elapsed_ms: 812,
+        };
+        assert_eq!(
+            summary(&r),
+            "warren is up: web1 (100.64.0.1, fd7a::1) on https://c.example, 1 peer, \
+             tags tag:web (changed: advertise-tags)"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["name"], "web1");
+        assert_eq!(v["peers"], 1);
+        assert_eq!(v["home_relay"], "fra");
+        assert_eq!(v["changed"], serde_json::json!(["advertise-tags"]));
+    }
+
+    #[test]
+    fn timeouts_name_the_stage_and_the_last_error() {
+        let msg = timeout_message(Stage::Map, Duration::from_secs(30), &joined(), None);
+        assert!(
+            msg.starts_with(
+                "registered with https://c.example, but no network map came within 30s;"
+            ),
+            "{msg}"
+        );
+        let mut m = mesh(MeshState::Running, true, Some("fra"), false);
+        m.last_error = Some("connection refused".into());
+        let st = Status {
+            version: String::new(),
+            interface: "warren0".into(),
+            public_key: crate::keys::NodeKey([0; 32]),
+            listen: "0.0.0.0:51820".parse().unwrap(),
+            offload: false,
+            addresses: vec![],
+            uptime_secs: 0,
+            peers: vec![],
+            drops: Default::default(),
+            mesh: Some(m),
+        };
+        let msg = timeout_message(Stage::Tunnel, Duration::from_secs(5), &joined(), Some(&st));
+        assert!(
+            msg.starts_with(
+                "the relay fra did not connect within 5s (last error: connection refused)"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("warren status"), "{msg}");
+    }
+}

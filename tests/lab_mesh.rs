@@ -12,18 +12,12 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig};
 use lab::coord::Coordinator;
-use lab::mesh::{overlay_v4, peer_names, up};
+use lab::mesh::{overlay_v4, peer_names, up, wait_peers};
 use lab::nat::Nat;
 use lab::{poll_until, Lab};
 
 /// A node joins, learns its peers and has a working tunnel within this.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: Duration) -> bool {
-    poll_until(timeout, Duration::from_millis(100), || {
-        peer_names(&a.status(lab)) == want
-    })
-}
 
 #[test]
 fn join_with_token_ping_remove_and_rejoin() {

@@ -17,14 +17,21 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig, WARREN};
 use lab::coord::Coordinator;
-use lab::mesh::{peer_names, peer_of};
+use lab::mesh::{peer_of, wait_peers};
 use lab::{poll_until, Lab};
 use serde_json::Value;
 
-fn wait_peers(lab: &Lab, a: &Agent, want: &[&str]) -> bool {
-    poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        peer_names(&a.status(lab)) == want
-    })
+/// A coordinator, a reusable token and two agents "a" and "b" not joined yet.
+fn network(lab: &Lab) -> (Coordinator, Agent, Agent, String) {
+    let c = lab.public("coord");
+    let coord = Coordinator::start(lab, &c, &[]);
+    let agent = |name: &str| {
+        let n = lab.public(name);
+        Agent::start(lab, &n, &AgentConfig::mesh(lab, &n))
+    };
+    let (a, b) = (agent("a"), agent("b"));
+    let (token, _) = coord.token(lab, &["--reusable"]);
+    (coord, a, b, token)
 }
 
 #[test]
@@ -33,13 +40,7 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
         return;
     }
     let lab = Lab::new();
-    let c = lab.public("coord");
-    let coord = Coordinator::start(&lab, &c, &[]);
-    let na = lab.public("a");
-    let nb = lab.public("b");
-    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
-    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
-    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let (coord, a, b, token) = network(&lab);
     let url = coord.url();
 
     // A bad tag is refused by the CLI before anything is sent.
@@ -131,7 +132,7 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
     );
 
     // b sees a's tags, OS and version, in JSON and in the table.
-    assert!(wait_peers(&lab, &b, &["a"]));
+    assert!(wait_peers(&lab, &b, &["a"], Duration::from_secs(20)));
     let st = b.status(&lab);
     let pa = peer_of(&st, "a").unwrap();
     assert_eq!(
@@ -272,13 +273,7 @@ fn up_and_status_in_a_terminal() {
         return;
     }
     let lab = Lab::new();
-    let c = lab.public("coord");
-    let coord = Coordinator::start(&lab, &c, &[]);
-    let na = lab.public("a");
-    let nb = lab.public("b");
-    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
-    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
-    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let (coord, a, b, token) = network(&lab);
     let url = coord.url();
     lab::mesh::up(&lab, &a, &coord, &token).expect_ok("up a");
     let Some(term) = tmux::Tmux::start(120, 40) else {
@@ -286,15 +281,16 @@ fn up_and_status_in_a_terminal() {
     };
     let warren = format!(
         "ip netns exec {} {WARREN} --socket {}",
-        nb.ns,
+        b.node.ns,
         b.socket(&lab)
     );
-    term.type_line(&format!(
-        "{warren} up --coordinator {url} --token {token} --hostname b --advertise-tags tag:db; echo EXIT=$?"
-    ));
-    let exited = |s: &str| s.lines().any(|l| l.starts_with("EXIT="));
-    let screen = term.wait_for(Duration::from_secs(40), exited);
-    assert!(screen.lines().any(|l| l == "EXIT=0"), "{screen}");
+    let screen = term.run_ok(
+        &format!(
+            "{warren} up --coordinator {url} --token {token} --hostname b --advertise-tags tag:db"
+        ),
+        "EXIT",
+        Duration::from_secs(40),
+    );
     let lines: Vec<&str> = screen.lines().collect();
     let at = |prefix: &str| {
         lines
@@ -312,32 +308,12 @@ fn up_and_status_in_a_terminal() {
     assert!(lines[done].contains("1 peer, tags tag:db"), "{screen}");
 
     term.type_line("clear");
-    term.type_line(&format!("{warren} status; echo STATUS_EXIT=$?"));
-    let screen = term.wait_for(Duration::from_secs(10), |s| {
-        s.lines().any(|l| l.starts_with("STATUS_EXIT="))
-    });
-    assert!(screen.lines().any(|l| l == "STATUS_EXIT=0"), "{screen}");
-    let lines: Vec<&str> = screen.lines().collect();
-    let header = lines
-        .iter()
-        .position(|l| l.starts_with("PEER"))
-        .unwrap_or_else(|| panic!("no table header:\n{screen}"));
-    let cols: Vec<&str> = lines[header].split_whitespace().collect();
-    assert_eq!(
-        cols,
-        [
-            "PEER",
-            "IPS",
-            "OS",
-            "PATH",
-            "LATENCY",
-            "HANDSHAKE",
-            "RX",
-            "TX"
-        ],
-        "{screen}"
+    let screen = term.run_ok(
+        &format!("{warren} status"),
+        "STATUS_EXIT",
+        Duration::from_secs(10),
     );
-    let row = lines[header + 1];
+    let row = tmux::status_first_row(&screen);
     assert!(row.starts_with("a "), "{screen}");
     assert!(
         row.contains(&format!("linux {}", env!("CARGO_PKG_VERSION"))),

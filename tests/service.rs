@@ -326,35 +326,12 @@ fn status_in_a_terminal_shows_the_table() {
     let Some(term) = Tmux::start(100, 30) else {
         return;
     };
-    term.type_line(&format!(
-        "{BIN} --socket {} status; echo EXIT=$?",
-        pair.a.socket.display()
-    ));
-    // The typed command line shows "EXIT=$?" too: wait for the output line.
-    let exited = |s: &str| s.lines().any(|l| l.starts_with("EXIT="));
-    let screen = term.wait_for(Duration::from_secs(10), exited);
-    assert!(screen.lines().any(|l| l == "EXIT=0"), "{screen}");
-    let lines: Vec<&str> = screen.lines().collect();
-    let header = lines
-        .iter()
-        .position(|l| l.starts_with("PEER"))
-        .unwrap_or_else(|| panic!("no table header on screen:\n{screen}"));
-    let cols: Vec<&str> = lines[header].split_whitespace().collect();
-    assert_eq!(
-        cols,
-        [
-            "PEER",
-            "IPS",
-            "OS",
-            "PATH",
-            "LATENCY",
-            "HANDSHAKE",
-            "RX",
-            "TX"
-        ],
-        "{screen}"
+    let screen = term.run_ok(
+        &format!("{BIN} --socket {} status", pair.a.socket.display()),
+        "EXIT",
+        Duration::from_secs(10),
     );
-    let row = lines[header + 1];
+    let row = tmux::status_first_row(&screen);
     assert!(row.starts_with(&pair.b.public().short()), "{screen}");
     let path = format!("direct {}", pair.underlay(Side::B));
     for cell in ["100.64.0.2", path.as_str(), "s ago", " B"] {

@@ -93,3 +93,36 @@ impl Drop for Tmux {
             .output();
     }
 }
+
+impl Tmux {
+    /// Types `command; echo MARKER=$?`, waits (at most `timeout`) for the
+    /// marker's output line — the typed line shows `MARKER=$?` too, so only
+    /// a line starting with it counts — asserts exit status 0 and returns
+    /// the screen.
+    pub fn run_ok(&self, command: &str, marker: &str, timeout: Duration) -> String {
+        let tag = format!("{marker}=");
+        self.type_line(&format!("{command}; echo {tag}$?"));
+        let screen = self.wait_for(timeout, |s| s.lines().any(|l| l.starts_with(&tag)));
+        assert!(
+            screen.lines().any(|l| l == format!("{tag}0")),
+            "{command} did not exit 0:\n{screen}"
+        );
+        screen
+    }
+}
+
+/// The `warren status` table on a screen: checks its header is exactly
+/// [`warren::cli::render::STATUS_HEADERS`] and returns the first row.
+pub fn status_first_row(screen: &str) -> String {
+    let lines: Vec<&str> = screen.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("PEER"))
+        .unwrap_or_else(|| panic!("no table header on screen:\n{screen}"));
+    let cols: Vec<&str> = lines[header].split_whitespace().collect();
+    assert_eq!(cols, warren::cli::render::STATUS_HEADERS, "{screen}");
+    lines
+        .get(header + 1)
+        .unwrap_or_else(|| panic!("no row under the header:\n{screen}"))
+        .to_string()
+}

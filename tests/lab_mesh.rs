@@ -12,18 +12,12 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig};
 use lab::coord::Coordinator;
-use lab::mesh::{overlay_v4, peer_names, peer_of, up};
+use lab::mesh::{overlay_v4, peer_names, peer_of, up, wait_peers};
 use lab::nat::Nat;
 use lab::{poll_until, Lab};
 
 /// A node joins, learns its peers and has a working tunnel within this.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: Duration) -> bool {
-    poll_until(timeout, Duration::from_millis(100), || {
-        peer_names(&a.status(lab)) == want
-    })
-}
 
 #[test]
 fn join_with_token_ping_remove_and_rejoin() {
@@ -82,7 +76,11 @@ fn join_with_token_ping_remove_and_rejoin() {
     // A reusable token joins the other two; the peers come from the map.
     let (team, _) = coord.token(&lab, &["--reusable"]);
     let joined = up(&lab, &b, &coord, &team).expect_ok("up b");
-    assert!(joined.stdout.contains("joined"), "{}", joined.stdout);
+    assert!(
+        joined.stdout.contains("warren is up: b"),
+        "{}",
+        joined.stdout
+    );
     up(&lab, &cc, &coord, &team).expect_ok("up c");
     for (agent, others) in [(&a, ["b", "c"]), (&b, ["a", "c"]), (&cc, ["a", "b"])] {
         assert!(

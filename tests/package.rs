@@ -1,8 +1,10 @@
 //! The .deb packages, installed for real: `packaging/build.sh --dev` builds
 //! them, `dpkg -i` installs them, and the test checks what lands on the
 //! system (files, modes, the group and user, conffiles, enabled units, the
-//! node key), runs the installed binaries, then removes (state stays) and
-//! purges (state goes).
+//! node key), runs the installed binaries — in the NAT lab, an installed
+//! coordinator issues a token and two installed agents join with it and see
+//! each other in `status` and ping over the tunnel — then removes (state
+//! stays) and purges (state goes).
 //!
 //! It changes the machine it runs on, so it only runs as root and only when
 //! neither package is installed already (a developer's real install is never
@@ -21,6 +23,8 @@
 //! systemd as PID 1; without it they are skipped, except under `CI=true`.
 
 #![allow(clippy::unwrap_used)]
+
+mod lab;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -227,6 +231,8 @@ fn install_remove_purge() {
         }
     }
 
+    installed_binaries_join_in_the_lab();
+
     // Remove: the program and unit go, the key and the config stay.
     must(&["dpkg", "--remove", "warren", "warren-coordinator"]);
     assert!(!Path::new("/usr/bin/warren").exists());
@@ -253,6 +259,64 @@ fn install_remove_purge() {
     }
     assert!(!Path::new(WANTS).join("warren.service").exists());
     assert!(!installed("warren"));
+}
+
+/// The installed `warren-coordinator` issues a token; two installed agents
+/// join with it, list each other in `status` and ping over the tunnel.
+fn installed_binaries_join_in_the_lab() {
+    use lab::agent::{Agent, AgentConfig};
+    use lab::coord::Coordinator;
+    use lab::mesh::{overlay_v4, peer_names};
+    use std::time::Duration;
+
+    let lab = lab::Lab::new();
+    let c = lab.public("coord");
+    let coord = Coordinator::start_bin(&lab, &c, &[], "/usr/bin/warren-coordinator".into());
+    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let agents: Vec<Agent> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let n = lab.public(name);
+            let a = Agent::start_bin(
+                &lab,
+                &n,
+                &AgentConfig::mesh(&lab, &n),
+                &[],
+                "/usr/bin/warren",
+            );
+            let up = lab::mesh::up(&lab, &a, &coord, &token).expect_ok("installed warren up");
+            assert!(
+                up.stdout.contains(&format!("warren is up: {name}")),
+                "{}",
+                up.stdout
+            );
+            a
+        })
+        .collect();
+    for (a, other) in [(&agents[0], "b"), (&agents[1], "a")] {
+        let seen = lab::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            peer_names(&a.status(&lab)) == [other]
+        });
+        assert!(
+            seen,
+            "{} sees {:?}",
+            a.node.name,
+            peer_names(&a.status(&lab))
+        );
+        let table = a
+            .cli(&lab, &["status"])
+            .expect_ok("installed warren status")
+            .stdout;
+        assert!(
+            table.lines().any(|l| l.starts_with(&format!("{other} "))),
+            "{table}"
+        );
+    }
+    let ip_b = overlay_v4(&agents[1].status(&lab));
+    assert!(
+        lab.ping_within(&agents[0].node, &ip_b, Duration::from_secs(15)),
+        "a cannot ping b at {ip_b} through the tunnel"
+    );
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_warren");

@@ -14,12 +14,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod service_fixture;
+#[path = "support/tmux.rs"]
+mod tmux;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use service_fixture::{is_socket, require_root, text, Pair, Side, BIN};
+use tmux::Tmux;
 use warren::api::{IpReply, PeerPath, PingReply, Status};
 
 #[test]
@@ -313,89 +316,6 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
     pair.ping_through();
 }
 
-/// A tmux server of our own (`-L`), killed on drop even when a test panics.
-struct Tmux {
-    server: String,
-}
-
-impl Tmux {
-    fn start(width: u16, height: u16) -> Option<Tmux> {
-        let t = Tmux {
-            server: format!("warren-test-{}", std::process::id()),
-        };
-        let out = Command::new("tmux")
-            .args(["-L", &t.server, "-f", "/dev/null", "new-session", "-d"])
-            .args([
-                "-s",
-                "main",
-                "-x",
-                &width.to_string(),
-                "-y",
-                &height.to_string(),
-            ])
-            // A plain shell with a known prompt, no rc files.
-            .args([
-                "env",
-                "PS1=$ ",
-                "TERM=xterm",
-                "bash",
-                "--norc",
-                "--noprofile",
-            ])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(t),
-            Ok(o) => panic!("tmux new-session failed: {}", text(&o.stderr)),
-            Err(e) => {
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("tmux is needed (apt-get install tmux): {e}");
-                }
-                eprintln!("skipping: tmux is not installed ({e})");
-                None
-            }
-        }
-    }
-
-    fn tmux(&self, args: &[&str]) -> Output {
-        let out = Command::new("tmux")
-            .args(["-L", &self.server])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tmux {args:?}: {}", text(&out.stderr));
-        out
-    }
-
-    fn type_line(&self, line: &str) {
-        self.tmux(&["send-keys", "-t", "main", "-l", line]);
-        self.tmux(&["send-keys", "-t", "main", "Enter"]);
-    }
-
-    fn screen(&self) -> String {
-        text(&self.tmux(&["capture-pane", "-p", "-t", "main"]).stdout)
-    }
-
-    /// Polls the screen until `done` holds, at most `timeout`.
-    fn wait_for(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.screen();
-            if done(&s) || Instant::now() >= deadline {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.server, "kill-server"])
-            .output();
-    }
-}
-
 #[test]
 fn status_in_a_terminal_shows_the_table() {
     if !require_root() {
@@ -406,26 +326,12 @@ fn status_in_a_terminal_shows_the_table() {
     let Some(term) = Tmux::start(100, 30) else {
         return;
     };
-    term.type_line(&format!(
-        "{BIN} --socket {} status; echo EXIT=$?",
-        pair.a.socket.display()
-    ));
-    // The typed command line shows "EXIT=$?" too: wait for the output line.
-    let exited = |s: &str| s.lines().any(|l| l.starts_with("EXIT="));
-    let screen = term.wait_for(Duration::from_secs(10), exited);
-    assert!(screen.lines().any(|l| l == "EXIT=0"), "{screen}");
-    let lines: Vec<&str> = screen.lines().collect();
-    let header = lines
-        .iter()
-        .position(|l| l.starts_with("PEER"))
-        .unwrap_or_else(|| panic!("no table header on screen:\n{screen}"));
-    let cols: Vec<&str> = lines[header].split_whitespace().collect();
-    assert_eq!(
-        cols,
-        ["PEER", "IPS", "PATH", "LATENCY", "HANDSHAKE", "RX", "TX"],
-        "{screen}"
+    let screen = term.run_ok(
+        &format!("{BIN} --socket {} status", pair.a.socket.display()),
+        "EXIT",
+        Duration::from_secs(10),
     );
-    let row = lines[header + 1];
+    let row = tmux::status_first_row(&screen);
     assert!(row.starts_with(&pair.b.public().short()), "{screen}");
     let path = format!("direct {}", pair.underlay(Side::B));
     for cell in ["100.64.0.2", path.as_str(), "s ago", " B"] {

@@ -89,13 +89,24 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         return Ok(serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n");
     }
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {}\n",
-        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "RELAY", "NAT", "ENDPOINTS"
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<20} {}\n",
+        "ID",
+        "NAME",
+        "IPV4",
+        "IPV6",
+        "ONLINE",
+        "LAST SEEN",
+        "VERSION",
+        "RELAY",
+        "NAT",
+        "TAGS",
+        "ENDPOINTS"
     );
     for n in &nodes {
+        let tags = n.all_tags();
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<20} {}",
             n.id,
             n.name,
             n.ipv4,
@@ -107,6 +118,11 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),
             nat(n),
+            if tags.is_empty() {
+                "-".into()
+            } else {
+                tags.join(",")
+            },
             endpoints(n)
         );
     }
@@ -188,6 +204,7 @@ mod tests {
             hostname: name.into(),
             os: "linux".into(),
             version: "0".into(),
+            tags: None,
         };
         let node = store.register(&mut tx, &input, ula).await.unwrap().node;
         store.set_endpoints(&mut tx, &node, &report).await.unwrap();

@@ -32,6 +32,7 @@ fn record(id: i64, key: NodeKey) -> NodeRecord {
         ipv6: "fd00::1".parse().unwrap(),
         ephemeral: false,
         tags: vec![],
+        advertised_tags: vec![],
         endpoints: vec![],
         netcheck: None,
         nat: Default::default(),

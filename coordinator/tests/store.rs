@@ -18,6 +18,7 @@ fn input(token: Option<&str>, key: &PrivateKey, host: &str) -> RegisterInput {
         hostname: host.to_owned(),
         os: "linux".into(),
         version: "0.1.0".into(),
+        tags: None,
     }
 }
 
@@ -92,6 +93,34 @@ async fn suite(store: Store) {
         (n0.id, n0.ipv4, n0.ipv6, &n0.name)
     );
     assert_eq!(again.node.hostname, "renamed-host");
+
+    // Advertised tags are stored apart from the token's, shown together in
+    // the map; re-registering without tags keeps them, an empty list clears.
+    let tagged = |tags: Option<Vec<&str>>| {
+        let mut i = input(None, k0, "renamed-host");
+        i.tags = tags.map(|t| t.into_iter().map(str::to_owned).collect());
+        i
+    };
+    let reg = |i: RegisterInput| {
+        let store = &store;
+        async move {
+            let ula = store.ula_prefix().await.unwrap();
+            let mut tx = store.begin().await.unwrap();
+            let r = store.register(&mut tx, &i, ula).await.unwrap();
+            tx.commit().await.unwrap();
+            r.node
+        }
+    };
+    let n = reg(tagged(Some(vec!["tag:db", "tag:server"]))).await;
+    assert_eq!(n.tags, vec!["t1".to_string()]);
+    assert_eq!(n.advertised_tags, vec!["tag:db", "tag:server"]);
+    assert_eq!(n.to_peer().tags, vec!["t1", "tag:db", "tag:server"]);
+    assert_eq!(n.to_peer().os, "linux");
+    let n = reg(tagged(None)).await;
+    assert_eq!(n.advertised_tags, vec!["tag:db", "tag:server"]);
+    let n = reg(tagged(Some(vec![]))).await;
+    assert!(n.advertised_tags.is_empty());
+    assert_eq!(n.to_peer().tags, vec!["t1"]);
 
     // A one-off token works once; the same key may come back with it.
     let once = store.create_token(&NewToken::default()).await.unwrap().1;

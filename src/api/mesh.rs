@@ -26,6 +26,18 @@ pub struct UpArgs {
     /// A CA certificate (PEM) to trust for a coordinator with a private CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Tags to advertise (`tag:server`); `Some(vec![])` clears them, `None`
+    /// keeps the current ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_tags: Option<Vec<String>>,
+    /// Apply settings that differ from those of a node that is already up.
+    /// Without it such an `up` is refused with the differences listed
+    /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconfigure: bool,
+    /// Longest wait on the coordinator's answer, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
 }
 
 /// Answer to `up`.
@@ -35,6 +47,14 @@ pub struct UpReply {
     /// The node's name in the network (the coordinator may add a suffix).
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// The tags this node advertises.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The settings this `up` changed (`coordinator`, `hostname`,
+    /// `advertise-tags`, `ca-file`); empty when the node was already up
+    /// with them.
+    #[serde(default)]
+    pub changed: Vec<String>,
 }
 
 /// Where the node stands with its coordinator.
@@ -76,6 +96,14 @@ pub struct MeshStatus {
     pub udp: Option<bool>,
     /// The last error talking to the coordinator, while reconnecting.
     pub last_error: Option<String>,
+    /// Whether a network map came from the coordinator since the map stream
+    /// (re)started; a map replayed from disk does not count. `warren up`
+    /// waits for it.
+    #[serde(default)]
+    pub map_received: bool,
+    /// The tags this node advertises.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// The mesh part of one peer's status.
@@ -83,6 +111,15 @@ pub struct MeshStatus {
 pub struct PeerMesh {
     pub hostname: String,
     pub online: bool,
+    /// The peer's operating system and warren version as it registered
+    /// them (empty when its coordinator is older).
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub version: String,
+    /// Its tags, granted and advertised.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// The relay region the peer is reached through while relayed.
     pub relay_region: Option<String>,
     /// Round-trip time of the current path, from disco pings.

@@ -112,6 +112,9 @@ pub enum ErrorCode {
     Coordinator,
     /// The request needs a joined network (`warren up` first).
     NotJoined,
+    /// `up` asked for settings other than those of a node that is already
+    /// up; the message lists each, and nothing changed.
+    SettingsDiffer,
     /// A code from a newer daemon that this CLI does not know.
     #[serde(other)]
     Other,

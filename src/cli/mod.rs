@@ -11,6 +11,7 @@
 pub mod ping;
 pub mod render;
 pub mod render_mesh;
+pub mod up;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::api::client::{call, ClientError};
-use crate::api::mesh::{UpArgs, UpReply};
+use crate::api::mesh::UpArgs;
 use crate::api::{IpReply, Request, Status, VersionReply, DEFAULT_SOCKET};
 use crate::netcheck::Report;
 
@@ -48,6 +49,11 @@ pub enum ClientCommand {
     /// The first time, give the coordinator and a join token (from
     /// `warren-coordinator token create`). Afterwards `warren up` alone
     /// re-joins; the daemon also re-joins by itself when it restarts.
+    ///
+    /// Shows each stage (registering, network map, tunnel) and fails after
+    /// --timeout. Settings you leave out keep their current values; on a
+    /// node that is already up, a setting that differs is refused (and
+    /// listed) unless you add --reconfigure.
     Up {
         /// The coordinator, e.g. https://coord.example.com:8443.
         #[arg(long, value_name = "URL")]
@@ -71,7 +77,22 @@ pub enum ClientCommand {
         /// relays: for a private CA.
         #[arg(long, value_name = "PATH")]
         ca_file: Option<PathBuf>,
-        /// Print `{"coordinator", "name", "addresses"}` as JSON.
+        /// Tags to advertise, comma-separated: tag:server,tag:db. Each is
+        /// `tag:` then lower-case letters, digits and '-'. An empty value
+        /// clears them.
+        #[arg(long, value_name = "TAGS", value_parser = parse_tags)]
+        advertise_tags: Option<TagList>,
+        /// Apply settings that differ from those of a node that is already
+        /// up (only those you pass change).
+        #[arg(long)]
+        reconfigure: bool,
+        /// Give up waiting after this long (e.g. 30s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = up::DEFAULT_TIMEOUT,
+              value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// No progress; print one JSON object at the end: `coordinator`,
+        /// `name`, `addresses`, `tags`, `changed`, `peers`, `interface`,
+        /// `home_relay`, `elapsed_ms`.
         #[arg(long)]
         json: bool,
     },
@@ -175,6 +196,9 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             token_file,
             hostname,
             ca_file,
+            advertise_tags,
+            reconfigure,
+            timeout,
             json,
         } => {
             let token = match (token, token_file) {
@@ -194,20 +218,11 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 token,
                 hostname: hostname.clone(),
                 ca_file,
+                advertise_tags: advertise_tags.clone().map(|t| t.0),
+                reconfigure: *reconfigure,
+                timeout_secs: None,
             };
-            let reply: UpReply = call(socket, &Request::Up(args))?;
-            if *json {
-                print_json(&mut out, &reply)?;
-            } else {
-                let addrs: Vec<String> = reply.addresses.iter().map(|a| a.to_string()).collect();
-                writeln!(
-                    out,
-                    "joined {} as {} ({})",
-                    reply.coordinator,
-                    reply.name,
-                    addrs.join(", ")
-                )?;
-            }
+            up::run(socket, args, *timeout, *json, &mut out, &mut io::stderr())?;
         }
         ClientCommand::Down => {
             call::<serde_json::Value>(socket, &Request::Down)?;
@@ -267,6 +282,17 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `--advertise-tags`' value: one argument holding a comma-separated list
+/// (a newtype so clap does not take it for a repeated flag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagList(pub Vec<String>);
+
+fn parse_tags(s: &str) -> Result<TagList, String> {
+    crate::control::types::parse_tag_list(s)
+        .map(TagList)
+        .map_err(|e| e.to_string())
 }
 
 /// A token file holds the token, perhaps with a trailing newline.

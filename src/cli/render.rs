@@ -14,9 +14,10 @@ use ipnet::IpNet;
 use crate::api::{PeerPath, PeerStatus, PingReply, Status, ALIVE_WITHIN_SECS};
 
 /// The `status` table's column headers, in order (the tests read them).
-pub const STATUS_HEADERS: [&str; 8] = [
+pub const STATUS_HEADERS: [&str; 9] = [
     "PEER",
     "IPS",
+    "OS",
     "PATH",
     "NAT",
     "LATENCY",
@@ -86,6 +87,7 @@ fn peer_table(peers: &[PeerStatus]) -> String {
         t.add_row(vec![
             peer_name(p),
             ips(&p.allowed_ips),
+            os(p),
             path(&p.path),
             // A peer from the config file has no netcheck to show.
             p.mesh
@@ -110,6 +112,21 @@ fn peer_table(peers: &[PeerStatus]) -> String {
 /// The name `status` shows for a peer: its host name, else its short key.
 pub fn peer_name(p: &PeerStatus) -> String {
     p.hostname.clone().unwrap_or_else(|| p.public_key.short())
+}
+
+/// The peer's system and warren version ("linux 0.1.0"); "-" for a peer
+/// from the config file or an older coordinator.
+pub fn os(p: &PeerStatus) -> String {
+    let text = p
+        .mesh
+        .as_ref()
+        .map(|m| format!("{} {}", m.os, m.version).trim().to_owned())
+        .unwrap_or_default();
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text
+    }
 }
 
 /// Allowed IPs, single addresses without their `/32` or `/128`.
@@ -270,6 +287,10 @@ mod tests {
                         allocation: crate::traversal::Allocation::Sequential { step: 2 },
                         observed: None,
                     },
+                    online: true,
+                    os: "linux".into(),
+                    version: "0.3.1".into(),
+                    tags: vec!["tag:db".into()],
                     ..Default::default()
                 }),
             },
@@ -287,6 +308,7 @@ mod tests {
         for cell in [
             NodeKey([1; 32]).short().as_str(),
             "100.64.0.2, 10.1.0.0/16",
+            " - ",
             "direct 192.0.2.7:51820",
             "12s ago",
             "2.0 KiB",
@@ -302,6 +324,8 @@ mod tests {
         let nat_at = lines[2].find("NAT").unwrap();
         assert!(lines[4][nat_at..].starts_with("EDM seq+2"), "{text}");
         assert!(lines[3][nat_at..].starts_with("- "), "{text}");
+        assert!(lines[4].contains("linux 0.3.1"), "{text}");
+        assert!(text.contains("\nnas: tags tag:db\n"), "{text}");
         assert!(!text.contains("dropped"), "{text}");
     }
 

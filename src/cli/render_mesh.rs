@@ -30,6 +30,9 @@ pub fn node(m: &MeshStatus) -> String {
         },
     };
     let _ = writeln!(out, "network: {name} on {coord}: {state}");
+    if !m.tags.is_empty() {
+        let _ = writeln!(out, "tags: {}", m.tags.join(", "));
+    }
     if m.state == MeshState::Stopped {
         return out;
     }
@@ -94,6 +97,9 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
     for p in peers {
         let Some(m) = &p.mesh else { continue };
         let name = super::render::peer_name(p);
+        if !m.tags.is_empty() {
+            let _ = writeln!(out, "{name}: tags {}", m.tags.join(","));
+        }
         match (&p.path, &m.relay_reason, m.direct_since_secs) {
             (PeerPath::Relay { .. }, Some(reason), _) => {
                 let _ = writeln!(out, "{name}: relayed: {reason}");

@@ -287,6 +287,18 @@ impl ControlClient {
         hostname: &str,
         disco_key: NodeKey,
     ) -> Result<Registration, ControlError> {
+        self.register_tagged(token, hostname, disco_key, None).await
+    }
+
+    /// [`Self::register`], also setting the tags the node advertises
+    /// (`None` leaves the coordinator's as they are).
+    pub async fn register_tagged(
+        &self,
+        token: Option<&str>,
+        hostname: &str,
+        disco_key: NodeKey,
+        tags: Option<&[String]>,
+    ) -> Result<Registration, ControlError> {
         let req = RegisterRequest {
             token: token.map(str::to_owned),
             node_key: self.node_key(),
@@ -294,6 +306,7 @@ impl ControlClient {
             hostname: hostname.to_owned(),
             os: std::env::consts::OS.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            tags: tags.map(<[String]>::to_vec),
         };
         let body = serde_json::to_vec(&req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self

@@ -193,6 +193,8 @@ mod tests {
             online: true,
             last_seen_ms: 0,
             tags: vec![],
+            os: String::new(),
+            version: String::new(),
             nat: Default::default(),
             home_relay: None,
         }

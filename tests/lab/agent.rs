@@ -184,6 +184,9 @@ pub struct Agent {
     pub node: Node,
     pub ifname: String,
     pub proc: ProcId,
+    /// The `warren` binary it runs, and its CLI: the build's, or an
+    /// installed one (the package test).
+    pub bin: String,
 }
 
 impl Agent {
@@ -196,6 +199,17 @@ impl Agent {
     /// [`Agent::start`] with extra environment variables (`KEY=value`),
     /// such as `HTTPS_PROXY`.
     pub fn start_with_env(lab: &Lab, node: &Node, config: &AgentConfig, env: &[&str]) -> Agent {
+        Agent::start_bin(lab, node, config, env, WARREN)
+    }
+
+    /// [`Agent::start_with_env`] running the `warren` binary at `bin`.
+    pub fn start_bin(
+        lab: &Lab,
+        node: &Node,
+        config: &AgentConfig,
+        env: &[&str],
+        bin: &str,
+    ) -> Agent {
         let path = lab.write_file(&format!("{}.toml", node.name), &config.to_toml());
         let path = path.to_string_lossy();
         let name = format!("warren-{}", node.name);
@@ -208,7 +222,7 @@ impl Agent {
             argv.push("env");
             argv.extend_from_slice(env);
         }
-        argv.extend_from_slice(&[WARREN, "agent", "--config", &path, "--socket", &socket]);
+        argv.extend_from_slice(&[bin, "agent", "--config", &path, "--socket", &socket]);
         let proc = lab.spawn(node, &name, &argv);
         let ifname = config.ifname.as_str();
         let up = super::poll_until(START_TIMEOUT, Duration::from_millis(50), || {
@@ -231,6 +245,7 @@ impl Agent {
             node: node.clone(),
             ifname: ifname.to_owned(),
             proc,
+            bin: bin.to_owned(),
         }
     }
 
@@ -249,7 +264,7 @@ impl Agent {
     /// Runs `warren --socket <this agent's> ARGS` in the agent's node.
     pub fn cli(&self, lab: &Lab, args: &[&str]) -> super::process::Output {
         let socket = self.socket(lab);
-        let mut argv = vec![WARREN, "--socket", &socket];
+        let mut argv = vec![self.bin.as_str(), "--socket", &socket];
         argv.extend_from_slice(args);
         lab.exec(&self.node, &argv)
     }

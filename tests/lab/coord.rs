@@ -26,15 +26,21 @@ pub struct Coordinator {
     pub ip: Ipv4Addr,
     pub data_dir: PathBuf,
     pub proc: ProcId,
+    /// The `warren-coordinator` binary: the build's or an installed one.
+    pub bin: PathBuf,
 }
 
 impl Coordinator {
     /// Starts `warren-coordinator serve` on `node` (its first address) with
     /// `extra` flags, and waits until it answers.
     pub fn start(lab: &Lab, node: &Node, extra: &[&str]) -> Coordinator {
+        Coordinator::start_bin(lab, node, extra, coordinator_bin())
+    }
+
+    /// [`Coordinator::start`] running the binary at `bin`.
+    pub fn start_bin(lab: &Lab, node: &Node, extra: &[&str], bin: PathBuf) -> Coordinator {
         let ip = node.ip;
         let data_dir = lab.dir().join(format!("coord-{}", node.name));
-        let bin = coordinator_bin();
         let listen = format!("{ip}:{COORD_PORT}");
         let dir = data_dir.to_string_lossy().into_owned();
         let bin_s = bin.to_string_lossy().into_owned();
@@ -66,6 +72,7 @@ impl Coordinator {
             ip,
             data_dir,
             proc,
+            bin,
         }
     }
 
@@ -75,8 +82,7 @@ impl Coordinator {
 
     /// Runs an admin command (`token …`, `node …`) against the store.
     pub fn admin(&self, lab: &Lab, args: &[&str]) -> Output {
-        let bin = coordinator_bin();
-        let bin = bin.to_string_lossy();
+        let bin = self.bin.to_string_lossy();
         let dir = self.data_dir.to_string_lossy();
         let mut argv = vec![bin.as_ref(), "--data-dir", dir.as_ref()];
         argv.extend_from_slice(args);

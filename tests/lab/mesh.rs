@@ -86,3 +86,11 @@ pub fn peer_names(st: &Value) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Waits until `a` lists exactly the peers `want` (sorted), at most
+/// `timeout`.
+pub fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: std::time::Duration) -> bool {
+    super::poll_until(timeout, std::time::Duration::from_millis(100), || {
+        peer_names(&a.status(lab)) == want
+    })
+}

@@ -217,6 +217,13 @@ async fn register(
             "os or version longer than 64 bytes",
         ));
     }
+    let tags = match &req.tags {
+        Some(t) => Some(
+            warren::control::types::normalize_tags(t)
+                .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?,
+        ),
+        None => None,
+    };
     let mut tx = st.store.begin().await?;
     Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
     let input = RegisterInput {
@@ -226,6 +233,7 @@ async fn register(
         hostname: req.hostname,
         os: req.os,
         version: req.version,
+        tags,
     };
     let reg = st.store.register(&mut tx, &input, st.ula).await?;
     tx.commit().await?;

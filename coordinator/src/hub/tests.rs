@@ -20,6 +20,7 @@ async fn register(store: &Store, token: &str) -> NodeRecord {
         hostname: "h".into(),
         os: "linux".into(),
         version: "0".into(),
+        tags: None,
     };
     let r = store.register(&mut tx, &input, ula).await.unwrap();
     tx.commit().await.unwrap();

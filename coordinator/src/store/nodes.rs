@@ -35,7 +35,10 @@ pub struct NodeRecord {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub ephemeral: bool,
+    /// The tags its join token granted.
     pub tags: Vec<String>,
+    /// The tags the node advertises (`warren up --advertise-tags`).
+    pub advertised_tags: Vec<String>,
     pub endpoints: Vec<Endpoint>,
     pub netcheck: Option<serde_json::Value>,
     pub online: bool,
@@ -48,6 +51,19 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// Granted and advertised tags together, sorted, each once.
+    pub fn all_tags(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .tags
+            .iter()
+            .chain(&self.advertised_tags)
+            .cloned()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The node as its peers see it.
     pub fn to_peer(&self) -> Peer {
         Peer {
@@ -60,7 +76,9 @@ impl NodeRecord {
             endpoints: self.endpoints.clone(),
             online: self.online,
             last_seen_ms: self.last_seen_ms,
-            tags: self.tags.clone(),
+            tags: self.all_tags(),
+            os: self.os.clone(),
+            version: self.version.clone(),
             nat: self.nat,
             home_relay: self.home_relay,
         }
@@ -76,6 +94,8 @@ pub struct RegisterInput {
     pub hostname: String,
     pub os: String,
     pub version: String,
+    /// Advertised tags, already validated; `None` keeps the stored ones.
+    pub tags: Option<Vec<String>>,
 }
 
 /// The outcome of a registration.
@@ -86,7 +106,7 @@ pub struct Registered {
     pub created: bool,
 }
 
-const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay";
+const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, advertised_tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay";
 
 /// Decodes a row selected with [`COLUMNS`]. By column name rather than as a
 /// tuple: sqlx decodes tuples of at most sixteen columns, and names keep the
@@ -121,6 +141,8 @@ fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
         ipv6: text("ipv6")?.parse().map_err(|_| bad("ipv6"))?,
         ephemeral: r.try_get::<i64, _>("ephemeral")? != 0,
         tags: serde_json::from_str(&text("tags")?).map_err(|_| bad("tags"))?,
+        advertised_tags: serde_json::from_str(&text("advertised_tags")?)
+            .map_err(|_| bad("advertised_tags"))?,
         endpoints: serde_json::from_str(&text("endpoints")?).map_err(|_| bad("endpoints"))?,
         netcheck: json("netcheck")?,
         online: r.try_get::<i64, _>("conns")? > 0,
@@ -129,6 +151,10 @@ fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
         nat,
         home_relay,
     })
+}
+
+fn tags_json(tags: &[String]) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
 }
 
 /// A DNS-label-shaped name from whatever hostname a node sent.
@@ -273,6 +299,13 @@ impl Store {
                     .bind(node.id)
                     .execute(&mut **tx)
                     .await?;
+                if let Some(tags) = &input.tags {
+                    sqlx::query("UPDATE nodes SET advertised_tags = $1 WHERE id = $2")
+                        .bind(tags_json(tags))
+                        .bind(node.id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
                     .await?;
                 let node = Self::node_by_key_tx(tx, &input.node_key)
@@ -289,8 +322,8 @@ impl Store {
                 let name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
                 let v4 = random_ipv4();
                 let id: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING RETURNING id",
+                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING RETURNING id",
                 )
                 .bind(input.node_key.to_string())
                 .bind(input.disco_key.to_string())
@@ -301,10 +334,11 @@ impl Store {
                 .bind(v4.to_string())
                 .bind(ipv6_for(ula, v4).to_string())
                 .bind(i64::from(grant.ephemeral))
-                .bind(serde_json::to_string(&grant.tags).unwrap_or_else(|_| "[]".into()))
+                .bind(tags_json(&grant.tags))
                 .bind(&grant.id)
                 .bind(now)
                 .bind(now)
+                .bind(tags_json(input.tags.as_deref().unwrap_or_default()))
                 .fetch_optional(&mut **tx)
                 .await?;
                 if let Some(id) = id {

@@ -85,6 +85,14 @@ const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE nodes ADD COLUMN home_relay BIGINT",
         ],
     },
+    // The tags a node advertises itself (`warren up --advertise-tags`),
+    // apart from those its token granted (`tags`): re-registering replaces
+    // these and never touches the granted ones.
+    Migration {
+        version: 3,
+        sqlite: &["ALTER TABLE nodes ADD COLUMN advertised_tags TEXT NOT NULL DEFAULT '[]'"],
+        postgres: &["ALTER TABLE nodes ADD COLUMN advertised_tags TEXT NOT NULL DEFAULT '[]'"],
+    },
 ];
 
 /// An arbitrary constant naming the migration advisory lock.

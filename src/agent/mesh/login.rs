@@ -22,6 +22,9 @@ pub struct Login {
     pub hostname: String,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The tags this node advertises, sorted (see [`crate::control::types::validate_tag`]).
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
@@ -144,6 +147,7 @@ mod tests {
             coordinator: "http://11.11.0.1:8080".into(),
             hostname: "a".into(),
             ca_file: None,
+            tags: vec!["tag:db".into()],
             stopped: true,
         };
         l.save(dir.path()).unwrap();

@@ -30,6 +30,7 @@ mod relays;
 pub use relays::RelayOptions;
 mod session;
 mod sockets;
+mod up;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -435,6 +436,9 @@ impl Mesh {
                 let mesh = PeerMesh {
                     hostname: p.name.clone(),
                     online: p.online,
+                    os: p.os.clone(),
+                    version: p.version.clone(),
+                    tags: p.tags.clone(),
                     relay_region: if relayed {
                         self.relays
                             .peer_region(&p.key)

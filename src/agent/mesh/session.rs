@@ -1,8 +1,8 @@
 //! The coordinator side of the mesh: `up`, `down`, `logout`, the map
 //! stream's events, and the control requests that run in the background.
 //!
-//! `up` with a token registers inline (the CLI waits for the answer, and a
-//! refused token must change nothing). A daemon that restarts with a saved
+//! `up` itself is in [`super::up`]: it registers inline (the CLI waits for
+//! the answer, and a refused token must change nothing). A daemon that restarts with a saved
 //! login does not wait: it starts the map stream at once — the stream
 //! replays the map saved on disk, so tunnels come back even while the
 //! coordinator is down — and re-registers in the background to publish the
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::handle::{Command, Reply};
-use super::login::{system_hostname, Login};
+use super::login::Login;
 use super::Mesh;
-use crate::api::mesh::{MeshState, MeshStatus, UpArgs, UpReply};
+use crate::api::mesh::{MeshState, MeshStatus};
 use crate::api::{ApiError, ErrorCode};
 use crate::control::client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
 use crate::control::types::{EndpointsReport, Peer as MapPeer};
@@ -26,8 +26,8 @@ use crate::netcheck::Report;
 use crate::proto::disco::DiscoKey;
 use crate::traversal::node::PeerInfo;
 
-/// Longest wait on the coordinator for `up`.
-const UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait on the coordinator for `up` and `logout`.
+pub(super) const UP_TIMEOUT: Duration = Duration::from_secs(20);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -44,6 +44,8 @@ pub struct Session {
     /// flight (reports are sent one at a time, the latest state wins).
     pub reported: Option<EndpointsReport>,
     pub reporting: bool,
+    /// A map came from the coordinator since the stream (re)started.
+    pub map_received: bool,
 }
 
 impl Session {
@@ -68,12 +70,12 @@ pub async fn next_map(s: &mut Option<Session>) -> Option<MapEvent> {
     }
 }
 
-fn api_err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+pub(super) fn api_err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
 
 impl Mesh {
-    fn disco_key(&self) -> NodeKey {
+    pub(super) fn disco_key(&self) -> NodeKey {
         NodeKey(self.disco.public().0)
     }
 
@@ -95,6 +97,7 @@ impl Mesh {
                     last_error: None,
                     reported: None,
                     reporting: false,
+                    map_received: false,
                 });
                 if !stopped {
                     self.start_following(true);
@@ -106,20 +109,25 @@ impl Mesh {
 
     /// Opens the map stream and, if `reregister`, re-registers in the
     /// background (new disco key, current host name and version).
-    fn start_following(&mut self, reregister: bool) {
+    pub(super) fn start_following(&mut self, reregister: bool) {
         let disco = self.disco_key();
         let Some(s) = self.session.as_mut() else {
             return;
         };
         s.stream = Some(s.client.map_stream());
         s.state = MeshState::Reconnecting;
+        s.map_received = false;
         if reregister {
             let client = s.client.clone();
             let hostname = s.login.hostname.clone();
+            let tags = s.login.tags.clone();
             self.background.spawn(async move {
                 let mut wait = RETRY_MIN;
                 loop {
-                    match client.register(None, &hostname, disco).await {
+                    match client
+                        .register_tagged(None, &hostname, disco, Some(&tags))
+                        .await
+                    {
                         Err(e) if !e.is_permanent() => {
                             tracing::info!(error = %e, retry_in = ?wait, "re-registering failed");
                             tokio::time::sleep(wait).await;
@@ -163,92 +171,7 @@ impl Mesh {
         let _ = reply.send(answer);
     }
 
-    async fn up(&mut self, args: UpArgs) -> Result<serde_json::Value, ApiError> {
-        let Some(coordinator) = args.coordinator.clone() else {
-            // Re-join the network left with `down`.
-            let Some(s) = self.session.as_mut() else {
-                return Err(api_err(
-                    ErrorCode::NotJoined,
-                    "not joined to any network: give --coordinator URL and --token",
-                ));
-            };
-            if args.token.is_some() {
-                return Err(api_err(
-                    ErrorCode::BadRequest,
-                    "a token needs --coordinator too",
-                ));
-            }
-            s.login.stopped = false;
-            let _ = s.login.save(&self.state_dir);
-            let reply = up_reply(s);
-            if !s.is_active() {
-                self.start_following(true);
-            }
-            return reply;
-        };
-        let login = Login {
-            coordinator,
-            hostname: args.hostname.clone().unwrap_or_else(system_hostname),
-            ca_file: args.ca_file.clone(),
-            stopped: false,
-        };
-        let client = login
-            .client(self.key.clone(), &self.state_dir)
-            .map_err(|e| api_err(ErrorCode::BadRequest, e))?;
-        let reg = tokio::time::timeout(
-            UP_TIMEOUT,
-            client.register(args.token.as_deref(), &login.hostname, self.disco_key()),
-        )
-        .await
-        .map_err(|_| {
-            api_err(
-                ErrorCode::Coordinator,
-                format!("no answer from {} within {UP_TIMEOUT:?}", login.coordinator),
-            )
-        })?
-        .map_err(|e| api_err(ErrorCode::Coordinator, e.to_string()))?;
-        // Accepted: whatever network this node followed before is left.
-        if self
-            .session
-            .as_ref()
-            .is_some_and(|s| s.login.coordinator != login.coordinator)
-        {
-            self.leave();
-        }
-        if let Err(e) = login.save(&self.state_dir) {
-            tracing::warn!(error = %e, "cannot save the login; a restart will need `warren up`");
-        }
-        let relay_tls = login
-            .ca_pem()
-            .ok()
-            .flatten()
-            .and_then(|pem| crate::relay_client::dial::tls_config_with_ca(&pem).ok());
-        self.relays.set_tls(relay_tls);
-        // Same network again: the open map stream carries on.
-        let keep_stream = self.session.as_mut().and_then(|s| s.stream.take());
-        self.session = Some(Session {
-            login,
-            client,
-            stream: keep_stream,
-            name: Some(reg.name.clone()),
-            addresses: Vec::new(),
-            state: MeshState::Reconnecting,
-            last_error: None,
-            reported: None,
-            reporting: false,
-        });
-        self.on_registered(reg);
-        if self.session.as_ref().is_some_and(|s| !s.is_active()) {
-            self.start_following(false);
-        }
-        let s = self
-            .session
-            .as_ref()
-            .ok_or_else(|| api_err(ErrorCode::Internal, "session vanished during `up`"))?;
-        up_reply(s)
-    }
-
-    fn on_registered(&mut self, reg: Registration) {
+    pub(super) fn on_registered(&mut self, reg: Registration) {
         tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
         self.set_addresses(reg.ipv4.into(), reg.ipv6.into());
         if let Some(s) = self.session.as_mut() {
@@ -286,7 +209,7 @@ impl Mesh {
     }
 
     /// Forgets the network: peers, relays, the saved login.
-    fn leave(&mut self) {
+    pub(super) fn leave(&mut self) {
         self.session = None;
         Login::remove(&self.state_dir);
         self.drop_peers();
@@ -322,6 +245,7 @@ impl Mesh {
                 self.set_addresses(map.self_node.ipv4.into(), map.self_node.ipv6.into());
                 if let Some(s) = self.session.as_mut() {
                     s.name = Some(map.self_node.name.clone());
+                    s.map_received |= !from_cache;
                 }
                 self.set_relay_map(map.relay_map.clone());
                 let gone: Vec<NodeKey> = self
@@ -549,15 +473,8 @@ impl Mesh {
             nat: self.discovery.nat(),
             udp: self.discovery.last.as_ref().map(|r| r.udp),
             last_error: s.last_error.clone(),
+            map_received: s.map_received,
+            tags: s.login.tags.clone(),
         }
     }
-}
-
-fn up_reply(s: &Session) -> Result<serde_json::Value, ApiError> {
-    let reply = UpReply {
-        coordinator: s.login.coordinator.clone(),
-        name: s.name.clone().unwrap_or_default(),
-        addresses: s.addresses.clone(),
-    };
-    serde_json::to_value(reply).map_err(|e| api_err(ErrorCode::Internal, e.to_string()))
 }

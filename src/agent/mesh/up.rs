@@ -1,0 +1,382 @@
+//! `warren up` in the daemon: join a network, re-join the one left with
+//! `down`, or change the settings of a node that is up.
+//!
+//! Settings are the coordinator URL, the host name, the advertised tags and
+//! the CA file. Only what the caller passes is compared or changed: a flag
+//! left out keeps its current value, never its default (so nobody has to
+//! repeat every flag of the first `up`). When the node is already up and a
+//! passed setting differs, `up` answers [`ErrorCode::SettingsDiffer`] with
+//! each difference spelt out and changes nothing, unless the caller asked to
+//! `reconfigure`: a mistyped URL must not silently move a server to another
+//! network. The comparison is a pure function ([`differences`]) so its
+//! cases are unit-tested without a coordinator.
+//!
+//! The answer comes once the coordinator accepted the registration; the CLI
+//! then follows the map and tunnel stages through `status` (see
+//! [`crate::cli::up`]). One request and one answer keep the socket protocol
+//! as simple as every other command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::login::{system_hostname, Login};
+use super::session::{api_err, Session, UP_TIMEOUT};
+use super::Mesh;
+use crate::api::mesh::{MeshState, UpArgs, UpReply};
+use crate::api::{ApiError, ErrorCode};
+use crate::control::types::normalize_tags;
+
+/// One setting `up` was asked to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The flag's name without dashes: `coordinator`, `hostname`,
+    /// `advertise-tags`, `ca-file`.
+    pub setting: &'static str,
+    pub current: String,
+    pub wanted: String,
+}
+
+/// The settings of `args` (tags already normalised) that differ from
+/// `current`. Settings not passed are never a difference.
+pub fn differences(current: &Login, args: &UpArgs, tags: Option<&[String]>) -> Vec<Difference> {
+    let mut out = Vec::new();
+    let mut check = |setting, current: String, wanted: Option<String>| {
+        if let Some(wanted) = wanted {
+            if wanted != current {
+                out.push(Difference {
+                    setting,
+                    current,
+                    wanted,
+                });
+            }
+        }
+    };
+    let url = |u: &str| u.trim_end_matches('/').to_owned();
+    check(
+        "coordinator",
+        url(&current.coordinator),
+        args.coordinator.as_deref().map(url),
+    );
+    check("hostname", current.hostname.clone(), args.hostname.clone());
+    check(
+        "advertise-tags",
+        tag_list(&current.tags),
+        tags.map(tag_list),
+    );
+    check(
+        "ca-file",
+        path_text(current.ca_file.as_ref()),
+        args.ca_file.as_ref().map(|p| path_text(Some(p))),
+    );
+    out
+}
+
+fn tag_list(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "(none)".into()
+    } else {
+        tags.join(",")
+    }
+}
+
+fn path_text(p: Option<&PathBuf>) -> String {
+    p.map_or_else(|| "(none)".into(), |p| p.display().to_string())
+}
+
+/// The refusal a person reads: every difference, and how to apply them.
+pub fn refusal(diffs: &[Difference]) -> String {
+    let mut msg = String::from("this node is already up with other settings; nothing changed:\n");
+    for d in diffs {
+        msg.push_str(&format!(
+            "  --{}: is {}, you asked for {}\n",
+            d.setting, d.current, d.wanted
+        ));
+    }
+    msg.push_str(
+        "run the same `warren up` with --reconfigure to apply them \
+         (settings you leave out keep their current values)",
+    );
+    msg
+}
+
+/// The login `up` asks for: `current` with what `args` passes laid over it.
+fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> Option<Login> {
+    let coordinator = args
+        .coordinator
+        .clone()
+        .or_else(|| current.map(|c| c.coordinator.clone()))?;
+    Some(Login {
+        coordinator,
+        hostname: args
+            .hostname
+            .clone()
+            .or_else(|| current.map(|c| c.hostname.clone()))
+            .unwrap_or_else(system_hostname),
+        ca_file: args
+            .ca_file
+            .clone()
+            .or_else(|| current.and_then(|c| c.ca_file.clone())),
+        tags: tags
+            .or_else(|| current.map(|c| c.tags.clone()))
+            .unwrap_or_default(),
+        stopped: false,
+    })
+}
+
+impl Mesh {
+    pub(super) async fn up(&mut self, args: UpArgs) -> Result<serde_json::Value, ApiError> {
+        let tags = match &args.advertise_tags {
+            Some(t) => {
+                Some(normalize_tags(t).map_err(|e| api_err(ErrorCode::BadRequest, e.to_string()))?)
+            }
+            None => None,
+        };
+        if args.token.is_some() && args.coordinator.is_none() {
+            return Err(api_err(
+                ErrorCode::BadRequest,
+                "a token needs --coordinator too",
+            ));
+        }
+        let current = self.session.as_ref().map(|s| s.login.clone());
+        let diffs = current
+            .as_ref()
+            .map(|c| differences(c, &args, tags.as_deref()))
+            .unwrap_or_default();
+        let running = current.as_ref().is_some_and(|c| !c.stopped);
+        if running && !diffs.is_empty() && !args.reconfigure {
+            return Err(api_err(ErrorCode::SettingsDiffer, refusal(&diffs)));
+        }
+        let changed: Vec<String> = diffs.iter().map(|d| d.setting.to_string()).collect();
+        if let Some(s) = self.session.as_mut().filter(|_| diffs.is_empty()) {
+            // Nothing to change: already up, or back up after `down`.
+            if s.login.stopped {
+                s.login.stopped = false;
+                let _ = s.login.save(&self.state_dir);
+            }
+            let reply = up_reply(s, changed);
+            if !s.is_active() {
+                self.start_following(true);
+            }
+            return reply;
+        }
+        let Some(login) = merged(current.as_ref(), &args, tags) else {
+            return Err(api_err(
+                ErrorCode::NotJoined,
+                "not joined to any network: give --coordinator URL and --token",
+            ));
+        };
+        let changed = if current.is_none() {
+            vec!["coordinator".to_string()]
+        } else {
+            changed
+        };
+        self.register_inline(login, &args, changed).await
+    }
+
+    /// Registers with `login`'s settings and, once accepted, follows that
+    /// network. A refusal or timeout leaves everything as it was.
+    async fn register_inline(
+        &mut self,
+        login: Login,
+        args: &UpArgs,
+        changed: Vec<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let client = login
+            .client(self.key.clone(), &self.state_dir)
+            .map_err(|e| api_err(ErrorCode::BadRequest, e))?;
+        // The API server gives a request 30 s in all; stay well inside it.
+        let wait = args
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(UP_TIMEOUT)
+            .min(UP_TIMEOUT);
+        let reg = tokio::time::timeout(
+            wait,
+            client.register_tagged(
+                args.token.as_deref(),
+                &login.hostname,
+                self.disco_key(),
+                Some(&login.tags),
+            ),
+        )
+        .await
+        .map_err(|_| {
+            api_err(
+                ErrorCode::Coordinator,
+                format!(
+                    "no answer from the coordinator {} within {}s: check the URL and that it is reachable from this host",
+                    login.coordinator,
+                    wait.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| {
+            api_err(
+                ErrorCode::Coordinator,
+                format!("the coordinator {} refused: {e}", login.coordinator),
+            )
+        })?;
+        // Accepted: whatever network this node followed before is left.
+        let same_network = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.login.coordinator == login.coordinator);
+        if self.session.is_some() && !same_network {
+            self.leave();
+        }
+        if let Err(e) = login.save(&self.state_dir) {
+            tracing::warn!(error = %e, "cannot save the login; a restart will need `warren up`");
+        }
+        let relay_tls = login
+            .ca_pem()
+            .ok()
+            .flatten()
+            .and_then(|pem| crate::relay_client::dial::tls_config_with_ca(&pem).ok());
+        self.relays.set_tls(relay_tls);
+        // Same network again: the open map stream carries on.
+        let old = self.session.take();
+        let keep_stream = old.as_ref().is_some_and(|s| s.stream.is_some());
+        // A kept stream sends no new `Connected`: keep its state too.
+        let (stream, map_received, state) = match old {
+            Some(s) if keep_stream => (s.stream, s.map_received, s.state),
+            _ => (None, false, MeshState::Reconnecting),
+        };
+        self.session = Some(Session {
+            login,
+            client,
+            stream,
+            name: Some(reg.name.clone()),
+            addresses: Vec::new(),
+            state,
+            last_error: None,
+            reported: None,
+            reporting: false,
+            map_received,
+        });
+        self.on_registered(reg);
+        if self.session.as_ref().is_some_and(|s| !s.is_active()) {
+            self.start_following(false);
+        }
+        let s = self
+            .session
+            .as_ref()
+            .ok_or_else(|| api_err(ErrorCode::Internal, "session vanished during `up`"))?;
+        up_reply(s, changed)
+    }
+}
+
+fn up_reply(s: &Session, changed: Vec<String>) -> Result<serde_json::Value, ApiError> {
+    let reply = UpReply {
+        coordinator: s.login.coordinator.clone(),
+        name: s.name.clone().unwrap_or_default(),
+        addresses: s.addresses.clone(),
+        tags: s.login.tags.clone(),
+        changed,
+    };
+    serde_json::to_value(reply).map_err(|e| api_err(ErrorCode::Internal, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login() -> Login {
+        Login {
+            coordinator: "https://coord.example:8443".into(),
+            hostname: "web1".into(),
+            ca_file: None,
+            tags: vec!["tag:web".into()],
+            stopped: false,
+        }
+    }
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_left_out_are_never_a_difference() {
+        let args = UpArgs::default();
+        assert!(differences(&login(), &args, None).is_empty());
+        let m = merged(Some(&login()), &args, None).unwrap();
+        assert_eq!(m, login());
+    }
+
+    #[test]
+    fn same_values_are_no_difference() {
+        let args = UpArgs {
+            coordinator: Some("https://coord.example:8443/".into()),
+            hostname: Some("web1".into()),
+            token: Some("ignored".into()),
+            ..Default::default()
+        };
+        let t = tags(&["tag:web"]);
+        assert!(differences(&login(), &args, Some(&t)).is_empty());
+    }
+
+    #[test]
+    fn each_differing_setting_is_named_with_both_values() {
+        let args = UpArgs {
+            coordinator: Some("https://other:8443".into()),
+            hostname: Some("web2".into()),
+            ca_file: Some("/etc/warren/ca.pem".into()),
+            ..Default::default()
+        };
+        let t = tags(&["tag:db", "tag:web"]);
+        let d = differences(&login(), &args, Some(&t));
+        let names: Vec<_> = d.iter().map(|d| d.setting).collect();
+        assert_eq!(
+            names,
+            ["coordinator", "hostname", "advertise-tags", "ca-file"]
+        );
+        assert_eq!(d[1].current, "web1");
+        assert_eq!(d[1].wanted, "web2");
+        assert_eq!(d[2].current, "tag:web");
+        assert_eq!(d[2].wanted, "tag:db,tag:web");
+        assert_eq!(d[3].current, "(none)");
+        let msg = refusal(&d);
+        assert!(msg.contains("nothing changed"), "{msg}");
+        assert!(
+            msg.contains("--hostname: is web1, you asked for web2"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(
+                "--coordinator: is https://coord.example:8443, you asked for https://other:8443"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("--reconfigure"), "{msg}");
+    }
+
+    #[test]
+    fn clearing_tags_is_a_difference() {
+        let d = differences(&login(), &UpArgs::default(), Some(&[]));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].wanted, "(none)");
+    }
+
+    #[test]
+    fn merge_changes_only_what_is_passed() {
+        let args = UpArgs {
+            hostname: Some("web2".into()),
+            ..Default::default()
+        };
+        let m = merged(Some(&login()), &args, None).unwrap();
+        assert_eq!(m.hostname, "web2");
+        assert_eq!(m.coordinator, login().coordinator);
+        assert_eq!(m.tags, login().tags);
+        let m = merged(Some(&login()), &UpArgs::default(), Some(vec![])).unwrap();
+        assert!(m.tags.is_empty());
+        assert_eq!(m.hostname, "web1");
+        // A first join needs a coordinator.
+        assert!(merged(None, &UpArgs::default(), None).is_none());
+        let first = UpArgs {
+            coordinator: Some("http://c".into()),
+            ..Default::default()
+        };
+        let m = merged(None, &first, None).unwrap();
+        assert_eq!(m.hostname, system_hostname());
+        assert!(m.tags.is_empty());
+    }
+}

@@ -349,6 +349,7 @@ impl Mesh {
                 match t.dest {
                     Dest::Udp { socket, addr } => self.egress.send_on(socket, addr, &t.bytes).await,
                     Dest::Relay(k) => self.egress.relay(k, &t.bytes),
+                    Dest::Tcp(_) => {}
                 }
             }
             let Some(ev) = self.node.poll_event() else {
@@ -369,6 +370,7 @@ impl Mesh {
                     tracing::info!(count, open, "birthday: extra sockets opened");
                     self.node.sockets_opened(now, open);
                 }
+                NodeEvent::TcpConnect { .. } | NodeEvent::TcpClose { .. } => {}
                 NodeEvent::CloseSockets { keep } => {
                     self.sockets.close(&keep);
                     tracing::info!(
@@ -394,7 +396,7 @@ impl Mesh {
                     p.set_direct_via(d.addr, d.socket);
                 }
             }
-            Path::Relay => {
+            Path::Relay | Path::Tcp(_) => {
                 self.direct_since.remove(peer);
                 if let Some(p) = dp_peer {
                     p.set_path(PeerPath::Relay);

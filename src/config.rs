@@ -52,6 +52,11 @@ pub struct AgentConfig {
     /// joined to a network.
     #[serde(default = "default_true")]
     pub portmap: bool,
+    /// The TCP port of the direct TCP path (used when UDP is blocked):
+    /// listened on and dialled from. Unset: the WireGuard UDP port's
+    /// number; 0: off.
+    #[serde(default)]
+    pub tcp_port: Option<u16>,
 }
 
 impl Default for AgentConfig {
@@ -60,6 +65,7 @@ impl Default for AgentConfig {
             socket: default_socket(),
             state_dir: default_state_dir(),
             portmap: true,
+            tcp_port: None,
         }
     }
 }

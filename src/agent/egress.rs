@@ -1,5 +1,5 @@
 //! Where sealed packets leave the host: the UDP socket, one of the birthday
-//! method's extra sockets, or the relay.
+//! method's extra sockets, a direct TCP stream to the peer, or the relay.
 //!
 //! The data plane says per packet whether a peer's path is direct or the
 //! relay ([`Sealed`]); this type turns that into the actual send. The relay
@@ -9,7 +9,14 @@
 //! with birthday attempts, so their table is an `ArcSwap` too; the primary
 //! socket is a plain field, so the common path costs one match arm and no
 //! atomic load.
+//!
+//! A direct TCP stream is "a relay whose far end is the peer itself": the
+//! data plane seals such a peer's packets as [`Sealed::Relay`], and
+//! [`Egress::relay`] looks up the peer's stream (an `ArcSwap` map, set
+//! while traversal's path is that stream) before the relay. Disco for the
+//! relay uses [`Egress::via_relay`], which never takes a stream.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -34,6 +41,8 @@ pub struct Egress {
     pub udp: Arc<Udp>,
     extra: ArcSwap<SocketTable>,
     relay: ArcSwapOption<Box<dyn RelaySink>>,
+    /// Peers whose path is a direct TCP stream, and its queue.
+    streams: ArcSwap<HashMap<NodeKey, Arc<dyn RelaySink>>>,
     drops: Arc<Drops>,
 }
 
@@ -43,6 +52,7 @@ impl Egress {
             udp,
             extra: ArcSwap::from_pointee(Vec::new()),
             relay: ArcSwapOption::empty(),
+            streams: ArcSwap::from_pointee(HashMap::new()),
             drops,
         }
     }
@@ -78,8 +88,34 @@ impl Egress {
         }
     }
 
-    /// Hands one packet to the relay, counting it when there is none.
+    /// Sends `peer`'s stream-carried packets on `stream` (its direct TCP
+    /// path), or on the relay again when `None`.
+    pub fn set_stream(&self, peer: NodeKey, stream: Option<Arc<dyn RelaySink>>) {
+        let mut map = HashMap::clone(&self.streams.load());
+        match stream {
+            Some(s) => map.insert(peer, s),
+            None => map.remove(&peer),
+        };
+        self.streams.store(Arc::new(map));
+    }
+
+    /// Hands one packet to the peer's TCP stream if it has one, else to the
+    /// relay; counts it when it was dropped (a full queue drops, like the
+    /// relay's, so one slow stream never holds up the other peers).
     pub fn relay(&self, peer: NodeKey, packet: &[u8]) {
+        let stream = self.streams.load().get(&peer).cloned();
+        match stream {
+            Some(s) => {
+                if !s.send(peer, packet) {
+                    Drops::bump(&self.drops.no_endpoint);
+                }
+            }
+            None => self.via_relay(peer, packet),
+        }
+    }
+
+    /// Hands one packet to the relay itself, counting it when there is none.
+    pub fn via_relay(&self, peer: NodeKey, packet: &[u8]) {
         let sent = match &*self.relay.load() {
             Some(r) => r.send(peer, packet),
             None => false,

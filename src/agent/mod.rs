@@ -144,6 +144,7 @@ pub async fn run(
         listen,
         side: side_rx,
         portmap: config.agent.portmap.then(crate::portmap::Config::default),
+        tcp_port: config.agent.tcp_port.unwrap_or(listen.port()),
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

@@ -98,7 +98,7 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
             (PeerPath::Relay { .. }, Some(reason), _) => {
                 let _ = writeln!(out, "{name}: relayed: {reason}");
             }
-            (PeerPath::Direct { .. }, _, Some(secs)) => {
+            (PeerPath::Direct { .. } | PeerPath::DirectTcp { .. }, _, Some(secs)) => {
                 let _ = writeln!(
                     out,
                     "{name}: direct for {} ({} pings, {} pongs)",

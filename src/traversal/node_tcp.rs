@@ -22,12 +22,16 @@ impl Node {
     /// This host's TCP candidates (empty when it has no listener) and
     /// whether netcheck found UDP blocked. Hosts whose UDP works publish
     /// their TCP candidates only to peers that published theirs.
-    pub fn set_tcp_local(&mut self, candidates: Vec<Candidate>, udp_blocked: bool) {
+    pub fn set_tcp_local(&mut self, now: Instant, candidates: Vec<Candidate>, udp_blocked: bool) {
         let listening = !candidates.is_empty();
         self.tcp_local = candidates;
         self.udp_blocked = udp_blocked;
-        for e in self.peers.values_mut() {
-            e.paths.set_tcp_local(listening, udp_blocked);
+        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(e) = self.peers.get_mut(&k) {
+                e.paths.set_tcp_local(now, listening, udp_blocked);
+            }
+            self.pump(now, k);
         }
     }
 

@@ -94,9 +94,18 @@ impl TcpState {
 
 impl PeerPaths {
     /// Whether this host has a TCP listener, and whether its UDP is blocked.
-    pub fn set_tcp_local(&mut self, listening: bool, udp_blocked: bool) {
+    /// Netcheck may say so well after discovery began: a peer we are
+    /// relaying to then hears our TCP candidates at once, not at the next
+    /// discovery attempt.
+    pub fn set_tcp_local(&mut self, now: Instant, listening: bool, udp_blocked: bool) {
+        let wanted = self.wants_tcp();
         self.tcp.local = listening;
         self.tcp.udp_blocked = udp_blocked;
+        if !wanted && self.wants_tcp() && self.current == Path::Relay && self.active(now) {
+            self.last_cmm = None;
+            self.maybe_call_me(now);
+            self.maybe_start_tcp(now);
+        }
     }
 
     /// Whether our CallMeMaybe to this peer should carry our TCP candidates.

@@ -63,8 +63,8 @@ impl Sim {
             2,
         );
         let udp = |ip: &str| Candidate::udp(ip.parse().unwrap(), CandidateKind::Host);
-        a.set_tcp_local(vec![tcp_cand(a_tcp())], a_blocked);
-        b.set_tcp_local(vec![tcp_cand(b_tcp())], b_blocked);
+        a.set_tcp_local(now, vec![tcp_cand(a_tcp())], a_blocked);
+        b.set_tcp_local(now, vec![tcp_cand(b_tcp())], b_blocked);
         let (da, db) = (a.disco_key(), b.disco_key());
         a.upsert_peer(
             now,
@@ -284,7 +284,7 @@ fn stranger_on_the_stream_proves_nothing() {
             nat: NatSummary::default(),
         },
     );
-    c.set_tcp_local(vec![tcp_cand(stranger)], true);
+    c.set_tcp_local(s.now, vec![tcp_cand(stranger)], true);
     c.note_traffic(s.now, &ka());
     c.handle_timeout(s.now);
     c.tcp_connected(s.now, ka(), a_tcp());
@@ -322,4 +322,76 @@ fn failed_attempt_backs_off_before_dialling_again() {
     assert!(s.dials[0].len() >= 2, "tried again after the backoff");
     assert!(s.dials[0].len() <= 4, "bounded: {}", s.dials[0].len());
     assert_eq!(s.a.path(&kb()), Path::Relay);
+}
+
+#[test]
+fn netcheck_finding_udp_blocked_late_still_starts_tcp_at_once() {
+    let mut s = Sim::new(false, false);
+    s.a.note_traffic(s.now, &kb());
+    s.b.note_traffic(s.now, &ka());
+    s.a.handle_timeout(s.now);
+    s.settle();
+    assert!(s.dials.iter().all(|d| d.is_empty()));
+    // A's netcheck ends 3 s later: its UDP is blocked.
+    s.now += Duration::from_secs(3);
+    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp())], true);
+    s.settle();
+    assert_eq!(
+        s.dials[0],
+        vec![vec![b_tcp()]],
+        "A dials within the same instant"
+    );
+    assert_eq!(s.dials[1], vec![vec![a_tcp()]]);
+}
+
+#[test]
+fn a_udp_path_takes_over_from_tcp() {
+    let mut s = Sim::new(true, true);
+    s.go_direct();
+    // UDP starts working (the firewall opened): A's reprobe finds B's
+    // candidate; deliver the ping and the pong by hand.
+    let b_udp: SocketAddr = "10.0.2.2:41641".parse().unwrap();
+    let a_udp: SocketAddr = "10.0.1.2:41641".parse().unwrap();
+    let end = s.now + Duration::from_secs(70);
+    let mut udp_seen = false;
+    while s.now < end && !matches!(s.a.path(&kb()), Path::Direct(_)) {
+        s.a.note_traffic(s.now, &kb());
+        s.b.note_traffic(s.now, &ka());
+        s.now += Duration::from_millis(500);
+        s.a.handle_timeout(s.now);
+        s.b.handle_timeout(s.now);
+        for _ in 0..4 {
+            for (from, to, src) in [(0, 1, a_udp), (1, 0, b_udp)] {
+                let (x, y) = if from == 0 {
+                    (&mut s.a, &mut s.b)
+                } else {
+                    (&mut s.b, &mut s.a)
+                };
+                let tcp_src = if from == 0 { a_tcp() } else { b_tcp() };
+                let key = if from == 0 { ka() } else { kb() };
+                let _ = to;
+                while let Some(t) = x.poll_transmit() {
+                    match t.dest {
+                        Dest::Udp { .. } => {
+                            udp_seen = true;
+                            y.handle_udp(s.now, super::SocketId::PRIMARY, src, &t.bytes);
+                        }
+                        Dest::Relay(_) => {
+                            y.handle_relay(s.now, key, &t.bytes);
+                        }
+                        Dest::Tcp(_) => {
+                            y.handle_tcp(s.now, tcp_src, &t.bytes);
+                        }
+                    }
+                }
+                while x.poll_event().is_some() {}
+            }
+        }
+    }
+    assert!(udp_seen);
+    assert!(
+        matches!(s.a.path(&kb()), Path::Direct(d) if d.addr == b_udp),
+        "{}",
+        s.a.path(&kb())
+    );
 }

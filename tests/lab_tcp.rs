@@ -181,5 +181,10 @@ fn tcp_blocked_to_the_peer_stays_on_the_relay() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(path_of(&b.status(&lab), "a"), "relay");
+    // Not for want of trying: both sides dialled.
+    for agent in [&a, &b] {
+        let log = lab.log(agent.proc);
+        assert!(log.contains("direct tcp: dialling"), "{log}");
+    }
     transfer(&lab, &a, &b, &ip_b, 5201);
 }

@@ -268,6 +268,7 @@ impl Mesh {
         }
         self.traffic.retain(|k, _| self.map_peers.contains_key(k));
         self.relays.close_idle(now);
+        self.close_unproven(now);
         let active = self.session.as_ref().is_some_and(|s| s.is_active());
         if active && check_addrs {
             let addrs = login::host_endpoints(self.listen.port());

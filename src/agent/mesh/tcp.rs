@@ -44,6 +44,11 @@ const DIAL_ROUND: Duration = Duration::from_millis(1000);
 const DIAL_PAUSE: Duration = Duration::from_millis(100);
 /// Longest a STUN-over-TCP query may take.
 const STUN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most streams held at once; a stranger who connects again and again to
+/// the listening port gets refused past this.
+const MAX_STREAMS: usize = 256;
+/// A stream no peer has proven its own by then is closed.
+pub const UNPROVEN_TTL: Duration = Duration::from_secs(10);
 
 /// What the TCP tasks tell the mesh task.
 pub enum TcpIncoming {
@@ -80,6 +85,7 @@ impl RelaySink for StreamSink {
 
 struct Stream {
     id: u64,
+    opened: Instant,
     sink: Arc<StreamSink>,
     reader: JoinHandle<()>,
 }
@@ -209,7 +215,7 @@ impl TcpPaths {
                 d.abort();
             }
         }
-        if self.streams.contains_key(&addr) {
+        if self.streams.contains_key(&addr) || self.streams.len() >= MAX_STREAMS {
             return false;
         }
         let _ = stream.set_nodelay(true);
@@ -231,6 +237,7 @@ impl TcpPaths {
             addr,
             Stream {
                 id,
+                opened: Instant::now(),
                 sink: Arc::new(StreamSink(qtx)),
                 reader,
             },
@@ -264,6 +271,15 @@ impl TcpPaths {
         if let Some(s) = self.streams.remove(&addr) {
             s.reader.abort();
         }
+    }
+
+    /// Streams open for longer than `age`.
+    pub fn older_than(&self, now: Instant, age: Duration) -> Vec<SocketAddr> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.opened) > age)
+            .map(|(a, _)| *a)
+            .collect()
     }
 
     /// Closes everything (leaving the network).
@@ -412,6 +428,18 @@ impl super::Mesh {
                     self.tcp_public = seen;
                     self.publish_tcp();
                 }
+            }
+        }
+    }
+
+    /// Closes the streams that no peer has proven its own in time (a
+    /// stranger's connection, or a dial that reached the wrong host).
+    pub(super) fn close_unproven(&mut self, now: Instant) {
+        for addr in self.tcp.older_than(now, UNPROVEN_TTL) {
+            if self.node.tcp_owner(addr).is_none() {
+                tracing::debug!(%addr, "direct tcp: closing an unproven stream");
+                self.tcp.close(addr);
+                self.node.tcp_closed(now, addr);
             }
         }
     }

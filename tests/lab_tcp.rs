@@ -8,6 +8,8 @@
 //!   stream by simultaneous open: `warren status` says `direct tcp`, ping
 //!   and a 10 MB checksummed transfer go over it. Then the gateway resets
 //!   the stream: traffic falls back to the relay at once and goes on.
+//! - The same, but the gateway silently drops the stream: both sides fall
+//!   back once its heartbeats go unanswered past the trust window.
 //! - Gateways that let only TCP 443 out (to the coordinator): the dials go
 //!   nowhere, both stay on the relay, and traffic works.
 
@@ -67,31 +69,24 @@ fn transfer(lab: &Lab, a: &Agent, b: &Agent, ip_b: &str, port: u16) {
     assert_eq!(sent, got, "10 MB arrive intact");
 }
 
-#[test]
-fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
-    if !lab::require_root() {
-        return;
-    }
-    let lab = Lab::new();
-    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
-    let (ga, a) = behind(&lab, "a", Nat::TcpOnly);
-    let (_gb, b) = behind(&lab, "b", Nat::TcpOnly);
-    let (a, b, ip_b) = pair(&lab, &coord, &a, &b);
-    let ip_a = overlay_v4(&a.status(&lab));
-
-    let t0 = first_packet(&lab, &a, &ip_b);
+/// Two agents behind `TcpOnly` gateways, joined and pinging until both
+/// say `direct_tcp`; returns A's gateway, the agents, B's overlay address.
+fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, String) {
+    let (ga, a) = behind(lab, "a", Nat::TcpOnly);
+    let (_gb, b) = behind(lab, "b", Nat::TcpOnly);
+    let (a, b, ip_b) = pair(lab, coord, &a, &b);
+    let t0 = first_packet(lab, &a, &ip_b);
     // Keep traffic flowing both ways while the path is found.
     let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
         lab.ping(&a.node, &ip_b);
-        path_of(&a.status(&lab), "b") == "direct_tcp"
-            && path_of(&b.status(&lab), "a") == "direct_tcp"
+        path_of(&a.status(lab), "b") == "direct_tcp" && path_of(&b.status(lab), "a") == "direct_tcp"
     });
     let took = t0.elapsed();
     assert!(
         direct,
         "no direct tcp path:\n{}\n{}\n--- a\n{}",
-        a.cli(&lab, &["status"]).stdout,
-        b.cli(&lab, &["status"]).stdout,
+        a.cli(lab, &["status"]).stdout,
+        b.cli(lab, &["status"]).stdout,
         lab.log(a.proc)
     );
     println!(
@@ -99,14 +94,26 @@ fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
         took.as_secs_f64()
     );
     // The path is the peer's public TCP port, the same number on both ends.
-    let st = a.status(&lab);
+    let st = a.status(lab);
     let peer = &st["peers"][0];
     assert_eq!(peer["path"]["kind"], "direct_tcp", "{st}");
     let endpoint = peer["path"]["endpoint"].as_str().unwrap_or_default();
     assert!(endpoint.ends_with(&format!(":{PORT}")), "{st}");
-    let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
+    let text = a.cli(lab, &["status"]).expect_ok("status").stdout;
     assert!(text.contains("direct tcp "), "{text}");
 
+    (ga, a, b, ip_b)
+}
+
+#[test]
+fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
+    let ip_a = overlay_v4(&a.status(&lab));
     assert!(lab.ping_within(&b.node, &ip_a, Duration::from_secs(5)));
     let start = Instant::now();
     transfer(&lab, &a, &b, &ip_b, 5201);
@@ -160,6 +167,45 @@ fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
     transfer(&lab, &a, &b, &ip_b, 5202);
     let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
     assert!(text.contains("relay"), "{text}");
+}
+
+#[test]
+fn silent_stream_falls_back_within_the_trust_window() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
+    // The gateway now blackholes the stream: no reset, nothing at all.
+    lab.exec(
+        &ga,
+        &[
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            FILTER_TABLE,
+            "forward",
+            "tcp",
+            "sport",
+            &PORT.to_string(),
+            "drop",
+        ],
+    )
+    .expect_ok("blackhole the direct stream");
+    let cut = Instant::now();
+    let relayed = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(&lab), "b") == "relay" && path_of(&b.status(&lab), "a") == "relay"
+    });
+    assert!(relayed, "{}", a.cli(&lab, &["status"]).stdout);
+    println!(
+        "back on the relay {:.2} s after the blackhole",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)));
+    transfer(&lab, &a, &b, &ip_b, 5203);
 }
 
 #[test]

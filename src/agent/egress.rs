@@ -221,4 +221,74 @@ mod tests {
         egress.send_on(SocketId(2), to, b"x").await;
         assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);
     }
+
+    /// Records what it is given; refuses once `room` is used up, like a
+    /// full queue.
+    struct Recorder {
+        got: std::sync::Mutex<Vec<(NodeKey, Vec<u8>)>>,
+        room: usize,
+    }
+
+    impl RelaySink for Recorder {
+        fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
+            let mut got = self.got.lock().unwrap();
+            if got.len() >= self.room {
+                return false;
+            }
+            got.push((peer, packet.to_vec()));
+            true
+        }
+    }
+
+    fn recorder(room: usize) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            got: Default::default(),
+            room,
+        })
+    }
+
+    struct Shared(Arc<Recorder>);
+    impl RelaySink for Shared {
+        fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
+            self.0.send(peer, packet)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_a_stream_skips_the_relay_and_a_full_stream_drops() {
+        let dp = DataPlane::new(PrivateKey::generate());
+        let egress = Egress::new(bind(), dp.drops.clone());
+        let (relay, stream) = (recorder(100), recorder(1));
+        egress.set_relay(Some(Box::new(Shared(relay.clone()))));
+        let (p, q) = (
+            PrivateKey::generate().public(),
+            PrivateKey::generate().public(),
+        );
+        egress.set_stream(p, Some(stream.clone() as Arc<dyn RelaySink>));
+        egress.relay(p, b"to p");
+        egress.relay(q, b"to q");
+        // Disco for the relay never takes the stream.
+        egress.via_relay(p, b"disco p");
+        assert_eq!(
+            stream.got.lock().unwrap().clone(),
+            vec![(p, b"to p".to_vec())]
+        );
+        let relayed: Vec<Vec<u8>> = relay
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(relayed, vec![b"to q".to_vec(), b"disco p".to_vec()]);
+        // The stream's queue is full: dropped and counted, not relayed.
+        let before = dp.drops.snapshot().no_endpoint;
+        egress.relay(p, b"again");
+        assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);
+        assert_eq!(relay.got.lock().unwrap().len(), 2);
+        // Off the stream: back on the relay.
+        egress.set_stream(p, None);
+        egress.relay(p, b"later");
+        assert_eq!(relay.got.lock().unwrap().len(), 3);
+    }
 }

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 20), for CI and by hand:
 #   fuzz/run.sh 60
-# Needs the nightly toolchain and cargo-fuzz (installed here if missing).
+# Needs the nightly toolchain and cargo-fuzz (cargo-fuzz is installed here
+# if missing; tests/setup.sh installs nightly). Exits non-zero as soon as a
+# target crashes, panics, hangs on one input or leaks past the RSS limit;
+# the input that did it is kept in fuzz/artifacts/TARGET/.
+#
+# All targets are built in one `cargo fuzz build` first, so the shared
+# dependencies compile once and the SECONDS budget is spent fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-20}"
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
+start=$SECONDS
+cargo +nightly fuzz build
+echo "== fuzz targets built in $((SECONDS - start))s"
 mkdir -p corpus
 for target in $(cargo +nightly fuzz list); do
     echo "== fuzz $target for ${secs}s"
     mkdir -p "corpus/$target"
-    cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048
+    # -timeout: one input taking over 10 s is a hang (every target's own
+    # waits are bounded well below that).
+    cargo +nightly fuzz run "$target" "corpus/$target" -- \
+        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048
 done
+echo "== fuzzing done in $((SECONDS - start))s"

@@ -52,11 +52,28 @@ pub struct AgentConfig {
     /// joined to a network.
     #[serde(default = "default_true")]
     pub portmap: bool,
+    /// Which of them to use (`"pcp"`, `"natpmp"`, `"upnp"`); the mapper
+    /// tries them in that fixed order whatever the order here.
+    #[serde(default = "all_portmap_protocols")]
+    pub portmap_protocols: Vec<crate::portmap::Protocol>,
     /// The TCP port of the direct TCP path (used when UDP is blocked):
     /// listened on and dialled from. Unset: the WireGuard UDP port's
     /// number; 0: off.
     #[serde(default)]
     pub tcp_port: Option<u16>,
+}
+
+impl AgentConfig {
+    /// The port mapper's settings, or `None` when mapping is off.
+    pub fn portmap_config(&self) -> Option<crate::portmap::Config> {
+        self.portmap
+            .then(|| crate::portmap::Config::with_protocols(&self.portmap_protocols))
+    }
+}
+
+fn all_portmap_protocols() -> Vec<crate::portmap::Protocol> {
+    use crate::portmap::Protocol;
+    vec![Protocol::Pcp, Protocol::NatPmp, Protocol::Upnp]
 }
 
 impl Default for AgentConfig {
@@ -65,6 +82,7 @@ impl Default for AgentConfig {
             socket: default_socket(),
             state_dir: default_state_dir(),
             portmap: true,
+            portmap_protocols: all_portmap_protocols(),
             tcp_port: None,
         }
     }
@@ -219,6 +237,22 @@ impl Config {
         }
         if iface.mtu < 1280 || iface.mtu > 9000 {
             return Err(err("interface.mtu".into(), "must be between 1280 and 9000"));
+        }
+        let protocols = &self.agent.portmap_protocols;
+        if protocols.is_empty() {
+            return Err(err(
+                "agent.portmap_protocols".into(),
+                "list at least one of \"pcp\", \"natpmp\", \"upnp\" \
+                 (portmap = false turns port mapping off)",
+            ));
+        }
+        for (i, p) in protocols.iter().enumerate() {
+            if protocols[..i].contains(p) {
+                return Err(err(
+                    "agent.portmap_protocols".into(),
+                    &format!("{p} is listed twice"),
+                ));
+            }
         }
         for (i, p) in self.peers.iter().enumerate() {
             if self.peers[..i].iter().any(|q| q.public_key == p.public_key) {
@@ -444,6 +478,42 @@ mod tests {
         .unwrap();
         let c = Config::load(&cfg).unwrap();
         assert_eq!(c.private_key().unwrap().public().to_string(), PUB);
+    }
+
+    #[test]
+    fn portmap_protocols_default_to_all_and_can_be_chosen() {
+        use crate::portmap::Protocol;
+        let c = parse("[agent]\nportmap = true\n").unwrap();
+        let pm = c.agent.portmap_config().unwrap();
+        assert_eq!(
+            pm.protocols(),
+            [Protocol::Pcp, Protocol::NatPmp, Protocol::Upnp]
+        );
+        let c = parse("[agent]\nportmap_protocols = [\"upnp\", \"natpmp\"]\n").unwrap();
+        let pm = c.agent.portmap_config().unwrap();
+        assert_eq!(pm.protocols(), [Protocol::NatPmp, Protocol::Upnp]);
+        let c = parse("[agent]\nportmap = false\nportmap_protocols = [\"pcp\"]\n").unwrap();
+        assert!(c.agent.portmap_config().is_none(), "off wins");
+    }
+
+    #[test]
+    fn bad_portmap_protocols_are_located() {
+        let (line, key, msg) =
+            invalid("[agent]\nportmap = true\nportmap_protocols = [\"pcp\", \"igd\"]\n");
+        assert_eq!(line, 3, "{key}: {msg}");
+        assert!(key.starts_with("agent.portmap_protocols"), "{key}");
+        assert!(msg.contains("igd") && msg.contains("upnp"), "{msg}");
+        let (line, key, msg) = invalid("[agent]\n\nportmap_protocols = []\n");
+        assert_eq!(
+            (line, key.as_str()),
+            (3, "agent.portmap_protocols"),
+            "{msg}"
+        );
+        let (line, key, msg) = invalid("[agent]\nportmap_protocols = [\"pcp\", \"pcp\"]\n");
+        assert_eq!((line, key.as_str()), (2, "agent.portmap_protocols"));
+        assert!(msg.contains("twice"), "{msg}");
+        let (line, key, _) = invalid("[agent]\nportmap_protocols = \"pcp\"\n");
+        assert_eq!((line, key.as_str()), (2, "agent.portmap_protocols"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig};
 use lab::coord::Coordinator;
-use lab::mesh::{overlay_v4, peer_names, up};
+use lab::mesh::{overlay_v4, peer_names, peer_of, up};
 use lab::nat::Nat;
 use lab::{poll_until, Lab};
 
@@ -111,8 +111,19 @@ fn join_with_token_ping_remove_and_rejoin() {
             from.cli(&lab, &["status"]).stdout
         );
     }
+    // c's NAT, from its own netcheck through the map, in a's status.
+    assert!(
+        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
+            peer_of(&a.status(&lab), "c")
+                .is_some_and(|p| p["mesh"]["nat"]["mapping"] == "endpoint-independent")
+        }),
+        "c's NAT kind in a's status: {}",
+        a.status(&lab)
+    );
     let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
     assert!(text.contains("network: a on http://"), "{text}");
+    let row_c = text.lines().find(|l| l.starts_with("c ")).unwrap_or("");
+    assert!(row_c.contains(" EIM "), "{text}");
 
     // Removed at the coordinator: its peers drop it within 2 s, and it
     // is told it is no longer part of the network.

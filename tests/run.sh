@@ -36,6 +36,20 @@ cargo build --workspace --all-targets
 rm -f target/nat-matrix.txt
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads="$threads" || status=$?
+# Every fuzz target for a few seconds (fuzz/run.sh; WARREN_FUZZ_SECS=0
+# skips it). A crash fails the run. Without nightly and cargo-fuzz
+# (tests/setup.sh installs both) it is skipped, except in CI.
+fuzz_secs="${WARREN_FUZZ_SECS:-5}"
+if [[ "$fuzz_secs" != 0 ]]; then
+    if cargo +nightly fuzz --version >/dev/null 2>&1; then
+        fuzz/run.sh "$fuzz_secs" || status=$?
+    elif [[ "${CI:-}" == true ]]; then
+        echo "tests/run.sh: nightly or cargo-fuzz missing (tests/setup.sh installs them)" >&2
+        status=1
+    else
+        echo "tests/run.sh: skipping fuzzing: needs nightly and cargo-fuzz (tests/setup.sh)"
+    fi
+fi
 # The NAT matrix (tests/lab_matrix.rs) writes its table here; show it.
 if [[ -f target/nat-matrix.txt ]]; then
     echo

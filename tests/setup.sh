@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a Debian machine (root): the NAT-lab tools,
 # wireguard-go, coturn, PostgreSQL (started on loopback, with a `warren` role
-# and database for the coordinator's store tests), tmux and systemd-analyze.
+# and database for the coordinator's store tests), tmux and systemd-analyze,
+# and for fuzzing the nightly toolchain and cargo-fuzz.
 # Idempotent. tests/run.sh calls it when run as root; .ci/run calls it first.
 #
 # To add a dependency for a later issue, add one line to PACKAGES below.
@@ -48,5 +49,21 @@ END $$;
 SELECT 'CREATE DATABASE warren OWNER warren'
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'warren') \gexec
 SQL
+
+# Fuzzing (tests/run.sh runs fuzz/run.sh for a few seconds per target):
+# nightly with the minimal profile and cargo-fuzz, for the user who runs
+# the tests (root in CI). Needs rustup; without it fuzzing is skipped.
+if ! command -v rustup >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+if command -v rustup >/dev/null; then
+    rustup toolchain list | grep -q '^nightly' ||
+        rustup toolchain install nightly --profile minimal
+    cargo +nightly fuzz --version >/dev/null 2>&1 ||
+        cargo install --locked cargo-fuzz
+else
+    echo "tests/setup.sh: no rustup; fuzzing will be skipped" >&2
+fi
 
 echo "tests/setup.sh: done (PostgreSQL for tests: postgres://warren:warren@127.0.0.1:5432/warren)"

@@ -89,13 +89,13 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         return Ok(serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n");
     }
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}\n",
-        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "RELAY", "ENDPOINTS"
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {}\n",
+        "ID", "NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "VERSION", "RELAY", "NAT", "ENDPOINTS"
     );
     for n in &nodes {
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {}",
             n.id,
             n.name,
             n.ipv4,
@@ -106,10 +106,27 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
             n.home_relay
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),
+            nat(n),
             endpoints(n)
         );
     }
     Ok(out)
+}
+
+/// The node's NAT in a few characters. "UDP blocked" comes from the
+/// netcheck report (the summary only describes mappings, and a node whose
+/// UDP never got out has none).
+fn nat(n: &NodeRecord) -> String {
+    let udp = n
+        .netcheck
+        .as_ref()
+        .and_then(|v| v.get("udp"))
+        .and_then(|v| v.as_bool());
+    if udp == Some(false) {
+        "UDP blocked".into()
+    } else {
+        n.nat.short()
+    }
 }
 
 fn endpoints(n: &NodeRecord) -> String {
@@ -149,4 +166,89 @@ pub async fn node_rename(store: &Store, which: &str, name: &str) -> Result<Strin
     let node = store.find_node(which).await?;
     let node = store.rename_node(node.id, name).await?;
     Ok(format!("node {} is now {}\n", node.id, node.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use warren::control::EndpointsReport;
+    use warren::keys::PrivateKey;
+    use warren::traversal::{Allocation, Mapping, NatSummary};
+
+    use super::*;
+    use crate::store::RegisterInput;
+
+    /// Registers a node named `name` and stores its endpoint report.
+    async fn node_with(store: &Store, token: &str, name: &str, report: EndpointsReport) {
+        let ula = store.ula_prefix().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let input = RegisterInput {
+            token: Some(token.to_owned()),
+            node_key: PrivateKey::generate().public(),
+            disco_key: PrivateKey::generate().public(),
+            hostname: name.into(),
+            os: "linux".into(),
+            version: "0".into(),
+        };
+        let node = store.register(&mut tx, &input, ula).await.unwrap().node;
+        store.set_endpoints(&mut tx, &node, &report).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    fn reported(mapping: Mapping, allocation: Allocation, udp: bool) -> EndpointsReport {
+        EndpointsReport {
+            netcheck: Some(serde_json::json!({ "udp": udp })),
+            nat: NatSummary {
+                mapping,
+                allocation,
+                observed: None,
+            },
+            ..EndpointsReport::endpoints(&[])
+        }
+    }
+
+    #[tokio::test]
+    async fn node_list_has_a_nat_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Store::sqlite_url(dir.path())).await.unwrap();
+        let spec = NewToken {
+            reusable: true,
+            ..Default::default()
+        };
+        let token = store.create_token(&spec).await.unwrap().1;
+        let seq = Allocation::Sequential { step: 1 };
+        for (name, report) in [
+            (
+                "easy",
+                reported(Mapping::EndpointIndependent, Allocation::Preserving, true),
+            ),
+            ("hard", reported(Mapping::EndpointDependent, seq, true)),
+            (
+                "public",
+                reported(Mapping::None, Allocation::Preserving, true),
+            ),
+            (
+                "blocked",
+                reported(Mapping::Unknown, Allocation::Unknown, false),
+            ),
+            ("fresh", EndpointsReport::endpoints(&[])),
+        ] {
+            node_with(&store, &token, name, report).await;
+        }
+        let text = node_list(&store, false).await.unwrap();
+        let mut lines = text.lines();
+        let header = lines.next().unwrap();
+        let col = header.find("NAT ").expect("a NAT column");
+        let nat_of = |name: &str| {
+            let line = text
+                .lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            line[col..col + 11].trim().to_owned()
+        };
+        assert_eq!(nat_of("easy"), "EIM", "{text}");
+        assert_eq!(nat_of("hard"), "EDM seq+1", "{text}");
+        assert_eq!(nat_of("public"), "no NAT", "{text}");
+        assert_eq!(nat_of("blocked"), "UDP blocked", "{text}");
+        assert_eq!(nat_of("fresh"), "-", "{text}");
+    }
 }

@@ -345,7 +345,21 @@ async fn nat_and_home_relay_changes_reach_peers() {
     use warren::traversal::{Allocation, Mapping, NatSummary};
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
+    let mut cfg = warren_coordinator::server::Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    );
+    cfg.keepalive = Duration::from_secs(1);
+    cfg.relay_map.regions = [2, 3]
+        .into_iter()
+        .map(|id| warren::control::RelayRegion {
+            id,
+            name: format!("r{id}"),
+            url: format!("http://127.0.0.1:{id}/relay"),
+            stun: Vec::new(),
+        })
+        .collect();
+    let srv = warren_coordinator::server::start(cfg).await.unwrap();
     let url = common::url(&srv);
     let tok = common::token(&srv.store, true, false).await;
     let disco = PrivateKey::generate().public();
@@ -379,4 +393,19 @@ async fn nat_and_home_relay_changes_reach_peers() {
         })
         .await;
     }
+    // A region the relay map does not have is refused and changes nothing.
+    let err = c1
+        .report_endpoints(&EndpointsReport {
+            nat,
+            home_relay: Some(9),
+            ..EndpointsReport::endpoints(&[])
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ControlError::Api { code: ErrorCode::BadRequest, message, .. } if message.contains("home_relay 9")),
+        "{err:?}"
+    );
+    let node = srv.store.list_nodes().await.unwrap();
+    assert!(node.iter().all(|n| n.home_relay.is_none()), "{node:?}");
 }

@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
         // What we accept as a mapped address survives our own encoder.
         if let Ok(addr) = msg.binding_mapped_address() {
             let again = stun::binding_response(msg.transaction_id, addr, None);
-            assert_eq!(stun::parse_binding_response(&again), Ok((msg.transaction_id, addr)));
+            assert_eq!(
+                stun::parse_binding_response(&again),
+                Ok((msg.transaction_id, addr))
+            );
         }
     }
     let _ = stun::decode_header(data);

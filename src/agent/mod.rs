@@ -34,6 +34,9 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const MAX_QUEUES: usize = 4;
 /// How often dropped-packet counts are summarised in the log.
 const DROP_REPORT: Duration = Duration::from_secs(30);
+/// How long a stopping agent waits for the port mapping to be deleted:
+/// above the mapper's own bound (twice its 2 s request timeout).
+const PORTMAP_RELEASE_TIMEOUT: Duration = Duration::from_secs(6);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -143,7 +146,7 @@ pub async fn run(
         state_dir: config.agent.state_dir.clone(),
         listen,
         side: side_rx,
-        portmap: config.agent.portmap.then(crate::portmap::Config::default),
+        portmap: config.agent.portmap_config(),
         tcp_port: config.agent.tcp_port.unwrap_or(listen.port()),
     });
     let inb = inbound::Inbound {
@@ -192,6 +195,13 @@ pub async fn run(
         },
     };
     tasks.shutdown().await;
+    // Give the port mapping back before the runtime goes (the mapper's own
+    // timeouts bound it; this bound is for a mesh task that is stuck).
+    let _ = tokio::time::timeout(
+        PORTMAP_RELEASE_TIMEOUT,
+        running.mesh.call(mesh::Command::Shutdown),
+    )
+    .await;
     mesh_task.abort();
     let _ = mesh_task.await;
     // The last reference to the device goes here; closing it removes the

@@ -92,6 +92,9 @@ pub struct PeerMesh {
     pub relay_reason: Option<String>,
     /// The peer's published candidates.
     pub candidates: Vec<SocketAddr>,
+    /// The peer's NAT as its last netcheck saw it (from the map).
+    #[serde(default)]
+    pub nat: NatSummary,
     pub pings_sent: u64,
     pub pongs_received: u64,
     /// When the path last turned direct, as seconds ago.

@@ -14,7 +14,16 @@ use ipnet::IpNet;
 use crate::api::{PeerPath, PeerStatus, PingReply, Status, ALIVE_WITHIN_SECS};
 
 /// The `status` table's column headers, in order (the tests read them).
-pub const STATUS_HEADERS: [&str; 7] = ["PEER", "IPS", "PATH", "LATENCY", "HANDSHAKE", "RX", "TX"];
+pub const STATUS_HEADERS: [&str; 8] = [
+    "PEER",
+    "IPS",
+    "PATH",
+    "NAT",
+    "LATENCY",
+    "HANDSHAKE",
+    "RX",
+    "TX",
+];
 
 /// Renders `warren status`.
 pub fn status(st: &Status) -> String {
@@ -78,6 +87,10 @@ fn peer_table(peers: &[PeerStatus]) -> String {
             peer_name(p),
             ips(&p.allowed_ips),
             path(&p.path),
+            // A peer from the config file has no netcheck to show.
+            p.mesh
+                .as_ref()
+                .map_or_else(|| "-".into(), |m| m.nat.short()),
             p.latency_ms.map(latency).unwrap_or_default(),
             p.last_handshake_secs
                 .map(ago)
@@ -251,7 +264,15 @@ mod tests {
                 last_handshake_secs: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
-                mesh: None,
+                mesh: Some(crate::api::mesh::PeerMesh {
+                    hostname: "nas".into(),
+                    nat: crate::traversal::NatSummary {
+                        mapping: crate::traversal::Mapping::EndpointDependent,
+                        allocation: crate::traversal::Allocation::Sequential { step: 2 },
+                        observed: None,
+                    },
+                    ..Default::default()
+                }),
             },
         ];
         let text = status(&status_with(peers, Drops::default()));
@@ -277,6 +298,11 @@ mod tests {
         assert!(lines[4].starts_with("nas "), "{text}");
         assert!(lines[4].contains("relay fra") && lines[4].contains("23 ms"));
         assert!(lines[4].contains("never"));
+        // The NAT column: from the map for a mesh peer, "-" for a peer
+        // from the config file.
+        let nat_at = lines[2].find("NAT").unwrap();
+        assert!(lines[4][nat_at..].starts_with("EDM seq+2"), "{text}");
+        assert!(lines[3][nat_at..].starts_with("- "), "{text}");
         assert!(!text.contains("dropped"), "{text}");
     }
 

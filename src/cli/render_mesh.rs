@@ -231,4 +231,36 @@ mod tests {
         );
         assert_eq!(nat(&NatSummary::default()), "unknown");
     }
+
+    #[test]
+    fn nat_short_labels() {
+        let n = |mapping, allocation| NatSummary {
+            mapping,
+            allocation,
+            observed: None,
+        };
+        for (summary, want) in [
+            (n(Mapping::None, Allocation::Preserving), "no NAT"),
+            (
+                n(Mapping::EndpointIndependent, Allocation::Preserving),
+                "EIM",
+            ),
+            (n(Mapping::EndpointIndependent, Allocation::Random), "EIM"),
+            (
+                n(
+                    Mapping::EndpointDependent,
+                    Allocation::Sequential { step: 1 },
+                ),
+                "EDM seq+1",
+            ),
+            (
+                n(Mapping::EndpointDependent, Allocation::Random),
+                "EDM random",
+            ),
+            (n(Mapping::EndpointDependent, Allocation::Unknown), "EDM"),
+            (NatSummary::default(), "-"),
+        ] {
+            assert_eq!(summary.short(), want, "{summary:?}");
+        }
+    }
 }

@@ -389,6 +389,7 @@ impl ControlClient {
         }
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
+        let mut scanned = 0;
         let mut dirty = false;
         let mut save_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -413,9 +414,16 @@ impl ControlClient {
                 Ok(Some(c)) => c?,
             };
             buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let msg: MapMessage = parse_json(&line)?;
+            // Lines are cut out by offset and the buffer is shifted once per
+            // chunk: a drain per line would move the rest of a big batch
+            // once for every line in it. `scanned` keeps a long partial line
+            // from being searched again from its start on every chunk.
+            let mut start = 0;
+            while let Some(len) = buf[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + len;
+                let msg: MapMessage = parse_json(&buf[start..end])?;
+                start = end + 1;
+                scanned = start;
                 let is_full = matches!(msg, MapMessage::Full { .. });
                 if let Some(event) = fold(coordinator, map, msg) {
                     // A full map is saved at once (it is what a restart
@@ -430,6 +438,8 @@ impl ControlClient {
                     }
                 }
             }
+            buf.drain(..start);
+            scanned = buf.len();
             if buf.len() > MAX_LINE {
                 return Err(ControlError::Protocol("map line too long".into()));
             }

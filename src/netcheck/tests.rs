@@ -438,6 +438,75 @@ fn forged_and_malformed_answers_are_counted_not_accepted() {
     assert_eq!(nc.poll_timeout(), None);
 }
 
+/// The "bad input" list, each carrying the right transaction id
+/// and a forged mapped address, from the server's own address: every one
+/// is dropped and counted, and the forged address never becomes the
+/// endpoint (with no good answer, the report says UDP does not work).
+#[test]
+fn bad_answers_from_the_server_are_counted_and_never_an_endpoint() {
+    let cfg = config(&[("a", &["192.0.2.1:3478"])]);
+    let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+    let now = Instant::now();
+    let mut nc = Netcheck::new(now, cfg);
+    let (_, req) = nc.poll_transmit(now).unwrap();
+    let tx = Message::decode(&req).unwrap().transaction_id;
+    let evil: SocketAddr = "6.6.6.6:666".parse().unwrap();
+    let good = stun::binding_response(tx, evil, None);
+
+    let truncated = good[..10].to_vec();
+    let cut_after_header = good[..good.len() - 4].to_vec();
+    let mut oversized = good.clone();
+    oversized.resize(stun::MAX_MESSAGE_LEN + 4, 0);
+    let len = u16::try_from(oversized.len() - stun::HEADER_LEN).unwrap();
+    oversized[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut wrong_cookie = good.clone();
+    wrong_cookie[4] ^= 0xFF;
+    let mut attr_overflow = good.clone();
+    attr_overflow[stun::HEADER_LEN + 2..stun::HEADER_LEN + 4]
+        .copy_from_slice(&200u16.to_be_bytes());
+    let malformed = [
+        truncated,
+        cut_after_header,
+        oversized,
+        wrong_cookie,
+        attr_overflow,
+    ];
+    for (i, bytes) in malformed.iter().enumerate() {
+        assert!(
+            matches!(nc.handle_stun(now, server, bytes), Err(InputError::Stun(_))),
+            "bad input {i} accepted"
+        );
+    }
+    let mut other_tx = tx;
+    other_tx.0[0] ^= 1;
+    assert_eq!(
+        nc.handle_stun(now, server, &stun::binding_response(other_tx, evil, None)),
+        Err(InputError::Stun(stun::StunError::WrongTransaction))
+    );
+
+    while nc.poll_transmit(now).is_some() {}
+    nc.handle_timeout(now + Duration::from_secs(10));
+    let r = nc.poll_report().unwrap();
+    assert!(!r.udp, "{r:?}");
+    assert_eq!(r.ipv4.global, None);
+    assert!(
+        r.servers
+            .iter()
+            .flat_map(|s| &s.probes)
+            .all(|p| p.mapped.is_none()),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.rejected,
+        Rejected {
+            malformed: 5,
+            wrong_transaction: 1,
+            wrong_source: 0,
+            unusable: 0,
+        }
+    );
+}
+
 #[test]
 fn report_display_and_json() {
     let cfg = four_dests();

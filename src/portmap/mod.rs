@@ -40,7 +40,9 @@ impl PortmapPresence {
 
 /// The protocols, in the order the mapper tries them: the two small UDP
 /// protocols first (PCP is NAT-PMP's successor), UPnP's SSDP + HTTP last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// In the agent's config they are spelled `pcp`, `natpmp`, `upnp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Pcp,
     NatPmp,
@@ -91,6 +93,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The defaults with only `protocols` enabled.
+    pub fn with_protocols(protocols: &[Protocol]) -> Config {
+        Config {
+            upnp: protocols.contains(&Protocol::Upnp),
+            natpmp: protocols.contains(&Protocol::NatPmp),
+            pcp: protocols.contains(&Protocol::Pcp),
+            ..Config::default()
+        }
+    }
+
     /// The enabled protocols in trial order.
     pub fn protocols(&self) -> Vec<Protocol> {
         [

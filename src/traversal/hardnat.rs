@@ -93,6 +93,22 @@ impl NatSummary {
     pub fn is_easy(&self) -> bool {
         matches!(self.mapping, Mapping::None | Mapping::EndpointIndependent)
     }
+
+    /// A few characters for a table column: "no NAT", "EIM", "EDM seq+1",
+    /// "EDM random", or "-" before any netcheck. The allocation is spelled
+    /// out only for EDM, where it decides between prediction and birthday.
+    pub fn short(&self) -> String {
+        match (self.mapping, self.allocation) {
+            (Mapping::None, _) => "no NAT".into(),
+            (Mapping::EndpointIndependent, _) => "EIM".into(),
+            (Mapping::EndpointDependent, Allocation::Sequential { step }) => {
+                format!("EDM seq+{step}")
+            }
+            (Mapping::EndpointDependent, Allocation::Random) => "EDM random".into(),
+            (Mapping::EndpointDependent, _) => "EDM".into(),
+            _ => "-".into(),
+        }
+    }
 }
 
 /// What this side does about hard NATs for one peer.

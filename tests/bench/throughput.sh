@@ -26,6 +26,10 @@
 #   PINGS=200             pings per latency figure
 #   ONLY=latency          ping figures only (median and 90th percentile), no
 #                         iperf3: a quick loop for latency work
+#   PERF=dir              records `perf record -g` of warren's two agents
+#                         during the ping, TCP 1-stream and 64-byte phases into
+#                         dir/<phase>.data and prints the top symbols of each:
+#                         where the time goes when a target is missed
 #
 # Everything lives in two namespaces wb-<pid>-a/b on 10.99.0.0/24 with no
 # route out; a trap removes them and every process on exit.
@@ -151,6 +155,37 @@ p90() {
 
 declare -A R # R[system,metric]
 
+# perf_start PHASE / perf_stop: profile warren's agents during one phase
+# (only with PERF=dir, only for the `warren` column).
+PERF_PID=
+perf_start() {
+    [[ -n ${PERF:-} && $sys == warren && ${#TUNNEL[@]} -gt 0 ]] || return 0
+    mkdir -p "$PERF"
+    local pids
+    pids=$(IFS=,; echo "${TUNNEL[*]}")
+    perf record -q -F 2999 -g -p "$pids" -o "$PERF/$1.data" >/dev/null 2>&1 &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+    sleep 0.5
+}
+perf_stop() {
+    [[ -n $PERF_PID ]] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=
+}
+perf_top() { # prints the top symbols of every recorded phase
+    [[ -n ${PERF:-} ]] || return 0
+    local f
+    for f in "$PERF"/*.data; do
+        [[ -f $f ]] || continue
+        echo
+        echo "perf: $(basename "$f" .data), warren agents, self time by symbol (top 20)"
+        perf report -i "$f" --no-children --sort dso,sym --percent-limit 1 --stdio 2>/dev/null |
+            grep -E '^ +[0-9]' | head -20
+    done
+}
+
 # bench NAME ADDR: every measurement through the path to ADDR (in B).
 bench() {
     local sys=$1 addr=$2 j bytes c0 c1
@@ -163,7 +198,9 @@ bench() {
     echo "  $sys: ping x$PINGS..." >&2
     local w0 w1
     w0=$(wakeups)
+    perf_start ping
     ping_rtts "$addr" >"$TMP/rtt-$sys"
+    perf_stop
     w1=$(wakeups)
     # Context switches of the tunnel processes per ping (both sides): how
     # often a round trip puts a thread to sleep and wakes it again.
@@ -176,7 +213,9 @@ bench() {
     fi
     echo "  $sys: TCP 1 stream, ${DURATION}s..." >&2
     c0=$(cpu_ticks)
+    perf_start tcp1
     j=$(iperf "$addr")
+    perf_stop
     R[$sys,tcp1]=$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$j")
     bytes=$(jq '.end.sum_received.bytes' <<<"$j")
     echo "  $sys: TCP 4 streams, ${DURATION}s..." >&2
@@ -191,7 +230,9 @@ bench() {
     # -w 4M: the receiving iperf3's socket buffer. With the default 208 KB a
     # burst of coalesced datagrams (UDP GRO on the TUN write) overflows the
     # server's socket, and the figure measures iperf3, not the tunnel.
+    perf_start udp64
     j=$(iperf "$addr" -u -l 64 -b 0 -w 4M)
+    perf_stop
     R[$sys,pps]=$(jq '.end.sum_received.bytes / 64 / .end.sum_received.seconds / 1000' <<<"$j")
     R[$sys,loss]=$(jq '.end.sum.lost_percent' <<<"$j")
     if ((${#TUNNEL[@]})); then R[$sys,rss]=$(rss_mb); fi
@@ -353,3 +394,4 @@ for m in "tcp1:TCP 1 stream Mbit/s" "tcp4:TCP 4 streams Mbit/s" "pps:UDP 64B kpp
     echo
 done
 for sys in "${!SKIPPED[@]}"; do echo "skipped $sys: ${SKIPPED[$sys]}"; done
+perf_top

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     pub state_dir: Option<String>,
     /// `[agent] portmap` (written only with `state_dir`).
     pub portmap: bool,
+    /// `[agent] portmap_protocols` (written only with `state_dir`); `None`
+    /// leaves the key out (all protocols).
+    pub portmap_protocols: Option<Vec<String>>,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -106,6 +109,7 @@ impl AgentConfig {
             peers: Vec::new(),
             state_dir: None,
             portmap: false,
+            portmap_protocols: None,
         }
     }
 
@@ -146,6 +150,9 @@ impl AgentConfig {
                 "\n[agent]\nstate_dir = \"{dir}\"\nportmap = {}\n",
                 self.portmap
             );
+            if let Some(list) = &self.portmap_protocols {
+                s += &format!("portmap_protocols = {}\n", toml_list(list));
+            }
         }
         for p in &self.peers {
             s += &format!(

@@ -257,6 +257,16 @@ async fn endpoints(
             format!("more than {MAX_ENDPOINTS} endpoints"),
         ));
     }
+    // Peers dial a node's home region to reach it: a region the map does
+    // not have would leave them nowhere to go.
+    if let Some(id) = report.home_relay {
+        if !st.relay_map.regions.iter().any(|r| r.id == id) {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("home_relay {id} is not a region of the relay map"),
+            ));
+        }
+    }
     let mut tx = st.store.begin().await?;
     Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
     let node = Store::node_by_key_tx(&mut tx, &a.auth.node)

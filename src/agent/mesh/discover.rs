@@ -69,6 +69,16 @@ impl Discovery {
         }
     }
 
+    /// Deletes the port mapping and waits for the gateway's answer
+    /// (bounded by the mapper's request timeout). For a daemon on its way
+    /// out: [`Self::stop`]'s background task would die with the runtime,
+    /// before a UPnP delete (TCP + HTTP) even reaches the gateway.
+    pub async fn release_portmap(&mut self) {
+        if let Some(pm) = self.portmapper.take() {
+            pm.shutdown().await;
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.running.is_some()
     }

@@ -23,6 +23,9 @@ pub enum Command {
     Down,
     Logout,
     Netcheck,
+    /// The daemon is exiting: give back what is held outside this host
+    /// (the port mapping) and answer once it is done.
+    Shutdown,
 }
 
 pub type Reply = oneshot::Sender<Result<serde_json::Value, ApiError>>;

@@ -491,6 +491,7 @@ impl Mesh {
                         .map(|d| d.as_secs_f64() * 1e3),
                     relay_reason: st.as_ref().and_then(|s| s.relay_reason.clone()),
                     candidates: p.endpoints.iter().map(|e| e.addr).collect(),
+                    nat: p.nat,
                     pings_sent: st.as_ref().map_or(0, |s| s.stats.pings_sent),
                     pongs_received: st.as_ref().map_or(0, |s| s.stats.pongs_received),
                     direct_since_secs: self

@@ -137,6 +137,10 @@ impl Mesh {
             Command::Up(args) => self.up(args).await,
             Command::Down => self.down(),
             Command::Logout => self.logout().await,
+            Command::Shutdown => {
+                self.discovery.release_portmap().await;
+                Ok(serde_json::Value::Null)
+            }
             Command::Netcheck => {
                 if self.relays.map().regions.is_empty() {
                     Err(api_err(

@@ -65,6 +65,11 @@ pub struct AgentConfig {
     /// than the home relay is closed.
     #[serde(default = "default_relay_idle")]
     pub relay_idle_timeout: u64,
+    /// The TCP port of the direct TCP path (used when UDP is blocked):
+    /// listened on and dialled from. Unset: the WireGuard UDP port's
+    /// number; 0: off.
+    #[serde(default)]
+    pub tcp_port: Option<u16>,
 }
 
 impl AgentConfig {
@@ -89,6 +94,7 @@ impl Default for AgentConfig {
             portmap_protocols: all_portmap_protocols(),
             relay_transport: Default::default(),
             relay_idle_timeout: default_relay_idle(),
+            tcp_port: None,
         }
     }
 }

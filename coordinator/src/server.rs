@@ -186,13 +186,32 @@ pub async fn start_stun(
 ) -> Result<(Vec<SocketAddr>, Vec<JoinHandle<()>>), ServerError> {
     let stats = Arc::new(stun::StunStats::default());
     let (mut addrs, mut tasks) = (Vec::new(), Vec::new());
-    for want in listen {
+    for (i, want) in listen.iter().enumerate() {
         let err = |source| ServerError::Io {
             path: format!("STUN socket {want}"),
             source,
         };
         let sock = UdpSocket::bind(want).await.map_err(err)?;
-        addrs.push(sock.local_addr().map_err(err)?);
+        let bound = sock.local_addr().map_err(err)?;
+        addrs.push(bound);
+        if i == 0 {
+            // STUN over TCP beside the primary socket, for agents whose UDP
+            // is blocked; optional: a busy TCP port only loses that.
+            match tokio::net::TcpListener::bind(bound).await {
+                Ok(l) => {
+                    let options = stun::ServerOptions {
+                        software: Some(software.to_owned()),
+                    };
+                    let stats = stats.clone();
+                    tasks.push(tokio::spawn(async move {
+                        if let Err(e) = stun::serve_tcp(l, options, stats).await {
+                            tracing::error!(error = %e, "STUN server (tcp) stopped");
+                        }
+                    }));
+                }
+                Err(e) => tracing::warn!(%bound, error = %e, "no STUN over TCP"),
+            }
+        }
         let options = stun::ServerOptions {
             software: Some(software.to_owned()),
         };

@@ -9,7 +9,10 @@
 //!
 //! To let clients tell endpoint-independent from endpoint-dependent NAT
 //! mappings, run [`serve`] on two sockets (a second port or address): the
-//! server itself is the same. The codec is `warren::proto::stun`; this module
+//! server itself is the same. [`serve_tcp`] answers the same requests over
+//! TCP (RFC 8489 §6.2.2) on the primary port: an agent behind a network
+//! that blocks UDP learns there the public address of its TCP port, which
+//! its peers dial for the direct TCP path. The codec is `warren::proto::stun`; this module
 //! is only the socket loop and the answer policy, kept self-contained so the
 //! coordinator can mount it wherever it wants.
 
@@ -131,6 +134,76 @@ pub async fn serve(
     }
 }
 
+/// Most TCP clients served at once; more wait in the accept queue.
+const TCP_CLIENTS: usize = 256;
+/// A TCP client gets this long for its request(s).
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves Binding requests over TCP: each connection may send a few
+/// requests (framed by the STUN header's length) within [`TCP_IDLE`], and
+/// is closed on anything that is not a request we answer.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    options: ServerOptions,
+    stats: Arc<StunStats>,
+) -> io::Result<()> {
+    tracing::info!(local = %listener.local_addr()?, "STUN server listening (tcp)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(TCP_CLIENTS));
+    let options = Arc::new(options);
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (conn, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) if is_transient(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let (options, stats) = (options.clone(), stats.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(TCP_IDLE, serve_conn(conn, from, &options, &stats)).await;
+        });
+    }
+}
+
+async fn serve_conn(
+    mut conn: tokio::net::TcpStream,
+    from: SocketAddr,
+    options: &ServerOptions,
+    stats: &StunStats,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; stun::MAX_MESSAGE_LEN];
+    for _ in 0..4 {
+        conn.read_exact(&mut buf[..20]).await?;
+        let len = 20 + usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+        if len > buf.len() {
+            StunStats::bump(&stats.dropped);
+            return Ok(());
+        }
+        conn.read_exact(&mut buf[20..len]).await?;
+        let reply = match answer(&buf[..len], from, options) {
+            Answer::Success(r) => {
+                StunStats::bump(&stats.answered);
+                r
+            }
+            Answer::Error(r) => {
+                StunStats::bump(&stats.rejected);
+                r
+            }
+            Answer::Drop(_) => {
+                StunStats::bump(&stats.dropped);
+                return Ok(());
+            }
+        };
+        conn.write_all(&reply).await?;
+    }
+    Ok(())
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -231,6 +304,43 @@ mod tests {
             assert_eq!(src, *server);
             assert_eq!(parse_binding_response(&buf[..n]).unwrap(), (tx, me));
         }
+        assert_eq!(stats.answered.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    /// STUN over TCP: two requests on one connection, each answered with
+    /// the client's TCP source address; a response sent as a request
+    /// closes the connection.
+    #[tokio::test]
+    async fn serves_over_tcp() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stats = Arc::new(StunStats::default());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = l.local_addr().unwrap();
+        tokio::spawn(serve_tcp(l, opts(), stats.clone()));
+        let mut c = tokio::net::TcpStream::connect(server).await.unwrap();
+        let me = c.local_addr().unwrap();
+        for i in 0..2u8 {
+            let tx = TransactionId([i; 12]);
+            c.write_all(&stun::binding_request(tx)).await.unwrap();
+            let mut head = [0u8; 20];
+            c.read_exact(&mut head).await.unwrap();
+            let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+            let mut msg = head.to_vec();
+            msg.resize(20 + len, 0);
+            c.read_exact(&mut msg[20..]).await.unwrap();
+            assert_eq!(parse_binding_response(&msg).unwrap(), (tx, me));
+        }
+        let tx = TransactionId([7; 12]);
+        c.write_all(&stun::binding_response(tx, me, None))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("closed within 5 s")
+            .unwrap();
+        assert_eq!(n, 0, "no answer to a response");
         assert_eq!(stats.answered.load(Ordering::Relaxed), 2);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
     }

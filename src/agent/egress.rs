@@ -1,5 +1,5 @@
 //! Where sealed packets leave the host: the UDP socket, one of the birthday
-//! method's extra sockets, or the relay.
+//! method's extra sockets, a direct TCP stream to the peer, or the relay.
 //!
 //! The data plane says per packet whether a peer's path is direct or the
 //! relay ([`Sealed`]); this type turns that into the actual send. The relay
@@ -9,7 +9,14 @@
 //! with birthday attempts, so their table is an `ArcSwap` too; the primary
 //! socket is a plain field, so the common path costs one match arm and no
 //! atomic load.
+//!
+//! A direct TCP stream is "a relay whose far end is the peer itself": the
+//! data plane seals such a peer's packets as [`Sealed::Relay`], and
+//! [`Egress::relay`] looks up the peer's stream (an `ArcSwap` map, set
+//! while traversal's path is that stream) before the relay. Disco for the
+//! relay uses [`Egress::via_relay`], which never takes a stream.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -34,6 +41,8 @@ pub struct Egress {
     pub udp: Arc<Udp>,
     extra: ArcSwap<SocketTable>,
     relay: ArcSwapOption<Box<dyn RelaySink>>,
+    /// Peers whose path is a direct TCP stream, and its queue.
+    streams: ArcSwap<HashMap<NodeKey, Arc<dyn RelaySink>>>,
     drops: Arc<Drops>,
 }
 
@@ -43,6 +52,7 @@ impl Egress {
             udp,
             extra: ArcSwap::from_pointee(Vec::new()),
             relay: ArcSwapOption::empty(),
+            streams: ArcSwap::from_pointee(HashMap::new()),
             drops,
         }
     }
@@ -78,8 +88,34 @@ impl Egress {
         }
     }
 
-    /// Hands one packet to the relay, counting it when there is none.
+    /// Sends `peer`'s stream-carried packets on `stream` (its direct TCP
+    /// path), or on the relay again when `None`.
+    pub fn set_stream(&self, peer: NodeKey, stream: Option<Arc<dyn RelaySink>>) {
+        let mut map = HashMap::clone(&self.streams.load());
+        match stream {
+            Some(s) => map.insert(peer, s),
+            None => map.remove(&peer),
+        };
+        self.streams.store(Arc::new(map));
+    }
+
+    /// Hands one packet to the peer's TCP stream if it has one, else to the
+    /// relay; counts it when it was dropped (a full queue drops, like the
+    /// relay's, so one slow stream never holds up the other peers).
     pub fn relay(&self, peer: NodeKey, packet: &[u8]) {
+        let stream = self.streams.load().get(&peer).cloned();
+        match stream {
+            Some(s) => {
+                if !s.send(peer, packet) {
+                    Drops::bump(&self.drops.no_endpoint);
+                }
+            }
+            None => self.via_relay(peer, packet),
+        }
+    }
+
+    /// Hands one packet to the relay itself, counting it when there is none.
+    pub fn via_relay(&self, peer: NodeKey, packet: &[u8]) {
         let sent = match &*self.relay.load() {
             Some(r) => r.send(peer, packet),
             None => false,
@@ -184,5 +220,75 @@ mod tests {
         let before = dp.drops.snapshot().no_endpoint;
         egress.send_on(SocketId(2), to, b"x").await;
         assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);
+    }
+
+    /// Records what it is given; refuses once `room` is used up, like a
+    /// full queue.
+    struct Recorder {
+        got: std::sync::Mutex<Vec<(NodeKey, Vec<u8>)>>,
+        room: usize,
+    }
+
+    impl RelaySink for Recorder {
+        fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
+            let mut got = self.got.lock().unwrap();
+            if got.len() >= self.room {
+                return false;
+            }
+            got.push((peer, packet.to_vec()));
+            true
+        }
+    }
+
+    fn recorder(room: usize) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            got: Default::default(),
+            room,
+        })
+    }
+
+    struct Shared(Arc<Recorder>);
+    impl RelaySink for Shared {
+        fn send(&self, peer: NodeKey, packet: &[u8]) -> bool {
+            self.0.send(peer, packet)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_a_stream_skips_the_relay_and_a_full_stream_drops() {
+        let dp = DataPlane::new(PrivateKey::generate());
+        let egress = Egress::new(bind(), dp.drops.clone());
+        let (relay, stream) = (recorder(100), recorder(1));
+        egress.set_relay(Some(Box::new(Shared(relay.clone()))));
+        let (p, q) = (
+            PrivateKey::generate().public(),
+            PrivateKey::generate().public(),
+        );
+        egress.set_stream(p, Some(stream.clone() as Arc<dyn RelaySink>));
+        egress.relay(p, b"to p");
+        egress.relay(q, b"to q");
+        // Disco for the relay never takes the stream.
+        egress.via_relay(p, b"disco p");
+        assert_eq!(
+            stream.got.lock().unwrap().clone(),
+            vec![(p, b"to p".to_vec())]
+        );
+        let relayed: Vec<Vec<u8>> = relay
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(relayed, vec![b"to q".to_vec(), b"disco p".to_vec()]);
+        // The stream's queue is full: dropped and counted, not relayed.
+        let before = dp.drops.snapshot().no_endpoint;
+        egress.relay(p, b"again");
+        assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);
+        assert_eq!(relay.got.lock().unwrap().len(), 2);
+        // Off the stream: back on the relay.
+        egress.set_stream(p, None);
+        egress.relay(p, b"later");
+        assert_eq!(relay.got.lock().unwrap().len(), 3);
     }
 }

@@ -151,6 +151,7 @@ pub async fn run(
             transport: config.agent.relay_transport,
             idle_close: std::time::Duration::from_secs(config.agent.relay_idle_timeout),
         },
+        tcp_port: config.agent.tcp_port.unwrap_or(listen.port()),
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

@@ -230,6 +230,9 @@ pub enum PeerPath {
     /// Through a relay; `region` names it once the agent knows its home
     /// relay's region.
     Relay { region: Option<String> },
+    /// Straight to the peer over a TCP stream (simultaneous open, for
+    /// networks that block UDP).
+    DirectTcp { endpoint: SocketAddr },
     /// No way to reach the peer yet (no endpoint known).
     None,
 }
@@ -360,6 +363,17 @@ mod tests {
         assert_eq!(
             serde_json::to_value(PeerPath::None).unwrap(),
             serde_json::json!({"kind": "none"})
+        );
+        let t = PeerPath::DirectTcp {
+            endpoint: "198.51.100.7:41641".parse().unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            serde_json::json!({"kind": "direct_tcp", "endpoint": "198.51.100.7:41641"})
+        );
+        assert_eq!(
+            crate::cli::render::path(&t),
+            "direct tcp 198.51.100.7:41641"
         );
     }
 }

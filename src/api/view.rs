@@ -64,6 +64,7 @@ impl Backend for AgentView {
                         DpPath::Relay => PeerPath::Relay {
                             region: mesh.as_ref().and_then(|m| m.relay_region.clone()),
                         },
+                        DpPath::Tcp(endpoint) => PeerPath::DirectTcp { endpoint },
                         DpPath::None => PeerPath::None,
                     },
                     latency_ms: mesh.as_ref().and_then(|m| m.latency_ms),

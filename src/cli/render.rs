@@ -151,6 +151,7 @@ pub fn path(p: &PeerPath) -> String {
         PeerPath::Direct { endpoint } => format!("direct {endpoint}"),
         PeerPath::Relay { region: Some(r) } => format!("relay {r}"),
         PeerPath::Relay { region: None } => "relay".into(),
+        PeerPath::DirectTcp { endpoint } => format!("direct tcp {endpoint}"),
         PeerPath::None => "no endpoint".into(),
     }
 }

@@ -107,7 +107,7 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
                     let _ = writeln!(out, "{name}: tried {}", tried(&m.tried));
                 }
             }
-            (PeerPath::Direct { .. }, _, Some(secs)) => {
+            (PeerPath::Direct { .. } | PeerPath::DirectTcp { .. }, _, Some(secs)) => {
                 let _ = writeln!(
                     out,
                     "{name}: direct for {} ({} pings, {} pongs)",

@@ -69,6 +69,10 @@ pub enum PeerPath {
     None,
     Direct(SocketAddr),
     Relay,
+    /// A direct TCP stream to the peer at this address. Its packets leave
+    /// like relayed ones ([`Sealed::Relay`]): the egress hands a peer's
+    /// stream-carried packets to its stream when it has one.
+    Tcp(SocketAddr),
 }
 
 /// Result of sealing one packet for a peer: `len` bytes at the start of the
@@ -145,7 +149,7 @@ impl State {
                 to,
                 socket: self.socket,
             },
-            PeerPath::Relay => Sealed::Relay { len },
+            PeerPath::Relay | PeerPath::Tcp(_) => Sealed::Relay { len },
             PeerPath::None => Sealed::NoEndpoint,
         }
     }

@@ -6,4 +6,5 @@
 
 pub mod disco;
 pub mod relay;
+pub mod stream;
 pub mod stun;

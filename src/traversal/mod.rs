@@ -58,6 +58,9 @@ pub enum Path {
     /// Through the relay (DERP-like), always available.
     Relay,
     Direct(DirectPath),
+    /// A direct TCP stream to the peer (simultaneous open, for when UDP is
+    /// blocked), named by the peer's address as the stream sees it.
+    Tcp(SocketAddr),
 }
 
 impl fmt::Display for Path {
@@ -66,8 +69,30 @@ impl fmt::Display for Path {
             Path::Relay => f.write_str("relay"),
             Path::Direct(d) if d.socket == SocketId::PRIMARY => write!(f, "direct {}", d.addr),
             Path::Direct(d) => write!(f, "direct {} (socket {})", d.addr, d.socket.0),
+            Path::Tcp(a) => write!(f, "direct tcp {a}"),
         }
     }
+}
+
+/// Why a disco message was refused by the peer machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejected {
+    #[error("ping names node key that is not this peer's")]
+    NodeKeyMismatch,
+    #[error("pong matches no ping in flight on that path")]
+    UnexpectedPong,
+    #[error("message not accepted over this path")]
+    WrongPath,
+}
+
+/// Counters for `warren status` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub pings_sent: u64,
+    pub pongs_received: u64,
+    pub call_me_maybe_sent: u64,
+    pub birthday_probes: u64,
 }
 
 /// Tunables. The defaults follow DESIGN §7 and Tailscale's field experience.
@@ -107,6 +132,8 @@ pub struct Config {
     pub birthday_time: Duration,
     /// Most direct paths remembered per peer (candidates + learnt sources).
     pub max_paths: usize,
+    /// How long one direct TCP attempt keeps dialling before it gives up.
+    pub tcp_window: Duration,
 }
 
 impl Default for Config {
@@ -129,6 +156,7 @@ impl Default for Config {
             birthday_rate: 100,
             birthday_time: Duration::from_secs(30),
             max_paths: 64,
+            tcp_window: Duration::from_secs(10),
         }
     }
 }
@@ -147,6 +175,8 @@ pub enum TimerReason {
     Reprobe,
     /// Next batch of birthday probes, or the end of the attempt.
     Birthday,
+    /// The end of a direct TCP attempt, or an idle stream's expiry.
+    Tcp,
 }
 
 /// Why the path changed.
@@ -161,6 +191,8 @@ pub enum ChangeReason {
     TimedOut,
     /// The local network changed; every direct path is suspect.
     NetworkChanged,
+    /// The direct TCP stream closed.
+    StreamClosed,
 }
 
 /// Outputs of a peer machine besides datagrams.
@@ -182,6 +214,14 @@ pub enum Event {
         path: Path,
         rtt: Duration,
     },
+    /// Dial the peer's TCP candidates from our listening port, again and
+    /// again until a stream is up or `until` passes (simultaneous open).
+    TcpConnect {
+        targets: Vec<SocketAddr>,
+        until: Instant,
+    },
+    /// Close the stream to `addr`: it is not (or no longer) a path.
+    TcpClose { addr: SocketAddr },
 }
 
 /// A direct path that was pinged, and what came of it (`warren status`'s
@@ -214,6 +254,8 @@ pub enum RelayReason {
     DirectTimedOut { at: Instant, path: DirectPath },
     /// The local network changed.
     NetworkChanged { at: Instant },
+    /// The direct TCP stream closed or went silent.
+    TcpLost { at: Instant, addr: SocketAddr },
 }
 
 impl RelayReason {
@@ -251,6 +293,12 @@ impl RelayReason {
                 format!("direct path {} went silent {}", path.addr, when(*at))
             }
             RelayReason::NetworkChanged { at } => format!("local network changed {}", when(*at)),
+            RelayReason::TcpLost { at, addr } => {
+                format!("direct tcp {addr} closed {}", when(*at))
+            }
         }
     }
 }
+
+#[cfg(test)]
+mod tcp_tests;

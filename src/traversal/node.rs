@@ -64,8 +64,13 @@ pub struct PeerInfo {
 /// Where a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dest {
-    Udp { socket: SocketId, addr: SocketAddr },
+    Udp {
+        socket: SocketId,
+        addr: SocketAddr,
+    },
     Relay(NodeKey),
+    /// The direct TCP stream whose far end is `addr` (framed by the driver).
+    Tcp(SocketAddr),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +115,15 @@ pub enum NodeEvent {
         path: Path,
         rtt: Duration,
     },
+    /// Dial `targets` from the TCP listening port until a stream is up or
+    /// `until`; report it with [`Node::tcp_connected`].
+    TcpConnect {
+        peer: NodeKey,
+        targets: Vec<SocketAddr>,
+        until: Instant,
+    },
+    /// Close the stream to `addr`.
+    TcpClose { addr: SocketAddr },
 }
 
 /// Counters of refused input.
@@ -124,6 +138,8 @@ pub struct DropStats {
     pub relay_mismatch: u64,
     /// Opened fine but refused by the peer machine (stray pong, wrong key).
     pub rejected: u64,
+    /// WireGuard on a TCP stream no disco message has proven yet.
+    pub tcp_unproven: u64,
 }
 
 struct PeerEntry {
@@ -155,6 +171,9 @@ pub struct Node {
     sockets_requested: bool,
     sockets_wanted_by: BTreeSet<NodeKey>,
     sockets_kept: BTreeSet<SocketId>,
+    /// Our TCP candidates (empty: no listener) and whether our UDP works.
+    tcp_local: Vec<Candidate>,
+    udp_blocked: bool,
     events: VecDeque<NodeEvent>,
     drops: DropStats,
 }
@@ -190,6 +209,8 @@ impl Node {
             sockets_requested: false,
             sockets_wanted_by: BTreeSet::new(),
             sockets_kept: BTreeSet::new(),
+            tcp_local: Vec::new(),
+            udp_blocked: false,
             events: VecDeque::new(),
             drops: DropStats::default(),
         }
@@ -227,7 +248,8 @@ impl Node {
         }
         if !self.peers.contains_key(&info.node_key) {
             let seed = self.rng.gen();
-            let paths = PeerPaths::new(self.cfg.clone(), self.local_key, info.node_key, seed);
+            let mut paths = PeerPaths::new(self.cfg.clone(), self.local_key, info.node_key, seed);
+            paths.set_tcp_local(now, !self.tcp_local.is_empty(), self.udp_blocked);
             self.by_disco.insert(info.disco_key, info.node_key);
             self.peers.insert(
                 info.node_key,
@@ -450,6 +472,7 @@ impl Node {
                         addr: p.addr,
                     }
                 }
+                Path::Tcp(addr) => Dest::Tcp(addr),
             };
             self.counter += 1;
             let random: [u8; 16] = self.rng.gen();
@@ -469,6 +492,10 @@ impl Node {
     /// future ports pair up index by index.
     fn own_endpoints(&mut self, peer: NodeKey) -> Vec<Candidate> {
         let mut out = self.local_candidates.clone();
+        if self.peers.get(&peer).is_some_and(|e| e.paths.wants_tcp()) {
+            // First, so the truncation below can never drop them.
+            out.splice(0..0, self.tcp_local.iter().copied());
+        }
         if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(base)) = (
             self.local_nat.mapping,
             self.local_nat.allocation,
@@ -540,6 +567,14 @@ impl Node {
                     self.sockets_wanted_by.remove(&key);
                     self.maybe_close_sockets(now);
                 }
+                Event::TcpConnect { targets, until } => {
+                    self.events.push_back(NodeEvent::TcpConnect {
+                        peer: key,
+                        targets,
+                        until,
+                    });
+                }
+                Event::TcpClose { addr } => self.events.push_back(NodeEvent::TcpClose { addr }),
             }
         }
     }
@@ -557,6 +592,8 @@ impl Node {
 #[path = "node_status.rs"]
 mod status;
 pub use status::PeerStatus;
+#[path = "node_tcp.rs"]
+mod tcp;
 
 #[cfg(test)]
 #[path = "node_tests.rs"]

@@ -75,6 +75,7 @@ fn two_nodes_go_direct_over_sealed_disco() {
                     assert_eq!(to, kb);
                     assert_eq!(b.handle_relay(now, ka, &t.bytes), Datagram::Disco);
                 }
+                Dest::Tcp(_) => panic!("no TCP without a listener"),
             }
         }
         while let Some(t) = b.poll_transmit() {
@@ -85,6 +86,7 @@ fn two_nodes_go_direct_over_sealed_disco() {
                 Dest::Relay(_) => {
                     a.handle_relay(now, kb, &t.bytes);
                 }
+                Dest::Tcp(_) => panic!("no TCP without a listener"),
             }
         }
     }
@@ -197,6 +199,7 @@ fn shuttle(
                 relayed += 1;
                 to.handle_relay(now, from_key, &t.bytes);
             }
+            Dest::Tcp(_) => panic!("no TCP path in these tests"),
         }
     }
     (relayed, udp)

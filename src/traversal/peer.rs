@@ -16,6 +16,9 @@
 //! its last pong (keepalive + 6.5 s when idle), then traffic goes back to the
 //! relay at once and discovery restarts. While direct, the other candidates
 //! are re-probed every minute and a clearly better path takes over.
+//!
+//! When UDP is blocked, a direct TCP stream (`peer_tcp`) ranks between the
+//! direct UDP paths and the relay.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use super::hardnat::{self, BirthdayProber, Strategy};
 use super::select::{clearly_better, PathTable};
 use super::{ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, TimerReason};
+pub use super::{PeerStats, Rejected};
 use crate::keys::NodeKey;
 use crate::proto::disco::{Candidate, CandidateKind, Message, Transport, MAX_CANDIDATES};
 
@@ -45,30 +49,9 @@ pub struct Transmit {
     pub payload: Payload,
 }
 
-/// Why a disco message was refused by the peer machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Rejected {
-    #[error("ping names node key that is not this peer's")]
-    NodeKeyMismatch,
-    #[error("pong matches no ping in flight on that path")]
-    UnexpectedPong,
-    #[error("message not accepted over this path")]
-    WrongPath,
-}
-
-/// Counters for `warren status` and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeerStats {
-    pub pings_sent: u64,
-    pub pongs_received: u64,
-    pub call_me_maybe_sent: u64,
-    pub birthday_probes: u64,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    path: DirectPath,
+    path: Path,
     sent: Instant,
 }
 
@@ -110,6 +93,7 @@ pub struct PeerPaths {
     relay_reason: RelayReason,
     birthday: Birthday,
     on_demand: ping::OnDemand,
+    tcp: tcp::TcpState,
     stats: PeerStats,
 }
 
@@ -142,6 +126,7 @@ impl PeerPaths {
             relay_reason: RelayReason::NoCandidates,
             birthday: Birthday::Idle { not_before: None },
             on_demand: ping::OnDemand::default(),
+            tcp: tcp::TcpState::new(retry),
             stats: PeerStats::default(),
         }
     }
@@ -159,7 +144,7 @@ impl PeerPaths {
     pub fn relay_reason(&self) -> Option<&RelayReason> {
         match self.current {
             Path::Relay => Some(&self.relay_reason),
-            Path::Direct(_) => None,
+            Path::Direct(_) | Path::Tcp(_) => None,
         }
     }
 
@@ -167,6 +152,7 @@ impl PeerPaths {
     pub fn rtt(&self) -> Option<Duration> {
         match self.current {
             Path::Direct(p) => self.table.get(&p).and_then(|i| i.rtt),
+            Path::Tcp(_) => self.tcp.rtt(),
             Path::Relay => None,
         }
     }
@@ -209,7 +195,7 @@ impl PeerPaths {
         match self.current {
             Path::Relay if self.active(now) => self.start_discovery(now),
             Path::Relay => {}
-            Path::Direct(_) => self.reprobe_at = Some(now),
+            Path::Direct(_) | Path::Tcp(_) => self.reprobe_at = Some(now),
         }
     }
 
@@ -227,6 +213,10 @@ impl PeerPaths {
                     let short = now + self.cfg.trust;
                     info.trusted_until = info.trusted_until.map(|t| t.min(short));
                 }
+                self.heartbeat_at = Some(now);
+            }
+            Path::Tcp(_) => {
+                self.tcp.shorten_trust(now + self.cfg.trust);
                 self.heartbeat_at = Some(now);
             }
             Path::Relay => {
@@ -295,7 +285,7 @@ impl PeerPaths {
                 let Some(pending) = self.pending.get(&tx_id).copied() else {
                     return Err(Rejected::UnexpectedPong);
                 };
-                if pending.path != p {
+                if pending.path != Path::Direct(p) {
                     return Err(Rejected::UnexpectedPong);
                 }
                 self.pending.remove(&tx_id);
@@ -323,12 +313,16 @@ impl PeerPaths {
                 self.answer_relay_ping(tx_id, node_key)
             }
             (Message::Pong { tx_id, .. }, Path::Relay) => self.relay_pong(now, tx_id),
+            (msg @ (Message::Ping { .. } | Message::Pong { .. }), Path::Tcp(addr)) => {
+                self.handle_tcp_disco(now, addr, msg)
+            }
         }
     }
 
     fn merge_call_me(&mut self, now: Instant, endpoints: Vec<Candidate>) {
         // Predictions are only good for the attempt they were made for.
         let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
+        self.tcp_candidates(now, &endpoints);
         if has_predicted {
             self.candidates
                 .retain(|c| c.kind != CandidateKind::Predicted);
@@ -358,6 +352,7 @@ impl PeerPaths {
     pub fn handle_timeout(&mut self, now: Instant) {
         let timeout = self.cfg.ping_timeout;
         self.pending.retain(|_, p| now < p.sent + timeout);
+        self.tcp_timer(now);
         if let Path::Direct(p) = self.current {
             if !self.table.get(&p).is_some_and(|i| i.trusted(now)) {
                 self.switch(now, Path::Relay, ChangeReason::TimedOut);
@@ -368,24 +363,35 @@ impl PeerPaths {
             }
         }
         self.discovery_timer(now);
-        if let (Path::Direct(p), Some(at)) = (self.current, self.heartbeat_at) {
-            if now >= at {
-                self.ping(now, p);
-                let gap = if self.active(now) {
-                    self.cfg.heartbeat
-                } else {
-                    self.cfg.keepalive
-                };
-                self.heartbeat_at = Some(now + gap);
+        if self.heartbeat_at.is_some_and(|at| now >= at) {
+            match self.current {
+                Path::Direct(p) => {
+                    self.ping(now, p);
+                }
+                Path::Tcp(addr) => {
+                    self.ping_tcp(now, addr);
+                }
+                Path::Relay => {}
             }
+            let gap = if self.active(now) {
+                self.cfg.heartbeat
+            } else {
+                self.cfg.keepalive
+            };
+            self.heartbeat_at = Some(now + gap);
         }
-        if let (Path::Direct(p), Some(at)) = (self.current, self.reprobe_at) {
+        let on = match self.current {
+            Path::Direct(p) => Some(Some(p.addr)),
+            Path::Tcp(_) => Some(None),
+            Path::Relay => None,
+        };
+        if let (Some(on), Some(at)) = (on, self.reprobe_at) {
             if now >= at {
                 let others: Vec<SocketAddr> = self
                     .candidates
                     .iter()
                     .map(|c| c.addr)
-                    .filter(|a| *a != p.addr)
+                    .filter(|a| Some(*a) != on)
                     .collect();
                 for addr in others {
                     self.ping(now, DirectPath::primary(addr));
@@ -462,6 +468,7 @@ impl PeerPaths {
         for c in predicted {
             self.ping(now, DirectPath::primary(c.addr));
         }
+        self.maybe_start_tcp(now);
     }
 
     fn maybe_call_me(&mut self, now: Instant) {
@@ -489,7 +496,13 @@ impl PeerPaths {
             }
         }
         let tx_id: [u8; 12] = self.rng.gen();
-        self.pending.insert(tx_id, Pending { path, sent: now });
+        self.pending.insert(
+            tx_id,
+            Pending {
+                path: Path::Direct(path),
+                sent: now,
+            },
+        );
         if let Some(info) = self.table.get_mut(&path) {
             info.last_ping = Some(now);
         }
@@ -506,10 +519,17 @@ impl PeerPaths {
 
     fn select(&mut self, now: Instant) {
         let Some((best, best_score)) = self.table.best(now) else {
+            // No direct UDP path: a proven TCP stream beats the relay.
+            if let (Path::Relay, Some(addr)) = (self.current, self.tcp.trusted_addr(now)) {
+                self.switch(now, Path::Tcp(addr), ChangeReason::PongReceived);
+            }
             return;
         };
         match self.current {
             Path::Relay => self.switch(now, Path::Direct(best), ChangeReason::PongReceived),
+            // Direct UDP is always better than TCP (no head-of-line blocking
+            // under the tunnel's own congestion control).
+            Path::Tcp(_) => self.switch(now, Path::Direct(best), ChangeReason::BetterPath),
             Path::Direct(cur) if cur != best => {
                 let cur_score = self.table.get(&cur).and_then(|i| i.score());
                 let cur_ok = self.table.get(&cur).is_some_and(|i| i.trusted(now));
@@ -527,14 +547,18 @@ impl PeerPaths {
         self.events
             .push_back(Event::PathChanged { from, to, reason });
         match to {
-            Path::Direct(p) => {
+            Path::Direct(_) | Path::Tcp(_) => {
                 tracing::debug!(peer = %self.peer_key.short(), path = %to, ?reason, "direct path");
                 self.probe_at = None;
                 self.probe_round = 0;
                 self.retry_backoff = self.cfg.retry_initial;
                 self.heartbeat_at = Some(now + self.cfg.heartbeat);
                 self.reprobe_at.get_or_insert(now + self.cfg.reprobe);
-                self.end_birthday(now, Some(p.socket));
+                let keep = match to {
+                    Path::Direct(p) => Some(p.socket),
+                    _ => None,
+                };
+                self.end_birthday(now, keep);
             }
             Path::Relay => {
                 tracing::debug!(peer = %self.peer_key.short(), ?reason, "back to relay");
@@ -559,16 +583,19 @@ impl PeerPaths {
 
     /// The earliest deadline and what it is for.
     pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
-        let mut timers: Vec<(Instant, TimerReason)> = Vec::with_capacity(5);
+        let mut timers: Vec<(Instant, TimerReason)> = Vec::with_capacity(6);
         if self.current == Path::Relay {
             timers.extend(self.probe_at.map(|t| (t, TimerReason::Probe)));
         }
-        if let Path::Direct(p) = self.current {
+        if self.current != Path::Relay {
             timers.extend(self.heartbeat_at.map(|t| (t, TimerReason::Heartbeat)));
             timers.extend(self.reprobe_at.map(|t| (t, TimerReason::Reprobe)));
+        }
+        if let Path::Direct(p) = self.current {
             let trust = self.table.get(&p).and_then(|i| i.trusted_until);
             timers.extend(trust.map(|t| (t, TimerReason::TrustExpiry)));
         }
+        timers.extend(self.tcp.deadline().map(|t| (t, TimerReason::Tcp)));
         match &self.birthday {
             Birthday::Easy(p) => timers.push((p.deadline(), TimerReason::Birthday)),
             Birthday::Hard { deadline, .. } => timers.push((*deadline, TimerReason::Birthday)),
@@ -583,6 +610,8 @@ mod birthday;
 
 #[path = "peer_ping.rs"]
 mod ping;
+#[path = "peer_tcp.rs"]
+mod tcp;
 
 #[cfg(test)]
 #[path = "peer_tests.rs"]

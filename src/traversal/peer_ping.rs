@@ -56,6 +56,8 @@ impl PeerPaths {
         let round = od.next_round;
         let targets: Vec<DirectPath> = match self.current {
             Path::Direct(p) => vec![p],
+            // The stream is pinged below, beside the relay.
+            Path::Tcp(_) => Vec::new(),
             Path::Relay => self
                 .candidates
                 .iter()
@@ -78,6 +80,10 @@ impl PeerPaths {
                 if let Some(tx_id) = self.ping(now, p) {
                     self.remember(tx_id, round, Path::Direct(p), now);
                 }
+            }
+            if let Path::Tcp(addr) = self.current {
+                let tx_id = self.ping_tcp(now, addr);
+                self.remember(tx_id, round, Path::Tcp(addr), now);
             }
         }
         if self.current == Path::Relay {

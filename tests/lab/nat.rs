@@ -43,6 +43,9 @@ pub enum Nat {
     EdmSequential,
     /// EIM with miniupnpd serving UPnP IGD, NAT-PMP and PCP on the LAN.
     Upnp,
+    /// EIM that drops every UDP packet but lets any TCP out: the case the
+    /// direct TCP path (simultaneous open) is for.
+    TcpOnly,
 }
 
 /// First port an `EdmSequential` gateway hands out (per protocol).
@@ -94,7 +97,9 @@ impl Nat {
     pub fn ruleset(self, wan: std::net::Ipv4Addr) -> String {
         let masq = match self {
             Nat::None => String::new(),
-            Nat::Eim | Nat::UdpBlocked | Nat::Upnp => "oifname \"wan\" masquerade".into(),
+            Nat::Eim | Nat::UdpBlocked | Nat::Upnp | Nat::TcpOnly => {
+                "oifname \"wan\" masquerade".into()
+            }
             Nat::Edm => "oifname \"wan\" masquerade fully-random".into(),
             // Ports for UDP and TCP from a counter; anything else (ICMP)
             // is plainly masqueraded.
@@ -109,6 +114,7 @@ impl Nat {
         };
         let outbound = match self {
             Nat::UdpBlocked => "iifname \"lan\" oifname \"wan\" tcp dport 443 accept",
+            Nat::TcpOnly => "iifname \"lan\" oifname \"wan\" meta l4proto tcp accept",
             _ => "iifname \"lan\" oifname \"wan\" accept",
         };
         let upnp = match self {
@@ -202,6 +208,10 @@ mod tests {
             .ruleset(wan)
             .contains("snat ip to 11.11.0.10:numgen inc"));
         assert!(Nat::Upnp.ruleset(wan).contains("jump miniupnpd"));
+        assert!(Nat::TcpOnly
+            .ruleset(wan)
+            .contains("meta l4proto tcp accept"));
+        assert!(!Nat::TcpOnly.ruleset(wan).contains("udp"));
         let rule = forward_rule(Proto::Udp, 51820, "10.1.0.2:51821".parse().unwrap());
         assert_eq!(
             rule.join(" "),

@@ -241,6 +241,8 @@ impl Sim {
                     self.world.relay(host, to_host, from, to, bytes);
                 }
             }
+            // This world has no TCP listeners, so no node ever dials.
+            Dest::Tcp(_) => {}
         }
     }
 
@@ -261,6 +263,7 @@ impl Sim {
                         addr: p.addr,
                     },
                     Path::Relay => Dest::Relay(peer),
+                    Path::Tcp(addr) => Dest::Tcp(addr),
                 };
                 self.send_from(i, dest, data);
                 self.nodes[i].node.note_traffic(now, &peer);

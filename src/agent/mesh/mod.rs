@@ -11,8 +11,9 @@
 //!   on the relay) and in the traversal core;
 //! - datagrams the UDP readers set aside (disco → traversal, STUN →
 //!   discovery), from the primary socket or the birthday method's extra
-//!   sockets ([`sockets`]), and packets from the relays (disco → traversal,
-//!   WireGuard → opened and written to the TUN);
+//!   sockets ([`sockets`]), and packets from the relays and the direct TCP
+//!   streams ([`tcp`]) (disco → traversal, WireGuard → opened and written
+//!   to the TUN);
 //! - the traversal and discovery timers, and a one-second housekeeping tick;
 //! - background control requests (registration, endpoint reports), so a slow
 //!   coordinator never stalls disco or the relays.
@@ -30,6 +31,7 @@ mod relays;
 pub use relays::RelayOptions;
 mod session;
 mod sockets;
+mod tcp;
 mod up;
 
 use std::collections::HashMap;
@@ -61,6 +63,7 @@ use discover::Discovery;
 use relays::{Incoming, Relays};
 use session::{Background, Session};
 use sockets::ExtraSockets;
+use tcp::{TcpIncoming, TcpPaths};
 
 /// How often the housekeeping tick runs: traffic notes for traversal, idle
 /// relays, local address changes, the status view.
@@ -68,6 +71,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Datagrams from the extra sockets waiting for the mesh task (disco and
 /// stray STUN; WireGuard never passes here).
 const EXTRA_QUEUE: usize = 256;
+/// Frames and stream news from the direct TCP paths waiting for the mesh task.
+const TCP_QUEUE: usize = 1024;
 /// Local addresses are compared every this many ticks.
 const ADDR_CHECK_TICKS: u64 = 2;
 const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
@@ -85,6 +90,8 @@ pub struct MeshParts {
     pub portmap: Option<crate::portmap::Config>,
     /// How relay connections are made and when idle ones close.
     pub relay: RelayOptions,
+    /// The direct TCP path's listening port; 0 turns it off.
+    pub tcp_port: u16,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -118,6 +125,10 @@ pub(crate) struct Mesh {
     disco: DiscoSecret,
     relays: Relays,
     relay_rx: mpsc::Receiver<Incoming>,
+    tcp: TcpPaths,
+    tcp_rx: mpsc::Receiver<TcpIncoming>,
+    /// Our TCP port as the STUN server saw it.
+    tcp_public: Option<SocketAddr>,
     discovery: Discovery,
     session: Option<Session>,
     background: JoinSet<Background>,
@@ -152,6 +163,8 @@ impl Mesh {
         let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None, parts.relay);
         parts.egress.set_relay(Some(sink));
         let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
+        let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
+        let tcp = TcpPaths::new(parts.tcp_port, tcp_tx);
         let sockets = ExtraSockets::new(
             parts.dp.clone(),
             parts.tun.clone(),
@@ -176,6 +189,9 @@ impl Mesh {
             disco,
             relays,
             relay_rx,
+            tcp,
+            tcp_rx,
+            tcp_public: None,
             session: None,
             background: JoinSet::new(),
             map_peers: HashMap::new(),
@@ -231,6 +247,7 @@ impl Mesh {
                     self.on_side(d);
                 }
                 Some(d) = self.extra_side.recv() => self.on_side(d),
+                Some(inc) = self.tcp_rx.recv() => self.on_tcp(inc).await,
                 Some(done) = self.background.join_next() => match done {
                     Ok(bg) => self.on_background(bg),
                     Err(e) => tracing::warn!(error = %e, "control request task failed"),
@@ -262,6 +279,7 @@ impl Mesh {
         }
         self.traffic.retain(|k, _| self.map_peers.contains_key(k));
         self.relays.close_idle(now);
+        self.close_unproven(now);
         let active = self.session.as_ref().is_some_and(|s| s.is_active());
         if active && check_addrs {
             let addrs = login::host_endpoints(self.listen.port());
@@ -281,6 +299,15 @@ impl Mesh {
     }
 
     fn start_netcheck(&mut self, now: Instant) {
+        let stun = self
+            .relays
+            .map()
+            .regions
+            .iter()
+            .find_map(|r| r.stun.first());
+        if let Some(server) = stun {
+            self.tcp.query_stun(*server);
+        }
         if !self.discovery.start(now, self.relays.map()) {
             // No STUN server: host and port-mapped candidates still count.
             self.publish_local(None);
@@ -312,6 +339,13 @@ impl Mesh {
         if self.node.handle_relay(Instant::now(), from, bytes) != Datagram::WireGuard {
             return;
         }
+        self.open_streamed(from, bytes).await;
+    }
+
+    /// Opens a WireGuard packet `from` a peer that came over a stream (the
+    /// relay's or a direct TCP one), writes it to the TUN, and sends any
+    /// protocol reply back the peer's stream-carried way.
+    async fn open_streamed(&mut self, from: NodeKey, bytes: &Bytes) {
         let set = self.dp.peers();
         let Some(peer) = set.by_key(&from) else {
             return;
@@ -359,7 +393,10 @@ impl Mesh {
                 tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
                 match t.dest {
                     Dest::Udp { socket, addr } => self.egress.send_on(socket, addr, &t.bytes).await,
-                    Dest::Relay(k) => self.egress.relay(k, &t.bytes),
+                    Dest::Relay(k) => self.egress.via_relay(k, &t.bytes),
+                    Dest::Tcp(addr) => {
+                        self.tcp.send(addr, &t.bytes);
+                    }
                 }
             }
             let Some(ev) = self.node.poll_event() else {
@@ -386,6 +423,21 @@ impl Mesh {
                     path,
                     rtt,
                 } => self.on_ping_reply(peer, round, path, rtt),
+                NodeEvent::TcpConnect {
+                    peer,
+                    targets,
+                    until,
+                } => {
+                    // Our own address would connect to ourselves (TCP
+                    // self-connect) and end the dial before the real target.
+                    let mine =
+                        |t: &SocketAddr| self.host_addrs.iter().any(|h| h.addr.ip() == t.ip());
+                    let targets: Vec<SocketAddr> =
+                        targets.into_iter().filter(|t| !mine(t)).collect();
+                    tracing::info!(peer = %peer.short(), ?targets, "direct tcp: dialling");
+                    self.tcp.dial(peer, targets, until);
+                }
+                NodeEvent::TcpClose { addr } => self.tcp.close(addr),
                 NodeEvent::CloseSockets { keep } => {
                     self.sockets.close(&keep);
                     tracing::info!(
@@ -405,11 +457,22 @@ impl Mesh {
     fn apply_path(&mut self, peer: &NodeKey, to: Path, now: Instant) {
         let set = self.dp.peers();
         let dp_peer = set.by_key(peer);
+        let stream = match to {
+            Path::Tcp(addr) => self.tcp.sink(addr),
+            _ => None,
+        };
+        self.egress.set_stream(*peer, stream);
         match to {
             Path::Direct(d) => {
                 self.direct_since.entry(*peer).or_insert(now);
                 if let Some(p) = dp_peer {
                     p.set_direct_via(d.addr, d.socket);
+                }
+            }
+            Path::Tcp(addr) => {
+                self.direct_since.entry(*peer).or_insert(now);
+                if let Some(p) = dp_peer {
+                    p.set_path(PeerPath::Tcp(addr));
                 }
             }
             Path::Relay => {

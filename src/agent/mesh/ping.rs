@@ -91,6 +91,10 @@ impl Mesh {
                 w.direct = true;
                 PeerPath::Direct { endpoint: d.addr }
             }
+            Path::Tcp(addr) => {
+                w.direct = true;
+                PeerPath::DirectTcp { endpoint: addr }
+            }
             Path::Relay => PeerPath::Relay { region },
         };
         w.first.get_or_insert_with(Instant::now);

@@ -231,6 +231,7 @@ impl Mesh {
         self.map_peers.clear();
         self.direct_since.clear();
         self.relays.clear();
+        self.tcp.clear();
         self.discovery.stop();
     }
 
@@ -390,6 +391,7 @@ impl Mesh {
         let nat = self.discovery.nat();
         self.node
             .set_local(candidates.iter().map(Into::into).collect(), nat);
+        self.publish_tcp();
         let report = EndpointsReport {
             endpoints: candidates,
             netcheck,

@@ -1,0 +1,474 @@
+//! The direct TCP path's sockets: one listening port, the dials of a
+//! simultaneous open, the streams, and STUN over TCP to learn the port's
+//! public address.
+//!
+//! Every socket here is bound to the same local port (`[agent] tcp_port`)
+//! with `SO_REUSEADDR` and `SO_REUSEPORT`: the listener, each dial, and the
+//! STUN query. That is what makes simultaneous open work behind a NAT that
+//! keeps source ports (a masquerade): the port the coordinator's STUN
+//! server saw is the port the peer dials, and our own dial to the peer
+//! leaves from it too, so both SYNs cross each NAT on the mapping the other
+//! side's SYN opened. Whichever of dial and accept yields a stream first
+//! wins; a second stream to the same address is dropped.
+//!
+//! Streams carry `proto::stream` frames. Each has a reader task (frames to
+//! the mesh task, which feeds traversal and the data plane) and a writer
+//! task behind a bounded queue: a full queue drops the packet, so a slow
+//! stream never blocks the sender of another peer's packets. The mesh task
+//! owns the table of streams; nothing here decides anything: traversal
+//! says when to dial and what to close.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agent::egress::RelaySink;
+use crate::keys::NodeKey;
+use crate::proto::disco::{Candidate, CandidateKind, Transport};
+use crate::proto::stream::{self, StreamDecoder};
+use crate::proto::stun;
+
+/// Packets queued per stream before new ones are dropped.
+const STREAM_QUEUE: usize = 1024;
+/// One dial round: a fresh SYN to every target, then this long to connect.
+const DIAL_ROUND: Duration = Duration::from_millis(1000);
+/// Pause between dial rounds.
+const DIAL_PAUSE: Duration = Duration::from_millis(100);
+/// Longest a STUN-over-TCP query may take.
+const STUN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most streams held at once; a stranger who connects again and again to
+/// the listening port gets refused past this.
+const MAX_STREAMS: usize = 256;
+/// A stream no peer has proven its own by then is closed.
+pub const UNPROVEN_TTL: Duration = Duration::from_secs(10);
+
+/// What the TCP tasks tell the mesh task.
+pub enum TcpIncoming {
+    /// A stream is up: dialled (for `peer`) or accepted (`peer` unknown).
+    Up {
+        stream: TcpStream,
+        addr: SocketAddr,
+        peer: Option<NodeKey>,
+    },
+    Frame {
+        addr: SocketAddr,
+        id: u64,
+        bytes: Bytes,
+    },
+    Closed {
+        addr: SocketAddr,
+        id: u64,
+    },
+    /// Our listening port as the STUN server saw it (`None`: no answer).
+    Stun(Option<SocketAddr>),
+}
+
+/// A stream's writer queue, as the egress sees it.
+struct StreamSink(mpsc::Sender<Bytes>);
+
+impl RelaySink for StreamSink {
+    fn send(&self, _peer: NodeKey, packet: &[u8]) -> bool {
+        match stream::frame(packet) {
+            Ok(f) => self.0.try_send(f).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+struct Stream {
+    id: u64,
+    opened: Instant,
+    sink: Arc<StreamSink>,
+    reader: JoinHandle<()>,
+}
+
+/// See the module doc.
+pub struct TcpPaths {
+    port: u16,
+    tx: mpsc::Sender<TcpIncoming>,
+    listener: Option<JoinHandle<()>>,
+    streams: HashMap<SocketAddr, Stream>,
+    dials: HashMap<NodeKey, JoinHandle<()>>,
+    next_id: u64,
+}
+
+/// A TCP socket on `port` that shares it with the listener and the dials.
+fn reusable(port: u16) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    Ok(s)
+}
+
+async fn connect_from(port: u16, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::from_std_stream(reusable(port)?.into());
+    sock.set_nodelay(true)?;
+    sock.connect(to).await
+}
+
+impl TcpPaths {
+    /// Binds the listening port (0: the direct TCP path is off) and starts
+    /// accepting. A port that cannot be bound turns the feature off, with a
+    /// warning: the relay still works.
+    pub fn new(port: u16, tx: mpsc::Sender<TcpIncoming>) -> TcpPaths {
+        let mut paths = TcpPaths {
+            port: 0,
+            tx,
+            listener: None,
+            streams: HashMap::new(),
+            dials: HashMap::new(),
+            next_id: 0,
+        };
+        if port == 0 {
+            return paths;
+        }
+        let listener = reusable(port)
+            .and_then(|s| {
+                s.listen(64)?;
+                TcpListener::from_std(s.into())
+            })
+            .and_then(|l| Ok((l.local_addr()?.port(), l)));
+        match listener {
+            Ok((bound, l)) => {
+                tracing::info!(port = bound, "direct tcp: listening");
+                paths.port = bound;
+                let tx = paths.tx.clone();
+                paths.listener = Some(tokio::spawn(accept_loop(l, tx)));
+            }
+            Err(e) => tracing::warn!(port, error = %e, "direct tcp: cannot listen; relay only"),
+        }
+        paths
+    }
+
+    /// The listening port, 0 when off.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Asks `server` (a STUN server's address, TCP on the same port) what
+    /// our listening port looks like from outside; answers with
+    /// [`TcpIncoming::Stun`].
+    pub fn query_stun(&self, server: SocketAddr) {
+        if self.port == 0 {
+            return;
+        }
+        let (port, tx) = (self.port, self.tx.clone());
+        tokio::spawn(async move {
+            let seen = tokio::time::timeout(STUN_TIMEOUT, stun_over_tcp(port, server))
+                .await
+                .ok()
+                .and_then(|r| r.map_err(|e| tracing::debug!(error = %e, "tcp stun")).ok());
+            let _ = tx.send(TcpIncoming::Stun(seen)).await;
+        });
+    }
+
+    /// Dials `targets` for `peer` until one connects or `until`.
+    pub fn dial(&mut self, peer: NodeKey, targets: Vec<SocketAddr>, until: Instant) {
+        if self.port == 0 {
+            return;
+        }
+        let (port, tx) = (self.port, self.tx.clone());
+        let task = tokio::spawn(async move {
+            let until = tokio::time::Instant::from_std(until);
+            while tokio::time::Instant::now() < until {
+                let mut round = tokio::task::JoinSet::new();
+                for &t in &targets {
+                    round.spawn(async move {
+                        let r = tokio::time::timeout(DIAL_ROUND, connect_from(port, t)).await;
+                        (t, r)
+                    });
+                }
+                while let Some(done) = round.join_next().await {
+                    if let Ok((addr, Ok(Ok(stream)))) = done {
+                        let up = TcpIncoming::Up {
+                            stream,
+                            addr,
+                            peer: Some(peer),
+                        };
+                        let _ = tx.send(up).await;
+                        return;
+                    }
+                }
+                tokio::time::sleep(DIAL_PAUSE).await;
+            }
+        });
+        if let Some(old) = self.dials.insert(peer, task) {
+            old.abort();
+        }
+    }
+
+    /// Takes a stream that came up; `false` if one to `addr` exists (the
+    /// new one is dropped: first wins).
+    pub fn adopt(&mut self, stream: TcpStream, addr: SocketAddr, peer: Option<NodeKey>) -> bool {
+        if let Some(p) = peer {
+            if let Some(d) = self.dials.remove(&p) {
+                d.abort();
+            }
+        }
+        if self.streams.contains_key(&addr) || self.streams.len() >= MAX_STREAMS {
+            return false;
+        }
+        let _ = stream.set_nodelay(true);
+        self.next_id += 1;
+        let id = self.next_id;
+        let (rd, mut wr) = stream.into_split();
+        let (qtx, mut qrx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = qrx.recv().await {
+                if wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let reader = tokio::spawn(read_loop(rd, addr, id, tx));
+        self.streams.insert(
+            addr,
+            Stream {
+                id,
+                opened: Instant::now(),
+                sink: Arc::new(StreamSink(qtx)),
+                reader,
+            },
+        );
+        true
+    }
+
+    /// Queues one payload (disco or WireGuard) on the stream to `addr`.
+    pub fn send(&self, addr: SocketAddr, payload: &[u8]) -> bool {
+        self.streams
+            .get(&addr)
+            .is_some_and(|s| s.sink.send(NodeKey([0; 32]), payload))
+    }
+
+    /// The egress's handle on the stream to `addr`.
+    pub fn sink(&self, addr: SocketAddr) -> Option<Arc<dyn RelaySink>> {
+        self.streams
+            .get(&addr)
+            .map(|s| s.sink.clone() as Arc<dyn RelaySink>)
+    }
+
+    /// Whether `id` is the live stream to `addr` (a late report from a
+    /// replaced stream must not close the new one).
+    pub fn is_current(&self, addr: SocketAddr, id: u64) -> bool {
+        self.streams.get(&addr).is_some_and(|s| s.id == id)
+    }
+
+    /// Closes the stream to `addr`: the reader stops, and the writer ends
+    /// once its queue is dropped.
+    pub fn close(&mut self, addr: SocketAddr) {
+        if let Some(s) = self.streams.remove(&addr) {
+            s.reader.abort();
+        }
+    }
+
+    /// Streams open for longer than `age`.
+    pub fn older_than(&self, now: Instant, age: Duration) -> Vec<SocketAddr> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.opened) > age)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Closes everything (leaving the network).
+    pub fn clear(&mut self) {
+        let addrs: Vec<SocketAddr> = self.streams.keys().copied().collect();
+        for a in addrs {
+            self.close(a);
+        }
+        for (_, d) in self.dials.drain() {
+            d.abort();
+        }
+    }
+}
+
+impl Drop for TcpPaths {
+    fn drop(&mut self) {
+        self.clear();
+        if let Some(l) = self.listener.take() {
+            l.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<TcpIncoming>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+                let up = TcpIncoming::Up {
+                    stream,
+                    addr,
+                    peer: None,
+                };
+                if tx.send(up).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "direct tcp: accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    addr: SocketAddr,
+    id: u64,
+    tx: mpsc::Sender<TcpIncoming>,
+) {
+    let mut dec = StreamDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    'read: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        dec.push(&buf[..n]);
+        loop {
+            match dec.next_frame() {
+                Ok(Some(bytes)) => {
+                    if tx
+                        .send(TcpIncoming::Frame { addr, id, bytes })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "direct tcp: bad frame; closing");
+                    break 'read;
+                }
+            }
+        }
+    }
+    let _ = tx.send(TcpIncoming::Closed { addr, id }).await;
+}
+
+/// RFC 8489 §6.2.2: a Binding request on a TCP connection from our
+/// listening port; STUN messages frame themselves (20-byte header with the
+/// body length).
+async fn stun_over_tcp(port: u16, server: SocketAddr) -> std::io::Result<SocketAddr> {
+    let bad = |e: stun::StunError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut s = connect_from(port, server).await?;
+    let tx = stun::TransactionId::random(&mut rand::thread_rng());
+    s.write_all(&stun::binding_request(tx)).await?;
+    let mut msg = vec![0u8; 20];
+    s.read_exact(&mut msg).await?;
+    let len = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+    if 20 + len > stun::MAX_MESSAGE_LEN {
+        return Err(bad(stun::StunError::Truncated(len)));
+    }
+    msg.resize(20 + len, 0);
+    s.read_exact(&mut msg[20..]).await?;
+    let (got, addr) = stun::parse_binding_response(&msg).map_err(bad)?;
+    if got != tx {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "STUN answer for another transaction",
+        ));
+    }
+    Ok(addr)
+}
+
+impl super::Mesh {
+    /// News from the TCP tasks: streams up and down, frames, STUN answers.
+    pub(super) async fn on_tcp(&mut self, inc: TcpIncoming) {
+        let now = Instant::now();
+        match inc {
+            TcpIncoming::Up { stream, addr, peer } => {
+                if !self.tcp.adopt(stream, addr, peer) {
+                    return;
+                }
+                tracing::info!(%addr, dialled = peer.is_some(), "direct tcp: stream up");
+                if let Some(peer) = peer {
+                    self.node.tcp_connected(now, peer, addr);
+                }
+            }
+            TcpIncoming::Frame { addr, id, bytes } => {
+                if !self.tcp.is_current(addr, id) {
+                    return;
+                }
+                if self.node.handle_tcp(now, addr, &bytes)
+                    != crate::traversal::node::Datagram::WireGuard
+                {
+                    return;
+                }
+                if let Some(peer) = self.node.tcp_owner(addr) {
+                    self.open_streamed(peer, &bytes).await;
+                }
+            }
+            TcpIncoming::Closed { addr, id } => {
+                if !self.tcp.is_current(addr, id) {
+                    return;
+                }
+                tracing::info!(%addr, "direct tcp: stream closed");
+                self.tcp.close(addr);
+                self.node.tcp_closed(now, addr);
+            }
+            TcpIncoming::Stun(seen) => {
+                if seen != self.tcp_public {
+                    tracing::info!(public = ?seen, "direct tcp: public address");
+                    self.tcp_public = seen;
+                    self.publish_tcp();
+                }
+            }
+        }
+    }
+
+    /// Closes the streams that no peer has proven its own in time (a
+    /// stranger's connection, or a dial that reached the wrong host).
+    pub(super) fn close_unproven(&mut self, now: Instant) {
+        for addr in self.tcp.older_than(now, UNPROVEN_TTL) {
+            if self.node.tcp_owner(addr).is_none() {
+                tracing::debug!(%addr, "direct tcp: closing an unproven stream");
+                self.tcp.close(addr);
+                self.node.tcp_closed(now, addr);
+            }
+        }
+    }
+
+    /// Gives traversal our TCP candidates: the host addresses on the
+    /// listening port and the public address STUN saw, and whether netcheck
+    /// found UDP blocked (which is when they are published unasked).
+    pub(super) fn publish_tcp(&mut self) {
+        let port = self.tcp.port();
+        if port == 0 {
+            return;
+        }
+        let tcp = |addr, kind| Candidate {
+            addr,
+            kind,
+            transport: Transport::Tcp,
+        };
+        let mut cands: Vec<Candidate> = Vec::new();
+        cands.extend(
+            self.tcp_public
+                .map(|a| tcp(a, CandidateKind::ServerReflexive)),
+        );
+        for e in self.host_addrs.iter().filter(|e| e.addr.is_ipv4()) {
+            let c = tcp(SocketAddr::new(e.addr.ip(), port), CandidateKind::Host);
+            if !cands.iter().any(|k| k.addr == c.addr) {
+                cands.push(c);
+            }
+        }
+        let udp_blocked = self.discovery.last.as_ref().is_some_and(|r| !r.udp);
+        self.node.set_tcp_local(Instant::now(), cands, udp_blocked);
+    }
+}

@@ -1,0 +1,236 @@
+//! Lab tests of the direct TCP path (DESIGN §7, "UDP blocked"): two agents
+//! behind masquerade NATs whose gateways drop every UDP packet but let TCP
+//! out, and the coordinator (control, STUN over UDP and TCP, relay) on the
+//! internet segment.
+//!
+//! - Both sides learn their TCP port's public address by STUN over TCP,
+//!   trade TCP candidates in CallMeMaybe through the relay, and open one
+//!   stream by simultaneous open: `warren status` says `direct tcp`, ping
+//!   and a 10 MB checksummed transfer go over it. Then the gateway resets
+//!   the stream: traffic falls back to the relay at once and goes on.
+//! - The same, but the gateway silently drops the stream: both sides fall
+//!   back once its heartbeats go unanswered past the trust window.
+//! - Gateways that let only TCP 443 out (to the coordinator): the dials go
+//!   nowhere, both stay on the relay, and traffic works.
+
+#![allow(clippy::unwrap_used)]
+
+mod lab;
+
+use std::time::{Duration, Instant};
+
+use lab::agent::{tcp_transfer, Agent, PORT};
+use lab::coord::Coordinator;
+use lab::mesh::{join, overlay_v4, path_of};
+use lab::nat::{Nat, FILTER_TABLE};
+use lab::{poll_until, Lab, Node};
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Netcheck must first find UDP blocked (its STUN probes time out), then
+/// one CallMeMaybe and a dial round.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
+const TRANSFER: usize = 10 << 20;
+
+fn behind(lab: &Lab, name: &str, nat: Nat) -> (Node, Node) {
+    let gw = lab.gateway(&format!("g{name}"), nat);
+    let host = lab.host_behind(&gw, name);
+    (gw, host)
+}
+
+/// Joins both and waits until each lists the other; returns B's overlay IP.
+fn pair(lab: &Lab, coord: &Coordinator, a: &Node, b: &Node) -> (Agent, Agent, String) {
+    let (token, _) = coord.token(lab, &["--reusable"]);
+    let a = join(lab, coord, &token, a);
+    let b = join(lab, coord, &token, b);
+    assert!(
+        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
+            a.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
+                && b.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
+        }),
+        "the pair does not see each other"
+    );
+    let ip_b = overlay_v4(&b.status(lab));
+    (a, b, ip_b)
+}
+
+/// Pings until the peer answers (through the relay at first); returns
+/// when the first reply came.
+fn first_packet(lab: &Lab, a: &Agent, ip_b: &str) -> Instant {
+    assert!(
+        lab.ping_within(&a.node, ip_b, Duration::from_secs(10)),
+        "no ping reply:\n{}",
+        a.cli(lab, &["status"]).stdout
+    );
+    Instant::now()
+}
+
+fn transfer(lab: &Lab, a: &Agent, b: &Agent, ip_b: &str, port: u16) {
+    let (sent, got) = tcp_transfer(lab, &a.node, &b.node, ip_b.parse().unwrap(), port, TRANSFER);
+    assert_eq!(sent, got, "10 MB arrive intact");
+}
+
+/// Two agents behind `TcpOnly` gateways, joined and pinging until both
+/// say `direct_tcp`; returns A's gateway, the agents, B's overlay address.
+fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, String) {
+    let (ga, a) = behind(lab, "a", Nat::TcpOnly);
+    let (_gb, b) = behind(lab, "b", Nat::TcpOnly);
+    let (a, b, ip_b) = pair(lab, coord, &a, &b);
+    let t0 = first_packet(lab, &a, &ip_b);
+    // Keep traffic flowing both ways while the path is found.
+    let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(lab), "b") == "direct_tcp" && path_of(&b.status(lab), "a") == "direct_tcp"
+    });
+    let took = t0.elapsed();
+    assert!(
+        direct,
+        "no direct tcp path:\n{}\n{}\n--- a\n{}",
+        a.cli(lab, &["status"]).stdout,
+        b.cli(lab, &["status"]).stdout,
+        lab.log(a.proc)
+    );
+    println!(
+        "direct tcp {:.2} s after the first packet",
+        took.as_secs_f64()
+    );
+    // The path is the peer's public TCP port, the same number on both ends.
+    let st = a.status(lab);
+    let peer = &st["peers"][0];
+    assert_eq!(peer["path"]["kind"], "direct_tcp", "{st}");
+    let endpoint = peer["path"]["endpoint"].as_str().unwrap_or_default();
+    assert!(endpoint.ends_with(&format!(":{PORT}")), "{st}");
+    let text = a.cli(lab, &["status"]).expect_ok("status").stdout;
+    assert!(text.contains("direct tcp "), "{text}");
+
+    (ga, a, b, ip_b)
+}
+
+#[test]
+fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
+    let ip_a = overlay_v4(&a.status(&lab));
+    assert!(lab.ping_within(&b.node, &ip_a, Duration::from_secs(5)));
+    let start = Instant::now();
+    transfer(&lab, &a, &b, &ip_b, 5201);
+    println!(
+        "10 MB over direct tcp in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        path_of(&a.status(&lab), "b"),
+        "direct_tcp",
+        "the transfer stayed on the stream"
+    );
+
+    // The gateway now resets the stream (and any new one on that port),
+    // both ways.
+    for dir in ["dport", "sport"] {
+        lab.exec(
+            &ga,
+            &[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                FILTER_TABLE,
+                "forward",
+                "tcp",
+                dir,
+                &PORT.to_string(),
+                "reject",
+                "with",
+                "tcp",
+                "reset",
+            ],
+        )
+        .expect_ok("reset the direct stream");
+    }
+    let cut = Instant::now();
+    let relayed = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(&lab), "b") == "relay"
+    });
+    assert!(relayed, "{}", a.cli(&lab, &["status"]).stdout);
+    println!(
+        "back on the relay {:.2} s after the reset",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(
+        lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)),
+        "traffic goes on through the relay"
+    );
+    transfer(&lab, &a, &b, &ip_b, 5202);
+    let text = a.cli(&lab, &["status"]).expect_ok("status").stdout;
+    assert!(text.contains("relay"), "{text}");
+}
+
+#[test]
+fn silent_stream_falls_back_within_the_trust_window() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
+    // The gateway now blackholes the stream: no reset, nothing at all.
+    lab.exec(
+        &ga,
+        &[
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            FILTER_TABLE,
+            "forward",
+            "tcp",
+            "sport",
+            &PORT.to_string(),
+            "drop",
+        ],
+    )
+    .expect_ok("blackhole the direct stream");
+    let cut = Instant::now();
+    let relayed = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(&lab), "b") == "relay" && path_of(&b.status(&lab), "a") == "relay"
+    });
+    assert!(relayed, "{}", a.cli(&lab, &["status"]).stdout);
+    println!(
+        "back on the relay {:.2} s after the blackhole",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)));
+    transfer(&lab, &a, &b, &ip_b, 5203);
+}
+
+#[test]
+fn tcp_blocked_to_the_peer_stays_on_the_relay() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (_ga, a) = behind(&lab, "a", Nat::UdpBlocked);
+    let (_gb, b) = behind(&lab, "b", Nat::UdpBlocked);
+    let (a, b, ip_b) = pair(&lab, &coord, &a, &b);
+    first_packet(&lab, &a, &ip_b);
+    // Long enough for netcheck and a whole dial window (10 s) to pass.
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        lab.ping(&a.node, &ip_b);
+        assert_eq!(path_of(&a.status(&lab), "b"), "relay");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(path_of(&b.status(&lab), "a"), "relay");
+    // Not for want of trying: both sides dialled.
+    for agent in [&a, &b] {
+        let log = lab.log(agent.proc);
+        assert!(log.contains("direct tcp: dialling"), "{log}");
+    }
+    transfer(&lab, &a, &b, &ip_b, 5201);
+}

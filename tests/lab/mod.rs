@@ -28,6 +28,7 @@
 
 pub mod agent;
 pub mod coord;
+pub mod ipv6;
 pub mod mesh;
 pub mod nat;
 pub mod netns;

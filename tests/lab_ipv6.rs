@@ -197,21 +197,26 @@ fn both_families_direct_picks_by_kind_then_latency() {
     wait_direct_v6(&lab, &a, &b, &ip_b, (v6a, v6b));
 
     // IPv4 was a real option: A pinged B's IPv4 address through B's NAT
-    // and heard back, it just scored worse.
-    let st = a.status(&lab);
-    let peer = peer_of(&st, "b").unwrap();
-    let tried = peer["mesh"]["tried"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let v4_answered = tried.iter().any(|c| {
-        c["addr"]
-            .as_str()
-            .and_then(|s| s.parse::<SocketAddr>().ok())
-            .is_some_and(|s| s.is_ipv4())
-            && !c["rtt_ms"].is_null()
-    });
-    assert!(v4_answered, "no IPv4 candidate answered: {st}");
+    // and heard back, it just scored worse. (The peer's status lags the
+    // path a little: poll.)
+    let v4_answered = |st: &serde_json::Value| {
+        let tried = peer_of(st, "b").and_then(|p| p["mesh"]["tried"].as_array().cloned());
+        tried.unwrap_or_default().iter().any(|c| {
+            c["addr"]
+                .as_str()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+                .is_some_and(|s| s.is_ipv4())
+                && !c["rtt_ms"].is_null()
+        })
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            lab.ping(&a.node, &ip_b);
+            v4_answered(&a.status(&lab))
+        }),
+        "no IPv4 candidate answered: {}",
+        a.status(&lab)
+    );
 
     // Hysteresis: with traffic flowing, the choice stays put.
     let want = SocketAddr::new(IpAddr::V6(v6b), PORT);

@@ -228,4 +228,12 @@ fn both_families_direct_picks_by_kind_then_latency() {
     }
     transfer(&lab, &a, &b, &ip_b, 5201);
     assert_eq!(direct_endpoint(&lab, &a, "b"), Some(want));
+    // How A got there (an IPv4 pong may come first and be replaced).
+    for line in lab
+        .log(a.proc)
+        .lines()
+        .filter(|l| l.contains("path changed"))
+    {
+        println!("a: {line}");
+    }
 }

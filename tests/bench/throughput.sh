@@ -181,7 +181,7 @@ perf_top() { # prints the top symbols of every recorded phase
         [[ -f $f ]] || continue
         echo
         echo "perf: $(basename "$f" .data), warren agents, self time by symbol (top 20)"
-        perf report -i "$f" --no-children --sort dso,sym --percent-limit 1 --stdio 2>/dev/null |
+        perf report -i "$f" --no-children -g none --sort dso,sym --percent-limit 1 --stdio 2>/dev/null |
             grep -E '^ +[0-9]' | head -20
     done
 }

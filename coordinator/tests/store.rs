@@ -79,20 +79,21 @@ async fn suite(store: Store) {
     }
     assert!(names.contains("same-host"));
 
-    // Re-registering a key keeps id and addresses, needs no token, spends nothing.
+    // Re-registering a key keeps id and addresses, needs no token, spends
+    // nothing; a changed hostname renames the node (`up --hostname`).
     let (k0, n0) = &keys[0];
     let again = register(&store, None, k0, "renamed-host").await.unwrap();
     assert!(!again.created);
     assert_eq!(
-        (
-            again.node.id,
-            again.node.ipv4,
-            again.node.ipv6,
-            &again.node.name
-        ),
-        (n0.id, n0.ipv4, n0.ipv6, &n0.name)
+        (again.node.id, again.node.ipv4, again.node.ipv6),
+        (n0.id, n0.ipv4, n0.ipv6)
     );
     assert_eq!(again.node.hostname, "renamed-host");
+    assert_eq!(again.node.name, "renamed-host");
+    // The same hostname again (a restart) keeps an admin's rename.
+    store.rename_node(n0.id, "admin-name").await.unwrap();
+    let again = register(&store, None, k0, "renamed-host").await.unwrap();
+    assert_eq!(again.node.name, "admin-name");
 
     // Advertised tags are stored apart from the token's, shown together in
     // the map; re-registering without tags keeps them, an empty list clears.

@@ -299,6 +299,18 @@ impl Store {
                     .bind(node.id)
                     .execute(&mut **tx)
                     .await?;
+                // The name follows the host's name only when that changed
+                // (`up --hostname new --reconfigure`): a restart re-sends
+                // the same hostname and so keeps an admin's `node rename`.
+                let wanted = sanitize_name(&input.hostname);
+                if input.hostname != node.hostname && wanted != node.name {
+                    let name = Self::free_name(tx, &wanted).await?;
+                    sqlx::query("UPDATE nodes SET name = $1 WHERE id = $2")
+                        .bind(&name)
+                        .bind(node.id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 if let Some(tags) = &input.tags {
                     sqlx::query("UPDATE nodes SET advertised_tags = $1 WHERE id = $2")
                         .bind(tags_json(tags))

@@ -103,8 +103,9 @@ impl Egress {
     /// relay; counts it when it was dropped (a full queue drops, like the
     /// relay's, so one slow stream never holds up the other peers).
     pub fn relay(&self, peer: NodeKey, packet: &[u8]) {
-        let stream = self.streams.load().get(&peer).cloned();
-        match stream {
+        // The guard is held for one queue push: no Arc clone per packet.
+        let streams = self.streams.load();
+        match streams.get(&peer) {
             Some(s) => {
                 if !s.send(peer, packet) {
                     Drops::bump(&self.drops.no_endpoint);

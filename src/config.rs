@@ -70,6 +70,10 @@ pub struct AgentConfig {
     /// number; 0: off.
     #[serde(default)]
     pub tcp_port: Option<u16>,
+    /// Extra UDP sockets opened, for one attempt, when this host is the
+    /// random-port side of a birthday attempt (16 to 1024).
+    #[serde(default = "default_birthday_ports")]
+    pub birthday_ports: u16,
 }
 
 impl AgentConfig {
@@ -95,12 +99,17 @@ impl Default for AgentConfig {
             relay_transport: Default::default(),
             relay_idle_timeout: default_relay_idle(),
             tcp_port: None,
+            birthday_ports: default_birthday_ports(),
         }
     }
 }
 
 fn default_relay_idle() -> u64 {
     60
+}
+
+fn default_birthday_ports() -> u16 {
+    crate::traversal::Config::default().birthday_sockets
 }
 
 fn default_state_dir() -> PathBuf {
@@ -273,6 +282,12 @@ impl Config {
             return Err(err(
                 "agent.relay_idle_timeout".into(),
                 "must be at least 1 (seconds)",
+            ));
+        }
+        if !(16..=1024).contains(&self.agent.birthday_ports) {
+            return Err(err(
+                "agent.birthday_ports".into(),
+                "must be between 16 and 1024 (sockets)",
             ));
         }
         for (i, p) in self.peers.iter().enumerate() {
@@ -561,6 +576,10 @@ mod tests {
         assert_eq!((line, key.as_str()), (3, "agent.relay_idle_timeout"));
         let (line, key, _) = invalid("[agent]\nrelay_idle_timeout = \"1m\"\n");
         assert_eq!((line, key.as_str()), (2, "agent.relay_idle_timeout"));
+        let (line, key, _) = invalid("[agent]\nportmap = true\nbirthday_ports = 4\n");
+        assert_eq!((line, key.as_str()), (3, "agent.birthday_ports"));
+        let (line, key, _) = invalid("[agent]\nbirthday_ports = -1\n");
+        assert_eq!((line, key.as_str()), (2, "agent.birthday_ports"));
     }
 
     #[test]

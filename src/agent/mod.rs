@@ -152,6 +152,10 @@ pub async fn run(
             idle_close: std::time::Duration::from_secs(config.agent.relay_idle_timeout),
         },
         tcp_port: config.agent.tcp_port.unwrap_or(listen.port()),
+        traversal: crate::traversal::Config {
+            birthday_sockets: config.agent.birthday_ports,
+            ..Default::default()
+        },
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

@@ -387,9 +387,12 @@ impl PeerPaths {
         };
         if let (Some(on), Some(at)) = (on, self.reprobe_at) {
             if now >= at {
+                // Predicted ports were good for their attempt only; probing
+                // them again would open NAT mappings for nothing.
                 let others: Vec<SocketAddr> = self
                     .candidates
                     .iter()
+                    .filter(|c| c.kind != CandidateKind::Predicted)
                     .map(|c| c.addr)
                     .filter(|a| Some(*a) != on)
                     .collect();
@@ -452,11 +455,12 @@ impl PeerPaths {
     }
 
     fn probe_now(&mut self, now: Instant) {
-        // Non-predicted first, then our CallMeMaybe, then the predicted in
-        // order. The CallMeMaybe is sealed between the two, so the ports it
-        // predicts for our NAT are exactly the ones our pings to the peer's
-        // predicted ports are about to take: i-th to i-th on both sides,
-        // also when we only started because the peer's CallMeMaybe came.
+        // Non-predicted first, then our CallMeMaybe, then the predicted
+        // ones. The CallMeMaybe is sealed between the two, so the ports it
+        // predicts for our NAT are the ones our pings to the peer's
+        // predicted ports are about to take, also when we only started
+        // because the peer's CallMeMaybe came. The order of those pings is
+        // `hardnat::walk_predicted`'s two-speed walk.
         let (predicted, plain): (Vec<Candidate>, Vec<Candidate>) = self
             .candidates
             .iter()
@@ -465,8 +469,10 @@ impl PeerPaths {
             self.ping(now, DirectPath::primary(c.addr));
         }
         self.maybe_call_me(now);
-        for c in predicted {
-            self.ping(now, DirectPath::primary(c.addr));
+        let predicted: Vec<SocketAddr> = predicted.iter().map(|c| c.addr).collect();
+        let lower = self.local_key < self.peer_key;
+        for addr in hardnat::walk_predicted(&predicted, &self.local_nat, &self.remote_nat, lower) {
+            self.ping(now, DirectPath::primary(addr));
         }
         self.maybe_start_tcp(now);
     }

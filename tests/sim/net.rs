@@ -166,6 +166,15 @@ impl Nat {
         }
     }
 
+    /// Moves a sequential NAT's counter as `flows` mappings the agents do
+    /// not know of would (another program, a mapping that expired and was
+    /// opened again).
+    pub fn burn(&mut self, flows: u16) {
+        if let Alloc::Sequential(step) = self.cfg.alloc {
+            self.next_port = self.next_port.wrapping_add(step.wrapping_mul(flows));
+        }
+    }
+
     /// Filters an inbound packet to `port` from `from`; returns the inside
     /// address it goes to.
     fn inbound(&mut self, now: Instant, from: SocketAddr, port: u16) -> Option<SocketAddr> {

@@ -43,6 +43,21 @@ fn edm_sequential_both_sides_when_one_side_starts() {
     assert!(t.is_some_and(|t| t < 3 * SEC), "{t:?}");
 }
 
+/// Mappings the agents cannot count moved both NATs' counters after
+/// netcheck, so each side's predictions are short by a few ports: the
+/// two-speed walk still pairs the ports up, within 3 s.
+#[test]
+fn edm_sequential_pair_survives_uncounted_mappings() {
+    for (seed, da, db) in [(21, 3, 0), (22, 0, 3), (23, 2, 5), (24, 7, 7), (25, 12, 1)] {
+        let hard = NatConfig::hard(Alloc::Sequential(1));
+        let (mut sim, a, b) = pair(seed, Some(hard), Some(hard));
+        sim.world.nats[0].burn(da);
+        sim.world.nats[1].burn(db);
+        eprintln!("offsets {da}/{db}");
+        assert_direct_fast(&mut sim, a, b);
+    }
+}
+
 #[test]
 fn edm_sequential_step_two() {
     let hard = NatConfig::hard(Alloc::Sequential(2));
@@ -126,10 +141,11 @@ fn eim_to_edm_random_by_birthday_over_many_seeds() {
         runs.len(),
         ok
     );
-    // Theory (hardnat docs): 99.96 % within 2000 probes. Allow one miss.
+    // Theory (hardnat docs): 99.96 % within 2000 probes, that is 2 s at
+    // the default rate. Allow one miss.
     assert!(ok.len() >= 19, "{} of 20", ok.len());
-    assert!(ok.iter().all(|t| *t < 25 * SEC));
-    assert!(max_probes <= 2000);
+    assert!(ok.iter().all(|t| *t < 3 * SEC), "{ok:?}");
+    assert!(max_probes <= 4000);
     // Bounded traffic: probes + spray + data at 5 pkt/s for 40 s.
     assert!(max_bytes < 600_000, "{max_bytes}");
 }

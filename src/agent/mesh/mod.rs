@@ -92,6 +92,8 @@ pub struct MeshParts {
     pub relay: RelayOptions,
     /// The direct TCP path's listening port; 0 turns it off.
     pub tcp_port: u16,
+    /// Traversal's settings (the defaults, but for what the config sets).
+    pub traversal: crate::traversal::Config,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -155,7 +157,7 @@ impl Mesh {
     ) -> Mesh {
         let disco = DiscoSecret::generate(&mut rand::rngs::OsRng);
         let node = Node::new(
-            Default::default(),
+            parts.traversal.clone(),
             parts.key.public(),
             disco.clone(),
             rand::random(),

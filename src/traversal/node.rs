@@ -226,15 +226,19 @@ impl Node {
 
     /// This host's candidates and netcheck summary. A new STUN observation
     /// restarts the count of mappings used for port prediction.
-    pub fn set_local(&mut self, candidates: Vec<Candidate>, nat: NatSummary) {
+    pub fn set_local(&mut self, now: Instant, candidates: Vec<Candidate>, nat: NatSummary) {
         if nat.observed != self.local_nat.observed {
             self.contacted.clear();
             self.predicted = None;
         }
         self.local_candidates = candidates;
         self.local_nat = nat;
-        for entry in self.peers.values_mut() {
-            entry.paths.set_nat(nat, entry.remote_nat);
+        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(entry) = self.peers.get_mut(&k) {
+                entry.paths.set_nat(now, nat, entry.remote_nat);
+            }
+            self.pump(now, k);
         }
     }
 
@@ -264,7 +268,7 @@ impl Node {
         }
         if let Some(entry) = self.peers.get_mut(&info.node_key) {
             entry.remote_nat = info.nat;
-            entry.paths.set_nat(self.local_nat, info.nat);
+            entry.paths.set_nat(now, self.local_nat, info.nat);
             entry.paths.handle_candidates(now, info.candidates);
         }
         self.pump(now, info.node_key);

@@ -156,7 +156,7 @@ fn sequential_nat_predicts_in_call_me_maybe() {
         allocation: Allocation::Sequential { step: 2 },
         observed: Some(observed),
     };
-    a.set_local(vec![], nat);
+    a.set_local(now, vec![], nat);
     a.note_traffic(now, &NodeKey([2; 32]));
     a.handle_timeout(now);
     let mut endpoints = None;
@@ -302,7 +302,7 @@ fn status_names_the_hard_nat_pair_and_the_paths_tried_with_times() {
         allocation: Allocation::Random,
         observed: None,
     };
-    a.set_local(vec![], random);
+    a.set_local(t0, vec![], random);
     a.upsert_peer(
         t0,
         PeerInfo {

@@ -171,9 +171,27 @@ impl PeerPaths {
 
     /// The NAT summaries of this host and of the peer (from netcheck and the
     /// coordinator's map).
-    pub fn set_nat(&mut self, local: NatSummary, remote: NatSummary) {
+    ///
+    /// The first packet often comes before netcheck has finished on one
+    /// side, so the first attempt may have run with neither side knowing it
+    /// was behind a hard NAT: no birthday sockets, no predicted ports. When
+    /// the NAT kinds change while we are relayed, a fresh attempt starts at
+    /// once, with a CallMeMaybe that carries what we know now, instead of
+    /// waiting out the failed attempt and its 30 s backoff.
+    pub fn set_nat(&mut self, now: Instant, local: NatSummary, remote: NatSummary) {
+        let kinds = |n: &NatSummary| (n.mapping, n.allocation);
+        let changed =
+            kinds(&local) != kinds(&self.local_nat) || kinds(&remote) != kinds(&self.remote_nat);
         self.local_nat = local;
         self.remote_nat = remote;
+        if changed && self.current == Path::Relay && self.active(now) {
+            self.last_cmm = None;
+            self.retry_backoff = self.cfg.retry_initial;
+            if let Birthday::Idle { not_before } = &mut self.birthday {
+                *not_before = None;
+            }
+            self.start_discovery(now);
+        }
     }
 
     /// The peer's candidates from the coordinator map (replacing the old).

@@ -285,6 +285,7 @@ fn a_birthday_path_that_dies_gets_a_new_attempt_at_once() {
     let mut m = machine(t0);
     let peer_public = addr("192.0.2.2:41641");
     m.set_nat(
+        t0,
         NatSummary {
             mapping: Mapping::EndpointDependent,
             allocation: Allocation::Random,

@@ -529,7 +529,9 @@ impl Drop for Lab {
             netns::destroy(ns);
         }
         drop(st);
-        if panicking {
+        // `WARREN_LAB_KEEP=1` keeps the logs of a passing test too, to read
+        // how long each step took.
+        if panicking || std::env::var_os("WARREN_LAB_KEEP").is_some() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("lab files kept in {}", dir.keep().display());
             }

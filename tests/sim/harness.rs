@@ -126,6 +126,7 @@ impl Sim {
     /// What netcheck would learn: two STUN probes (which really use NAT
     /// ports), EIM/EDM from comparing them, the step from their difference.
     pub fn netcheck(&mut self, i: usize) {
+        let now = self.now();
         let host = self.nodes[i].host;
         let obs1 = self.world.stun(host, PORT, STUN1.parse().unwrap());
         let obs2 = self.world.stun(host, PORT, STUN2.parse().unwrap());
@@ -162,7 +163,7 @@ impl Sim {
             observed: obs2,
         };
         let n = &mut self.nodes[i];
-        n.node.set_local(candidates.clone(), nat);
+        n.node.set_local(now, candidates.clone(), nat);
         n.info = Some(PeerInfo {
             node_key: n.key,
             disco_key: n.node.disco_key(),

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use warren::proto::disco::CandidateKind;
 use warren::traversal::node::NodeEvent;
 use warren::traversal::{Path, RelayReason};
 
@@ -192,4 +193,44 @@ fn failed_birthday_stays_on_relay_and_retries_with_backoff() {
         .count();
     assert_eq!((opens.len(), closes), (2, 2), "{ev:?}");
     assert!(opens[1] - opens[0] >= 60 * SEC, "{:?}", opens[1] - opens[0]);
+}
+
+/// The first packet comes before netcheck has told either side that one of
+/// them is behind a random-port NAT: the first attempt has no birthday
+/// sockets and fails. Once netcheck (and the map) say so, a new attempt
+/// starts at once, not after the failed one's 30 s backoff.
+#[test]
+fn a_late_netcheck_restarts_the_attempt_with_the_birthday_method() {
+    use warren::traversal::NatSummary;
+    let hard_nat = NatConfig::hard(Alloc::Random);
+    let (mut sim, easy, hard) = pair(31, Some(NatConfig::easy()), Some(hard_nat));
+    // Before netcheck: the hard side knows only its host address, and the
+    // map tells the easy side nothing about the hard side's NAT.
+    let now = sim.now();
+    let mut early = sim.nodes[hard].info.clone().unwrap();
+    early.nat = NatSummary::default();
+    early.candidates.retain(|c| c.kind == CandidateKind::Host);
+    let host_only = early.candidates.clone();
+    sim.nodes[hard]
+        .node
+        .set_local(now, host_only, NatSummary::default());
+    sim.nodes[easy].node.upsert_peer(now, early);
+    sim.run_for(5 * SEC);
+    assert_eq!(sim.path(easy, hard), Path::Relay, "no direct path yet");
+    // Netcheck finishes on the hard side, and the map carries it.
+    sim.netcheck(hard);
+    let t0 = sim.now();
+    let info = sim.nodes[hard].info.clone().unwrap();
+    sim.nodes[easy].node.upsert_peer(t0, info);
+    sim.run_for(10 * SEC);
+    let t = sim.nodes[easy].time_to_direct(sim.nodes[hard].key, t0);
+    assert!(
+        t.is_some_and(|t| t < 3 * SEC),
+        "{t:?}: {:?}",
+        sim.nodes[easy].node.relay_reason(&sim.nodes[hard].key)
+    );
+    assert!(sim.nodes[hard]
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, NodeEvent::OpenSockets { .. })));
 }

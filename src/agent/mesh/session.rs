@@ -389,8 +389,11 @@ impl Mesh {
     pub(super) fn publish_local(&mut self, netcheck: Option<serde_json::Value>) {
         let candidates = self.discovery.candidates();
         let nat = self.discovery.nat();
-        self.node
-            .set_local(candidates.iter().map(Into::into).collect(), nat);
+        self.node.set_local(
+            Instant::now(),
+            candidates.iter().map(Into::into).collect(),
+            nat,
+        );
         self.publish_tcp();
         let report = EndpointsReport {
             endpoints: candidates,

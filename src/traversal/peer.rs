@@ -460,6 +460,7 @@ impl PeerPaths {
     }
 
     fn start_discovery(&mut self, now: Instant) {
+        tracing::debug!(peer = %self.peer_key.short(), "discovery starts");
         self.probe_round = 0;
         self.probe_at = Some(now);
         // A specific reason (timed out, network changed, hard NAT) says more

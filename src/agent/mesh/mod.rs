@@ -415,8 +415,10 @@ impl Mesh {
                     self.apply_path(&peer, to, now);
                 }
                 NodeEvent::OpenSockets { count } => {
+                    let t = std::time::Instant::now();
                     let open = self.sockets.open(count);
-                    tracing::info!(count, open, "birthday: extra sockets opened");
+                    let took = t.elapsed();
+                    tracing::info!(count, open, ?took, "birthday: extra sockets opened");
                     self.node.sockets_opened(now, open);
                 }
                 NodeEvent::PingReply {

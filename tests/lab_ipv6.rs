@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use lab::agent::{tcp_transfer, Agent, PORT};
 use lab::coord::Coordinator;
 use lab::mesh::{join_pair, overlay_v4, path_of, peer_of};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,28 +55,12 @@ fn dual_stack_host(lab: &Lab, name: &str, nat: Nat) -> (Node, Node, Ipv6Addr) {
 /// direct IPv4 path to a peer can exist; IPv6 is untouched.
 fn block_v4_udp_except_to(lab: &Lab, gw: &Node, coord: &Node) {
     let coord_ip = coord.ip.to_string();
-    lab.exec(
+    lab.filter_first(
         gw,
         &[
-            "nft",
-            "insert",
-            "rule",
-            "inet",
-            FILTER_TABLE,
-            "forward",
-            "oifname",
-            "wan",
-            "ip",
-            "daddr",
-            "!=",
-            &coord_ip,
-            "meta",
-            "l4proto",
-            "udp",
-            "drop",
+            "oifname", "wan", "ip", "daddr", "!=", &coord_ip, "meta", "l4proto", "udp", "drop",
         ],
-    )
-    .expect_ok("block IPv4 UDP to anything but the coordinator");
+    );
 }
 
 /// The endpoint of `a`'s path to `peer`, when it is direct.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
 use lab::coord::{relay_metrics, Coordinator};
 use lab::mesh::up_pair;
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
 const TRANSFER: usize = 50 << 20;
@@ -126,21 +126,7 @@ fn proxied_pair(lab: &Lab, coord: &Coordinator, agent_extra: &[&str]) -> (Agent,
         // Nothing from the LAN is forwarded: the proxy on the gateway is
         // the only way out.
         let gw = lab.gateway(&format!("g{name}"), Nat::UdpBlocked);
-        lab.exec(
-            &gw,
-            &[
-                "nft",
-                "insert",
-                "rule",
-                "inet",
-                FILTER_TABLE,
-                "forward",
-                "iifname",
-                "lan",
-                "drop",
-            ],
-        )
-        .expect_ok("close the gateway");
+        lab.filter_first(&gw, &["iifname", "lan", "drop"]);
         let lan_ip = gw.lan.as_ref().unwrap().router;
         let conf = lab.write_file(
             &format!("tinyproxy-{name}.conf"),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use lab::agent::{tcp_transfer, AgentConfig};
 use lab::coord::{relay_metrics, start_with_region};
 use lab::mesh::{join_with, overlay_v4, peer_of};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 use serde_json::Value;
 
@@ -180,25 +180,10 @@ fn each_agent_homes_on_its_nearest_region_and_reaches_the_other_through_its_home
 /// The gateway forwards no UDP but STUN: no direct path between peers.
 fn only_stun_udp_out(lab: &Lab, gw: &Node) {
     let ports = format!("{{ {}, {} }}", STUN_PORTS[0], STUN_PORTS[1]);
-    lab.exec(
+    lab.filter_first(
         gw,
-        &[
-            "nft",
-            "insert",
-            "rule",
-            "inet",
-            FILTER_TABLE,
-            "forward",
-            "iifname",
-            "lan",
-            "udp",
-            "dport",
-            "!=",
-            &ports,
-            "drop",
-        ],
-    )
-    .expect_ok("block UDP but STUN");
+        &["iifname", "lan", "udp", "dport", "!=", &ports, "drop"],
+    );
 }
 
 /// Makes STUN from `gw`'s LAN to `server` [`FAR`] slower (see the module doc).

@@ -20,28 +20,19 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lab::agent::{tcp_transfer_paced, Agent, AgentConfig};
-use lab::coord::{coordinator_bin, Coordinator, COORD_PORT};
-use lab::mesh::{overlay_v4, path_of, peer_of, up};
+use lab::agent::{tcp_transfer_paced, Agent};
+use lab::coord::{start_with_region, Coordinator};
+use lab::mesh::{join_pair, path_of};
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Joins both agents with one token and waits until `a`'s path to `b` is
-/// direct (overlay pings make the traffic that starts traversal).
-fn join_direct(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) -> String {
-    let (token, _) = coord.token(lab, &["--reusable"]);
-    up(lab, a, coord, &token).expect_ok("up a");
-    up(lab, b, coord, &token).expect_ok("up b");
-    assert!(
-        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
-            peer_of(&a.status(lab), &b.node.name).is_some()
-                && peer_of(&b.status(lab), &a.node.name).is_some()
-        }),
-        "the pair does not see each other"
-    );
-    let ip_b = overlay_v4(&b.status(lab));
+/// Joins agents on `na` and `nb` and waits until `a`'s path to `b` is
+/// direct (overlay pings make the traffic that starts traversal); returns
+/// the agents and B's overlay address.
+fn join_direct(lab: &Lab, coord: &Coordinator, na: &Node, nb: &Node) -> (Agent, Agent, String) {
+    let (a, b, ip_b) = join_pair(lab, coord, na, nb);
     assert!(lab.ping_within(&a.node, &ip_b, JOIN_TIMEOUT), "no tunnel");
     assert!(
         poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
@@ -51,7 +42,7 @@ fn join_direct(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) -> String {
         "no direct path:\n{}",
         a.cli(lab, &["status"]).stdout
     );
-    ip_b
+    (a, b, ip_b)
 }
 
 /// Pings `to` from `from` every 200 ms until stopped; counts the answers
@@ -126,9 +117,7 @@ fn conntrack_flush_mid_transfer_falls_back_to_relay_and_returns_direct() {
     let gb = lab.gateway("gb", Nat::Eim);
     let na = lab.host_behind(&ga, "a");
     let nb = lab.host_behind(&gb, "b");
-    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
-    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
-    let ip_b = join_direct(&lab, &coord, &a, &b);
+    let (a, _b, ip_b) = join_direct(&lab, &coord, &na, &nb);
     let pinger = Pinger::start(&na, &ip_b);
 
     // 24 MB at 1.5 MB/s: about 16 s, enough to span the fallback.
@@ -177,67 +166,25 @@ fn killing_the_only_relay_leaves_a_direct_path_working() {
         return;
     }
     let lab = Lab::new();
-    let cn = lab.public("coord");
-    let rn = lab.public("relay");
-    let secret = lab.write_file("relay-secret", "lab-relay-secret-0123456789abcdef\n");
-    let map = lab.write_file(
-        "relays.toml",
-        &format!(
-            "[[region]]\nid = 2\nname = \"solo\"\nurl = \"http://{ip}:{COORD_PORT}/relay\"\n\
-             stun = [\"{ip}:3478\", \"{ip}:3479\"]\n",
-            ip = rn.ip
-        ),
-    );
-    let (secret, map) = (
-        secret.to_string_lossy().into_owned(),
-        map.to_string_lossy().into_owned(),
-    );
-    let coord = Coordinator::start(
+    let (coord, relay) = start_with_region(
         &lab,
-        &cn,
-        &[
-            "--no-relay",
-            "--relay-map",
-            &map,
-            "--relay-secret-file",
-            &secret,
-        ],
-    );
-    let bin = coordinator_bin().to_string_lossy().into_owned();
-    let dir = lab.dir().join("relay-data").to_string_lossy().into_owned();
-    let listen = format!("{}:{COORD_PORT}", rn.ip);
-    let url = coord.url();
-    let relay = lab.spawn(
-        &rn,
-        "relay",
-        &[
-            &bin,
-            "--data-dir",
-            &dir,
-            "relay",
-            "--listen",
-            &listen,
-            "--insecure-http",
-            "--coordinator",
-            &url,
-            "--secret-file",
-            &secret,
-        ],
+        &lab.public("coord"),
+        &["--no-relay"],
+        &lab.public("relay"),
+        "solo",
     );
     let ga = lab.gateway("ga", Nat::Eim);
     let gb = lab.gateway("gb", Nat::Eim);
     let na = lab.host_behind(&ga, "a");
     let nb = lab.host_behind(&gb, "b");
-    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
-    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
-    let ip_b = join_direct(&lab, &coord, &a, &b);
+    let (a, _b, ip_b) = join_direct(&lab, &coord, &na, &nb);
     let st = a.status(&lab);
     assert_eq!(st["mesh"]["home_relay"], "solo", "{st}");
     assert_eq!(st["mesh"]["home_relay_connected"], true, "{st}");
 
     let pinger = Pinger::start(&na, &ip_b);
-    lab.signal(relay, libc::SIGKILL);
-    assert!(lab.wait_exit(relay, Duration::from_secs(5)).is_some());
+    lab.signal(relay.proc, libc::SIGKILL);
+    assert!(lab.wait_exit(relay.proc, Duration::from_secs(5)).is_some());
     eprintln!("relay killed");
     // Past several heartbeats and trust windows: still direct, still
     // answering.

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{tcp_transfer, Agent, PORT};
 use lab::coord::Coordinator;
-use lab::mesh::{join, overlay_v4, path_of, peer_of};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::mesh::{join_pair, overlay_v4, path_of, peer_of};
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,43 +55,12 @@ fn dual_stack_host(lab: &Lab, name: &str, nat: Nat) -> (Node, Node, Ipv6Addr) {
 /// direct IPv4 path to a peer can exist; IPv6 is untouched.
 fn block_v4_udp_except_to(lab: &Lab, gw: &Node, coord: &Node) {
     let coord_ip = coord.ip.to_string();
-    lab.exec(
+    lab.filter_first(
         gw,
         &[
-            "nft",
-            "insert",
-            "rule",
-            "inet",
-            FILTER_TABLE,
-            "forward",
-            "oifname",
-            "wan",
-            "ip",
-            "daddr",
-            "!=",
-            &coord_ip,
-            "meta",
-            "l4proto",
-            "udp",
-            "drop",
+            "oifname", "wan", "ip", "daddr", "!=", &coord_ip, "meta", "l4proto", "udp", "drop",
         ],
-    )
-    .expect_ok("block IPv4 UDP to anything but the coordinator");
-}
-
-/// Joins both and waits until each lists the other; returns B's overlay IP.
-fn pair(lab: &Lab, coord: &Coordinator, a: &Node, b: &Node) -> (Agent, Agent, String) {
-    let (token, _) = coord.token(lab, &["--reusable"]);
-    let a = join(lab, coord, &token, a);
-    let b = join(lab, coord, &token, b);
-    assert!(
-        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
-            peer_of(&a.status(lab), "b").is_some() && peer_of(&b.status(lab), "a").is_some()
-        }),
-        "the pair does not see each other"
     );
-    let ip_b = overlay_v4(&b.status(lab));
-    (a, b, ip_b)
 }
 
 /// The endpoint of `a`'s path to `peer`, when it is direct.
@@ -159,7 +128,7 @@ fn ipv4_impossible_goes_direct_over_ipv6() {
     // from the internet until it sends first.
     assert!(!lab.ping(&coord_node, v6b), "B's firewall is open");
 
-    let (a, b, ip_b) = pair(&lab, &coord, &a, &b);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
     // B publishes its global IPv6 address (a host candidate: no STUN
     // server speaks IPv6 here).
     let want = SocketAddr::new(IpAddr::V6(v6b), PORT);
@@ -193,7 +162,7 @@ fn both_families_direct_picks_by_kind_then_latency() {
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a, v6a) = dual_stack_host(&lab, "a", Nat::Eim);
     let (_gb, b, v6b) = dual_stack_host(&lab, "b", Nat::Eim);
-    let (a, b, ip_b) = pair(&lab, &coord, &a, &b);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
     wait_direct_v6(&lab, &a, &b, &ip_b, (v6a, v6b));
 
     // IPv4 was a real option: A pinged B's IPv4 address through B's NAT

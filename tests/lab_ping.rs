@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use lab::agent::{Agent, AgentConfig};
 use lab::coord::Coordinator;
-use lab::mesh::{overlay_v4, path_of, peer_of, up};
+use lab::mesh::{join_pair, path_of, peer_of};
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
@@ -51,18 +50,7 @@ fn ping_shows_relay_pongs_then_the_path_turning_direct() {
     block_udp(&lab, &gb, &ga);
     let na = lab.host_behind(&ga, "a");
     let nb = lab.host_behind(&gb, "b");
-    let a = Agent::start(&lab, &na, &AgentConfig::mesh(&lab, &na));
-    let b = Agent::start(&lab, &nb, &AgentConfig::mesh(&lab, &nb));
-    let (token, _) = coord.token(&lab, &["--reusable"]);
-    up(&lab, &a, &coord, &token).expect_ok("up a");
-    up(&lab, &b, &coord, &token).expect_ok("up b");
-    assert!(
-        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
-            peer_of(&a.status(&lab), "b").is_some() && peer_of(&b.status(&lab), "a").is_some()
-        }),
-        "the pair does not see each other"
-    );
-    let ip_b = overlay_v4(&b.status(&lab));
+    let (a, _b, ip_b) = join_pair(&lab, &coord, &na, &nb);
     assert!(lab.ping_within(&na, &ip_b, JOIN_TIMEOUT), "no tunnel");
 
     // Blocked: three rounds, every pong through the relay, exit 0 (pongs

@@ -15,26 +15,15 @@ use std::time::Duration;
 
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
 use lab::coord::{relay_metrics, Coordinator};
-use lab::mesh::{overlay_v4, up};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::mesh::up_pair;
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
-const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 const TRANSFER: usize = 50 << 20;
 
 /// Joins both, pings, checks the path is the relay, moves 50 MB.
 fn relayed_pair(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) {
-    let (token, _) = coord.token(lab, &["--reusable"]);
-    up(lab, a, coord, &token).expect_ok("warren up");
-    up(lab, b, coord, &token).expect_ok("warren up");
-    assert!(
-        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
-            a.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
-                && b.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
-        }),
-        "the pair does not see each other"
-    );
-    let ip_b = overlay_v4(&b.status(lab));
+    let ip_b = up_pair(lab, coord, a, b);
     assert!(
         lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)),
         "{}",
@@ -137,21 +126,7 @@ fn proxied_pair(lab: &Lab, coord: &Coordinator, agent_extra: &[&str]) -> (Agent,
         // Nothing from the LAN is forwarded: the proxy on the gateway is
         // the only way out.
         let gw = lab.gateway(&format!("g{name}"), Nat::UdpBlocked);
-        lab.exec(
-            &gw,
-            &[
-                "nft",
-                "insert",
-                "rule",
-                "inet",
-                FILTER_TABLE,
-                "forward",
-                "iifname",
-                "lan",
-                "drop",
-            ],
-        )
-        .expect_ok("close the gateway");
+        lab.filter_first(&gw, &["iifname", "lan", "drop"]);
         let lan_ip = gw.lan.as_ref().unwrap().router;
         let conf = lab.write_file(
             &format!("tinyproxy-{name}.conf"),

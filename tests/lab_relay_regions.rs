@@ -22,9 +22,9 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use lab::agent::{tcp_transfer, AgentConfig};
-use lab::coord::{coordinator_bin, relay_metrics, Coordinator};
+use lab::coord::{relay_metrics, start_with_region};
 use lab::mesh::{join_with, overlay_v4, peer_of};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 use serde_json::Value;
 
@@ -41,34 +41,14 @@ fn each_agent_homes_on_its_nearest_region_and_reaches_the_other_through_its_home
         return;
     }
     let lab = Lab::new();
-    let coord_node = lab.public("coord");
-    let r2 = lab.public("r2");
-    let r2_url = format!("http://{}:443", r2.ip);
-    let map = lab.write_file(
-        "relay-map.toml",
-        &format!(
-            "[[region]]\nid = 2\nname = \"r2\"\nurl = \"{r2_url}\"\nstun = [\"{ip}:3478\", \"{ip}:3479\"]\n",
-            ip = r2.ip
-        ),
-    );
-    let secret = lab.write_file("relay-secret", "lab-relay-secret-0123456789\n");
-    let (map, secret) = (
-        map.to_string_lossy().into_owned(),
-        secret.to_string_lossy().into_owned(),
-    );
-    let coord = Coordinator::start(
+    let (coord, r2) = start_with_region(
         &lab,
-        &coord_node,
-        &[
-            "--region-name",
-            "r1",
-            "--relay-map",
-            &map,
-            "--relay-secret-file",
-            &secret,
-        ],
+        &lab.public("coord"),
+        &["--region-name", "r1"],
+        &lab.public("r2"),
+        "r2",
     );
-    start_standalone_relay(&lab, &r2, &coord, &secret);
+    let (r2, r2_url) = (r2.node, r2.url);
 
     let (ga, gb) = (lab.gateway("ga", Nat::Edm), lab.gateway("gb", Nat::Edm));
     for gw in [&ga, &gb] {
@@ -197,63 +177,13 @@ fn each_agent_homes_on_its_nearest_region_and_reaches_the_other_through_its_home
     );
 }
 
-/// `warren-coordinator relay` on `node`, following `coord`'s node feed.
-fn start_standalone_relay(lab: &Lab, node: &Node, coord: &Coordinator, secret: &str) {
-    let bin = coordinator_bin().to_string_lossy().into_owned();
-    let dir = lab.dir().join("relay-r2").to_string_lossy().into_owned();
-    let listen = format!("{}:443", node.ip);
-    let url = coord.url();
-    let proc = lab.spawn(
-        node,
-        "relay-r2",
-        &[
-            &bin,
-            "--data-dir",
-            &dir,
-            "relay",
-            "--listen",
-            &listen,
-            "--insecure-http",
-            "--coordinator",
-            &url,
-            "--secret-file",
-            secret,
-        ],
-    );
-    let metrics = format!("http://{listen}/relay/metrics");
-    let up = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        lab.exit_status(proc).is_some()
-            || lab.exec(node, &["curl", "-sf", "-m", "1", &metrics]).ok()
-    });
-    assert!(
-        up && lab.exit_status(proc).is_none(),
-        "relay did not come up:\n{}",
-        lab.log(proc)
-    );
-}
-
 /// The gateway forwards no UDP but STUN: no direct path between peers.
 fn only_stun_udp_out(lab: &Lab, gw: &Node) {
     let ports = format!("{{ {}, {} }}", STUN_PORTS[0], STUN_PORTS[1]);
-    lab.exec(
+    lab.filter_first(
         gw,
-        &[
-            "nft",
-            "insert",
-            "rule",
-            "inet",
-            FILTER_TABLE,
-            "forward",
-            "iifname",
-            "lan",
-            "udp",
-            "dport",
-            "!=",
-            &ports,
-            "drop",
-        ],
-    )
-    .expect_ok("block UDP but STUN");
+        &["iifname", "lan", "udp", "dport", "!=", &ports, "drop"],
+    );
 }
 
 /// Makes STUN from `gw`'s LAN to `server` [`FAR`] slower (see the module doc).

@@ -21,11 +21,10 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{tcp_transfer, Agent, PORT};
 use lab::coord::Coordinator;
-use lab::mesh::{join, overlay_v4, path_of};
+use lab::mesh::{join_pair, overlay_v4, path_of};
 use lab::nat::{Nat, FILTER_TABLE};
 use lab::{poll_until, Lab, Node};
 
-const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Netcheck must first find UDP blocked (its STUN probes time out), then
 /// one CallMeMaybe and a dial round.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,22 +34,6 @@ fn behind(lab: &Lab, name: &str, nat: Nat) -> (Node, Node) {
     let gw = lab.gateway(&format!("g{name}"), nat);
     let host = lab.host_behind(&gw, name);
     (gw, host)
-}
-
-/// Joins both and waits until each lists the other; returns B's overlay IP.
-fn pair(lab: &Lab, coord: &Coordinator, a: &Node, b: &Node) -> (Agent, Agent, String) {
-    let (token, _) = coord.token(lab, &["--reusable"]);
-    let a = join(lab, coord, &token, a);
-    let b = join(lab, coord, &token, b);
-    assert!(
-        poll_until(JOIN_TIMEOUT, Duration::from_millis(200), || {
-            a.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
-                && b.status(lab)["peers"].as_array().map_or(0, Vec::len) == 1
-        }),
-        "the pair does not see each other"
-    );
-    let ip_b = overlay_v4(&b.status(lab));
-    (a, b, ip_b)
 }
 
 /// Pings until the peer answers (through the relay at first); returns
@@ -74,7 +57,7 @@ fn transfer(lab: &Lab, a: &Agent, b: &Agent, ip_b: &str, port: u16) {
 fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, String) {
     let (ga, a) = behind(lab, "a", Nat::TcpOnly);
     let (_gb, b) = behind(lab, "b", Nat::TcpOnly);
-    let (a, b, ip_b) = pair(lab, coord, &a, &b);
+    let (a, b, ip_b) = join_pair(lab, coord, &a, &b);
     let t0 = first_packet(lab, &a, &ip_b);
     // Keep traffic flowing both ways while the path is found.
     let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
@@ -217,7 +200,7 @@ fn tcp_blocked_to_the_peer_stays_on_the_relay() {
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a) = behind(&lab, "a", Nat::UdpBlocked);
     let (_gb, b) = behind(&lab, "b", Nat::UdpBlocked);
-    let (a, b, ip_b) = pair(&lab, &coord, &a, &b);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
     first_packet(&lab, &a, &ip_b);
     // Long enough for netcheck and a whole dial window (10 s) to pass.
     let end = Instant::now() + Duration::from_secs(20);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use lab::agent::{Agent, AgentConfig, WARREN};
 use lab::coord::Coordinator;
-use lab::mesh::{peer_of, wait_peers};
+use lab::mesh::{peer_of, up_with, wait_peers};
 use lab::{poll_until, Lab};
 use serde_json::Value;
 
@@ -44,18 +44,7 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
     let url = coord.url();
 
     // A bad tag is refused by the CLI before anything is sent.
-    let bad = a.cli(
-        &lab,
-        &[
-            "up",
-            "--coordinator",
-            &url,
-            "--token",
-            &token,
-            "--advertise-tags",
-            "server",
-        ],
-    );
+    let bad = up_with(&lab, &a, &coord, &token, &["--advertise-tags", "server"]);
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     assert!(
         bad.stderr.contains("must start with \"tag:\""),
@@ -65,22 +54,8 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
     assert_eq!(a.status(&lab)["mesh"]["state"], "needs_login");
 
     // The first join shows each stage on stderr and the result on stdout.
-    let up = a
-        .cli(
-            &lab,
-            &[
-                "up",
-                "--coordinator",
-                &url,
-                "--token",
-                &token,
-                "--hostname",
-                "a",
-                "--advertise-tags",
-                "tag:server,tag:db",
-            ],
-        )
-        .expect_ok("up a");
+    let tags = ["--advertise-tags", "tag:server,tag:db"];
+    let up = up_with(&lab, &a, &coord, &token, &tags).expect_ok("up a");
     for stage in [
         format!("registering with {url} … ok: a ("),
         "waiting for the network map … ok: 0 peers".to_string(),
@@ -100,21 +75,7 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
     );
 
     // --json: no progress, one object with the result.
-    let up = b
-        .cli(
-            &lab,
-            &[
-                "up",
-                "--coordinator",
-                &url,
-                "--token",
-                &token,
-                "--hostname",
-                "b",
-                "--json",
-            ],
-        )
-        .expect_ok("up b --json");
+    let up = up_with(&lab, &b, &coord, &token, &["--json"]).expect_ok("up b --json");
     assert!(up.stderr.is_empty(), "progress with --json: {}", up.stderr);
     let j: Value = serde_json::from_str(&up.stdout).expect("one JSON object");
     assert_eq!(j["name"], "b", "{j}");

@@ -22,11 +22,8 @@ fn api_code(e: ControlError) -> ErrorCode {
 
 #[tokio::test]
 async fn three_nodes_see_each_other_and_every_change_within_a_second() {
-    common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
-    let url = common::url(&srv);
-    let tok = common::token(&srv.store, true, false).await;
+    let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
     let disco = PrivateKey::generate().public();
 
     let mut clients = Vec::new();
@@ -210,11 +207,8 @@ async fn token_rules_are_enforced_with_clear_errors() {
 
 #[tokio::test]
 async fn a_removed_node_is_cut_off() {
-    common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
-    let url = common::url(&srv);
-    let tok = common::token(&srv.store, true, false).await;
+    let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
     let disco = PrivateKey::generate().public();
     let a = client(&url, &dir.path().join("a"));
     let b = client(&url, &dir.path().join("b"));
@@ -294,11 +288,8 @@ async fn a_removed_node_is_cut_off() {
 
 #[tokio::test]
 async fn ephemeral_nodes_go_on_logout_or_when_offline_too_long() {
-    common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
-    let url = common::url(&srv);
-    let tok = common::token(&srv.store, true, true).await;
+    let (srv, url, tok) = common::start_with_token(dir.path(), true).await;
     let disco = PrivateKey::generate().public();
     let watcher = client(&url, &dir.path().join("w"));
     watcher.register(Some(&tok), "w", disco).await.unwrap();

@@ -79,11 +79,8 @@ fn refused(got: (u16, Option<ErrorBody>), code: ErrorCode) {
 
 #[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
-    common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
-    let base = common::url(&srv);
-    let tok = common::token(&srv.store, true, false).await;
+    let (srv, base, tok) = common::start_with_token(dir.path(), false).await;
     let http = reqwest::Client::new();
     let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
         &http

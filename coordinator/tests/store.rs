@@ -249,15 +249,20 @@ async fn postgres_store() {
     assert!(!again.list_nodes().await.unwrap().is_empty());
 }
 
+/// A SQLite store in `dir`, and a PostgreSQL one when a server is set up.
+async fn both_backends(dir: &std::path::Path) -> Vec<Store> {
+    let mut stores = vec![Store::open(&Store::sqlite_url(dir)).await.unwrap()];
+    if let Some(url) = common::fresh_postgres().await {
+        stores.push(Store::open(&url).await.unwrap());
+    }
+    stores
+}
+
 #[tokio::test]
 async fn concurrent_one_off_registrations_admit_one() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let mut stores = vec![Store::open(&Store::sqlite_url(dir.path())).await.unwrap()];
-    if let Some(url) = common::fresh_postgres().await {
-        stores.push(Store::open(&url).await.unwrap());
-    }
-    for store in stores {
+    for store in both_backends(dir.path()).await {
         let once = store.create_token(&NewToken::default()).await.unwrap().1;
         let mut tasks = Vec::new();
         for i in 0..8 {
@@ -292,11 +297,7 @@ async fn nat_and_home_relay_round_trip_on_both_backends() {
     use warren::traversal::{Allocation, Mapping, NatSummary};
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let mut stores = vec![Store::open(&Store::sqlite_url(dir.path())).await.unwrap()];
-    if let Some(url) = common::fresh_postgres().await {
-        stores.push(Store::open(&url).await.unwrap());
-    }
-    for store in stores {
+    for store in both_backends(dir.path()).await {
         let tok = store.create_token(&NewToken::default()).await.unwrap().1;
         let key = PrivateKey::generate();
         let node = register(&store, Some(&tok), &key, "n").await.unwrap().node;

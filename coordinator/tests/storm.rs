@@ -62,11 +62,8 @@ async fn registered(
 
 #[tokio::test]
 async fn a_reconnect_storm_settles_with_every_stream_holding_the_network() {
-    common::init();
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path(), None).await;
-    let url = common::url(&srv);
-    let tok = common::token(&srv.store, true, false).await;
+    let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
     let mut clients = Vec::new();
     for i in 0..60 {
         let name = format!("n{i}");

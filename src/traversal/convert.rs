@@ -3,17 +3,22 @@
 //! core, so the agent's wiring is a line per field and the rules live here,
 //! next to the code that depends on them.
 //!
+//! This is the one place a netcheck report becomes a [`NatSummary`]: the
+//! agent converts its whole [`Report`], which is the IPv4 family's summary
+//! with a better address to predict from.
+//!
 //! Lossy points, on purpose:
 //! - netcheck's sequential step is signed (a NAT may count down); prediction
 //!   here only models upward steps, so a step outside `1..=65535` is treated
-//!   as an unknown allocation (plain probing, then the relay);
+//!   as random: unpredictable (the birthday method may still work) rather
+//!   than mispredicted;
 //! - the map's endpoint kinds have no peer-reflexive kind (those are learnt
 //!   from pings, never published), and all published endpoints are UDP.
 
 use super::hardnat::{Allocation, Mapping, NatSummary};
 use super::node::PeerInfo;
 use crate::control::types::{Endpoint, EndpointKind, Peer};
-use crate::netcheck::{FamilyReport, MappingBehavior, PortAllocation};
+use crate::netcheck::{FamilyReport, MappingBehavior, PortAllocation, Report};
 use crate::proto::disco::{Candidate, CandidateKind, DiscoKey};
 
 impl From<&FamilyReport> for NatSummary {
@@ -29,7 +34,7 @@ impl From<&FamilyReport> for NatSummary {
             PortAllocation::Random => Allocation::Random,
             PortAllocation::Sequential { step } => match u16::try_from(step) {
                 Ok(step) if step > 0 => Allocation::Sequential { step },
-                _ => Allocation::Unknown,
+                _ => Allocation::Random,
             },
             PortAllocation::Unknown => Allocation::Unknown,
         };
@@ -37,6 +42,26 @@ impl From<&FamilyReport> for NatSummary {
             mapping,
             allocation,
             observed: r.global,
+        }
+    }
+}
+
+/// What traversal needs from a whole report: the IPv4 NAT's behaviour and
+/// the address to predict from. For a sequential allocator that is the
+/// *last* mapping handed out (probes are reported in allocation order),
+/// since the next ports follow it, not the first server's `global`.
+impl From<&Report> for NatSummary {
+    fn from(r: &Report) -> Self {
+        let last_mapped = r
+            .servers
+            .iter()
+            .flat_map(|s| &s.probes)
+            .filter_map(|p| p.mapped.filter(|_| p.addr.is_ipv4()))
+            .next_back();
+        let family = NatSummary::from(&r.ipv4);
+        NatSummary {
+            observed: last_mapped.or(family.observed),
+            ..family
         }
     }
 }
@@ -96,7 +121,7 @@ mod tests {
             };
             assert_eq!(
                 NatSummary::from(&r).allocation,
-                Allocation::Unknown,
+                Allocation::Random,
                 "{step}"
             );
         }
@@ -107,6 +132,48 @@ mod tests {
         };
         let s = NatSummary::from(&public);
         assert!(s.is_easy() && !s.is_random_edm());
+    }
+
+    #[test]
+    fn a_report_predicts_from_its_last_ipv4_mapping() {
+        use crate::netcheck::{ProbeReport, Rejected, ServerReport};
+        let probe = |addr: &str, mapped: Option<&str>| ProbeReport {
+            addr: addr.parse().unwrap(),
+            mapped: mapped.map(|m| m.parse().unwrap()),
+            rtt: None,
+        };
+        let first = "203.0.113.4:20002".parse().unwrap();
+        let mut r = Report {
+            udp: true,
+            ipv4: FamilyReport {
+                works: true,
+                global: Some(first),
+                mapping: MappingBehavior::EndpointDependent,
+                port_allocation: PortAllocation::Sequential { step: 2 },
+            },
+            ipv6: FamilyReport::default(),
+            hairpinning: None,
+            portmap: None,
+            servers: vec![ServerReport {
+                name: "a".into(),
+                latency: None,
+                probes: vec![
+                    probe("192.0.2.1:3478", Some("203.0.113.4:20002")),
+                    probe("192.0.2.1:3479", Some("203.0.113.4:20004")),
+                    probe("[2001:db8::1]:3478", Some("[2001:db8::9]:41641")),
+                    probe("192.0.2.2:3478", None),
+                ],
+            }],
+            preferred_server: Some("a".into()),
+            rejected: Rejected::default(),
+        };
+        let s = NatSummary::from(&r);
+        assert_eq!(s.allocation, Allocation::Sequential { step: 2 });
+        assert_eq!(s.mapping, Mapping::EndpointDependent);
+        assert_eq!(s.observed, Some("203.0.113.4:20004".parse().unwrap()));
+        // No IPv4 mapping among the probes: the family's `global`.
+        r.servers.clear();
+        assert_eq!(NatSummary::from(&r).observed, Some(first));
     }
 
     #[test]

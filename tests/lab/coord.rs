@@ -107,6 +107,85 @@ impl Coordinator {
     }
 }
 
+/// A standalone relay region: a `warren-coordinator relay` process on its
+/// own node, published by the coordinator through `--relay-map` and let in
+/// with a shared relay secret.
+pub struct RelayRegion {
+    pub node: Node,
+    pub name: String,
+    /// `http://<node>:443`, the region's URL in the map.
+    pub url: String,
+    pub proc: ProcId,
+}
+
+/// Starts a coordinator on `coord_node` with `extra` flags that publishes
+/// one more region, `name` (id 2, STUN on 3478 and 3479), served by a
+/// standalone relay on `relay_node`; waits until both answer.
+pub fn start_with_region(
+    lab: &Lab,
+    coord_node: &Node,
+    extra: &[&str],
+    relay_node: &Node,
+    name: &str,
+) -> (Coordinator, RelayRegion) {
+    let ip = relay_node.ip;
+    let url = format!("http://{ip}:{COORD_PORT}");
+    let map = lab.write_file(
+        &format!("relay-map-{name}.toml"),
+        &format!(
+            "[[region]]\nid = 2\nname = \"{name}\"\nurl = \"{url}\"\n\
+             stun = [\"{ip}:3478\", \"{ip}:3479\"]\n"
+        ),
+    );
+    let secret = lab.write_file("relay-secret", "lab-relay-secret-0123456789abcdef\n");
+    let (map, secret) = (map.to_string_lossy(), secret.to_string_lossy());
+    let mut flags = extra.to_vec();
+    flags.extend_from_slice(&["--relay-map", &map, "--relay-secret-file", &secret]);
+    let coord = Coordinator::start(lab, coord_node, &flags);
+
+    let bin = coord.bin.to_string_lossy();
+    let dir = lab.dir().join(format!("relay-{name}"));
+    let dir = dir.to_string_lossy();
+    let listen = format!("{ip}:{COORD_PORT}");
+    let coord_url = coord.url();
+    let proc = lab.spawn(
+        relay_node,
+        &format!("relay-{name}"),
+        &[
+            &bin,
+            "--data-dir",
+            &dir,
+            "relay",
+            "--listen",
+            &listen,
+            "--insecure-http",
+            "--coordinator",
+            &coord_url,
+            "--secret-file",
+            &secret,
+        ],
+    );
+    let metrics = format!("{url}/relay/metrics");
+    let up = super::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        lab.exit_status(proc).is_some()
+            || lab
+                .exec(relay_node, &["curl", "-sf", "-m", "1", &metrics])
+                .ok()
+    });
+    assert!(
+        up && lab.exit_status(proc).is_none(),
+        "relay {name} did not come up:\n{}",
+        lab.log(proc)
+    );
+    let region = RelayRegion {
+        node: relay_node.clone(),
+        name: name.to_owned(),
+        url,
+        proc,
+    };
+    (coord, region)
+}
+
 /// The counters a relay serves on `GET <base_url>/relay/metrics`, fetched
 /// from `from` (the relay's own node does: it is never firewalled).
 pub fn relay_metrics(lab: &Lab, from: &Node, base_url: &str) -> serde_json::Value {

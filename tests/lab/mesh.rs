@@ -2,6 +2,8 @@
 //! reading what `warren status --json` says about the node and its peers.
 //! Shared by the mesh, relay, birthday and matrix tests.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::agent::{Agent, AgentConfig};
@@ -9,21 +11,52 @@ use super::coord::Coordinator;
 use super::process::Output;
 use super::{Lab, Node};
 
+/// How long the two agents of a pair may take to list each other.
+const PAIR_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// `warren up` with `token`, named after the agent's node.
 pub fn up(lab: &Lab, a: &Agent, coord: &Coordinator, token: &str) -> Output {
+    up_with(lab, a, coord, token, &[])
+}
+
+/// [`up`] with `extra` flags (`--json`, `--advertise-tags …`).
+pub fn up_with(lab: &Lab, a: &Agent, coord: &Coordinator, token: &str, extra: &[&str]) -> Output {
     let url = coord.url();
-    a.cli(
-        lab,
-        &[
-            "up",
-            "--coordinator",
-            &url,
-            "--token",
-            token,
-            "--hostname",
-            &a.node.name,
-        ],
-    )
+    let mut argv = vec![
+        "up",
+        "--coordinator",
+        &url,
+        "--token",
+        token,
+        "--hostname",
+        &a.node.name,
+    ];
+    argv.extend_from_slice(extra);
+    a.cli(lab, &argv)
+}
+
+/// Joins two started agents with one reusable token and waits until each
+/// lists the other (and only it); returns B's overlay IPv4 address.
+pub fn up_pair(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) -> String {
+    let (token, _) = coord.token(lab, &["--reusable"]);
+    for agent in [a, b] {
+        up(lab, agent, coord, &token).expect_ok(&format!("up {}", agent.node.name));
+    }
+    assert!(
+        wait_peers(lab, a, &[&b.node.name], PAIR_TIMEOUT)
+            && wait_peers(lab, b, &[&a.node.name], PAIR_TIMEOUT),
+        "the pair does not see each other"
+    );
+    overlay_v4(&b.status(lab))
+}
+
+/// [`up_pair`] for agents it starts on `a` and `b` with the default mesh
+/// config; returns them and B's overlay IPv4 address.
+pub fn join_pair(lab: &Lab, coord: &Coordinator, a: &Node, b: &Node) -> (Agent, Agent, String) {
+    let a = Agent::start(lab, a, &AgentConfig::mesh(lab, a));
+    let b = Agent::start(lab, b, &AgentConfig::mesh(lab, b));
+    let ip_b = up_pair(lab, coord, &a, &b);
+    (a, b, ip_b)
 }
 
 /// Starts an agent with `config` on `node` and joins it; panics if `up`
@@ -89,8 +122,8 @@ pub fn peer_names(st: &Value) -> Vec<String> {
 
 /// Waits until `a` lists exactly the peers `want` (sorted), at most
 /// `timeout`.
-pub fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: std::time::Duration) -> bool {
-    super::poll_until(timeout, std::time::Duration::from_millis(100), || {
+pub fn wait_peers(lab: &Lab, a: &Agent, want: &[&str], timeout: Duration) -> bool {
+    super::poll_until(timeout, Duration::from_millis(100), || {
         peer_names(&a.status(lab)) == want
     })
 }

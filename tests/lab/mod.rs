@@ -378,6 +378,23 @@ impl Lab {
         must(&argv);
     }
 
+    /// Puts `rule` (nft words such as `["iifname", "lan", "drop"]`) first in
+    /// `gateway`'s forward filter, ahead of its NAT kind's own rules: how a
+    /// test closes a path that kind of gateway leaves open.
+    pub fn filter_first(&self, gateway: &Node, rule: &[&str]) {
+        let mut argv = vec![
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            nat::FILTER_TABLE,
+            "forward",
+        ];
+        argv.extend_from_slice(rule);
+        self.exec(gateway, &argv)
+            .expect_ok(&format!("nft forward rule `{}`", rule.join(" ")));
+    }
+
     /// Runs `argv` in `node` to completion, bounded by [`EXEC_TIMEOUT`].
     pub fn exec(&self, node: &Node, argv: &[&str]) -> Output {
         self.exec_with(node, argv, None, EXEC_TIMEOUT)

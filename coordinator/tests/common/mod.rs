@@ -68,6 +68,17 @@ pub async fn start(dir: &Path, database: Option<String>) -> Running {
     server::start(cfg).await.expect("coordinator starts")
 }
 
+/// A test's usual start: [`init`], a coordinator on `dir` without
+/// PostgreSQL, its URL, and a reusable token (for ephemeral nodes when
+/// `ephemeral`).
+pub async fn start_with_token(dir: &Path, ephemeral: bool) -> (Running, String, String) {
+    init();
+    let srv = start(dir, None).await;
+    let url = url(&srv);
+    let tok = token(&srv.store, true, ephemeral).await;
+    (srv, url, tok)
+}
+
 pub fn url(r: &Running) -> String {
     format!("http://{}", r.addr)
 }

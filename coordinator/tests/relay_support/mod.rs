@@ -22,15 +22,11 @@ use warren_coordinator::relay::{
     serve, tls_config, Admission, RelayLimits, RelayServer, Security, StaticAdmission,
 };
 
-pub fn init() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
+// The relay tests share the coordinator tests' set-up (crypto provider,
+// logging) rather than a copy of it.
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::init;
 
 pub struct TestRelay {
     pub addr: SocketAddr,

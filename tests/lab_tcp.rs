@@ -26,9 +26,12 @@ use lab::nat::{Nat, FILTER_TABLE};
 use lab::{poll_until, Lab, Node};
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-/// Netcheck must first find UDP blocked (its STUN probes time out), then
-/// one CallMeMaybe and a dial round.
+/// How long the test waits for the direct TCP path at all.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How soon it must come after the first packet (issue #6): netcheck
+/// suspects UDP blocked once TCP STUN has answered and UDP has stayed
+/// silent for half a second, then one CallMeMaybe and a dial round.
+const DIRECT_TARGET: Duration = Duration::from_secs(3);
 const TRANSFER: usize = 10 << 20;
 
 fn behind(lab: &Lab, name: &str, nat: Nat) -> (Node, Node) {
@@ -92,6 +95,12 @@ fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, Strin
     println!(
         "direct tcp {:.2} s after the first packet",
         took.as_secs_f64()
+    );
+    assert!(
+        took < DIRECT_TARGET,
+        "direct tcp took {took:?} (target {DIRECT_TARGET:?}):\n--- a\n{}\n--- b\n{}",
+        lab.log(a.proc),
+        lab.log(b.proc)
     );
     // The path is the peer's public TCP port, the same number on both ends.
     let st = a.status(lab);

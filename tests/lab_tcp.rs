@@ -12,6 +12,8 @@
 //!   back once its heartbeats go unanswered past the trust window.
 //! - Gateways that let only TCP 443 out (to the coordinator): the dials go
 //!   nowhere, both stay on the relay, and traffic works.
+//! - Gateways whose UDP works: the pair goes direct over UDP, netcheck
+//!   never suspects UDP blocked, and nobody dials TCP.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,9 +27,12 @@ use lab::mesh::{join_pair, overlay_v4, path_of};
 use lab::nat::{Nat, FILTER_TABLE};
 use lab::{poll_until, Lab, Node};
 
-/// Netcheck must first find UDP blocked (its STUN probes time out), then
-/// one CallMeMaybe and a dial round.
+/// How long the test waits for the direct TCP path at all.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How soon it must come after the first packet (issue #6): netcheck
+/// suspects UDP blocked once TCP STUN has answered and UDP has stayed
+/// silent for half a second, then one CallMeMaybe and a dial round.
+const DIRECT_TARGET: Duration = Duration::from_secs(3);
 const TRANSFER: usize = 10 << 20;
 
 fn behind(lab: &Lab, name: &str, nat: Nat) -> (Node, Node) {
@@ -75,6 +80,12 @@ fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, Strin
     println!(
         "direct tcp {:.2} s after the first packet",
         took.as_secs_f64()
+    );
+    assert!(
+        took < DIRECT_TARGET,
+        "direct tcp took {took:?} (target {DIRECT_TARGET:?}):\n--- a\n{}\n--- b\n{}",
+        lab.log(a.proc),
+        lab.log(b.proc)
     );
     // The path is the peer's public TCP port, the same number on both ends.
     let st = a.status(lab);
@@ -216,4 +227,38 @@ fn tcp_blocked_to_the_peer_stays_on_the_relay() {
         assert!(log.contains("direct tcp: dialling"), "{log}");
     }
     transfer(&lab, &a, &b, &ip_b, 5201);
+}
+
+#[test]
+fn working_udp_never_suspects_a_block_nor_dials_tcp() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (_ga, a) = behind(&lab, "a", Nat::Eim);
+    let (_gb, b) = behind(&lab, "b", Nat::Eim);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
+    first_packet(&lab, &a, &ip_b);
+    let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(&lab), "b") == "direct"
+    });
+    assert!(direct, "{}", a.cli(&lab, &["status"]).stdout);
+    // Past the provisional wait and a netcheck deadline, with traffic.
+    let end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < end {
+        lab.ping(&a.node, &ip_b);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(path_of(&a.status(&lab), "b"), "direct");
+    for agent in [&a, &b] {
+        let log = lab.log(agent.proc);
+        assert!(
+            log.contains("direct tcp: public address"),
+            "TCP STUN answered:\n{log}"
+        );
+        assert!(!log.contains("provisional UDP verdict"), "{log}");
+        assert!(!log.contains("direct tcp: dialling"), "{log}");
+    }
 }

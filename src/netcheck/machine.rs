@@ -79,6 +79,12 @@ pub struct Netcheck {
     portmap: Option<PortmapPresence>,
     rejected: Rejected,
     finished: bool,
+    /// When the run began (the provisional verdict counts from it).
+    start: Instant,
+    /// The fastest STUN exchange over TCP we were told of.
+    tcp_rtt: Option<Duration>,
+    /// UDP is probably blocked: TCP answered, UDP stayed silent.
+    udp_suspect: bool,
 }
 
 impl Netcheck {
@@ -105,6 +111,9 @@ impl Netcheck {
             portmap: None,
             rejected: Rejected::default(),
             finished: false,
+            start: now,
+            tcp_rtt: None,
+            udp_suspect: false,
             config,
         };
         nc.check_finished();
@@ -162,12 +171,48 @@ impl Netcheck {
         };
         probe_timers
             .chain(hairpin_timer)
+            .chain(self.suspect_at())
             .chain(Some(self.deadline))
             .min()
     }
 
+    /// A STUN server answered our Binding request over TCP, `rtt` after
+    /// the connection was started: the network is up, so UDP's silence
+    /// from now on says something.
+    pub fn handle_tcp_answer(&mut self, rtt: Duration) {
+        if self.finished {
+            return;
+        }
+        self.tcp_rtt = Some(self.tcp_rtt.map_or(rtt, |r| r.min(rtt)));
+    }
+
+    /// Whether UDP is probably blocked, before the report can say so: a
+    /// server answered over TCP and no UDP probe has been answered within
+    /// the provisional wait. False once any UDP answer came, and once the
+    /// run is over (the report then says).
+    pub fn udp_probably_blocked(&self) -> bool {
+        self.udp_suspect && !self.finished
+    }
+
+    /// When UDP's silence becomes a provisional verdict: the configured
+    /// wait, stretched to twice the TCP exchange (about four round trips,
+    /// room for a lost first probe and its retransmission) on slow paths.
+    fn suspect_at(&self) -> Option<Instant> {
+        let rtt = self.tcp_rtt?;
+        if self.udp_suspect || self.udp_answered() {
+            return None;
+        }
+        Some(self.start + self.config.provisional_wait.max(rtt * 2))
+    }
+
+    fn udp_answered(&self) -> bool {
+        self.probes
+            .iter()
+            .any(|p| matches!(p.state, ProbeState::Done { .. }))
+    }
+
     /// Advances timers: exhausted probes fail, the hairpin test gives up,
-    /// and at the deadline everything still open is closed.
+    /// UDP's silence may become a provisional verdict, and at the deadline everything still open is closed.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.finished {
             return;
@@ -179,6 +224,9 @@ impl Netcheck {
                     p.state = ProbeState::Failed;
                 }
             }
+        }
+        if self.suspect_at().is_some_and(|t| now >= t) {
+            self.udp_suspect = true;
         }
         if let Hairpin::Sent { give_up, .. } = self.hairpin {
             if now >= give_up {
@@ -274,6 +322,8 @@ impl Netcheck {
             rtt: now.saturating_duration_since(sent_at),
             mapped,
         };
+        // UDP works after all (a slow first answer).
+        self.udp_suspect = false;
         if self.hairpin == Hairpin::Idle && mapped.is_ipv4() && Some(mapped) != self.config.local_v4
         {
             self.hairpin = Hairpin::Due(mapped);

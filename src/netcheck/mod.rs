@@ -30,6 +30,14 @@
 //!   transaction id, so there is no retransmission ambiguity).
 //!
 //! Every path ends by `deadline` (5 s by default), even if nothing answers.
+//!
+//! A blocked UDP shows only as silence, so the report that says so comes
+//! at the deadline. A host that also asks a STUN server over TCP (the
+//! agent, for its direct TCP path) can tell the machine that the server
+//! answered ([`Netcheck::handle_tcp_answer`]); if UDP then stays silent for
+//! [`Config::provisional_wait`] (and at least twice the TCP exchange), the
+//! machine says UDP is *probably* blocked ([`Netcheck::udp_probably_blocked`])
+//! well before the report. Any UDP answer withdraws it; the report decides.
 
 mod driver;
 mod machine;
@@ -71,6 +79,9 @@ pub struct Config {
     pub max_attempts: u32,
     /// How long to wait for our own hairpinned request.
     pub hairpin_timeout: Duration,
+    /// How long UDP must stay silent, after a STUN server answered over
+    /// TCP, before UDP counts as probably blocked (see the module doc).
+    pub provisional_wait: Duration,
     /// Whether a port-mapping probe result will be fed in; the report then
     /// waits for it (up to the deadline).
     pub expect_portmap: bool,
@@ -89,6 +100,7 @@ impl Default for Config {
             initial_rto: Duration::from_millis(250),
             max_attempts: 4,
             hairpin_timeout: Duration::from_millis(1000),
+            provisional_wait: Duration::from_millis(500),
             expect_portmap: false,
             seed: 0,
         }

@@ -12,6 +12,8 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::portmap::PortmapPresence;
+
+mod provisional;
 use crate::proto::stun::{self, Class, Message, TransactionId};
 
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +162,19 @@ fn with_servers(nat: Nat, cfg: &Config) -> Sim {
 fn run(
     sim: &mut Sim,
     cfg: Config,
+    portmap_at: Option<(Duration, PortmapPresence)>,
+) -> (Report, Duration, Netcheck) {
+    run_observed(sim, cfg, portmap_at, None, |_, _| {})
+}
+
+/// [`run`], telling the machine at `tcp.0` that a server answered over TCP
+/// in `tcp.1`, and showing it to `observe` after every step.
+fn run_observed(
+    sim: &mut Sim,
+    cfg: Config,
     mut portmap_at: Option<(Duration, PortmapPresence)>,
+    mut tcp: Option<(Duration, Duration)>,
+    mut observe: impl FnMut(Duration, &Netcheck),
 ) -> (Report, Duration, Netcheck) {
     let start = Instant::now();
     let mut now = start;
@@ -169,6 +183,7 @@ fn run(
         while let Some((dest, bytes)) = nc.poll_transmit(now) {
             sim.send(now, dest, bytes);
         }
+        observe(now - start, &nc);
         if let Some(report) = nc.poll_report() {
             return (report, now - start, nc);
         }
@@ -177,6 +192,7 @@ fn run(
             nc.poll_timeout(),
             sim.in_flight.iter().map(|(t, _, _)| *t).min(),
             portmap_due,
+            tcp.map(|(at, _)| start + at),
         ]
         .into_iter()
         .flatten()
@@ -194,6 +210,12 @@ fn run(
             if start + d <= now {
                 nc.handle_portmap(presence);
                 portmap_at = None;
+            }
+        }
+        if let Some((at, rtt)) = tcp {
+            if start + at <= now {
+                nc.handle_tcp_answer(rtt);
+                tcp = None;
             }
         }
         nc.handle_timeout(now);

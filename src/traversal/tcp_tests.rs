@@ -345,6 +345,41 @@ fn netcheck_finding_udp_blocked_late_still_starts_tcp_at_once() {
 }
 
 #[test]
+fn a_withdrawn_suspicion_before_traffic_dials_nothing() {
+    // A's netcheck suspects UDP blocked, then a late UDP answer withdraws
+    // it, all before any traffic: the pair behaves as two UDP hosts.
+    let mut s = Sim::new(false, false);
+    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp())], true);
+    s.settle();
+    s.now += Duration::from_millis(300);
+    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp())], false);
+    s.settle();
+    s.a.note_traffic(s.now, &kb());
+    s.b.note_traffic(s.now, &ka());
+    for _ in 0..20 {
+        s.step(Duration::from_secs(5));
+    }
+    assert!(s.dials.iter().all(|d| d.is_empty()), "{:?}", s.dials);
+}
+
+#[test]
+fn a_suspicion_before_traffic_dials_when_traffic_starts() {
+    // The provisional verdict comes before the peer has sent anything (no
+    // CallMeMaybe then); the first traffic's discovery carries the TCP
+    // candidates and both sides dial in the same instant.
+    let mut s = Sim::new(false, false);
+    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp())], true);
+    s.settle();
+    assert!(s.dials.iter().all(|d| d.is_empty()));
+    s.now += Duration::from_millis(700);
+    s.a.note_traffic(s.now, &kb());
+    s.a.handle_timeout(s.now);
+    s.settle();
+    assert_eq!(s.dials[0], vec![vec![b_tcp()]]);
+    assert_eq!(s.dials[1], vec![vec![a_tcp()]]);
+}
+
+#[test]
 fn a_udp_path_takes_over_from_tcp() {
     let mut s = Sim::new(true, true);
     s.go_direct();

@@ -13,6 +13,13 @@
 //! [`PortMapper`] task beside it; its public address is a `portmapped`
 //! candidate.
 //!
+//! UDP that is blocked answers nothing, so a run says so only at its
+//! deadline. The STUN query over TCP that runs beside it (for the direct
+//! TCP path) shortens that: once it has answered and UDP has stayed silent
+//! for a short wait, the run reports UDP as *probably* blocked
+//! ([`Discovery::udp_blocked`]), and the TCP path can start seconds
+//! earlier. A late UDP answer, or the report, overrules it.
+//!
 //! Out of a finished run come the candidates (host, port-mapped,
 //! server-reflexive per family), the NAT summary peers need for hard-NAT
 //! strategies, and each relay region's latency, which picks the home relay.
@@ -38,6 +45,8 @@ pub struct Discovery {
     /// When the next periodic run is due.
     next_run: Option<Instant>,
     portmapper: Option<PortMapperHandle>,
+    /// The UDP verdict traversal was last given (see [`Self::udp_blocked`]).
+    told_blocked: bool,
 }
 
 impl Discovery {
@@ -48,6 +57,7 @@ impl Discovery {
             last: None,
             next_run: None,
             portmapper: None,
+            told_blocked: false,
         }
     }
 
@@ -155,6 +165,33 @@ impl Discovery {
         if let Some(nc) = self.running.as_mut() {
             let _ = nc.handle_stun(now, from, bytes);
         }
+    }
+
+    /// A STUN server answered our query over TCP after `rtt`.
+    pub fn handle_tcp_answer(&mut self, rtt: Duration) {
+        if let Some(nc) = self.running.as_mut() {
+            nc.handle_tcp_answer(rtt);
+        }
+    }
+
+    /// Whether UDP is blocked, for traversal: the running netcheck already
+    /// suspects it (TCP answered, UDP is silent), or the last report says
+    /// so. Remembered, so [`Self::udp_blocked_changed`] can tell.
+    pub fn udp_blocked(&mut self) -> bool {
+        self.told_blocked = self.udp_verdict();
+        self.told_blocked
+    }
+
+    /// Whether the verdict moved since traversal was last given it.
+    pub fn udp_blocked_changed(&self) -> bool {
+        self.udp_verdict() != self.told_blocked
+    }
+
+    fn udp_verdict(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(Netcheck::udp_probably_blocked)
+            || self.last.as_ref().is_some_and(|r| !r.udp)
     }
 
     /// A finished run's report, once; the run is then over.

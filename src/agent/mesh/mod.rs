@@ -286,12 +286,21 @@ impl Mesh {
         if active && check_addrs {
             let addrs = login::host_endpoints(self.listen.port());
             if addrs != self.host_addrs {
-                if !self.host_addrs.is_empty() {
+                let first = self.host_addrs.is_empty();
+                if !first {
                     tracing::info!("local addresses changed; re-discovering paths");
                     self.node.network_changed(now);
                 }
                 self.host_addrs = addrs;
-                self.start_netcheck(now);
+                if first && (self.discovery.is_running() || self.discovery.last.is_some()) {
+                    // The run the join started already sees these
+                    // addresses; restarting it would only push its verdict
+                    // (UDP blocked takes the whole deadline) back by up to
+                    // a tick pair.
+                    self.publish_tcp();
+                } else {
+                    self.start_netcheck(now);
+                }
             }
         }
         if active && self.discovery.due(now) {
@@ -387,6 +396,15 @@ impl Mesh {
         }
         if let Some(report) = self.discovery.poll_report() {
             self.on_netcheck(report);
+        }
+        if self.discovery.udp_blocked_changed() {
+            // Netcheck suspects (or no longer suspects) a blocked UDP
+            // before its report: the TCP path need not wait for it.
+            self.publish_tcp();
+            tracing::info!(
+                udp_blocked = self.discovery.udp_blocked(),
+                "netcheck: provisional UDP verdict"
+            );
         }
         // Opening sockets makes traversal send (the birthday spray), so
         // transmits and events are drained until neither has more.

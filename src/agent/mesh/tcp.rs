@@ -67,8 +67,12 @@ pub enum TcpIncoming {
         addr: SocketAddr,
         id: u64,
     },
-    /// Our listening port as the STUN server saw it (`None`: no answer).
-    Stun(Option<SocketAddr>),
+    /// Our listening port as the STUN server saw it (`None`: no answer),
+    /// and how long the exchange took (connect included).
+    Stun {
+        seen: Option<SocketAddr>,
+        took: Duration,
+    },
 }
 
 /// A stream's writer queue, as the egress sees it.
@@ -164,11 +168,13 @@ impl TcpPaths {
         }
         let (port, tx) = (self.port, self.tx.clone());
         tokio::spawn(async move {
+            let sent = Instant::now();
             let seen = tokio::time::timeout(STUN_TIMEOUT, stun_over_tcp(port, server))
                 .await
                 .ok()
                 .and_then(|r| r.map_err(|e| tracing::debug!(error = %e, "tcp stun")).ok());
-            let _ = tx.send(TcpIncoming::Stun(seen)).await;
+            let took = sent.elapsed();
+            let _ = tx.send(TcpIncoming::Stun { seen, took }).await;
         });
     }
 
@@ -422,7 +428,11 @@ impl super::Mesh {
                 self.tcp.close(addr);
                 self.node.tcp_closed(now, addr);
             }
-            TcpIncoming::Stun(seen) => {
+            TcpIncoming::Stun { seen, took } => {
+                if seen.is_some() {
+                    // Lets netcheck read UDP's silence early (see discover).
+                    self.discovery.handle_tcp_answer(took);
+                }
                 if seen != self.tcp_public {
                     tracing::info!(public = ?seen, "direct tcp: public address");
                     self.tcp_public = seen;
@@ -446,8 +456,10 @@ impl super::Mesh {
 
     /// Gives traversal our TCP candidates: the host addresses on the
     /// listening port and the public address STUN saw, and whether netcheck
-    /// found UDP blocked (which is when they are published unasked).
+    /// found (or already suspects) UDP blocked, which is when they are
+    /// published unasked.
     pub(super) fn publish_tcp(&mut self) {
+        let udp_blocked = self.discovery.udp_blocked();
         let port = self.tcp.port();
         if port == 0 {
             return;
@@ -468,7 +480,6 @@ impl super::Mesh {
                 cands.push(c);
             }
         }
-        let udp_blocked = self.discovery.last.as_ref().is_some_and(|r| !r.udp);
         self.node.set_tcp_local(Instant::now(), cands, udp_blocked);
     }
 }

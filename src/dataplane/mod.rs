@@ -116,6 +116,10 @@ pub struct DataPlane {
     edit: Mutex<()>,
     next_index: AtomicU32,
     pub drops: Arc<Drops>,
+    /// Woken by the first packet of a peer that was quiet (see
+    /// [`Peer::poll_activity`]), so traversal starts on the first packet
+    /// rather than on the next housekeeping tick.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl DataPlane {
@@ -129,7 +133,13 @@ impl DataPlane {
             edit: Mutex::new(()),
             next_index: AtomicU32::new(1),
             drops: Arc::default(),
+            wake: Arc::default(),
         }
+    }
+
+    /// Notified when a quiet peer sends or receives a packet.
+    pub fn activity_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     pub fn public_key(&self) -> NodeKey {
@@ -175,7 +185,13 @@ impl DataPlane {
                 }
             }
             let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
-            let peer = Arc::new(Peer::new(&self.key, spec, index, self.limiter.clone()));
+            let peer = Arc::new(Peer::new(
+                &self.key,
+                spec,
+                index,
+                self.limiter.clone(),
+                self.wake.clone(),
+            ));
             next.get_or_insert_with(|| cur.by_key.clone())
                 .insert(peer.key, peer);
         }

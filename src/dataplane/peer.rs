@@ -138,9 +138,18 @@ struct State {
     /// which byte counters (data only, once a session exists) cannot give
     /// before the first handshake completes.
     activity: u64,
+    /// Set when the last [`Peer::poll_activity`] saw no new packets; the
+    /// next packet clears it and wakes the agent.
+    quiet: bool,
 }
 
 impl State {
+    /// Counts a packet; true when it ends a quiet spell.
+    fn touch(&mut self) -> bool {
+        self.activity = self.activity.wrapping_add(1);
+        std::mem::take(&mut self.quiet)
+    }
+
     fn sealed(&self, len: usize) -> Sealed {
         match self.path {
             PeerPath::Direct(to) if self.socket == SocketId::PRIMARY => Sealed::Send { len, to },
@@ -163,10 +172,17 @@ pub struct Peer {
     state: Mutex<State>,
     /// Packets from this peer whose inner source it does not own.
     pub spoofed: AtomicU64,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Peer {
-    pub fn new(own: &PrivateKey, spec: PeerSpec, index: u32, limiter: Arc<RateLimiter>) -> Peer {
+    pub fn new(
+        own: &PrivateKey,
+        spec: PeerSpec,
+        index: u32,
+        limiter: Arc<RateLimiter>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Peer {
         let tunn = Tunn::new(
             own.secret().clone(),
             spec.key.to_x25519(),
@@ -188,9 +204,11 @@ impl Peer {
                 path,
                 socket: SocketId::PRIMARY,
                 activity: 0,
+                quiet: true,
             }),
             spec,
             spoofed: AtomicU64::new(0),
+            wake,
         }
     }
 
@@ -235,7 +253,9 @@ impl Peer {
     /// bytes and at least 148).
     pub fn seal(&self, src: &[u8], out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
-        st.activity = st.activity.wrapping_add(1);
+        if st.touch() {
+            self.wake.notify_one();
+        }
         let len = match st.tunn.encapsulate(src, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
@@ -249,7 +269,9 @@ impl Peer {
     pub fn open(&self, from: Option<SocketAddr>, datagram: &[u8], out: &mut [u8]) -> Opened {
         let kind = datagram.first().copied().unwrap_or(0);
         let mut st = self.state.lock();
-        st.activity = st.activity.wrapping_add(1);
+        if st.touch() {
+            self.wake.notify_one();
+        }
         let (opened, authentic) = match st.tunn.decapsulate(from.map(|f| f.ip()), datagram, out) {
             TunnResult::WriteToTunnelV4(p, src) => (self.check_source(p.len(), src.into()), true),
             TunnResult::WriteToTunnelV6(p, src) => (self.check_source(p.len(), src.into()), true),
@@ -301,6 +323,17 @@ impl Peer {
             _ => return Sealed::Nothing,
         };
         st.sealed(len)
+    }
+
+    /// The activity counter, for the agent's "is this peer in use" check;
+    /// when it still equals `seen` the peer is marked quiet, and its next
+    /// packet wakes the agent through the data plane's `activity_wake`.
+    pub fn poll_activity(&self, seen: u64) -> u64 {
+        let mut st = self.state.lock();
+        if st.activity == seen {
+            st.quiet = true;
+        }
+        st.activity
     }
 
     pub fn stats(&self) -> PeerStats {

@@ -258,3 +258,32 @@ fn upsert_peers_in_bulk_keeps_unchanged_tunnels() {
     assert!(last.routes.lookup("100.64.1.9".parse().unwrap()).is_some());
     assert!(last.routes.lookup("100.64.0.2".parse().unwrap()).is_none());
 }
+
+/// The first packet of a quiet peer wakes the agent once; packets while
+/// it is busy do not, and after a look that found no news it wakes again.
+#[test]
+fn a_quiet_peers_first_packet_wakes_the_agent_once() {
+    use futures_util::FutureExt;
+    let a = node("11.11.0.1:51820");
+    let b = node("11.11.0.2:51820");
+    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    let wake = a.dp.activity_wake();
+    let woken = || wake.notified().now_or_never().is_some();
+    assert!(!woken(), "adding a peer is not traffic");
+    let peer = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
+    let _ = seal(&a, &ipv4(A_IP, B_IP, b"one"));
+    assert!(woken(), "the first packet wakes");
+    let seen = peer.poll_activity(0);
+    assert_eq!(seen, 1);
+    let _ = seal(&a, &ipv4(A_IP, B_IP, b"two"));
+    assert!(!woken(), "a busy peer does not wake again");
+    // The agent looks: news (the second packet), so not quiet yet.
+    let seen = peer.poll_activity(seen);
+    let _ = seal(&a, &ipv4(A_IP, B_IP, b"three"));
+    assert!(!woken());
+    // A look with nothing new marks it quiet; the next packet wakes.
+    let seen = peer.poll_activity(seen + 1);
+    assert_eq!(peer.poll_activity(seen), seen);
+    let _ = seal(&a, &ipv4(A_IP, B_IP, b"four"));
+    assert!(woken());
+}

@@ -212,6 +212,7 @@ impl Mesh {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
+        let wake = self.dp.activity_wake();
         loop {
             let deadline = [
                 self.node.poll_timeout().map(|(t, _)| t),
@@ -259,6 +260,7 @@ impl Mesh {
                     self.node.handle_timeout(now);
                     self.discovery.handle_timeout(now);
                 }
+                _ = wake.notified() => self.feed_traffic(Instant::now()),
                 _ = tick.tick() => {
                     ticks += 1;
                     self.housekeeping(Instant::now(), ticks % ADDR_CHECK_TICKS == 0);
@@ -268,17 +270,25 @@ impl Mesh {
         }
     }
 
+    /// Tells traversal which peers had packets since the last look: once a
+    /// second, and at once when a quiet peer's first packet wakes us.
+    fn feed_traffic(&mut self, now: Instant) {
+        for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
+            // A new peer starts at zero: being added is not traffic.
+            let seen = self.traffic.get(&p.key).copied().unwrap_or(0);
+            let cur = p.poll_activity(seen);
+            if cur != seen {
+                self.traffic.insert(p.key, cur);
+                self.node.note_traffic(now, &p.key);
+            }
+        }
+    }
+
     /// Once a second: feed traffic to traversal (heartbeats run only while
     /// packets flow), close idle relays, notice address changes, start a
     /// due netcheck, refresh the API's view.
     fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
-        for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
-            // A new peer starts at zero: being added is not traffic.
-            let cur = p.stats().activity;
-            if self.traffic.insert(p.key, cur).unwrap_or(0) != cur {
-                self.node.note_traffic(now, &p.key);
-            }
-        }
+        self.feed_traffic(now);
         self.traffic.retain(|k, _| self.map_peers.contains_key(k));
         self.relays.close_idle(now);
         self.close_unproven(now);

@@ -159,13 +159,17 @@ pub enum Strategy {
     BirthdayHard,
     /// The peer is behind the random-EDM NAT: probe its random ports.
     BirthdayEasy,
-    /// Both random: nothing to try beyond the plain candidates.
+    /// Both EDM, one of them random: nothing to try beyond the plain
+    /// candidates.
     BothHard,
 }
 
 pub fn strategy(local: &NatSummary, remote: &NatSummary) -> Strategy {
+    let edm = |n: &NatSummary| n.mapping == Mapping::EndpointDependent;
     match (local.is_random_edm(), remote.is_random_edm()) {
         (true, true) => Strategy::BothHard,
+        // Sequential (or unknown EDM) against random: see the module doc.
+        (true, false) | (false, true) if edm(local) && edm(remote) => Strategy::BothHard,
         (true, false) if remote.is_easy() => Strategy::BirthdayHard,
         (false, true) if local.is_easy() => Strategy::BirthdayEasy,
         _ => Strategy::Plain,
@@ -361,8 +365,10 @@ mod tests {
         assert_eq!(strategy(&public, &hard), Strategy::BirthdayEasy);
         assert_eq!(strategy(&hard, &hard), Strategy::BothHard);
         assert_eq!(strategy(&seq, &seq), Strategy::Plain);
-        // A sequential NAT is not an easy side for the birthday method.
-        assert_eq!(strategy(&seq, &hard), Strategy::Plain);
+        // A sequential NAT is not an easy side for the birthday method, and
+        // nothing else bounded works against a random one.
+        assert_eq!(strategy(&seq, &hard), Strategy::BothHard);
+        assert_eq!(strategy(&hard, &seq), Strategy::BothHard);
     }
 
     #[test]

@@ -245,8 +245,9 @@ pub enum RelayReason {
     NoCandidates,
     /// A discovery attempt ended with no pong.
     NoAnswer { at: Instant, candidates: usize },
-    /// Both sides randomise ports per destination; no method here can open a
-    /// direct path without a port mapping.
+    /// Both sides map per destination and at least one randomises the
+    /// ports; no bounded method opens a direct path without a port mapping
+    /// (see `hardnat`).
     BothHardNat,
     /// The birthday attempt ran out of probes or time.
     BirthdayFailed { at: Instant, probes: u32 },
@@ -281,7 +282,8 @@ impl RelayReason {
                 )
             }
             RelayReason::BothHardNat => {
-                "both sides EDM with random ports: no direct path without a port mapping".into()
+                "no bounded method opens a direct path between these NATs without a port mapping"
+                    .into()
             }
             RelayReason::BirthdayFailed { at, probes } => {
                 format!(

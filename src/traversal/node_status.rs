@@ -42,8 +42,7 @@ impl Node {
         let reason = p.relay_reason().map(|r| {
             let text = r.describe_with(when);
             match (&nat, r) {
-                // That reason already says it.
-                (_, RelayReason::BothHardNat) | (None, _) => text,
+                (None, _) => text,
                 (Some(n), _) => format!("{n}; {text}"),
             }
         });

@@ -234,3 +234,39 @@ fn a_late_netcheck_restarts_the_attempt_with_the_birthday_method() {
         .iter()
         .any(|(_, e)| matches!(e, NodeEvent::OpenSockets { .. })));
 }
+
+/// Sequential against random EDM: no bounded method (see `hardnat`), so
+/// no birthday traffic, the relay, and a status that names both NATs.
+#[test]
+fn edm_sequential_against_random_stays_on_relay_and_says_why() {
+    let seq = NatConfig::hard(Alloc::Sequential(1));
+    let random = NatConfig::hard(Alloc::Random);
+    let (mut sim, a, b) = pair(14, Some(seq), Some(random));
+    sim.run_for(60 * SEC);
+    assert_eq!(sim.path(a, b), Path::Relay);
+    assert!(sim.nodes[b].rx_relay > 200, "traffic flows over the relay");
+    for (x, y, text) in [
+        (
+            a,
+            b,
+            "this side EDM sequential, peer EDM random; no bounded method",
+        ),
+        (
+            b,
+            a,
+            "this side EDM random, peer EDM sequential; no bounded method",
+        ),
+    ] {
+        let st = sim.nodes[x]
+            .node
+            .status(&sim.nodes[y].key, sim.now())
+            .unwrap();
+        let why = st.relay_reason.unwrap();
+        assert!(why.starts_with(text), "{why}");
+        assert_eq!(st.stats.birthday_probes, 0);
+    }
+    assert!(!sim.nodes[b]
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, NodeEvent::OpenSockets { .. })));
+}

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{hardnat, Node, NodeKey, PeerStats, RelayReason, Tried};
+use super::{hardnat, Node, NodeKey, PeerStats, Tried};
 use crate::traversal::Path;
 
 /// One peer's state as `warren status` shows it.
@@ -41,9 +41,9 @@ impl Node {
         let nat = hardnat::describe_pair(&self.local_nat, &e.remote_nat);
         let reason = p.relay_reason().map(|r| {
             let text = r.describe_with(when);
-            match (&nat, r) {
-                (None, _) => text,
-                (Some(n), _) => format!("{n}; {text}"),
+            match &nat {
+                None => text,
+                Some(n) => format!("{n}; {text}"),
             }
         });
         Some(PeerStatus {

@@ -30,7 +30,7 @@ use crypto_box::SalsaBox;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::hardnat::{self, Allocation, Mapping};
+use super::hardnat;
 use super::peer::{Payload, PeerPaths, PeerStats};
 use super::{
     ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
@@ -487,53 +487,6 @@ impl Node {
         None
     }
 
-    /// Our candidates for a CallMeMaybe to `peer`. When our NAT allocates
-    /// sequentially, two lists of predicted ports follow (see `hardnat`):
-    /// first the next `predict_ports` ports our new destinations will get
-    /// (kept until used up, so repeated CallMeMaybe agree), then the ports
-    /// our NAT already gave to the destinations we probed for this peer.
-    /// The peer probes predicted candidates in this order, so both sides'
-    /// future ports pair up index by index.
-    fn own_endpoints(&mut self, peer: NodeKey) -> Vec<Candidate> {
-        let mut out = self.local_candidates.clone();
-        if self.peers.get(&peer).is_some_and(|e| e.paths.wants_tcp()) {
-            // First, so the truncation below can never drop them.
-            out.splice(0..0, self.tcp_local.iter().copied());
-        }
-        if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(base)) = (
-            self.local_nat.mapping,
-            self.local_nat.allocation,
-            self.local_nat.observed,
-        ) {
-            let used = self.contacted.len();
-            let stale = self
-                .predicted
-                .as_ref()
-                .is_none_or(|(start, p)| used >= start + p.len());
-            if stale && used < MAX_CONTACTED {
-                let opened = u32::try_from(used).unwrap_or(u32::MAX);
-                let p = hardnat::predict(base, step, opened, self.cfg.predict_ports);
-                self.predicted = Some((used, p));
-            }
-            if let Some((_, p)) = &self.predicted {
-                out.extend(p.iter().copied());
-            }
-            let mut mine: Vec<usize> = self
-                .contacted
-                .values()
-                .filter(|(_, k)| *k == peer)
-                .map(|(i, _)| *i)
-                .collect();
-            mine.sort_unstable();
-            for i in mine {
-                let opened = u32::try_from(i).unwrap_or(u32::MAX);
-                out.extend(hardnat::predict(base, step, opened, 1));
-            }
-        }
-        out.truncate(disco::MAX_CANDIDATES);
-        out
-    }
-
     /// Moves one peer's events to the node queue, acting on socket requests.
     fn pump(&mut self, now: Instant, key: NodeKey) {
         while let Some(ev) = self.peers.get_mut(&key).and_then(|e| e.paths.poll_event()) {
@@ -596,8 +549,8 @@ impl Node {
 #[path = "node_status.rs"]
 mod status;
 pub use status::PeerStatus;
-#[path = "node_tcp.rs"]
-mod tcp;
+#[path = "node_local.rs"]
+mod local;
 
 #[cfg(test)]
 #[path = "node_tests.rs"]

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::proto::disco::CandidateKind;
+use crate::traversal::{Allocation, Mapping};
 
 fn nodes(now: Instant) -> (Node, Node, SocketAddr, SocketAddr) {
     let a_addr: SocketAddr = "192.0.2.1:41641".parse().unwrap();

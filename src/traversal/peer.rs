@@ -169,31 +169,6 @@ impl PeerPaths {
         hardnat::strategy(&self.local_nat, &self.remote_nat)
     }
 
-    /// The NAT summaries of this host and of the peer (from netcheck and the
-    /// coordinator's map).
-    ///
-    /// The first packet often comes before netcheck has finished on one
-    /// side, so the first attempt may have run with neither side knowing it
-    /// was behind a hard NAT: no birthday sockets, no predicted ports. When
-    /// the NAT kinds change while we are relayed, a fresh attempt starts at
-    /// once, with a CallMeMaybe that carries what we know now, instead of
-    /// waiting out the failed attempt and its 30 s backoff.
-    pub fn set_nat(&mut self, now: Instant, local: NatSummary, remote: NatSummary) {
-        let kinds = |n: &NatSummary| (n.mapping, n.allocation);
-        let changed =
-            kinds(&local) != kinds(&self.local_nat) || kinds(&remote) != kinds(&self.remote_nat);
-        self.local_nat = local;
-        self.remote_nat = remote;
-        if changed && self.current == Path::Relay && self.active(now) {
-            self.last_cmm = None;
-            self.retry_backoff = self.cfg.retry_initial;
-            if let Birthday::Idle { not_before } = &mut self.birthday {
-                *not_before = None;
-            }
-            self.start_discovery(now);
-        }
-    }
-
     /// The peer's candidates from the coordinator map (replacing the old).
     pub fn handle_candidates(&mut self, now: Instant, candidates: Vec<Candidate>) {
         let mut fresh: Vec<Candidate> = Vec::new();
@@ -337,36 +312,6 @@ impl PeerPaths {
         }
     }
 
-    fn merge_call_me(&mut self, now: Instant, endpoints: Vec<Candidate>) {
-        // Predictions are only good for the attempt they were made for.
-        let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
-        self.tcp_candidates(now, &endpoints);
-        if has_predicted {
-            self.candidates
-                .retain(|c| c.kind != CandidateKind::Predicted);
-        }
-        for c in endpoints {
-            if c.transport != Transport::Udp
-                || self.candidates.iter().any(|k| k.addr == c.addr)
-                || self.candidates.len() >= MAX_CANDIDATES
-            {
-                continue;
-            }
-            self.table.insert(now, DirectPath::primary(c.addr), c.kind);
-            self.candidates.push(c);
-        }
-        if self.strategy() == Strategy::BirthdayEasy {
-            self.start_birthday_easy(now);
-        }
-        if self.current == Path::Relay {
-            // The peer is probing right now: probe back at once.
-            if self.probe_at.is_none() || self.probe_round == 0 {
-                self.start_discovery(now);
-            }
-            self.probe_now(now);
-        }
-    }
-
     pub fn handle_timeout(&mut self, now: Instant) {
         let timeout = self.cfg.ping_timeout;
         self.pending.retain(|_, p| now < p.sent + timeout);
@@ -421,94 +366,6 @@ impl PeerPaths {
             }
         }
         self.birthday_timer(now);
-    }
-
-    fn discovery_timer(&mut self, now: Instant) {
-        let Some(at) = self.probe_at else { return };
-        if now < at || self.current != Path::Relay {
-            return;
-        }
-        if self.probe_round >= self.cfg.probe_rounds {
-            if !matches!(self.birthday, Birthday::Easy(_) | Birthday::Hard { .. }) {
-                self.relay_reason = match self.strategy() {
-                    Strategy::BothHard => RelayReason::BothHardNat,
-                    _ if self.candidates.is_empty() => RelayReason::NoCandidates,
-                    _ if matches!(self.relay_reason, RelayReason::BirthdayFailed { .. }) => {
-                        self.relay_reason.clone()
-                    }
-                    _ => RelayReason::NoAnswer {
-                        at: now,
-                        candidates: self.candidates.len(),
-                    },
-                };
-            }
-            self.probe_round = 0;
-            if self.active(now) {
-                self.probe_at = Some(now + self.retry_backoff);
-                self.retry_backoff = (self.retry_backoff * 2).min(self.cfg.retry_max);
-            } else {
-                self.probe_at = None;
-            }
-            return;
-        }
-        if self.probe_round == 0 {
-            self.start_birthday(now);
-        }
-        self.probe_now(now);
-        self.probe_at = Some(now + self.cfg.probe_retry * 2u32.saturating_pow(self.probe_round));
-        self.probe_round += 1;
-    }
-
-    fn start_discovery(&mut self, now: Instant) {
-        tracing::debug!(peer = %self.peer_key.short(), "discovery starts");
-        self.probe_round = 0;
-        self.probe_at = Some(now);
-        // A specific reason (timed out, network changed, hard NAT) says more
-        // than "probing" and stays until an attempt ends.
-        if matches!(
-            self.relay_reason,
-            RelayReason::NoCandidates | RelayReason::NoAnswer { .. }
-        ) {
-            self.relay_reason = RelayReason::Probing { since: now };
-        }
-    }
-
-    fn probe_now(&mut self, now: Instant) {
-        // Non-predicted first, then our CallMeMaybe, then the predicted
-        // ones. The CallMeMaybe is sealed between the two, so the ports it
-        // predicts for our NAT are the ones our pings to the peer's
-        // predicted ports are about to take, also when we only started
-        // because the peer's CallMeMaybe came. The order of those pings is
-        // `hardnat::walk_predicted`'s two-speed walk.
-        let (predicted, plain): (Vec<Candidate>, Vec<Candidate>) = self
-            .candidates
-            .iter()
-            .partition(|c| c.kind == CandidateKind::Predicted);
-        for c in plain {
-            self.ping(now, DirectPath::primary(c.addr));
-        }
-        self.maybe_call_me(now);
-        let predicted: Vec<SocketAddr> = predicted.iter().map(|c| c.addr).collect();
-        let lower = self.local_key < self.peer_key;
-        for addr in hardnat::walk_predicted(&predicted, &self.local_nat, &self.remote_nat, lower) {
-            self.ping(now, DirectPath::primary(addr));
-        }
-        self.maybe_start_tcp(now);
-    }
-
-    fn maybe_call_me(&mut self, now: Instant) {
-        if self
-            .last_cmm
-            .is_some_and(|t| now < t + self.cfg.call_me_maybe_gap)
-        {
-            return;
-        }
-        self.last_cmm = Some(now);
-        self.stats.call_me_maybe_sent += 1;
-        self.transmits.push_back(Transmit {
-            path: Path::Relay,
-            payload: Payload::CallMeMaybe,
-        });
     }
 
     /// Sends a ping on `path`; its tx id, unless too many are in flight.
@@ -630,8 +487,8 @@ impl PeerPaths {
     }
 }
 
-#[path = "peer_birthday.rs"]
-mod birthday;
+#[path = "peer_punch.rs"]
+mod punch;
 
 #[path = "peer_ping.rs"]
 mod ping;

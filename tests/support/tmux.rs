@@ -96,13 +96,18 @@ impl Drop for Tmux {
 
 impl Tmux {
     /// Types `command; echo MARKER=$?`, waits (at most `timeout`) for the
-    /// marker's output line — the typed line shows `MARKER=$?` too, so only
-    /// a line starting with it counts — asserts exit status 0 and returns
-    /// the screen.
+    /// marker's output line and asserts exit status 0, then returns the
+    /// screen. The typed line shows `MARKER=$?` too, and a long one wraps
+    /// so that a screen line may start with it: only `MARKER=` followed by
+    /// digits counts.
     pub fn run_ok(&self, command: &str, marker: &str, timeout: Duration) -> String {
         let tag = format!("{marker}=");
         self.type_line(&format!("{command}; echo {tag}$?"));
-        let screen = self.wait_for(timeout, |s| s.lines().any(|l| l.starts_with(&tag)));
+        let is_status = |l: &str| {
+            l.strip_prefix(&tag)
+                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let screen = self.wait_for(timeout, |s| s.lines().any(is_status));
         assert!(
             screen.lines().any(|l| l == format!("{tag}0")),
             "{command} did not exit 0:\n{screen}"

@@ -131,12 +131,22 @@ fn conntrack_flush_mid_transfer_falls_back_to_relay_and_returns_direct() {
                 tcp_transfer_paced(lab, &lab_dir_a, &lab_dir_b, ip, 5301, LEN, Some(3 << 19))
             });
             std::thread::sleep(Duration::from_secs(2));
+            // The relay spell can be shorter than a status poll (a new
+            // birthday attempt wins in tens of milliseconds), so the
+            // agent's own "path changed … to=relay" line is the witness.
+            let timeouts = || {
+                lab.log(a.proc)
+                    .lines()
+                    .filter(|l| l.contains("path changed") && l.contains("to=relay"))
+                    .count()
+            };
+            let before = timeouts();
             let flushed = Instant::now();
             lab.exec(&ga, &["conntrack", "-F"])
                 .expect_ok("conntrack -F");
             eprintln!("conntrack flushed on ga");
             let fell_back = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
-                path_of(&a.status(lab), "b") == "relay"
+                timeouts() > before
             });
             let fallback_after = flushed.elapsed();
             let back = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {

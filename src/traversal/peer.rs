@@ -434,7 +434,10 @@ impl PeerPaths {
                 self.probe_at = None;
                 self.probe_round = 0;
                 self.retry_backoff = self.cfg.retry_initial;
-                self.heartbeat_at = Some(now + self.cfg.heartbeat);
+                // The first heartbeat comes early: the peer may not have
+                // proven this path yet (its ping back can be lost), and a
+                // ping from us is what lets it, a round trip later.
+                self.heartbeat_at = Some(now + self.cfg.probe_retry.min(self.cfg.heartbeat));
                 self.reprobe_at.get_or_insert(now + self.cfg.reprobe);
                 let keep = match to {
                     Path::Direct(p) => Some(p.socket),

@@ -339,3 +339,30 @@ fn a_birthday_path_that_dies_gets_a_new_attempt_at_once() {
     m.handle_timeout(t.max(now));
     assert!(wants(&mut m), "a new birthday attempt right after the loss");
 }
+
+/// Right after a path turns direct, the first heartbeat goes out within
+/// half a second: the peer may still be on the relay (its ping back lost),
+/// and our ping is what lets it prove the path. Later ones keep the
+/// regular interval.
+#[test]
+fn a_new_direct_path_is_pinged_early_once() {
+    let t0 = Instant::now();
+    let cand = addr("192.0.2.2:41641");
+    let (mut m, tx_id) = started(t0);
+    let t1 = t0 + Duration::from_millis(40);
+    let on = Path::Direct(DirectPath::primary(cand));
+    let pong = Message::Pong {
+        tx_id,
+        observed_src: addr("198.51.100.1:1"),
+    };
+    m.handle_disco(t1, on, pong).unwrap();
+    assert_eq!(m.current_path(), on);
+    drain(&mut m);
+    let early = t1 + Duration::from_millis(500);
+    assert_eq!(m.poll_timeout(), Some((early, TimerReason::Heartbeat)));
+    m.handle_timeout(early);
+    ping_to(&drain(&mut m), cand);
+    let (next, why) = m.poll_timeout().unwrap();
+    assert_eq!(why, TimerReason::Heartbeat);
+    assert_eq!(next, early + Duration::from_secs(3));
+}

@@ -302,12 +302,21 @@ impl Mesh {
                     self.node.network_changed(now);
                 }
                 self.host_addrs = addrs;
-                if first && (self.discovery.is_running() || self.discovery.last.is_some()) {
-                    // The run the join started already sees these
-                    // addresses; restarting it would only push its verdict
-                    // (UDP blocked takes the whole deadline) back by up to
-                    // a tick pair.
+                if first && self.discovery.is_running() {
+                    // The run the join started publishes these addresses
+                    // when it ends; restarting it would only push its
+                    // verdict (UDP blocked takes the whole deadline) back.
                     self.publish_tcp();
+                } else if first && self.discovery.last.is_some() {
+                    // The run ended before the addresses settled (an IPv6
+                    // address is unusable until duplicate detection ends):
+                    // publish them with its report, no new run needed.
+                    let report = self
+                        .discovery
+                        .last
+                        .as_ref()
+                        .and_then(|r| serde_json::to_value(r).ok());
+                    self.publish_local(report);
                 } else {
                     self.start_netcheck(now);
                 }

@@ -231,12 +231,16 @@ impl Node {
             self.contacted.clear();
             self.predicted = None;
         }
+        let changed = candidates != self.local_candidates;
         self.local_candidates = candidates;
         self.local_nat = nat;
         let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
         for k in keys {
             if let Some(entry) = self.peers.get_mut(&k) {
                 entry.paths.set_nat(now, nat, entry.remote_nat);
+                if changed {
+                    entry.paths.local_candidates_changed(now);
+                }
             }
             self.pump(now, k);
         }

@@ -41,6 +41,19 @@ impl PeerPaths {
         }
     }
 
+    /// This host's candidates changed (an address came up, a mapping
+    /// moved): while direct, re-probe now and tell the peer in a
+    /// CallMeMaybe, so a better path over the new address is found without
+    /// waiting for the minute's re-probe. A stateful firewall on the peer's
+    /// side opens only when both sides ping, hence the message.
+    pub fn local_candidates_changed(&mut self, now: Instant) {
+        if matches!(self.current, Path::Direct(_) | Path::Tcp(_)) {
+            self.reprobe_at = Some(now);
+            self.last_cmm = None;
+            self.maybe_call_me(now);
+        }
+    }
+
     pub(super) fn merge_call_me(&mut self, now: Instant, endpoints: Vec<Candidate>) {
         // Predictions are only good for the attempt they were made for.
         let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
@@ -58,6 +71,10 @@ impl PeerPaths {
             }
             self.table.insert(now, DirectPath::primary(c.addr), c.kind);
             self.candidates.push(c);
+            if self.current != Path::Relay && c.kind != CandidateKind::Predicted {
+                // A new address while direct: it may be the better path.
+                self.reprobe_at = Some(now);
+            }
         }
         if self.strategy() == Strategy::BirthdayEasy {
             self.start_birthday_easy(now);

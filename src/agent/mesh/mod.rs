@@ -302,21 +302,11 @@ impl Mesh {
                     self.node.network_changed(now);
                 }
                 self.host_addrs = addrs;
-                if first && self.discovery.is_running() {
-                    // The run the join started publishes these addresses
-                    // when it ends; restarting it would only push its
-                    // verdict (UDP blocked takes the whole deadline) back.
+                if first && self.discovery.udp_blocked() {
+                    // UDP already looks blocked: a restart would only push
+                    // that verdict (the run's whole deadline) back, and the
+                    // TCP candidates are what peers need now.
                     self.publish_tcp();
-                } else if first && self.discovery.last.is_some() {
-                    // The run ended before the addresses settled (an IPv6
-                    // address is unusable until duplicate detection ends):
-                    // publish them with its report, no new run needed.
-                    let report = self
-                        .discovery
-                        .last
-                        .as_ref()
-                        .and_then(|r| serde_json::to_value(r).ok());
-                    self.publish_local(report);
                 } else {
                     self.start_netcheck(now);
                 }

@@ -22,9 +22,9 @@ mod lab;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use lab::agent::{tcp_transfer, Agent, AgentConfig};
+use lab::agent::{tcp_transfer, AgentConfig};
 use lab::coord::Coordinator;
-use lab::mesh::{join, join_with, overlay_v4, path_of};
+use lab::mesh::{join_pair, join_with, overlay_v4, path_of};
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 
@@ -312,24 +312,10 @@ fn same_nat_pair_goes_direct_over_the_lan() {
         return;
     }
     let lab = Lab::new();
-    let c = lab.public("coord");
-    let coord = Coordinator::start(&lab, &c, &[]);
-    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let gw = lab.gateway("gw", Nat::Eim);
-    let agents: Vec<Agent> = ["x", "y"]
-        .iter()
-        .map(|name| {
-            let node = lab.host_behind(&gw, name);
-            join(&lab, &coord, &token, &node)
-        })
-        .collect();
-    let (x, y) = (&agents[0], &agents[1]);
-    assert!(poll_until(
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || { path_of(&x.status(&lab), "y") != "unknown" }
-    ));
-    let ip_y = overlay_v4(&y.status(&lab));
+    let (nx, ny) = (lab.host_behind(&gw, "x"), lab.host_behind(&gw, "y"));
+    let (x, y, ip_y) = join_pair(&lab, &coord, &nx, &ny);
     assert!(
         lab.ping_within(&x.node, &ip_y, Duration::from_secs(5)),
         "{}",
@@ -364,24 +350,18 @@ fn sequential_edm_pair_goes_direct_by_prediction() {
     }
     let lab = Lab::new();
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
-    let (token, _) = coord.token(&lab, &["--reusable"]);
-    let agents: Vec<Agent> = ["x", "y"]
-        .iter()
-        .map(|name| {
-            let gw = lab.gateway(&format!("g{name}"), Nat::EdmSequential);
-            let node = lab.host_behind(&gw, name);
-            join(&lab, &coord, &token, &node)
-        })
-        .collect();
-    let (x, y) = (&agents[0], &agents[1]);
+    let [nx, ny] = ["x", "y"].map(|name| {
+        let gw = lab.gateway(&format!("g{name}"), Nat::EdmSequential);
+        lab.host_behind(&gw, name)
+    });
+    let (x, y, ip_y) = join_pair(&lab, &coord, &nx, &ny);
     assert!(poll_until(
         Duration::from_secs(20),
         Duration::from_millis(200),
-        || path_of(&x.status(&lab), "y") != "unknown"
-            && y.status(&lab)["mesh"]["nat"]["allocation"]["kind"] == "sequential"
-            && x.status(&lab)["mesh"]["nat"]["allocation"]["kind"] == "sequential"
+        || [&x, &y]
+            .iter()
+            .all(|a| a.status(&lab)["mesh"]["nat"]["allocation"]["kind"] == "sequential")
     ));
-    let ip_y = overlay_v4(&y.status(&lab));
     assert!(lab.ping_within(&x.node, &ip_y, Duration::from_secs(5)));
     let t0 = Instant::now();
     let direct = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {

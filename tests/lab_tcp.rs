@@ -57,13 +57,21 @@ fn transfer(lab: &Lab, a: &Agent, b: &Agent, ip_b: &str, port: u16) {
     assert_eq!(sent, got, "10 MB arrive intact");
 }
 
+/// Agents `a` and `b`, each behind its own `nat` gateway, joined, with a
+/// first ping answered; returns A's gateway, the agents, B's overlay
+/// address and when that first reply came.
+fn pair_behind(lab: &Lab, coord: &Coordinator, nat: Nat) -> (Node, Agent, Agent, String, Instant) {
+    let (ga, a) = behind(lab, "a", nat);
+    let (_gb, b) = behind(lab, "b", nat);
+    let (a, b, ip_b) = join_pair(lab, coord, &a, &b);
+    let t0 = first_packet(lab, &a, &ip_b);
+    (ga, a, b, ip_b, t0)
+}
+
 /// Two agents behind `TcpOnly` gateways, joined and pinging until both
 /// say `direct_tcp`; returns A's gateway, the agents, B's overlay address.
 fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, String) {
-    let (ga, a) = behind(lab, "a", Nat::TcpOnly);
-    let (_gb, b) = behind(lab, "b", Nat::TcpOnly);
-    let (a, b, ip_b) = join_pair(lab, coord, &a, &b);
-    let t0 = first_packet(lab, &a, &ip_b);
+    let (ga, a, b, ip_b, t0) = pair_behind(lab, coord, Nat::TcpOnly);
     // Keep traffic flowing both ways while the path is found.
     let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
         lab.ping(&a.node, &ip_b);
@@ -209,10 +217,7 @@ fn tcp_blocked_to_the_peer_stays_on_the_relay() {
     }
     let lab = Lab::new();
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
-    let (_ga, a) = behind(&lab, "a", Nat::UdpBlocked);
-    let (_gb, b) = behind(&lab, "b", Nat::UdpBlocked);
-    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
-    first_packet(&lab, &a, &ip_b);
+    let (_ga, a, b, ip_b, _) = pair_behind(&lab, &coord, Nat::UdpBlocked);
     // Long enough for netcheck and a whole dial window (10 s) to pass.
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
@@ -236,10 +241,7 @@ fn working_udp_never_suspects_a_block_nor_dials_tcp() {
     }
     let lab = Lab::new();
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
-    let (_ga, a) = behind(&lab, "a", Nat::Eim);
-    let (_gb, b) = behind(&lab, "b", Nat::Eim);
-    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
-    first_packet(&lab, &a, &ip_b);
+    let (_ga, a, b, ip_b, _) = pair_behind(&lab, &coord, Nat::Eim);
     let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
         lab.ping(&a.node, &ip_b);
         path_of(&a.status(&lab), "b") == "direct"

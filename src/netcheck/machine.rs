@@ -212,7 +212,8 @@ impl Netcheck {
     }
 
     /// Advances timers: exhausted probes fail, the hairpin test gives up,
-    /// UDP's silence may become a provisional verdict, and at the deadline everything still open is closed.
+    /// UDP's silence may become a provisional verdict, and at the deadline
+    /// everything still open is closed.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.finished {
             return;

@@ -108,6 +108,15 @@ impl NatSummary {
         self.mapping == Mapping::EndpointDependent && self.allocation == Allocation::Random
     }
 
+    /// The step of an endpoint-dependent NAT that hands out ports in
+    /// sequence: the case port prediction is for.
+    pub fn sequential_step(&self) -> Option<u16> {
+        match (self.mapping, self.allocation) {
+            (Mapping::EndpointDependent, Allocation::Sequential { step }) => Some(step),
+            _ => None,
+        }
+    }
+
     /// Whether a peer's probes from one address reach a fixed port here.
     pub fn is_easy(&self) -> bool {
         matches!(self.mapping, Mapping::None | Mapping::EndpointIndependent)
@@ -220,13 +229,11 @@ pub fn walk_predicted(
     remote: &NatSummary,
     lower_key: bool,
 ) -> Vec<SocketAddr> {
-    let sequential = |n: &NatSummary| match (n.mapping, n.allocation) {
-        (Mapping::EndpointDependent, Allocation::Sequential { step }) => Some(step),
-        _ => None,
-    };
-    let (Some(_), Some(step), Some(first)) =
-        (sequential(local), sequential(remote), predicted.first())
-    else {
+    let (Some(_), Some(step), Some(first)) = (
+        local.sequential_step(),
+        remote.sequential_step(),
+        predicted.first(),
+    ) else {
         return predicted.to_vec();
     };
     let (stride, count) = if lower_key {

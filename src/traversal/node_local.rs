@@ -16,7 +16,7 @@ use std::time::Instant;
 use super::{Datagram, Node, MAX_CONTACTED};
 use crate::keys::NodeKey;
 use crate::proto::disco::{self, Candidate};
-use crate::traversal::hardnat::{self, Allocation, Mapping};
+use crate::traversal::hardnat;
 use crate::traversal::node::is_wireguard;
 use crate::traversal::Path;
 
@@ -34,11 +34,9 @@ impl Node {
             // First, so the truncation below can never drop them.
             out.splice(0..0, self.tcp_local.iter().copied());
         }
-        if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(base)) = (
-            self.local_nat.mapping,
-            self.local_nat.allocation,
-            self.local_nat.observed,
-        ) {
+        if let (Some(step), Some(base)) =
+            (self.local_nat.sequential_step(), self.local_nat.observed)
+        {
             let used = self.contacted.len();
             let stale = self
                 .predicted

@@ -174,20 +174,21 @@ impl Discovery {
         }
     }
 
-    /// Whether UDP is blocked, for traversal: the running netcheck already
-    /// suspects it (TCP answered, UDP is silent), or the last report says
-    /// so. Remembered, so [`Self::udp_blocked_changed`] can tell.
-    pub fn udp_blocked(&mut self) -> bool {
-        self.told_blocked = self.udp_verdict();
+    /// [`Self::udp_blocked`], for handing to traversal: remembered as told,
+    /// so [`Self::udp_blocked_changed`] can say when it moves.
+    pub fn tell_udp_blocked(&mut self) -> bool {
+        self.told_blocked = self.udp_blocked();
         self.told_blocked
     }
 
-    /// Whether the verdict moved since traversal was last given it.
+    /// Whether the verdict moved since traversal was last told it.
     pub fn udp_blocked_changed(&self) -> bool {
-        self.udp_verdict() != self.told_blocked
+        self.udp_blocked() != self.told_blocked
     }
 
-    fn udp_verdict(&self) -> bool {
+    /// Whether UDP is blocked: the running netcheck already suspects it
+    /// (TCP answered, UDP is silent), or the last report says so.
+    pub fn udp_blocked(&self) -> bool {
         self.running
             .as_ref()
             .is_some_and(Netcheck::udp_probably_blocked)

@@ -459,7 +459,7 @@ impl super::Mesh {
     /// found (or already suspects) UDP blocked, which is when they are
     /// published unasked.
     pub(super) fn publish_tcp(&mut self) {
-        let udp_blocked = self.discovery.udp_blocked();
+        let udp_blocked = self.discovery.tell_udp_blocked();
         let port = self.tcp.port();
         if port == 0 {
             return;

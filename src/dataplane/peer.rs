@@ -124,8 +124,6 @@ pub struct PeerStats {
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub path: PeerPath,
-    /// See `State::activity`; only its changes mean anything.
-    pub activity: u64,
 }
 
 struct State {
@@ -344,7 +342,6 @@ impl Peer {
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
             path: st.path,
-            activity: st.activity,
         }
     }
 }

@@ -366,3 +366,47 @@ fn a_new_direct_path_is_pinged_early_once() {
     assert_eq!(why, TimerReason::Heartbeat);
     assert_eq!(next, early + Duration::from_secs(3));
 }
+
+/// While direct, a new address on either side is re-probed at once (not
+/// at the minute's re-probe), and our own new address is announced.
+#[test]
+fn new_addresses_while_direct_are_probed_at_once() {
+    let t0 = Instant::now();
+    let cand = addr("192.0.2.2:41641");
+    let (mut m, tx_id) = started(t0);
+    let t1 = t0 + Duration::from_millis(40);
+    let pong = Message::Pong {
+        tx_id,
+        observed_src: addr("198.51.100.1:1"),
+    };
+    m.handle_disco(t1, Path::Direct(DirectPath::primary(cand)), pong)
+        .unwrap();
+    drain(&mut m);
+    // The early first heartbeat, out of the way.
+    m.handle_timeout(t1 + Duration::from_millis(500));
+    drain(&mut m);
+    // Our side: a CallMeMaybe goes out and the re-probe is due now.
+    let t2 = t1 + Duration::from_millis(600);
+    m.local_candidates_changed(t2);
+    let txs = drain(&mut m);
+    assert!(txs
+        .iter()
+        .any(|t| t.payload == Payload::CallMeMaybe && t.path == Path::Relay));
+    assert_eq!(m.poll_timeout(), Some((t2, TimerReason::Reprobe)));
+    m.handle_timeout(t2);
+    drain(&mut m);
+    // The peer's side: its CallMeMaybe brings a new address.
+    let t3 = t2 + Duration::from_secs(1);
+    let v6 = addr("[2001:db8::2]:41641");
+    m.handle_disco(
+        t3,
+        Path::Relay,
+        Message::CallMeMaybe {
+            endpoints: vec![Candidate::udp(v6, CandidateKind::Host)],
+        },
+    )
+    .unwrap();
+    assert_eq!(m.poll_timeout(), Some((t3, TimerReason::Reprobe)));
+    m.handle_timeout(t3);
+    ping_to(&drain(&mut m), v6);
+}

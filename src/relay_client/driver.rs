@@ -4,9 +4,12 @@
 //! All protocol decisions live in the sans-IO session; this loop only moves
 //! bytes between it and the socket, turns its deadline into a sleep, and
 //! passes its events on. Backoff doubles from `backoff_min` to `backoff_max`
-//! with jitter, resets once a session is established, and jumps to the
-//! maximum when the relay refused us (an unknown or removed key will not
-//! become welcome by retrying quickly). With [`RelayTransport::Auto`], an
+//! with jitter and resets once a session is established. A refusal waits
+//! at least [`REFUSED_FIRST`] and doubles like any failure: a node that has
+//! just registered can reach a relay before the coordinator's node feed
+//! does (the first refusal is a race, and a 30 s wait there kept a fresh
+//! node off its home relay), while a removed key still ends up retrying
+//! only every `backoff_max`. With [`RelayTransport::Auto`], an
 //! upgrade that something on the path refuses switches the client to
 //! WebSocket for good, without waiting.
 
@@ -56,6 +59,19 @@ enum EndError {
     WriteTimeout,
 }
 
+/// The least wait after the relay refused us.
+pub(super) const REFUSED_FIRST: Duration = Duration::from_secs(1);
+
+/// How long to wait before dialling again, `backoff` being the current
+/// step of the doubling.
+fn wait_after(backoff: Duration, refused: bool) -> Duration {
+    if refused {
+        backoff.max(REFUSED_FIRST)
+    } else {
+        backoff
+    }
+}
+
 impl Driver {
     pub async fn run(mut self) {
         let mut backoff = self.config.backoff_min;
@@ -86,11 +102,7 @@ impl Driver {
                 backoff = self.config.backoff_min;
             }
             let refused = matches!(err, EndError::Session(SessionError::Refused(_)));
-            let wait = if refused {
-                self.config.backoff_max
-            } else {
-                backoff
-            };
+            let wait = wait_after(backoff, refused);
             let jitter = rand::thread_rng().gen_range(0.8..1.2);
             // Meanwhile, packets given to us are dropped, not piled up.
             let until = tokio::time::Instant::now() + wait.mul_f64(jitter);
@@ -255,5 +267,25 @@ impl Link {
                 .await
                 .map_err(|e| EndError::Io(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Refusals start at a second and double to the maximum, like other
+    /// failures but never faster than [`REFUSED_FIRST`].
+    #[test]
+    fn refusals_back_off_from_a_second_to_the_maximum() {
+        let cfg = super::super::RelayClientConfig::new("https://relay.example");
+        let mut backoff = cfg.backoff_min;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            waits.push(wait_after(backoff, true).as_secs());
+            backoff = (backoff * 2).min(cfg.backoff_max);
+        }
+        assert_eq!(waits, [1, 1, 1, 2, 4, 8, 16, 30]);
+        assert_eq!(wait_after(cfg.backoff_min, false), cfg.backoff_min);
     }
 }

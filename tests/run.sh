@@ -31,6 +31,11 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 cargo --version
+# A clean one-shot build gains nothing from incremental state, which is
+# hundreds of MB; CI machines may have little free disk.
+if [[ "${CI:-}" == true ]]; then
+    export CARGO_INCREMENTAL=0
+fi
 
 cargo build --workspace --all-targets
 rm -f target/nat-matrix.txt

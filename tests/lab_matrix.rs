@@ -102,8 +102,10 @@ impl Kind {
 /// - A 443-only side (`udp-blocked`) has nothing but the relay.
 /// - A `tcp-only` side (UDP dropped, TCP open) goes direct over TCP by
 ///   simultaneous open with a side whose NAT keeps TCP ports (none, EIM
-///   masquerade, double EIM, the UPnP gateway's masquerade). Against EDM
-///   there is no TCP port prediction: relay.
+///   masquerade, double EIM, the UPnP gateway's masquerade), or whose NAT
+///   allocates them in sequence (the sequential side offers its next TCP
+///   ports and the tcp-only side dials them all from its one port).
+///   Against random EDM: relay (neither side's port can be known).
 /// - Otherwise direct UDP wherever one side is no NAT, port-mapped, EIM or
 ///   sequential (prediction), with the birthday method against random EDM
 ///   from an EIM side, except for the two pairs below.
@@ -117,7 +119,7 @@ impl Kind {
 ///   65,000 mappings for one expected hit).
 fn expected(a: Kind, b: Kind) -> &'static str {
     use Kind::*;
-    let tcp_friendly = |k: Kind| matches!(k, Public | Eim | DoubleNat | Upnp | TcpOnly);
+    let tcp_friendly = |k: Kind| matches!(k, Public | Eim | DoubleNat | Upnp | TcpOnly | EdmSeq);
     match (a, b) {
         (UdpBlocked, _) | (_, UdpBlocked) => "relay",
         (TcpOnly, k) | (k, TcpOnly) if tcp_friendly(k) => "direct_tcp",
@@ -298,8 +300,7 @@ fn render(cells: &[(Kind, Kind, Cell)]) -> String {
          ! the 10 MB transfer failed\n\
          relay is expected with udp-blocked (TCP 443 only), between two random \
          EDM NATs, between sequential and random EDM (no bounded method, see \
-         src/traversal/hardnat.rs) and between tcp-only and EDM (no TCP port \
-         prediction)\n",
+         src/traversal/hardnat.rs) and between tcp-only and random EDM\n",
     );
     out
 }

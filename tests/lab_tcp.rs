@@ -10,6 +10,9 @@
 //!   the stream: traffic falls back to the relay at once and goes on.
 //! - The same, but the gateway silently drops the stream: both sides fall
 //!   back once its heartbeats go unanswered past the trust window.
+//! - One side TCP-only, the other behind a sequential EDM gateway (UDP
+//!   works there): the sequential side offers the TCP ports after the one
+//!   STUN saw, and the stream comes up on one of them.
 //! - Gateways that let only TCP 443 out (to the coordinator): the dials go
 //!   nowhere, both stay on the relay, and traffic works.
 //! - Gateways whose UDP works: the pair goes direct over UDP, netcheck
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use lab::agent::{tcp_transfer, Agent, PORT};
 use lab::coord::Coordinator;
 use lab::mesh::{join_pair, overlay_v4, path_of};
-use lab::nat::{Nat, FILTER_TABLE};
+use lab::nat::{Nat, FILTER_TABLE, SEQ_BASE, SEQ_LEN};
 use lab::{poll_until, Lab, Node};
 
 /// How long the test waits for the direct TCP path at all.
@@ -208,6 +211,62 @@ fn silent_stream_falls_back_within_the_trust_window() {
     );
     assert!(lab.ping_within(&a.node, &ip_b, Duration::from_secs(5)));
     transfer(&lab, &a, &b, &ip_b, 5203);
+}
+
+#[test]
+fn tcp_only_reaches_a_sequential_nat_on_a_predicted_port() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let (_ga, a) = behind(&lab, "a", Nat::TcpOnly);
+    let (_gb, b) = behind(&lab, "b", Nat::EdmSequential);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
+    let t0 = first_packet(&lab, &a, &ip_b);
+    let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        path_of(&a.status(&lab), "b") == "direct_tcp"
+            && path_of(&b.status(&lab), "a") == "direct_tcp"
+    });
+    let took = t0.elapsed();
+    assert!(
+        direct,
+        "no direct tcp path:\n{}\n{}\n--- a\n{}\n--- b\n{}",
+        a.cli(&lab, &["status"]).stdout,
+        b.cli(&lab, &["status"]).stdout,
+        lab.log(a.proc),
+        lab.log(b.proc)
+    );
+    println!(
+        "direct tcp {:.2} s after the first packet",
+        took.as_secs_f64()
+    );
+    assert!(took < DIRECT_TARGET, "direct tcp took {took:?}");
+    // A reached B on a port B's NAT handed out in sequence, and not the one
+    // STUN over TCP saw (that mapping leads to the STUN server only).
+    let st = a.status(&lab);
+    let endpoint = st["peers"][0]["path"]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let port: u16 = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert!((SEQ_BASE..SEQ_BASE + SEQ_LEN).contains(&port), "{st}");
+    let log_b = lab.log(b.proc);
+    let observed: Vec<&str> = log_b
+        .lines()
+        .filter(|l| l.contains("direct tcp: public address"))
+        .collect();
+    assert!(!observed.is_empty(), "{log_b}");
+    assert!(
+        observed.iter().all(|l| !l.contains(&endpoint)),
+        "A's stream goes to a port STUN saw, not a predicted one: {endpoint}\n{observed:?}"
+    );
+    transfer(&lab, &a, &b, &ip_b, 5201);
 }
 
 #[test]

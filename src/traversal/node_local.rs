@@ -1,6 +1,7 @@
 //! What this host offers its peers: the candidates a CallMeMaybe carries
 //! (host and reflexive UDP addresses, the ports a sequential NAT will hand
-//! out next, TCP addresses), and the direct TCP path's streams.
+//! out next, TCP addresses and, behind a sequential NAT, the TCP ports it
+//! will hand out next), and the direct TCP path's streams.
 //!
 //! For the TCP path, the driver keeps one stream per far-end address and
 //! does the framing (`proto::stream`); the node sees each frame's payload
@@ -20,6 +21,10 @@ use crate::traversal::hardnat;
 use crate::traversal::node::is_wireguard;
 use crate::traversal::Path;
 
+/// Ports below the observed one offered as TCP predictions (see
+/// `predicted_tcp`).
+const TCP_PREDICT_BEHIND: i32 = 2;
+
 impl Node {
     /// Our candidates for a CallMeMaybe to `peer`. When our NAT allocates
     /// sequentially, two lists of predicted ports follow (see `hardnat`):
@@ -32,7 +37,8 @@ impl Node {
         let mut out = self.local_candidates.clone();
         if self.peers.get(&peer).is_some_and(|e| e.paths.wants_tcp()) {
             // First, so the truncation below can never drop them.
-            out.splice(0..0, self.tcp_local.iter().copied());
+            let tcp = self.tcp_local.iter().copied().chain(self.predicted_tcp());
+            out.splice(0..0, tcp);
         }
         if let (Some(step), Some(base)) =
             (self.local_nat.sequential_step(), self.local_nat.observed)
@@ -64,6 +70,50 @@ impl Node {
         }
         out.truncate(disco::MAX_CANDIDATES);
         out
+    }
+
+    /// The public ports our NAT gives our TCP dials, when it allocates
+    /// sequentially: the ports around the one STUN over TCP saw, in steps
+    /// of the allocation step netcheck measured over UDP.
+    ///
+    /// A dial to the peer leaves through a new NAT mapping, so behind a
+    /// sequential NAT it does not leave from the port STUN saw: it leaves
+    /// from one of the next few or, when the dial began just before the
+    /// STUN query (a dial round reuses its first mapping), from one just
+    /// below. A peer that dials only the observed port hits the STUN
+    /// server's mapping and is dropped; dialling all of these from its one
+    /// port, its SYN meets ours on whichever our NAT picked (its own NAT
+    /// must keep its port: EIM or public).
+    ///
+    /// This assumes TCP gets the same allocator as UDP, as on Linux-based
+    /// NATs and most home routers. Where it does not, the extra SYNs are
+    /// dropped at our NAT and cost the peer a few packets a round. The base
+    /// moves with every netcheck (each queries STUN over TCP again), which
+    /// absorbs the mappings our own control and relay connections take.
+    fn predicted_tcp(&self) -> Vec<Candidate> {
+        let Some(step) = self.local_nat.sequential_step() else {
+            return Vec::new();
+        };
+        let Some(public) = self
+            .tcp_local
+            .iter()
+            .find(|c| c.kind == disco::CandidateKind::ServerReflexive)
+        else {
+            return Vec::new();
+        };
+        let (base, step) = (i32::from(public.addr.port()), i32::from(step));
+        let ahead = 1..=i32::from(self.cfg.predict_ports);
+        let behind = (1..=TCP_PREDICT_BEHIND).map(|i| -i);
+        ahead
+            .chain(behind)
+            .filter_map(|i| u16::try_from(base + step * i).ok())
+            .filter(|&port| port != 0)
+            .map(|port| Candidate {
+                addr: SocketAddr::new(public.addr.ip(), port),
+                kind: disco::CandidateKind::Predicted,
+                transport: disco::Transport::Tcp,
+            })
+            .collect()
     }
 
     /// This host's TCP candidates (empty when it has no listener) and

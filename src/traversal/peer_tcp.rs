@@ -125,7 +125,17 @@ impl PeerPaths {
             return;
         }
         let fresh = self.tcp.remote.is_empty();
+        let grew = remote.iter().any(|a| !self.tcp.remote.contains(a));
         self.tcp.remote = remote;
+        if grew && !fresh && self.tcp.link.is_none() {
+            // New addresses are new information (typically a late netcheck
+            // that found the peer's NAT sequential, and its predicted
+            // ports): dial the new list now rather than after the running
+            // attempt and its backoff. The driver's new dial replaces the
+            // old one. Bounded by how often the peer learns new addresses.
+            self.tcp.attempt_until = None;
+            self.tcp.not_before = None;
+        }
         if fresh && self.tcp.local {
             // The peer has not heard our TCP candidates if our UDP works:
             // answer now instead of after the CallMeMaybe gap.

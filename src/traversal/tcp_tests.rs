@@ -211,6 +211,65 @@ fn one_blocked_side_is_enough_to_try_tcp() {
 }
 
 #[test]
+fn behind_a_sequential_nat_the_next_tcp_ports_are_offered() {
+    // A's NAT hands out ports in steps of 2 (netcheck saw it over UDP): its
+    // dial to B leaves from one of the ports after the one STUN saw, so B
+    // must dial those too, after the observed one.
+    let mut s = Sim::new(false, true);
+    let seq = NatSummary {
+        mapping: super::Mapping::EndpointDependent,
+        allocation: super::Allocation::Sequential { step: 2 },
+        observed: Some("203.0.113.1:30000".parse().unwrap()),
+    };
+    s.a.set_local(s.now, Vec::new(), seq);
+    s.b.note_traffic(s.now, &ka());
+    s.b.handle_timeout(s.now);
+    s.settle();
+    let mut want = vec![a_tcp()];
+    let ports = Config::default().predict_ports;
+    want.extend((1..=ports).map(|i| SocketAddr::new(a_tcp().ip(), a_tcp().port() + 2 * i)));
+    // and the two before: A's dial may have begun before the STUN query.
+    want.extend([2, 4].map(|d| SocketAddr::new(a_tcp().ip(), a_tcp().port() - d)));
+    assert_eq!(
+        s.dials[1],
+        vec![want],
+        "B dials A's TCP port and those around it"
+    );
+    assert_eq!(s.dials[0], vec![vec![b_tcp()]], "B's NAT keeps its port");
+}
+
+#[test]
+fn a_late_sequential_verdict_redials_at_once_with_the_new_ports() {
+    // A's netcheck names its NAT only after B has started dialling A's one
+    // TCP candidate: A's next CallMeMaybe carries the predicted ports, and
+    // B dials the new list at once instead of after its attempt's window
+    // and backoff.
+    let mut s = Sim::new(false, true);
+    s.b.note_traffic(s.now, &ka());
+    s.a.note_traffic(s.now, &kb());
+    s.b.handle_timeout(s.now);
+    s.settle();
+    assert_eq!(s.dials[1], vec![vec![a_tcp()]]);
+    s.now += Duration::from_millis(300);
+    let seq = NatSummary {
+        mapping: super::Mapping::EndpointDependent,
+        allocation: super::Allocation::Sequential { step: 1 },
+        observed: Some("203.0.113.1:30000".parse().unwrap()),
+    };
+    s.a.set_local(s.now, Vec::new(), seq);
+    s.a.handle_timeout(s.now);
+    s.settle();
+    assert_eq!(s.dials[1].len(), 2, "{:?}", s.dials[1]);
+    let next = SocketAddr::new(a_tcp().ip(), a_tcp().port() + 1);
+    assert!(s.dials[1][1].contains(&next), "{:?}", s.dials[1]);
+    // The same list again (A's next CallMeMaybe) starts nothing new.
+    for _ in 0..5 {
+        s.step(Duration::from_secs(1));
+    }
+    assert_eq!(s.dials[1].len(), 2, "{:?}", s.dials[1]);
+}
+
+#[test]
 fn hosts_whose_udp_works_never_dial_tcp() {
     let mut s = Sim::new(false, false);
     s.a.note_traffic(s.now, &kb());

@@ -131,6 +131,13 @@ fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
         "direct_tcp",
         "the transfer stayed on the stream"
     );
+    // `warren netcheck` shows what the peer dialled: the TCP port's public
+    // address (the masquerade kept the port).
+    let nc = a.cli(&lab, &["netcheck", "--json"]).expect_ok("netcheck");
+    let report: serde_json::Value = serde_json::from_str(&nc.stdout).unwrap();
+    assert_eq!(report["udp"], false, "{report}");
+    let public = report["tcp"]["public"].as_str().unwrap_or_default();
+    assert!(public.ends_with(&format!(":{PORT}")), "{report}");
 
     // The gateway now resets the stream (and any new one on that port),
     // both ways.

@@ -159,6 +159,12 @@ pub fn netcheck(r: &Report) -> String {
     );
     family(&mut out, "IPv4", &r.ipv4);
     family(&mut out, "IPv6", &r.ipv6);
+    // Where UDP is blocked, this is the address peers dial for direct TCP.
+    let tcp = match &r.tcp {
+        Some(t) => format!("yes, seen as {}", t.public),
+        None => "no answer over TCP (no direct TCP path)".into(),
+    };
+    let _ = writeln!(out, "TCP: {tcp}");
     let hp = match r.hairpinning {
         Some(true) => "yes",
         Some(false) => "no",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::report::{classify, ProbeReport, Rejected, Report, ServerReport};
+use super::report::{classify, ProbeReport, Rejected, Report, ServerReport, TcpReport};
 use super::Config;
 use crate::portmap::PortmapPresence;
 use crate::proto::stun::{self, Class, Message, StunError, TransactionId};
@@ -83,6 +83,8 @@ pub struct Netcheck {
     start: Instant,
     /// The fastest STUN exchange over TCP we were told of.
     tcp_rtt: Option<Duration>,
+    /// What the last TCP answer saw of our TCP port.
+    tcp_public: Option<SocketAddr>,
     /// UDP is probably blocked: TCP answered, UDP stayed silent.
     udp_suspect: bool,
 }
@@ -113,6 +115,7 @@ impl Netcheck {
             finished: false,
             start: now,
             tcp_rtt: None,
+            tcp_public: None,
             udp_suspect: false,
             config,
         };
@@ -179,11 +182,12 @@ impl Netcheck {
     /// A STUN server answered our Binding request over TCP, `rtt` after
     /// the connection was started: the network is up, so UDP's silence
     /// from now on says something.
-    pub fn handle_tcp_answer(&mut self, rtt: Duration) {
+    pub fn handle_tcp_answer(&mut self, rtt: Duration, public: SocketAddr) {
         if self.finished {
             return;
         }
         self.tcp_rtt = Some(self.tcp_rtt.map_or(rtt, |r| r.min(rtt)));
+        self.tcp_public = Some(canonical(public));
     }
 
     /// Whether UDP is probably blocked, before the report can say so: a
@@ -415,6 +419,10 @@ impl Netcheck {
             servers,
             preferred_server,
             rejected: self.rejected,
+            tcp: self.tcp_public.map(|public| TcpReport {
+                public,
+                rtt: self.tcp_rtt,
+            }),
         }
     }
 }

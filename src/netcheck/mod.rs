@@ -50,6 +50,7 @@ pub use driver::{run, NetcheckError};
 pub use machine::{InputError, Netcheck};
 pub use report::{
     FamilyReport, MappingBehavior, PortAllocation, ProbeReport, Rejected, Report, ServerReport,
+    TcpReport,
 };
 
 /// A STUN server (a relay or the coordinator), possibly at several addresses

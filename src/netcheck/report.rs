@@ -31,6 +31,20 @@ pub struct Report {
     pub preferred_server: Option<String>,
     /// Datagrams that were not accepted, by reason.
     pub rejected: Rejected,
+    /// STUN over TCP from the direct-TCP port, when a server answered
+    /// during the run: what a peer whose UDP is blocked would dial.
+    #[serde(default)]
+    pub tcp: Option<TcpReport>,
+}
+
+/// What the STUN server saw of our TCP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpReport {
+    /// Our TCP port's public address.
+    pub public: SocketAddr,
+    /// The fastest exchange (connect, request, answer).
+    #[serde(with = "opt_ms", rename = "rtt_ms")]
+    pub rtt: Option<Duration>,
 }
 
 /// What one address family looks like.
@@ -191,6 +205,10 @@ impl fmt::Display for Report {
             Some(false) => "no",
             None => "not tested",
         };
+        match &self.tcp {
+            Some(t) => writeln!(f, "  * TCP: yes, {}", t.public)?,
+            None => writeln!(f, "  * TCP: no answer")?,
+        }
         writeln!(f, "  * Hairpinning: {}", yes_no(self.hairpinning))?;
         match &self.portmap {
             Some(p) => writeln!(

@@ -33,6 +33,9 @@ enum Nat {
 
 const LOCAL: &str = "10.0.0.2:5000";
 const PUBLIC: &str = "198.51.100.7";
+/// What the TCP STUN answer of a scenario saw.
+const TCP_PUBLIC: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7)), 41641);
 
 struct Sim {
     nat: Nat,
@@ -214,7 +217,7 @@ fn run_observed(
         }
         if let Some((at, rtt)) = tcp {
             if start + at <= now {
-                nc.handle_tcp_answer(rtt);
+                nc.handle_tcp_answer(rtt, TCP_PUBLIC);
                 tcp = None;
             }
         }

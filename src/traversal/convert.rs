@@ -154,6 +154,7 @@ mod tests {
             ipv6: FamilyReport::default(),
             hairpinning: None,
             portmap: None,
+            tcp: None,
             servers: vec![ServerReport {
                 name: "a".into(),
                 latency: None,

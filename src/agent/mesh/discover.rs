@@ -167,10 +167,11 @@ impl Discovery {
         }
     }
 
-    /// A STUN server answered our query over TCP after `rtt`.
-    pub fn handle_tcp_answer(&mut self, rtt: Duration) {
+    /// A STUN server answered our query over TCP after `rtt`, seeing our
+    /// TCP port as `public`.
+    pub fn handle_tcp_answer(&mut self, rtt: Duration, public: SocketAddr) {
         if let Some(nc) = self.running.as_mut() {
-            nc.handle_tcp_answer(rtt);
+            nc.handle_tcp_answer(rtt, public);
         }
     }
 

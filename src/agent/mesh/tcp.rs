@@ -429,9 +429,9 @@ impl super::Mesh {
                 self.node.tcp_closed(now, addr);
             }
             TcpIncoming::Stun { seen, took } => {
-                if seen.is_some() {
+                if let Some(public) = seen {
                     // Lets netcheck read UDP's silence early (see discover).
-                    self.discovery.handle_tcp_answer(took);
+                    self.discovery.handle_tcp_answer(took, public);
                 }
                 if seen != self.tcp_public {
                     tracing::info!(public = ?seen, "direct tcp: public address");

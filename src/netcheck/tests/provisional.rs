@@ -41,6 +41,22 @@ fn tcp_answer_and_silent_udp_suspect_a_block_early() {
     );
     assert_eq!(withdrawn, None);
     assert!(!report.udp, "the report still decides, and agrees");
+    // The report keeps what the TCP answer saw: the address peers whose
+    // UDP is blocked too would dial, shown by `warren netcheck`.
+    let want = TcpReport {
+        public: TCP_PUBLIC,
+        rtt: Some(Duration::from_millis(20)),
+    };
+    assert_eq!(report.tcp, Some(want));
+    assert!(report.to_string().contains("TCP: yes, 198.51.100.7:41641"));
+    let cli = crate::cli::render_mesh::netcheck(&report);
+    assert!(
+        cli.contains("TCP: yes, seen as 198.51.100.7:41641"),
+        "{cli}"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["tcp"]["public"], "198.51.100.7:41641");
+    assert_eq!(json["tcp"]["rtt_ms"], 20.0);
 
     // A slow TCP exchange stretches the wait to twice its length.
     let slow = (Duration::from_millis(400), Duration::from_millis(400));
@@ -52,8 +68,11 @@ fn tcp_answer_and_silent_udp_suspect_a_block_early() {
     assert_eq!(first, Some(Duration::from_millis(800)));
 
     // No TCP answer (the whole network may be down): silence proves nothing.
-    let (first, _, _) = suspicion(&mut with_servers(Nat::Blocked, &cfg), cfg, None);
+    let (first, _, report) = suspicion(&mut with_servers(Nat::Blocked, &cfg), cfg, None);
     assert_eq!(first, None);
+    assert_eq!(report.tcp, None);
+    let cli = crate::cli::render_mesh::netcheck(&report);
+    assert!(cli.contains("TCP: no answer over TCP"), "{cli}");
 }
 
 #[test]

@@ -67,6 +67,10 @@ enum Birthday {
 const MAX_PENDING: usize = 4096;
 /// Least gap between two pings to one path outside the regular rounds.
 const PING_GAP: Duration = Duration::from_secs(1);
+/// The same for a path that has not answered yet: short enough that a
+/// repeated ping from the peer is answered with a new ping of ours, long
+/// enough that a burst of the peer's pings costs one ping back.
+const UNANSWERED_PING_GAP: Duration = Duration::from_millis(200);
 
 /// The per-peer machine. See the module doc for the behaviour.
 #[derive(Debug)]
@@ -257,11 +261,22 @@ impl PeerPaths {
                     }),
                 });
                 self.table.insert(now, p, CandidateKind::PeerReflexive);
+                // A path that has answered is pinged back at most once per
+                // PING_GAP. One that has not may have lost our ping or its
+                // pong (a burst of birthday probes can overflow a socket's
+                // queue), and the peer pinging again is the moment it
+                // works: waiting out the gap left the peer direct and us on
+                // the relay until its next heartbeat, 3 s later.
+                let gap = if self.table.get(&p).is_some_and(|i| i.trusted(now)) {
+                    PING_GAP
+                } else {
+                    UNANSWERED_PING_GAP
+                };
                 let recently = self
                     .table
                     .get(&p)
                     .and_then(|i| i.last_ping)
-                    .is_some_and(|t| now < t + PING_GAP);
+                    .is_some_and(|t| now < t + gap);
                 // A ping on the path we already trust proves nothing new;
                 // answering it is enough, and halves the keepalive traffic.
                 let current_ok = self.current == Path::Direct(p)

@@ -148,6 +148,49 @@ fn ping_from_stranger_key_is_refused_and_real_ping_is_answered() {
 }
 
 #[test]
+fn a_repeated_ping_on_an_unanswered_path_is_pinged_back_again() {
+    // The peer went direct on our pong, but our own ping back (or its pong)
+    // was lost. Its next ping, half a second later, must get a new ping of
+    // ours, not wait for a gap meant for paths that work.
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    m.note_traffic(t0);
+    let src = addr("203.0.113.7:5000");
+    let from = Path::Direct(DirectPath::primary(src));
+    let ping = |id: u8| Message::Ping {
+        tx_id: [id; 12],
+        node_key: key(2),
+    };
+    m.handle_disco(t0, from, ping(1)).unwrap();
+    ping_to(&drain(&mut m), src);
+    // A burst: within the short gap, no second ping back.
+    let t1 = t0 + Duration::from_millis(50);
+    m.handle_disco(t1, from, ping(2)).unwrap();
+    let pings_back = |txs: &[Transmit]| {
+        txs.iter()
+            .filter(|t| matches!(t.payload, Payload::Disco(Message::Ping { .. })) && t.path == from)
+            .count()
+    };
+    assert_eq!(pings_back(&drain(&mut m)), 0);
+    // Half a second on, with no pong: ping back again.
+    let t2 = t0 + Duration::from_millis(500);
+    m.handle_disco(t2, from, ping(3)).unwrap();
+    let again = ping_to(&drain(&mut m), src);
+    let pong = Message::Pong {
+        tx_id: again,
+        observed_src: addr("198.51.100.1:41641"),
+    };
+    m.handle_disco(t2 + Duration::from_millis(1), from, pong)
+        .unwrap();
+    assert_eq!(m.current_path(), from);
+    // Once the path answers, its pings are answered without a ping back
+    // for the full gap.
+    let t3 = t2 + Duration::from_millis(300);
+    m.handle_disco(t3, from, ping(4)).unwrap();
+    assert_eq!(pings_back(&drain(&mut m)), 0);
+}
+
+#[test]
 fn silent_path_falls_back_at_trust_expiry_then_probes_again() {
     let t0 = Instant::now();
     let cand = addr("192.0.2.2:41641");

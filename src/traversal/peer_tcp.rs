@@ -17,7 +17,9 @@
 //! path and above the relay. It is heartbeaten like a direct path and its
 //! trust lapses the same way; when the driver reports the stream closed,
 //! traffic goes back to the relay at once. A failed attempt waits for the
-//! next one with the same backoff as UDP discovery (30 s doubling to 5 min).
+//! next one with the same backoff as UDP discovery (30 s doubling to 5 min),
+//! unless the peer publishes TCP addresses it had not (a late netcheck that
+//! found its NAT sequential adds predicted ports): those are dialled at once.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -65,14 +65,31 @@ fn block_v4_udp_except_to(lab: &Lab, gw: &Node, coord: &Node) {
 
 /// The endpoint of `a`'s path to `peer`, when it is direct.
 fn direct_endpoint(lab: &Lab, a: &Agent, peer: &str) -> Option<SocketAddr> {
+    endpoint(lab, a, peer, "direct")
+}
+
+/// The endpoint of `a`'s path to `peer`, when the path is of `kind`.
+fn endpoint(lab: &Lab, a: &Agent, peer: &str, kind: &str) -> Option<SocketAddr> {
     let st = a.status(lab);
-    if path_of(&st, peer) != "direct" {
+    if path_of(&st, peer) != kind {
         return None;
     }
     peer_of(&st, peer)?["path"]["endpoint"]
         .as_str()?
         .parse()
         .ok()
+}
+
+/// Lets IPv4 TCP out of `gw` only towards the coordinator (control, relay,
+/// STUN over TCP), so no direct IPv4 TCP path to a peer can exist.
+fn block_v4_tcp_except_to(lab: &Lab, gw: &Node, coord: &Node) {
+    let coord_ip = coord.ip.to_string();
+    lab.filter_first(
+        gw,
+        &[
+            "oifname", "wan", "ip", "daddr", "!=", &coord_ip, "meta", "l4proto", "tcp", "drop",
+        ],
+    );
 }
 
 /// Pings from A while waiting until both sides are direct to the other's
@@ -220,4 +237,49 @@ fn both_families_direct_picks_by_kind_then_latency() {
     {
         println!("a: {line}");
     }
+}
+
+#[test]
+fn udp_blocked_goes_direct_over_tcp_on_ipv6() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.ipv6_internet();
+    let coord_node = lab.public("coord");
+    let coord = Coordinator::start(&lab, &coord_node, &[]);
+    // UDP is dropped in both families; IPv4 TCP reaches only the
+    // coordinator. What is left between the peers is TCP over IPv6, through
+    // each router's stateful firewall.
+    let (ga, a, v6a) = dual_stack_host(&lab, "a", Nat::TcpOnly);
+    let (gb, b, v6b) = dual_stack_host(&lab, "b", Nat::TcpOnly);
+    block_v4_tcp_except_to(&lab, &ga, &coord_node);
+    block_v4_tcp_except_to(&lab, &gb, &coord_node);
+    let (a, b, ip_b) = join_pair(&lab, &coord, &a, &b);
+    assert!(
+        lab.ping_within(&a.node, &ip_b, Duration::from_secs(10)),
+        "no ping reply, even through the relay:\n{}",
+        a.cli(&lab, &["status"]).stdout
+    );
+    let t0 = Instant::now();
+    let want_a = SocketAddr::new(IpAddr::V6(v6b), PORT);
+    let want_b = SocketAddr::new(IpAddr::V6(v6a), PORT);
+    let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {
+        lab.ping(&a.node, &ip_b);
+        endpoint(&lab, &a, "b", "direct_tcp") == Some(want_a)
+            && endpoint(&lab, &b, "a", "direct_tcp") == Some(want_b)
+    });
+    assert!(
+        direct,
+        "not direct over TCP on IPv6 (want {want_a} and {want_b}):\n{}\n{}\n--- a\n{}",
+        a.cli(&lab, &["status"]).stdout,
+        b.cli(&lab, &["status"]).stdout,
+        lab.log(a.proc)
+    );
+    println!(
+        "direct tcp over IPv6 {:.2} s after the first packet",
+        t0.elapsed().as_secs_f64()
+    );
+    transfer(&lab, &a, &b, &ip_b, 5201);
+    assert_eq!(endpoint(&lab, &a, "b", "direct_tcp"), Some(want_a));
 }

@@ -257,7 +257,7 @@ impl Node {
         if !self.peers.contains_key(&info.node_key) {
             let seed = self.rng.gen();
             let mut paths = PeerPaths::new(self.cfg.clone(), self.local_key, info.node_key, seed);
-            paths.set_tcp_local(now, !self.tcp_local.is_empty(), self.udp_blocked, false);
+            paths.set_tcp_local(now, !self.tcp_local.is_empty(), self.udp_blocked);
             self.by_disco.insert(info.disco_key, info.node_key);
             self.peers.insert(
                 info.node_key,

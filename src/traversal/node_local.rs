@@ -121,13 +121,12 @@ impl Node {
     /// their TCP candidates only to peers that published theirs.
     pub fn set_tcp_local(&mut self, now: Instant, candidates: Vec<Candidate>, udp_blocked: bool) {
         let listening = !candidates.is_empty();
-        let changed = candidates != self.tcp_local;
         self.tcp_local = candidates;
         self.udp_blocked = udp_blocked;
         let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
         for k in keys {
             if let Some(e) = self.peers.get_mut(&k) {
-                e.paths.set_tcp_local(now, listening, udp_blocked, changed);
+                e.paths.set_tcp_local(now, listening, udp_blocked);
             }
             self.pump(now, k);
         }

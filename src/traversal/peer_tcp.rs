@@ -95,24 +95,15 @@ impl TcpState {
 }
 
 impl PeerPaths {
-    /// Whether this host has a TCP listener, and whether its UDP is blocked;
-    /// `changed` when our TCP candidates are not the ones we published.
-    /// Netcheck may say so well after discovery began, and host addresses
-    /// (a global IPv6 one, say) may come after the first CallMeMaybe: a
-    /// peer we are relaying to then hears our TCP candidates at once, not
-    /// at the next discovery attempt.
-    pub fn set_tcp_local(
-        &mut self,
-        now: Instant,
-        listening: bool,
-        udp_blocked: bool,
-        changed: bool,
-    ) {
+    /// Whether this host has a TCP listener, and whether its UDP is blocked.
+    /// Netcheck may say so well after discovery began: a peer we are
+    /// relaying to then hears our TCP candidates at once, not at the next
+    /// discovery attempt.
+    pub fn set_tcp_local(&mut self, now: Instant, listening: bool, udp_blocked: bool) {
         let wanted = self.wants_tcp();
         self.tcp.local = listening;
         self.tcp.udp_blocked = udp_blocked;
-        let news = !wanted || (changed && self.tcp.link.is_none());
-        if news && self.wants_tcp() && self.current == Path::Relay && self.active(now) {
+        if !wanted && self.wants_tcp() && self.current == Path::Relay && self.active(now) {
             self.last_cmm = None;
             self.maybe_call_me(now);
             self.maybe_start_tcp(now);

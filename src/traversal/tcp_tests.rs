@@ -270,33 +270,6 @@ fn a_late_sequential_verdict_redials_at_once_with_the_new_ports() {
 }
 
 #[test]
-fn a_new_tcp_address_is_announced_and_dialled_at_once() {
-    // A's global IPv6 address comes up after its first CallMeMaybe: A tells
-    // B at once, and B dials the longer list without waiting for its
-    // attempt to end.
-    let mut s = Sim::new(true, true);
-    s.a.note_traffic(s.now, &kb());
-    s.b.note_traffic(s.now, &ka());
-    s.a.handle_timeout(s.now);
-    s.settle();
-    assert_eq!(s.dials[1], vec![vec![a_tcp()]]);
-    s.now += Duration::from_millis(200);
-    let v6: SocketAddr = "[2001:db8:1::2]:41641".parse().unwrap();
-    let host = Candidate {
-        addr: v6,
-        kind: CandidateKind::Host,
-        transport: Transport::Tcp,
-    };
-    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp()), host], true);
-    s.settle();
-    assert_eq!(s.dials[1], vec![vec![a_tcp()], vec![a_tcp(), v6]]);
-    // The same candidates again change nothing.
-    s.a.set_tcp_local(s.now, vec![tcp_cand(a_tcp()), host], true);
-    s.settle();
-    assert_eq!(s.dials[1].len(), 2);
-}
-
-#[test]
 fn hosts_whose_udp_works_never_dial_tcp() {
     let mut s = Sim::new(false, false);
     s.a.note_traffic(s.now, &kb());

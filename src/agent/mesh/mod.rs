@@ -302,12 +302,12 @@ impl Mesh {
                     self.node.network_changed(now);
                 }
                 self.host_addrs = addrs;
-                // The host addresses are TCP candidates too (global IPv6
-                // ones are all a peer needs).
-                self.publish_tcp();
-                // When UDP already looks blocked, a restart would only push
-                // that verdict (the run's whole deadline) back.
-                if !(first && self.discovery.udp_blocked()) {
+                if first && self.discovery.udp_blocked() {
+                    // UDP already looks blocked: a restart would only push
+                    // that verdict (the run's whole deadline) back, and the
+                    // TCP candidates are what peers need now.
+                    self.publish_tcp();
+                } else {
                     self.start_netcheck(now);
                 }
             }

@@ -11,11 +11,6 @@
 //! side's SYN opened. Whichever of dial and accept yields a stream first
 //! wins; a second stream to the same address is dropped.
 //!
-//! The port listens on IPv4 and, where the host has it, on IPv6 (separate
-//! IPv6-only sockets). Global IPv6 host addresses are offered as they are:
-//! no NAT changes them, and a home router's stateful firewall opens on our
-//! own SYN, so simultaneous open works there without STUN.
-//!
 //! Streams carry `proto::stream` frames. Each has a reader task (frames to
 //! the mesh task, which feeds traversal and the data plane) and a writer
 //! task behind a bounded queue: a full queue drops the packet, so a slow
@@ -24,7 +19,7 @@
 //! says when to dial and what to close.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,41 +99,23 @@ pub struct TcpPaths {
     port: u16,
     tx: mpsc::Sender<TcpIncoming>,
     listener: Option<JoinHandle<()>>,
-    /// The IPv6 listener on the same port, when the host has IPv6.
-    listener6: Option<JoinHandle<()>>,
     streams: HashMap<SocketAddr, Stream>,
     dials: HashMap<NodeKey, JoinHandle<()>>,
     next_id: u64,
 }
 
-/// A TCP socket on `port` that shares it with the listener and the dials,
-/// of one family. IPv6 sockets are IPv6-only: the IPv4 ones own IPv4, so an
-/// IPv4 peer's address never shows up mapped (`::ffff:a.b.c.d`).
-fn reusable(port: u16, v6: bool) -> std::io::Result<Socket> {
-    let (domain, any) = if v6 {
-        (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-    } else {
-        (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    if v6 {
-        s.set_only_v6(true)?;
-    }
+/// A TCP socket on `port` that shares it with the listener and the dials.
+fn reusable(port: u16) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::new(any, port).into())?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
     Ok(s)
 }
 
-fn listen_on(port: u16, v6: bool) -> std::io::Result<TcpListener> {
-    let s = reusable(port, v6)?;
-    s.listen(64)?;
-    TcpListener::from_std(s.into())
-}
-
 async fn connect_from(port: u16, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = TcpSocket::from_std_stream(reusable(port, to.is_ipv6())?.into());
+    let sock = TcpSocket::from_std_stream(reusable(port)?.into());
     sock.set_nodelay(true)?;
     sock.connect(to).await
 }
@@ -152,7 +129,6 @@ impl TcpPaths {
             port: 0,
             tx,
             listener: None,
-            listener6: None,
             streams: HashMap::new(),
             dials: HashMap::new(),
             next_id: 0,
@@ -160,7 +136,12 @@ impl TcpPaths {
         if port == 0 {
             return paths;
         }
-        let listener = listen_on(port, false).and_then(|l| Ok((l.local_addr()?.port(), l)));
+        let listener = reusable(port)
+            .and_then(|s| {
+                s.listen(64)?;
+                TcpListener::from_std(s.into())
+            })
+            .and_then(|l| Ok((l.local_addr()?.port(), l)));
         match listener {
             Ok((bound, l)) => {
                 tracing::info!(port = bound, "direct tcp: listening");
@@ -170,28 +151,12 @@ impl TcpPaths {
             }
             Err(e) => tracing::warn!(port, error = %e, "direct tcp: cannot listen; relay only"),
         }
-        if paths.port != 0 {
-            // A host without IPv6 (or with it turned off) just has no IPv6
-            // TCP candidates.
-            match listen_on(paths.port, true) {
-                Ok(l) => {
-                    let tx = paths.tx.clone();
-                    paths.listener6 = Some(tokio::spawn(accept_loop(l, tx)));
-                }
-                Err(e) => tracing::debug!(error = %e, "direct tcp: no IPv6 listener"),
-            }
-        }
         paths
     }
 
     /// The listening port, 0 when off.
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    /// Whether the port also listens on IPv6.
-    pub fn has_v6(&self) -> bool {
-        self.listener6.is_some()
     }
 
     /// Asks `server` (a STUN server's address, TCP on the same port) what
@@ -338,10 +303,7 @@ impl TcpPaths {
 impl Drop for TcpPaths {
     fn drop(&mut self) {
         self.clear();
-        for l in [self.listener.take(), self.listener6.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(l) = self.listener.take() {
             l.abort();
         }
     }
@@ -512,10 +474,7 @@ impl super::Mesh {
             self.tcp_public
                 .map(|a| tcp(a, CandidateKind::ServerReflexive)),
         );
-        // Global IPv6 addresses need no STUN: no NAT, the peer dials them
-        // as they are (a stateful firewall opens on our own SYN).
-        let v6 = self.tcp.has_v6();
-        for e in self.host_addrs.iter().filter(|e| e.addr.is_ipv4() || v6) {
+        for e in self.host_addrs.iter().filter(|e| e.addr.is_ipv4()) {
             let c = tcp(SocketAddr::new(e.addr.ip(), port), CandidateKind::Host);
             if !cands.iter().any(|k| k.addr == c.addr) {
                 cands.push(c);

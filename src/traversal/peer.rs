@@ -267,14 +267,14 @@ impl PeerPaths {
                 // queue), and the peer pinging again is the moment it
                 // works: waiting out the gap left the peer direct and us on
                 // the relay until its next heartbeat, 3 s later.
-                let gap = if self.table.get(&p).is_some_and(|i| i.trusted(now)) {
+                let info = self.table.get(&p);
+                let trusted = info.is_some_and(|i| i.trusted(now));
+                let gap = if trusted {
                     PING_GAP
                 } else {
                     UNANSWERED_PING_GAP
                 };
-                let recently = self
-                    .table
-                    .get(&p)
+                let recently = info
                     .and_then(|i| i.last_ping)
                     .is_some_and(|t| now < t + gap);
                 // A ping on the path we already trust proves nothing new;

@@ -25,6 +25,15 @@ fn kb() -> NodeKey {
     NodeKey([2; 32])
 }
 
+/// What netcheck reports for a NAT that hands out ports `step` apart.
+fn sequential(step: u16) -> NatSummary {
+    NatSummary {
+        mapping: super::Mapping::EndpointDependent,
+        allocation: super::Allocation::Sequential { step },
+        observed: Some("203.0.113.1:30000".parse().unwrap()),
+    }
+}
+
 fn tcp_cand(addr: SocketAddr) -> Candidate {
     Candidate {
         addr,
@@ -216,11 +225,7 @@ fn behind_a_sequential_nat_the_next_tcp_ports_are_offered() {
     // dial to B leaves from one of the ports after the one STUN saw, so B
     // must dial those too, after the observed one.
     let mut s = Sim::new(false, true);
-    let seq = NatSummary {
-        mapping: super::Mapping::EndpointDependent,
-        allocation: super::Allocation::Sequential { step: 2 },
-        observed: Some("203.0.113.1:30000".parse().unwrap()),
-    };
+    let seq = sequential(2);
     s.a.set_local(s.now, Vec::new(), seq);
     s.b.note_traffic(s.now, &ka());
     s.b.handle_timeout(s.now);
@@ -251,11 +256,7 @@ fn a_late_sequential_verdict_redials_at_once_with_the_new_ports() {
     s.settle();
     assert_eq!(s.dials[1], vec![vec![a_tcp()]]);
     s.now += Duration::from_millis(300);
-    let seq = NatSummary {
-        mapping: super::Mapping::EndpointDependent,
-        allocation: super::Allocation::Sequential { step: 1 },
-        observed: Some("203.0.113.1:30000".parse().unwrap()),
-    };
+    let seq = sequential(1);
     s.a.set_local(s.now, Vec::new(), seq);
     s.a.handle_timeout(s.now);
     s.settle();

@@ -6,7 +6,12 @@
 # with `warren up` and a token; the peers come from the coordinator's map,
 # traffic starts on the relay and turns direct through the NATs.
 #
-#   tests/demo.sh up      build (release), create the namespaces, start it all
+#   tests/demo.sh up      build, create the namespaces, start it all
+#
+# It builds the dev profile (the tunnel's hot crates are optimised there,
+# see Cargo.toml): a first build takes half the time of a release build,
+# and `tests/run.sh` reuses it. Set WARREN_DEMO_PROFILE=release for a
+# release build.
 #   tests/demo.sh down    stop everything and remove it
 #
 # Everything stays inside the namespaces; nothing is routed out.
@@ -15,6 +20,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=/tmp/warren-demo
 NS=(wdemo-inet wdemo-coord wdemo-gwa wdemo-gwb wdemo-a wdemo-b)
+PROFILE=${WARREN_DEMO_PROFILE:-dev}
+OUT=$PROFILE
+[ "$PROFILE" = dev ] && OUT=debug
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -23,15 +31,45 @@ need_root() {
     fi
 }
 
+# Every process still running in a demo namespace.
+demo_pids() {
+    local ns
+    for ns in "${NS[@]}"; do ip netns pids "$ns" 2>/dev/null || true; done
+}
+
 down() {
-    if [ -d "$DIR" ]; then
-        for pid in "$DIR"/*.pid; do
-            [ -e "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
+    # SIGTERM lets the agents remove their TUN devices and port mappings;
+    # what has not exited after 5 s is killed, so nothing outlives `down`.
+    local pids
+    pids=$(demo_pids)
+    if [ -n "$pids" ]; then
+        # shellcheck disable=SC2086
+        kill $pids 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            [ -z "$(demo_pids)" ] && break
+            sleep 0.1
         done
-        sleep 0.5
+        pids=$(demo_pids)
+        # shellcheck disable=SC2086
+        [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
     fi
     for ns in "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$DIR"
+}
+
+# sudo resets PATH (secure_path), which drops rustup's ~/.cargo/bin: look
+# there for the invoking user's toolchain before giving up.
+find_cargo() {
+    command -v cargo >/dev/null && return 0
+    local home
+    for home in "${SUDO_USER:+$(getent passwd "$SUDO_USER" | cut -d: -f6)}" "$HOME"; do
+        if [ -n "$home" ] && [ -x "$home/.cargo/bin/cargo" ]; then
+            export PATH="$home/.cargo/bin:$PATH"
+            return 0
+        fi
+    done
+    echo "demo.sh: cargo is missing: install Rust with rustup (https://rustup.rs)" >&2
+    exit 1
 }
 
 link() { # link NS1 IF1 NS2 IF2
@@ -45,10 +83,19 @@ up() {
     if ! command -v nft >/dev/null || ! command -v ping >/dev/null || ! command -v ip >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables iputils-ping
     fi
-    command -v cargo >/dev/null || { echo "demo.sh: cargo is missing: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
-    cargo build --release --bin warren --bin warren-coordinator
-    local bin=$PWD/target/release/warren
-    local cbin=$PWD/target/release/warren-coordinator
+    find_cargo
+    # The agent and the coordinator are two packages of the workspace; the
+    # root package is the default member, so `--bin warren-coordinator`
+    # alone is not found there (issue 14). Select both packages by name.
+    if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+        # Under sudo, build as the user who owns the checkout, so target/
+        # stays theirs and their rustup toolchain is the one used.
+        sudo -u "$SUDO_USER" env "PATH=$PATH" cargo build --profile "$PROFILE" -p warren -p warren-coordinator
+    else
+        cargo build --profile "$PROFILE" -p warren -p warren-coordinator
+    fi
+    local bin=$PWD/target/$OUT/warren
+    local cbin=$PWD/target/$OUT/warren-coordinator
     down
     mkdir -p "$DIR"
     for ns in "${NS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's first command, checked as a new user would try it: runs
+# `tests/demo.sh up` exactly as written, pings host b from host a over the
+# overlay, checks that host a's `warren status` lists b as a peer, runs
+# `tests/demo.sh down`, and checks that nothing is left behind (no demo
+# namespace, no demo process, no demo directory). .ci/run calls it before
+# the test command; it needs root, as the demo does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=/tmp/warren-demo
+fail() {
+    echo "demo-check: $*" >&2
+    [ -d "$DIR" ] && tail -n 30 "$DIR"/*.log >&2 || true
+    tests/demo.sh down >/dev/null 2>&1 || true
+    exit 1
+}
+
+tests/demo.sh up || fail "tests/demo.sh up failed"
+
+profile=${WARREN_DEMO_PROFILE:-dev}
+[ "$profile" = dev ] && profile=debug
+bin=$PWD/target/$profile/warren
+ipb=$("$bin" --socket "$DIR/b.sock" ip -4) || fail "host b has no overlay address"
+ip netns exec wdemo-a ping -c 3 -W 2 "$ipb" || fail "no ping from host a to b ($ipb) over the overlay"
+
+status=$("$bin" --socket "$DIR/a.sock" status --json) || fail "warren status failed on host a"
+peer=$(printf '%s' "$status" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(" ".join(p.get("hostname") or "" for p in s.get("peers", [])))
+') || fail "warren status --json is not JSON: $status"
+case " $peer " in
+    *" b "*) echo "demo-check: host a's status lists peer b" ;;
+    *) fail "host a's status does not list peer b (peers: '$peer')" ;;
+esac
+"$bin" --socket "$DIR/a.sock" status
+
+tests/demo.sh down || fail "tests/demo.sh down failed"
+
+left=$(ip netns list | awk '$1 ~ /^wdemo-/ { print $1 }')
+[ -z "$left" ] || fail "namespaces left behind: $left"
+procs=$(pgrep -af "$DIR" || true)
+[ -z "$procs" ] || fail "processes left behind: $procs"
+[ ! -e "$DIR" ] || fail "$DIR left behind"
+echo "demo-check: up, ping across, status, down: nothing left behind"

@@ -315,7 +315,7 @@ impl Config {
             return read_key_file(path);
         }
         // No key configured: the node key lives in the state directory and
-        // is made at first start (DESIGN §2).
+        // is made at first start (see docs/architecture.md, "Keys").
         let path = self.agent.state_dir.join(NODE_KEY_FILE);
         if path.exists() {
             return read_key_file(&path);

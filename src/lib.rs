@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod dial;
 pub mod keys;
 pub mod netcheck;
 pub mod portmap;

@@ -22,9 +22,8 @@ use warren::keys::{NodeKey, PrivateKey};
 use warren::relay_client::{
     RelayClient, RelayClientConfig, RelayEvent, RelayReceiver, RelaySender,
 };
-use warren_coordinator::relay::{
-    serve, tls_config, RelayLimits, RelayServer, Security, StaticAdmission,
-};
+use warren_coordinator::listen::{serve, tls_config, Security};
+use warren_coordinator::relay::{RelayLimits, RelayServer, StaticAdmission};
 
 const PKT: usize = 1400;
 const WINDOW: Duration = Duration::from_secs(3);
@@ -66,7 +65,7 @@ async fn serve_child(tls: bool) -> Result<()> {
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
         Security::Tls(tls_config(vec![ck.cert.der().clone()], key.into())?)
     } else {
-        Security::PlainForLab
+        Security::Plain
     };
     println!("{}", listener.local_addr()?.port());
     std::io::stdout().flush()?;

@@ -9,6 +9,8 @@
 //! - [`hub`]: carries change notes from the store to the open map streams.
 //! - [`api`]: the HTTP control API (see `warren::control` for the protocol).
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
+//! - [`listen`]: the one accept loop (TLS, upgrades, request deadlines) that
+//!   serves the API and the relay.
 //! - [`stun`]: the STUN Binding server (also run by standalone relays).
 //! - [`relay`]: the encrypted relay, embedded or standalone.
 //! - [`relay_map`]: the relay regions agents are told about.
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod api;
 pub mod hub;
+pub mod listen;
 pub mod relay;
 pub mod relay_map;
 pub mod relay_nodes;

@@ -2,7 +2,8 @@
 //! region, plus the regions of standalone relays read from a TOML file.
 //!
 //! The map travels in every registration answer and every full map, so an
-//! agent learns where the relays are from the coordinator alone (DESIGN §6).
+//! agent learns where the relays are from the coordinator alone (see
+//! docs/architecture.md, "Relay").
 //! The embedded region's URL comes from the URL agents use for this
 //! coordinator (`--public-url`), or from the listening address when that is
 //! concrete; a wildcard address says nothing about how agents reach us, so
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use warren::control::{RelayMap, RelayRegion};
-use warren::relay_client::dial;
+use warren::dial;
 use warren::toml_loc;
 
 /// The path the relay is served at (see `relay::RelayServer::router`).

@@ -1,8 +1,9 @@
 //! Running the coordinator: configuration, its key, TLS, and the
 //! background tasks (hub, liveness refresh, reaping), plus the STUN server
-//! and the embedded relay, which share the control API's listener (the
-//! relay's routes sit beside the API's, so one port and one certificate
-//! serve both).
+//! (its own UDP sockets, and a TCP listener on the STUN port) and the
+//! embedded relay, which shares the control API's listener (the relay's
+//! routes sit beside the API's on [`crate::listen::serve`], so one port and
+//! one certificate serve both).
 //!
 //! Plain HTTP is refused unless the listening address is loopback or the
 //! operator passed the lab flag: the control protocol's only protection for
@@ -20,8 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use warren::control::{RelayMap, KEEPALIVE_SECS};
@@ -29,7 +28,8 @@ use warren::keys::PrivateKey;
 
 use crate::api::{self, AppState};
 use crate::hub::Hub;
-use crate::relay::{Admission, PeerAddr, RelayLimits, RelayServer};
+use crate::listen::Security;
+use crate::relay::{Admission, RelayLimits, RelayServer};
 use crate::relay_map::EmbeddedRegion;
 use crate::relay_nodes::{feed_router, StoreAdmission};
 use crate::store::{Store, StoreError};
@@ -50,7 +50,15 @@ pub enum ServerError {
     #[error("key file {0}: {1}")]
     BadKey(String, String),
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::listen::ListenError),
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
+    #[error("--coordinator-ca {path}: {source}")]
+    CoordinatorCa {
+        path: String,
+        #[source]
+        source: warren::dial::DialError,
+    },
     #[error("refusing plain HTTP on {0}: give --tls-cert/--tls-key, bind loopback, or pass --insecure-http (lab only)")]
     PlainHttpRefused(SocketAddr),
     #[error("this replica's key ({ours}) is not the network's ({theirs}): copy coordinator.key from another replica")]
@@ -145,23 +153,6 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, ServerError> {
         }
         Err(e) => Err(io_err(path)(e)),
     }
-}
-
-fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ServerError> {
-    let cert_pem = std::fs::read(cert).map_err(io_err(cert))?;
-    let key_pem = std::fs::read(key).map_err(io_err(key))?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(io_err(cert))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(io_err(key))?
-        .ok_or_else(|| ServerError::Tls(format!("no private key in {}", key.display())))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
 }
 
 /// Reads a relay secret file (trimmed). Short secrets are refused: the
@@ -268,13 +259,9 @@ impl Drop for Running {
 /// Opens the store, binds, and starts serving.
 pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => Some(tls_config(c, k)?),
+        (Some(c), Some(k)) => Some(crate::listen::tls_config_from_pem(c, k, true)?),
         (None, None) => None,
-        _ => {
-            return Err(ServerError::Tls(
-                "--tls-cert and --tls-key go together".into(),
-            ))
-        }
+        _ => return Err(ServerError::TlsPair),
     };
     if tls.is_none() && !cfg.listen.ip().is_loopback() && !cfg.insecure_http {
         return Err(ServerError::PlainHttpRefused(cfg.listen));
@@ -330,8 +317,15 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     if let Some(secret) = &cfg.relay_secret {
         app = app.merge(feed_router(hub.clone(), secret.clone()));
     }
-    let acceptor = tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
-    let serve = tokio::spawn(serve_http(listener, acceptor, app));
+    let security = match tls {
+        Some(tls) => Security::Tls(tls),
+        None => Security::Plain,
+    };
+    let serve = tokio::spawn(async move {
+        if let Err(e) = crate::listen::serve(listener, app, security).await {
+            tracing::error!(error = %e, "the API listener failed");
+        }
+    });
     let upkeep = tokio::spawn(upkeep(state, cfg.ephemeral_timeout));
     tracing::info!(
         %addr,
@@ -373,58 +367,6 @@ fn publish_map(
     }
     regions.extend(cfg.relay_map.regions.iter().cloned());
     Ok(RelayMap { regions })
-}
-
-/// Accepts connections forever and serves `app` on each, over TLS when an
-/// acceptor is given. HTTP/1.1 connections may be upgraded (the relay takes
-/// them over); each request carries the client's address for the relay's
-/// logs.
-async fn serve_http(
-    listener: TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    app: axum::Router,
-) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Typically out of file descriptors: back off, don't spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(PeerAddr(peer))));
-        tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let result = match acceptor {
-                None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                        .await
-                }
-                Some(acceptor) => {
-                    let handshake = acceptor.accept(tcp);
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
 }
 
 /// Keeps `last_seen` fresh for the streams held here, marks offline nodes

@@ -15,14 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::CertificateDer;
 use tokio::task::JoinHandle;
-use warren::relay_client::dial;
+use warren::dial;
+
+use crate::listen::{tls_config_from_pem, Security};
 
 use crate::relay::{
-    start_standalone, tls_config_from_pem, RelayLimits, RemoteAdmissionConfig, Security,
-    Standalone, StandaloneConfig,
+    start_standalone, RelayLimits, RemoteAdmissionConfig, Standalone, StandaloneConfig,
 };
 use crate::server::{load_or_create_key, start_stun, ServerError};
 
@@ -86,41 +85,22 @@ fn coordinator_tls(opts: &Options) -> Result<Option<Arc<rustls::ClientConfig>>, 
     let Some(ca) = &opts.coordinator_ca else {
         return Ok(None);
     };
-    let bad = |e: String| ServerError::Tls(format!("{}: {e}", ca.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
-        roots
-            .add(cert.map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no certificate".into()));
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ServerError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Some(Arc::new(cfg)))
+    // The same CA handling as the agent's: one PEM bundle, only its roots.
+    let bad = |source| ServerError::CoordinatorCa {
+        path: ca.display().to_string(),
+        source,
+    };
+    let pem = std::fs::read(ca).map_err(|e| bad(e.into()))?;
+    dial::tls_config_with_ca(&pem).map(Some).map_err(bad)
 }
 
 /// Checks the options, binds, and starts the relay and its STUN server.
 pub async fn start(opts: Options) -> Result<RunningRelay, ServerError> {
     let security = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(c), Some(k)) => {
-            Security::Tls(tls_config_from_pem(c, k).map_err(|e| ServerError::Tls(e.to_string()))?)
-        }
-        (None, None) if opts.listen.ip().is_loopback() || opts.insecure_http => {
-            Security::PlainForLab
-        }
+        (Some(c), Some(k)) => Security::Tls(tls_config_from_pem(c, k, false)?),
+        (None, None) if opts.listen.ip().is_loopback() || opts.insecure_http => Security::Plain,
         (None, None) => return Err(ServerError::PlainHttpRefused(opts.listen)),
-        _ => {
-            return Err(ServerError::Tls(
-                "--tls-cert and --tls-key go together".into(),
-            ))
-        }
+        _ => return Err(ServerError::TlsPair),
     };
     let target = dial::parse_url(&opts.coordinator, true)
         .map_err(|e| ServerError::Relay(format!("--coordinator: {e}")))?;

@@ -123,12 +123,12 @@ fn tls_config_from_pem_files() {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    assert!(warren_coordinator::relay::tls_config_from_pem(&cert, &key).is_ok());
+    assert!(warren_coordinator::listen::tls_config_from_pem(&cert, &key, false).is_ok());
     let missing = dir.join("missing.pem");
-    let err = warren_coordinator::relay::tls_config_from_pem(&missing, &key).unwrap_err();
+    let err = warren_coordinator::listen::tls_config_from_pem(&missing, &key, false).unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
     std::fs::write(&cert, "").unwrap();
-    assert!(warren_coordinator::relay::tls_config_from_pem(&cert, &key).is_err());
+    assert!(warren_coordinator::listen::tls_config_from_pem(&cert, &key, false).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -542,10 +542,10 @@ async fn auto_transport_falls_back_to_websocket_when_upgrade_is_blocked() {
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(warren_coordinator::relay::serve(
+    tokio::spawn(warren_coordinator::listen::serve(
         listener,
         router,
-        warren_coordinator::relay::Security::PlainForLab,
+        warren_coordinator::listen::Security::Plain,
     ));
     let config = || {
         let mut c = warren::relay_client::RelayClientConfig::new(url.clone());

@@ -3,9 +3,9 @@
 //!
 //! The data plane says per packet whether a peer's path is direct or the
 //! relay ([`Sealed`]); this type turns that into the actual send. The relay
-//! connection comes and goes (it is dialled in the background and may be
-//! replaced when the home relay changes), so it sits in an `ArcSwapOption`
-//! that the packet tasks read without a lock. The extra sockets come and go
+//! sink is set once by the mesh task; which region a peer's frames go to
+//! is the relays' own `ArcSwap` routing table (`mesh/relays.rs`), read by
+//! the packet tasks without a lock. The extra sockets come and go
 //! with birthday attempts, so their table is an `ArcSwap` too; the primary
 //! socket is a plain field, so the common path costs one match arm and no
 //! atomic load.

@@ -1,11 +1,14 @@
 //! The agent's tokio driver: the TUN device, the UDP socket, and the tasks
 //! that move packets between them.
 //!
-//! It is deliberately thin. Three tasks run: outbound (TUN → peers), inbound
-//! (network → TUN) and timers (WireGuard's rekey/keepalive clock, the
-//! handshake rate limiter, and a periodic summary of dropped packets). The
-//! two packet tasks run on different runtime workers, so sealing and opening
-//! use two cores. Shutting down aborts the tasks and drops the device, which
+//! The packet tasks: one outbound reader per TUN queue (TUN → peers, 1–4
+//! queues), the inbound reader of the UDP socket (network → TUN), and the
+//! timers task (WireGuard's rekey/keepalive clock, the handshake rate
+//! limiter, and a periodic summary of dropped packets); beside them runs the
+//! mesh task ([`mesh`]) with its own sub-tasks. The packet tasks run on
+//! different runtime workers, so sealing and opening use two cores. The
+//! whole list, with the channels and locks, is in docs/architecture.md,
+//! "The tokio driver". Shutting down aborts the tasks and drops the device, which
 //! removes the TUN interface: nothing is left behind.
 
 mod egress;

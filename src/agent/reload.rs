@@ -6,7 +6,7 @@
 //! whose endpoint alone changed keeps it too, a changed peer gets a fresh
 //! tunnel, and a removed one goes. Removal is computed against the *previous
 //! file*, not against the data plane, so peers that came from elsewhere (the
-//! coordinator's map, later) are never removed by a reload. Settings that
+//! coordinator's map) are never removed by a reload. Settings that
 //! need a new device or socket (name, port, MTU, addresses, offload, key,
 //! API socket) are reported as needing a restart and otherwise ignored.
 //!

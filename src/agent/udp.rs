@@ -1,6 +1,7 @@
 //! The agent's UDP socket, with batched IO.
 //!
-//! One socket per host carries WireGuard (and later disco and STUN). It is
+//! One socket per host carries WireGuard, disco and STUN (the birthday
+//! method opens extra sockets beside it, see `mesh/sockets.rs`). It is
 //! bound dual-stack (`[::]:port`) where the host has IPv6, else `0.0.0.0`.
 //! IO goes through `quinn-udp`, which gives us recvmmsg, UDP GSO on send and
 //! GRO on receive with fallbacks for kernels without them; we do not

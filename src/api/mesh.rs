@@ -40,6 +40,19 @@ pub struct UpArgs {
     pub timeout_secs: Option<u64>,
 }
 
+/// Answer to [`crate::api::Request::Down`] and
+/// [`crate::api::Request::Logout`]: the network that was left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveReply {
+    /// The coordinator of the network left.
+    pub coordinator: String,
+    /// This node's name there, when it had one.
+    pub name: Option<String>,
+    /// `false` after `down` (the login is kept and `warren up` re-joins),
+    /// `true` after `logout` (joining again needs a token).
+    pub logged_out: bool,
+}
+
 /// Answer to `up`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpReply {

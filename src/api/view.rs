@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use super::mesh::PingRound;
 use super::server::Backend;
 use super::{ApiError, ErrorCode, PeerPath, PeerStatus, Request, Status};
-use crate::agent::mesh::{Command, MeshHandle};
+use crate::agent::mesh::{Command, MeshHandle, MeshReply};
 use crate::agent::Running;
 use crate::dataplane::peer::PeerPath as DpPath;
 use crate::dataplane::DataPlane;
@@ -120,8 +120,10 @@ impl Backend for AgentView {
                     "this daemon runs without a mesh",
                 ));
             };
-            let v = mesh.call(Command::Ping { peer, timeout }).await?;
-            serde_json::from_value(v).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+            match mesh.call(Command::Ping { peer, timeout }).await? {
+                MeshReply::Ping(round) => Ok(round),
+                other => Err(unexpected(&other)),
+            }
         })
     }
 
@@ -145,7 +147,23 @@ impl Backend for AgentView {
                     ))
                 }
             };
-            mesh.call(cmd).await
+            // The JSON of the API is made here, at its edge; the mesh task
+            // answers in typed values.
+            let json = match mesh.call(cmd).await? {
+                MeshReply::Up(r) => serde_json::to_value(r),
+                MeshReply::Left(r) => serde_json::to_value(r),
+                MeshReply::Netcheck(r) => serde_json::to_value(r),
+                other => return Err(unexpected(&other)),
+            };
+            json.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
         })
     }
+}
+
+/// A reply of the wrong kind for its command: a bug in the mesh task.
+fn unexpected(reply: &MeshReply) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("the mesh task answered out of turn: {reply:?}"),
+    )
 }

@@ -20,7 +20,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::api::client::{call, ClientError};
-use crate::api::mesh::UpArgs;
+use crate::api::mesh::{LeaveReply, UpArgs};
 use crate::api::{IpReply, Request, Status, VersionReply, DEFAULT_SOCKET};
 use crate::netcheck::Report;
 
@@ -98,10 +98,18 @@ pub enum ClientCommand {
     },
     /// Leave the network for now: tunnels to peers close, the login is
     /// kept, and `warren up` re-joins without a token.
-    Down,
+    Down {
+        /// Print `{coordinator, name, logged_out}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Leave the network for good: the coordinator removes this node, and
     /// joining again takes a new token.
-    Logout,
+    Logout {
+        /// Print `{coordinator, name, logged_out}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe the network from the agent's own socket: UDP, IPv4/IPv6,
     /// the NAT's mapping and port pattern, hairpinning, port mapping, and
     /// the latency to each relay.
@@ -224,13 +232,29 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             };
             up::run(socket, args, *timeout, *json, &mut out, &mut io::stderr())?;
         }
-        ClientCommand::Down => {
-            call::<serde_json::Value>(socket, &Request::Down)?;
-            writeln!(out, "left the network; `warren up` re-joins")?;
+        ClientCommand::Down { json } => {
+            let left: LeaveReply = call(socket, &Request::Down)?;
+            if *json {
+                print_json(&mut out, &left)?;
+            } else {
+                writeln!(
+                    out,
+                    "left {} for now; `warren up` re-joins",
+                    left.coordinator
+                )?;
+            }
         }
-        ClientCommand::Logout => {
-            call::<serde_json::Value>(socket, &Request::Logout)?;
-            writeln!(out, "logged out; joining again needs a token")?;
+        ClientCommand::Logout { json } => {
+            let left: LeaveReply = call(socket, &Request::Logout)?;
+            if *json {
+                print_json(&mut out, &left)?;
+            } else {
+                writeln!(
+                    out,
+                    "logged out of {}; joining again needs a token",
+                    left.coordinator
+                )?;
+            }
         }
         ClientCommand::Netcheck { json } => {
             let report: Report = call(socket, &Request::Netcheck)?;

@@ -58,12 +58,14 @@ pub enum ControlError {
     },
     #[error("coordinator sent something that is not the control protocol: {0}")]
     Protocol(String),
+    #[error("coordinator sent JSON this agent cannot read: {0}")]
+    Json(#[from] serde_json::Error),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
     MapFile(#[from] MapFileError),
     #[error("TLS setup: {0}")]
-    Tls(String),
+    Tls(#[source] reqwest::Error),
 }
 
 impl ControlError {
@@ -190,8 +192,7 @@ impl ControlClient {
             .connect_timeout(Duration::from_secs(10))
             .tls_backend_rustls();
         if let Some(pem) = ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ControlError::Tls(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(ControlError::Tls)?;
             builder = builder.tls_certs_only(certs);
         }
         Ok(builder.build()?)
@@ -308,7 +309,7 @@ impl ControlClient {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             tags: tags.map(<[String]>::to_vec),
         };
-        let body = serde_json::to_vec(&req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let body = serde_json::to_vec(&req)?;
         let resp = self
             .signed(reqwest::Method::POST, "/register", body)
             .await?;
@@ -317,7 +318,7 @@ impl ControlClient {
 
     /// Publishes this node's endpoint candidates and netcheck summary.
     pub async fn report_endpoints(&self, report: &EndpointsReport) -> Result<(), ControlError> {
-        let body = serde_json::to_vec(report).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let body = serde_json::to_vec(report)?;
         self.signed(reqwest::Method::POST, "/endpoints", body)
             .await?;
         Ok(())
@@ -512,7 +513,7 @@ fn unix_now() -> u64 {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(bytes).map_err(|e| ControlError::Protocol(e.to_string()))
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 /// Turns a non-2xx answer into a typed error.

@@ -2,7 +2,7 @@
 //!
 //! [`DataPlane`] owns the node's WireGuard identity and the set of peers.
 //! The hot paths (TUN → peer, network → TUN) read the peer set through an
-//! `ArcSwap` snapshot, so adding or removing a peer (from the config, later
+//! `ArcSwap` snapshot, so adding or removing a peer (from the config or
 //! from the coordinator's map) never takes a lock that a packet waits on:
 //! an edit builds a new set and swaps it in.
 //!

@@ -1,5 +1,5 @@
 //! Netcheck: what does the network between this host and the internet do to
-//! UDP? (DESIGN §5.)
+//! UDP? (See docs/architecture.md, "Endpoint discovery".)
 //!
 //! The logic is a sans-IO state machine, [`Netcheck`], in the quinn-proto
 //! style: it is fed datagrams (`handle_stun`), port-mapping probe results

@@ -1,5 +1,6 @@
 //! Port mapping: asking the home gateway to forward a public UDP port to the
-//! agent's socket (DESIGN §5, candidate kind `portmapped`).
+//! agent's socket (candidate kind `portmapped`; see docs/architecture.md,
+//! "Endpoint discovery").
 //!
 //! Three protocols, each optional: PCP (RFC 6887) and NAT-PMP (RFC 6886)
 //! through `crab_nat`, and UPnP IGD through `igd-next`. We do not write our

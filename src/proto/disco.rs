@@ -170,7 +170,7 @@ impl CandidateKind {
 }
 
 /// The transport a candidate speaks. TCP is reserved for the direct TCP
-/// simultaneous open of DESIGN §7; nothing probes it yet.
+/// simultaneous open (see docs/architecture.md, "Paths").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Transport {

@@ -1,6 +1,7 @@
 //! Relay wire protocol: frames exchanged between an agent and a relay.
 //!
-//! The relay is warren's DERP-like fallback path (DESIGN §6): it forwards
+//! The relay is warren's DERP-like fallback path (see docs/architecture.md,
+//! "Relay"): it forwards
 //! opaque packets (WireGuard ciphertext, disco boxes) between node keys over
 //! TCP/TLS or WebSocket, so it works when UDP is blocked. Every frame is
 //! `[type u8][len u32 BE][payload]`. The same bytes flow over a raw upgraded

@@ -1,5 +1,6 @@
-//! Framing for the direct TCP path between two peers (DESIGN §7, "UDP
-//! blocked"): WireGuard packets and disco boxes on one byte stream.
+//! Framing for the direct TCP path between two peers (see
+//! docs/architecture.md, "Paths"): WireGuard packets and disco boxes on one
+//! byte stream.
 //!
 //! A frame is `[len u16 BE][payload]`, with `1 <= len <= 65535`. The payload
 //! is what a UDP datagram on the shared socket would carry, and it is

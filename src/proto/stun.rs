@@ -2,7 +2,7 @@
 //!
 //! warren only needs the Binding method without authentication: the agent asks
 //! "what address do you see me as?" and the coordinator/relays answer. That is
-//! a small, fixed subset, so the codec is our own (as DESIGN §5 says) instead
+//! a small, fixed subset, so the codec is our own instead
 //! of a general STUN stack: the general crates pull in attribute families we
 //! never use, allocate per attribute, and make the "never panic, typed error"
 //! contract harder to audit. The well-kept `stun_codec` crate is used only as a

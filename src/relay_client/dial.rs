@@ -1,58 +1,22 @@
-//! Opening a transport to a relay: TCP, an optional HTTP proxy, TLS, and
-//! the HTTP upgrade or WebSocket handshake.
+//! Opening a transport to a relay: the connection itself
+//! ([`crate::dial::connect_stream`]: TCP, an optional HTTP proxy, TLS), then
+//! the HTTP upgrade or the WebSocket handshake.
 //!
 //! The layers stack in a fixed order, each over the one before:
 //! TCP → (proxy `CONNECT`) → (TLS) → `GET /relay` upgrade or `GET /relay/ws`.
-//! The proxy tunnel and the upgrade are one HTTP exchange each; they are
-//! written by hand over `httparse` because a full HTTP client would hide the
-//! stream we need back afterwards. WebSocket uses tokio-tungstenite over the
-//! stream we built, so TLS and proxies are handled once, here, for both paths.
+//! The upgrade is one HTTP exchange, written by hand over `httparse` (see
+//! [`crate::dial`] for why). WebSocket uses tokio-tungstenite over the
+//! stream built there, so TLS and proxies are handled once for both paths.
 
-use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::http::Uri;
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{ProxyConfig, RelayClientConfig, RelayTransport};
+use crate::dial::{connect_stream, read_head, DialError, Io, Target};
 
-/// Any stream a relay connection can run on.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
-/// Longest HTTP response head we accept from a proxy or the relay.
-const MAX_HEAD: usize = 16 * 1024;
-
-/// Why a connection to the relay could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DialError {
-    #[error("relay URL {0:?} is invalid: {1}")]
-    BadUrl(String, &'static str),
-    #[error("relay URL uses plain http, which is allowed only in lab mode")]
-    PlainNotAllowed,
-    #[error("network: {0}")]
-    Io(#[from] io::Error),
-    #[error("timed out")]
-    Timeout,
-    #[error("proxy refused the tunnel: HTTP {0}")]
-    ProxyStatus(u16),
-    #[error("relay did not switch protocols: HTTP {0}")]
-    UpgradeStatus(u16),
-    #[error("malformed HTTP response: {0}")]
-    BadResponse(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("WebSocket: {0}")]
-    WebSocket(String),
-}
+use super::{RelayClientConfig, RelayTransport};
 
 /// A connected transport, ready for the relay handshake.
 pub enum Conn {
@@ -60,50 +24,6 @@ pub enum Conn {
     /// response (the relay may send its hello right behind it).
     Stream(Box<dyn Io>, Bytes),
     WebSocket(Box<WebSocketStream<Box<dyn Io>>>),
-}
-
-/// Where the relay is, parsed from the configured URL.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl Target {
-    /// `host:port`, bracketed for IPv6: the HTTP `Host` header value.
-    pub fn authority(&self) -> String {
-        authority(self)
-    }
-}
-
-pub fn parse_url(url: &str, allow_plain: bool) -> Result<Target, DialError> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|_| DialError::BadUrl(url.into(), "not a URI"))?;
-    let tls = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") if allow_plain => false,
-        Some("http") => return Err(DialError::PlainNotAllowed),
-        _ => return Err(DialError::BadUrl(url.into(), "scheme must be https")),
-    };
-    let host = uri
-        .host()
-        .ok_or_else(|| DialError::BadUrl(url.into(), "no host"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    Ok(Target { host, port, tls })
-}
-
-fn authority(t: &Target) -> String {
-    if t.host.contains(':') {
-        format!("[{}]:{}", t.host, t.port)
-    } else {
-        format!("{}:{}", t.host, t.port)
-    }
 }
 
 /// Opens a transport to the relay, within `config.connect_timeout`.
@@ -138,112 +58,19 @@ async fn dial_inner(
         RelayTransport::Upgrade | RelayTransport::Auto => upgrade(stream, &target).await,
         RelayTransport::WebSocket => {
             let scheme = if target.tls { "wss" } else { "ws" };
-            let url = format!("{scheme}://{}/relay/ws", authority(&target));
+            let url = format!("{scheme}://{}/relay/ws", target.authority());
             let (ws, _resp) = tokio_tungstenite::client_async(url, stream)
                 .await
-                .map_err(|e| DialError::WebSocket(e.to_string()))?;
+                .map_err(|e| DialError::WebSocket(Box::new(e)))?;
             Ok(Conn::WebSocket(Box::new(ws)))
         }
     }
 }
 
-/// Opens TCP (through `proxy` if given) and TLS for an `https://` URL, or
-/// plain TCP for `http://` when `allow_plain`. Shared with other long-lived
-/// HTTP clients of warren (the relay's node feed from the coordinator), so
-/// proxy and TLS handling exist once. No timeout: callers bound it.
-pub async fn connect_stream(
-    url: &str,
-    allow_plain: bool,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    proxy: Option<&ProxyConfig>,
-) -> Result<(Box<dyn Io>, Target), DialError> {
-    let target = parse_url(url, allow_plain)?;
-    let tcp = match proxy {
-        Some(proxy) => connect_via_proxy(proxy, &target).await?,
-        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
-    };
-    tcp.set_nodelay(true)?;
-    if !target.tls {
-        return Ok((Box::new(tcp), target));
-    }
-    let tls_config = match tls {
-        Some(c) => c,
-        None => default_tls_config()?,
-    };
-    let name = ServerName::try_from(target.host.clone())
-        .map_err(|_| DialError::BadUrl(url.into(), "host is not a valid TLS name"))?;
-    let tls = tokio_rustls::TlsConnector::from(tls_config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| DialError::Tls(e.to_string()))?;
-    Ok((Box::new(tls), target))
-}
-
-/// The platform-independent default: Mozilla's roots (webpki-roots), ring.
-pub fn default_tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DialError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-/// TLS settings trusting only the CA certificates in `pem`: for a
-/// coordinator (and its embedded relay) under a private CA.
-pub fn tls_config_with_ca(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, DialError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| DialError::Tls(format!("CA file: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| DialError::Tls(format!("CA file: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(DialError::Tls("CA file holds no certificate".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DialError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-async fn connect_via_proxy(proxy: &ProxyConfig, target: &Target) -> Result<TcpStream, DialError> {
-    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
-    let auth = authority(target);
-    let mut req = format!("CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n");
-    if let Some((user, pass)) = &proxy.credentials {
-        let token = STANDARD.encode(format!("{user}:{pass}"));
-        req.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
-    }
-    req.push_str("\r\n");
-    tcp.write_all(req.as_bytes()).await?;
-    let (status, rest) = read_head(&mut tcp).await?;
-    if !(200..300).contains(&status) {
-        return Err(DialError::ProxyStatus(status));
-    }
-    if !rest.is_empty() {
-        // Nothing may follow a CONNECT reply before we speak.
-        return Err(DialError::BadResponse(
-            "proxy sent data after CONNECT".into(),
-        ));
-    }
-    Ok(tcp)
-}
-
 async fn upgrade(mut stream: Box<dyn Io>, target: &Target) -> Result<Conn, DialError> {
     let req = format!(
         "GET /relay HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: warren-relay\r\n\r\n",
-        authority(target)
+        target.authority()
     );
     stream.write_all(req.as_bytes()).await?;
     stream.flush().await?;
@@ -254,84 +81,5 @@ async fn upgrade(mut stream: Box<dyn Io>, target: &Target) -> Result<Conn, DialE
     Ok(Conn::Stream(stream, rest))
 }
 
-impl DialError {
-    /// Whether the relay was reached but the upgrade did not survive the
-    /// path (a proxy or middlebox answered with an error or cut the
-    /// exchange): the case where WebSocket may still get through.
-    pub fn upgrade_blocked(&self) -> bool {
-        matches!(
-            self,
-            DialError::UpgradeStatus(_) | DialError::BadResponse(_)
-        )
-    }
-}
-
-/// Reads one HTTP/1.1 response head; returns the status and whatever bytes
-/// followed it in the same reads.
-async fn read_head<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> Result<(u16, Bytes), DialError> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if buf.len() >= MAX_HEAD {
-            return Err(DialError::BadResponse("response head too long".into()));
-        }
-        let n = s.read_buf(&mut buf).await?;
-        if n == 0 {
-            return Err(DialError::BadResponse(
-                "connection closed in response head".into(),
-            ));
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let code = resp.code.unwrap_or(0);
-                let rest = buf.split_off(len).freeze();
-                return Ok((code, rest));
-            }
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(DialError::BadResponse(e.to_string())),
-        }
-    }
-}
-
 /// Used by the driver for its write deadline.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls() {
-        let t = parse_url("https://relay.example", false).unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.tls),
-            ("relay.example", 443, true)
-        );
-        let t = parse_url("http://[::1]:8080", true).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.tls), ("::1", 8080, false));
-        assert_eq!(authority(&t), "[::1]:8080");
-        assert!(matches!(
-            parse_url("http://x", false),
-            Err(DialError::PlainNotAllowed)
-        ));
-        assert!(matches!(
-            parse_url("ftp://x", true),
-            Err(DialError::BadUrl(..))
-        ));
-    }
-
-    #[tokio::test]
-    async fn head_parser_keeps_trailing_bytes() {
-        let mut data: &[u8] =
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: warren-relay\r\n\r\n\x01\x00";
-        let (code, rest) = read_head(&mut data).await.unwrap();
-        assert_eq!(code, 101);
-        assert_eq!(&rest[..], b"\x01\x00");
-        let mut bad: &[u8] = b"garbage\r\n\r\n";
-        assert!(matches!(
-            read_head(&mut bad).await,
-            Err(DialError::BadResponse(_))
-        ));
-    }
-}

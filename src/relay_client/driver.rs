@@ -29,8 +29,9 @@ use tracing::{debug, info};
 use crate::keys::{NodeKey, PrivateKey};
 use crate::proto::relay::client::{ClientEvent, ClientSession, SessionError};
 
-use super::dial::{self, Conn, DialError, WRITE_TIMEOUT};
+use super::dial::{self, Conn, WRITE_TIMEOUT};
 use super::{ClientStats, Command, RelayClientConfig, RelayEvent, RelayTransport};
+use crate::dial::DialError;
 
 /// Commands taken from the queue per write, so one write carries many frames.
 const CMD_BATCH: usize = 128;
@@ -54,7 +55,9 @@ enum EndError {
     #[error("connection closed by relay")]
     Eof,
     #[error("network: {0}")]
-    Io(String),
+    Io(#[from] std::io::Error),
+    #[error("WebSocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("write timed out")]
     WriteTimeout,
 }
@@ -235,10 +238,7 @@ impl Link {
     async fn read(&mut self) -> Result<Bytes, EndError> {
         match &mut self.conn {
             Conn::Stream(s, _) => {
-                let n = s
-                    .read(&mut self.buf)
-                    .await
-                    .map_err(|e| EndError::Io(e.to_string()))?;
+                let n = s.read(&mut self.buf).await?;
                 if n == 0 {
                     return Err(EndError::Eof);
                 }
@@ -249,23 +249,19 @@ impl Link {
                     None | Some(Ok(Message::Close(_))) => return Err(EndError::Eof),
                     Some(Ok(Message::Binary(b))) => return Ok(b),
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(EndError::Io(e.to_string())),
+                    Some(Err(e)) => return Err(e.into()),
                 }
             },
         }
     }
 
     async fn write(&mut self, data: Bytes) -> Result<(), EndError> {
-        let io = |e: std::io::Error| EndError::Io(e.to_string());
         match &mut self.conn {
             Conn::Stream(s, _) => {
-                s.write_all(&data).await.map_err(io)?;
-                s.flush().await.map_err(io)
+                s.write_all(&data).await?;
+                Ok(s.flush().await?)
             }
-            Conn::WebSocket(ws) => ws
-                .send(Message::Binary(data))
-                .await
-                .map_err(|e| EndError::Io(e.to_string())),
+            Conn::WebSocket(ws) => Ok(ws.send(Message::Binary(data)).await?),
         }
     }
 }

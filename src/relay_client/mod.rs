@@ -23,7 +23,7 @@ use crate::keys::{NodeKey, PrivateKey};
 use crate::proto::relay::client::SessionConfig;
 use crate::proto::relay::{PeerGoneReason, RelayHealth};
 
-pub use dial::DialError;
+pub use crate::dial::{DialError, ProxyConfig};
 
 /// Which HTTP path carries the frames (the agent's `relay_transport`:
 /// `"upgrade"`, `"websocket"` or `"auto"`).
@@ -39,54 +39,6 @@ pub enum RelayTransport {
     /// WebSocket from then on.
     #[default]
     Auto,
-}
-
-/// An HTTP proxy reached with `CONNECT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProxyConfig {
-    pub host: String,
-    pub port: u16,
-    pub credentials: Option<(String, String)>,
-}
-
-impl ProxyConfig {
-    /// Parses `http://[user:pass@]host[:port]` (the `HTTPS_PROXY` form).
-    pub fn parse(s: &str) -> Result<Self, DialError> {
-        let bad = |why| DialError::BadUrl(s.into(), why);
-        let rest = s.strip_prefix("http://").unwrap_or(s);
-        let rest = rest.trim_end_matches('/');
-        let (creds, hostport) = match rest.rsplit_once('@') {
-            Some((c, h)) => {
-                let (u, p) = c.split_once(':').unwrap_or((c, ""));
-                (Some((u.to_string(), p.to_string())), h)
-            }
-            None => (None, rest),
-        };
-        let t =
-            dial::parse_url(&format!("http://{hostport}"), true).map_err(|_| bad("proxy host"))?;
-        let port = if hostport.ends_with(']') || !hostport.contains(':') {
-            3128
-        } else {
-            t.port
-        };
-        if t.host.is_empty() {
-            return Err(bad("proxy host"));
-        }
-        Ok(ProxyConfig {
-            host: t.host,
-            port,
-            credentials: creds,
-        })
-    }
-
-    /// The proxy from `HTTPS_PROXY` / `https_proxy`, if set and valid.
-    pub fn from_env() -> Option<Self> {
-        ["HTTPS_PROXY", "https_proxy"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok())
-            .filter(|v| !v.is_empty())
-            .and_then(|v| Self::parse(&v).ok())
-    }
 }
 
 /// Everything [`RelayClient::connect`] needs besides the node key.
@@ -270,24 +222,5 @@ impl RelayClient {
                 events: ev_rx,
             },
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_urls() {
-        let p = ProxyConfig::parse("http://user:pw@proxy.lan:8080/").unwrap();
-        assert_eq!(p.host, "proxy.lan");
-        assert_eq!(p.port, 8080);
-        assert_eq!(p.credentials, Some(("user".into(), "pw".into())));
-        let p = ProxyConfig::parse("10.0.0.1").unwrap();
-        assert_eq!(
-            (p.host.as_str(), p.port, p.credentials),
-            ("10.0.0.1", 3128, None)
-        );
-        assert!(ProxyConfig::parse("http://").is_err());
     }
 }

@@ -3,17 +3,22 @@
 //! Two layers, both driven the quinn-proto way (`handle_*(now, ..)` inputs,
 //! `poll_transmit` / `poll_timeout` / `poll_event` outputs, no clock, no IO):
 //!
-//! - [`peer::PeerPaths`]: one peer's path state machine (DESIGN §7). It owns
+//! - [`peer::PeerPaths`]: one peer's path state machine (see
+//!   docs/architecture.md, "Paths"). It owns
 //!   the peer's candidates, the direct paths it has seen, the pings in flight
 //!   and the timers, and decides which path the data plane uses right now.
 //! - [`node::Node`]: the "magicsock" core of one agent. It demultiplexes the
 //!   shared UDP socket (disco / WireGuard / STUN), seals and opens disco boxes,
 //!   filters replays, routes messages to the right peer machine, and turns the
-//!   peers' outputs into datagrams and relay frames for the driver.
+//!   peers' outputs into datagrams, relay frames and TCP frames for the
+//!   driver.
 //!
 //! [`hardnat`] holds the port prediction and birthday-method logic for NATs
-//! with endpoint-dependent mapping. The tokio driver (in `agent/`) only moves
-//! bytes and time in and out of a [`node::Node`].
+//! with endpoint-dependent mapping. The tokio driver (in `agent/mesh/`)
+//! moves bytes and time in and out of a [`node::Node`], and still makes a
+//! few decisions of its own (the home relay, when netcheck runs, reaping
+//! unproven TCP streams, filtering its own addresses out of TCP dials):
+//! docs/architecture.md, "Known gaps".
 
 mod convert;
 pub mod hardnat;
@@ -95,7 +100,8 @@ pub struct PeerStats {
     pub birthday_probes: u64,
 }
 
-/// Tunables. The defaults follow DESIGN §7 and Tailscale's field experience.
+/// Tunables. The defaults (see docs/architecture.md, "Paths") follow
+/// Tailscale's field experience.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Ping interval on the current direct path while traffic flows.

@@ -6,21 +6,30 @@
 //! mappings this host has opened (for port prediction) and the extra
 //! sockets of the birthday method.
 //!
-//! The tokio driver's loop is:
+//! The agent's mesh task (`agent::mesh`) drives it:
 //!
-//! 1. datagram on socket `s` from `src` → [`Node::handle_udp`]; it says
-//!    whether the bytes were disco (consumed), WireGuard (hand to the data
-//!    plane) or STUN (hand to netcheck). Relay frames → [`Node::handle_relay`].
+//! 1. what the UDP readers set aside (every datagram that is not
+//!    WireGuard, with its socket `s` and source `src`) →
+//!    [`Node::handle_udp`]; it says whether the bytes were disco
+//!    (consumed) or STUN (hand to netcheck). Relay packets →
+//!    [`Node::handle_relay`], direct TCP frames → [`Node::handle_tcp`]; for
+//!    those, [`Datagram::WireGuard`] means the driver opens the packet.
 //! 2. loop [`Node::poll_transmit`] and send each [`NodeTransmit`] on the
-//!    socket or relay it names.
-//! 3. loop [`Node::poll_event`]: path changes (for logs and `status`), and
-//!    requests to open/close the extra sockets.
+//!    socket, relay or stream its [`Dest`] names.
+//! 3. loop [`Node::poll_event`]: path changes, which the driver applies to
+//!    the data plane's peer; requests to open or close the extra sockets
+//!    and to dial or close TCP streams; `warren ping` replies.
 //! 4. sleep until [`Node::poll_timeout`], then [`Node::handle_timeout`].
 //!
-//! The data plane asks [`Node::path`] for every WireGuard packet and calls
-//! [`Node::note_traffic`]. Disco packets from senders that are not in the
-//! map are dropped before any X25519 work, so strangers cannot make us do
-//! crypto; every drop is counted in [`DropStats`], never logged per packet.
+//! The data plane does not ask the node per packet: each peer's path is
+//! kept in the data plane's own peer, and the driver changes it only on
+//! [`NodeEvent::PathChanged`] ([`Node::path`] is read when a peer is added,
+//! and per packet only by the simulator in `tests/sim`). The driver calls
+//! [`Node::note_traffic`] when the data plane's activity counters move
+//! (once a second, or at once when a quiet peer's first packet wakes it).
+//! Disco packets from senders that are not in the map are dropped before
+//! any X25519 work, so strangers cannot make us do crypto; every drop is
+//! counted in [`DropStats`], never logged per packet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -1,4 +1,5 @@
-//! One peer's path state machine (DESIGN §7), sans-IO.
+//! One peer's path state machine (see docs/architecture.md, "Paths"),
+//! sans-IO.
 //!
 //! Traffic starts on the relay at once. Discovery begins with the first
 //! traffic (or the peer's first disco message), so idle peers in a large mesh

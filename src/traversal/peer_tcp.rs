@@ -1,4 +1,5 @@
-//! The direct-TCP part of the peer machine (DESIGN §7, "UDP blocked"): when
+//! The direct-TCP part of the peer machine (see docs/architecture.md,
+//! "Paths"): when
 //! to dial the peer's TCP candidates, how a stream becomes a trusted path,
 //! and how it stops being one.
 //!

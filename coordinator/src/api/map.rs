@@ -16,34 +16,26 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::http::header;
 use axum::response::Response;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant as TokioInstant;
 use tracing::Instrument as _;
 
-use super::{authenticate, require_empty, unknown_node, ApiError, AppState};
+use super::signed::{NoBody, Signed};
+use super::{ApiError, AppState};
 use crate::hub::outbox::{full_line, Flush, Outbox};
 use crate::hub::HubEvent;
-use crate::store::{NodeRecord, Store};
+use crate::store::NodeRecord;
 
 type Line = Result<Bytes, Infallible>;
 
 pub(super) async fn map(
     State(st): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Signed<NoBody>,
 ) -> Result<Response, ApiError> {
-    let a = authenticate(&st, &method, &uri, &headers, body).await?;
-    require_empty(&a.body)?;
-    let mut tx = st.store.begin().await?;
-    Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
-    let node = Store::node_by_key_tx(&mut tx, &a.auth.node)
-        .await?
-        .ok_or_else(unknown_node)?;
+    let (mut tx, node) = signed.begin_as_node(&st).await?;
     st.store.stream_delta(&mut tx, &node, 1).await?;
     tx.commit().await?;
     st.hub.wake();

@@ -1,31 +1,25 @@
 //! The HTTP control API (axum). The protocol itself is documented in
 //! `warren::control`.
 //!
-//! Every signed request goes through [`authenticate`] before anything else:
-//! body size, then the authentication headers, then the MAC (all without
-//! touching the database), and only then does the handler open a
-//! transaction, record the nonce in it and do its work. Any failure drops
-//! the transaction, so a request that is refused changes nothing, not even
-//! the nonce table.
-//!
-//! Bodies are read by hand rather than through axum's `Json` extractor so
-//! that every refusal (too large, malformed, unknown field) comes back as the
-//! protocol's typed `{code, message}` instead of axum's plain-text rejection.
+//! Every signed request is a [`signed::Signed`] extractor: body size, the
+//! authentication headers and the MAC are checked (without touching the
+//! database) before the handler runs, and the handler's transaction is
+//! opened with the nonce consumed in it, so a request that is refused
+//! changes nothing, not even the nonce table. See `signed.rs`.
 
 mod map;
+mod signed;
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use warren::control::auth::{AuthError, AuthHeaders, SessionKey};
 use warren::control::{
     EndpointsReport, ErrorBody, ErrorCode, RegisterRequest, RegisterResponse, RelayMap,
     ServerKeyResponse, MAX_ENDPOINTS,
@@ -34,6 +28,7 @@ use warren::keys::PrivateKey;
 
 use crate::hub::Hub;
 use crate::store::{RegisterInput, Store, StoreError};
+use signed::{NoBody, Signed};
 
 /// Largest request body accepted. Registration and endpoint reports are a
 /// few hundred bytes; the netcheck summary is the only thing that grows.
@@ -127,68 +122,6 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A request whose MAC verified (its nonce is not yet consumed).
-pub(crate) struct Authed {
-    pub auth: AuthHeaders,
-    pub body: Bytes,
-}
-
-/// Reads the body and checks the signature; see the module doc.
-pub(crate) async fn authenticate(
-    state: &AppState,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Authed, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("body larger than {MAX_BODY} bytes"),
-        )
-    };
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
-        return Err(too_large());
-    }
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| too_large())?;
-    let auth = AuthHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))
-        .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, e.to_string()))?;
-    let session = SessionKey::for_coordinator(&state.key, &auth.node)
-        .map_err(|e| ApiError::new(ErrorCode::BadSignature, e.to_string()))?;
-    let target = uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or_else(|| uri.path());
-    auth.verify(&session, method.as_str(), target, unix_now(), &body)
-        .map_err(|e| match e {
-            AuthError::Stale { .. } => ApiError::new(ErrorCode::StaleRequest, e.to_string()),
-            _ => ApiError::new(ErrorCode::BadSignature, e.to_string()),
-        })?;
-    Ok(Authed { auth, body })
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
-}
-
-fn require_empty(body: &[u8]) -> Result<(), ApiError> {
-    if body.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "this request takes no body",
-        ))
-    }
-}
-
 async fn key(State(st): State<AppState>) -> Json<ServerKeyResponse> {
     Json(ServerKeyResponse {
         key: st.key.public(),
@@ -198,14 +131,10 @@ async fn key(State(st): State<AppState>) -> Json<ServerKeyResponse> {
 
 async fn register(
     State(st): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Signed<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    let a = authenticate(&st, &method, &uri, &headers, body).await?;
-    let req: RegisterRequest = parse_body(&a.body)?;
-    if req.node_key != a.auth.node {
+    let req = &signed.body;
+    if req.node_key != *signed.node_key() {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
             "node_key is not the key that signed the request",
@@ -224,8 +153,8 @@ async fn register(
         ),
         None => None,
     };
-    let mut tx = st.store.begin().await?;
-    Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
+    let mut tx = signed.begin(&st).await?;
+    let req = signed.body;
     let input = RegisterInput {
         token: req.token,
         node_key: req.node_key,
@@ -252,13 +181,9 @@ async fn register(
 
 async fn endpoints(
     State(st): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Signed<EndpointsReport>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let a = authenticate(&st, &method, &uri, &headers, body).await?;
-    let report: EndpointsReport = parse_body(&a.body)?;
+    let report = &signed.body;
     if report.endpoints.len() > MAX_ENDPOINTS {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
@@ -275,12 +200,8 @@ async fn endpoints(
             ));
         }
     }
-    let mut tx = st.store.begin().await?;
-    Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
-    let node = Store::node_by_key_tx(&mut tx, &a.auth.node)
-        .await?
-        .ok_or_else(unknown_node)?;
-    st.store.set_endpoints(&mut tx, &node, &report).await?;
+    let (mut tx, node) = signed.begin_as_node(&st).await?;
+    st.store.set_endpoints(&mut tx, &node, report).await?;
     tx.commit().await?;
     st.hub.wake();
     tracing::debug!(node = %node.key.short(), n = report.endpoints.len(), "endpoints");
@@ -289,18 +210,9 @@ async fn endpoints(
 
 async fn logout(
     State(st): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Signed<NoBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let a = authenticate(&st, &method, &uri, &headers, body).await?;
-    require_empty(&a.body)?;
-    let mut tx = st.store.begin().await?;
-    Store::consume_nonce(&mut tx, &a.auth.nonce, &a.auth.node, a.auth.time as i64).await?;
-    let node = Store::node_by_key_tx(&mut tx, &a.auth.node)
-        .await?
-        .ok_or_else(unknown_node)?;
+    let (mut tx, node) = signed.begin_as_node(&st).await?;
     st.store.delete_in(&mut tx, &node).await?;
     tx.commit().await?;
     st.hub.wake();

@@ -1,6 +1,7 @@
 //! Who may connect to the relay.
 //!
-//! Only nodes the coordinator knows may use a relay (DESIGN §6). The relay
+//! Only nodes the coordinator knows may use a relay (see
+//! docs/architecture.md, "Relay"). The relay
 //! asks an [`Admission`] at each handshake, and listens to its removals so
 //! that a node removed from the network is disconnected at once (within 2 s),
 //! not when its connection happens to end. The embedded relay implements the
@@ -28,9 +29,9 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use warren::dial;
 use warren::keys::NodeKey;
 use warren::proto::relay::auth::{auth_header, NodesEvent, KEEPALIVE_SECS, NODES_PATH};
-use warren::relay_client::dial;
 
 /// The source of truth on which node keys may connect.
 ///
@@ -148,8 +149,10 @@ pub enum FeedError {
     Http(#[from] hyper::Error),
     #[error("coordinator answered HTTP {0}")]
     Status(u16),
+    #[error("building the feed request: {0}")]
+    Request(#[from] hyper::http::Error),
     #[error("feed line is not a valid event: {0}")]
-    BadLine(String),
+    BadLine(#[source] serde_json::Error),
     #[error("feed line longer than {MAX_LINE} bytes")]
     LineTooLong,
     #[error("no keepalive from the coordinator in {0:?}")]
@@ -210,8 +213,7 @@ async fn follow_feed(
                 auth_header(&cfg.secret, &cfg.relay_key, now),
             )
             .header(hyper::header::ACCEPT, "application/x-ndjson")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| FeedError::BadLine(e.to_string()))?;
+            .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         if !resp.status().is_success() {
             return Err(FeedError::Status(resp.status().as_u16()));
@@ -245,7 +247,7 @@ async fn follow_feed(
             }
             match serde_json::from_slice::<NodesEvent>(line) {
                 Ok(ev) => apply(admission, ev, got_snapshot),
-                Err(e) => return FeedError::BadLine(e.to_string()),
+                Err(e) => return FeedError::BadLine(e),
             }
         }
         if buf.len() > MAX_LINE {

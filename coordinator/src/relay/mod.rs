@@ -1,4 +1,5 @@
-//! The encrypted relay (DESIGN §6): DERP-like forwarding of opaque packets
+//! The encrypted relay (see docs/architecture.md, "Relay"): DERP-like
+//! forwarding of opaque packets
 //! between node keys, for peers that have no direct path.
 //!
 //! Clients connect over HTTP: `GET /relay` with `Upgrade: warren-relay`
@@ -8,10 +9,9 @@
 //! relay only ever sees WireGuard ciphertext and disco boxes.
 //!
 //! [`RelayServer::router`] is an axum router, so the coordinator can mount the
-//! relay beside its control API; [`serve`] runs any such router on a TCP
-//! listener with TLS (or plain TCP, only when asked for by name, for labs):
-//! a small accept loop over hyper's HTTP/1 server with upgrades enabled,
-//! because both relay paths take the connection over after the request.
+//! relay beside its control API; a standalone relay serves it alone. Both
+//! run on the one accept loop, [`crate::listen::serve`] (TLS, upgrades,
+//! deadlines on every stage of a request).
 //! [`run_standalone`] is the `warren-coordinator relay` mode that learns its
 //! node list from the coordinator.
 //!
@@ -26,7 +26,6 @@ mod state;
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,18 +35,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use warren::keys::{NodeKey, PrivateKey};
 use warren::proto::relay::{RelayHealth, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 
+use crate::listen::{serve, PeerAddr, Security};
 pub use admission::{
     spawn_remote_admission, Admission, FeedError, RemoteAdmissionConfig, StaticAdmission,
 };
@@ -222,129 +217,6 @@ fn peer_of(req: &Request) -> String {
 }
 
 /// How long a client has for the TLS handshake and its HTTP request.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The client's socket address, put into each request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
-
-/// Whether connections are wrapped in TLS.
-#[derive(Clone)]
-#[non_exhaustive]
-pub enum Security {
-    Tls(Arc<rustls::ServerConfig>),
-    /// Plain TCP: node keys are still proven, but the relay's identity and
-    /// the packet metadata are not protected. Labs only.
-    PlainForLab,
-}
-
-/// Why the listener could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ListenError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("no certificate in {0}")]
-    NoCertificate(String),
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
-}
-
-/// A TLS server configuration from PEM files (certificate chain, key).
-pub fn tls_config_from_pem(
-    cert: &Path,
-    key: &Path,
-) -> Result<Arc<rustls::ServerConfig>, ListenError> {
-    let read_err = |p: &Path| {
-        let path = p.display().to_string();
-        move |source| ListenError::Read { path, source }
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(read_err(cert))?
-        .collect::<Result<_, _>>()
-        .map_err(read_err(cert))?;
-    if certs.is_empty() {
-        return Err(ListenError::NoCertificate(cert.display().to_string()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(read_err(key))?;
-    tls_config(certs, key)
-}
-
-/// A TLS server configuration from DER values (tests, embedded certs).
-pub fn tls_config(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<rustls::ServerConfig>, ListenError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
-/// Accepts connections forever and serves `router` on each.
-pub async fn serve(listener: TcpListener, router: Router, security: Security) -> io::Result<()> {
-    let acceptor = match &security {
-        Security::Tls(cfg) => Some(TlsAcceptor::from(cfg.clone())),
-        Security::PlainForLab => {
-            warn!("relay listening on plain TCP (lab mode): traffic metadata is not protected");
-            None
-        }
-    };
-    loop {
-        let (tcp, addr) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                debug!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let svc = TowerToHyperService::new(router.layer(axum::Extension(PeerAddr(addr))));
-            let builder = {
-                let mut b = http1::Builder::new();
-                b.timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(ACCEPT_TIMEOUT);
-                b
-            };
-            let result = match acceptor {
-                Some(acc) => match tokio::time::timeout(ACCEPT_TIMEOUT, acc.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        builder
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .with_upgrades()
-                            .await
-                    }
-                    Ok(Err(e)) => {
-                        debug!(%addr, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                },
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades()
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%addr, "HTTP connection ended: {e}");
-            }
-        });
-    }
-}
-
 /// Everything `warren-coordinator relay` needs.
 #[derive(Clone)]
 pub struct StandaloneConfig {
@@ -388,6 +260,9 @@ pub async fn start_standalone(cfg: StandaloneConfig) -> io::Result<Standalone> {
     let (admission, feed) = spawn_remote_admission(cfg.coordinator.clone());
     let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>);
     info!(%addr, key = %server.public_key(), "standalone relay listening");
+    if matches!(cfg.security, Security::Plain) {
+        warn!("relay listening on plain TCP (lab mode): traffic metadata is not protected");
+    }
     let serve = tokio::spawn(serve(listener, server.router(), cfg.security));
     Ok(Standalone {
         addr,

@@ -1,99 +1,59 @@
 //! The database schema and its migrations, for SQLite and PostgreSQL.
 //!
-//! Migrations are a numbered list applied in order at start, each in its own
-//! transaction and recorded in `warren_migrations`. They are kept in code
-//! rather than in sqlx's migration files because the two backends need
-//! different DDL (`AUTOINCREMENT` against `BIGSERIAL`), and one list with
-//! both dialects side by side is easier to keep in step than two folders.
-//! On PostgreSQL an advisory lock serialises replicas starting together.
-//! Flags are `BIGINT` 0/1 on both backends: sqlx's `Any` driver cannot
-//! decode SQLite's `BOOLEAN` affinity.
+//! The migrations are SQL files, one folder per backend
+//! (`coordinator/migrations/sqlite/`, `coordinator/migrations/postgres/`),
+//! named `NNNN_what.sql` and compiled into the binary. The two backends need
+//! different DDL (`AUTOINCREMENT` against `BIGSERIAL`), hence two folders;
+//! a test checks that they hold the same versions. They are applied in
+//! order at start, each in its own transaction, and recorded in
+//! `warren_migrations` (the table every deployed store already has, which
+//! is why this is not sqlx's `_sqlx_migrations` migrator). On PostgreSQL an
+//! advisory lock serialises replicas starting together. Flags are `BIGINT`
+//! 0/1 on both backends: sqlx's `Any` driver cannot decode SQLite's
+//! `BOOLEAN` affinity.
 
 use sqlx::AnyPool;
 
 use super::{Backend, StoreError};
 
-/// One migration: its version and the statements for each backend.
+/// One migration: its version and its SQL for each backend.
 struct Migration {
     version: i64,
-    sqlite: &'static [&'static str],
-    postgres: &'static [&'static str],
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+/// Both backends' file of one version, side by side.
+macro_rules! migration {
+    ($version:literal, $file:literal) => {
+        Migration {
+            version: $version,
+            sqlite: include_str!(concat!("../../migrations/sqlite/", $file)),
+            postgres: include_str!(concat!("../../migrations/postgres/", $file)),
+        }
+    };
 }
 
 const MIGRATIONS: &[Migration] = &[
-    Migration {
-    version: 1,
-    sqlite: &[
-        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE tokens (
-            id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
-            reusable BIGINT NOT NULL, ephemeral BIGINT NOT NULL,
-            tags TEXT NOT NULL, created_ms BIGINT NOT NULL, expires_ms BIGINT,
-            revoked BIGINT NOT NULL DEFAULT 0, uses BIGINT NOT NULL DEFAULT 0)",
-        "CREATE TABLE nodes (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            node_key TEXT NOT NULL UNIQUE, disco_key TEXT NOT NULL,
-            name TEXT NOT NULL UNIQUE, hostname TEXT NOT NULL,
-            os TEXT NOT NULL, version TEXT NOT NULL,
-            ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE,
-            ephemeral BIGINT NOT NULL, tags TEXT NOT NULL, token_id TEXT,
-            endpoints TEXT NOT NULL DEFAULT '[]', netcheck TEXT,
-            conns BIGINT NOT NULL DEFAULT 0,
-            last_seen_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL)",
-        "CREATE TABLE nonces (nonce TEXT PRIMARY KEY, node_key TEXT NOT NULL, ts BIGINT NOT NULL)",
-        "CREATE INDEX nonces_ts ON nonces (ts)",
-        "CREATE TABLE changes (
-            id INTEGER PRIMARY KEY AUTOINCREMENT, node_id BIGINT NOT NULL,
-            node_key TEXT NOT NULL, kind TEXT NOT NULL, at_ms BIGINT NOT NULL)",
-    ],
-    postgres: &[
-        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE tokens (
-            id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
-            reusable BIGINT NOT NULL, ephemeral BIGINT NOT NULL,
-            tags TEXT NOT NULL, created_ms BIGINT NOT NULL, expires_ms BIGINT,
-            revoked BIGINT NOT NULL DEFAULT 0, uses BIGINT NOT NULL DEFAULT 0)",
-        "CREATE TABLE nodes (
-            id BIGSERIAL PRIMARY KEY,
-            node_key TEXT NOT NULL UNIQUE, disco_key TEXT NOT NULL,
-            name TEXT NOT NULL UNIQUE, hostname TEXT NOT NULL,
-            os TEXT NOT NULL, version TEXT NOT NULL,
-            ipv4 TEXT NOT NULL UNIQUE, ipv6 TEXT NOT NULL UNIQUE,
-            ephemeral BIGINT NOT NULL, tags TEXT NOT NULL, token_id TEXT,
-            endpoints TEXT NOT NULL DEFAULT '[]', netcheck TEXT,
-            conns BIGINT NOT NULL DEFAULT 0,
-            last_seen_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL)",
-        "CREATE TABLE nonces (nonce TEXT PRIMARY KEY, node_key TEXT NOT NULL, ts BIGINT NOT NULL)",
-        "CREATE INDEX nonces_ts ON nonces (ts)",
-        // Unused on PostgreSQL (changes travel by NOTIFY), kept so both
-        // backends have the same tables and the same tests.
-        "CREATE TABLE changes (
-            id BIGSERIAL PRIMARY KEY, node_id BIGINT NOT NULL,
-            node_key TEXT NOT NULL, kind TEXT NOT NULL, at_ms BIGINT NOT NULL)",
-    ],
-    },
-    // What the node's NAT does (a `NatSummary` as JSON) and its home relay
-    // region, both from its endpoint reports, for its peers' maps.
-    Migration {
-        version: 2,
-        sqlite: &[
-            "ALTER TABLE nodes ADD COLUMN nat TEXT",
-            "ALTER TABLE nodes ADD COLUMN home_relay BIGINT",
-        ],
-        postgres: &[
-            "ALTER TABLE nodes ADD COLUMN nat TEXT",
-            "ALTER TABLE nodes ADD COLUMN home_relay BIGINT",
-        ],
-    },
-    // The tags a node advertises itself (`warren up --advertise-tags`),
-    // apart from those its token granted (`tags`): re-registering replaces
-    // these and never touches the granted ones.
-    Migration {
-        version: 3,
-        sqlite: &["ALTER TABLE nodes ADD COLUMN advertised_tags TEXT NOT NULL DEFAULT '[]'"],
-        postgres: &["ALTER TABLE nodes ADD COLUMN advertised_tags TEXT NOT NULL DEFAULT '[]'"],
-    },
+    migration!(1, "0001_init.sql"),
+    migration!(2, "0002_nat_home_relay.sql"),
+    migration!(3, "0003_advertised_tags.sql"),
 ];
+
+/// The statements of a migration file: `--` comment lines dropped, split
+/// at `;`. The files hold DDL only, never a `;` inside a literal.
+fn statements(sql: &str) -> Vec<String> {
+    let code: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    code.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 /// An arbitrary constant naming the migration advisory lock.
 const PG_LOCK_ID: i64 = 0x7761_7272_656e; // "warren"
@@ -130,12 +90,15 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<(), S
     let current = current.unwrap_or(0);
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
         let mut tx = conn.begin().await?;
-        let statements = match backend {
+        let statements_of = match backend {
             Backend::Sqlite => m.sqlite,
             Backend::Postgres => m.postgres,
         };
-        for sql in statements {
-            sqlx::query(*sql).execute(&mut *tx).await?;
+        for sql in statements(statements_of) {
+            // Compiled-in migration files, never user input.
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("INSERT INTO warren_migrations (version, applied_ms) VALUES ($1, $2)")
             .bind(m.version)
@@ -146,4 +109,31 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<(), S
         tracing::info!(version = m.version, "applied migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_in_order_and_both_backends_have_each() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "versions are 1, 2, 3, …");
+            let (a, b) = (statements(m.sqlite).len(), statements(m.postgres).len());
+            assert!(
+                a > 0 && a == b,
+                "version {}: {a} vs {b} statements",
+                m.version
+            );
+        }
+    }
+
+    #[test]
+    fn comments_and_blank_lines_are_not_statements() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x TEXT);\n\n  -- another\nCREATE INDEX i ON a (x);\n";
+        assert_eq!(
+            statements(sql),
+            ["CREATE TABLE a (x TEXT)", "CREATE INDEX i ON a (x)"]
+        );
+    }
 }

@@ -12,15 +12,15 @@ use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use warren::dial::Io;
 use warren::keys::{NodeKey, PrivateKey};
 use warren::proto::relay::{auth, Frame, FrameDecoder, PROTOCOL_VERSION};
-use warren::relay_client::dial::{self, Conn, Io};
+use warren::relay_client::dial::{self, Conn};
 use warren::relay_client::{
     RelayClient, RelayClientConfig, RelayEvent, RelayReceiver, RelaySender, RelayTransport,
 };
-use warren_coordinator::relay::{
-    serve, tls_config, Admission, RelayLimits, RelayServer, Security, StaticAdmission,
-};
+use warren_coordinator::listen::{serve, tls_config, Security};
+use warren_coordinator::relay::{Admission, RelayLimits, RelayServer, StaticAdmission};
 
 // The relay tests share the coordinator tests' set-up (crypto provider,
 // logging) rather than a copy of it.
@@ -58,7 +58,7 @@ impl TestRelay {
             let (s, c) = self_signed();
             (Security::Tls(s), Some(c))
         } else {
-            (Security::PlainForLab, None)
+            (Security::Plain, None)
         };
         tokio::spawn(serve(listener, server.router(), security));
         TestRelay {

@@ -1,4 +1,5 @@
-//! Endpoint discovery on the agent's own WireGuard socket (DESIGN §5).
+//! Endpoint discovery on the agent's own WireGuard socket (see
+//! docs/architecture.md, "Endpoint discovery").
 //!
 //! The mapped address that matters is the one the NAT gives the socket the
 //! tunnels use, so netcheck runs here on that socket rather than on one of

@@ -13,9 +13,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::mesh::{MeshStatus, PeerMesh, UpArgs};
+use crate::api::mesh::{LeaveReply, MeshStatus, PeerMesh, PingRound, UpArgs, UpReply};
 use crate::api::{ApiError, ErrorCode};
 use crate::keys::NodeKey;
+use crate::netcheck::Report;
 
 /// A command for the mesh task.
 #[derive(Debug)]
@@ -36,7 +37,19 @@ pub enum Command {
     },
 }
 
-pub type Reply = oneshot::Sender<Result<serde_json::Value, ApiError>>;
+/// What the mesh task answers to a [`Command`]: one typed value per
+/// command, turned into JSON only by the API server.
+#[derive(Debug)]
+pub enum MeshReply {
+    Up(UpReply),
+    Left(LeaveReply),
+    Netcheck(Box<Report>),
+    Ping(PingRound),
+    /// `Shutdown` is done.
+    Done,
+}
+
+pub type Reply = oneshot::Sender<Result<MeshReply, ApiError>>;
 
 /// What `status` shows of the mesh.
 #[derive(Debug, Clone, Default)]
@@ -58,7 +71,7 @@ impl MeshHandle {
     }
 
     /// Runs `cmd` on the mesh task and waits for its answer.
-    pub async fn call(&self, cmd: Command) -> Result<serde_json::Value, ApiError> {
+    pub async fn call(&self, cmd: Command) -> Result<MeshReply, ApiError> {
         let gone = || ApiError::new(ErrorCode::Internal, "the mesh task has stopped");
         let (tx, rx) = oneshot::channel();
         self.calls.send((cmd, tx)).await.map_err(|_| gone())?;

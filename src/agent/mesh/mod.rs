@@ -19,9 +19,12 @@
 //!   coordinator never stalls disco or the relays.
 //!
 //! The data plane never waits on this task: it reads each peer's path from
-//! the peer itself, and only disco, STUN and control traffic pass through
-//! here. Files: [`session`] (the coordinator side), [`relays`],
-//! [`discover`], [`handle`] (the API's view), [`login`], [`sockets`].
+//! the peer itself. Disco, STUN and control traffic pass through here, and
+//! so does WireGuard that arrives over a relay or a direct TCP stream (it is
+//! opened here and written to the TUN; docs/architecture.md, "Known gaps").
+//! Files: [`session`] (the coordinator side), [`up`] (`warren up`),
+//! [`relays`], [`tcp`], [`discover`], [`handle`] (the API's view and the
+//! typed replies), [`ping`], [`login`], [`sockets`].
 
 mod discover;
 mod handle;
@@ -56,7 +59,7 @@ use crate::proto::disco::DiscoSecret;
 use crate::traversal::node::{Datagram, Dest, Node, NodeEvent};
 use crate::traversal::{Path, SocketId};
 
-pub use handle::{Command, MeshHandle};
+pub use handle::{Command, MeshHandle, MeshReply};
 pub use login::Login;
 
 use discover::Discovery;

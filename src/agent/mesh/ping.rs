@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::handle::Reply;
+use super::handle::{MeshReply, Reply};
 use super::Mesh;
 use crate::api::mesh::{PingRound, Pong};
 use crate::api::{ApiError, ErrorCode, PeerPath};
@@ -115,9 +115,7 @@ impl Mesh {
                 pongs: w.pongs,
                 direct: w.direct,
             };
-            let answer = serde_json::to_value(&round)
-                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
-            let _ = w.reply.send(answer);
+            let _ = w.reply.send(Ok(MeshReply::Ping(round)));
         }
     }
 

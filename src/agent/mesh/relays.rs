@@ -1,6 +1,6 @@
 //! The agent's relay connections: one to its home region, kept open, and
 //! one to each other region where a peer it talks to lives, opened on
-//! demand and closed when idle (DESIGN §6).
+//! demand and closed when idle (see docs/architecture.md, "Relay").
 //!
 //! Packets for a relayed peer must reach the relay that peer is connected
 //! to, so the send side is a routing table — peer key → that region's
@@ -360,7 +360,7 @@ impl Relays {
         cfg.allow_plain = region.url.starts_with("http://");
         cfg.transport = self.options.transport;
         cfg.tls = self.tls.clone();
-        cfg.proxy = crate::relay_client::ProxyConfig::from_env();
+        cfg.proxy = crate::dial::ProxyConfig::from_env();
         tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");
         let (tx, mut rx) = RelayClient::connect(cfg, &self.key);
         let out = self.incoming.clone();

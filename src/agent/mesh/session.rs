@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::handle::{Command, Reply};
+use super::handle::{Command, MeshReply, Reply};
 use super::login::Login;
 use super::Mesh;
-use crate::api::mesh::{MeshState, MeshStatus};
+use crate::api::mesh::{LeaveReply, MeshState, MeshStatus};
 use crate::api::{ApiError, ErrorCode};
 use crate::control::client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
 use crate::control::types::{EndpointsReport, Peer as MapPeer};
@@ -147,7 +147,7 @@ impl Mesh {
             Command::Logout => self.logout().await,
             Command::Shutdown => {
                 self.discovery.release_portmap().await;
-                Ok(serde_json::Value::Null)
+                Ok(MeshReply::Done)
             }
             Command::Ping { peer, timeout } => {
                 self.start_ping(peer, timeout, reply);
@@ -180,7 +180,7 @@ impl Mesh {
         self.set_relay_map(reg.relay_map);
     }
 
-    fn down(&mut self) -> Result<serde_json::Value, ApiError> {
+    fn down(&mut self) -> Result<MeshReply, ApiError> {
         let Some(s) = self.session.as_mut() else {
             return Err(api_err(ErrorCode::NotJoined, "not joined to any network"));
         };
@@ -188,12 +188,17 @@ impl Mesh {
         let _ = s.login.save(&self.state_dir);
         s.stream = None;
         s.state = MeshState::Stopped;
+        let left = LeaveReply {
+            coordinator: s.login.coordinator.clone(),
+            name: s.name.clone(),
+            logged_out: false,
+        };
         self.drop_peers();
         tracing::info!("left the network (down); `warren up` re-joins");
-        Ok(serde_json::json!({}))
+        Ok(MeshReply::Left(left))
     }
 
-    async fn logout(&mut self) -> Result<serde_json::Value, ApiError> {
+    async fn logout(&mut self) -> Result<MeshReply, ApiError> {
         let Some(s) = self.session.as_ref() else {
             return Err(api_err(ErrorCode::NotJoined, "not joined to any network"));
         };
@@ -202,10 +207,15 @@ impl Mesh {
             .map_err(|_| api_err(ErrorCode::Coordinator, "the coordinator did not answer"))?
             .map_err(|e| api_err(ErrorCode::Coordinator, e.to_string()))?;
         let map_file = s.client.map_path();
+        let left = LeaveReply {
+            coordinator: s.login.coordinator.clone(),
+            name: s.name.clone(),
+            logged_out: true,
+        };
         self.leave();
         let _ = std::fs::remove_file(map_file);
         tracing::info!("logged out; joining again takes a token");
-        Ok(serde_json::json!({}))
+        Ok(MeshReply::Left(left))
     }
 
     /// Forgets the network: peers, relays, the saved login.
@@ -376,10 +386,8 @@ impl Mesh {
             self.relays.set_home(*nearest);
         }
         let waiters = std::mem::take(&mut self.netcheck_waiters);
-        let value =
-            serde_json::to_value(&report).map_err(|e| api_err(ErrorCode::Internal, e.to_string()));
         for w in waiters {
-            let _ = w.send(value.clone());
+            let _ = w.send(Ok(MeshReply::Netcheck(Box::new(report.clone()))));
         }
         self.publish_local(serde_json::to_value(&report).ok());
     }

@@ -19,6 +19,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::handle::MeshReply;
 use super::login::{system_hostname, Login};
 use super::session::{api_err, Session, UP_TIMEOUT};
 use super::Mesh;
@@ -124,7 +125,7 @@ fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> 
 }
 
 impl Mesh {
-    pub(super) async fn up(&mut self, args: UpArgs) -> Result<serde_json::Value, ApiError> {
+    pub(super) async fn up(&mut self, args: UpArgs) -> Result<MeshReply, ApiError> {
         let tags = match &args.advertise_tags {
             Some(t) => {
                 Some(normalize_tags(t).map_err(|e| api_err(ErrorCode::BadRequest, e.to_string()))?)
@@ -180,7 +181,7 @@ impl Mesh {
         login: Login,
         args: &UpArgs,
         changed: Vec<String>,
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<MeshReply, ApiError> {
         let client = login
             .client(self.key.clone(), &self.state_dir)
             .map_err(|e| api_err(ErrorCode::BadRequest, e))?;
@@ -231,7 +232,7 @@ impl Mesh {
             .ca_pem()
             .ok()
             .flatten()
-            .and_then(|pem| crate::relay_client::dial::tls_config_with_ca(&pem).ok());
+            .and_then(|pem| crate::dial::tls_config_with_ca(&pem).ok());
         self.relays.set_tls(relay_tls);
         // Same network again: the open map stream carries on.
         let old = self.session.take();
@@ -265,7 +266,7 @@ impl Mesh {
     }
 }
 
-fn up_reply(s: &Session, changed: Vec<String>) -> Result<serde_json::Value, ApiError> {
+fn up_reply(s: &Session, changed: Vec<String>) -> Result<MeshReply, ApiError> {
     let reply = UpReply {
         coordinator: s.login.coordinator.clone(),
         name: s.name.clone().unwrap_or_default(),
@@ -273,7 +274,7 @@ fn up_reply(s: &Session, changed: Vec<String>) -> Result<serde_json::Value, ApiE
         tags: s.login.tags.clone(),
         changed,
     };
-    serde_json::to_value(reply).map_err(|e| api_err(ErrorCode::Internal, e.to_string()))
+    Ok(MeshReply::Up(reply))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //! and the transcript binds the challenge, the node key and the relay key.
 //! Only the holder of the node's private key (or of the relay's) can compute
 //! `k`, so the relay learns that the client owns the key it claims without any
-//! bearer secret crossing the wire (DESIGN §2). The challenge is fresh per
+//! bearer secret crossing the wire (see docs/architecture.md, "Keys"). The
+//! challenge is fresh per
 //! connection, so a recorded proof is useless later.
 //!
 //! A static-static DH MAC was chosen over a sealed box because it needs one

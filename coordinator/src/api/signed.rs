@@ -1,0 +1,151 @@
+//! [`Signed<T>`]: the one extractor every signed control request goes
+//! through, so that no handler can skip a step or take them out of order.
+//!
+//! Extraction does everything that needs no database: the body size (the
+//! declared length first, then the bytes read), the authentication
+//! headers, the MAC over method, path, time and body (`warren::control::
+//! auth`), and only then the body's JSON. The handler then calls
+//! [`Signed::begin`] or [`Signed::begin_as_node`], which opens the
+//! transaction and records the nonce *in it*: a request refused at any
+//! later step drops the transaction, so it changes nothing, not even the
+//! nonce table, and a replay is refused by the nonce's uniqueness.
+//!
+//! Bodies are read by hand rather than through axum's `Json` extractor so
+//! that every refusal (too large, malformed, unknown field) comes back as
+//! the protocol's typed `{code, message}` instead of axum's plain text.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use sqlx::{Any, Transaction};
+use warren::control::auth::{AuthError, AuthHeaders, SessionKey};
+use warren::control::{EndpointsReport, ErrorCode, RegisterRequest};
+use warren::keys::NodeKey;
+
+use super::{unix_now, unknown_node, ApiError, AppState, MAX_BODY};
+use crate::store::{NodeRecord, Store};
+
+/// A request whose signature verified, with its body parsed as `T`. Its
+/// nonce is not consumed until [`Signed::begin`].
+pub(crate) struct Signed<T> {
+    auth: AuthHeaders,
+    pub body: T,
+}
+
+/// What a signed request's body may be.
+pub(crate) trait SignedBody: Sized {
+    fn parse(bytes: &[u8]) -> Result<Self, ApiError>;
+}
+
+/// The body of a request that takes none (`GET /map`, `POST /logout`).
+pub(crate) struct NoBody;
+
+impl SignedBody for NoBody {
+    fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        if bytes.is_empty() {
+            Ok(NoBody)
+        } else {
+            Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "this request takes no body",
+            ))
+        }
+    }
+}
+
+/// Request types whose body is one JSON document.
+macro_rules! json_body {
+    ($($t:ty),*) => {$(
+        impl SignedBody for $t {
+            fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+                serde_json::from_slice(bytes).map_err(|e| {
+                    ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}"))
+                })
+            }
+        }
+    )*};
+}
+json_body!(RegisterRequest, EndpointsReport);
+
+impl<T: SignedBody> FromRequest<AppState> for Signed<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let too_large = || {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("body larger than {MAX_BODY} bytes"),
+            )
+        };
+        let declared = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY) {
+            return Err(too_large());
+        }
+        // A body that stops arriving is cut off by the listener's body
+        // timeout (crate::listen), which ends up here as a read error.
+        let body: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::new(ErrorCode::BadRequest, format!("reading the body: {e}"))
+            }
+        })?;
+        let headers = &parts.headers;
+        let auth = AuthHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+            .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, e.to_string()))?;
+        let session = SessionKey::for_coordinator(&st.key, &auth.node)
+            .map_err(|e| ApiError::new(ErrorCode::BadSignature, e.to_string()))?;
+        let uri = &parts.uri;
+        let target = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or_else(|| uri.path());
+        auth.verify(&session, parts.method.as_str(), target, unix_now(), &body)
+            .map_err(|e| match e {
+                AuthError::Stale { .. } => ApiError::new(ErrorCode::StaleRequest, e.to_string()),
+                _ => ApiError::new(ErrorCode::BadSignature, e.to_string()),
+            })?;
+        // Only a request that proved its key gets its body parsed.
+        let body = T::parse(&body)?;
+        Ok(Signed { auth, body })
+    }
+}
+
+impl<T> Signed<T> {
+    /// The node key that signed the request.
+    pub fn node_key(&self) -> &NodeKey {
+        &self.auth.node
+    }
+
+    /// Opens the transaction the request's changes go into, and consumes
+    /// the nonce in it (a replay fails here).
+    pub async fn begin(&self, st: &AppState) -> Result<Transaction<'static, Any>, ApiError> {
+        let mut tx = st.store.begin().await?;
+        Store::consume_nonce(
+            &mut tx,
+            &self.auth.nonce,
+            &self.auth.node,
+            self.auth.time as i64,
+        )
+        .await?;
+        Ok(tx)
+    }
+
+    /// [`Signed::begin`], and the registered node that signed; a key the
+    /// store does not know is refused as `unknown_node`.
+    pub async fn begin_as_node(
+        &self,
+        st: &AppState,
+    ) -> Result<(Transaction<'static, Any>, NodeRecord), ApiError> {
+        let mut tx = self.begin(st).await?;
+        let node = Store::node_by_key_tx(&mut tx, &self.auth.node)
+            .await?
+            .ok_or_else(unknown_node)?;
+        Ok((tx, node))
+    }
+}

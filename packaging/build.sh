@@ -5,7 +5,7 @@
 #
 # --out DIR  where the .deb files go (default target/debian)
 # --dev      package the debug build instead of a release build: quick, for
-#            the package test (tests/package.rs); never ship it.
+#            the package test (tests/lab/package.rs); never ship it.
 #
 # Installs cargo-deb from crates.io when it is missing. Prints the paths of
 # the built packages, one per line, on stdout.

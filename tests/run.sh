@@ -55,7 +55,7 @@ if [[ "$fuzz_secs" != 0 ]]; then
         echo "tests/run.sh: skipping fuzzing: needs nightly and cargo-fuzz (tests/setup.sh)"
     fi
 fi
-# The NAT matrix (tests/lab_matrix.rs) writes its table here; show it.
+# The NAT matrix (tests/lab/matrix.rs) writes its table here; show it.
 if [[ -f target/nat-matrix.txt ]]; then
     echo
     cat target/nat-matrix.txt

@@ -3,7 +3,7 @@
 //! and cleanly (named file, line and key; no device left behind), and a
 //! clean stop on SIGTERM and SIGINT (exit 0, TUN removed).
 
-mod lab;
+use crate::lab;
 
 use std::time::Duration;
 
@@ -13,10 +13,9 @@ use lab::{Lab, Node};
 
 #[test]
 fn keys_match_wg_format() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let n = lab.public("n");
     let t = lab::EXEC_TIMEOUT;
     let k = warren_keypair(&lab, &n);
@@ -68,10 +67,9 @@ fn agent_must_fail(lab: &Lab, node: &Node, file: &str, config: &str, names_confi
 
 #[test]
 fn bad_config_fails_cleanly() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let n = lab.public("n");
     let k = wg_keypair();
     let good = AgentConfig::new(&k.private, &["100.64.0.1/24"]).to_toml();
@@ -144,8 +142,7 @@ fn bad_config_fails_cleanly() {
 }
 
 /// Starts an agent, sends `sig`, and expects exit code 0 with the TUN gone.
-fn stops_cleanly_on(sig: i32) {
-    let lab = Lab::new();
+fn stops_cleanly_on(lab: Lab, sig: i32) {
     let n = lab.public("n");
     let k = warren_keypair(&lab, &n);
     let mut config = AgentConfig::new(&k.private, &["100.64.0.1/24"]);
@@ -178,14 +175,14 @@ fn stops_cleanly_on(sig: i32) {
 
 #[test]
 fn sigterm_stops_cleanly() {
-    if lab::require_root() {
-        stops_cleanly_on(libc::SIGTERM);
+    if let Some(lab) = Lab::new_or_skip() {
+        stops_cleanly_on(lab, libc::SIGTERM);
     }
 }
 
 #[test]
 fn sigint_stops_cleanly() {
-    if lab::require_root() {
-        stops_cleanly_on(libc::SIGINT);
+    if let Some(lab) = Lab::new_or_skip() {
+        stops_cleanly_on(lab, libc::SIGINT);
     }
 }

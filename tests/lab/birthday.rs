@@ -12,9 +12,7 @@
 //! gateways) do: an accepted spray would leave conntrack entries there that
 //! make the easy side's matching probe leave from a remapped port.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::time::{Duration, Instant};
 
@@ -128,10 +126,9 @@ fn run_pair(lab: &Lab, hard: &Node, other: &Node) -> Outcome {
 
 #[test]
 fn random_port_nat_to_public_host_goes_direct() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let gw = lab.gateway("gwh", Nat::Edm);
     let hard = lab.host_behind(&gw, "hard");
     let open = lab.public("open");
@@ -144,10 +141,9 @@ fn random_port_nat_to_public_host_goes_direct() {
 /// method's case, which must end direct.
 #[test]
 fn random_port_nat_to_port_preserving_router_goes_direct() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let gh = lab.gateway("gwh", Nat::Edm);
     let hard = lab.host_behind(&gh, "hard");
     let ge = lab.gateway("gwe", Nat::Eim);

@@ -4,7 +4,7 @@
 //! roaming after the NAT rebinds, an IPv6 overlay, and interop with stock
 //! wireguard-go, each side initiating.
 
-mod lab;
+use crate::lab;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -21,8 +21,7 @@ const B_IP: &str = "100.64.0.2";
 /// Two agents behind two EIM NATs; `b` has a UDP port forward, and only
 /// `a` knows `b`'s (forwarded, public) endpoint. Checks ping both ways and
 /// a 50 MB transfer.
-fn two_agents(offload: Option<bool>) {
-    let lab = Lab::new();
+fn two_agents(lab: Lab, offload: Option<bool>) {
     let g1 = lab.gateway("g1", Nat::Eim);
     let h1 = lab.host_behind(&g1, "h1");
     let g2 = lab.gateway("g2", Nat::Eim);
@@ -64,15 +63,15 @@ fn two_agents(offload: Option<bool>) {
 
 #[test]
 fn two_agents_through_nat_ping_and_transfer() {
-    if lab::require_root() {
-        two_agents(None);
+    if let Some(lab) = Lab::new_or_skip() {
+        two_agents(lab, None);
     }
 }
 
 #[test]
 fn two_agents_transfer_without_offload() {
-    if lab::require_root() {
-        two_agents(Some(false));
+    if let Some(lab) = Lab::new_or_skip() {
+        two_agents(lab, Some(false));
     }
 }
 
@@ -100,10 +99,9 @@ fn nat_ports(lab: &Lab, gw: &Node, client: Ipv4Addr, sport: u16) -> Vec<u16> {
 
 #[test]
 fn roaming_follows_nat_rebinding() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let g1 = lab.gateway("g1", Nat::Edm);
     let h1 = lab.host_behind(&g1, "h1");
     let s = lab.public("s");
@@ -147,10 +145,9 @@ fn roaming_follows_nat_rebinding() {
 
 #[test]
 fn ipv6_overlay() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let (n1, n2) = (lab.public("n1"), lab.public("n2"));
     let (k1, k2) = (warren_keypair(&lab, &n1), warren_keypair(&lab, &n2));
     let p2 = PeerCfg::new(&k2.public, &["100.64.0.2/32", "fd7a:7761::2/128"])
@@ -183,8 +180,7 @@ fn ipv6_overlay() {
 /// warren behind an EIM NAT and wireguard-go on a public host;
 /// `warren_initiates` chooses which side knows the other's endpoint (the
 /// other one learns it by roaming).
-fn interop(warren_initiates: bool) {
-    let lab = Lab::new();
+fn interop(lab: Lab, warren_initiates: bool) {
     let gw = lab.gateway("gw", Nat::Eim);
     let wh = lab.host_behind(&gw, "warren");
     let pub_host = lab.public("wggo");
@@ -238,14 +234,14 @@ fn interop(warren_initiates: bool) {
 
 #[test]
 fn interop_warren_initiates_to_wireguard_go() {
-    if lab::require_root() {
-        interop(true);
+    if let Some(lab) = Lab::new_or_skip() {
+        interop(lab, true);
     }
 }
 
 #[test]
 fn interop_wireguard_go_initiates_to_warren() {
-    if lab::require_root() {
-        interop(false);
+    if let Some(lab) = Lab::new_or_skip() {
+        interop(lab, false);
     }
 }

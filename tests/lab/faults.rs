@@ -12,9 +12,7 @@
 //! faults so the peers count as active (heartbeats every 3 s), as they would
 //! with real traffic.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -102,10 +100,9 @@ impl Pinger {
 
 #[test]
 fn conntrack_flush_mid_transfer_falls_back_to_relay_and_returns_direct() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     // a is behind a random-port NAT (reached by the birthday method), b
     // behind an easy one. After the flush a's packets leave from a new
@@ -172,10 +169,9 @@ fn conntrack_flush_mid_transfer_falls_back_to_relay_and_returns_direct() {
 
 #[test]
 fn killing_the_only_relay_leaves_a_direct_path_working() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let (coord, relay) = start_with_region(
         &lab,
         &lab.public("coord"),

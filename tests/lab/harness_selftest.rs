@@ -3,7 +3,7 @@
 //! stock WireGuard crosses the lab, and that teardown leaves nothing behind.
 //! If these fail, the data-plane lab tests' results mean nothing.
 
-mod lab;
+use crate::lab;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
@@ -102,10 +102,9 @@ fn server_addrs(servers: &[&Node]) -> Vec<SocketAddr> {
 
 #[test]
 fn eim_keeps_one_mapping_and_edm_does_not() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s1 = lab.public("s1");
     let s2 = lab.public("s2");
     let g_eim = lab.gateway("geim", Nat::Eim);
@@ -151,10 +150,9 @@ fn eim_keeps_one_mapping_and_edm_does_not() {
 
 #[test]
 fn port_forward_reaches_host_and_lan_is_private() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s = lab.public("s");
     let gw = lab.gateway("gw", Nat::Eim);
     let h = lab.host_behind(&gw, "h");
@@ -183,10 +181,9 @@ fn port_forward_reaches_host_and_lan_is_private() {
 
 #[test]
 fn double_nat_and_routed_lan() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s = lab.public("s");
     let outer = lab.gateway("outer", Nat::Eim);
     let inner = lab.gateway_behind(&outer, "inner", Nat::Eim);
@@ -225,16 +222,14 @@ fn lab_internet(lab: &Lab) -> Node {
         ns,
         ip: lab::INTERNET_ROUTER,
         lan: None,
-        nat: None,
     }
 }
 
 #[test]
 fn udp_blocked_allows_only_tcp_443() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s = lab.public("s");
     let gw = lab.gateway("gw", Nat::UdpBlocked);
     let h = lab.host_behind(&gw, "h");
@@ -271,10 +266,9 @@ fn udp_blocked_allows_only_tcp_443() {
 
 #[test]
 fn wireguard_go_peers_ping_through_nat() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let g1 = lab.gateway("g1", Nat::Eim);
     let h1 = lab.host_behind(&g1, "h1");
     let g2 = lab.gateway("g2", Nat::Edm);
@@ -302,10 +296,9 @@ fn wireguard_go_peers_ping_through_nat() {
 
 #[test]
 fn teardown_removes_everything() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let gw = lab.gateway("gw", Nat::Edm);
     let h = lab.host_behind(&gw, "h");
     let sleeper = lab.spawn(&h, "sleeper", &["sleep", "600"]);
@@ -334,10 +327,9 @@ fn teardown_removes_everything() {
 
 #[test]
 fn edm_sequential_hands_out_consecutive_ports() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let servers: Vec<Node> = (1..=3).map(|i| lab.public(&format!("s{i}"))).collect();
     let gw = lab.gateway("gw", Nat::EdmSequential);
     let h = lab.host_behind(&gw, "h");
@@ -369,10 +361,9 @@ fn edm_sequential_hands_out_consecutive_ports() {
 
 #[test]
 fn upnp_gateway_maps_a_port_with_natpmp() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s = lab.public("s");
     let gw = lab.gateway("gw", Nat::Upnp);
     let h = lab.host_behind(&gw, "h");
@@ -419,7 +410,7 @@ fn upnp_gateway_maps_a_port_with_natpmp() {
 
 #[test]
 fn stale_namespaces_of_dead_runs_are_reaped() {
-    if !lab::require_root() {
+    if !lab::can_run() {
         return;
     }
     // A pid that just died stands for a test run killed before its Drop.

@@ -22,9 +22,7 @@
 //!   kernel has no netem, so the latency side is left to the core's
 //!   simulation tests of `select.rs`.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -113,10 +111,9 @@ fn transfer(lab: &Lab, a: &Agent, b: &Agent, ip_b: &str, port: u16) {
 
 #[test]
 fn ipv4_impossible_goes_direct_over_ipv6() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     lab.ipv6_internet();
     let coord_node = lab.public("coord");
     let coord = Coordinator::start(&lab, &coord_node, &[]);
@@ -154,10 +151,9 @@ fn ipv4_impossible_goes_direct_over_ipv6() {
 
 #[test]
 fn both_families_direct_picks_by_kind_then_latency() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     lab.ipv6_internet();
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a, v6a) = dual_stack_host(&lab, "a", Nat::Eim);

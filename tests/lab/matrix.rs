@@ -15,9 +15,7 @@
 //! and seconds to direct) is printed and written to
 //! `target/nat-matrix.txt`, which `tests/run.sh` shows in the CI log.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -138,10 +136,9 @@ struct Cell {
 
 #[test]
 fn nat_matrix() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     let (token, _) = coord.token(&lab, &["--reusable"]);
@@ -296,7 +293,7 @@ fn render(cells: &[(Kind, Kind, Cell)]) -> String {
         out.push('\n');
     }
     out.push_str(
-        "\n* not the path expected (see `expected` in tests/lab_matrix.rs)\n\
+        "\n* not the path expected (see `expected` in tests/lab/matrix.rs)\n\
          ! the 10 MB transfer failed\n\
          relay is expected with udp-blocked (TCP 443 only), between two random \
          EDM NATs, between sequential and random EDM (no bounded method, see \
@@ -309,10 +306,9 @@ fn render(cells: &[(Kind, Kind, Cell)]) -> String {
 /// other over their host candidates on the LAN, not through the NAT.
 #[test]
 fn same_nat_pair_goes_direct_over_the_lan() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let gw = lab.gateway("gw", Nat::Eim);
     let (nx, ny) = (lab.host_behind(&gw, "x"), lab.host_behind(&gw, "y"));
@@ -346,10 +342,9 @@ fn same_nat_pair_goes_direct_over_the_lan() {
 /// path, when nothing else has moved the NATs' counters.
 #[test]
 fn sequential_edm_pair_goes_direct_by_prediction() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let [nx, ny] = ["x", "y"].map(|name| {
         let gw = lab.gateway(&format!("g{name}"), Nat::EdmSequential);

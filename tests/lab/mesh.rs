@@ -4,9 +4,7 @@
 //! a daemon restart re-joining by itself, and the errors a bad token gets
 //! (one-off token spent, expired, revoked) — which change nothing.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::time::{Duration, Instant};
 
@@ -21,10 +19,9 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[test]
 fn join_with_token_ping_remove_and_rejoin() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     // Two public hosts and one behind an easy NAT.
@@ -145,7 +142,11 @@ fn join_with_token_ping_remove_and_rejoin() {
     assert!(!lab.ping(&cc.node, &ip_a), "a removed node reaches nobody");
 
     // down: peers go; up (no token): back, same address.
-    b.cli(&lab, &["down"]).expect_ok("down");
+    let left = b.cli(&lab, &["down", "--json"]).expect_ok("down");
+    let left: serde_json::Value = serde_json::from_str(&left.stdout).unwrap();
+    assert_eq!(left["coordinator"], coord.url().as_str(), "{left}");
+    assert_eq!(left["name"], "b", "{left}");
+    assert_eq!(left["logged_out"], false, "{left}");
     assert_eq!(b.status(&lab)["mesh"]["state"], "stopped");
     assert!(wait_peers(&lab, &b, &[], Duration::from_secs(2)));
     b.cli(&lab, &["up"]).expect_ok("up again");
@@ -166,7 +167,12 @@ fn join_with_token_ping_remove_and_rejoin() {
     assert!(lab.ping_within(&a2.node, &ip_b, JOIN_TIMEOUT));
 
     // logout: the coordinator forgets the node; `up` alone is refused.
-    a2.cli(&lab, &["logout"]).expect_ok("logout");
+    let out = a2.cli(&lab, &["logout"]).expect_ok("logout");
+    assert!(
+        out.stdout.contains("logged out of") && out.stdout.contains("needs a token"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(a2.status(&lab)["mesh"]["state"], "needs_login");
     let again = a2.cli(&lab, &["up"]);
     assert!(
@@ -179,10 +185,9 @@ fn join_with_token_ping_remove_and_rejoin() {
 
 #[test]
 fn tunnels_survive_a_coordinator_outage_and_resync_after() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     let na = lab.public("a");

@@ -8,9 +8,7 @@
 //! server is the production one) cannot be a dependency of this crate; the
 //! coordinator's server is interop-tested against coturn on its own.
 
-#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
-
-mod lab;
+use crate::lab;
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::mpsc;
@@ -82,10 +80,7 @@ fn netcheck_from(
 /// A gateway of `nat` with one host behind it and two STUN servers on the
 /// internet; the report as the host sees it.
 fn classify_behind(nat: Nat) -> Option<(Report, Duration, Node)> {
-    if !lab::require_root() {
-        return None;
-    }
-    let lab = Lab::new();
+    let lab = Lab::new_or_skip()?;
     let servers = vec![
         stun_server(&lab, &lab.public("s1")),
         stun_server(&lab, &lab.public("s2")),
@@ -166,10 +161,9 @@ fn netcheck_udp_blocked() {
 
 #[test]
 fn netcheck_sees_upnp_natpmp_and_pcp() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let servers = vec![
         stun_server(&lab, &lab.public("s1")),
         stun_server(&lab, &lab.public("s2")),
@@ -194,10 +188,9 @@ fn netcheck_sees_upnp_natpmp_and_pcp() {
 /// new flow from outside no longer gets in.
 #[test]
 fn port_mapper_maps_through_each_protocol() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let s = lab.public("s");
     let gw = lab.gateway("gw", Nat::Upnp);
     let h = lab.host_behind(&gw, "h");

@@ -22,9 +22,7 @@
 //! only the `systemd-analyze` tool (package `systemd`) is needed, no
 //! systemd as PID 1; without it they are skipped, except under `CI=true`.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -13,9 +13,7 @@
 //! protocol gets its own host and listen port, so the previous agent's
 //! conntrack entries at the gateway cannot carry the next one's traffic.
 
-#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
-
-mod lab;
+use crate::lab;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,10 +56,9 @@ fn gateway_rules(lab: &Lab, gw: &Node) -> String {
 
 #[test]
 fn agent_maps_its_port_through_each_protocol_in_turn() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let c = lab.public("coord");
     let coord = Coordinator::start(&lab, &c, &[]);
     let (token, _) = coord.token(&lab, &["--reusable"]);

@@ -7,9 +7,7 @@
 //! relay, `warren status` says so, and the relay's counters say which path
 //! the agents came in by.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::time::Duration;
 
@@ -41,10 +39,9 @@ fn relayed_pair(lab: &Lab, coord: &Coordinator, a: &Agent, b: &Agent) {
 
 #[test]
 fn two_random_edm_nats_talk_through_the_relay() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let a = behind(&lab, "a", Nat::Edm);
     let b = behind(&lab, "b", Nat::Edm);
@@ -56,10 +53,9 @@ fn two_random_edm_nats_talk_through_the_relay() {
 
 #[test]
 fn udp_blocked_on_both_sides_works_over_tcp_443() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let a = behind(&lab, "a", Nat::UdpBlocked);
     let b = behind(&lab, "b", Nat::UdpBlocked);
@@ -81,10 +77,9 @@ fn udp_blocked_on_both_sides_works_over_tcp_443() {
 
 #[test]
 fn through_an_http_proxy_only() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (a, b) = proxied_pair(&lab, &coord, &[]);
     relayed_pair(&lab, &coord, &a, &b);
@@ -96,10 +91,9 @@ fn through_an_http_proxy_only() {
 
 #[test]
 fn websocket_through_an_http_proxy_only() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (a, b) = proxied_pair(&lab, &coord, &["relay_transport = \"websocket\""]);
     relayed_pair(&lab, &coord, &a, &b);

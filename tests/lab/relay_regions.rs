@@ -14,9 +14,7 @@
 //! and each side's non-home connection must close once idle. Last, B is
 //! removed at the coordinator and must be off the standalone relay in 2 s.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -37,10 +35,9 @@ const IDLE: u64 = 3;
 
 #[test]
 fn each_agent_homes_on_its_nearest_region_and_reaches_the_other_through_its_home() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let (coord, r2) = start_with_region(
         &lab,
         &lab.public("coord"),

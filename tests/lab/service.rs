@@ -11,26 +11,19 @@
 //! reason printed (and fail under `CI=true`). The daemon-down and bad-flag
 //! tests run anywhere.
 
-#![allow(clippy::unwrap_used)]
-
-mod service_fixture;
-#[path = "support/tmux.rs"]
-mod tmux;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use service_fixture::{is_socket, require_root, text, Pair, Side, BIN};
-use tmux::Tmux;
+use crate::service_fixture::{is_socket, text, Pair, Side, BIN};
+use crate::tmux::{self, Tmux};
 use warren::api::{IpReply, PeerPath, PingReply, Status};
 
 #[test]
 fn status_json_and_table_show_the_live_peer() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
     pair.ping_through();
 
     let out = pair.cli(&["status", "--json"]);
@@ -88,10 +81,9 @@ fn status_json_and_table_show_the_live_peer() {
 
 #[test]
 fn ip_version_and_ping() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
 
     let out = pair.cli(&["ip"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -140,10 +132,9 @@ fn ip_version_and_ping() {
 
 #[test]
 fn unknown_peer_is_a_clear_error() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
     for args in [
         &["ip", "desktop"][..],
         &["ping", "100.64.9.9"],
@@ -160,10 +151,9 @@ fn unknown_peer_is_a_clear_error() {
 
 #[test]
 fn socket_permissions_and_a_caller_without_them() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
     let meta = std::fs::metadata(&pair.a.socket).unwrap();
     assert!(is_socket(&pair.a.socket));
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -264,10 +254,9 @@ fn bad_flag_shows_usage() {
 
 #[test]
 fn sighup_reloads_peers_and_keeps_the_tunnel() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
     pair.ping_through();
     let before = pair.a.status();
     let handshake_before = before.peers[0].last_handshake_secs;
@@ -318,10 +307,9 @@ fn sighup_reloads_peers_and_keeps_the_tunnel() {
 
 #[test]
 fn status_in_a_terminal_shows_the_table() {
-    if !require_root() {
+    let Some(pair) = Pair::start_or_skip() else {
         return;
-    }
-    let pair = Pair::start();
+    };
     pair.ping_through();
     let Some(term) = Tmux::start(100, 30) else {
         return;

@@ -21,7 +21,7 @@
 //!   WireGuard's replay window must accept the reordered packets; TCP
 //!   repairs the losses; the SHA-256 of what arrives must match.
 
-mod lab;
+use crate::lab;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -135,8 +135,7 @@ fn mtu_edges(lab: &Lab, from: &Node, to: &str, header: usize) {
 }
 
 /// MTU edges both ways and families, an IPv6 transfer, then bulk both ways.
-fn path_checks(offload: bool, bulk: usize) {
-    let lab = Lab::new();
+fn path_checks(lab: Lab, offload: bool, bulk: usize) {
     let (a, b, (ag_a, ag_b)) = direct_pair(&lab, offload);
     mtu_edges(&lab, &a, B4, 28);
     mtu_edges(&lab, &b, A4, 28);
@@ -157,15 +156,15 @@ fn path_checks(offload: bool, bulk: usize) {
 
 #[test]
 fn offload_path_mtu_edges_ipv6_and_1gb_both_ways() {
-    if lab::require_root() {
-        path_checks(true, 1024 * MB);
+    if let Some(lab) = Lab::new_or_skip() {
+        path_checks(lab, true, 1024 * MB);
     }
 }
 
 #[test]
 fn per_packet_path_mtu_edges_ipv6_and_bulk_both_ways() {
-    if lab::require_root() {
-        path_checks(false, 128 * MB);
+    if let Some(lab) = Lab::new_or_skip() {
+        path_checks(lab, false, 128 * MB);
     }
 }
 
@@ -306,8 +305,7 @@ fn forward(
 }
 
 /// Two agents talking through the impairing middlebox; bulk both ways.
-fn impaired(offload: bool) {
-    let lab = Lab::new();
+fn impaired(lab: Lab, offload: bool) {
     let (a, mid, b) = (lab.public("a"), lab.public("mid"), lab.public("b"));
     let imp = Impairment::start(&lab, &mid, sock(a.ip, PORT), sock(b.ip, PORT));
     let (ag_a, ag_b) = agents(&lab, (&a, &b), (imp.near_a, imp.near_b), offload);
@@ -330,14 +328,14 @@ fn impaired(offload: bool) {
 
 #[test]
 fn reordering_and_loss_offload_path() {
-    if lab::require_root() {
-        impaired(true);
+    if let Some(lab) = Lab::new_or_skip() {
+        impaired(lab, true);
     }
 }
 
 #[test]
 fn reordering_and_loss_per_packet_path() {
-    if lab::require_root() {
-        impaired(false);
+    if let Some(lab) = Lab::new_or_skip() {
+        impaired(lab, false);
     }
 }

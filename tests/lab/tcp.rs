@@ -1,4 +1,5 @@
-//! Lab tests of the direct TCP path (DESIGN §7, "UDP blocked"): two agents
+//! Lab tests of the direct TCP path (see docs/architecture.md, "Paths"): two
+//! agents
 //! behind masquerade NATs whose gateways drop every UDP packet but let TCP
 //! out, and the coordinator (control, STUN over UDP and TCP, relay) on the
 //! internet segment.
@@ -18,9 +19,7 @@
 //! - Gateways whose UDP works: the pair goes direct over UDP, netcheck
 //!   never suspects UDP blocked, and nobody dials TCP.
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
+use crate::lab;
 
 use std::time::{Duration, Instant};
 
@@ -122,10 +121,9 @@ fn direct_tcp_pair(lab: &Lab, coord: &Coordinator) -> (Node, Agent, Agent, Strin
 
 #[test]
 fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
     let ip_a = overlay_v4(&a.status(&lab));
@@ -193,10 +191,9 @@ fn udp_blocked_both_sides_goes_direct_over_tcp_then_falls_back() {
 
 #[test]
 fn silent_stream_falls_back_within_the_trust_window() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (ga, a, b, ip_b) = direct_tcp_pair(&lab, &coord);
     // The gateway now blackholes the stream: no reset, nothing at all.
@@ -232,10 +229,9 @@ fn silent_stream_falls_back_within_the_trust_window() {
 
 #[test]
 fn tcp_only_reaches_a_sequential_nat_on_a_predicted_port() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a) = behind(&lab, "a", Nat::TcpOnly);
     let (_gb, b) = behind(&lab, "b", Nat::EdmSequential);
@@ -273,10 +269,9 @@ fn tcp_only_reaches_a_sequential_nat_on_a_predicted_port() {
 
 #[test]
 fn tcp_blocked_to_the_peer_stays_on_the_relay() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a, b, ip_b, _) = pair_behind(&lab, &coord, Nat::UdpBlocked);
     // Long enough for netcheck and a whole dial window (10 s) to pass.
@@ -297,10 +292,9 @@ fn tcp_blocked_to_the_peer_stays_on_the_relay() {
 
 #[test]
 fn working_udp_never_suspects_a_block_nor_dials_tcp() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
     let (_ga, a, b, ip_b, _) = pair_behind(&lab, &coord, Nat::Eim);
     let direct = poll_until(DIRECT_TIMEOUT, Duration::from_millis(200), || {

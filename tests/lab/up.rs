@@ -7,11 +7,8 @@
 //! the timeout against a coordinator that never answers, and the same
 //! `up` and `status` typed into a real terminal (tmux).
 
-#![allow(clippy::unwrap_used)]
-
-mod lab;
-#[path = "support/tmux.rs"]
-mod tmux;
+use crate::lab;
+use crate::tmux;
 
 use std::time::{Duration, Instant};
 
@@ -36,10 +33,9 @@ fn network(lab: &Lab) -> (Coordinator, Agent, Agent, String) {
 
 #[test]
 fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let (coord, a, b, token) = network(&lab);
     let url = coord.url();
 
@@ -174,10 +170,9 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
 
 #[test]
 fn up_gives_up_after_the_timeout_with_a_clear_message() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     // A "coordinator" that accepts the connection and never answers.
     let c = lab.public("mute");
     let mute = lab.spawn(&c, "mute", &["nc", "-l", "-k", "443"]);
@@ -230,10 +225,9 @@ fn up_gives_up_after_the_timeout_with_a_clear_message() {
 
 #[test]
 fn up_and_status_in_a_terminal() {
-    if !lab::require_root() {
+    let Some(lab) = Lab::new_or_skip() else {
         return;
-    }
-    let lab = Lab::new();
+    };
     let (coord, a, b, token) = network(&lab);
     let url = coord.url();
     lab::mesh::up(&lab, &a, &coord, &token).expect_ok("up a");

@@ -112,7 +112,6 @@ impl Coordinator {
 /// with a shared relay secret.
 pub struct RelayRegion {
     pub node: Node,
-    pub name: String,
     /// `http://<node>:443`, the region's URL in the map.
     pub url: String,
     pub proc: ProcId,
@@ -179,7 +178,6 @@ pub fn start_with_region(
     );
     let region = RelayRegion {
         node: relay_node.clone(),
-        name: name.to_owned(),
         url,
         proc,
     };

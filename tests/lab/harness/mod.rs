@@ -21,10 +21,9 @@
 //! Names carry the test process's pid, so concurrent labs never collide and
 //! a new lab reaps what a killed run left behind.
 //!
-//! Tests needing root start with `if !lab::require_root() { return; }`.
-
-// Each test binary uses a different part of the harness.
-#![allow(dead_code, unused_imports)]
+//! Every scenario starts with `let Some(lab) = Lab::new_or_skip() else {
+//! return };`: without root the test is skipped with the reason printed,
+//! and under `CI=true` that is a failure instead.
 
 pub mod agent;
 pub mod coord;
@@ -59,9 +58,10 @@ pub const INTERNET_ROUTER: Ipv4Addr = Ipv4Addr::new(11, 11, 0, 1);
 
 /// Returns whether the lab can run. Without root it prints why the test is
 /// skipped and returns false, except under CI (`CI=true`) where a lab test
-/// that cannot run is a failure.
+/// that cannot run is a failure. Scenarios call [`Lab::new_or_skip`]; this
+/// is for the few that must do something before the lab exists.
 #[track_caller]
-pub fn require_root() -> bool {
+pub fn can_run() -> bool {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -83,8 +83,6 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// For gateways: their LAN.
     pub lan: Option<Lan>,
-    /// For gateways: their kind.
-    pub nat: Option<Nat>,
 }
 
 /// A gateway's LAN: a bridge named `lan` in the gateway's namespace.
@@ -129,6 +127,13 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The lab, or `None` (with the reason printed) when it cannot run
+    /// here: the one preamble of every lab scenario.
+    #[track_caller]
+    pub fn new_or_skip() -> Option<Lab> {
+        can_run().then(Lab::new)
+    }
+
     /// Builds an empty lab: just the internet namespace. Reaps namespaces of
     /// dead earlier runs first.
     pub fn new() -> Lab {
@@ -244,7 +249,6 @@ impl Lab {
             ns,
             ip,
             lan: None,
-            nat: None,
         }
     }
 
@@ -332,7 +336,6 @@ impl Lab {
             ns,
             ip,
             lan: Some(Lan { router, prefix }),
-            nat: Some(nat),
         };
         if nat == Nat::Upnp {
             let cidr = format!("{}.{}.{}.0/24", prefix[0], prefix[1], prefix[2]);
@@ -351,7 +354,6 @@ impl Lab {
             ns,
             ip,
             lan: None,
-            nat: None,
         }
     }
 

@@ -68,6 +68,9 @@ fn sequential_port_map() -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
     Udp,
+    // No scenario forwards a TCP port yet; the NAT and UPnP code paths
+    // for it stay, since a forward is the same rule for either protocol.
+    #[allow(dead_code)]
     Tcp,
 }
 

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{Lab, Node, ProcId};
+use super::{Lab, Node};
 
 /// A key pair in `wg`'s base64 format.
 #[derive(Clone, Debug)]
@@ -42,7 +42,6 @@ pub fn wg_keypair() -> KeyPair {
 pub struct WgGo {
     pub node: Node,
     pub ifname: String,
-    pub proc: ProcId,
 }
 
 impl WgGo {
@@ -50,7 +49,7 @@ impl WgGo {
     /// gives the interface `cidr` (e.g. "100.64.0.1/24").
     pub fn start(lab: &Lab, node: &Node, keys: &KeyPair, port: u16, cidr: &str) -> WgGo {
         let ifname = lab.ifname();
-        let proc = lab.spawn(
+        lab.spawn(
             node,
             &format!("wireguard-go-{}", node.name),
             &["wireguard-go", "-f", &ifname],
@@ -82,7 +81,6 @@ impl WgGo {
         WgGo {
             node: node.clone(),
             ifname,
-            proc,
         }
     }
 

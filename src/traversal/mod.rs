@@ -25,6 +25,7 @@ pub mod hardnat;
 pub mod node;
 pub mod peer;
 mod select;
+mod timers;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -185,6 +185,8 @@ pub struct Node {
     udp_blocked: bool,
     events: VecDeque<NodeEvent>,
     drops: DropStats,
+    /// Reused by `handle_timeout` for the peer keys it walks.
+    scratch_keys: Vec<NodeKey>,
 }
 
 impl std::fmt::Debug for Node {
@@ -221,6 +223,7 @@ impl Node {
             tcp_local: Vec::new(),
             udp_blocked: false,
             events: VecDeque::new(),
+            scratch_keys: Vec::new(),
             drops: DropStats::default(),
         }
     }
@@ -440,8 +443,12 @@ impl Node {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
-        for k in keys {
+        // `pump` needs all of `self`, so the keys are copied out first, into
+        // a buffer kept between calls: no allocation per timeout.
+        let mut keys = std::mem::take(&mut self.scratch_keys);
+        keys.clear();
+        keys.extend(self.peers.keys().copied());
+        for &k in &keys {
             if let Some(e) = self.peers.get_mut(&k) {
                 if e.paths.poll_timeout().is_some_and(|(t, _)| t <= now) {
                     e.paths.handle_timeout(now);
@@ -449,6 +456,7 @@ impl Node {
             }
             self.pump(now, k);
         }
+        self.scratch_keys = keys;
     }
 
     /// The earliest deadline over all peers. O(peers); a timer wheel can
@@ -466,11 +474,12 @@ impl Node {
 
     /// The next datagram to send, sealed.
     pub fn poll_transmit(&mut self) -> Option<NodeTransmit> {
-        let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
-        for k in keys {
-            let Some(t) = self.peers.get_mut(&k).and_then(|e| e.paths.poll_transmit()) else {
-                continue;
-            };
+        // The first peer with something to send; allocates nothing.
+        let (k, t) = self
+            .peers
+            .iter_mut()
+            .find_map(|(k, e)| e.paths.poll_transmit().map(|t| (*k, t)))?;
+        {
             let msg = match t.payload {
                 Payload::Disco(m) => m,
                 Payload::CallMeMaybe => Message::CallMeMaybe {
@@ -495,9 +504,8 @@ impl Node {
             let random: [u8; 16] = self.rng.gen();
             let entry = self.peers.get(&k)?;
             let bytes = disco::seal(&entry.sbox, &self.public, self.counter, random, &msg);
-            return Some(NodeTransmit { dest, bytes });
+            Some(NodeTransmit { dest, bytes })
         }
-        None
     }
 
     /// Moves one peer's events to the node queue, acting on socket requests.

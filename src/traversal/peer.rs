@@ -30,6 +30,7 @@ use rand::{Rng, SeedableRng};
 
 use super::hardnat::{self, BirthdayProber, Strategy};
 use super::select::{clearly_better, PathTable};
+use super::timers::{Timer, Timers};
 use super::{ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, TimerReason};
 pub use super::{PeerStats, Rejected};
 use crate::keys::NodeKey;
@@ -88,11 +89,10 @@ pub struct PeerPaths {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     rng: StdRng,
-    probe_at: Option<Instant>,
+    /// The probe, heartbeat and reprobe deadlines (`timers.rs`).
+    timers: Timers,
     probe_round: u32,
     retry_backoff: Duration,
-    heartbeat_at: Option<Instant>,
-    reprobe_at: Option<Instant>,
     last_cmm: Option<Instant>,
     last_traffic: Option<Instant>,
     relay_reason: RelayReason,
@@ -121,11 +121,9 @@ impl PeerPaths {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
-            probe_at: None,
+            timers: Timers::default(),
             probe_round: 0,
             retry_backoff: retry,
-            heartbeat_at: None,
-            reprobe_at: None,
             last_cmm: None,
             last_traffic: None,
             relay_reason: RelayReason::NoCandidates,
@@ -193,7 +191,7 @@ impl PeerPaths {
         match self.current {
             Path::Relay if self.active(now) => self.start_discovery(now),
             Path::Relay => {}
-            Path::Direct(_) | Path::Tcp(_) => self.reprobe_at = Some(now),
+            Path::Direct(_) | Path::Tcp(_) => self.timers.set(Timer::Reprobe, now),
         }
     }
 
@@ -211,14 +209,15 @@ impl PeerPaths {
                     let short = now + self.cfg.trust;
                     info.trusted_until = info.trusted_until.map(|t| t.min(short));
                 }
-                self.heartbeat_at = Some(now);
+                self.timers.set(Timer::Heartbeat, now);
             }
             Path::Tcp(_) => {
                 self.tcp.shorten_trust(now + self.cfg.trust);
-                self.heartbeat_at = Some(now);
+                self.timers.set(Timer::Heartbeat, now);
             }
             Path::Relay => {
-                if self.probe_at.is_none_or(|t| t > now + self.cfg.probe_retry) {
+                let probe = self.timers.get(Timer::Probe);
+                if probe.is_none_or(|t| t > now + self.cfg.probe_retry) {
                     self.start_discovery(now);
                 }
             }
@@ -285,7 +284,7 @@ impl PeerPaths {
                 if !recently && !current_ok {
                     self.ping(now, p);
                 }
-                if self.current == Path::Relay && self.probe_at.is_none() {
+                if self.current == Path::Relay && !self.timers.is_set(Timer::Probe) {
                     self.start_discovery(now);
                 }
                 Ok(())
@@ -342,7 +341,7 @@ impl PeerPaths {
             }
         }
         self.discovery_timer(now);
-        if self.heartbeat_at.is_some_and(|at| now >= at) {
+        if self.timers.is_due(Timer::Heartbeat, now) {
             match self.current {
                 Path::Direct(p) => {
                     self.ping(now, p);
@@ -357,14 +356,14 @@ impl PeerPaths {
             } else {
                 self.cfg.keepalive
             };
-            self.heartbeat_at = Some(now + gap);
+            self.timers.set(Timer::Heartbeat, now + gap);
         }
         let on = match self.current {
             Path::Direct(p) => Some(Some(p.addr)),
             Path::Tcp(_) => Some(None),
             Path::Relay => None,
         };
-        if let (Some(on), Some(at)) = (on, self.reprobe_at) {
+        if let (Some(on), Some(at)) = (on, self.timers.get(Timer::Reprobe)) {
             if now >= at {
                 // Predicted ports were good for their attempt only; probing
                 // them again would open NAT mappings for nothing.
@@ -378,7 +377,7 @@ impl PeerPaths {
                 for addr in others {
                     self.ping(now, DirectPath::primary(addr));
                 }
-                self.reprobe_at = Some(now + self.cfg.reprobe);
+                self.timers.set(Timer::Reprobe, now + self.cfg.reprobe);
             }
         }
         self.birthday_timer(now);
@@ -447,14 +446,18 @@ impl PeerPaths {
         match to {
             Path::Direct(_) | Path::Tcp(_) => {
                 tracing::debug!(peer = %self.peer_key.short(), path = %to, ?reason, "direct path");
-                self.probe_at = None;
+                self.timers.clear(Timer::Probe);
                 self.probe_round = 0;
                 self.retry_backoff = self.cfg.retry_initial;
                 // The first heartbeat comes early: the peer may not have
                 // proven this path yet (its ping back can be lost), and a
                 // ping from us is what lets it, a round trip later.
-                self.heartbeat_at = Some(now + self.cfg.probe_retry.min(self.cfg.heartbeat));
-                self.reprobe_at.get_or_insert(now + self.cfg.reprobe);
+                self.timers.set(
+                    Timer::Heartbeat,
+                    now + self.cfg.probe_retry.min(self.cfg.heartbeat),
+                );
+                self.timers
+                    .set_if_unset(Timer::Reprobe, now + self.cfg.reprobe);
                 let keep = match to {
                     Path::Direct(p) => Some(p.socket),
                     _ => None,
@@ -463,8 +466,8 @@ impl PeerPaths {
             }
             Path::Relay => {
                 tracing::debug!(peer = %self.peer_key.short(), ?reason, "back to relay");
-                self.heartbeat_at = None;
-                self.reprobe_at = None;
+                self.timers.clear(Timer::Heartbeat);
+                self.timers.clear(Timer::Reprobe);
             }
         }
     }
@@ -482,27 +485,33 @@ impl PeerPaths {
         self.events.pop_front()
     }
 
-    /// The earliest deadline and what it is for.
+    /// The earliest deadline and what it is for; allocates nothing.
     pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
-        let mut timers: Vec<(Instant, TimerReason)> = Vec::with_capacity(6);
-        if self.current == Path::Relay {
-            timers.extend(self.probe_at.map(|t| (t, TimerReason::Probe)));
-        }
-        if self.current != Path::Relay {
-            timers.extend(self.heartbeat_at.map(|t| (t, TimerReason::Heartbeat)));
-            timers.extend(self.reprobe_at.map(|t| (t, TimerReason::Reprobe)));
-        }
-        if let Path::Direct(p) = self.current {
-            let trust = self.table.get(&p).and_then(|i| i.trusted_until);
-            timers.extend(trust.map(|t| (t, TimerReason::TrustExpiry)));
-        }
-        timers.extend(self.tcp.deadline().map(|t| (t, TimerReason::Tcp)));
-        match &self.birthday {
-            Birthday::Easy(p) => timers.push((p.deadline(), TimerReason::Birthday)),
-            Birthday::Hard { deadline, .. } => timers.push((*deadline, TimerReason::Birthday)),
-            Birthday::Idle { .. } => {}
-        }
-        timers.into_iter().min_by_key(|(t, _)| *t)
+        // Probing runs on the relay; heartbeats and reprobes on a direct
+        // path (UDP or TCP).
+        let on_relay = self.current == Path::Relay;
+        let own = self.timers.next(|t| match t {
+            Timer::Probe => on_relay,
+            Timer::Heartbeat | Timer::Reprobe => !on_relay,
+        });
+        let trust = match self.current {
+            Path::Direct(p) => self.table.get(&p).and_then(|i| i.trusted_until),
+            _ => None,
+        };
+        let birthday = match &self.birthday {
+            Birthday::Easy(p) => Some(p.deadline()),
+            Birthday::Hard { deadline, .. } => Some(*deadline),
+            Birthday::Idle { .. } => None,
+        };
+        [
+            own,
+            trust.map(|t| (t, TimerReason::TrustExpiry)),
+            self.tcp.deadline().map(|t| (t, TimerReason::Tcp)),
+            birthday.map(|t| (t, TimerReason::Birthday)),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(t, _)| *t)
     }
 }
 

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::{Birthday, Payload, PeerPaths, Transmit};
+use super::{Birthday, Payload, PeerPaths, Timer, Transmit};
 use crate::proto::disco::{Candidate, CandidateKind, Transport, MAX_CANDIDATES};
 use crate::traversal::hardnat::{self, BirthdayProber, Strategy};
 use crate::traversal::{DirectPath, Event, NatSummary, Path, RelayReason, SocketId};
@@ -48,7 +48,7 @@ impl PeerPaths {
     /// side opens only when both sides ping, hence the message.
     pub fn local_candidates_changed(&mut self, now: Instant) {
         if matches!(self.current, Path::Direct(_) | Path::Tcp(_)) {
-            self.reprobe_at = Some(now);
+            self.timers.set(Timer::Reprobe, now);
             self.last_cmm = None;
             self.maybe_call_me(now);
         }
@@ -73,7 +73,7 @@ impl PeerPaths {
             self.candidates.push(c);
             if self.current != Path::Relay && c.kind != CandidateKind::Predicted {
                 // A new address while direct: it may be the better path.
-                self.reprobe_at = Some(now);
+                self.timers.set(Timer::Reprobe, now);
             }
         }
         if self.strategy() == Strategy::BirthdayEasy {
@@ -81,7 +81,7 @@ impl PeerPaths {
         }
         if self.current == Path::Relay {
             // The peer is probing right now: probe back at once.
-            if self.probe_at.is_none() || self.probe_round == 0 {
+            if !self.timers.is_set(Timer::Probe) || self.probe_round == 0 {
                 self.start_discovery(now);
             }
             self.probe_now(now);
@@ -89,7 +89,9 @@ impl PeerPaths {
     }
 
     pub(super) fn discovery_timer(&mut self, now: Instant) {
-        let Some(at) = self.probe_at else { return };
+        let Some(at) = self.timers.get(Timer::Probe) else {
+            return;
+        };
         if now < at || self.current != Path::Relay {
             return;
         }
@@ -109,10 +111,10 @@ impl PeerPaths {
             }
             self.probe_round = 0;
             if self.active(now) {
-                self.probe_at = Some(now + self.retry_backoff);
+                self.timers.set(Timer::Probe, now + self.retry_backoff);
                 self.retry_backoff = (self.retry_backoff * 2).min(self.cfg.retry_max);
             } else {
-                self.probe_at = None;
+                self.timers.clear(Timer::Probe);
             }
             return;
         }
@@ -120,14 +122,17 @@ impl PeerPaths {
             self.start_birthday(now);
         }
         self.probe_now(now);
-        self.probe_at = Some(now + self.cfg.probe_retry * 2u32.saturating_pow(self.probe_round));
+        self.timers.set(
+            Timer::Probe,
+            now + self.cfg.probe_retry * 2u32.saturating_pow(self.probe_round),
+        );
         self.probe_round += 1;
     }
 
     pub(super) fn start_discovery(&mut self, now: Instant) {
         tracing::debug!(peer = %self.peer_key.short(), "discovery starts");
         self.probe_round = 0;
-        self.probe_at = Some(now);
+        self.timers.set(Timer::Probe, now);
         // A specific reason (timed out, network changed, hard NAT) says more
         // than "probing" and stays until an attempt ends.
         if matches!(

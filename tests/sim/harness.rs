@@ -6,17 +6,20 @@
 //! Each node also plays a tiny application that sends a data packet to each
 //! of its peers every 200 ms on whatever path the core names, so tests can
 //! check where traffic really flows, not just what the state machine says.
+//! Every disco datagram delivered and every direct path the core names is
+//! also shown to the reference [`Model`], which records what it allows.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use warren::keys::NodeKey;
 use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
 use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Allocation, Config, Mapping, NatSummary, Path, SocketId};
 
+use crate::model::Model;
 use crate::net::{Alloc, Delivery, World};
 
 pub const PORT: u16 = 41641;
@@ -79,6 +82,10 @@ pub struct Sim {
     pub world: World,
     pub nodes: Vec<SimNode>,
     pub cfg: Config,
+    pub model: Model,
+    /// The trust window the model enforces; `None`: the core's own
+    /// (`cfg.trust`). A shorter one proves the check can fail.
+    pub model_trust: Option<Duration>,
     rng: StdRng,
     tick: Duration,
     next_tick: Instant,
@@ -91,6 +98,8 @@ impl Sim {
             world: World::new(seed, t0),
             nodes: Vec::new(),
             cfg: Config::default(),
+            model: Model::default(),
+            model_trust: None,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             tick: Duration::from_millis(200),
             next_tick: t0,
@@ -105,7 +114,10 @@ impl Sim {
     pub fn add_node(&mut self, host: usize) -> usize {
         let i = self.nodes.len();
         let key = NodeKey([i as u8 + 1; 32]);
-        let secret = DiscoSecret::generate(&mut self.rng);
+        let mut secret_bytes = [0u8; 32];
+        self.rng.fill_bytes(&mut secret_bytes);
+        self.model.add_node(secret_bytes, key);
+        let secret = DiscoSecret::from_bytes(secret_bytes);
         let node = Node::new(self.cfg.clone(), key, secret, 1000 + i as u64);
         self.nodes.push(SimNode {
             host,
@@ -188,6 +200,11 @@ impl Sim {
         self.nodes.iter().position(|n| n.key == *key)
     }
 
+    /// Data packets node `i` received, direct or relayed.
+    pub fn rx(&self, i: usize) -> u64 {
+        self.nodes[i].rx_direct + self.nodes[i].rx_relay
+    }
+
     pub fn path(&self, a: usize, b: usize) -> Path {
         self.nodes[a].node.path(&self.nodes[b].key)
     }
@@ -216,6 +233,15 @@ impl Sim {
                                     *slot = None;
                                 }
                             }
+                        }
+                        NodeEvent::PathChanged {
+                            peer,
+                            to: Path::Direct(p),
+                            ..
+                        } => {
+                            let trust = self.model_trust.unwrap_or(self.cfg.trust);
+                            self.model
+                                .check_direct(now, i, *peer, *p, trust, "switches to");
                         }
                         _ => {}
                     }
@@ -259,10 +285,15 @@ impl Sim {
                 let mut data = vec![0u8; 96];
                 data[0] = 4;
                 let dest = match path {
-                    Path::Direct(p) => Dest::Udp {
-                        socket: p.socket,
-                        addr: p.addr,
-                    },
+                    Path::Direct(p) => {
+                        let trust = self.model_trust.unwrap_or(self.cfg.trust);
+                        self.model
+                            .check_direct(now, i, peer, p, trust, "sends data on");
+                        Dest::Udp {
+                            socket: p.socket,
+                            addr: p.addr,
+                        }
+                    }
                     Path::Relay => Dest::Relay(peer),
                     Path::Tcp(addr) => Dest::Tcp(addr),
                 };
@@ -287,6 +318,7 @@ impl Sim {
                 let Some(socket) = self.nodes[i].socket_of(to_port) else {
                     return;
                 };
+                self.model.observe_udp(now, i, socket, from, &bytes);
                 if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard {
                     self.nodes[i].rx_direct += 1;
                 }

@@ -11,7 +11,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod model;
 mod net;
+mod properties;
 mod scenarios;
 mod scenarios_hard;
 mod scenarios_paths;

@@ -17,5 +17,6 @@ pub mod netcheck;
 pub mod portmap;
 pub mod proto;
 pub mod relay_client;
+pub mod text;
 pub mod toml_loc;
 pub mod traversal;

@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use warren::text::for_terminal;
+
 use crate::store::{NewToken, NodeRecord, Store, StoreError, TokenInfo};
 
 fn when(ms: i64) -> String {
@@ -108,12 +110,12 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
             out,
             "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<20} {}",
             n.id,
-            n.name,
+            for_terminal(&n.name),
             n.ipv4,
             n.ipv6,
             if n.online { "yes" } else { "no" },
             when(n.last_seen_ms),
-            n.version,
+            for_terminal(&n.version),
             n.home_relay
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -14,15 +14,20 @@
 //!   timer), so a client that stops mid-header is dropped;
 //! - the request body: [`Timeouts::body_read`] (tower-http's body timeout),
 //!   so a handler waiting on a body that never finishes gets an error, not
-//!   a stuck task. Responses, such as the map stream, are not bounded.
+//!   a stuck task. Responses, such as the map stream, are not bounded;
+//! - the number of open connections, in all and per source address
+//!   ([`Limits`]): a connection past either cap is closed at once, so idle
+//!   or slow clients from one address cannot use up the process's file
+//!   descriptors (the unit raises `LimitNOFILE` above the global cap).
 //!
 //! HTTP/1.1 and HTTP/2 are both served (hyper-util's auto builder); over
 //! TLS the ALPN list of the server's config decides which a client gets.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -131,19 +136,92 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// Accepts connections forever and serves `router` on each, with the
-/// default [`Timeouts`].
-pub async fn serve(listener: TcpListener, router: Router, security: Security) -> io::Result<()> {
-    serve_with(listener, router, security, Timeouts::default()).await
+/// How many connections may be open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// In all. Below the unit's `LimitNOFILE` (65536), leaving room for
+    /// the database, STUN and the process's own files.
+    pub total: usize,
+    /// From one source IP. Generous, because many agents can sit behind
+    /// one NAT (an office, a cloud NAT gateway), each holding a map stream
+    /// and a relay connection.
+    pub per_ip: usize,
 }
 
-/// [`serve`] with explicit deadlines (tests use short ones).
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            total: 50_000,
+            per_ip: 1_024,
+        }
+    }
+}
+
+/// Open connections, counted in all and per source IP. A [`Slot`] is
+/// held for each and gives its place back when dropped.
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Counts {
+    /// A slot for a connection from `ip`, or `None` past a cap.
+    fn take(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: Limits) -> Option<Slot> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= limits.total || mine >= limits.per_ip {
+            return None;
+        }
+        c.total += 1;
+        c.per_ip.insert(ip, mine + 1);
+        Some(Slot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts connections forever and serves `router` on each, with the
+/// default [`Timeouts`] and [`Limits`].
+pub async fn serve(listener: TcpListener, router: Router, security: Security) -> io::Result<()> {
+    serve_with(
+        listener,
+        router,
+        security,
+        Timeouts::default(),
+        Limits::default(),
+    )
+    .await
+}
+
+/// [`serve`] with explicit deadlines and caps (tests use small ones).
 pub async fn serve_with(
     listener: TcpListener,
     router: Router,
     security: Security,
     timeouts: Timeouts,
+    limits: Limits,
 ) -> io::Result<()> {
+    let counts = Arc::new(Mutex::new(Counts::default()));
     let acceptor = match &security {
         Security::Tls(cfg) => Some(TlsAcceptor::from(cfg.clone())),
         Security::Plain => None,
@@ -159,10 +237,18 @@ pub async fn serve_with(
                 continue;
             }
         };
+        let Some(slot) = Counts::take(&counts, peer.ip(), limits) else {
+            tracing::debug!(%peer, "connection refused: too many open");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = router.clone();
-        tokio::spawn(connection(tcp, peer, acceptor, app, timeouts));
+        tokio::spawn(async move {
+            connection(tcp, peer, acceptor, app, timeouts).await;
+            drop(slot);
+        });
     }
 }
 
@@ -225,7 +311,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let app = Router::new().route("/echo", post(|body: String| async move { body }));
-        tokio::spawn(serve_with(listener, app, Security::Plain, SHORT));
+        tokio::spawn(serve_with(
+            listener,
+            app,
+            Security::Plain,
+            SHORT,
+            Limits::default(),
+        ));
         addr
     }
 
@@ -287,5 +379,48 @@ mod tests {
             .await
             .expect("the server kept a half-sent body open");
         assert!(!reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_per_address_cap_are_closed_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/echo", post(|body: String| async move { body }));
+        let patient = Timeouts {
+            header_read: Duration::from_secs(30),
+            ..SHORT
+        };
+        let limits = Limits {
+            total: 100,
+            per_ip: 2,
+        };
+        tokio::spawn(serve_with(listener, app, Security::Plain, patient, limits));
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Give the accept loop the two before the third arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let closed = first_reply(&mut third, Duration::from_secs(2)).await;
+        assert_eq!(closed.as_deref(), Some(""), "the third was not closed");
+        // The first two are still open (the header timer is 30 s).
+        let held = first_reply(&mut idle[0], Duration::from_millis(200)).await;
+        assert!(
+            held.is_none(),
+            "an idle connection under the cap was closed"
+        );
+        // A place freed is a place to take.
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = TcpStream::connect(addr).await.expect("connect");
+        again
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            .await
+            .expect("write");
+        let reply = first_reply(&mut again, Duration::from_secs(2))
+            .await
+            .expect("answer");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
 }

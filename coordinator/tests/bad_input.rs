@@ -144,6 +144,33 @@ async fn bad_requests_are_refused_and_change_nothing() {
             .await,
         ErrorCode::BadRequest,
     );
+    // Text that would reach admins' terminals with an escape sequence in
+    // it (clear screen, set the window title) or a bidi override.
+    for extra in [
+        r#","os":"linux\u001b[2J""#,
+        r#","version":"0.1\u001b]0;owned\u0007""#,
+        r#","os":"li\u202enux""#,
+    ] {
+        refused(
+            stranger
+                .signed("POST", "/register", &register_body(&them, &tok, extra))
+                .await,
+            ErrorCode::BadRequest,
+        );
+    }
+    refused(
+        stranger
+            .signed(
+                "POST",
+                "/register",
+                format!(
+                    r#"{{"token":"{tok}","node_key":"{them}","disco_key":"{them}","hostname":"h\u001b[1m"}}"#
+                )
+                .as_bytes(),
+            )
+            .await,
+        ErrorCode::BadRequest,
+    );
     refused(
         raw.signed(
             "POST",

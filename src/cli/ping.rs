@@ -134,7 +134,11 @@ fn liveness(
 
 /// "bob (100.64.0.2)", or the key's start for a peer without a name.
 fn who(r: &PingReply) -> String {
-    let name = r.hostname.clone().unwrap_or_else(|| r.public_key.short());
+    let name = r
+        .hostname
+        .as_deref()
+        .map(|h| crate::text::for_terminal(h).into_owned())
+        .unwrap_or_else(|| r.public_key.short());
     match r.address {
         Some(a) => format!("{name} ({a})"),
         None => name,

@@ -12,6 +12,7 @@ use comfy_table::{presets, ContentArrangement, Table};
 use ipnet::IpNet;
 
 use crate::api::{PeerPath, PeerStatus, PingReply, Status, ALIVE_WITHIN_SECS};
+use crate::text::for_terminal;
 
 /// The `status` table's column headers, in order (the tests read them).
 pub const STATUS_HEADERS: [&str; 9] = [
@@ -111,7 +112,10 @@ fn peer_table(peers: &[PeerStatus]) -> String {
 
 /// The name `status` shows for a peer: its host name, else its short key.
 pub fn peer_name(p: &PeerStatus) -> String {
-    p.hostname.clone().unwrap_or_else(|| p.public_key.short())
+    match &p.hostname {
+        Some(h) => for_terminal(h).into_owned(),
+        None => p.public_key.short(),
+    }
 }
 
 /// The peer's system and warren version ("linux 0.1.0"); "-" for a peer
@@ -120,7 +124,10 @@ pub fn os(p: &PeerStatus) -> String {
     let text = p
         .mesh
         .as_ref()
-        .map(|m| format!("{} {}", m.os, m.version).trim().to_owned())
+        .map(|m| {
+            let text = format!("{} {}", m.os, m.version);
+            for_terminal(text.trim()).into_owned()
+        })
         .unwrap_or_default();
     if text.is_empty() {
         "-".into()
@@ -197,7 +204,11 @@ pub fn bytes(n: u64) -> String {
 
 /// Renders `warren ping` for a person.
 pub fn ping(r: &PingReply, query: &str) -> String {
-    let name = r.hostname.clone().unwrap_or_else(|| r.public_key.short());
+    let name = r
+        .hostname
+        .as_deref()
+        .map(|h| for_terminal(h).into_owned())
+        .unwrap_or_else(|| r.public_key.short());
     let via = path(&r.path);
     match (r.alive, r.last_handshake_secs) {
         (true, Some(s)) => format!(
@@ -328,6 +339,32 @@ mod tests {
         assert!(lines[4].contains("linux 0.3.1"), "{text}");
         assert!(text.contains("\nnas: tags tag:db\n"), "{text}");
         assert!(!text.contains("dropped"), "{text}");
+    }
+
+    #[test]
+    fn text_from_peers_reaches_the_terminal_escaped() {
+        let evil = PeerStatus {
+            public_key: NodeKey([3; 32]),
+            hostname: Some("ev\u{1b}]0;owned\u{7}il".into()),
+            allowed_ips: vec![],
+            path: PeerPath::Relay { region: None },
+            latency_ms: None,
+            last_handshake_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            mesh: Some(crate::api::mesh::PeerMesh {
+                os: "linux\u{1b}[2J".into(),
+                version: "1\u{202e}0".into(),
+                ..Default::default()
+            }),
+        };
+        let text = status(&status_with(vec![evil], Drops::default()));
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("ev\\u{1b}]0;owned\\u{7}il"), "{text}");
+        assert!(text.contains("linux\\u{1b}[2J"), "{text}");
     }
 
     #[test]

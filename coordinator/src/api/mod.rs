@@ -146,6 +146,21 @@ async fn register(
             "os or version longer than 64 bytes",
         ));
     }
+    // These reach every admin's and peer's terminal (`node list`, `warren
+    // status`): control characters and bidi overrides are refused here and
+    // escaped again on output (warren::text).
+    for (field, value) in [
+        ("os", &req.os),
+        ("version", &req.version),
+        ("hostname", &req.hostname),
+    ] {
+        if !warren::text::is_printable(value) {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("{field} must be printable text (no control characters)"),
+            ));
+        }
+    }
     let tags = match &req.tags {
         Some(t) => Some(
             warren::control::types::normalize_tags(t)

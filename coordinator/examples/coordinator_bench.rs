@@ -170,7 +170,6 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = args()?;
     let state = tempfile::tempdir()?;
-    let disco = PrivateKey::generate().public();
 
     // 1. Registrations.
     let keys: Vec<PrivateKey> = (0..a.nodes).map(|_| PrivateKey::generate()).collect();
@@ -182,8 +181,12 @@ async fn main() -> anyhow::Result<()> {
             let (k, http) = (k.clone(), shared.clone());
             async move {
                 let c = ControlClient::with_http_client(&url, k, dir, http)?;
-                c.register(Some(&token), &format!("bench-{i}"), disco)
-                    .await?;
+                c.register(
+                    Some(&token),
+                    &format!("bench-{i}"),
+                    PrivateKey::generate().public(),
+                )
+                .await?;
                 Ok(())
             }
         })

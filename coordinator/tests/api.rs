@@ -24,7 +24,6 @@ fn api_code(e: ControlError) -> ErrorCode {
 async fn three_nodes_see_each_other_and_every_change_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
-    let disco = PrivateKey::generate().public();
 
     let mut clients = Vec::new();
     let mut regs = Vec::new();
@@ -32,9 +31,13 @@ async fn three_nodes_see_each_other_and_every_change_within_a_second() {
         let c = client(&url, &dir.path().join(format!("n{i}")));
         std::fs::create_dir_all(dir.path().join(format!("n{i}"))).unwrap();
         regs.push(
-            c.register(Some(&tok), &format!("node{i}"), disco)
-                .await
-                .unwrap(),
+            c.register(
+                Some(&tok),
+                &format!("node{i}"),
+                PrivateKey::generate().public(),
+            )
+            .await
+            .unwrap(),
         );
         clients.push(c);
     }
@@ -103,7 +106,9 @@ async fn three_nodes_see_each_other_and_every_change_within_a_second() {
 
     // A fourth node joins; then the administrator removes it.
     let c3 = client(&url, dir.path());
-    c3.register(Some(&tok), "node3", disco).await.unwrap();
+    c3.register(Some(&tok), "node3", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let k3 = c3.node_key();
     for s in [&mut s0, &mut s2] {
         expect(s, WITHIN, |ev| {
@@ -141,22 +146,33 @@ async fn token_rules_are_enforced_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let srv = common::start(dir.path(), None).await;
     let url = common::url(&srv);
-    let disco = PrivateKey::generate().public();
 
     let once = common::token(&srv.store, false, false).await;
     let a = client(&url, dir.path());
-    let ra = a.register(Some(&once), "a", disco).await.unwrap();
+    let ra = a
+        .register(Some(&once), "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
     // The same node may re-register (keeps its addresses, spends nothing)…
-    let ra2 = a.register(Some(&once), "a", disco).await.unwrap();
+    let ra2 = a
+        .register(Some(&once), "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
     assert_eq!(
         (ra.node_id, ra.ipv4, ra.ipv6),
         (ra2.node_id, ra2.ipv4, ra2.ipv6)
     );
-    let ra3 = a.register(None, "a", disco).await.unwrap();
+    let ra3 = a
+        .register(None, "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
     assert_eq!(ra3.ipv4, ra.ipv4);
     // …but another node cannot use the one-off token again.
     let b = client(&url, dir.path());
-    let err = b.register(Some(&once), "b", disco).await.unwrap_err();
+    let err = b
+        .register(Some(&once), "b", PrivateKey::generate().public())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("already used"), "{err}");
     assert_eq!(api_code(err), ErrorCode::TokenUsed);
 
@@ -170,7 +186,11 @@ async fn token_rules_are_enforced_with_clear_errors() {
         .unwrap();
     srv.store.revoke_token(&rid).await.unwrap();
     assert_eq!(
-        api_code(b.register(Some(&revoked), "b", disco).await.unwrap_err()),
+        api_code(
+            b.register(Some(&revoked), "b", PrivateKey::generate().public())
+                .await
+                .unwrap_err()
+        ),
         ErrorCode::TokenRevoked
     );
 
@@ -185,16 +205,27 @@ async fn token_rules_are_enforced_with_clear_errors() {
         .unwrap()
         .1;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let err = b.register(Some(&expired), "b", disco).await.unwrap_err();
+    let err = b
+        .register(Some(&expired), "b", PrivateKey::generate().public())
+        .await
+        .unwrap_err();
     assert!(err.is_permanent());
     assert_eq!(api_code(err), ErrorCode::TokenExpired);
 
     assert_eq!(
-        api_code(b.register(Some("wrn_x_y"), "b", disco).await.unwrap_err()),
+        api_code(
+            b.register(Some("wrn_x_y"), "b", PrivateKey::generate().public())
+                .await
+                .unwrap_err()
+        ),
         ErrorCode::InvalidToken
     );
     assert_eq!(
-        api_code(b.register(None, "b", disco).await.unwrap_err()),
+        api_code(
+            b.register(None, "b", PrivateKey::generate().public())
+                .await
+                .unwrap_err()
+        ),
         ErrorCode::InvalidToken
     );
     assert!(srv
@@ -209,12 +240,15 @@ async fn token_rules_are_enforced_with_clear_errors() {
 async fn a_removed_node_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
-    let disco = PrivateKey::generate().public();
     let a = client(&url, &dir.path().join("a"));
     let b = client(&url, &dir.path().join("b"));
     std::fs::create_dir_all(dir.path().join("a")).unwrap();
-    a.register(Some(&tok), "a", disco).await.unwrap();
-    b.register(Some(&tok), "b", disco).await.unwrap();
+    a.register(Some(&tok), "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
+    b.register(Some(&tok), "b", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let mut sa = a.map_stream();
     let mut sb = b.map_stream();
     let full = first_full(&mut sa).await;
@@ -290,15 +324,17 @@ async fn a_removed_node_is_cut_off() {
 async fn ephemeral_nodes_go_on_logout_or_when_offline_too_long() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, url, tok) = common::start_with_token(dir.path(), true).await;
-    let disco = PrivateKey::generate().public();
     let watcher = client(&url, &dir.path().join("w"));
-    watcher.register(Some(&tok), "w", disco).await.unwrap();
+    watcher
+        .register(Some(&tok), "w", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let mut sw = watcher.map_stream();
     first_full(&mut sw).await;
 
     let e1 = client(&url, dir.path());
     assert!(
-        e1.register(Some(&tok), "e1", disco)
+        e1.register(Some(&tok), "e1", PrivateKey::generate().public())
             .await
             .unwrap()
             .ephemeral
@@ -317,7 +353,9 @@ async fn ephemeral_nodes_go_on_logout_or_when_offline_too_long() {
 
     // Offline past the (1 s, in tests) timeout: reaped.
     let e2 = client(&url, &dir.path().join("e2"));
-    e2.register(Some(&tok), "e2", disco).await.unwrap();
+    e2.register(Some(&tok), "e2", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let k2 = e2.node_key();
     let mut s2 = e2.map_stream();
     first_full(&mut s2).await;
@@ -353,13 +391,16 @@ async fn nat_and_home_relay_changes_reach_peers() {
     let srv = warren_coordinator::server::start(cfg).await.unwrap();
     let url = common::url(&srv);
     let tok = common::token(&srv.store, true, false).await;
-    let disco = PrivateKey::generate().public();
     let (d0, d1) = (dir.path().join("0"), dir.path().join("1"));
     std::fs::create_dir_all(&d0).unwrap();
     std::fs::create_dir_all(&d1).unwrap();
     let (c0, c1) = (client(&url, &d0), client(&url, &d1));
-    c0.register(Some(&tok), "zero", disco).await.unwrap();
-    c1.register(Some(&tok), "one", disco).await.unwrap();
+    c0.register(Some(&tok), "zero", PrivateKey::generate().public())
+        .await
+        .unwrap();
+    c1.register(Some(&tok), "one", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let mut w = common::Watch::new(c0.map_stream()).await;
     let k1 = c1.node_key();
     w.until(WITHIN, "peer one", |m| m.peers.contains_key(&k1))

@@ -144,6 +144,20 @@ async fn bad_requests_are_refused_and_change_nothing() {
             .await,
         ErrorCode::BadRequest,
     );
+    // Another node's disco key (the registered node's is its own key).
+    refused(
+        stranger
+            .signed(
+                "POST",
+                "/register",
+                format!(
+                    r#"{{"token":"{tok}","node_key":"{them}","disco_key":"{me}","hostname":"h"}}"#
+                )
+                .as_bytes(),
+            )
+            .await,
+        ErrorCode::Conflict,
+    );
     // Text that would reach admins' terminals with an escape sequence in
     // it (clear screen, set the window title) or a bidi override.
     for extra in [

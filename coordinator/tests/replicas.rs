@@ -24,15 +24,18 @@ async fn agents_on_different_replicas_see_each_other() {
     let r1 = common::start(dir.path(), Some(db.clone())).await;
     let r2 = common::start(dir.path(), Some(db.clone())).await;
     let tok = common::token(&r1.store, true, false).await;
-    let disco = PrivateKey::generate().public();
 
     let a = client(&common::url(&r1), &dir.path().join("a"));
     let b = client(&common::url(&r2), &dir.path().join("b"));
-    a.register(Some(&tok), "a", disco).await.unwrap();
+    a.register(Some(&tok), "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let mut sa = Watch::new(a.map_stream()).await;
 
     // B joins through replica 2: A (on replica 1) hears of it.
-    b.register(Some(&tok), "b", disco).await.unwrap();
+    b.register(Some(&tok), "b", PrivateKey::generate().public())
+        .await
+        .unwrap();
     let kb = b.node_key();
     sa.until(WITHIN, "B added", |m| m.peers.contains_key(&kb))
         .await;

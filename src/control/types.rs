@@ -227,6 +227,9 @@ pub enum ErrorCode {
     TokenUsed,
     NotFound,
     MethodNotAllowed,
+    /// The request would take something that belongs to another node (its
+    /// disco key).
+    Conflict,
     Internal,
     /// A code this build does not know (sent by a newer coordinator).
     #[serde(other)]
@@ -250,6 +253,7 @@ impl ErrorCode {
             | ErrorCode::TokenUsed => 401,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Conflict => 409,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
     }

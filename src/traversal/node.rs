@@ -259,10 +259,16 @@ impl Node {
     }
 
     /// Adds or updates a peer from the coordinator's map.
+    ///
+    /// A disco key already credited to another peer stays with that peer:
+    /// disco from it is never credited to a second node that claims the
+    /// same key (the coordinator refuses such a claim too; this guards
+    /// against one that does not), and the claimant gets no disco at all.
     pub fn upsert_peer(&mut self, now: Instant, info: PeerInfo) {
         if let Some(entry) = self.peers.get(&info.node_key) {
             if entry.disco != info.disco_key {
-                self.by_disco.remove(&entry.disco);
+                let old = entry.disco;
+                self.forget_disco(&old, &info.node_key);
                 self.peers.remove(&info.node_key);
             }
         }
@@ -270,7 +276,18 @@ impl Node {
             let seed = self.rng.gen();
             let mut paths = PeerPaths::new(self.cfg.clone(), self.local_key, info.node_key, seed);
             paths.set_tcp_local(now, !self.tcp_local.is_empty(), self.udp_blocked);
-            self.by_disco.insert(info.disco_key, info.node_key);
+            match self.by_disco.get(&info.disco_key) {
+                Some(owner) if *owner != info.node_key => {
+                    tracing::warn!(
+                        peer = %info.node_key.short(),
+                        owner = %owner.short(),
+                        "peer claims another peer's disco key; its disco is ignored"
+                    );
+                }
+                _ => {
+                    self.by_disco.insert(info.disco_key, info.node_key);
+                }
+            }
             self.peers.insert(
                 info.node_key,
                 PeerEntry {
@@ -292,10 +309,18 @@ impl Node {
 
     pub fn remove_peer(&mut self, now: Instant, key: &NodeKey) {
         if let Some(entry) = self.peers.remove(key) {
-            self.by_disco.remove(&entry.disco);
+            self.forget_disco(&entry.disco, key);
         }
         if self.sockets_wanted_by.remove(key) {
             self.maybe_close_sockets(now);
+        }
+    }
+
+    /// Drops the mapping of `disco` only if it is `peer`'s: removing a
+    /// node that claimed a victim's key must not cut the victim off.
+    fn forget_disco(&mut self, disco: &DiscoKey, peer: &NodeKey) {
+        if self.by_disco.get(disco) == Some(peer) {
+            self.by_disco.remove(disco);
         }
     }
 

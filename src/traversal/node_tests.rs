@@ -350,3 +350,35 @@ fn status_names_the_hard_nat_pair_and_the_paths_tried_with_times() {
         Some("peer EDM random")
     );
 }
+
+#[test]
+fn a_peer_claiming_anothers_disco_key_neither_takes_nor_removes_it() {
+    let now = Instant::now();
+    let (mut a, mut b, _, b_addr) = nodes(now);
+    let (kb, thief) = (NodeKey([2; 32]), NodeKey([3; 32]));
+    // A third node in a's map with b's disco key.
+    a.upsert_peer(
+        now,
+        PeerInfo {
+            node_key: thief,
+            disco_key: b.disco_key(),
+            candidates: vec![],
+            nat: NatSummary::default(),
+        },
+    );
+    // b's disco is still credited to b (the box opens, the ping is b's).
+    b.note_traffic(now, &NodeKey([1; 32]));
+    b.handle_timeout(now);
+    let ping = std::iter::from_fn(|| b.poll_transmit())
+        .find(|t| matches!(t.dest, Dest::Udp { .. }))
+        .expect("b pings a");
+    let before = a.drops();
+    assert_eq!(
+        a.handle_udp(now, SocketId::PRIMARY, b_addr, &ping.bytes),
+        Datagram::Disco
+    );
+    assert_eq!(a.drops(), before, "b's ping was accepted as b's");
+    // Removing the thief must not remove b's mapping.
+    a.remove_peer(now, &thief);
+    assert_eq!(a.by_disco.get(&b.disco_key()), Some(&kb));
+}

@@ -65,6 +65,8 @@ pub enum StoreError {
     NoSuchToken(String),
     #[error("the request was already seen (replay)")]
     Replayed,
+    #[error("this disco key belongs to another node")]
+    DiscoKeyTaken,
     #[error("{0}")]
     Invalid(String),
     #[error("could not allocate {0} after many tries")]
@@ -84,6 +86,7 @@ impl StoreError {
             StoreError::NoSuchNode(_) => ErrorCode::UnknownNode,
             StoreError::Replayed => ErrorCode::Replayed,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::DiscoKeyTaken => ErrorCode::Conflict,
             _ => ErrorCode::Internal,
         }
     }

@@ -287,6 +287,17 @@ impl Store {
         if input.hostname.len() > 255 {
             return Err(StoreError::Invalid("hostname longer than 255 bytes".into()));
         }
+        // A disco key names whose disco a peer opens: taking a victim's
+        // would credit its pings to us and keep it off direct paths
+        // (issue 15). The unique index backs this check up.
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT node_key FROM nodes WHERE disco_key = $1")
+                .bind(input.disco_key.to_string())
+                .fetch_optional(&mut **tx)
+                .await?;
+        if owner.is_some_and(|k| k != input.node_key.to_string()) {
+            return Err(StoreError::DiscoKeyTaken);
+        }
         let now = now_ms();
         for _ in 0..32 {
             if let Some(node) = Self::node_by_key_tx(tx, &input.node_key).await? {

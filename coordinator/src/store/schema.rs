@@ -38,6 +38,7 @@ const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_init.sql"),
     migration!(2, "0002_nat_home_relay.sql"),
     migration!(3, "0003_advertised_tags.sql"),
+    migration!(4, "0004_unique_disco_key.sql"),
 ];
 
 /// The statements of a migration file: `--` comment lines dropped, split

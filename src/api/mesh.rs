@@ -23,9 +23,16 @@ pub struct UpArgs {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// A CA certificate (PEM) to trust for a coordinator with a private CA.
+    /// A CA certificate (PEM) to trust for a coordinator with a private CA:
+    /// the file's name, for `status` and the settings check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// That file's contents, read by the CLI with its user's permissions
+    /// ([`read_ca_file`]): the root daemon never opens a path a client
+    /// names (a FIFO would block it, `/dev/zero` exhaust it, a root-only
+    /// file be read on the client's behalf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// Tags to advertise (`tag:server`); `Some(vec![])` clears them, `None`
     /// keeps the current ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,4 +189,97 @@ pub struct Pong {
     /// The path it took: direct (the peer's address) or a relay region.
     pub path: super::PeerPath,
     pub latency_ms: f64,
+}
+
+/// Largest CA file `warren up --ca-file` takes: a bundle of a few dozen
+/// certificates.
+pub const MAX_CA_FILE: u64 = 256 * 1024;
+
+/// Why a CA file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not a regular file")]
+    NotAFile(String),
+    #[error("{0}: larger than {MAX_CA_FILE} bytes")]
+    TooLarge(String),
+    #[error("{0}: no PEM certificate in it")]
+    NoCertificate(String),
+}
+
+/// Reads a CA file for `warren up --ca-file`: a regular file of at most
+/// [`MAX_CA_FILE`] bytes holding at least one PEM certificate. Opened
+/// without blocking, so a FIFO is refused instead of waited on.
+pub fn read_ca_file(path: &std::path::Path) -> Result<String, CaFileError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path.display().to_string();
+    let io = |source| CaFileError::Io {
+        path: name.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(CaFileError::NotAFile(name));
+    }
+    let mut text = String::new();
+    file.take(MAX_CA_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CA_FILE {
+        return Err(CaFileError::TooLarge(name));
+    }
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(CaFileError::NoCertificate(name));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod ca_file_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_small_regular_pem_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(read_ca_file(&pem).unwrap().starts_with("-----BEGIN"));
+        assert!(matches!(
+            read_ca_file(std::path::Path::new("/dev/zero")),
+            Err(CaFileError::NotAFile(_))
+        ));
+        assert!(matches!(
+            read_ca_file(dir.path()),
+            Err(CaFileError::NotAFile(_))
+        ));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Without O_NONBLOCK this open would wait for a writer forever.
+        assert!(matches!(read_ca_file(&fifo), Err(CaFileError::NotAFile(_))));
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'A'; MAX_CA_FILE as usize + 1]).unwrap();
+        assert!(matches!(read_ca_file(&big), Err(CaFileError::TooLarge(_))));
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        assert!(matches!(
+            read_ca_file(&junk),
+            Err(CaFileError::NoCertificate(_))
+        ));
+    }
 }

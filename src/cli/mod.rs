@@ -221,11 +221,20 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             let ca_file = ca_file
                 .as_ref()
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+            // Read here, as the user, never by the root daemon.
+            let ca_pem = match &ca_file {
+                Some(p) => Some(
+                    crate::api::mesh::read_ca_file(p)
+                        .map_err(|e| CliError::Usage(format!("--ca-file {e}")))?,
+                ),
+                None => None,
+            };
             let args = UpArgs {
                 coordinator: coordinator.clone(),
                 token,
                 hostname: hostname.clone(),
                 ca_file,
+                ca_pem,
                 advertise_tags: advertise_tags.clone().map(|t| t.0),
                 reconfigure: *reconfigure,
                 timeout_secs: None,

@@ -22,6 +22,11 @@ pub struct Login {
     pub hostname: String,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The CA file's contents as `warren up` sent them (see
+    /// [`crate::api::mesh::read_ca_file`]); kept here so a restart never
+    /// has the daemon open the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// The tags this node advertises, sorted (see [`crate::control::types::validate_tag`]).
     #[serde(default)]
     pub tags: Vec<String>,
@@ -67,13 +72,16 @@ impl Login {
         let _ = std::fs::remove_file(state_dir.join(LOGIN_FILE));
     }
 
-    /// The CA certificate(s) to trust, when the login names a file.
+    /// The CA certificate(s) to trust, when the login has them. A login
+    /// saved by an older version has only the file's name: that file is
+    /// read once, with the same checks as the CLI's, and kept.
     pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
-        match &self.ca_file {
-            Some(ca) => std::fs::read(ca)
-                .map(Some)
-                .map_err(|e| format!("reading the CA file {}: {e}", ca.display())),
-            None => Ok(None),
+        match (&self.ca_pem, &self.ca_file) {
+            (Some(pem), _) => Ok(Some(pem.clone().into_bytes())),
+            (None, Some(ca)) => crate::api::mesh::read_ca_file(ca)
+                .map(|pem| Some(pem.into_bytes()))
+                .map_err(|e| format!("the CA file: {e}")),
+            (None, None) => Ok(None),
         }
     }
 
@@ -147,6 +155,7 @@ mod tests {
             coordinator: "http://11.11.0.1:8080".into(),
             hostname: "a".into(),
             ca_file: None,
+            ca_pem: None,
             tags: vec!["tag:db".into()],
             stopped: true,
         };

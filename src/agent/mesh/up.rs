@@ -117,6 +117,12 @@ fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> 
             .ca_file
             .clone()
             .or_else(|| current.and_then(|c| c.ca_file.clone())),
+        // The PEM goes with the file it came from: a new `--ca-file`
+        // brings its own, else the current one stays.
+        ca_pem: match &args.ca_file {
+            Some(_) => args.ca_pem.clone(),
+            None => current.and_then(|c| c.ca_pem.clone()),
+        },
         tags: tags
             .or_else(|| current.map(|c| c.tags.clone()))
             .unwrap_or_default(),
@@ -286,6 +292,7 @@ mod tests {
             coordinator: "https://coord.example:8443".into(),
             hostname: "web1".into(),
             ca_file: None,
+            ca_pem: None,
             tags: vec!["tag:web".into()],
             stopped: false,
         }
@@ -321,6 +328,7 @@ mod tests {
             coordinator: Some("https://other:8443".into()),
             hostname: Some("web2".into()),
             ca_file: Some("/etc/warren/ca.pem".into()),
+            ca_pem: None,
             ..Default::default()
         };
         let t = tags(&["tag:db", "tag:web"]);

@@ -299,6 +299,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         relay_map: relay_map.clone(),
         keepalive: cfg.keepalive,
         live: Arc::default(),
+        streams: Default::default(),
     };
     let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
     let mut app = api::router(state.clone());

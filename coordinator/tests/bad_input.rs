@@ -55,6 +55,16 @@ impl Raw {
         (status, serde_json::from_slice(&bytes).ok())
     }
 
+    /// A signed `GET /map`, its response left open.
+    async fn open_map(&self) -> reqwest::Response {
+        let h = self.headers("GET", "/map", now(), b"");
+        let mut req = self.http.get(format!("{}/map", self.base));
+        for (n, v) in &h {
+            req = req.header(*n, v);
+        }
+        req.send().await.unwrap()
+    }
+
     async fn signed(&self, method: &str, path: &str, body: &[u8]) -> (u16, Option<ErrorBody>) {
         let h = self.headers(method, path, now(), body);
         self.send(method, path, &h, body.to_vec()).await
@@ -355,4 +365,68 @@ async fn bad_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(common::snapshot(&srv.store).await, snap);
     assert_ne!(after_logout, snap);
+}
+
+/// Whether the body of a map stream ends within `within` (after the full
+/// map and keepalives it may have sent).
+async fn ends_within(resp: &mut reqwest::Response, within: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => return true,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_holds_at_most_four_map_streams_and_the_newest_win() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, base, tok) = common::start_with_token(dir.path(), false).await;
+    let http = reqwest::Client::new();
+    let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
+        &http
+            .get(format!("{base}/key"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let raw = Raw {
+        http,
+        base,
+        key: PrivateKey::generate(),
+        coord: coord.key,
+    };
+    let me = raw.key.public();
+    let (status, _) = raw
+        .signed("POST", "/register", &register_body(&me, &tok, ""))
+        .await;
+    assert_eq!(status, 200);
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let resp = raw.open_map().await;
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+        // Each stream is filed before the next is opened.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The two oldest were ended by the four newer ones.
+    for (i, s) in streams.iter_mut().enumerate().take(2) {
+        assert!(
+            ends_within(s, Duration::from_secs(5)).await,
+            "stream {i} still open"
+        );
+    }
+    for (i, s) in streams.iter_mut().enumerate().skip(2) {
+        assert!(
+            !ends_within(s, Duration::from_millis(300)).await,
+            "stream {i} ended"
+        );
+    }
 }

@@ -230,6 +230,9 @@ pub enum ErrorCode {
     /// The request would take something that belongs to another node (its
     /// disco key).
     Conflict,
+    /// Too many of something at once from this client (map streams from
+    /// one address); try again later.
+    TooManyRequests,
     Internal,
     /// A code this build does not know (sent by a newer coordinator).
     #[serde(other)]
@@ -254,6 +257,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
     }

@@ -18,24 +18,31 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
+use axum::Extension;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant as TokioInstant;
 use tracing::Instrument as _;
 
 use super::signed::{NoBody, Signed};
+use super::streams::Ticket;
 use super::{ApiError, AppState};
 use crate::hub::outbox::{full_line, Flush, Outbox};
 use crate::hub::HubEvent;
+use crate::listen::PeerAddr;
 use crate::store::NodeRecord;
 
 type Line = Result<Bytes, Infallible>;
 
 pub(super) async fn map(
     State(st): State<AppState>,
+    peer: Option<Extension<PeerAddr>>,
     signed: Signed<NoBody>,
 ) -> Result<Response, ApiError> {
+    // The address's cap first: it needs no database.
+    let mut ticket = st.streams.admit(peer.map(|Extension(p)| p.0.ip()))?;
     let (mut tx, node) = signed.begin_as_node(&st).await?;
+    ticket.bind(node.id);
     st.store.stream_delta(&mut tx, &node, 1).await?;
     tx.commit().await?;
     st.hub.wake();
@@ -50,6 +57,7 @@ pub(super) async fn map(
         outbox: Outbox::new(node.id, Instant::now()),
         node,
         lines,
+        ticket,
     };
     // The first full map is sent from the task too, so that a failure to
     // build it is handled like any later one.
@@ -71,6 +79,8 @@ struct MapTask {
     node: NodeRecord,
     outbox: Outbox,
     lines: mpsc::Sender<Line>,
+    /// This stream's place among its node's (`streams.rs`).
+    ticket: Ticket,
 }
 
 /// Why a stream ended.
@@ -103,6 +113,10 @@ impl MapTask {
                     )), if due.is_some() => Ok(()),
                     _ = keepalive.tick() => self.keepalive(),
                     _ = self.lines.closed() => Err(End::Gone),
+                    _ = &mut self.ticket.ended => {
+                        tracing::info!("a newer map stream of this node replaces this one");
+                        Err(End::Gone)
+                    }
                 },
             };
             if let Err(end) = result {
@@ -133,6 +147,9 @@ impl MapTask {
             tokio::select! {
                 p = lines.reserve() => break p.map_err(|_| End::Gone)?,
                 ev = events.recv() => self.take(ev)?,
+                // A stream whose agent never reads waits here: being
+                // replaced must end it here too.
+                _ = &mut self.ticket.ended => return Err(End::Gone),
             }
         };
         for _ in 0..DRAIN_MAX {

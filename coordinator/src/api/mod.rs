@@ -9,6 +9,7 @@
 
 mod map;
 mod signed;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub keepalive: Duration,
     /// Node id → open map streams on this replica (for liveness refresh).
     pub live: Arc<Mutex<HashMap<i64, usize>>>,
+    /// The map streams' caps per node and per address.
+    pub streams: streams::MapStreams,
 }
 
 impl AppState {

@@ -7,10 +7,18 @@
 //! - **Bounded**: the queue holds at most `max_bytes`; a push beyond that is
 //!   refused and the caller counts a drop. A slow or dead receiver therefore
 //!   loses its own packets and costs the relay a fixed amount of memory.
-//! - **Fair**: packets wait in one sub-queue per sender and are popped round
-//!   robin, and each sender may hold at most `max_per_source` packets. A
-//!   flooding sender fills its own sub-queue and has its own packets dropped,
-//!   while a quiet sender to the same receiver still gets its turn.
+//! - **Fair by bytes**: packets wait in one sub-queue per sender and are
+//!   popped by deficit round robin: each turn gives a sender [`QUANTUM`]
+//!   bytes of credit and sends at most one frame, if the credit covers it,
+//!   so over time every busy sender gets the same share of the receiver's
+//!   link whatever its frame size (a sender of 64 KiB frames no longer gets
+//!   forty times the share of one sending 1.5 KiB), and small frames still
+//!   alternate one by one.
+//!   Each sender may hold at most `max_per_source` packets, and when the
+//!   queue is full, a sender holding less than its fair share of bytes
+//!   (`max_bytes` over the senders waiting, itself included) makes room by
+//!   dropping the newest frames of the sender holding the most: a flood
+//!   of large frames fills the queue only until someone else speaks.
 //!
 //! Control frames (pongs, peer-gone, health) bypass the fair part: they are
 //! few, small and latency-sensitive, and go first, within their own bound.
@@ -60,8 +68,33 @@ pub struct FairQueue {
     per_source: HashMap<NodeKey, VecDeque<Bytes>>,
     /// Sources with waiting packets, in round-robin order.
     ring: VecDeque<NodeKey>,
+    /// Per waiting source: its bytes queued and its deficit (credit).
+    held: HashMap<NodeKey, Held>,
     bytes: usize,
     closed: bool,
+    /// Frames dropped to make room for a sender below its share.
+    pub evicted: u64,
+}
+
+/// Bytes credited to a sender per round-robin turn: about one full-size
+/// WireGuard packet, so such packets go one a turn and a 64 KiB frame
+/// waits about forty.
+pub const QUANTUM: usize = 1_500;
+/// Most credit a sender can save up (one largest frame and a turn): a
+/// sender of tiny frames must not bank a burst.
+const MAX_DEFICIT: usize = 64 * 1024 + QUANTUM;
+
+/// Frames dropped from the fattest sender to make room for another.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    pub frames: u64,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    bytes: usize,
+    deficit: usize,
 }
 
 impl FairQueue {
@@ -71,8 +104,10 @@ impl FairQueue {
             control: VecDeque::new(),
             per_source: HashMap::new(),
             ring: VecDeque::new(),
+            held: HashMap::new(),
             bytes: 0,
             closed: false,
+            evicted: 0,
         }
     }
 
@@ -90,9 +125,6 @@ impl FairQueue {
         if self.closed {
             return Err(QueueFull::Closed);
         }
-        if self.bytes + len > self.limits.max_bytes {
-            return Err(QueueFull::Bytes);
-        }
         if self
             .per_source
             .get(src)
@@ -100,19 +132,76 @@ impl FairQueue {
         {
             return Err(QueueFull::Source);
         }
+        if self.bytes + len > self.limits.max_bytes && !self.below_share(src, len) {
+            return Err(QueueFull::Bytes);
+        }
         Ok(())
     }
 
-    /// Queues a forwarded packet frame from `src`.
-    pub fn push_packet(&mut self, src: NodeKey, frame: Bytes) -> Result<(), QueueFull> {
+    /// Whether `src`, holding `len` more, would still be within its fair
+    /// share of the bytes: the queue's size over the senders waiting, it
+    /// included.
+    fn below_share(&self, src: &NodeKey, len: usize) -> bool {
+        let mine = self.held.get(src).map_or(0, |h| h.bytes);
+        let senders = self.ring.len() + usize::from(!self.held.contains_key(src));
+        mine + len <= self.limits.max_bytes / senders.max(1)
+    }
+
+    /// Drops the newest frames of the sender holding the most bytes (never
+    /// `keep`) until `len` more bytes fit; returns the frames and bytes
+    /// dropped.
+    fn make_room(&mut self, keep: &NodeKey, len: usize) -> Evicted {
+        let mut evicted = Evicted::default();
+        while self.bytes + len > self.limits.max_bytes {
+            let Some((&fattest, _)) = self
+                .held
+                .iter()
+                .filter(|(k, _)| *k != keep)
+                .max_by_key(|(_, h)| h.bytes)
+            else {
+                break;
+            };
+            let Some(frame) = self
+                .per_source
+                .get_mut(&fattest)
+                .and_then(VecDeque::pop_back)
+            else {
+                break;
+            };
+            self.bytes -= frame.len();
+            self.evicted += 1;
+            evicted.frames += 1;
+            evicted.bytes += frame.len();
+            self.account(&fattest, frame.len());
+        }
+        evicted
+    }
+
+    /// Takes `len` bytes off `src`'s count; forgets a sender left empty.
+    fn account(&mut self, src: &NodeKey, len: usize) {
+        let empty = self.per_source.get(src).is_none_or(VecDeque::is_empty);
+        if empty {
+            self.per_source.remove(src);
+            self.held.remove(src);
+            self.ring.retain(|k| k != src);
+        } else if let Some(h) = self.held.get_mut(src) {
+            h.bytes -= len;
+        }
+    }
+
+    /// Queues a forwarded packet frame from `src`; says what was dropped
+    /// from another sender to make room.
+    pub fn push_packet(&mut self, src: NodeKey, frame: Bytes) -> Result<Evicted, QueueFull> {
         self.check_packet(&src, frame.len())?;
+        let evicted = self.make_room(&src, frame.len());
         let q = self.per_source.entry(src).or_default();
         if q.is_empty() {
             self.ring.push_back(src);
         }
         self.bytes += frame.len();
+        self.held.entry(src).or_default().bytes += frame.len();
         q.push_back(frame);
-        Ok(())
+        Ok(evicted)
     }
 
     /// Queues a control frame; these go out before any packet.
@@ -128,25 +217,30 @@ impl FairQueue {
         Ok(())
     }
 
-    /// The next frame to write: control first, then one packet from the
-    /// next source in the ring.
+    /// The next frame to write: control first, then by deficit round
+    /// robin over the senders (see the module doc).
     pub fn pop(&mut self) -> Option<Bytes> {
-        let frame = match self.control.pop_front() {
-            Some(f) => f,
-            None => {
-                let src = self.ring.pop_front()?;
-                let q = self.per_source.get_mut(&src)?;
-                let f = q.pop_front()?;
-                if q.is_empty() {
-                    self.per_source.remove(&src);
-                } else {
-                    self.ring.push_back(src);
-                }
-                f
+        if let Some(f) = self.control.pop_front() {
+            self.bytes -= f.len();
+            return Some(f);
+        }
+        // Each turn credits the front sender a quantum, sends its head
+        // frame if the credit covers it, and moves it to the back; credit
+        // grows every turn, so this ends within a frame's worth of turns.
+        loop {
+            let src = *self.ring.front()?;
+            let head = self.per_source.get(&src).and_then(VecDeque::front)?.len();
+            let held = self.held.get_mut(&src)?;
+            held.deficit = (held.deficit + QUANTUM).min(MAX_DEFICIT.max(head));
+            self.ring.rotate_left(1);
+            if held.deficit >= head {
+                held.deficit -= head;
+                let f = self.per_source.get_mut(&src)?.pop_front()?;
+                self.bytes -= f.len();
+                self.account(&src, f.len());
+                return Some(f);
             }
-        };
-        self.bytes -= frame.len();
-        Some(frame)
+        }
     }
 
     /// Empties the queue for good (the receiver left); returns the bytes
@@ -157,6 +251,7 @@ impl FairQueue {
         self.control.clear();
         self.per_source.clear();
         self.ring.clear();
+        self.held.clear();
         std::mem::take(&mut self.bytes)
     }
 
@@ -217,7 +312,7 @@ mod tests {
             }
         }
         assert_eq!(dropped, 96);
-        assert_eq!(q.push_packet(k(2), pkt(2, 100)), Ok(()));
+        assert!(q.push_packet(k(2), pkt(2, 100)).is_ok());
         assert_eq!(q.pop().unwrap()[0], 1);
         assert_eq!(q.pop().unwrap()[0], 2);
     }
@@ -260,5 +355,65 @@ mod tests {
         assert_eq!(q.pop_batch(&mut batch, 12), 1, "one packet, two control");
         let tags: Vec<u8> = batch.iter().map(|b| b[0]).collect();
         assert_eq!(tags, vec![9, 9, 1]);
+    }
+
+    #[test]
+    fn large_frames_get_a_byte_share_not_a_packet_share() {
+        let limits = QueueLimits {
+            max_bytes: 1 << 20,
+            max_per_source: 256,
+            max_control: 2,
+        };
+        let mut q = FairQueue::new(limits);
+        let (big, small) = (k(1), k(2));
+        // The big sender fills the whole queue with 64 KiB frames first.
+        while q.push_packet(big, pkt(1, 65_535)).is_ok() {}
+        assert!(q.bytes() > (1 << 20) - 65_535);
+        // The small sender still gets in: the big one makes room.
+        for _ in 0..200 {
+            q.push_packet(small, pkt(2, 1_400)).unwrap();
+        }
+        assert!(
+            q.evicted > 0,
+            "room was made by dropping the big sender's frames"
+        );
+        // Drain while both keep sending: bytes out per sender stay level.
+        let mut out = [0usize; 3];
+        for _ in 0..2_000 {
+            let _ = q.push_packet(big, pkt(1, 65_535));
+            let _ = q.push_packet(small, pkt(2, 1_400));
+            let f = q.pop().unwrap();
+            out[usize::from(f[0])] += f.len();
+        }
+        let ratio = out[1] as f64 / out[2] as f64;
+        assert!(
+            (0.5..2.0).contains(&ratio),
+            "big {} vs small {} bytes: ratio {ratio:.2}",
+            out[1],
+            out[2]
+        );
+        assert!(q.bytes() <= 1 << 20);
+    }
+
+    #[test]
+    fn a_sender_over_its_share_is_refused_when_full() {
+        let limits = QueueLimits {
+            max_bytes: 1000,
+            max_per_source: 100,
+            max_control: 2,
+        };
+        let mut q = FairQueue::new(limits);
+        for _ in 0..5 {
+            q.push_packet(k(1), pkt(1, 100)).unwrap();
+            q.push_packet(k(2), pkt(2, 100)).unwrap();
+        }
+        // Full, and each holds exactly its share: nobody evicts anybody.
+        assert_eq!(q.push_packet(k(1), pkt(1, 100)), Err(QueueFull::Bytes));
+        // A third sender's share is a third: it may take 300 bytes.
+        for _ in 0..3 {
+            q.push_packet(k(3), pkt(3, 100)).unwrap();
+        }
+        assert_eq!(q.push_packet(k(3), pkt(3, 100)), Err(QueueFull::Bytes));
+        assert_eq!(q.bytes(), 1000);
     }
 }

@@ -223,8 +223,17 @@ impl Hub {
             Ok(mut q) => q.check_packet(src, len).and_then(|()| {
                 let mut buf = BytesMut::with_capacity(len);
                 encode_recv_packet(&mut buf, src, packet);
-                q.push_packet(*src, buf.freeze())?;
+                let evicted = q.push_packet(*src, buf.freeze())?;
                 self.metrics.queued_bytes.fetch_add(len as u64, Relaxed);
+                if evicted.frames > 0 {
+                    // Frames of the fattest sender, dropped for this one.
+                    self.metrics
+                        .queued_bytes
+                        .fetch_sub(evicted.bytes as u64, Relaxed);
+                    self.metrics
+                        .drop_queue_full
+                        .fetch_add(evicted.frames, Relaxed);
+                }
                 Ok(())
             }),
             Err(_) => Err(QueueFull::Closed),

@@ -74,6 +74,13 @@ pub struct AgentConfig {
     /// random-port side of a birthday attempt (16 to 1024).
     #[serde(default = "default_birthday_ports")]
     pub birthday_ports: u16,
+    /// Allow `http://` coordinators and relays that are not on this
+    /// machine. Labs only: without TLS, anyone on the path can read the
+    /// join token, replace the network map and pose as the relay. Set in
+    /// this root-owned file, never by a client, so a member of the
+    /// `warren` group cannot turn it on.
+    #[serde(default)]
+    pub insecure_http: bool,
 }
 
 impl AgentConfig {
@@ -100,6 +107,7 @@ impl Default for AgentConfig {
             relay_idle_timeout: default_relay_idle(),
             tcp_port: None,
             birthday_ports: default_birthday_ports(),
+            insecure_http: false,
         }
     }
 }

@@ -86,6 +86,24 @@ impl Target {
     pub fn authority(&self) -> String {
         authority(self)
     }
+
+    /// Whether the host is this machine (a loopback address or
+    /// `localhost`): plain HTTP there crosses no network.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// Whether `url` may be used: `https://` always; `http://` only to this
+/// machine, or anywhere when the operator opted in for a lab (`insecure`).
+/// Without TLS anyone on the path could read a join token and spend it
+/// first, replace the network map, or pose as the relay.
+pub fn plain_http_allowed(url: &str, insecure: bool) -> bool {
+    parse_url(url, true).is_ok_and(|t| t.tls || insecure || t.is_loopback())
 }
 
 pub fn parse_url(url: &str, allow_plain: bool) -> Result<Target, DialError> {
@@ -307,6 +325,14 @@ mod tests {
             parse_url("ftp://x", true),
             Err(DialError::BadUrl(..))
         ));
+        assert!(plain_http_allowed("https://coord.example", false));
+        assert!(plain_http_allowed("http://127.0.0.1:8080", false));
+        assert!(plain_http_allowed("http://[::1]:8080", false));
+        assert!(plain_http_allowed("http://localhost", false));
+        assert!(!plain_http_allowed("http://coord.example", false));
+        assert!(!plain_http_allowed("http://11.11.0.10:443", false));
+        assert!(plain_http_allowed("http://11.11.0.10:443", true));
+        assert!(!plain_http_allowed("ftp://x", true));
     }
 
     #[tokio::test]

@@ -147,7 +147,9 @@ up() {
 
     for h in a b; do
         mkdir -p "$DIR/$h"
-        printf '[agent]\nstate_dir = "%s"\nportmap = false\n' "$DIR/$h" > "$DIR/$h.toml"
+        # insecure_http: the demo's coordinator speaks plain HTTP on the
+        # demo's own "internet" (11.11.0.10); real networks use https://.
+        printf '[agent]\nstate_dir = "%s"\nportmap = false\ninsecure_http = true\n' "$DIR/$h" > "$DIR/$h.toml"
         ip netns exec wdemo-$h "$bin" agent --config "$DIR/$h.toml" --socket "$DIR/$h.sock" >"$DIR/$h.log" 2>&1 &
         echo $! > "$DIR/$h.pid"
     done

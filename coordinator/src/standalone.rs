@@ -74,13 +74,6 @@ impl Drop for RunningRelay {
     }
 }
 
-fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 fn coordinator_tls(opts: &Options) -> Result<Option<Arc<rustls::ClientConfig>>, ServerError> {
     let Some(ca) = &opts.coordinator_ca else {
         return Ok(None);
@@ -104,7 +97,7 @@ pub async fn start(opts: Options) -> Result<RunningRelay, ServerError> {
     };
     let target = dial::parse_url(&opts.coordinator, true)
         .map_err(|e| ServerError::Relay(format!("--coordinator: {e}")))?;
-    let allow_plain = opts.insecure_http || is_loopback_host(&target.host);
+    let allow_plain = opts.insecure_http || target.is_loopback();
     if !target.tls && !allow_plain {
         return Err(ServerError::Relay(format!(
             "--coordinator {}: plain http is allowed only to loopback or with --insecure-http",

@@ -153,6 +153,7 @@ pub async fn run(
         relay: mesh::RelayOptions {
             transport: config.agent.relay_transport,
             idle_close: std::time::Duration::from_secs(config.agent.relay_idle_timeout),
+            insecure_http: config.agent.insecure_http,
         },
         tcp_port: config.agent.tcp_port.unwrap_or(listen.port()),
         traversal: crate::traversal::Config {

@@ -169,6 +169,38 @@ fn up_shows_progress_advertises_tags_and_refuses_other_settings() {
 }
 
 #[test]
+fn plain_http_beyond_this_host_is_refused_without_the_lab_flag() {
+    let Some(lab) = Lab::new_or_skip() else {
+        return;
+    };
+    let c = lab.public("coord");
+    let coord = Coordinator::start(&lab, &c, &[]);
+    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let na = lab.public("a");
+    let cfg = AgentConfig {
+        insecure_http: false,
+        ..AgentConfig::mesh(&lab, &na)
+    };
+    let a = Agent::start(&lab, &na, &cfg);
+    // The coordinator is reachable and the token good: only the plain
+    // HTTP to another host is wrong, and nothing is sent or saved.
+    let out = up_with(&lab, &a, &coord, &token, &[]);
+    assert!(!out.ok(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("refusing plain HTTP") && out.stderr.contains("insecure_http"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(a.status(&lab)["mesh"]["state"], "needs_login");
+    let nodes = coord.admin(&lab, &["node", "list"]).expect_ok("node list");
+    assert!(
+        !nodes.stdout.lines().skip(1).any(|l| l.contains(" a ")),
+        "the node registered: {}",
+        nodes.stdout
+    );
+}
+
+#[test]
 fn up_gives_up_after_the_timeout_with_a_clear_message() {
     let Some(lab) = Lab::new_or_skip() else {
         return;

@@ -85,7 +85,23 @@ impl Login {
         }
     }
 
-    pub fn client(&self, key: PrivateKey, state_dir: &Path) -> Result<ControlClient, String> {
+    /// The control client for this login. `insecure` is
+    /// `agent.insecure_http`: without it, `http://` is refused unless the
+    /// coordinator is on this machine.
+    pub fn client(
+        &self,
+        key: PrivateKey,
+        state_dir: &Path,
+        insecure: bool,
+    ) -> Result<ControlClient, String> {
+        if !crate::dial::plain_http_allowed(&self.coordinator, insecure) {
+            return Err(format!(
+                "refusing plain HTTP to {}: use https://, or set agent.insecure_http = true \
+                 in the config (labs only: the token and the map would cross the network \
+                 unprotected)",
+                self.coordinator
+            ));
+        }
         let res = match self.ca_pem()? {
             Some(pem) => ControlClient::with_ca_pem(&self.coordinator, key, state_dir, &pem),
             None => ControlClient::new(&self.coordinator, key, state_dir),

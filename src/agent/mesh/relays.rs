@@ -39,6 +39,9 @@ pub struct RelayOptions {
     pub transport: RelayTransport,
     /// A non-home connection with no packet in this long is closed.
     pub idle_close: Duration,
+    /// `agent.insecure_http`: plain HTTP to coordinators and relays that
+    /// are not on this machine (labs only).
+    pub insecure_http: bool,
 }
 
 impl Default for RelayOptions {
@@ -46,6 +49,7 @@ impl Default for RelayOptions {
         RelayOptions {
             transport: RelayTransport::Auto,
             idle_close: Duration::from_secs(60),
+            insecure_http: false,
         }
     }
 }
@@ -355,9 +359,16 @@ impl Relays {
         }));
     }
 
+    /// Whether plain HTTP may go beyond this machine (`agent.insecure_http`).
+    pub(super) fn insecure_http(&self) -> bool {
+        self.options.insecure_http
+    }
+
     fn connect(&self, region: &RelayRegion) -> Conn {
         let mut cfg = RelayClientConfig::new(region.url.clone());
-        cfg.allow_plain = region.url.starts_with("http://");
+        // A map may list http:// relays; they are dialled only where plain
+        // HTTP is allowed at all (crate::dial::plain_http_allowed).
+        cfg.allow_plain = crate::dial::plain_http_allowed(&region.url, self.options.insecure_http);
         cfg.transport = self.options.transport;
         cfg.tls = self.tls.clone();
         cfg.proxy = crate::dial::ProxyConfig::from_env();

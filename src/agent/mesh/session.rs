@@ -84,7 +84,11 @@ impl Mesh {
         let Some(login) = Login::load(&self.state_dir) else {
             return;
         };
-        match login.client(self.key.clone(), &self.state_dir) {
+        match login.client(
+            self.key.clone(),
+            &self.state_dir,
+            self.relays.insecure_http(),
+        ) {
             Ok(client) => {
                 let stopped = login.stopped;
                 self.session = Some(Session {

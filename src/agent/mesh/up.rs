@@ -189,7 +189,11 @@ impl Mesh {
         changed: Vec<String>,
     ) -> Result<MeshReply, ApiError> {
         let client = login
-            .client(self.key.clone(), &self.state_dir)
+            .client(
+                self.key.clone(),
+                &self.state_dir,
+                self.relays.insecure_http(),
+            )
             .map_err(|e| api_err(ErrorCode::BadRequest, e))?;
         // The API server gives a request 30 s in all; stay well inside it.
         let wait = args

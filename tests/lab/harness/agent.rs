@@ -93,6 +93,9 @@ pub struct AgentConfig {
     /// Further `[agent]` lines (`key = value`), written only with
     /// `state_dir`: `relay_transport`, `relay_idle_timeout`.
     pub agent_extra: Vec<String>,
+    /// `[agent] insecure_http` (written only with `state_dir`): the lab's
+    /// coordinators and relays speak plain HTTP on the lab's "internet".
+    pub insecure_http: bool,
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -114,6 +117,7 @@ impl AgentConfig {
             portmap: false,
             portmap_protocols: None,
             agent_extra: Vec::new(),
+            insecure_http: true,
         }
     }
 
@@ -151,8 +155,8 @@ impl AgentConfig {
         }
         if let Some(dir) = &self.state_dir {
             s += &format!(
-                "\n[agent]\nstate_dir = \"{dir}\"\nportmap = {}\n",
-                self.portmap
+                "\n[agent]\nstate_dir = \"{dir}\"\nportmap = {}\ninsecure_http = {}\n",
+                self.portmap, self.insecure_http
             );
             if let Some(list) = &self.portmap_protocols {
                 s += &format!("portmap_protocols = {}\n", toml_list(list));

@@ -1,11 +1,15 @@
 //! STUN Binding server (RFC 8489) for the coordinator and stand-alone relays.
 //!
 //! It answers every Binding request with the source address it saw, as
-//! XOR-MAPPED-ADDRESS plus MAPPED-ADDRESS for RFC 3489 clients, an optional
-//! SOFTWARE and FINGERPRINT. It keeps no per-client state, so it cannot be
-//! used to exhaust memory, and it never answers anything but a well-formed
-//! request, so it cannot be used as a reflector for arbitrary payloads (the
-//! response is at most a few dozen bytes longer than a minimal request).
+//! XOR-MAPPED-ADDRESS, and no more than that costs: FINGERPRINT only when
+//! the request carried one, SOFTWARE only when the answer still fits in
+//! the request's size, and never MAPPED-ADDRESS (RFC 3489 clients, which
+//! lack the magic cookie, are not served at all). A spoofed 20-byte request
+//! thus gets at most 32 bytes back (44 for IPv6). Over UDP, where a source
+//! address can be forged, each source IP also gets at most
+//! [`RATE_PER_IP`] answers a second (bursts of [`BURST_PER_IP`]): the server
+//! cannot be used to reflect traffic at a victim in volume. The per-IP
+//! buckets are the only state, bounded to [`MAX_TRACKED_IPS`] entries.
 //!
 //! To let clients tell endpoint-independent from endpoint-dependent NAT
 //! mappings, run [`serve`] on two sockets (a second port or address): the
@@ -16,10 +20,12 @@
 //! is only the socket loop and the answer policy, kept self-contained so the
 //! coordinator can mount it wherever it wants.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::UdpSocket;
 use warren::proto::stun::{self, attr, Class, Message, MessageWriter, StunError};
@@ -40,6 +46,8 @@ pub struct StunStats {
     pub rejected: AtomicU64,
     /// Datagrams dropped without an answer (not STUN, malformed, not a request).
     pub dropped: AtomicU64,
+    /// Requests not answered because their source IP was over its rate.
+    pub rate_limited: AtomicU64,
 }
 
 impl StunStats {
@@ -70,11 +78,7 @@ pub fn answer(datagram: &[u8], from: SocketAddr, options: &ServerOptions) -> Ans
         Ok(msg) if msg.change_request.is_some_and(|flags| flags & 0x6 != 0) => {
             Answer::Error(unknown_attribute(msg.transaction_id, attr::CHANGE_REQUEST))
         }
-        Ok(msg) => Answer::Success(stun::binding_response(
-            msg.transaction_id,
-            from,
-            options.software.as_deref(),
-        )),
+        Ok(msg) => Answer::Success(response_to(&msg, datagram.len(), from, options)),
         // RFC 8489 §6.3.1.1: a request with an attribute we must understand
         // but do not gets 420 and the list of offenders.
         Err(StunError::UnknownRequiredAttribute(unknown)) => match stun::decode_header(datagram) {
@@ -85,6 +89,69 @@ pub fn answer(datagram: &[u8], from: SocketAddr, options: &ServerOptions) -> Ans
             _ => Answer::Drop(Some(StunError::UnknownRequiredAttribute(unknown))),
         },
         Err(e) => Answer::Drop(Some(e)),
+    }
+}
+
+/// The smallest useful answer to `req` (see the module doc).
+fn response_to(
+    req: &Message,
+    req_len: usize,
+    from: SocketAddr,
+    options: &ServerOptions,
+) -> Vec<u8> {
+    let mut w = MessageWriter::new(
+        Class::SuccessResponse,
+        stun::METHOD_BINDING,
+        req.transaction_id,
+    );
+    w.xor_mapped_address(from);
+    let address_len = if from.is_ipv4() { 12 } else { 24 };
+    let fingerprint_len = if req.fingerprint { 8 } else { 0 };
+    if let Some(s) = &options.software {
+        let software_len = 4 + s.len().div_ceil(4) * 4;
+        if 20 + address_len + software_len + fingerprint_len <= req_len {
+            w.software(s);
+        }
+    }
+    if req.fingerprint {
+        w.finish_with_fingerprint()
+    } else {
+        w.finish()
+    }
+}
+
+/// Answers a source IP may get per second over UDP. Agents probe a few
+/// times per netcheck; a hundred of them behind one NAT restarting at
+/// once still fit in the burst.
+pub const RATE_PER_IP: f64 = 100.0;
+/// Answers a source IP may get at once.
+pub const BURST_PER_IP: f64 = 200.0;
+/// Source IPs tracked at once; past this the table starts over (each
+/// address then gets at most one more burst, which reflects nothing much).
+pub const MAX_TRACKED_IPS: usize = 65_536;
+
+/// Per-source-IP token buckets. Sans-IO: the caller passes the time.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// Whether `ip` may get an answer at `now`; takes a token if so.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_TRACKED_IPS && !self.buckets.contains_key(&ip) {
+            self.buckets.clear();
+        }
+        let (tokens, last) = self.buckets.entry(ip).or_insert((BURST_PER_IP, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * RATE_PER_IP;
+        *tokens = (*tokens + refill).min(BURST_PER_IP);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -106,12 +173,18 @@ pub async fn serve(
     let local = socket.local_addr()?;
     tracing::info!(%local, "STUN server listening");
     let mut buf = vec![0u8; stun::MAX_MESSAGE_LEN + 1];
+    let mut limiter = RateLimiter::default();
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) if is_transient(&e) => continue,
             Err(e) => return Err(e),
         };
+        // Before any parsing: a flood costs a table lookup per datagram.
+        if !limiter.allow(from.ip().to_canonical(), Instant::now()) {
+            StunStats::bump(&stats.rate_limited);
+            continue;
+        }
         let reply = match answer(&buf[..n], from, &options) {
             Answer::Success(reply) => {
                 StunStats::bump(&stats.answered);
@@ -240,9 +313,50 @@ mod tests {
             msg.xor_mapped_address,
             Some("203.0.113.7:4242".parse().unwrap())
         );
-        assert_eq!(msg.mapped_address, msg.xor_mapped_address);
+        assert!(msg.fingerprint, "the request had a fingerprint");
+        // No more than needed: the 28-byte request gets 40 bytes, without
+        // MAPPED-ADDRESS or SOFTWARE (which would not fit in its size).
+        assert_eq!(msg.mapped_address, None);
+        assert_eq!(msg.software, None);
+        assert_eq!(reply.len(), 40);
+    }
+
+    #[test]
+    fn a_bare_20_byte_request_gets_32_bytes_and_a_padded_one_more() {
+        let tx = TransactionId([5; 12]);
+        let from: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        let bare = MessageWriter::new(Class::Request, stun::METHOD_BINDING, tx).finish();
+        assert_eq!(bare.len(), 20);
+        let Answer::Success(reply) = answer(&bare, from, &opts()) else {
+            panic!("no answer");
+        };
+        assert_eq!(reply.len(), 32, "amplification capped at 1.6");
+        // A client that sends a SOFTWARE of its own has room for ours.
+        let mut w = MessageWriter::new(Class::Request, stun::METHOD_BINDING, tx);
+        w.software("a client with a longish name");
+        let Answer::Success(reply) = answer(&w.finish_with_fingerprint(), from, &opts()) else {
+            panic!("no answer");
+        };
+        let msg = Message::decode(&reply).unwrap();
         assert_eq!(msg.software.as_deref(), Some("warren-test"));
-        assert!(msg.fingerprint);
+    }
+
+    #[test]
+    fn each_source_ip_gets_a_bounded_rate_of_answers() {
+        let mut l = RateLimiter::default();
+        let t0 = Instant::now();
+        let victim: IpAddr = "192.0.2.50".parse().unwrap();
+        let answered = (0..10_000).filter(|_| l.allow(victim, t0)).count();
+        assert_eq!(
+            answered as f64, BURST_PER_IP,
+            "a spoofed flood gets one burst"
+        );
+        // Another source is not affected.
+        assert!(l.allow("192.0.2.51".parse().unwrap(), t0));
+        // A second later the rate's worth is back, no more.
+        let t1 = t0 + Duration::from_secs(1);
+        let later = (0..10_000).filter(|_| l.allow(victim, t1)).count();
+        assert_eq!(later as f64, RATE_PER_IP);
     }
 
     #[test]

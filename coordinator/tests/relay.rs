@@ -318,6 +318,37 @@ async fn connections_per_node_are_limited() {
 }
 
 #[tokio::test]
+async fn one_address_holds_a_bounded_share_of_handshakes_and_a_silent_hello_times_out() {
+    let a = PrivateKey::generate();
+    let mut l = limits();
+    l.max_pending_per_ip = 2;
+    l.hello_timeout = Duration::from_millis(800);
+    l.handshake_timeout = Duration::from_secs(30);
+    let relay = TestRelay::start(false, l, &[a.public()]).await;
+    // Two silent clients from 127.0.0.1 hold that address's two places.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut r = relay.raw().await;
+        assert!(matches!(r.recv(T).await, Some(Frame::ServerHello { .. })));
+        silent.push(r);
+    }
+    // A third from the same address is closed at once, without a hello.
+    let mut third = relay.raw().await;
+    assert_eq!(third.recv(T).await, None);
+    assert_eq!(relay.server.health().refused_busy, 1);
+    // The silent ones lose their places at the hello deadline, long
+    // before the handshake's.
+    let started = std::time::Instant::now();
+    for r in &mut silent {
+        assert_eq!(r.recv(Duration::from_secs(5)).await, None);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Then the address may handshake again.
+    let mut again = relay.raw().await;
+    assert_eq!(again.hello(&a, a.public()).await, Some(Frame::Accepted));
+}
+
+#[tokio::test]
 async fn handshake_deadline_and_oversized_frames_close_the_connection() {
     let a = PrivateKey::generate();
     let mut l = limits();

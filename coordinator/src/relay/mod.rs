@@ -65,6 +65,12 @@ pub struct RelayLimits {
     /// Connections allowed in the handshake at once; more are closed at
     /// once, so unauthenticated sockets cannot pile up.
     pub max_pending_handshakes: usize,
+    /// Of those, from one source address: one host cannot take them all.
+    pub max_pending_per_ip: usize,
+    /// The client's hello (its key and proof) must arrive within this of
+    /// our hello: a client that holds a slot without speaking loses it
+    /// well before `handshake_timeout`.
+    pub hello_timeout: Duration,
     /// A client silent for this long is dropped (clients ping every 25 s).
     pub idle_timeout: Duration,
     /// A write that makes no progress for this long ends the connection.
@@ -79,6 +85,8 @@ impl Default for RelayLimits {
             max_conns_per_node: 4,
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
+            max_pending_per_ip: 32,
+            hello_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(90),
             write_timeout: Duration::from_secs(10),
             queue: QueueLimits::default(),
@@ -121,7 +129,7 @@ impl RelayServer {
 
     /// Serves one already-established byte stream (for callers with their
     /// own listener, and for tests).
-    pub async fn serve_stream(&self, io: Box<dyn session::Io>, peer: String) {
+    pub async fn serve_stream(&self, io: Box<dyn session::Io>, peer: Option<SocketAddr>) {
         let (rx, tx) = session::from_stream(io);
         session::run(self.hub.clone(), rx, tx, peer).await;
     }
@@ -179,7 +187,7 @@ async fn upgrade(State(relay): State<RelayServer>, mut req: Request) -> Response
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(up) => relay.serve_stream(Box::new(TokioIo::new(up)), peer).await,
-            Err(e) => debug!(%peer, "relay upgrade failed: {e}"),
+            Err(e) => debug!(?peer, "relay upgrade failed: {e}"),
         }
     });
     let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -209,14 +217,10 @@ async fn metrics(State(relay): State<RelayServer>) -> Json<RelayHealth> {
 }
 
 /// The client's address, if the listener recorded it.
-fn peer_of(req: &Request) -> String {
-    req.extensions()
-        .get::<PeerAddr>()
-        .map(|p| p.0.to_string())
-        .unwrap_or_else(|| "unknown".into())
+fn peer_of(req: &Request) -> Option<SocketAddr> {
+    req.extensions().get::<PeerAddr>().map(|p| p.0)
 }
 
-/// How long a client has for the TLS handshake and its HTTP request.
 /// Everything `warren-coordinator relay` needs.
 #[derive(Clone)]
 pub struct StandaloneConfig {

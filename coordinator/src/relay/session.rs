@@ -20,6 +20,7 @@
 //! paths share every rule about handshakes, limits and queues.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -43,15 +44,23 @@ const HELLO_LEN: usize = 1 + 32 + 32;
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// Serves one client from hello to close.
-pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: String) {
+pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, addr: Option<SocketAddr>) {
+    let peer = addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     // Until the client has proven its key, only a hello fits.
     let mut dec = FrameDecoder::new(HELLO_LEN);
     let Ok(permit) = hub.pending.try_acquire() else {
         Metrics::inc(&hub.metrics.refused_busy);
         return refuse(&hub, tx, None).await;
     };
+    // One address holds a bounded share of the handshake places.
+    let Some(slot) = PendingSlot::take(&hub, addr) else {
+        drop(permit);
+        Metrics::inc(&hub.metrics.refused_busy);
+        return refuse(&hub, tx, None).await;
+    };
     let deadline = Instant::now() + hub.limits.handshake_timeout;
     let handshook = timeout_at(deadline, handshake(&hub, &mut rx, &mut tx, &mut dec)).await;
+    drop(slot);
     drop(permit);
     let key = match handshook {
         Ok(Ok(key)) => key,
@@ -99,6 +108,33 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, peer: Str
     .await;
 }
 
+/// A source address's place in the handshake, given back when dropped
+/// (also when the task is cancelled mid-handshake).
+struct PendingSlot<'a> {
+    hub: &'a Hub,
+    ip: Option<IpAddr>,
+}
+
+impl<'a> PendingSlot<'a> {
+    fn take(hub: &'a Hub, addr: Option<SocketAddr>) -> Option<Self> {
+        let ip = addr.map(|a| a.ip().to_canonical());
+        if let Some(ip) = ip {
+            if !hub.take_pending(ip) {
+                return None;
+            }
+        }
+        Some(PendingSlot { hub, ip })
+    }
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.hub.release_pending(ip);
+        }
+    }
+}
+
 /// Tells the client why (if there is a reason to give) and closes, never
 /// waiting longer than the write timeout on a client that does not read.
 async fn refuse(hub: &Hub, mut tx: TxHalf, reason: Option<RefuseReason>) {
@@ -124,18 +160,30 @@ async fn handshake(
         challenge,
     };
     tx.write(hello.to_bytes()).await.map_err(|_| None)?;
-    let frame = loop {
-        match dec.next_frame() {
-            Ok(Some(f)) => break f,
-            Ok(None) => {}
-            Err(_) => {
-                Metrics::inc(&hub.metrics.drop_bad_frame);
-                return Err(None);
+    let read_hello = async {
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(_) => {
+                    Metrics::inc(&hub.metrics.drop_bad_frame);
+                    return Err(None);
+                }
+            }
+            match rx.read_into(dec).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
             }
         }
-        match rx.read_into(dec).await {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(_) => {}
+    };
+    // The client's hello is one small frame: a client that stays silent
+    // gives its place back after `hello_timeout`, not the whole handshake
+    // deadline.
+    let frame = match timeout(hub.limits.hello_timeout, read_hello).await {
+        Ok(r) => r?,
+        Err(_) => {
+            Metrics::inc(&hub.metrics.handshake_timeouts);
+            return Err(None);
         }
     };
     let Frame::ClientHello {

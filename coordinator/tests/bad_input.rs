@@ -209,6 +209,30 @@ async fn bad_requests_are_refused_and_change_nothing() {
             .await,
         ErrorCode::BadRequest,
     );
+    // Candidates that would aim every peer at this host, a link, a group
+    // or the overlay, and a NAT "mapping" at loopback.
+    for bad in [
+        r#"{"endpoints":[{"addr":"127.0.0.1:22","kind":"host"}]}"#,
+        r#"{"endpoints":[{"addr":"[fe80::1]:41641","kind":"host"}]}"#,
+        r#"{"endpoints":[{"addr":"224.0.0.251:5353","kind":"srflx"}]}"#,
+        r#"{"endpoints":[{"addr":"100.64.0.1:41641","kind":"host"}]}"#,
+        r#"{"endpoints":[{"addr":"192.0.2.1:0","kind":"host"}]}"#,
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain([format!(
+        r#"{{"endpoints":[],"nat":{}}}"#,
+        serde_json::to_string(&warren::traversal::NatSummary {
+            observed: Some("127.0.0.1:9".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap()
+    )]) {
+        refused(
+            raw.signed("POST", "/endpoints", bad.as_bytes()).await,
+            ErrorCode::BadRequest,
+        );
+    }
     let many: Vec<String> = (0..65)
         .map(|i| format!(r#"{{"addr":"192.0.2.1:{}","kind":"host"}}"#, i + 1))
         .collect();

@@ -224,6 +224,40 @@ impl Message {
     }
 }
 
+/// Whether `ip` can be a candidate a peer is asked to send to: not this
+/// machine (loopback, unspecified), not a link (link-local), not a group
+/// (multicast, broadcast), and not inside the overlay's own ranges
+/// (100.64.0.0/10 and ULAs, which route into the tunnel). The same rule
+/// serves three places: the host addresses an agent publishes, what the
+/// coordinator accepts in a report, and what a peer will probe or dial
+/// from a map or a `CallMeMaybe` (a joined node is not trusted to point
+/// its peers at arbitrary hosts; README, "Security model").
+pub fn is_candidate_ip(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            let overlay = o[0] == 100 && (64..128).contains(&o[1]);
+            !(a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || overlay)
+        }
+        IpAddr::V6(a) => {
+            let seg = a.segments();
+            let link_local = seg[0] & 0xffc0 == 0xfe80;
+            let ula = seg[0] & 0xfe00 == 0xfc00;
+            !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || link_local || ula)
+        }
+    }
+}
+
+/// [`is_candidate_ip`], and a port other than 0.
+pub fn is_candidate_addr(addr: SocketAddr) -> bool {
+    addr.port() != 0 && is_candidate_ip(addr.ip())
+}
+
 /// Cheap first-byte test used by the socket demultiplexer.
 pub fn looks_like_disco(packet: &[u8]) -> bool {
     packet.starts_with(&MAGIC)

@@ -209,3 +209,30 @@ fn check_does_not_record() {
     w.accept(3).unwrap();
     assert!(w.check(3).is_err());
 }
+
+#[test]
+fn local_group_and_overlay_addresses_are_not_candidates() {
+    use std::net::IpAddr;
+    for bad in [
+        "127.0.0.1",
+        "100.64.0.7",
+        "169.254.1.1",
+        "0.0.0.0",
+        "224.0.0.251",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "ff02::1",
+        "fe80::1",
+        "fd7a::1",
+        "::ffff:127.0.0.1",
+    ] {
+        let ip: IpAddr = bad.parse().unwrap();
+        assert!(!is_candidate_ip(ip), "{bad}");
+    }
+    for good in ["11.11.0.2", "10.1.0.2", "192.168.1.5", "2001:db8::5"] {
+        assert!(is_candidate_ip(good.parse().unwrap()), "{good}");
+    }
+    assert!(!is_candidate_addr("11.11.0.2:0".parse().unwrap()));
+    assert!(is_candidate_addr("11.11.0.2:41641".parse().unwrap()));
+}

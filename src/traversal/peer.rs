@@ -34,7 +34,9 @@ use super::timers::{Timer, Timers};
 use super::{ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, TimerReason};
 pub use super::{PeerStats, Rejected};
 use crate::keys::NodeKey;
-use crate::proto::disco::{Candidate, CandidateKind, Message, Transport, MAX_CANDIDATES};
+use crate::proto::disco::{
+    is_candidate_addr, Candidate, CandidateKind, Message, Transport, MAX_CANDIDATES,
+};
 
 /// What to send. `CallMeMaybe` carries no endpoints here: the node fills in
 /// this host's candidates when it seals the message, because only the node
@@ -176,7 +178,10 @@ impl PeerPaths {
     pub fn handle_candidates(&mut self, now: Instant, candidates: Vec<Candidate>) {
         let mut fresh: Vec<Candidate> = Vec::new();
         for c in candidates {
-            if c.transport == Transport::Udp && !fresh.iter().any(|f| f.addr == c.addr) {
+            if c.transport == Transport::Udp
+                && is_candidate_addr(c.addr)
+                && !fresh.iter().any(|f| f.addr == c.addr)
+            {
                 fresh.push(c);
             }
         }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{Birthday, Payload, PeerPaths, Timer, Transmit};
-use crate::proto::disco::{Candidate, CandidateKind, Transport, MAX_CANDIDATES};
+use crate::proto::disco::{is_candidate_addr, Candidate, CandidateKind, Transport, MAX_CANDIDATES};
 use crate::traversal::hardnat::{self, BirthdayProber, Strategy};
 use crate::traversal::{DirectPath, Event, NatSummary, Path, RelayReason, SocketId};
 
@@ -64,6 +64,7 @@ impl PeerPaths {
         }
         for c in endpoints {
             if c.transport != Transport::Udp
+                || !is_candidate_addr(c.addr)
                 || self.candidates.iter().any(|k| k.addr == c.addr)
                 || self.candidates.len() >= MAX_CANDIDATES
             {

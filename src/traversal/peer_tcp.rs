@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::{Path, Payload, PeerPaths, Pending, Rejected, Transmit};
-use crate::proto::disco::{Candidate, Message, Transport, MAX_CANDIDATES};
+use crate::proto::disco::{is_candidate_addr, Candidate, Message, Transport, MAX_CANDIDATES};
 use crate::traversal::{ChangeReason, Event, RelayReason};
 
 /// One stream to the peer, as the driver reported it.
@@ -119,7 +119,12 @@ impl PeerPaths {
     /// The peer's TCP candidates, if its CallMeMaybe carries any.
     pub(super) fn tcp_candidates(&mut self, now: Instant, endpoints: &[Candidate]) {
         let mut remote: Vec<SocketAddr> = Vec::new();
-        for c in endpoints.iter().filter(|c| c.transport == Transport::Tcp) {
+        // Never a dial to this host, a link or the overlay (see
+        // `is_candidate_addr`), whatever a CallMeMaybe says.
+        for c in endpoints
+            .iter()
+            .filter(|c| c.transport == Transport::Tcp && is_candidate_addr(c.addr))
+        {
             if !remote.contains(&c.addr) && remote.len() < MAX_CANDIDATES {
                 remote.push(c.addr);
             }

@@ -453,3 +453,59 @@ fn new_addresses_while_direct_are_probed_at_once() {
     m.handle_timeout(t3);
     ping_to(&drain(&mut m), v6);
 }
+
+#[test]
+fn a_call_me_maybe_cannot_aim_probes_or_dials_at_local_or_group_addresses() {
+    let t0 = Instant::now();
+    let (mut m, _) = started(t0);
+    m.set_tcp_local(t0, true, false);
+    let bad = [
+        "127.0.0.1:22",
+        "[::1]:22",
+        "169.254.169.254:80",
+        "224.0.0.251:5353",
+        "100.64.0.9:41641",
+        "0.0.0.0:41641",
+        "192.0.2.9:0",
+    ];
+    let mut endpoints: Vec<Candidate> = bad
+        .iter()
+        .map(|a| Candidate::udp(addr(a), CandidateKind::Host))
+        .collect();
+    endpoints.extend(bad.iter().map(|a| Candidate {
+        transport: Transport::Tcp,
+        ..Candidate::udp(addr(a), CandidateKind::Host)
+    }));
+    m.handle_disco(t0, Path::Relay, Message::CallMeMaybe { endpoints })
+        .unwrap();
+    for t in 0..20 {
+        m.handle_timeout(t0 + Duration::from_millis(250 * t));
+        for tx in drain(&mut m) {
+            if let Path::Direct(p) = tx.path {
+                assert!(
+                    !bad.contains(&p.addr.to_string().as_str()),
+                    "pinged {}",
+                    p.addr
+                );
+            }
+            if let Path::Tcp(a) = tx.path {
+                assert!(!bad.contains(&a.to_string().as_str()), "TCP to {a}");
+            }
+        }
+        while let Some(ev) = m.poll_event() {
+            if let Event::TcpConnect { targets, .. } = &ev {
+                for a in targets {
+                    assert!(!bad.contains(&a.to_string().as_str()), "dialled {a}");
+                }
+            }
+        }
+    }
+    // The map cannot do it either.
+    m.handle_candidates(
+        t0,
+        bad.iter()
+            .map(|a| Candidate::udp(addr(a), CandidateKind::Host))
+            .collect(),
+    );
+    assert!(m.candidates.is_empty(), "{:?}", m.candidates);
+}

@@ -208,6 +208,25 @@ async fn endpoints(
             format!("more than {MAX_ENDPOINTS} endpoints"),
         ));
     }
+    // Every peer probes (and may dial) these: a node must not point them
+    // at this host, a link, a multicast group or the overlay itself, nor
+    // claim such a NAT mapping (README, "Security model").
+    let claimed = report
+        .endpoints
+        .iter()
+        .map(|e| e.addr)
+        .chain(report.nat.observed);
+    for addr in claimed {
+        if !warren::proto::disco::is_candidate_addr(addr) {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{addr} cannot be a candidate: loopback, link-local, multicast, \
+                     unspecified, port 0 or an overlay address"
+                ),
+            ));
+        }
+    }
     // Peers dial a node's home region to reach it: a region the map does
     // not have would leave them nowhere to go.
     if let Some(id) = report.home_relay {

@@ -133,7 +133,7 @@ pub fn host_endpoints(port: u16) -> Vec<Endpoint> {
             } else {
                 IpAddr::V6(sa.as_sockaddr_in6()?.ip())
             };
-            usable(ip).then_some(Endpoint {
+            crate::proto::disco::is_candidate_ip(ip).then_some(Endpoint {
                 addr: SocketAddr::new(ip, port),
                 kind: EndpointKind::Host,
             })
@@ -142,22 +142,6 @@ pub fn host_endpoints(port: u16) -> Vec<Endpoint> {
     out.sort_by_key(|e| e.addr);
     out.dedup();
     out
-}
-
-fn usable(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            let cgnat_overlay = o[0] == 100 && (64..128).contains(&o[1]);
-            !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || cgnat_overlay)
-        }
-        IpAddr::V6(a) => {
-            let seg = a.segments();
-            let link_local = seg[0] & 0xffc0 == 0xfe80;
-            let ula = seg[0] & 0xfe00 == 0xfc00;
-            !(a.is_loopback() || a.is_unspecified() || link_local || ula)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -185,22 +169,5 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         Login::remove(dir.path());
         assert_eq!(Login::load(dir.path()), None);
-    }
-
-    #[test]
-    fn overlay_and_local_addresses_are_not_candidates() {
-        for bad in [
-            "127.0.0.1",
-            "100.64.0.7",
-            "169.254.1.1",
-            "::1",
-            "fe80::1",
-            "fd7a::1",
-        ] {
-            assert!(!usable(bad.parse().unwrap()), "{bad}");
-        }
-        for good in ["11.11.0.2", "10.1.0.2", "192.168.1.5", "2001:db8::5"] {
-            assert!(usable(good.parse().unwrap()), "{good}");
-        }
     }
 }

@@ -27,6 +27,11 @@ pub struct Login {
     /// has the daemon open the path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// The network's IPv6 /48, pinned at the first join: later maps may
+    /// not move this node or its peers out of it
+    /// ([`crate::control::bounds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ula: Option<ipnet::Ipv6Net>,
     /// The tags this node advertises, sorted (see [`crate::control::types::validate_tag`]).
     #[serde(default)]
     pub tags: Vec<String>,
@@ -156,6 +161,7 @@ mod tests {
             hostname: "a".into(),
             ca_file: None,
             ca_pem: None,
+            ula: None,
             tags: vec!["tag:db".into()],
             stopped: true,
         };

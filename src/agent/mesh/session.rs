@@ -8,7 +8,7 @@
 //! coordinator is down — and re-registers in the background to publish the
 //! new disco key, retrying with backoff.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -18,6 +18,7 @@ use super::login::Login;
 use super::Mesh;
 use crate::api::mesh::{LeaveReply, MeshState, MeshStatus};
 use crate::api::{ApiError, ErrorCode};
+use crate::control::bounds;
 use crate::control::client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
 use crate::control::types::{EndpointsReport, Peer as MapPeer};
 use crate::dataplane::PeerSpec;
@@ -177,7 +178,7 @@ impl Mesh {
 
     pub(super) fn on_registered(&mut self, reg: Registration) {
         tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
-        self.set_addresses(reg.ipv4.into(), reg.ipv6.into());
+        self.set_addresses(reg.ipv4, reg.ipv6);
         if let Some(s) = self.session.as_mut() {
             s.name = Some(reg.name.clone());
         }
@@ -257,7 +258,7 @@ impl Mesh {
         match ev {
             MapEvent::Full { map, from_cache } => {
                 tracing::info!(peers = map.peers.len(), from_cache, "network map");
-                self.set_addresses(map.self_node.ipv4.into(), map.self_node.ipv6.into());
+                self.set_addresses(map.self_node.ipv4, map.self_node.ipv6);
                 if let Some(s) = self.session.as_mut() {
                     s.name = Some(map.self_node.name.clone());
                     s.map_received |= !from_cache;
@@ -282,7 +283,7 @@ impl Mesh {
                 self.remove_peer(now, &k);
             }
             MapEvent::SelfChanged(me) => {
-                self.set_addresses(me.ipv4.into(), me.ipv6.into());
+                self.set_addresses(me.ipv4, me.ipv6);
                 if let Some(s) = self.session.as_mut() {
                     s.name = Some(me.name);
                 }
@@ -316,6 +317,15 @@ impl Mesh {
         if p.key == self.dp.public_key() {
             return;
         }
+        // A peer's addresses become its allowed IPs: only overlay ones.
+        let pinned = self.session.as_ref().and_then(|s| s.login.ula);
+        if let Err(e) = bounds::check(p.ipv4, p.ipv6, pinned) {
+            tracing::warn!(peer = %p.key.short(), error = %e, "peer ignored: the map gives it an address outside the overlay");
+            if self.map_peers.contains_key(&p.key) {
+                self.remove_peer(now, &p.key);
+            }
+            return;
+        }
         let allowed: Vec<IpNet> = vec![
             IpNet::from(IpAddr::V4(p.ipv4)),
             IpNet::from(IpAddr::V6(p.ipv6)),
@@ -341,24 +351,43 @@ impl Mesh {
         self.direct_since.remove(k);
     }
 
-    fn set_addresses(&mut self, v4: IpAddr, v6: IpAddr) {
-        if let Some(s) = self.session.as_mut() {
-            // Every full map and self change repeats them: one pair of
-            // netlink calls per actual change is enough.
-            if s.addresses == [v4, v6] {
+    /// Installs this node's overlay addresses, if they are inside the
+    /// overlay and the network's pinned /48 (`control::bounds`): a map
+    /// that would put the host's own networks on the tunnel is refused
+    /// and said in `status`.
+    fn set_addresses(&mut self, v4: Ipv4Addr, v6: Ipv6Addr) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        match bounds::check(v4, v6, s.login.ula) {
+            Ok(net) if s.login.ula.is_none() => {
+                s.login.ula = Some(net);
+                if let Err(e) = s.login.save(&self.state_dir) {
+                    tracing::warn!(error = %e, "cannot save the network's prefix");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "refusing the addresses the coordinator assigned");
+                s.last_error = Some(format!("refused the assigned addresses: {e}"));
                 return;
             }
-            s.addresses = vec![v4, v6];
         }
+        let addresses = [IpAddr::V4(v4), IpAddr::V6(v6)];
+        // Every full map and self change repeats them: one pair of netlink
+        // calls per actual change is enough.
+        if s.addresses == addresses {
+            return;
+        }
+        s.addresses = addresses.to_vec();
         // The whole overlay range is routed to the device: /10 and /48.
-        for (ip, prefix) in [(v4, 10u8), (v6, 48u8)] {
-            let res = match ip {
-                IpAddr::V4(a) => self.tun.add_address_v4(a, prefix),
-                IpAddr::V6(a) => self.tun.add_address_v6(a, prefix),
-            };
+        for res in [
+            self.tun.add_address_v4(v4, 10),
+            self.tun.add_address_v6(v6, 48),
+        ] {
             if let Err(e) = res {
                 // EEXIST on re-join is expected.
-                tracing::debug!(%ip, error = %e, "adding overlay address");
+                tracing::debug!(error = %e, "adding overlay address");
             }
         }
     }

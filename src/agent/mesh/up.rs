@@ -106,6 +106,10 @@ fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> 
         .coordinator
         .clone()
         .or_else(|| current.map(|c| c.coordinator.clone()))?;
+    // Another coordinator is another network, with its own /48.
+    let ula = current
+        .filter(|c| c.coordinator == coordinator)
+        .and_then(|c| c.ula);
     Some(Login {
         coordinator,
         hostname: args
@@ -123,6 +127,7 @@ fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> 
             Some(_) => args.ca_pem.clone(),
             None => current.and_then(|c| c.ca_pem.clone()),
         },
+        ula,
         tags: tags
             .or_else(|| current.map(|c| c.tags.clone()))
             .unwrap_or_default(),
@@ -297,6 +302,7 @@ mod tests {
             hostname: "web1".into(),
             ca_file: None,
             ca_pem: None,
+            ula: None,
             tags: vec!["tag:web".into()],
             stopped: false,
         }

@@ -1,15 +1,34 @@
 //! The agent's tokio driver: the TUN device, the UDP socket, and the tasks
 //! that move packets between them.
 //!
-//! The packet tasks: one outbound reader per TUN queue (TUN → peers, 1–4
-//! queues), the inbound reader of the UDP socket (network → TUN), and the
-//! timers task (WireGuard's rekey/keepalive clock, the handshake rate
-//! limiter, and a periodic summary of dropped packets); beside them runs the
-//! mesh task ([`mesh`]) with its own sub-tasks. The packet tasks run on
-//! different runtime workers, so sealing and opening use two cores. The
-//! whole list, with the channels and locks, is in docs/architecture.md,
-//! "The tokio driver". Shutting down aborts the tasks and drops the device, which
-//! removes the TUN interface: nothing is left behind.
+//! Tasks, and why each exists (the full tables, with the counts of every
+//! spawn site, are in docs/architecture.md, "The tokio driver"):
+//! - one outbound reader per TUN queue (1–4): TUN → route → seal → send;
+//!   several queues spread flows over the cores;
+//! - one inbound reader of the UDP socket: open → TUN, and everything that
+//!   is not WireGuard to the mesh task;
+//! - `timers`: boringtun's `Tunn` keeps its own clock and needs
+//!   `update_timers` every 250 ms (the seam the core does not yet own),
+//!   the handshake rate limiter's reset, the drop summary;
+//! - the mesh task ([`mesh`]), which owns everything that is not a data
+//!   packet, with its sub-tasks: the map stream, relay drivers, the port
+//!   mapper, TCP streams, background control requests, birthday sockets.
+//!
+//! Channels (bounded, each because a producer must never wait on the mesh
+//! task's loop, or the reverse): side datagrams (UDP reader → mesh, 1024,
+//! dropped when full), extra-socket datagrams (256), TCP frames (1024),
+//! relay frames (1024), API calls (8, answered on a oneshot), map events
+//! (256), per-stream writer queues (1024), relay client queues.
+//!
+//! Locks: none on the packet path but the per-peer `Tunn` mutex (held for
+//! one seal or open, never across a system call); the peer set, the egress
+//! tables and the relay routes are `ArcSwap`s the packet tasks load without
+//! locking; the status view is one `std` mutex, written by the mesh task
+//! after a change and read by `status`.
+//!
+//! The packet tasks run on different runtime workers, so sealing and
+//! opening use two cores. Shutting down aborts the tasks and drops the
+//! device, which removes the TUN interface: nothing is left behind.
 
 mod egress;
 mod inbound;

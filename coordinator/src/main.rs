@@ -32,8 +32,23 @@ struct Cli {
     )]
     data_dir: PathBuf,
     /// A postgres:// URL to use PostgreSQL (shared by replicas) instead of SQLite.
-    #[arg(long, global = true, env = "WARREN_COORDINATOR_DATABASE")]
+    /// It may hold a password: prefer --database-file, which keeps it out
+    /// of the process list and of /etc/default.
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_COORDINATOR_DATABASE",
+        conflicts_with = "database_file"
+    )]
     database: Option<String>,
+    /// A file holding the database URL (one line; keep it mode 0600 or 0640).
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_COORDINATOR_DATABASE_FILE",
+        value_name = "FILE"
+    )]
+    database_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -219,7 +234,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(file) = &cli.database_file {
+        let url = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the database URL from {}", file.display()))?;
+        let url = url.trim();
+        anyhow::ensure!(!url.is_empty(), "{} holds no database URL", file.display());
+        cli.database = Some(url.to_owned());
+    }
     let cli = match cli.cmd {
         Cmd::Serve(args) => return serve(args, cli.data_dir, cli.database).await,
         Cmd::Relay(args) => return relay(args, cli.data_dir).await,

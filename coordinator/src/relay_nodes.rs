@@ -22,7 +22,7 @@
 //! events were lost (or this stream lagged behind it), the stream sends a
 //! fresh snapshot, which the relay treats as a replacement.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -40,7 +40,9 @@ use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 use warren::control::ErrorCode;
 use warren::keys::NodeKey;
-use warren::proto::relay::auth::{verify_auth_header, NodesEvent, KEEPALIVE_SECS, NODES_PATH};
+use warren::proto::relay::auth::{
+    verify_auth_header, NodesEvent, AUTH_MAX_SKEW_SECS, KEEPALIVE_SECS, NODES_PATH, NONCE_LEN,
+};
 
 use crate::api::{unix_now, ApiError};
 use crate::hub::{Hub, HubEvent};
@@ -141,6 +143,9 @@ impl Admission for StoreAdmission {
 struct FeedState {
     hub: Hub,
     secret: Arc<Vec<u8>>,
+    /// Header nonces seen within the skew window, with their time: a
+    /// captured header is good for one feed, not for a minute of them.
+    seen: Arc<std::sync::Mutex<HashMap<[u8; NONCE_LEN], u64>>>,
 }
 
 /// The node feed's route, authenticated with `secret`. Mounted only when
@@ -151,6 +156,7 @@ pub fn feed_router(hub: Hub, secret: Vec<u8>) -> Router {
         .with_state(FeedState {
             hub,
             secret: Arc::new(secret),
+            seen: Arc::default(),
         })
 }
 
@@ -166,10 +172,24 @@ async fn feed(State(st): State<FeedState>, headers: HeaderMap) -> Result<Respons
                 "missing Authorization: WarrenRelay header",
             )
         })?;
-    let relay = verify_auth_header(&st.secret, value, unix_now()).map_err(|e| {
+    let now = unix_now();
+    let creds = verify_auth_header(&st.secret, value, now).map_err(|e| {
         tracing::info!(error = %e, "relay node feed: refused credentials");
         ApiError::new(ErrorCode::Unauthenticated, e.to_string())
     })?;
+    {
+        let mut seen = st.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // Older than the window both ways: refused for skew anyway.
+        seen.retain(|_, ts| now.abs_diff(*ts) <= AUTH_MAX_SKEW_SECS);
+        if seen.insert(creds.nonce, creds.ts).is_some() {
+            tracing::info!(relay = %creds.relay.short(), "relay node feed: replayed header refused");
+            return Err(ApiError::new(
+                ErrorCode::Replayed,
+                "this Authorization header was already used",
+            ));
+        }
+    }
+    let relay = creds.relay;
     let events = st.hub.subscribe();
     let (lines, rx) = mpsc::channel::<Line>(64);
     let span = tracing::info_span!("relay_feed", relay = %relay.short());

@@ -328,9 +328,10 @@ async fn node_feed_refuses_bad_credentials_and_streams_a_snapshot() {
         assert!(!body.message.is_empty());
     }
 
+    let header = auth_header(SECRET, &relay_key, unix_now());
     let resp = http
         .get(&feed)
-        .header("authorization", auth_header(SECRET, &relay_key, unix_now()))
+        .header("authorization", &header)
         .send()
         .await
         .unwrap();
@@ -339,6 +340,17 @@ async fn node_feed_refuses_bad_credentials_and_streams_a_snapshot() {
         resp.headers()["content-type"].to_str().unwrap(),
         "application/x-ndjson"
     );
+    // The same header again, within its minute: a replay, refused.
+    let replay = http
+        .get(&feed)
+        .header("authorization", &header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 401);
+    let body: warren::control::ErrorBody =
+        serde_json::from_slice(&replay.bytes().await.unwrap()).unwrap();
+    assert_eq!(body.code, warren::control::ErrorCode::Replayed);
     let mut feed = FeedReader {
         resp,
         buf: Vec::new(),

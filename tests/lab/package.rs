@@ -211,7 +211,8 @@ fn install_remove_purge() {
     assert_eq!(mode("/var/lib/warren-coordinator"), 0o700);
     assert!(unit_path("warren-coordinator.service").is_some());
     assert!(Path::new(WANTS).join("warren-coordinator.service").exists());
-    assert!(Path::new("/etc/default/warren-coordinator").exists());
+    // SERVE_ARGS may hold a database password: not world-readable.
+    assert_eq!(mode("/etc/default/warren-coordinator"), 0o640);
     let out = run(&["/usr/bin/warren-coordinator", "--version"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")),

@@ -129,7 +129,10 @@ pub const AUTH_MAX_SKEW_SECS: u64 = 60;
 /// silence of three intervals as a dead feed and reconnects.
 pub const KEEPALIVE_SECS: u64 = 15;
 
-const AUTH_LABEL: &str = "warren-relay-nodes-v1";
+// v2 binds a nonce: a captured header no longer replays for its minute.
+const AUTH_LABEL: &str = "warren-relay-nodes-v2";
+/// Bytes of the header's nonce.
+pub const NONCE_LEN: usize = 16;
 
 /// One line of the node feed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,33 +164,62 @@ pub enum NodesAuthError {
     Mismatch,
 }
 
-fn mac(secret: &[u8], relay_key: &NodeKey, ts: u64) -> Hmac<Sha256> {
+/// A header that verified: whose it is, and the nonce and time the
+/// coordinator must remember (for [`AUTH_MAX_SKEW_SECS`] each way) to
+/// refuse a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedCredentials {
+    pub relay: NodeKey,
+    pub nonce: [u8; NONCE_LEN],
+    pub ts: u64,
+}
+
+fn mac(secret: &[u8], relay_key: &NodeKey, ts: u64, nonce: &[u8]) -> Hmac<Sha256> {
     // HMAC takes keys of any length, so this never falls back.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret)
         .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
-    m.update(format!("{AUTH_LABEL}\n{relay_key}\n{ts}").as_bytes());
+    m.update(format!("{AUTH_LABEL}\n{relay_key}\n{ts}\n").as_bytes());
+    m.update(nonce);
     m
 }
 
-/// The `Authorization` header value a relay sends at `now_unix`.
+/// The `Authorization` header value a relay sends at `now_unix`, with a
+/// fresh random nonce.
 pub fn auth_header(secret: &[u8], relay_key: &NodeKey, now_unix: u64) -> String {
-    let tag = mac(secret, relay_key, now_unix).finalize().into_bytes();
+    use rand::RngCore;
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    auth_header_with(secret, relay_key, now_unix, &nonce)
+}
+
+/// [`auth_header`] with the nonce given (tests).
+pub fn auth_header_with(
+    secret: &[u8],
+    relay_key: &NodeKey,
+    now_unix: u64,
+    nonce: &[u8; NONCE_LEN],
+) -> String {
+    let tag = mac(secret, relay_key, now_unix, nonce)
+        .finalize()
+        .into_bytes();
     format!(
-        "WarrenRelay key={relay_key}, ts={now_unix}, mac={}",
+        "WarrenRelay key={relay_key}, ts={now_unix}, nonce={}, mac={}",
+        STANDARD.encode(nonce),
         STANDARD.encode(tag)
     )
 }
 
-/// The coordinator's check of a relay's header. Returns the relay's key.
+/// The coordinator's check of a relay's header (the caller refuses a
+/// nonce it has seen).
 pub fn verify_auth_header(
     secret: &[u8],
     header: &str,
     now_unix: u64,
-) -> Result<NodeKey, NodesAuthError> {
+) -> Result<FeedCredentials, NodesAuthError> {
     let rest = header
         .strip_prefix("WarrenRelay ")
         .ok_or(NodesAuthError::Malformed("scheme"))?;
-    let (mut key, mut ts, mut tag) = (None, None, None);
+    let (mut key, mut ts, mut tag, mut nonce) = (None, None, None, None);
     for part in rest.split(',') {
         let (k, v) = part
             .trim()
@@ -198,6 +230,7 @@ pub fn verify_auth_header(
             "key" => key = Some(v),
             "ts" => ts = Some(v),
             "mac" => tag = Some(v),
+            "nonce" => nonce = Some(v),
             _ => return Err(NodesAuthError::Malformed("unknown parameter")),
         }
     }
@@ -212,14 +245,23 @@ pub fn verify_auth_header(
     let tag = STANDARD
         .decode(tag.ok_or(NodesAuthError::Malformed("mac missing"))?)
         .map_err(|_| NodesAuthError::Malformed("mac"))?;
+    let nonce: [u8; NONCE_LEN] = STANDARD
+        .decode(nonce.ok_or(NodesAuthError::Malformed("nonce missing"))?)
+        .ok()
+        .and_then(|n| n.try_into().ok())
+        .ok_or(NodesAuthError::Malformed("nonce"))?;
     let skew = now_unix.abs_diff(ts);
     if skew > AUTH_MAX_SKEW_SECS {
         return Err(NodesAuthError::Skew(skew));
     }
-    mac(secret, &key, ts)
+    mac(secret, &key, ts, &nonce)
         .verify_slice(&tag)
         .map_err(|_| NodesAuthError::Mismatch)?;
-    Ok(key)
+    Ok(FeedCredentials {
+        relay: key,
+        nonce,
+        ts,
+    })
 }
 
 #[cfg(test)]
@@ -270,7 +312,22 @@ mod tests {
     fn header_round_trips_and_rejects_tampering() {
         let k = PrivateKey::generate().public();
         let h = auth_header(b"s3cret", &k, 1_000_000);
-        assert_eq!(verify_auth_header(b"s3cret", &h, 1_000_030), Ok(k));
+        let ok = verify_auth_header(b"s3cret", &h, 1_000_030).unwrap();
+        assert_eq!((ok.relay, ok.ts), (k, 1_000_000));
+        // Two headers of the same second differ by their nonces.
+        let h2 = auth_header(b"s3cret", &k, 1_000_000);
+        assert_ne!(
+            verify_auth_header(b"s3cret", &h2, 1_000_000).unwrap().nonce,
+            ok.nonce
+        );
+        // The nonce is under the MAC.
+        let fixed = auth_header_with(b"s3cret", &k, 1_000_000, &[7; NONCE_LEN]);
+        let other = STANDARD.encode([8u8; NONCE_LEN]);
+        let swapped = fixed.replace(&STANDARD.encode([7u8; NONCE_LEN]), &other);
+        assert_eq!(
+            verify_auth_header(b"s3cret", &swapped, 1_000_000),
+            Err(NodesAuthError::Mismatch)
+        );
         assert_eq!(
             verify_auth_header(b"other", &h, 1_000_000),
             Err(NodesAuthError::Mismatch)

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod api;
 pub mod hub;
 pub mod listen;
+pub mod ratelimit;
 pub mod relay;
 pub mod relay_map;
 pub mod relay_nodes;

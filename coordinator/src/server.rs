@@ -300,6 +300,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         keepalive: cfg.keepalive,
         live: Arc::default(),
         streams: Default::default(),
+        failures: Arc::new(std::sync::Mutex::new(api::failure_limiter())),
     };
     let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
     let mut app = api::router(state.clone());

@@ -9,7 +9,7 @@
 //! address can be forged, each source IP also gets at most
 //! [`RATE_PER_IP`] answers a second (bursts of [`BURST_PER_IP`]): the server
 //! cannot be used to reflect traffic at a victim in volume. The per-IP
-//! buckets are the only state, bounded to [`MAX_TRACKED_IPS`] entries.
+//! buckets ([`crate::ratelimit`]) are the only state, and bounded.
 //!
 //! To let clients tell endpoint-independent from endpoint-dependent NAT
 //! mappings, run [`serve`] on two sockets (a second port or address): the
@@ -20,14 +20,15 @@
 //! is only the socket loop and the answer policy, kept self-contained so the
 //! coordinator can mount it wherever it wants.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
+
+use crate::ratelimit::RateLimiter;
 use warren::proto::stun::{self, attr, Class, Message, MessageWriter, StunError};
 
 /// How the server answers.
@@ -126,34 +127,6 @@ fn response_to(
 pub const RATE_PER_IP: f64 = 100.0;
 /// Answers a source IP may get at once.
 pub const BURST_PER_IP: f64 = 200.0;
-/// Source IPs tracked at once; past this the table starts over (each
-/// address then gets at most one more burst, which reflects nothing much).
-pub const MAX_TRACKED_IPS: usize = 65_536;
-
-/// Per-source-IP token buckets. Sans-IO: the caller passes the time.
-#[derive(Debug, Default)]
-pub struct RateLimiter {
-    buckets: HashMap<IpAddr, (f64, Instant)>,
-}
-
-impl RateLimiter {
-    /// Whether `ip` may get an answer at `now`; takes a token if so.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if self.buckets.len() >= MAX_TRACKED_IPS && !self.buckets.contains_key(&ip) {
-            self.buckets.clear();
-        }
-        let (tokens, last) = self.buckets.entry(ip).or_insert((BURST_PER_IP, now));
-        let refill = now.saturating_duration_since(*last).as_secs_f64() * RATE_PER_IP;
-        *tokens = (*tokens + refill).min(BURST_PER_IP);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 fn unknown_attribute(tx: stun::TransactionId, unknown: u16) -> Vec<u8> {
     let mut w = MessageWriter::new(Class::ErrorResponse, stun::METHOD_BINDING, tx);
@@ -173,7 +146,7 @@ pub async fn serve(
     let local = socket.local_addr()?;
     tracing::info!(%local, "STUN server listening");
     let mut buf = vec![0u8; stun::MAX_MESSAGE_LEN + 1];
-    let mut limiter = RateLimiter::default();
+    let mut limiter = RateLimiter::new(RATE_PER_IP, BURST_PER_IP);
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -343,9 +316,9 @@ mod tests {
 
     #[test]
     fn each_source_ip_gets_a_bounded_rate_of_answers() {
-        let mut l = RateLimiter::default();
+        let mut l = RateLimiter::new(RATE_PER_IP, BURST_PER_IP);
         let t0 = Instant::now();
-        let victim: IpAddr = "192.0.2.50".parse().unwrap();
+        let victim: std::net::IpAddr = "192.0.2.50".parse().unwrap();
         let answered = (0..10_000).filter(|_| l.allow(victim, t0)).count();
         assert_eq!(
             answered as f64, BURST_PER_IP,

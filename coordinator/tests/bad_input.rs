@@ -454,3 +454,55 @@ async fn a_node_holds_at_most_four_map_streams_and_the_newest_win() {
         );
     }
 }
+
+#[tokio::test]
+async fn self_made_keys_write_nothing_and_an_address_that_keeps_failing_is_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, base, _tok) = common::start_with_token(dir.path(), false).await;
+    let http = reqwest::Client::new();
+    let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
+        &http
+            .get(format!("{base}/key"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let before = common::snapshot(&srv.store).await;
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        // A fresh key each time: any key signs validly.
+        let raw = Raw {
+            http: http.clone(),
+            base: base.clone(),
+            key: PrivateKey::generate(),
+            coord: coord.key,
+        };
+        let (_, body) = raw
+            .signed("POST", "/endpoints", br#"{"endpoints":[]}"#)
+            .await;
+        codes.push(body.map(|b| b.code));
+    }
+    // Not even a nonce was stored for them.
+    assert_eq!(common::snapshot(&srv.store).await, before);
+    let unknown = codes
+        .iter()
+        .filter(|c| **c == Some(ErrorCode::UnknownNode))
+        .count();
+    let cut = codes
+        .iter()
+        .filter(|c| **c == Some(ErrorCode::TooManyRequests))
+        .count();
+    assert_eq!(unknown + cut, 40, "{codes:?}");
+    assert!(
+        (15..=25).contains(&unknown),
+        "the burst is about 20: {codes:?}"
+    );
+    assert!(
+        cut >= 15,
+        "the rest were refused before any work: {codes:?}"
+    );
+}

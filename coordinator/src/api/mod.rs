@@ -48,6 +48,9 @@ pub struct AppState {
     pub live: Arc<Mutex<HashMap<i64, usize>>>,
     /// The map streams' caps per node and per address.
     pub streams: streams::MapStreams,
+    /// Per source IP, the requests it may make that fail authentication
+    /// or name a key the store does not know (`signed.rs`).
+    pub failures: Arc<Mutex<crate::ratelimit::RateLimiter>>,
 }
 
 impl AppState {
@@ -101,6 +104,13 @@ impl IntoResponse for ApiError {
         };
         (status, Json(body)).into_response()
     }
+}
+
+/// Failed signed requests (bad MAC, unknown key) one source IP may make:
+/// a few a second, enough for an agent whose key was just removed to learn
+/// it, too few for a flood of self-made keys to keep the store busy.
+pub fn failure_limiter() -> crate::ratelimit::RateLimiter {
+    crate::ratelimit::RateLimiter::new(5.0, 20.0)
 }
 
 /// The router for the control API.
@@ -172,17 +182,25 @@ async fn register(
         None => None,
     };
     let mut tx = signed.begin(&st).await?;
-    let req = signed.body;
     let input = RegisterInput {
-        token: req.token,
+        token: req.token.clone(),
         node_key: req.node_key,
         disco_key: req.disco_key,
-        hostname: req.hostname,
-        os: req.os,
-        version: req.version,
+        hostname: req.hostname.clone(),
+        os: req.os.clone(),
+        version: req.version.clone(),
         tags,
     };
-    let reg = st.store.register(&mut tx, &input, st.ula).await?;
+    let reg = match st.store.register(&mut tx, &input, st.ula).await {
+        Ok(reg) => reg,
+        Err(e) => {
+            // A wrong token is a guess: it spends the address's budget.
+            if e.code().is_permanent() {
+                signed.failed(&st);
+            }
+            return Err(e.into());
+        }
+    };
     tx.commit().await?;
     st.hub.wake();
     let n = reg.node;

@@ -14,6 +14,9 @@
 //! that every refusal (too large, malformed, unknown field) comes back as
 //! the protocol's typed `{code, message}` instead of axum's plain text.
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use sqlx::{Any, Transaction};
@@ -22,12 +25,15 @@ use warren::control::{EndpointsReport, ErrorCode, RegisterRequest};
 use warren::keys::NodeKey;
 
 use super::{unix_now, unknown_node, ApiError, AppState, MAX_BODY};
+use crate::listen::PeerAddr;
 use crate::store::{NodeRecord, Store};
 
 /// A request whose signature verified, with its body parsed as `T`. Its
 /// nonce is not consumed until [`Signed::begin`].
 pub(crate) struct Signed<T> {
     auth: AuthHeaders,
+    /// The client's address, for its failure budget.
+    ip: Option<IpAddr>,
     pub body: T,
 }
 
@@ -71,6 +77,17 @@ impl<T: SignedBody> FromRequest<AppState> for Signed<T> {
 
     async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
+        // An address that has failed too often lately is refused before
+        // any work: each failure costs an X25519 and maybe a store read.
+        let ip = parts.extensions.get::<PeerAddr>().map(|p| p.0.ip());
+        if let Some(ip) = ip {
+            if !failures(st).has_budget(ip, Instant::now()) {
+                return Err(ApiError::new(
+                    ErrorCode::TooManyRequests,
+                    "too many failed requests from this address; try again in a few seconds",
+                ));
+            }
+        }
         let too_large = || {
             ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -105,14 +122,28 @@ impl<T: SignedBody> FromRequest<AppState> for Signed<T> {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or_else(|| uri.path());
-        auth.verify(&session, parts.method.as_str(), target, unix_now(), &body)
-            .map_err(|e| match e {
+        if let Err(e) = auth.verify(&session, parts.method.as_str(), target, unix_now(), &body) {
+            charge(st, ip);
+            return Err(match e {
                 AuthError::Stale { .. } => ApiError::new(ErrorCode::StaleRequest, e.to_string()),
                 _ => ApiError::new(ErrorCode::BadSignature, e.to_string()),
-            })?;
+            });
+        }
         // Only a request that proved its key gets its body parsed.
         let body = T::parse(&body)?;
-        Ok(Signed { auth, body })
+        Ok(Signed { auth, ip, body })
+    }
+}
+
+fn failures(st: &AppState) -> std::sync::MutexGuard<'_, crate::ratelimit::RateLimiter> {
+    // Single map updates: a poisoned lock still guards a usable table.
+    st.failures.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a failed request against its address's budget.
+fn charge(st: &AppState, ip: Option<IpAddr>) {
+    if let Some(ip) = ip {
+        failures(st).charge(ip, Instant::now());
     }
 }
 
@@ -136,16 +167,26 @@ impl<T> Signed<T> {
         Ok(tx)
     }
 
-    /// [`Signed::begin`], and the registered node that signed; a key the
-    /// store does not know is refused as `unknown_node`.
+    /// The registered node that signed, and then [`Signed::begin`]. The
+    /// node is looked up first, outside the write transaction: a key the
+    /// store does not know (anyone can make one, and sign with it) is
+    /// refused as `unknown_node` without writing anything, not even its
+    /// nonce, and counts against its address's failure budget.
     pub async fn begin_as_node(
         &self,
         st: &AppState,
     ) -> Result<(Transaction<'static, Any>, NodeRecord), ApiError> {
-        let mut tx = self.begin(st).await?;
-        let node = Store::node_by_key_tx(&mut tx, &self.auth.node)
-            .await?
-            .ok_or_else(unknown_node)?;
+        let Some(node) = st.store.node_by_key(&self.auth.node).await? else {
+            charge(st, self.ip);
+            return Err(unknown_node());
+        };
+        let tx = self.begin(st).await?;
         Ok((tx, node))
+    }
+
+    /// Counts this request as failed (a refused token, say) against its
+    /// address's budget.
+    pub fn failed(&self, st: &AppState) {
+        charge(st, self.ip);
     }
 }

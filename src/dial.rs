@@ -169,9 +169,14 @@ pub async fn connect_stream(
 
 /// The platform-independent default: Mozilla's roots (webpki-roots), ring.
 pub fn default_tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
-    let roots = rustls::RootCertStore {
+    client_config(rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
+    })
+}
+
+/// A client configuration trusting `roots`, with ring (the one provider
+/// every binary installs).
+fn client_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, DialError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -194,13 +199,7 @@ pub fn tls_config_with_ca(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, DialE
     if roots.is_empty() {
         return Err(DialError::NoCaCert);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(DialError::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    client_config(roots)
 }
 
 async fn connect_via_proxy(proxy: &ProxyConfig, target: &Target) -> Result<TcpStream, DialError> {

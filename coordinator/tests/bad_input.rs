@@ -71,6 +71,22 @@ impl Raw {
     }
 }
 
+/// The coordinator's public key, as an agent learns it (`GET /key`).
+async fn coordinator_key(http: &reqwest::Client, base: &str) -> NodeKey {
+    let key: warren::control::ServerKeyResponse = serde_json::from_slice(
+        &http
+            .get(format!("{base}/key"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    key.key
+}
+
 fn register_body(key: &NodeKey, token: &str, extra: &str) -> Vec<u8> {
     format!(r#"{{"token":"{token}","node_key":"{key}","disco_key":"{key}","hostname":"h"{extra}}}"#)
         .into_bytes()
@@ -92,22 +108,12 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, base, tok) = common::start_with_token(dir.path(), false).await;
     let http = reqwest::Client::new();
-    let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
-        &http
-            .get(format!("{base}/key"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let coord = coordinator_key(&http, &base).await;
     let raw = Raw {
         http,
         base,
         key: PrivateKey::generate(),
-        coord: coord.key,
+        coord,
     };
     let me = raw.key.public();
 
@@ -410,22 +416,12 @@ async fn a_node_holds_at_most_four_map_streams_and_the_newest_win() {
     let dir = tempfile::tempdir().unwrap();
     let (_srv, base, tok) = common::start_with_token(dir.path(), false).await;
     let http = reqwest::Client::new();
-    let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
-        &http
-            .get(format!("{base}/key"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let coord = coordinator_key(&http, &base).await;
     let raw = Raw {
         http,
         base,
         key: PrivateKey::generate(),
-        coord: coord.key,
+        coord,
     };
     let me = raw.key.public();
     let (status, _) = raw
@@ -460,17 +456,7 @@ async fn self_made_keys_write_nothing_and_an_address_that_keeps_failing_is_cut_s
     let dir = tempfile::tempdir().unwrap();
     let (srv, base, _tok) = common::start_with_token(dir.path(), false).await;
     let http = reqwest::Client::new();
-    let coord: warren::control::ServerKeyResponse = serde_json::from_slice(
-        &http
-            .get(format!("{base}/key"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let coord = coordinator_key(&http, &base).await;
     let before = common::snapshot(&srv.store).await;
     let mut codes = Vec::new();
     for _ in 0..40 {
@@ -479,7 +465,7 @@ async fn self_made_keys_write_nothing_and_an_address_that_keeps_failing_is_cut_s
             http: http.clone(),
             base: base.clone(),
             key: PrivateKey::generate(),
-            coord: coord.key,
+            coord,
         };
         let (_, body) = raw
             .signed("POST", "/endpoints", br#"{"endpoints":[]}"#)

@@ -241,26 +241,24 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             };
             up::run(socket, args, *timeout, *json, &mut out, &mut io::stderr())?;
         }
-        ClientCommand::Down { json } => {
-            let left: LeaveReply = call(socket, &Request::Down)?;
+        ClientCommand::Down { json } | ClientCommand::Logout { json } => {
+            let request = match cmd {
+                ClientCommand::Down { .. } => Request::Down,
+                _ => Request::Logout,
+            };
+            let left: LeaveReply = call(socket, &request)?;
             if *json {
                 print_json(&mut out, &left)?;
+            } else if left.logged_out {
+                writeln!(
+                    out,
+                    "logged out of {}; joining again needs a token",
+                    left.coordinator
+                )?;
             } else {
                 writeln!(
                     out,
                     "left {} for now; `warren up` re-joins",
-                    left.coordinator
-                )?;
-            }
-        }
-        ClientCommand::Logout { json } => {
-            let left: LeaveReply = call(socket, &Request::Logout)?;
-            if *json {
-                print_json(&mut out, &left)?;
-            } else {
-                writeln!(
-                    out,
-                    "logged out of {}; joining again needs a token",
                     left.coordinator
                 )?;
             }

@@ -20,10 +20,12 @@
 //! unproven TCP streams, filtering its own addresses out of TCP dials):
 //! docs/architecture.md, "Known gaps".
 
+mod budget;
 mod convert;
 pub mod hardnat;
 pub mod node;
 pub mod peer;
+
 mod select;
 mod timers;
 

@@ -39,16 +39,15 @@ use crypto_box::SalsaBox;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::budget::IpBudget;
 use super::hardnat;
-use super::peer::{Payload, PeerPaths, PeerStats};
+use super::peer::{PeerPaths, PeerStats};
 use super::{
     ChangeReason, Config, DirectPath, Event, NatSummary, Path, RelayReason, SocketId, TimerReason,
     Tried,
 };
 use crate::keys::NodeKey;
-use crate::proto::disco::{
-    self, Candidate, DiscoError, DiscoKey, DiscoSecret, Message, ReplayWindow,
-};
+use crate::proto::disco::{self, Candidate, DiscoError, DiscoKey, DiscoSecret, ReplayWindow};
 use crate::proto::stun::is_stun;
 
 /// Most destinations remembered for port prediction; past this, prediction
@@ -149,6 +148,9 @@ pub struct DropStats {
     pub rejected: u64,
     /// WireGuard on a TCP stream no disco message has proven yet.
     pub tcp_unproven: u64,
+    /// Disco not sent: its destination IP had used its second's budget
+    /// (`budget.rs`).
+    pub capped: u64,
 }
 
 struct PeerEntry {
@@ -187,6 +189,10 @@ pub struct Node {
     drops: DropStats,
     /// Reused by `handle_timeout` for the peer keys it walks.
     scratch_keys: Vec<NodeKey>,
+    /// The latest `now` passed in: `poll_transmit` takes none, and the
+    /// per-IP budget needs a clock.
+    clock: Option<Instant>,
+    budget: IpBudget,
 }
 
 impl std::fmt::Debug for Node {
@@ -224,6 +230,8 @@ impl Node {
             udp_blocked: false,
             events: VecDeque::new(),
             scratch_keys: Vec::new(),
+            clock: None,
+            budget: IpBudget::default(),
             drops: DropStats::default(),
         }
     }
@@ -404,6 +412,7 @@ impl Node {
     /// A packet arrived through the relay from node `from` (the relay has
     /// authenticated `from`).
     pub fn handle_relay(&mut self, now: Instant, from: NodeKey, bytes: &[u8]) -> Datagram {
+        self.clock = Some(now);
         if disco::looks_like_disco(bytes) {
             self.handle_disco(now, Path::Relay, Some(from), bytes)
         } else if is_wireguard(bytes) {
@@ -468,6 +477,7 @@ impl Node {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = Some(now);
         // `pump` needs all of `self`, so the keys are copied out first, into
         // a buffer kept between calls: no allocation per timeout.
         let mut keys = std::mem::take(&mut self.scratch_keys);
@@ -495,42 +505,6 @@ impl Node {
 
     pub fn poll_event(&mut self) -> Option<NodeEvent> {
         self.events.pop_front()
-    }
-
-    /// The next datagram to send, sealed.
-    pub fn poll_transmit(&mut self) -> Option<NodeTransmit> {
-        // The first peer with something to send; allocates nothing.
-        let (k, t) = self
-            .peers
-            .iter_mut()
-            .find_map(|(k, e)| e.paths.poll_transmit().map(|t| (*k, t)))?;
-        {
-            let msg = match t.payload {
-                Payload::Disco(m) => m,
-                Payload::CallMeMaybe => Message::CallMeMaybe {
-                    endpoints: self.own_endpoints(k),
-                },
-            };
-            let dest = match t.path {
-                Path::Relay => Dest::Relay(k),
-                Path::Direct(p) => {
-                    let n = self.contacted.len();
-                    if p.socket == SocketId::PRIMARY && n < MAX_CONTACTED {
-                        self.contacted.entry(p.addr).or_insert((n, k));
-                    }
-                    Dest::Udp {
-                        socket: p.socket,
-                        addr: p.addr,
-                    }
-                }
-                Path::Tcp(addr) => Dest::Tcp(addr),
-            };
-            self.counter += 1;
-            let random: [u8; 16] = self.rng.gen();
-            let entry = self.peers.get(&k)?;
-            let bytes = disco::seal(&entry.sbox, &self.public, self.counter, random, &msg);
-            Some(NodeTransmit { dest, bytes })
-        }
     }
 
     /// Moves one peer's events to the node queue, acting on socket requests.
@@ -597,6 +571,9 @@ mod status;
 pub use status::PeerStatus;
 #[path = "node_local.rs"]
 mod local;
+
+#[path = "node_send.rs"]
+mod send;
 
 #[cfg(test)]
 #[path = "node_tests.rs"]

@@ -2,7 +2,7 @@
 //! the checks that run before any crypto.
 
 use super::*;
-use crate::proto::disco::CandidateKind;
+use crate::proto::disco::{CandidateKind, Message};
 use crate::traversal::{Allocation, Mapping};
 
 fn nodes(now: Instant) -> (Node, Node, SocketAddr, SocketAddr) {

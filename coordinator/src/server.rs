@@ -301,6 +301,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         live: Arc::default(),
         streams: Default::default(),
         failures: Arc::new(std::sync::Mutex::new(api::failure_limiter())),
+        sessions: Arc::default(),
     };
     let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
     let mut app = api::router(state.clone());

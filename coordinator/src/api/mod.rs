@@ -51,6 +51,9 @@ pub struct AppState {
     /// Per source IP, the requests it may make that fail authentication
     /// or name a key the store does not know (`signed.rs`).
     pub failures: Arc<Mutex<crate::ratelimit::RateLimiter>>,
+    /// Session keys of nodes whose requests verified, so that a node's
+    /// every request does not cost an X25519 (`signed.rs`).
+    pub sessions: Arc<Mutex<HashMap<warren::keys::NodeKey, warren::control::auth::SessionKey>>>,
 }
 
 impl AppState {

@@ -4,7 +4,10 @@
 //! Extraction does everything that needs no database: the body size (the
 //! declared length first, then the bytes read), the authentication
 //! headers, the MAC over method, path, time and body (`warren::control::
-//! auth`), and only then the body's JSON. The handler then calls
+//! auth`, with the node's session key cached once a request of it has
+//! verified), and only then the body's JSON. An address that has failed
+//! too often lately (bad MAC, unknown key, wrong token) is refused before
+//! any of it. The handler then calls
 //! [`Signed::begin`] or [`Signed::begin_as_node`], which opens the
 //! transaction and records the nonce *in it*: a request refused at any
 //! later step drops the transaction, so it changes nothing, not even the
@@ -115,8 +118,12 @@ impl<T: SignedBody> FromRequest<AppState> for Signed<T> {
         let headers = &parts.headers;
         let auth = AuthHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))
             .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, e.to_string()))?;
-        let session = SessionKey::for_coordinator(&st.key, &auth.node)
-            .map_err(|e| ApiError::new(ErrorCode::BadSignature, e.to_string()))?;
+        let cached = sessions(st).get(&auth.node).cloned();
+        let session = match cached {
+            Some(s) => s,
+            None => SessionKey::for_coordinator(&st.key, &auth.node)
+                .map_err(|e| ApiError::new(ErrorCode::BadSignature, e.to_string()))?,
+        };
         let uri = &parts.uri;
         let target = uri
             .path_and_query()
@@ -129,10 +136,29 @@ impl<T: SignedBody> FromRequest<AppState> for Signed<T> {
                 _ => ApiError::new(ErrorCode::BadSignature, e.to_string()),
             });
         }
+        // Kept only for a key that proved itself; bounded, and started
+        // over when full (the next request of each node derives it again).
+        {
+            let mut cache = sessions(st);
+            if cache.len() >= MAX_CACHED_SESSIONS && !cache.contains_key(&auth.node) {
+                cache.clear();
+            }
+            cache.insert(auth.node, session);
+        }
         // Only a request that proved its key gets its body parsed.
         let body = T::parse(&body)?;
         Ok(Signed { auth, ip, body })
     }
+}
+
+/// Session keys kept at once: more than any network's nodes.
+const MAX_CACHED_SESSIONS: usize = 100_000;
+
+fn sessions(
+    st: &AppState,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<warren::keys::NodeKey, SessionKey>> {
+    // Single map updates: a poisoned lock still guards a usable map.
+    st.sessions.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn failures(st: &AppState) -> std::sync::MutexGuard<'_, crate::ratelimit::RateLimiter> {

@@ -225,14 +225,16 @@ pub async fn run(
             Err(join) => Err(AgentError::Io { task: "packet task", source: std::io::Error::other(join.to_string()) }),
         },
     };
-    tasks.shutdown().await;
     // Give the port mapping back before the runtime goes (the mapper's own
-    // timeouts bound it; this bound is for a mesh task that is stuck).
+    // timeouts bound it; this bound is for a mesh task that is stuck), and
+    // before the packet tasks stop, so nothing the mesh task waits on is
+    // gone while it does.
     let _ = tokio::time::timeout(
         PORTMAP_RELEASE_TIMEOUT,
         running.mesh.call(mesh::Command::Shutdown),
     )
     .await;
+    tasks.shutdown().await;
     mesh_task.abort();
     let _ = mesh_task.await;
     // The last reference to the device goes here; closing it removes the

@@ -248,10 +248,10 @@ impl Mesh {
                     Some(Incoming::Wanted { peer, packet }) => self.relays.wanted(&peer, packet),
                     None => return,
                 },
-                side = self.side.recv() => {
-                    let Some(d) = side else { return };
-                    self.on_side(d);
-                }
+                // The UDP reader goes first at shutdown: its channel closing
+                // must not end this loop before the `Shutdown` call (which
+                // gives the port mapping back) is served.
+                Some(d) = self.side.recv() => self.on_side(d),
                 Some(d) = self.extra_side.recv() => self.on_side(d),
                 Some(inc) = self.tcp_rx.recv() => self.on_tcp(inc).await,
                 Some(done) = self.background.join_next() => match done {

@@ -343,3 +343,21 @@ async fn nat_and_home_relay_round_trip_on_both_backends() {
         );
     }
 }
+
+/// Two processes opening one new SQLite file at once (the admin CLI's
+/// `token create` while `serve` starts, as `tests/demo.sh` does) both
+/// succeed: each migration is applied once, by whoever claims it first.
+#[tokio::test]
+async fn two_stores_migrating_one_new_sqlite_file_at_once_both_open() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = Store::sqlite_url(dir.path());
+        let (a, b) = tokio::join!(Store::open(&url), Store::open(&url));
+        assert!(
+            a.is_ok() && b.is_ok(),
+            "round {round}: {a:?} / {b:?}",
+            a = a.err(),
+            b = b.err()
+        );
+    }
+}

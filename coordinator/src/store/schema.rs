@@ -91,6 +91,25 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<(), S
     let current = current.unwrap_or(0);
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
         let mut tx = conn.begin().await?;
+        // Claim the version first: the write takes SQLite's write lock
+        // before anything is read, so a second process migrating the same
+        // file at the same moment (the admin CLI while `serve` starts)
+        // waits for it, then finds the version taken and skips it, instead
+        // of running its DDL twice. PostgreSQL has the advisory lock too.
+        let claimed =
+            sqlx::query("INSERT INTO warren_migrations (version, applied_ms) VALUES ($1, $2)")
+                .bind(m.version)
+                .bind(super::now_ms())
+                .execute(&mut *tx)
+                .await;
+        match claimed {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                tx.rollback().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
         let statements_of = match backend {
             Backend::Sqlite => m.sqlite,
             Backend::Postgres => m.postgres,
@@ -101,11 +120,6 @@ async fn apply(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<(), S
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("INSERT INTO warren_migrations (version, applied_ms) VALUES ($1, $2)")
-            .bind(m.version)
-            .bind(super::now_ms())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         tracing::info!(version = m.version, "applied migration");
     }

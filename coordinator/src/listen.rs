@@ -23,11 +23,10 @@
 //! HTTP/1.1 and HTTP/2 are both served (hyper-util's auto builder); over
 //! TLS the ALPN list of the server's config decides which a client gets.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -37,9 +36,12 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tracing::debug;
+
+use crate::ratelimit::IpSlots;
 
 /// The client's socket address, put into each request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -157,49 +159,6 @@ impl Default for Limits {
     }
 }
 
-/// Open connections, counted in all and per source IP. A [`Slot`] is
-/// held for each and gives its place back when dropped.
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    ip: IpAddr,
-}
-
-impl Counts {
-    /// A slot for a connection from `ip`, or `None` past a cap.
-    fn take(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: Limits) -> Option<Slot> {
-        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
-        if c.total >= limits.total || mine >= limits.per_ip {
-            return None;
-        }
-        c.total += 1;
-        c.per_ip.insert(ip, mine + 1);
-        Some(Slot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Accepts connections forever and serves `router` on each, with the
 /// default [`Timeouts`] and [`Limits`].
 pub async fn serve(listener: TcpListener, router: Router, security: Security) -> io::Result<()> {
@@ -221,7 +180,8 @@ pub async fn serve_with(
     timeouts: Timeouts,
     limits: Limits,
 ) -> io::Result<()> {
-    let counts = Arc::new(Mutex::new(Counts::default()));
+    let total = Arc::new(Semaphore::new(limits.total));
+    let per_ip = IpSlots::new(limits.per_ip);
     let acceptor = match &security {
         Security::Tls(cfg) => Some(TlsAcceptor::from(cfg.clone())),
         Security::Plain => None,
@@ -237,7 +197,12 @@ pub async fn serve_with(
                 continue;
             }
         };
-        let Some(slot) = Counts::take(&counts, peer.ip(), limits) else {
+        let slot = total
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .zip(per_ip.take(peer.ip()));
+        let Some(slot) = slot else {
             tracing::debug!(%peer, "connection refused: too many open");
             drop(tcp);
             continue;

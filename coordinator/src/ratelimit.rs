@@ -1,14 +1,20 @@
-//! Per-source-IP token buckets: how the servers bound what one address can
-//! make them do (STUN answers, API requests that fail authentication or
-//! name an unknown key).
+//! Per-source-IP limits: how the servers bound what one address can make
+//! them do. Two kinds, one of each for every use:
 //!
-//! Sans-IO: the caller passes the time. The table is the only state and is
-//! bounded to [`MAX_TRACKED_IPS`] entries; past that it starts over, which
-//! gives each address at most one more burst (an attacker spraying many
-//! sources gains nothing per source).
+//! - [`RateLimiter`], token buckets for things per second (STUN answers,
+//!   API requests that fail authentication or name an unknown key).
+//!   Sans-IO: the caller passes the time. The table is bounded to
+//!   [`MAX_TRACKED_IPS`] entries; past that it starts over, which gives
+//!   each address at most one more burst (an attacker spraying many
+//!   sources gains nothing per source).
+//! - [`IpSlots`], places held at once (open connections, map streams,
+//!   relay handshakes): an [`IpSlot`] gives its place back when dropped,
+//!   also when the task holding it is cancelled. Entries exist only while
+//!   held, so the table is bounded by what is held.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Source IPs tracked at once.
@@ -67,10 +73,88 @@ impl RateLimiter {
     }
 }
 
+/// At most `max` places held at once per source IP.
+#[derive(Debug, Clone)]
+pub struct IpSlots {
+    max: usize,
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One place of an [`IpSlots`], given back on drop.
+#[derive(Debug)]
+pub struct IpSlot {
+    slots: IpSlots,
+    ip: IpAddr,
+}
+
+impl IpSlots {
+    pub fn new(max: usize) -> Self {
+        IpSlots {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Single map updates: a poisoned lock still guards usable counts.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for `ip`, or `None` when it holds `max` already.
+    pub fn take(&self, ip: IpAddr) -> Option<IpSlot> {
+        let mut held = self.lock();
+        let n = held.entry(ip).or_default();
+        if *n >= self.max {
+            if *n == 0 {
+                held.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+
+    /// How many addresses hold a place now.
+    pub fn addresses(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.lock();
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn slots_are_per_address_and_come_back_on_drop() {
+        let slots = IpSlots::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let held: Vec<IpSlot> = (0..2).map(|_| slots.take(a).unwrap()).collect();
+        assert!(slots.take(a).is_none());
+        assert!(slots.take(b).is_some(), "another address is not affected");
+        drop(held);
+        assert_eq!(
+            slots.addresses(),
+            0,
+            "nothing is kept for an address holding nothing"
+        );
+        assert!(slots.take(a).is_some());
+    }
 
     #[test]
     fn a_burst_then_the_rate() {

@@ -23,6 +23,18 @@ fn now() -> u64 {
 }
 
 impl Raw {
+    /// A client with a fresh key of its own for the coordinator at `base`.
+    async fn new(base: &str) -> Raw {
+        let http = reqwest::Client::new();
+        let coord = coordinator_key(&http, base).await;
+        Raw {
+            http,
+            base: base.to_owned(),
+            key: PrivateKey::generate(),
+            coord,
+        }
+    }
+
     fn headers(
         &self,
         method: &str,
@@ -107,14 +119,7 @@ fn refused(got: (u16, Option<ErrorBody>), code: ErrorCode) {
 async fn bad_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, base, tok) = common::start_with_token(dir.path(), false).await;
-    let http = reqwest::Client::new();
-    let coord = coordinator_key(&http, &base).await;
-    let raw = Raw {
-        http,
-        base,
-        key: PrivateKey::generate(),
-        coord,
-    };
+    let raw = Raw::new(&base).await;
     let me = raw.key.public();
 
     // A registered node to aim the post-registration requests with.
@@ -415,14 +420,7 @@ async fn a_node_holds_at_most_four_map_streams_and_the_newest_win() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let (_srv, base, tok) = common::start_with_token(dir.path(), false).await;
-    let http = reqwest::Client::new();
-    let coord = coordinator_key(&http, &base).await;
-    let raw = Raw {
-        http,
-        base,
-        key: PrivateKey::generate(),
-        coord,
-    };
+    let raw = Raw::new(&base).await;
     let me = raw.key.public();
     let (status, _) = raw
         .signed("POST", "/register", &register_body(&me, &tok, ""))

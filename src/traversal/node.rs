@@ -393,6 +393,7 @@ impl Node {
         src: SocketAddr,
         bytes: &[u8],
     ) -> Datagram {
+        self.clock = Some(now);
         match bytes.first() {
             Some(_) if disco::looks_like_disco(bytes) => self.handle_disco(
                 now,

@@ -134,6 +134,7 @@ impl Node {
 
     /// One frame's payload from the stream whose far end is `addr`.
     pub fn handle_tcp(&mut self, now: Instant, addr: SocketAddr, bytes: &[u8]) -> Datagram {
+        self.clock = Some(now);
         if disco::looks_like_disco(bytes) {
             self.handle_disco(now, Path::Tcp(addr), None, bytes)
         } else if is_wireguard(bytes) {

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use warren::control::ErrorCode;
 
 use super::ApiError;
+use crate::ratelimit::{IpSlot, IpSlots};
 
 /// Map streams one node key may hold at once.
 pub const MAX_PER_NODE: usize = 4;
@@ -30,13 +31,22 @@ struct Inner {
     /// Per node id, its streams oldest first, each with the sender that
     /// ends it.
     by_node: HashMap<i64, VecDeque<(u64, oneshot::Sender<()>)>>,
-    by_ip: HashMap<IpAddr, usize>,
 }
 
 /// The registry. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MapStreams {
     inner: Arc<Mutex<Inner>>,
+    by_ip: IpSlots,
+}
+
+impl Default for MapStreams {
+    fn default() -> Self {
+        MapStreams {
+            inner: Arc::default(),
+            by_ip: IpSlots::new(MAX_PER_ADDRESS),
+        }
+    }
 }
 
 /// A stream's place: gives it back when dropped. `ended` fires when a
@@ -45,7 +55,8 @@ pub struct Ticket {
     streams: MapStreams,
     id: u64,
     node: Option<i64>,
-    ip: Option<IpAddr>,
+    /// The address's place; given back on drop.
+    _ip: Option<IpSlot>,
     pub ended: oneshot::Receiver<()>,
     end: Option<oneshot::Sender<()>>,
 }
@@ -59,24 +70,23 @@ impl MapStreams {
 
     /// A place for a stream from `ip`, before anything else is done for it.
     pub fn admit(&self, ip: Option<IpAddr>) -> Result<Ticket, ApiError> {
-        let mut inner = self.lock();
-        if let Some(ip) = ip {
-            let n = inner.by_ip.entry(ip).or_default();
-            if *n >= MAX_PER_ADDRESS {
-                return Err(ApiError::new(
+        let slot = match ip {
+            Some(ip) => Some(self.by_ip.take(ip).ok_or_else(|| {
+                ApiError::new(
                     ErrorCode::TooManyRequests,
                     format!("{MAX_PER_ADDRESS} map streams are open from this address already"),
-                ));
-            }
-            *n += 1;
-        }
+                )
+            })?),
+            None => None,
+        };
+        let mut inner = self.lock();
         inner.next_id += 1;
         let (end, ended) = oneshot::channel();
         Ok(Ticket {
             streams: self.clone(),
             id: inner.next_id,
             node: None,
-            ip,
+            _ip: slot,
             ended,
             end: Some(end),
         })
@@ -116,14 +126,6 @@ impl Drop for Ticket {
                 }
             }
         }
-        if let Some(ip) = self.ip {
-            if let Some(n) = inner.by_ip.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.by_ip.remove(&ip);
-                }
-            }
-        }
     }
 }
 
@@ -150,7 +152,7 @@ mod tests {
         }
         drop(tickets);
         assert_eq!(s.of_node(7), 0);
-        assert!(s.lock().by_ip.is_empty());
+        assert_eq!(s.by_ip.addresses(), 0);
     }
 
     #[test]

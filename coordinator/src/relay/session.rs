@@ -20,7 +20,7 @@
 //! paths share every rule about handshakes, limits and queues.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -52,11 +52,18 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, addr: Opt
         Metrics::inc(&hub.metrics.refused_busy);
         return refuse(&hub, tx, None).await;
     };
-    // One address holds a bounded share of the handshake places.
-    let Some(slot) = PendingSlot::take(&hub, addr) else {
-        drop(permit);
-        Metrics::inc(&hub.metrics.refused_busy);
-        return refuse(&hub, tx, None).await;
+    // One address holds a bounded share of the handshake places; the
+    // place comes back when `slot` drops, also if this task is cancelled.
+    let slot = match addr {
+        Some(a) => match hub.pending_by_ip.take(a.ip().to_canonical()) {
+            Some(s) => Some(s),
+            None => {
+                drop(permit);
+                Metrics::inc(&hub.metrics.refused_busy);
+                return refuse(&hub, tx, None).await;
+            }
+        },
+        None => None,
     };
     let deadline = Instant::now() + hub.limits.handshake_timeout;
     let handshook = timeout_at(deadline, handshake(&hub, &mut rx, &mut tx, &mut dec)).await;
@@ -106,33 +113,6 @@ pub(crate) async fn run(hub: Arc<Hub>, mut rx: RxHalf, mut tx: TxHalf, addr: Opt
     }
     .instrument(span)
     .await;
-}
-
-/// A source address's place in the handshake, given back when dropped
-/// (also when the task is cancelled mid-handshake).
-struct PendingSlot<'a> {
-    hub: &'a Hub,
-    ip: Option<IpAddr>,
-}
-
-impl<'a> PendingSlot<'a> {
-    fn take(hub: &'a Hub, addr: Option<SocketAddr>) -> Option<Self> {
-        let ip = addr.map(|a| a.ip().to_canonical());
-        if let Some(ip) = ip {
-            if !hub.take_pending(ip) {
-                return None;
-            }
-        }
-        Some(PendingSlot { hub, ip })
-    }
-}
-
-impl Drop for PendingSlot<'_> {
-    fn drop(&mut self) {
-        if let Some(ip) = self.ip {
-            self.hub.release_pending(ip);
-        }
-    }
 }
 
 /// Tells the client why (if there is a reason to give) and closes, never

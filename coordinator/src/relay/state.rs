@@ -7,7 +7,6 @@
 //! map lookup, a queue push), never across an await.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -19,6 +18,7 @@ use warren::proto::relay::{encode_recv_packet, Frame, PeerGoneReason, RelayHealt
 use super::admission::Admission;
 use super::queue::{FairQueue, QueueFull};
 use super::RelayLimits;
+use crate::ratelimit::IpSlots;
 
 /// Remember at most this many senders per client for peer-gone notices.
 const MAX_TRACKED_SENDERS: usize = 4096;
@@ -120,35 +120,12 @@ pub(crate) struct Hub {
     /// Bounds connections that have not proven a key yet.
     pub pending: tokio::sync::Semaphore,
     /// Of those, per source IP.
-    pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub pending_by_ip: IpSlots,
     clients: RwLock<HashMap<NodeKey, Vec<Arc<Client>>>>,
     next_id: AtomicU64,
 }
 
 impl Hub {
-    /// Takes one of `ip`'s handshake places; `false` when it holds its
-    /// share already (see [`RelayLimits::max_pending_per_ip`]).
-    pub fn take_pending(&self, ip: IpAddr) -> bool {
-        let mut m = self.pending_by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= self.limits.max_pending_per_ip {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// Gives back a place taken with [`Hub::take_pending`].
-    pub fn release_pending(&self, ip: IpAddr) {
-        let mut m = self.pending_by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&ip);
-            }
-        }
-    }
-
     pub fn new(key: PrivateKey, limits: RelayLimits, admission: Arc<dyn Admission>) -> Self {
         Hub {
             key,
@@ -156,7 +133,7 @@ impl Hub {
             admission,
             metrics: Metrics::default(),
             pending: tokio::sync::Semaphore::new(limits.max_pending_handshakes),
-            pending_by_ip: Mutex::default(),
+            pending_by_ip: IpSlots::new(limits.max_pending_per_ip),
             clients: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }

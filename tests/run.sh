@@ -38,9 +38,12 @@ if [[ "${CI:-}" == true ]]; then
 fi
 
 cargo build --workspace --all-targets
-rm -f target/nat-matrix.txt
+rm -f target/nat-matrix.txt target/test-output.txt
 status=0
-cargo test --workspace --no-fail-fast -- --test-threads="$threads" || status=$?
+# The output is kept so that the failures can be repeated at the very end:
+# CI shows a run's tail, and fuzzing and the matrix come after the tests.
+cargo test --workspace --no-fail-fast -- --test-threads="$threads" 2>&1 |
+    tee target/test-output.txt || status=$?
 # Every fuzz target for a few seconds (fuzz/run.sh; WARREN_FUZZ_SECS=0
 # skips it). A crash fails the run. Without nightly and cargo-fuzz
 # (tests/setup.sh installs both) it is skipped, except in CI.
@@ -59,5 +62,12 @@ fi
 if [[ -f target/nat-matrix.txt ]]; then
     echo
     cat target/nat-matrix.txt
+fi
+# Each failing test's own output (libtest's "failures:" blocks), last.
+if grep -q '^failures:$' target/test-output.txt; then
+    echo
+    echo "== failed tests, their output again =="
+    awk '/^failures:$/ { on = 1 } on { print } /^test result:/ { on = 0 }' \
+        target/test-output.txt | tail -n 400
 fi
 exit "$status"

@@ -107,6 +107,8 @@ struct ServeArgs {
     /// (GET /api/v1/relay/nodes); without it the feed is off.
     #[arg(long, value_name = "FILE")]
     relay_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// TLS, or the lab's plain HTTP (same rule for `serve` and `relay`).
@@ -184,6 +186,27 @@ struct RelayArgs {
     /// How often to log the relay's counters.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     health_every: Duration,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// Who may read `GET /relay/metrics` (same rule for `serve` and `relay`).
+#[derive(clap::Args, Debug)]
+struct MetricsArgs {
+    /// File holding a token (16+ characters) that reads the relay's
+    /// counters as `Authorization: Bearer <token>`; without it only
+    /// loopback clients may.
+    #[arg(long, value_name = "FILE")]
+    metrics_token_file: Option<PathBuf>,
+}
+
+impl MetricsArgs {
+    fn token(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(match &self.metrics_token_file {
+            Some(path) => Some(server::read_metrics_token(path)?),
+            None => None,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -307,6 +330,7 @@ async fn serve(args: ServeArgs, data_dir: PathBuf, database: Option<String>) -> 
     if let Some(path) = &args.relay_secret_file {
         cfg.relay_secret = Some(server::read_relay_secret(path)?);
     }
+    cfg.metrics_token = args.metrics.token()?;
     let running = server::start(cfg).await?;
     tokio::select! {
         _ = running.wait() => {}
@@ -328,6 +352,7 @@ async fn relay(args: RelayArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         stun_listen: args.stun.sockets(args.listen),
         limits: RelayLimits::default(),
         health_every: Some(args.health_every),
+        metrics_token: args.metrics.token()?,
     };
     let running = standalone::start(opts).await?;
     tokio::select! {

@@ -98,6 +98,8 @@ pub struct Config {
     /// The secret standalone relays prove on the node feed; `None` leaves
     /// the feed unmounted.
     pub relay_secret: Option<Vec<u8>>,
+    /// The token that reads the embedded relay's counters off loopback.
+    pub metrics_token: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -117,6 +119,7 @@ impl Config {
             relay_limits: RelayLimits::default(),
             stun_listen: Vec::new(),
             relay_secret: None,
+            metrics_token: None,
         }
     }
 
@@ -158,11 +161,20 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, ServerError> {
 /// Reads a relay secret file (trimmed). Short secrets are refused: the
 /// feed's MAC is only as strong as the secret.
 pub fn read_relay_secret(path: &Path) -> Result<Vec<u8>, ServerError> {
+    read_secret(path, "a relay secret")
+}
+
+/// Reads the `--metrics-token-file`: the same rules as the relay secret.
+pub fn read_metrics_token(path: &Path) -> Result<Vec<u8>, ServerError> {
+    read_secret(path, "a metrics token")
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>, ServerError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let secret = text.trim().as_bytes().to_vec();
     if secret.len() < 16 {
         return Err(ServerError::Relay(format!(
-            "{}: a relay secret needs at least 16 characters (try `openssl rand -base64 32`)",
+            "{}: {what} needs at least 16 characters (try `openssl rand -base64 32`)",
             path.display()
         )));
     }
@@ -311,7 +323,8 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
             let (admission, follow) = StoreAdmission::spawn(store.clone(), &hub);
             tasks.push(follow);
             let relay =
-                RelayServer::new(relay_key, cfg.relay_limits, admission as Arc<dyn Admission>);
+                RelayServer::new(relay_key, cfg.relay_limits, admission as Arc<dyn Admission>)
+                    .with_metrics_token(cfg.metrics_token.clone());
             app = app.merge(relay.router());
             Some(relay)
         }

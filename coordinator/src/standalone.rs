@@ -45,6 +45,8 @@ pub struct Options {
     pub limits: RelayLimits,
     /// How often to log the relay's counters; `None` never does.
     pub health_every: Option<Duration>,
+    /// The token that reads `GET /relay/metrics` off loopback.
+    pub metrics_token: Option<Vec<u8>>,
 }
 
 /// A running standalone relay. Dropping it stops everything.
@@ -123,6 +125,7 @@ pub async fn start(opts: Options) -> Result<RunningRelay, ServerError> {
         key,
         limits: opts.limits,
         coordinator,
+        metrics_token: opts.metrics_token.clone(),
     })
     .await
     .map_err(|source| ServerError::Io {

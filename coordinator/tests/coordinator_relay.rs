@@ -411,6 +411,7 @@ async fn standalone_relay_follows_the_feed_and_cuts_removed_nodes() {
         stun_listen: vec!["127.0.0.1:0".parse().unwrap()],
         limits: Default::default(),
         health_every: None,
+        metrics_token: None,
     })
     .await
     .unwrap();
@@ -452,6 +453,7 @@ async fn standalone_relay_refuses_plain_http_off_loopback() {
         stun_listen: Vec::new(),
         limits: Default::default(),
         health_every: None,
+        metrics_token: None,
     };
     let err = standalone::start(opts.clone()).await.err().unwrap();
     assert!(err.to_string().contains("plain HTTP"), "{err}");

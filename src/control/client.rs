@@ -231,12 +231,8 @@ impl ControlClient {
         if let Some(s) = lock(&self.inner.session).clone() {
             return Ok(s);
         }
-        let resp = self
-            .inner
-            .http
-            .get(format!("{}/key", self.inner.base))
-            .send()
-            .await?;
+        let url = format!("{}/key", self.inner.base);
+        let resp = super::retry::send(|| self.inner.http.get(&url)).await?;
         let resp = check(resp).await?;
         let body: ServerKeyResponse = parse_json(&resp.bytes().await?)?;
         let session = SessionKey::for_node(&self.inner.node_key, &body.key)?;
@@ -251,25 +247,29 @@ impl ControlClient {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ControlError> {
         let (_, session) = self.session().await?;
-        let headers = AuthHeaders::sign(
-            &session,
-            self.node_key(),
-            method.as_str(),
-            path,
-            unix_now(),
-            &body,
-        );
-        let mut req = self
-            .inner
-            .http
-            .request(method, format!("{}{path}", self.inner.base));
-        for (name, value) in headers.to_pairs() {
-            req = req.header(name, value);
-        }
-        if !body.is_empty() {
-            req = req.header("content-type", "application/json").body(body);
-        }
-        let result = check(req.send().await?).await;
+        let url = format!("{}{path}", self.inner.base);
+        // Signed afresh for each try: a second try carries its own nonce.
+        let build = || {
+            let headers = AuthHeaders::sign(
+                &session,
+                self.node_key(),
+                method.as_str(),
+                path,
+                unix_now(),
+                &body,
+            );
+            let mut req = self.inner.http.request(method.clone(), &url);
+            for (name, value) in headers.to_pairs() {
+                req = req.header(name, value);
+            }
+            if !body.is_empty() {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(body.clone());
+            }
+            req
+        };
+        let result = check(super::retry::send(build).await?).await;
         if let Err(ControlError::Api {
             code: ErrorCode::BadSignature,
             ..

@@ -38,6 +38,7 @@ pub mod auth;
 pub mod bounds;
 pub mod client;
 pub mod netmap;
+mod retry;
 pub mod types;
 
 pub use client::{ControlClient, ControlError, MapEvent, MapStream, Registration};

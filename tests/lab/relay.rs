@@ -12,7 +12,7 @@ use crate::lab;
 use std::time::Duration;
 
 use lab::agent::{tcp_transfer, Agent, AgentConfig};
-use lab::coord::{relay_metrics, Coordinator};
+use lab::coord::{relay_metrics, relay_metrics_status_anonymous, Coordinator};
 use lab::mesh::up_pair;
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
@@ -49,6 +49,10 @@ fn two_random_edm_nats_talk_through_the_relay() {
     relayed_pair(&lab, &coord, &a, &b);
     let st = a.status(&lab);
     assert_eq!(st["mesh"]["home_relay_connected"], true, "{st}");
+    // Who is connected and how much they send is not for anyone who asks:
+    // without the metrics token, a host off the relay's loopback is refused.
+    let status = relay_metrics_status_anonymous(&lab, &coord.node, &coord.url());
+    assert_eq!(status, "401");
 }
 
 #[test]

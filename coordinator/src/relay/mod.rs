@@ -5,8 +5,11 @@
 //! Clients connect over HTTP: `GET /relay` with `Upgrade: warren-relay`
 //! turns the connection into a raw frame stream, and `GET /relay/ws` does
 //! the same inside WebSocket binary messages for networks whose proxies pass
-//! nothing else. `GET /relay/metrics` serves the counters as JSON. The
-//! relay only ever sees WireGuard ciphertext and disco boxes.
+//! nothing else. `GET /relay/metrics` serves the counters as JSON, to a
+//! client on loopback or one that presents the metrics token
+//! (`--metrics-token-file`): who is connected, and how much they send, is
+//! not for anonymous clients. The relay only ever sees WireGuard ciphertext
+//! and disco boxes.
 //!
 //! [`RelayServer::router`] is an axum router, so the coordinator can mount the
 //! relay beside its control API; a standalone relay serves it alone. Both
@@ -98,6 +101,9 @@ impl Default for RelayLimits {
 #[derive(Clone)]
 pub struct RelayServer {
     hub: Arc<Hub>,
+    /// The bearer token `GET /relay/metrics` accepts off loopback; `None`
+    /// serves the counters to loopback clients only.
+    metrics_token: Option<Arc<[u8]>>,
 }
 
 impl RelayServer {
@@ -107,7 +113,17 @@ impl RelayServer {
         let removals = admission.removals();
         let hub = Arc::new(Hub::new(key, limits, admission));
         tokio::spawn(enforce_removals(Arc::downgrade(&hub), removals));
-        RelayServer { hub }
+        RelayServer {
+            hub,
+            metrics_token: None,
+        }
+    }
+
+    /// Lets clients off loopback read the counters with
+    /// `Authorization: Bearer <token>`.
+    pub fn with_metrics_token(mut self, token: Option<Vec<u8>>) -> Self {
+        self.metrics_token = token.map(Arc::from);
+        self
     }
 
     pub fn public_key(&self) -> NodeKey {
@@ -212,8 +228,40 @@ async fn websocket(
         })
 }
 
-async fn metrics(State(relay): State<RelayServer>) -> Json<RelayHealth> {
-    Json(relay.health())
+async fn metrics(State(relay): State<RelayServer>, req: Request) -> Response {
+    if !relay.may_read_metrics(&req) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "the relay's counters need the metrics token off loopback\n",
+        )
+            .into_response();
+    }
+    Json(relay.health()).into_response()
+}
+
+impl RelayServer {
+    /// Loopback clients, and clients with the configured token. A request
+    /// whose source the listener did not record counts as remote.
+    fn may_read_metrics(&self, req: &Request) -> bool {
+        if peer_of(req).is_some_and(|p| p.ip().is_loopback()) {
+            return true;
+        }
+        let Some(want) = &self.metrics_token else {
+            return false;
+        };
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        got.is_some_and(|got| constant_time_eq(got, want))
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about
+/// how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The client's address, if the listener recorded it.
@@ -229,6 +277,8 @@ pub struct StandaloneConfig {
     pub key: PrivateKey,
     pub limits: RelayLimits,
     pub coordinator: RemoteAdmissionConfig,
+    /// See [`RelayServer::with_metrics_token`].
+    pub metrics_token: Option<Vec<u8>>,
 }
 
 /// A standalone relay that is listening: its address, the server (for its
@@ -262,7 +312,8 @@ pub async fn start_standalone(cfg: StandaloneConfig) -> io::Result<Standalone> {
     let listener = TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let (admission, feed) = spawn_remote_admission(cfg.coordinator.clone());
-    let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>);
+    let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>)
+        .with_metrics_token(cfg.metrics_token);
     info!(%addr, key = %server.public_key(), "standalone relay listening");
     if matches!(cfg.security, Security::Plain) {
         warn!("relay listening on plain TCP (lab mode): traffic metadata is not protected");
@@ -280,4 +331,77 @@ pub async fn start_standalone(cfg: StandaloneConfig) -> io::Result<Standalone> {
 /// listener fails.
 pub async fn run_standalone(cfg: StandaloneConfig) -> std::io::Result<()> {
     start_standalone(cfg).await?.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower_service::Service;
+
+    const TOKEN: &[u8] = b"a-metrics-token-of-some-length";
+
+    /// Asks the relay's router for its counters as a client at `from`.
+    async fn get_metrics(relay: &RelayServer, from: &str, auth: Option<&str>) -> StatusCode {
+        let mut req = Request::get("/relay/metrics");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        req.extensions_mut().insert(PeerAddr(from.parse().unwrap()));
+        let mut router = relay.router();
+        router.call(req).await.unwrap().status()
+    }
+
+    fn relay(token: Option<&[u8]>) -> RelayServer {
+        RelayServer::new(
+            PrivateKey::generate(),
+            RelayLimits::default(),
+            StaticAdmission::new([]) as Arc<dyn Admission>,
+        )
+        .with_metrics_token(token.map(<[u8]>::to_vec))
+    }
+
+    #[tokio::test]
+    async fn counters_are_served_to_loopback_and_to_the_token_only() {
+        let r = relay(Some(TOKEN));
+        let bearer = format!("Bearer {}", std::str::from_utf8(TOKEN).unwrap());
+        assert_eq!(
+            get_metrics(&r, "127.0.0.1:5000", None).await,
+            StatusCode::OK
+        );
+        assert_eq!(get_metrics(&r, "[::1]:5000", None).await, StatusCode::OK);
+        let remote = "198.51.100.7:5000";
+        assert_eq!(
+            get_metrics(&r, remote, None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get_metrics(&r, remote, Some("Bearer a-metrics-token-of-some-lengtX")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get_metrics(&r, remote, Some("Basic YTpi")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(get_metrics(&r, remote, Some(&bearer)).await, StatusCode::OK);
+        // Without a token configured, no header opens it off loopback.
+        let r = relay(None);
+        assert_eq!(
+            get_metrics(&r, remote, Some(&bearer)).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get_metrics(&r, "127.0.0.1:5000", None).await,
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
 }

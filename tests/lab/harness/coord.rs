@@ -17,6 +17,11 @@ use super::{Lab, Node, ProcId};
 /// UDP-blocked gateway lets through.
 pub const COORD_PORT: u16 = 443;
 
+/// The token every lab coordinator and relay is given to serve its
+/// counters off loopback (`--metrics-token-file`); [`relay_metrics`]
+/// presents it.
+pub const METRICS_TOKEN: &str = "lab-metrics-token-0123456789abcdef";
+
 pub fn coordinator_bin() -> PathBuf {
     PathBuf::from(WARREN).with_file_name("warren-coordinator")
 }
@@ -44,6 +49,7 @@ impl Coordinator {
         let listen = format!("{ip}:{COORD_PORT}");
         let dir = data_dir.to_string_lossy().into_owned();
         let bin_s = bin.to_string_lossy().into_owned();
+        let token = metrics_token_file(lab);
         let mut argv = vec![
             bin_s.as_str(),
             "--data-dir",
@@ -54,6 +60,8 @@ impl Coordinator {
             "--insecure-http",
             "--ephemeral-timeout",
             "30s",
+            "--metrics-token-file",
+            &token,
         ];
         argv.extend_from_slice(extra);
         let proc = lab.spawn(node, "coordinator", &argv);
@@ -147,6 +155,7 @@ pub fn start_with_region(
     let dir = dir.to_string_lossy();
     let listen = format!("{ip}:{COORD_PORT}");
     let coord_url = coord.url();
+    let token = metrics_token_file(lab);
     let proc = lab.spawn(
         relay_node,
         &format!("relay-{name}"),
@@ -162,13 +171,19 @@ pub fn start_with_region(
             &coord_url,
             "--secret-file",
             &secret,
+            "--metrics-token-file",
+            &token,
         ],
     );
     let metrics = format!("{url}/relay/metrics");
+    let bearer = format!("Authorization: Bearer {METRICS_TOKEN}");
     let up = super::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
         lab.exit_status(proc).is_some()
             || lab
-                .exec(relay_node, &["curl", "-sf", "-m", "1", &metrics])
+                .exec(
+                    relay_node,
+                    &["curl", "-sf", "-m", "1", "-H", &bearer, &metrics],
+                )
                 .ok()
     });
     assert!(
@@ -188,8 +203,37 @@ pub fn start_with_region(
 /// from `from` (the relay's own node does: it is never firewalled).
 pub fn relay_metrics(lab: &Lab, from: &Node, base_url: &str) -> serde_json::Value {
     let url = format!("{base_url}/relay/metrics");
+    let bearer = format!("Authorization: Bearer {METRICS_TOKEN}");
     let out = lab
-        .exec(from, &["curl", "-sf", "-m", "2", &url])
+        .exec(from, &["curl", "-sf", "-m", "2", "-H", &bearer, &url])
         .expect_ok("relay metrics");
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{url}: {e}: {}", out.stdout))
+}
+
+/// The HTTP status `GET <base_url>/relay/metrics` gets from `from` without
+/// the token.
+pub fn relay_metrics_status_anonymous(lab: &Lab, from: &Node, base_url: &str) -> String {
+    let url = format!("{base_url}/relay/metrics");
+    lab.exec(
+        from,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
+    )
+    .stdout
+}
+
+/// Writes [`METRICS_TOKEN`] to the lab's directory; returns its path.
+fn metrics_token_file(lab: &Lab) -> String {
+    lab.write_file("metrics-token", &format!("{METRICS_TOKEN}\n"))
+        .to_string_lossy()
+        .into_owned()
 }

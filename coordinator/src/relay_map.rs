@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use warren::control::{RelayMap, RelayRegion};
 use warren::dial;
+use warren::keys::NodeKey;
 use warren::toml_loc;
 
 /// The path the relay is served at (see `relay::RelayServer::router`).
@@ -58,6 +59,10 @@ struct RegionEntry {
     url: String,
     #[serde(default)]
     stun: Vec<SocketAddr>,
+    /// The relay's public key, as `warren-coordinator relay` logs it at
+    /// start; agents then refuse a server at `url` with any other.
+    #[serde(default)]
+    key: Option<NodeKey>,
 }
 
 /// Reads a relay map file. `reserved` is the embedded relay's region id,
@@ -119,6 +124,7 @@ pub fn parse(text: &str, file: &Path, reserved: Option<u16>) -> Result<RelayMap,
             name: r.name,
             url: r.url,
             stun: r.stun,
+            key: r.key,
         });
     }
     Ok(RelayMap { regions })
@@ -155,6 +161,7 @@ impl EmbeddedRegion {
         listen: SocketAddr,
         tls: bool,
         stun_bound: &[SocketAddr],
+        key: NodeKey,
     ) -> Result<Option<RelayRegion>, String> {
         let base = match &self.public_url {
             Some(u) => {
@@ -205,6 +212,7 @@ impl EmbeddedRegion {
             name: self.name.clone(),
             url: format!("{base}{RELAY_PATH}"),
             stun,
+            key: Some(key),
         }))
     }
 }
@@ -233,6 +241,12 @@ mod tests {
         assert_eq!(m.regions[0].stun, vec!["192.0.2.1:3478".parse().unwrap()]);
         assert_eq!(m.regions[1].url, "https://us.example");
         assert!(p("").unwrap().regions.is_empty());
+        assert_eq!(m.regions[0].key, None, "no key given, none pinned");
+        let k = NodeKey([5; 32]);
+        let keyed = GOOD.replace("id = 3\n", &format!("id = 3\nkey = \"{k}\"\n"));
+        assert_eq!(p(&keyed).unwrap().regions[1].key, Some(k));
+        let bad_key = GOOD.replace("id = 3\n", "id = 3\nkey = \"not a key\"\n");
+        assert_eq!(where_(p(&bad_key).unwrap_err()).1, "region[1].key");
     }
 
     #[test]
@@ -269,23 +283,25 @@ mod tests {
         let r = EmbeddedRegion::default();
         let listen: SocketAddr = "127.0.0.1:8443".parse().unwrap();
         let stun: Vec<SocketAddr> = vec!["127.0.0.1:3478".parse().unwrap()];
-        let got = r.region(listen, true, &stun).unwrap().unwrap();
+        let k = NodeKey([9; 32]);
+        let got = r.region(listen, true, &stun, k).unwrap().unwrap();
         assert_eq!(got.url, "https://127.0.0.1:8443/relay");
         assert_eq!(got.stun, stun);
+        assert_eq!(got.key, Some(k), "the embedded region names its key");
         let any: SocketAddr = "0.0.0.0:443".parse().unwrap();
-        assert_eq!(r.region(any, true, &stun), Ok(None));
+        assert_eq!(r.region(any, true, &stun, k), Ok(None));
         let with = EmbeddedRegion {
             public_url: Some("https://198.51.100.4/".into()),
             ..Default::default()
         };
         let wild: Vec<SocketAddr> = vec!["0.0.0.0:3478".parse().unwrap()];
-        let got = with.region(any, true, &wild).unwrap().unwrap();
+        let got = with.region(any, true, &wild, k).unwrap().unwrap();
         assert_eq!(got.url, "https://198.51.100.4/relay");
         assert_eq!(got.stun, vec!["198.51.100.4:3478".parse().unwrap()]);
         let path = EmbeddedRegion {
             public_url: Some("https://x.example/prefix".into()),
             ..Default::default()
         };
-        assert!(path.region(any, true, &wild).is_err());
+        assert!(path.region(any, true, &wild, k).is_err());
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use warren::control::{RelayMap, KEEPALIVE_SECS};
-use warren::keys::PrivateKey;
+use warren::keys::{NodeKey, PrivateKey};
 
 use crate::api::{self, AppState};
 use crate::hub::Hub;
@@ -291,7 +291,19 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         source,
     })?;
     let (stun_addrs, mut tasks) = start_stun(&cfg.stun_listen, "warren-coordinator").await?;
-    let relay_map = publish_map(&cfg, addr, tls.is_some(), &stun_addrs)?;
+    // Loaded before the map is made: the embedded region is published with
+    // its key, which agents then hold the relay to.
+    let relay_key = match &cfg.embedded_relay {
+        Some(_) => Some(load_or_create_key(&cfg.data_dir.join("relay.key"))?),
+        None => None,
+    };
+    let relay_map = publish_map(
+        &cfg,
+        addr,
+        tls.is_some(),
+        &stun_addrs,
+        relay_key.as_ref().map(PrivateKey::public),
+    )?;
     let store = Store::open(&cfg.database_url()).await?;
     let recorded = store
         .setting_or_init("coordinator_public_key", || key.public().to_string())
@@ -317,9 +329,8 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     };
     let feed = hub.spawn(store.clone(), Duration::from_secs(15)).await;
     let mut app = api::router(state.clone());
-    let relay = match &cfg.embedded_relay {
-        Some(_) => {
-            let relay_key = load_or_create_key(&cfg.data_dir.join("relay.key"))?;
+    let relay = match relay_key {
+        Some(relay_key) => {
             let (admission, follow) = StoreAdmission::spawn(store.clone(), &hub);
             tasks.push(follow);
             let relay =
@@ -370,16 +381,20 @@ fn publish_map(
     addr: SocketAddr,
     tls: bool,
     stun: &[SocketAddr],
+    relay_key: Option<NodeKey>,
 ) -> Result<RelayMap, ServerError> {
     let mut regions = Vec::new();
-    if let Some(spec) = &cfg.embedded_relay {
+    if let (Some(spec), Some(key)) = (&cfg.embedded_relay, relay_key) {
         if cfg.relay_map.regions.iter().any(|r| r.id == spec.id) {
             return Err(ServerError::Relay(format!(
                 "region {} is both the embedded relay's and a listed one",
                 spec.id
             )));
         }
-        regions.extend(spec.region(addr, tls, stun).map_err(ServerError::Relay)?);
+        regions.extend(
+            spec.region(addr, tls, stun, key)
+                .map_err(ServerError::Relay)?,
+        );
     }
     regions.extend(cfg.relay_map.regions.iter().cloned());
     Ok(RelayMap { regions })

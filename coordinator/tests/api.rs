@@ -386,6 +386,7 @@ async fn nat_and_home_relay_changes_reach_peers() {
             name: format!("r{id}"),
             url: format!("http://127.0.0.1:{id}/relay"),
             stun: Vec::new(),
+            key: None,
         })
         .collect();
     let srv = warren_coordinator::server::start(cfg).await.unwrap();

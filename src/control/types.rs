@@ -78,6 +78,12 @@ pub struct RelayRegion {
     pub url: String,
     #[serde(default)]
     pub stun: Vec<SocketAddr>,
+    /// The relay's public key. An agent refuses a relay at `url` whose
+    /// handshake shows another key (someone on the path, or a server that
+    /// is not this region's); `None` (a region listed without one) takes
+    /// whatever key the server has, as TLS alone vouches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<NodeKey>,
 }
 
 /// How an endpoint candidate was learnt; peers try them in this order.

@@ -372,6 +372,9 @@ impl Relays {
         cfg.transport = self.options.transport;
         cfg.tls = self.tls.clone();
         cfg.proxy = crate::dial::ProxyConfig::from_env();
+        // The map names the relay's key: a server that proves another one
+        // is refused before we prove ours (proto::relay::client).
+        cfg.session.expected_relay_key = region.key;
         tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");
         let (tx, mut rx) = RelayClient::connect(cfg, &self.key);
         let out = self.incoming.clone();

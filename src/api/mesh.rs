@@ -106,6 +106,9 @@ pub struct MeshStatus {
     pub home_relay: Option<String>,
     /// Whether the connection to the home relay is up.
     pub home_relay_connected: bool,
+    /// Why the home relay connection failed last, while it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay_error: Option<String>,
     /// Latency to each relay region's STUN server, from the last netcheck.
     pub relay_latency_ms: Vec<(String, f64)>,
     /// The candidates this node publishes, by kind.

@@ -45,10 +45,11 @@ pub fn node(m: &MeshStatus) -> String {
         let _ = writeln!(
             out,
             "relay: {home} ({}){}",
-            if m.home_relay_connected {
-                "connected"
-            } else {
-                "connecting"
+            match (&m.home_relay_connected, &m.home_relay_error) {
+                (true, _) => "connected".to_string(),
+                (false, Some(e)) =>
+                    format!("connecting; last error: {}", crate::text::for_terminal(e)),
+                (false, None) => "connecting".to_string(),
             },
             if lat.is_empty() {
                 String::new()

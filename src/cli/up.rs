@@ -215,7 +215,10 @@ pub fn timeout_message(
             joined.coordinator
         ),
         Stage::Tunnel => match &m.home_relay {
-            Some(r) => format!("the relay {r} did not connect within {secs}s"),
+            Some(r) => match &m.home_relay_error {
+                Some(e) => format!("the relay {r} did not connect within {secs}s: {e}"),
+                None => format!("the relay {r} did not connect within {secs}s"),
+            },
             None => format!("the overlay addresses were not set within {secs}s"),
         },
     };
@@ -358,5 +361,18 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("warren status"), "{msg}");
+        // The relay's own failure is named, not just that it failed.
+        let mut st = st;
+        if let Some(m) = st.mesh.as_mut() {
+            m.last_error = None;
+            m.home_relay_error = Some("relay presented key aaaa, expected bbbb".into());
+        }
+        let msg = timeout_message(Stage::Tunnel, Duration::from_secs(5), &joined(), Some(&st));
+        assert!(
+            msg.starts_with(
+                "the relay fra did not connect within 5s: relay presented key aaaa, expected bbbb;"
+            ),
+            "{msg}"
+        );
     }
 }

@@ -136,6 +136,9 @@ struct State {
     /// which byte counters (data only, once a session exists) cannot give
     /// before the first handshake completes.
     activity: u64,
+    /// Packets given to [`Peer::seal`]: the part of `activity` that is
+    /// ours, which alone may start traversal's hard-NAT methods.
+    sealed: u64,
     /// Set when the last [`Peer::poll_activity`] saw no new packets; the
     /// next packet clears it and wakes the agent.
     quiet: bool,
@@ -202,6 +205,7 @@ impl Peer {
                 path,
                 socket: SocketId::PRIMARY,
                 activity: 0,
+                sealed: 0,
                 quiet: true,
             }),
             spec,
@@ -251,6 +255,7 @@ impl Peer {
     /// bytes and at least 148).
     pub fn seal(&self, src: &[u8], out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
+        st.sealed = st.sealed.wrapping_add(1);
         if st.touch() {
             self.wake.notify_one();
         }
@@ -332,6 +337,11 @@ impl Peer {
             st.quiet = true;
         }
         st.activity
+    }
+
+    /// How many packets were sealed for this peer (ever, wrapping).
+    pub fn sealed(&self) -> u64 {
+        self.state.lock().sealed
     }
 
     pub fn stats(&self) -> PeerStats {

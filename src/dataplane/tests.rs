@@ -275,6 +275,7 @@ fn a_quiet_peers_first_packet_wakes_the_agent_once() {
     assert!(woken(), "the first packet wakes");
     let seen = peer.poll_activity(0);
     assert_eq!(seen, 1);
+    assert_eq!(peer.sealed(), 1, "a sealed packet is ours");
     let _ = seal(&a, &ipv4(A_IP, B_IP, b"two"));
     assert!(!woken(), "a busy peer does not wake again");
     // The agent looks: news (the second packet), so not quiet yet.

@@ -344,9 +344,19 @@ impl Node {
         self.peers.get(peer)?.paths.relay_reason().cloned()
     }
 
+    /// We sent `peer` packets since the last call (and maybe received).
     pub fn note_traffic(&mut self, now: Instant, peer: &NodeKey) {
         if let Some(e) = self.peers.get_mut(peer) {
             e.paths.note_traffic(now);
+            self.pump(now, *peer);
+        }
+    }
+
+    /// `peer` sent us packets and we sent it none: enough to look for a
+    /// direct path, not to start the hard-NAT methods (`peer_punch`).
+    pub fn note_received(&mut self, now: Instant, peer: &NodeKey) {
+        if let Some(e) = self.peers.get_mut(peer) {
+            e.paths.note_received(now);
             self.pump(now, *peer);
         }
     }

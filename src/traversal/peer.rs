@@ -22,7 +22,7 @@
 //! direct UDP paths and the relay.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -69,6 +69,9 @@ enum Birthday {
 /// Bounds the pings in flight: the birthday method alone may have a few
 /// hundred outstanding.
 const MAX_PENDING: usize = 4096;
+/// Source addresses remembered per peer (a peer has one or two public
+/// addresses, one per family; a few more cover a roam).
+const MAX_SEEN_IPS: usize = 4;
 /// Least gap between two pings to one path outside the regular rounds.
 const PING_GAP: Duration = Duration::from_secs(1);
 /// The same for a path that has not answered yet: short enough that a
@@ -97,6 +100,14 @@ pub struct PeerPaths {
     retry_backoff: Duration,
     last_cmm: Option<Instant>,
     last_traffic: Option<Instant>,
+    /// The last packet *we* sent the peer: the hard-NAT methods, which
+    /// spray a peer's address with probes, run only while it is recent
+    /// (a peer cannot start them by sending us traffic).
+    last_sent: Option<Instant>,
+    /// Addresses an authenticated disco message of the peer came from:
+    /// besides the coordinator-vouched NAT mapping, the only ones the
+    /// birthday method may aim at (`peer_punch::remote_public`).
+    seen_ips: Vec<IpAddr>,
     relay_reason: RelayReason,
     birthday: Birthday,
     on_demand: ping::OnDemand,
@@ -128,6 +139,8 @@ impl PeerPaths {
             retry_backoff: retry,
             last_cmm: None,
             last_traffic: None,
+            last_sent: None,
+            seen_ips: Vec::new(),
             relay_reason: RelayReason::NoCandidates,
             birthday: Birthday::Idle { not_before: None },
             on_demand: ping::OnDemand::default(),
@@ -200,8 +213,14 @@ impl PeerPaths {
         }
     }
 
-    /// The data plane sent or received a packet for this peer.
+    /// The data plane sent a packet to this peer (and maybe received some).
     pub fn note_traffic(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+        self.note_received(now);
+    }
+
+    /// The data plane received packets from this peer and sent none.
+    pub fn note_received(&mut self, now: Instant) {
         let was_idle = !self.active(now);
         self.last_traffic = Some(now);
         if !was_idle {
@@ -258,6 +277,7 @@ impl PeerPaths {
                     return Err(Rejected::NodeKeyMismatch);
                 }
                 let observed_src = p.addr;
+                self.saw_ip(p.addr.ip());
                 self.transmits.push_back(Transmit {
                     path: from,
                     payload: Payload::Disco(Message::Pong {
@@ -302,6 +322,7 @@ impl PeerPaths {
                     return Err(Rejected::UnexpectedPong);
                 }
                 self.pending.remove(&tx_id);
+                self.saw_ip(p.addr.ip());
                 self.stats.pongs_received += 1;
                 self.on_demand_pong(now, tx_id, Path::Direct(p));
                 let trust_for = if self.active(now) {
@@ -482,6 +503,28 @@ impl PeerPaths {
             .is_some_and(|t| now < t + self.cfg.active_timeout)
     }
 
+    /// Whether we sent the peer traffic lately.
+    pub(super) fn sending(&self, now: Instant) -> bool {
+        self.last_sent
+            .is_some_and(|t| now < t + self.cfg.active_timeout)
+    }
+
+    /// Notes that an authenticated disco message came from `ip`.
+    fn saw_ip(&mut self, ip: IpAddr) {
+        if self.seen_ips.contains(&ip) {
+            return;
+        }
+        if self.seen_ips.len() >= MAX_SEEN_IPS {
+            self.seen_ips.remove(0);
+        }
+        self.seen_ips.push(ip);
+    }
+
+    /// Whether an authenticated disco message came from `ip`.
+    pub(super) fn has_seen(&self, ip: IpAddr) -> bool {
+        self.seen_ips.contains(&ip)
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
@@ -531,3 +574,7 @@ mod tcp;
 #[cfg(test)]
 #[path = "peer_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "punch_tests.rs"]
+mod punch_tests;

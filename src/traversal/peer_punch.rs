@@ -208,12 +208,19 @@ impl PeerPaths {
         self.maybe_call_me(now);
     }
 
-    /// The peer's public address as STUN saw it, for the birthday method.
+    /// The peer's public address as STUN saw it, for the birthday method,
+    /// which sends it thousands of probes: only an address that is
+    /// vouched for. The NAT mapping in the map is (the coordinator keeps
+    /// it only when the peer's own request came from that address,
+    /// `coordinator::api::vouch_observed`); a server-reflexive candidate
+    /// is only once an authenticated disco message of the peer came from
+    /// its IP. Anything else is the peer's claim, and a peer could name a
+    /// third party's address to have us scan it (README, "Security model").
     pub(super) fn remote_public(&self) -> Option<SocketAddr> {
         self.remote_nat.observed.or_else(|| {
             self.candidates
                 .iter()
-                .find(|c| c.kind == CandidateKind::ServerReflexive)
+                .find(|c| c.kind == CandidateKind::ServerReflexive && self.has_seen(c.addr.ip()))
                 .map(|c| c.addr)
         })
     }
@@ -224,7 +231,10 @@ impl PeerPaths {
                 let Birthday::Idle { not_before } = self.birthday else {
                     return;
                 };
-                if not_before.is_some_and(|t| now < t) || self.remote_public().is_none() {
+                if not_before.is_some_and(|t| now < t)
+                    || self.remote_public().is_none()
+                    || !self.sending(now)
+                {
                     return;
                 }
                 self.birthday = Birthday::Hard {
@@ -243,7 +253,10 @@ impl PeerPaths {
         let Birthday::Idle { not_before } = self.birthday else {
             return;
         };
-        if not_before.is_some_and(|t| now < t) || self.current != Path::Relay {
+        // Only while we send the peer traffic: a peer's CallMeMaybe alone
+        // must not set off thousands of probes.
+        if not_before.is_some_and(|t| now < t) || self.current != Path::Relay || !self.sending(now)
+        {
             return;
         }
         if let Some(target) = self.remote_public() {

@@ -19,9 +19,9 @@ use crate::lab;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use lab::agent::{tcp_transfer, AgentConfig};
-use lab::coord::{relay_metrics, start_with_region};
-use lab::mesh::{join_with, overlay_v4, peer_of};
+use lab::agent::{tcp_transfer, warren_keypair, Agent, AgentConfig};
+use lab::coord::{relay_metrics, start_with_keyed_region, start_with_region};
+use lab::mesh::{join_with, overlay_v4, peer_of, up_with};
 use lab::nat::Nat;
 use lab::{poll_until, Lab, Node};
 use serde_json::Value;
@@ -268,4 +268,46 @@ fn latency(st: &Value) -> impl Fn(&str) -> f64 + '_ {
             })
             .unwrap_or(f64::INFINITY)
     }
+}
+
+/// The relay map names a key the relay does not hold (a relay replaced, or
+/// a server posing as it): the agent checks the key the relay proves in its
+/// handshake against the map's and refuses the relay before it proves its
+/// own, so none of its traffic goes there. `warren up` fails and says why,
+/// and `warren status` keeps saying so.
+#[test]
+fn an_agent_refuses_a_relay_whose_key_is_not_the_one_in_the_map() {
+    let Some(lab) = Lab::new_or_skip() else {
+        return;
+    };
+    let coord_node = lab.public("coord");
+    let wrong = warren_keypair(&lab, &coord_node).public;
+    // No embedded relay: r2 is the only region, so it is the home.
+    let (coord, _r2) = start_with_keyed_region(
+        &lab,
+        &coord_node,
+        &["--no-relay"],
+        &lab.public("r2"),
+        "r2",
+        Some(&wrong),
+    );
+    let ha = lab.public("a");
+    let a = Agent::start(&lab, &ha, &AgentConfig::mesh(&lab, &ha));
+    let (token, _) = coord.token(&lab, &["--reusable"]);
+    let out = up_with(&lab, &a, &coord, &token, &["--timeout", "8s"]);
+    assert!(!out.ok(), "up must not succeed: {}", out.stdout);
+    assert!(
+        out.stderr.contains("did not connect") && out.stderr.contains("presented key"),
+        "up names the refused key:\n{}",
+        out.stderr
+    );
+    let st = a.status(&lab);
+    let m = &st["mesh"];
+    assert_eq!(m["home_relay"], "r2", "{st}");
+    assert_eq!(m["home_relay_connected"], false, "{st}");
+    let error = m["home_relay_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("presented key") && error.contains("expected"),
+        "{st}"
+    );
 }

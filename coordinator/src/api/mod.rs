@@ -12,7 +12,7 @@ mod signed;
 pub mod streams;
 
 use std::collections::HashMap;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -220,8 +220,10 @@ async fn register(
 
 async fn endpoints(
     State(st): State<AppState>,
-    signed: Signed<EndpointsReport>,
+    mut signed: Signed<EndpointsReport>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let source = signed.source_ip();
+    vouch_observed(&mut signed.body, source);
     let report = &signed.body;
     if report.endpoints.len() > MAX_ENDPOINTS {
         return Err(ApiError::new(
@@ -278,9 +280,55 @@ async fn logout(
     Ok(Json(serde_json::json!({})))
 }
 
+/// Keeps the NAT mapping a node reports only when its address is the one
+/// this request came from. Peers aim hard-NAT probes (thousands of ports)
+/// at that address alone (`traversal::peer_punch`), so it must be what the
+/// coordinator saw, not what the node says: a node naming a third party's
+/// address there would turn every peer into a port scanner of it. A node
+/// whose requests leave by another address than its UDP (an HTTP proxy)
+/// loses only the hard-NAT method; its candidates stay.
+fn vouch_observed(report: &mut EndpointsReport, source: Option<IpAddr>) {
+    let Some(observed) = report.nat.observed else {
+        return;
+    };
+    if source.map(|s| s.to_canonical()) != Some(observed.ip().to_canonical()) {
+        tracing::debug!(%observed, ?source, "NAT mapping not from the request's address: dropped");
+        report.nat.observed = None;
+    }
+}
+
 pub(crate) fn unknown_node() -> ApiError {
     ApiError::new(
         ErrorCode::UnknownNode,
         "this node key is not registered (removed, or never joined)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(observed: &str) -> EndpointsReport {
+        let mut r = EndpointsReport::endpoints(&[]);
+        r.nat.observed = Some(observed.parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn a_nat_mapping_is_kept_only_at_the_requests_own_address() {
+        let from = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let mut r = report("198.51.100.7:41000");
+        vouch_observed(&mut r, from("198.51.100.7"));
+        assert!(r.nat.observed.is_some(), "the request's own address");
+        // A dual-stack listener sees IPv4 clients as mapped IPv6.
+        let mut r = report("198.51.100.7:41000");
+        vouch_observed(&mut r, from("::ffff:198.51.100.7"));
+        assert!(r.nat.observed.is_some(), "mapped IPv6 is the same address");
+        let mut r = report("203.0.113.50:41000");
+        vouch_observed(&mut r, from("198.51.100.7"));
+        assert_eq!(r.nat.observed, None, "a third party's address");
+        let mut r = report("198.51.100.7:41000");
+        vouch_observed(&mut r, None);
+        assert_eq!(r.nat.observed, None, "no address to check it against");
+    }
 }

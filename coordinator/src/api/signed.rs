@@ -179,6 +179,12 @@ impl<T> Signed<T> {
         &self.auth.node
     }
 
+    /// The address the request came from, as the listener saw it (an
+    /// IPv4-mapped IPv6 address as the IPv4 one).
+    pub fn source_ip(&self) -> Option<IpAddr> {
+        self.ip.map(|ip| ip.to_canonical())
+    }
+
     /// Opens the transaction the request's changes go into, and consumes
     /// the nonce in it (a replay fails here).
     pub async fn begin(&self, st: &AppState) -> Result<Transaction<'static, Any>, ApiError> {

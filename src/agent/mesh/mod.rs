@@ -145,7 +145,9 @@ pub(crate) struct Mesh {
     ping_waiters: Vec<ping::Waiter>,
     /// When each peer's path last turned direct.
     direct_since: HashMap<NodeKey, Instant>,
-    traffic: HashMap<NodeKey, u64>,
+    /// Per peer, the data plane's activity and sealed counters at the last
+    /// look (`feed_traffic`).
+    traffic: HashMap<NodeKey, (u64, u64)>,
     host_addrs: Vec<crate::control::Endpoint>,
     gro: GROTable,
     /// Where relayed WireGuard packets are opened; reused without zeroing.
@@ -278,11 +280,17 @@ impl Mesh {
     fn feed_traffic(&mut self, now: Instant) {
         for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
             // A new peer starts at zero: being added is not traffic.
-            let seen = self.traffic.get(&p.key).copied().unwrap_or(0);
+            let (seen, seen_sealed) = self.traffic.get(&p.key).copied().unwrap_or((0, 0));
             let cur = p.poll_activity(seen);
             if cur != seen {
-                self.traffic.insert(p.key, cur);
-                self.node.note_traffic(now, &p.key);
+                // Only what we sent may start the hard-NAT methods.
+                let sealed = p.sealed();
+                self.traffic.insert(p.key, (cur, sealed));
+                if sealed != seen_sealed {
+                    self.node.note_traffic(now, &p.key);
+                } else {
+                    self.node.note_received(now, &p.key);
+                }
             }
         }
     }

@@ -120,6 +120,9 @@ struct Conn {
     last_sent: u64,
     last_active: Instant,
     connected: bool,
+    /// Why the last attempt failed (a refused relay key, a TLS error),
+    /// until one succeeds: `warren status` and `up` show it.
+    last_error: Option<String>,
 }
 
 impl Drop for Conn {
@@ -244,13 +247,27 @@ impl Relays {
         self.conns.get(&region).is_some_and(|c| c.connected)
     }
 
+    /// Why the connection to `region` is down, if it failed.
+    pub fn last_error(&self, region: u16) -> Option<String> {
+        self.conns
+            .get(&region)
+            .filter(|c| !c.connected)
+            .and_then(|c| c.last_error.clone())
+    }
+
     /// Notes a connection event (called by the mesh for each
     /// [`Incoming::Event`]).
     pub fn note_event(&mut self, region: u16, event: &RelayEvent) {
         if let Some(c) = self.conns.get_mut(&region) {
             match event {
-                RelayEvent::Connected { .. } => c.connected = true,
-                RelayEvent::Disconnected { .. } => c.connected = false,
+                RelayEvent::Connected { .. } => {
+                    c.connected = true;
+                    c.last_error = None;
+                }
+                RelayEvent::Disconnected { error } => {
+                    c.connected = false;
+                    c.last_error = Some(error.clone());
+                }
                 _ => {}
             }
         }
@@ -397,6 +414,7 @@ impl Relays {
             last_sent: 0,
             last_active: Instant::now(),
             connected: false,
+            last_error: None,
         }
     }
 }

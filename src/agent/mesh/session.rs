@@ -505,6 +505,7 @@ impl Mesh {
                 .relays
                 .home()
                 .is_some_and(|h| self.relays.is_connected(h)),
+            home_relay_error: self.relays.home().and_then(|h| self.relays.last_error(h)),
             relay_latency_ms: self
                 .discovery
                 .region_latency()

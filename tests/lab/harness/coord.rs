@@ -135,13 +135,27 @@ pub fn start_with_region(
     relay_node: &Node,
     name: &str,
 ) -> (Coordinator, RelayRegion) {
+    start_with_keyed_region(lab, coord_node, extra, relay_node, name, None)
+}
+
+/// [`start_with_region`] whose relay map names `key` (a `warren genkey`
+/// public key) as the region's relay key, whatever key the relay has.
+pub fn start_with_keyed_region(
+    lab: &Lab,
+    coord_node: &Node,
+    extra: &[&str],
+    relay_node: &Node,
+    name: &str,
+    key: Option<&str>,
+) -> (Coordinator, RelayRegion) {
     let ip = relay_node.ip;
     let url = format!("http://{ip}:{COORD_PORT}");
+    let key_line = key.map(|k| format!("key = \"{k}\"\n")).unwrap_or_default();
     let map = lab.write_file(
         &format!("relay-map-{name}.toml"),
         &format!(
             "[[region]]\nid = 2\nname = \"{name}\"\nurl = \"{url}\"\n\
-             stun = [\"{ip}:3478\", \"{ip}:3479\"]\n"
+             stun = [\"{ip}:3478\", \"{ip}:3479\"]\n{key_line}"
         ),
     );
     let secret = lab.write_file("relay-secret", "lab-relay-secret-0123456789abcdef\n");

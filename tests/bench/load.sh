@@ -21,6 +21,7 @@ AGENTS=${AGENTS:-100}
 ATTACKERS=${ATTACKERS:-2000}
 NOFILE=${NOFILE:-65536}
 BEFORE_NOFILE=${BEFORE_NOFILE:-1024}
+PORT=${PORT:-18443}
 # The load generator itself holds ATTACKERS + AGENTS sockets.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -42,18 +43,17 @@ run() {
     mkdir -p "$dir"
     local token
     token=$(RUST_LOG=warn "$bin" --data-dir "$dir" token create --reusable | head -1)
-    (ulimit -n "$nofile" 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec env RUST_LOG=warn "$bin" --data-dir "$dir" serve --listen 127.0.0.1:0 --no-relay) \
+    (ulimit -n "$nofile" 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec env RUST_LOG=warn "$bin" --data-dir "$dir" serve --listen "127.0.0.1:$PORT" --no-relay) \
         >"$dir/log" 2>&1 &
     PID=$!
-    local port= i
+    local i
     for i in $(seq 1 100); do
-        port=$(ss -Hltnp 2>/dev/null | awk -v pid="pid=$PID," '$0 ~ pid {split($4, a, ":"); print a[length(a)]; exit}')
-        [ -n "$port" ] && break
+        curl -s -o /dev/null -m 1 "http://127.0.0.1:$PORT/key" && break
         sleep 0.1
     done
-    if [ -z "$port" ]; then echo "coordinator did not start:"; cat "$dir/log"; exit 1; fi
-    echo "== $label: coordinator pid $PID on port $port, file limit $nofile"
-    "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --agents "$AGENTS" --attackers "$ATTACKERS"
+    if ! kill -0 "$PID" 2>/dev/null; then echo "coordinator did not start:"; cat "$dir/log"; exit 1; fi
+    echo "== $label: coordinator pid $PID on port $PORT, file limit $nofile"
+    "$BENCH" --url "http://127.0.0.1:$PORT" --token "$token" --agents "$AGENTS" --attackers "$ATTACKERS"
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 }
 

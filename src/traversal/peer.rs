@@ -99,6 +99,9 @@ pub struct PeerPaths {
     probe_round: u32,
     retry_backoff: Duration,
     last_cmm: Option<Instant>,
+    /// The peer's last CallMeMaybe: the easy side's probes start when it
+    /// came and we send, in either order (`note_traffic`).
+    cmm_received: Option<Instant>,
     last_traffic: Option<Instant>,
     /// The last packet *we* sent the peer: the hard-NAT methods, which
     /// spray a peer's address with probes, run only while it is recent
@@ -138,6 +141,7 @@ impl PeerPaths {
             probe_round: 0,
             retry_backoff: retry,
             last_cmm: None,
+            cmm_received: None,
             last_traffic: None,
             last_sent: None,
             seen_ips: Vec::new(),
@@ -215,8 +219,14 @@ impl PeerPaths {
 
     /// The data plane sent a packet to this peer (and maybe received some).
     pub fn note_traffic(&mut self, now: Instant) {
+        let was_sending = self.sending(now);
         self.last_sent = Some(now);
         self.note_received(now);
+        if !was_sending && self.current == Path::Relay {
+            // The birthday method waits for our traffic (`start_birthday`);
+            // when it begins, so does the method, not at the next round.
+            self.traffic_began(now);
+        }
     }
 
     /// The data plane received packets from this peer and sent none.

@@ -55,6 +55,7 @@ impl PeerPaths {
     }
 
     pub(super) fn merge_call_me(&mut self, now: Instant, endpoints: Vec<Candidate>) {
+        self.cmm_received = Some(now);
         // Predictions are only good for the attempt they were made for.
         let has_predicted = endpoints.iter().any(|c| c.kind == CandidateKind::Predicted);
         self.tcp_candidates(now, &endpoints);
@@ -223,6 +224,27 @@ impl PeerPaths {
                 .find(|c| c.kind == CandidateKind::ServerReflexive && self.has_seen(c.addr.ip()))
                 .map(|c| c.addr)
         })
+    }
+
+    /// We began sending the peer traffic while relayed. The first packet
+    /// usually comes before the WireGuard handshake is done, so the first
+    /// discovery round (and the peer's CallMeMaybe) found us not sending
+    /// yet; without this the birthday method would wait for the next
+    /// round, 30 s later. The easy side starts only if the peer asked
+    /// lately: its CallMeMaybe follows the spray, and probes before the
+    /// spray hit no mapping.
+    pub(super) fn traffic_began(&mut self, now: Instant) {
+        match self.strategy() {
+            Strategy::BirthdayHard => self.start_birthday(now),
+            Strategy::BirthdayEasy
+                if self
+                    .cmm_received
+                    .is_some_and(|t| now < t + self.cfg.birthday_time) =>
+            {
+                self.start_birthday_easy(now)
+            }
+            _ => {}
+        }
     }
 
     pub(super) fn start_birthday(&mut self, now: Instant) {

@@ -145,3 +145,54 @@ fn the_easy_side_probes_only_while_we_send() {
     let txs = run(&mut m, t2, Duration::from_secs(2), true);
     assert!(probes_to(&txs, public.ip(), public.port()) > 50);
 }
+
+/// The peer's CallMeMaybe (and our first discovery round) usually come
+/// before our first packet is sealed, the WireGuard handshake being still
+/// under way. The birthday method must start when our traffic does, on
+/// either side, not at the next round 30 s later (the NAT matrix's
+/// EIM-to-random-EDM pairs went relayed without this).
+#[test]
+fn the_birthday_method_starts_when_our_traffic_begins() {
+    let t0 = Instant::now();
+    let peer_public = addr("192.0.2.2:41641");
+    let easy = nat(
+        Mapping::EndpointIndependent,
+        Allocation::Preserving,
+        Some("192.0.2.2:41641"),
+    );
+    let cmm = || Message::CallMeMaybe {
+        endpoints: vec![Candidate::udp(peer_public, CandidateKind::ServerReflexive)],
+    };
+
+    // Hard side: its discovery round found it not sending.
+    let mut hard_side = PeerPaths::new(Config::default(), key(1), key(2), 5);
+    hard_side.set_nat(t0, hard(), easy);
+    hard_side.note_received(t0);
+    hard_side.handle_disco(t0, Path::Relay, cmm()).unwrap();
+    let _ = run(&mut hard_side, t0, Duration::from_millis(500), false);
+    assert!(!wants_sockets(&mut hard_side));
+    let t1 = t0 + Duration::from_millis(500);
+    hard_side.note_traffic(t1);
+    assert!(
+        wants_sockets(&mut hard_side),
+        "the spray starts with our traffic"
+    );
+
+    // Easy side: the peer's CallMeMaybe came before our traffic.
+    let mut easy_side = PeerPaths::new(Config::default(), key(1), key(2), 5);
+    let peer_hard = nat(
+        Mapping::EndpointDependent,
+        Allocation::Random,
+        Some("192.0.2.2:41641"),
+    );
+    easy_side.set_nat(t0, easy, peer_hard);
+    easy_side.note_received(t0);
+    easy_side.handle_disco(t0, Path::Relay, cmm()).unwrap();
+    let txs = run(&mut easy_side, t0, Duration::from_millis(500), false);
+    assert_eq!(probes_to(&txs, peer_public.ip(), peer_public.port()), 0);
+    let txs = run(&mut easy_side, t1, Duration::from_secs(1), true);
+    assert!(
+        probes_to(&txs, peer_public.ip(), peer_public.port()) > 50,
+        "the probes start with our traffic"
+    );
+}

@@ -14,6 +14,8 @@
 //! Drops are counted, never logged per packet: a flood of forged packets
 //! must cost a counter increment, not a log line.
 
+pub mod firewall;
+pub mod flow;
 pub mod packet;
 pub mod peer;
 pub mod route;

@@ -1,0 +1,216 @@
+//! A node's compiled packet filter: the form it travels in to the agent
+//! (the map stream, `policy filter --json`) and the stateless match the
+//! data plane runs on the first packet of a flow (the connection table in
+//! `dataplane::conntrack` lets the rest of the flow through without it).
+//!
+//! The wire form is Tailscale's compiled filter in spirit and documented in
+//! the README ("Compiled filter"): a packet to this node, or to a route it
+//! serves, is allowed when some rule lists its protocol, covers its source
+//! and covers its destination address and port (ports are ignored for
+//! protocols without them).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::selector::{has_ports, PortRange};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FilterRule {
+    pub proto: Vec<u8>,
+    pub src: Vec<IpNet>,
+    pub dst: Vec<DstNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DstNet {
+    pub net: IpNet,
+    /// `[first, last]`, inclusive.
+    #[serde(with = "ports_pair")]
+    pub ports: PortRange,
+}
+
+mod ports_pair {
+    use super::PortRange;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &PortRange, s: S) -> Result<S::Ok, S::Error> {
+        [p.first, p.last].serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PortRange, D::Error> {
+        let [first, last] = <[u16; 2]>::deserialize(d)?;
+        if last < first {
+            return Err(serde::de::Error::custom("port range ends before it starts"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+/// Most rules a filter from the coordinator may hold; a bigger one is
+/// refused by the agent rather than walked on every new flow.
+pub const MAX_RULES: usize = 20_000;
+
+/// The stateless part of the agent's filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PacketFilter {
+    /// `None`: no policy, everything is allowed (Tailscale's default).
+    rules: Option<Vec<FilterRule>>,
+}
+
+/// The fields of a packet the filter looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Zero for protocols without ports.
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl PacketFilter {
+    pub fn allow_all() -> Self {
+        PacketFilter { rules: None }
+    }
+
+    pub fn new(rules: Vec<FilterRule>) -> Self {
+        PacketFilter { rules: Some(rules) }
+    }
+
+    pub fn is_allow_all(&self) -> bool {
+        self.rules.is_none()
+    }
+
+    pub fn rules(&self) -> Option<&[FilterRule]> {
+        self.rules.as_deref()
+    }
+
+    /// Whether some rule allows the packet.
+    pub fn allows(&self, f: &Flow) -> bool {
+        let Some(rules) = &self.rules else {
+            return true;
+        };
+        let ports = has_ports(f.proto);
+        rules.iter().any(|r| {
+            r.proto.contains(&f.proto)
+                && r.dst
+                    .iter()
+                    .any(|d| d.net.contains(&f.dst) && (!ports || d.ports.contains(f.dst_port)))
+                && r.src.iter().any(|s| s.contains(&f.src))
+        })
+    }
+
+    /// Whether some rule allows `proto` from `src` to `dst` on some port:
+    /// for fragments after the first, which carry no ports.
+    pub fn allows_addrs(&self, proto: u8, src: IpAddr, dst: IpAddr) -> bool {
+        let Some(rules) = &self.rules else {
+            return true;
+        };
+        rules.iter().any(|r| {
+            r.proto.contains(&proto)
+                && r.dst.iter().any(|d| d.net.contains(&dst))
+                && r.src.iter().any(|s| s.contains(&src))
+        })
+    }
+
+    /// What the rules let `src` reach on this node, for `status`
+    /// ("allows you: tcp/22, tcp/443"): every (protocol, port range) of a
+    /// rule covering one of `src`'s addresses, sorted, each once.
+    pub fn allowed_from(&self, src: &[IpAddr]) -> Option<Vec<(u8, PortRange)>> {
+        let rules = self.rules.as_ref()?;
+        let mut out: Vec<(u8, PortRange)> = Vec::new();
+        for r in rules {
+            if !r.src.iter().any(|s| src.iter().any(|ip| s.contains(ip))) {
+                continue;
+            }
+            for &p in &r.proto {
+                for d in &r.dst {
+                    let ports = if has_ports(p) {
+                        d.ports
+                    } else {
+                        PortRange::ALL
+                    };
+                    if !out.contains(&(p, ports)) {
+                        out.push((p, ports));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(proto: &[u8], src: &str, dst: &str, ports: (u16, u16)) -> FilterRule {
+        FilterRule {
+            proto: proto.to_vec(),
+            src: vec![src.parse().unwrap()],
+            dst: vec![DstNet {
+                net: dst.parse().unwrap(),
+                ports: PortRange {
+                    first: ports.0,
+                    last: ports.1,
+                },
+            }],
+        }
+    }
+
+    fn flow(proto: u8, src: &str, dst: &str, port: u16) -> Flow {
+        Flow {
+            proto,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            src_port: 40000,
+            dst_port: port,
+        }
+    }
+
+    #[test]
+    fn a_packet_needs_protocol_source_destination_and_port() {
+        let f = PacketFilter::new(vec![rule(
+            &[6, 1],
+            "100.64.0.1/32",
+            "100.64.0.2/32",
+            (22, 22),
+        )]);
+        assert!(f.allows(&flow(6, "100.64.0.1", "100.64.0.2", 22)));
+        assert!(!f.allows(&flow(6, "100.64.0.1", "100.64.0.2", 80)), "port");
+        assert!(
+            !f.allows(&flow(17, "100.64.0.1", "100.64.0.2", 22)),
+            "protocol"
+        );
+        assert!(
+            !f.allows(&flow(6, "100.64.0.3", "100.64.0.2", 22)),
+            "source"
+        );
+        assert!(
+            !f.allows(&flow(6, "100.64.0.1", "100.64.0.9", 22)),
+            "destination"
+        );
+        assert!(
+            f.allows(&flow(1, "100.64.0.1", "100.64.0.2", 0)),
+            "ICMP has no ports"
+        );
+        assert!(PacketFilter::allow_all().allows(&flow(6, "1.2.3.4", "5.6.7.8", 1)));
+        assert!(!PacketFilter::new(vec![]).allows(&flow(6, "100.64.0.1", "100.64.0.2", 22)));
+    }
+
+    #[test]
+    fn the_wire_form_is_the_documented_one() {
+        let r = rule(&[6], "100.64.0.0/10", "100.80.1.2/32", (22, 22));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"proto":[6],"src":["100.64.0.0/10"],"dst":[{"net":"100.80.1.2/32","ports":[22,22]}]}"#
+        );
+        assert_eq!(serde_json::from_str::<FilterRule>(&json).unwrap(), r);
+        let backwards = r#"{"proto":[6],"src":[],"dst":[{"net":"100.80.1.2/32","ports":[9,1]}]}"#;
+        assert!(serde_json::from_str::<FilterRule>(backwards).is_err());
+    }
+}

@@ -29,6 +29,7 @@ use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 use super::egress::Egress;
 use super::udp::Udp;
+use crate::dataplane::firewall::Verdict;
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
 use crate::traversal::node::is_wireguard;
 use crate::traversal::SocketId;
@@ -180,6 +181,15 @@ impl Inbound {
         buf.set_len(OFFSET + out.plain);
         match peer.open(Some(from), dgram, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
+                let now = std::time::Instant::now();
+                if self
+                    .dp
+                    .firewall
+                    .inbound(&buf.as_ref()[OFFSET..OFFSET + len], now)
+                    != Verdict::Pass
+                {
+                    return Ok(());
+                }
                 buf.set_len(OFFSET + len);
                 out.used += 1;
             }

@@ -264,7 +264,7 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
             dp.reset_rate_limiter();
         }
         if n % ticks_per_report == 0 {
-            let now = dp.drops.snapshot();
+            let now = dp.drop_counts();
             if now != last {
                 tracing::info!(
                     auth = now.auth - last.auth,
@@ -272,6 +272,8 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
                     no_route = now.no_route - last.no_route,
                     no_endpoint = now.no_endpoint - last.no_endpoint,
                     malformed = now.malformed - last.malformed,
+                    policy = now.policy - last.policy,
+                    not_ours = now.not_ours - last.not_ours,
                     "packets dropped in the last {}s",
                     DROP_REPORT.as_secs()
                 );

@@ -81,6 +81,8 @@ impl Outbound {
         sizes: &[usize],
         batch: &mut TxBatch,
     ) {
+        // One reading of the clock per batch, for the firewall's table.
+        let now = std::time::Instant::now();
         for (buf, &len) in bufs.iter().zip(sizes) {
             let pkt = &buf[..len];
             let Some(dst) = packet::destination(pkt) else {
@@ -95,6 +97,8 @@ impl Outbound {
                 batch.flush(&self.egress.udp).await;
             }
             let Some(slot) = batch.slot() else { continue };
+            // Replies to what we send pass the peer's firewall.
+            self.dp.firewall.outbound(pkt, now);
             match peer.seal(pkt, slot) {
                 Sealed::Send { len, to } => batch.commit(len, to),
                 // A birthday path: rare, and not batched with the primary socket's.

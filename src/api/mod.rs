@@ -184,6 +184,12 @@ pub struct Drops {
     pub no_endpoint: u64,
     /// TUN packets that are not IPv4/IPv6.
     pub malformed: u64,
+    /// Packets from peers that the access policy does not allow.
+    #[serde(default)]
+    pub policy: u64,
+    /// Packets from peers to an address this node does not own.
+    #[serde(default)]
+    pub not_ours: u64,
 }
 
 impl From<DropCounts> for Drops {
@@ -194,6 +200,8 @@ impl From<DropCounts> for Drops {
             no_route: d.no_route,
             no_endpoint: d.no_endpoint,
             malformed: d.malformed,
+            policy: d.policy,
+            not_ours: d.not_ours,
         }
     }
 }

@@ -103,7 +103,7 @@ impl Backend for AgentView {
             addresses,
             uptime_secs: self.started.elapsed().as_secs(),
             peers,
-            drops: self.dataplane.drops.snapshot().into(),
+            drops: self.dataplane.drop_counts().into(),
             mesh: node,
         }
     }

@@ -68,6 +68,8 @@ pub fn status(st: &Status) -> String {
         (d.no_route, "with no route"),
         (d.no_endpoint, "to peers with no endpoint"),
         (d.malformed, "malformed"),
+        (d.policy, "by policy"),
+        (d.not_ours, "to addresses not ours"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)
@@ -372,12 +374,13 @@ mod tests {
         let drops = Drops {
             auth: 3,
             no_route: 1,
+            policy: 4,
             ..Drops::default()
         };
         let text = status(&status_with(vec![], drops));
         assert!(text.contains("\nno peers\n"), "{text}");
         assert!(
-            text.contains("dropped packets: 3 failed authentication, 1 with no route"),
+            text.contains("dropped packets: 3 failed authentication, 1 with no route, 4 by policy"),
             "{text}"
         );
     }

@@ -89,6 +89,8 @@ pub enum MapEvent {
     PeerChanged(Peer),
     PeerRemoved(NodeKey),
     SelfChanged(Peer),
+    /// The packet filter changed (`None`: no policy).
+    FilterChanged(Option<Vec<crate::policy::FilterRule>>),
     Connected,
     Disconnected {
         reason: String,
@@ -494,6 +496,9 @@ fn fold(coordinator: NodeKey, map: &mut Option<NetMap>, msg: MapMessage) -> Opti
         (MapChange::PeerRemoved(k), _) => Some(MapEvent::PeerRemoved(k)),
         (MapChange::SelfChanged, MapMessage::SelfChanged { node }) => {
             Some(MapEvent::SelfChanged(node))
+        }
+        (MapChange::FilterChanged, MapMessage::FilterChanged { packet_filter }) => {
+            Some(MapEvent::FilterChanged(packet_filter))
         }
         _ => None,
     }

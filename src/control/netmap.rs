@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{MapMessage, Peer, RelayMap};
 use crate::keys::NodeKey;
+use crate::policy::FilterRule;
 
 /// Why the map file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub enum MapChange {
     PeerChanged(NodeKey),
     PeerRemoved(NodeKey),
     SelfChanged,
+    /// The packet filter changed.
+    FilterChanged,
     /// Nothing (a keepalive, or a delta that changed nothing).
     None,
 }
@@ -58,6 +61,9 @@ pub struct NetMap {
     #[serde(with = "peers_as_list")]
     pub peers: BTreeMap<NodeKey, Peer>,
     pub relay_map: RelayMap,
+    /// This node's packet filter; `None`: the network has no policy.
+    #[serde(default)]
+    pub packet_filter: Option<Vec<FilterRule>>,
 }
 
 impl NetMap {
@@ -68,11 +74,13 @@ impl NetMap {
                 self_node,
                 peers,
                 relay_map,
+                packet_filter,
             } => Some(NetMap {
                 coordinator_key,
                 self_node: self_node.clone(),
                 peers: peers.iter().map(|p| (p.key, p.clone())).collect(),
                 relay_map: relay_map.clone(),
+                packet_filter: packet_filter.clone(),
             }),
             _ => None,
         }
@@ -104,6 +112,14 @@ impl NetMap {
                 } else {
                     self.self_node = node.clone();
                     MapChange::SelfChanged
+                }
+            }
+            MapMessage::FilterChanged { packet_filter } => {
+                if self.packet_filter == *packet_filter {
+                    MapChange::None
+                } else {
+                    self.packet_filter = packet_filter.clone();
+                    MapChange::FilterChanged
                 }
             }
             MapMessage::Keepalive => MapChange::None,
@@ -208,6 +224,7 @@ mod tests {
             self_node: me.clone(),
             peers: vec![a.clone()],
             relay_map: RelayMap::default(),
+            packet_filter: None,
         };
         let mut map = NetMap::from_full(me.key, &full).unwrap();
         let b = peer(3);
@@ -235,6 +252,13 @@ mod tests {
         );
         assert_eq!(map.peers.len(), 1);
         assert!(!map.peers[&a.key].online);
+        // A policy arrives: deny-all is not no-policy, and it is kept.
+        let deny_all = MapMessage::FilterChanged {
+            packet_filter: Some(vec![]),
+        };
+        assert_eq!(map.apply(&deny_all), MapChange::FilterChanged);
+        assert_eq!(map.apply(&deny_all), MapChange::None);
+        assert_eq!(map.packet_filter, Some(vec![]));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("map.json");

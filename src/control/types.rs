@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::NodeKey;
+use crate::policy::FilterRule;
 use crate::traversal::NatSummary;
 
 /// A node's id in the coordinator's store. Stable for the node's lifetime.
@@ -179,6 +180,16 @@ pub enum MapMessage {
         self_node: Peer,
         peers: Vec<Peer>,
         relay_map: RelayMap,
+        /// This node's compiled packet filter (`policy::filter`); absent
+        /// when the network has no policy, which allows everything.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        packet_filter: Option<Vec<FilterRule>>,
+    },
+    /// The node's packet filter changed (a `policy set`, a user or tag
+    /// change, a node joining or leaving); `None`: no policy any more.
+    FilterChanged {
+        #[serde(default)]
+        packet_filter: Option<Vec<FilterRule>>,
     },
     PeerAdded {
         peer: Peer,

@@ -83,6 +83,16 @@ pub struct Drops {
     pub malformed: AtomicU64,
 }
 
+impl DataPlane {
+    /// Every drop counter, the firewall's included.
+    pub fn drop_counts(&self) -> DropCounts {
+        let mut c = self.drops.snapshot();
+        c.policy = self.firewall.drops.policy.load(Ordering::Relaxed);
+        c.not_ours = self.firewall.drops.not_ours.load(Ordering::Relaxed);
+        c
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DropCounts {
     pub auth: u64,
@@ -90,6 +100,13 @@ pub struct DropCounts {
     pub no_route: u64,
     pub no_endpoint: u64,
     pub malformed: u64,
+    /// Packets from peers that no policy rule allows and that answer no
+    /// flow of ours.
+    #[serde(default)]
+    pub policy: u64,
+    /// Packets from peers to an address this node does not own or serve.
+    #[serde(default)]
+    pub not_ours: u64,
 }
 
 impl Drops {
@@ -101,6 +118,8 @@ impl Drops {
             no_route: g(&self.no_route),
             no_endpoint: g(&self.no_endpoint),
             malformed: g(&self.malformed),
+            policy: 0,
+            not_ours: 0,
         }
     }
 
@@ -118,6 +137,9 @@ pub struct DataPlane {
     edit: Mutex<()>,
     next_index: AtomicU32,
     pub drops: Arc<Drops>,
+    /// The receiving side's packet filter (`firewall.rs`), fed the policy
+    /// from the coordinator's map.
+    pub firewall: Arc<firewall::Firewall>,
     /// Woken by the first packet of a peer that was quiet (see
     /// [`Peer::poll_activity`]), so traversal starts on the first packet
     /// rather than on the next housekeeping tick.
@@ -135,6 +157,7 @@ impl DataPlane {
             edit: Mutex::new(()),
             next_index: AtomicU32::new(1),
             drops: Arc::default(),
+            firewall: Arc::default(),
             wake: Arc::default(),
         }
     }

@@ -52,6 +52,7 @@ use super::egress::Egress;
 use super::inbound::{SideDatagram, TunBuf};
 use crate::api::mesh::{PeerMesh, TriedPath};
 use crate::control::types::Peer as MapPeer;
+use crate::dataplane::firewall::Verdict;
 use crate::dataplane::peer::PeerPath;
 use crate::dataplane::{DataPlane, Opened, Sealed};
 use crate::keys::{NodeKey, PrivateKey};
@@ -387,6 +388,15 @@ impl Mesh {
         buf.set_len(OFFSET + bytes.len().max(256));
         match peer.open(None, bytes, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
+                let now = Instant::now();
+                if self
+                    .dp
+                    .firewall
+                    .inbound(&buf.as_ref()[OFFSET..OFFSET + len], now)
+                    != Verdict::Pass
+                {
+                    return;
+                }
                 buf.set_len(OFFSET + len);
                 let _ = self
                     .tun

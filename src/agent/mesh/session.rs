@@ -264,6 +264,7 @@ impl Mesh {
                     s.map_received |= !from_cache;
                 }
                 self.set_relay_map(map.relay_map.clone());
+                self.set_filter(map.packet_filter.clone());
                 let gone: Vec<NodeKey> = self
                     .map_peers
                     .keys()
@@ -288,6 +289,7 @@ impl Mesh {
                     s.name = Some(me.name);
                 }
             }
+            MapEvent::FilterChanged(f) => self.set_filter(f),
             MapEvent::Connected => {
                 if let Some(s) = self.session.as_mut() {
                     s.state = MeshState::Running;
@@ -303,6 +305,26 @@ impl Mesh {
             }
             MapEvent::Revoked { reason } => self.revoked(&reason),
         }
+    }
+
+    /// Installs the node's packet filter from the map (README, "Access
+    /// policy"). One too big to walk per new flow fails closed.
+    fn set_filter(&mut self, rules: Option<Vec<crate::policy::FilterRule>>) {
+        use crate::policy::{filter::MAX_RULES, PacketFilter};
+        let filter = match rules {
+            None => PacketFilter::allow_all(),
+            Some(r) if r.len() > MAX_RULES => {
+                tracing::warn!(
+                    rules = r.len(),
+                    max = MAX_RULES,
+                    "packet filter too big: nothing is allowed in"
+                );
+                PacketFilter::new(Vec::new())
+            }
+            Some(r) => PacketFilter::new(r),
+        };
+        tracing::info!(rules = filter.rules().map(<[_]>::len), "packet filter");
+        self.dp.firewall.set_filter(filter);
     }
 
     fn revoked(&mut self, reason: &str) {
@@ -380,6 +402,10 @@ impl Mesh {
             return;
         }
         s.addresses = addresses.to_vec();
+        // Peers may send to these only (README, "Access policy").
+        self.dp
+            .firewall
+            .set_local(addresses.iter().map(|a| IpNet::from(*a)).collect());
         // The whole overlay range is routed to the device: /10 and /48.
         for res in [
             self.tun.add_address_v4(v4, 10),

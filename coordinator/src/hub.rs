@@ -26,6 +26,7 @@
 //! most once per tick, so a reconnect storm does not cost every stream a
 //! line per event.
 
+pub mod access;
 pub mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +50,9 @@ pub enum HubEvent {
     },
     /// Changes may have been missed: rebuild from a full map.
     Resync,
+    /// The policy was compiled again (`access.rs`): streams send their
+    /// agents the peers and filter that changed.
+    Access(Arc<access::Access>),
 }
 
 /// A node's state with its map entry already encoded: thousands of streams
@@ -82,6 +86,7 @@ pub struct Hub {
     tx: broadcast::Sender<HubEvent>,
     wake: Arc<Notify>,
     snapshot: Arc<RwLock<Snapshot>>,
+    access: Arc<RwLock<Arc<access::Access>>>,
 }
 
 impl Default for Hub {
@@ -109,7 +114,49 @@ impl Hub {
             tx,
             wake: Arc::new(Notify::new()),
             snapshot: Arc::default(),
+            access: Arc::new(RwLock::new(Arc::new(access::Access::open()))),
         }
+    }
+
+    /// The policy as last compiled.
+    pub fn access(&self) -> Arc<access::Access> {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Compiles the policy again for the snapshot's nodes, with `fresh`
+    /// users and policy text if they changed, and tells the streams.
+    fn rebuild(&self, fresh: Option<(Option<String>, Vec<crate::store::UserRecord>)>) {
+        let old = self.access();
+        let (text, users) = fresh.unwrap_or_else(|| (old.policy_text.clone(), old.users.clone()));
+        let built = self.with_snapshot(|s| {
+            Arc::new(access::Access::build(
+                text,
+                users,
+                s.values().map(|u| &u.node),
+            ))
+        });
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = built.clone();
+        let _ = self.tx.send(HubEvent::Access(built));
+    }
+
+    /// Reads the users and the policy, then rebuilds.
+    async fn reload_access(&self, store: &Store) -> Result<(), StoreError> {
+        let text = store.policy_text().await?;
+        let users = store.list_users().await?;
+        self.rebuild(Some((text, users)));
+        Ok(())
+    }
+
+    /// Whether `node` differs from the snapshot's copy in what the policy
+    /// looks at (or is new).
+    fn identity_changed(&self, node: &NodeRecord) -> bool {
+        self.with_snapshot(|s| {
+            s.get(&node.id)
+                .is_none_or(|old| access::identity(&old.node) != access::identity(node))
+        })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
@@ -165,13 +212,20 @@ impl Hub {
             .filter_map(|n| Some((n.id, Upserted::new(n)?)))
             .collect();
         *self.snapshot_mut() = fresh;
-        Ok(())
+        self.reload_access(store).await
     }
 
     async fn dispatch(&self, store: &Store, change: Change) {
         let event = match change.kind {
+            ChangeKind::Access => {
+                if let Err(e) = self.reload_access(store).await {
+                    tracing::warn!(error = %e, "hub could not reload users and policy");
+                }
+                return;
+            }
             ChangeKind::Removed => {
                 self.snapshot_mut().remove(&change.node_id);
+                self.rebuild(None);
                 HubEvent::Removed {
                     node_id: change.node_id,
                     key: change.node_key,
@@ -179,8 +233,13 @@ impl Hub {
             }
             ChangeKind::Upsert => match store.node_by_id(change.node_id).await {
                 Ok(Some(node)) => {
+                    let changed = self.identity_changed(&node);
                     let Some(u) = Upserted::new(node) else { return };
                     self.snapshot_mut().insert(u.node.id, u.clone());
+                    // Streams learn the new visibility before the node.
+                    if changed {
+                        self.rebuild(None);
+                    }
                     HubEvent::Upsert(u)
                 }
                 // Removed since: its removal note follows.
@@ -225,13 +284,21 @@ impl Hub {
             .enumerate()
             .map(|(i, c)| (c.node_id, i))
             .collect();
+        // The events wait until the policy is compiled again, if it must
+        // be, so that streams learn the new visibility before the nodes.
+        let (mut events, mut rebuild, mut access) = (Vec::new(), false, false);
         for (i, change) in changes.into_iter().enumerate() {
             if last.get(&change.node_id) != Some(&i) {
                 continue;
             }
             let event = match change.kind {
+                ChangeKind::Access => {
+                    access = true;
+                    continue;
+                }
                 ChangeKind::Removed => {
                     self.snapshot_mut().remove(&change.node_id);
+                    rebuild = true;
                     HubEvent::Removed {
                         node_id: change.node_id,
                         key: change.node_key,
@@ -240,12 +307,24 @@ impl Hub {
                 // Not there: removed since, and its removal note follows.
                 ChangeKind::Upsert => match fresh.remove(&change.node_id).and_then(Upserted::new) {
                     Some(u) => {
+                        rebuild |= self.identity_changed(&u.node);
                         self.snapshot_mut().insert(u.node.id, u.clone());
                         HubEvent::Upsert(u)
                     }
                     None => continue,
                 },
             };
+            events.push(event);
+        }
+        if access {
+            if let Err(e) = self.reload_access(store).await {
+                tracing::warn!(error = %e, "hub could not reload users and policy");
+                self.rebuild(None);
+            }
+        } else if rebuild {
+            self.rebuild(None);
+        }
+        for event in events {
             let _ = self.tx.send(event);
         }
     }

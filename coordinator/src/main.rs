@@ -65,6 +65,121 @@ enum Cmd {
     /// Registered nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Users, the owners of nodes.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The access policy (Tailscale's format, HuJSON).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create a user; their tokens join nodes they own.
+    Create {
+        email: String,
+        /// Short name (default: the email's local part).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "")]
+        display_name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user (refused while they own nodes, unless --force, which
+    /// removes those nodes too).
+    Remove {
+        user: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Validate a policy file, run its tests, then store and apply it.
+    Set {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stored policy as it was written.
+    Get {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the policy: every node may reach every other again.
+    Clear {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a policy file and run its tests, storing nothing.
+    Check {
+        file: PathBuf,
+        /// Judge it against this inventory (offline) instead of the network.
+        #[arg(long)]
+        nodes: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The compiled packet filter of NODE, or of every node (JSON).
+    Filter {
+        node: Option<String>,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        nodes: Option<PathBuf>,
+        /// Accepted for symmetry: the output is always JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which rule lets SRC reach DST[:PORT], or that none does.
+    Explain {
+        src: String,
+        dst: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        nodes: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The policy commands that need no store: with an inventory file given.
+async fn offline(cmd: &Cmd) -> Option<anyhow::Result<String>> {
+    use warren_coordinator::admin_policy as ap;
+    let r = match cmd {
+        Cmd::Policy(PolicyCmd::Check {
+            file,
+            nodes: Some(n),
+            json,
+        }) => ap::policy_check(None, file, Some(n), *json).await,
+        Cmd::Policy(PolicyCmd::Filter {
+            node,
+            policy: Some(p),
+            nodes: Some(n),
+            ..
+        }) => ap::policy_filter(None, node.as_deref(), Some(p), Some(n)).await,
+        Cmd::Policy(PolicyCmd::Explain {
+            src,
+            dst,
+            proto,
+            policy: Some(p),
+            nodes: Some(n),
+            json,
+        }) => ap::policy_explain(None, src, dst, proto, Some(p), Some(n), *json).await,
+        _ => return None,
+    };
+    Some(r.map_err(anyhow::Error::from))
 }
 
 #[derive(clap::Args, Debug)]
@@ -222,6 +337,9 @@ enum TokenCmd {
         expires: Option<Duration>,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// The user its nodes belong to (email or name).
+        #[arg(long)]
+        user: Option<String>,
     },
     List {
         #[arg(long)]
@@ -270,6 +388,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Relay(args) => return relay(args, cli.data_dir).await,
         _ => cli,
     };
+    if let Some(out) = offline(&cli.cmd).await {
+        print!("{}", out?);
+        return Ok(());
+    }
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("creating {}", cli.data_dir.display()))?;
     let url = cli
@@ -284,12 +406,18 @@ async fn main() -> anyhow::Result<()> {
             ephemeral,
             expires,
             tags,
+            user,
         }) => {
+            let user_id = match &user {
+                Some(u) => Some(store.find_user(u).await?.id),
+                None => None,
+            };
             let spec = NewToken {
                 reusable,
                 ephemeral,
                 expires_in: expires,
                 tags,
+                user_id,
             };
             admin::token_create(&store, &spec).await?
         }
@@ -303,6 +431,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Node(NodeCmd::Rename { node, name }) => {
             admin::node_rename(&store, &node, &name).await?
         }
+        Cmd::User(cmd) => user_cmd(&store, cmd).await?,
+        Cmd::Policy(cmd) => policy_cmd(&store, cmd).await?,
     };
     print!("{out}");
     Ok(())
@@ -360,4 +490,56 @@ async fn relay(args: RelayArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
     }
     Ok(())
+}
+
+async fn user_cmd(store: &Store, cmd: UserCmd) -> anyhow::Result<String> {
+    use warren_coordinator::admin_policy as ap;
+    Ok(match cmd {
+        UserCmd::Create {
+            email,
+            name,
+            display_name,
+            json,
+        } => ap::user_create(store, &email, name.as_deref(), &display_name, json).await?,
+        UserCmd::List { json } => ap::user_list(store, json).await?,
+        UserCmd::Remove { user, force, json } => ap::user_remove(store, &user, force, json).await?,
+    })
+}
+
+async fn policy_cmd(store: &Store, cmd: PolicyCmd) -> anyhow::Result<String> {
+    use warren_coordinator::admin_policy as ap;
+    let s = Some(store);
+    Ok(match cmd {
+        PolicyCmd::Set { file, json } => ap::policy_set(store, &file, json).await?,
+        PolicyCmd::Get { json } => ap::policy_get(store, json).await?,
+        PolicyCmd::Clear { json } => ap::policy_clear(store, json).await?,
+        PolicyCmd::Check { file, nodes, json } => {
+            ap::policy_check(s, &file, nodes.as_deref(), json).await?
+        }
+        PolicyCmd::Filter {
+            node,
+            policy,
+            nodes,
+            json: _,
+        } => ap::policy_filter(s, node.as_deref(), policy.as_deref(), nodes.as_deref()).await?,
+        PolicyCmd::Explain {
+            src,
+            dst,
+            proto,
+            policy,
+            nodes,
+            json,
+        } => {
+            ap::policy_explain(
+                s,
+                &src,
+                &dst,
+                &proto,
+                policy.as_deref(),
+                nodes.as_deref(),
+                json,
+            )
+            .await?
+        }
+    })
 }

@@ -95,6 +95,8 @@ impl StoreAdmission {
                 Ok(HubEvent::Upsert(u)) => {
                     self.keys().insert(u.node.key);
                 }
+                // Relays admit every node; the policy is for the nodes.
+                Ok(HubEvent::Access(_)) => {}
                 Ok(HubEvent::Removed { key, .. }) => {
                     self.keys().remove(&key);
                     // No receiver just means no relay is running.
@@ -232,7 +234,7 @@ async fn run_feed(hub: Hub, mut events: broadcast::Receiver<HubEvent>, lines: mp
                 Ok(HubEvent::Upsert(u)) if known.insert(u.node.key) => {
                     send(&lines, &NodesEvent::Add { node: u.node.key }).await
                 }
-                Ok(HubEvent::Upsert(_)) => Ok(()),
+                Ok(HubEvent::Upsert(_)) | Ok(HubEvent::Access(_)) => Ok(()),
                 // Sent even for a key this stream never announced: the
                 // relay ignores an absent key, and a stale one is worse.
                 Ok(HubEvent::Removed { key, .. }) => {

@@ -40,6 +40,7 @@ fn record(id: i64, key: NodeKey) -> NodeRecord {
         online: false,
         last_seen_ms: 0,
         created_ms: 0,
+        user_id: None,
     }
 }
 

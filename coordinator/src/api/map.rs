@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 use super::signed::{NoBody, Signed};
 use super::streams::Ticket;
 use super::{ApiError, AppState};
-use crate::hub::outbox::{full_line, Flush, Outbox};
+use crate::hub::outbox::{full_line_with, Flush, Outbox};
 use crate::hub::HubEvent;
 use crate::listen::PeerAddr;
 use crate::store::NodeRecord;
@@ -54,7 +54,11 @@ pub(super) async fn map(
     let (lines, rx) = mpsc::channel::<Line>(8);
     let mut stream = MapTask {
         st: st.clone(),
-        outbox: Outbox::new(node.id, Instant::now()),
+        outbox: {
+            let mut o = Outbox::new(node.id, Instant::now());
+            o.set_access(st.hub.access());
+            o
+        },
         node,
         lines,
         ticket,
@@ -160,6 +164,10 @@ impl MapTask {
                 Err(TryRecvError::Closed) => return Err(End::Gone),
             }
         }
+        if self.outbox.needs_recheck() {
+            let outbox = &mut self.outbox;
+            self.st.hub.with_snapshot(|snap| outbox.recheck(snap));
+        }
         let map_len = self.st.hub.node_count();
         let text = match self.outbox.poll_flush(Instant::now(), map_len) {
             Flush::Wait => return Ok(()),
@@ -220,10 +228,11 @@ impl MapTask {
                 return Err(End::Gone);
             }
         };
+        let parts = self.outbox.full_parts();
         let (line, known) = self
             .st
             .hub
-            .with_snapshot(|snap| full_line(snap, self.node.id, &me, &relay));
+            .with_snapshot(|snap| full_line_with(snap, self.node.id, &me, &relay, parts));
         self.outbox.full_sent(known);
         Ok(line)
     }

@@ -34,6 +34,13 @@
 //! each pending entry remembers the id its key had when it was last written,
 //! which is the one the set may hold.
 //!
+//! With a policy, a stream holds only the peers its node may see
+//! (`access.rs`): an upsert of a peer it may not see is written as a
+//! removal if the agent holds it and not at all otherwise, and a new
+//! compilation owes the difference between the peers the agent holds and
+//! those it may now see, read from the snapshot (`recheck`), plus a
+//! `filter_changed` line when the node's own filter changed.
+//!
 //! Sans-IO: the caller passes the time in and does the reading and writing,
 //! so the rules are tested with a virtual clock (see `tests/outbox.rs`).
 
@@ -44,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use warren::keys::NodeKey;
 
+use super::access::Access;
 use super::{HubEvent, Snapshot, Upserted};
 
 /// The shortest time between two writes of deltas on one stream, and so the
@@ -108,6 +116,13 @@ pub struct Outbox {
     /// When the oldest change still owed arrived.
     since: Option<Instant>,
     last_write: Option<Instant>,
+    access: Arc<Access>,
+    /// The node ids this node may see; `None`: all.
+    visible: Option<HashSet<i64>>,
+    /// A new compilation arrived: compare the peers held with the visible.
+    recheck: bool,
+    /// The filter the agent holds (JSON; `None`: no policy).
+    filter_sent: Option<String>,
 }
 
 impl Outbox {
@@ -122,7 +137,48 @@ impl Outbox {
             removed: false,
             since: Some(now),
             last_write: None,
+            access: Arc::new(Access::open()),
+            visible: None,
+            recheck: false,
+            filter_sent: None,
         }
+    }
+
+    /// The policy as compiled now; the stream sends what it changes.
+    pub fn set_access(&mut self, access: Arc<Access>) {
+        self.visible = access.visible_set(self.me);
+        self.access = access;
+        self.recheck = true;
+    }
+
+    fn sees(&self, id: i64) -> bool {
+        self.visible.as_ref().is_none_or(|v| v.contains(&id))
+    }
+
+    /// Whether [`Outbox::recheck`] should run before the next flush.
+    pub fn needs_recheck(&self) -> bool {
+        self.recheck && self.full.is_none()
+    }
+
+    /// Owes the agent the peers it may now see and the removal of those it
+    /// may no longer, from the hub's snapshot.
+    pub fn recheck(&mut self, snap: &Snapshot) {
+        self.recheck = false;
+        let me = self.me;
+        for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
+            let (sees, holds) = (self.sees(*id), self.known.contains(id));
+            if sees && !holds && !self.pending.contains_key(&u.node.key) {
+                self.pend(u.node.key, *id, State::Upsert(u.clone()));
+            } else if !sees && holds {
+                self.pend(u.node.key, *id, State::Removed(*id));
+            }
+        }
+    }
+
+    /// What a full map must hold: the visible ids (`None`: all) and the
+    /// filter.
+    pub fn full_parts(&self) -> (Option<&HashSet<i64>>, Option<&str>) {
+        (self.visible.as_ref(), self.access.filter_json(self.me))
     }
 
     /// Takes in one hub event.
@@ -133,6 +189,7 @@ impl Outbox {
             HubEvent::Removed { node_id, .. } if node_id == self.me => self.removed = true,
             HubEvent::Removed { node_id, key } => self.pend(key, node_id, State::Removed(node_id)),
             HubEvent::Resync => self.full = Some(true),
+            HubEvent::Access(a) => self.set_access(a),
         }
         self.since.get_or_insert(now);
     }
@@ -202,6 +259,12 @@ impl Outbox {
         for (key, p) in std::mem::take(&mut self.pending) {
             let had = self.known.remove(&p.base);
             match p.state {
+                // A peer this node may not see: held, it is removed.
+                State::Upsert(u) if !self.sees(u.node.id) => {
+                    if self.known.remove(&u.node.id) || had {
+                        let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
+                    }
+                }
                 State::Upsert(u) => {
                     let kind = if self.known.insert(u.node.id) && !had {
                         "peer_added"
@@ -219,6 +282,13 @@ impl Outbox {
                 }
             }
         }
+        let filter = self.access.filter_json(self.me);
+        if filter != self.filter_sent.as_deref() {
+            text.push_str(r#"{"type":"filter_changed","packet_filter":"#);
+            text.push_str(filter.unwrap_or("null"));
+            text.push_str("}\n");
+            self.filter_sent = filter.map(str::to_owned);
+        }
         if text.is_empty() {
             // Only removals of peers the agent never heard of: no write,
             // so the next change is not held back by a tick.
@@ -231,6 +301,8 @@ impl Outbox {
     /// A full map listing these peers (by node id) was written.
     pub fn full_sent(&mut self, known: HashSet<i64>) {
         self.known = known;
+        self.recheck = false;
+        self.filter_sent = self.access.filter_json(self.me).map(str::to_owned);
     }
 }
 
@@ -255,6 +327,18 @@ pub fn full_line(
     me_json: &str,
     relay_json: &str,
 ) -> (String, HashSet<i64>) {
+    full_line_with(snap, me, me_json, relay_json, (None, None))
+}
+
+/// [`full_line`] with only the `visible` peers (`None`: all) and the
+/// node's packet filter, as [`Outbox::full_parts`] gives them.
+pub fn full_line_with(
+    snap: &Snapshot,
+    me: i64,
+    me_json: &str,
+    relay_json: &str,
+    (visible, filter): (Option<&HashSet<i64>>, Option<&str>),
+) -> (String, HashSet<i64>) {
     let mut line = String::with_capacity(
         snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
             + me_json.len()
@@ -265,7 +349,8 @@ pub fn full_line(
     line.push_str(me_json);
     line.push_str(r#","peers":["#);
     let mut known = HashSet::with_capacity(snap.len());
-    for u in snap.values().filter(|u| u.node.id != me) {
+    let sees = |id: i64| visible.is_none_or(|v| v.contains(&id));
+    for u in snap.values().filter(|u| u.node.id != me && sees(u.node.id)) {
         if !known.is_empty() {
             line.push(',');
         }
@@ -274,6 +359,10 @@ pub fn full_line(
     }
     line.push_str(r#"],"relay_map":"#);
     line.push_str(relay_json);
+    if let Some(f) = filter {
+        line.push_str(r#","packet_filter":"#);
+        line.push_str(f);
+    }
     line.push('}');
     (line, known)
 }

@@ -20,6 +20,7 @@
 mod nodes;
 mod schema;
 mod tokens;
+pub mod users;
 
 use std::net::Ipv6Addr;
 use std::str::FromStr as _;
@@ -32,6 +33,7 @@ use warren::keys::NodeKey;
 
 pub use nodes::{NodeRecord, RegisterInput, Registered};
 pub use tokens::{NewToken, TokenInfo};
+pub use users::UserRecord;
 
 /// The PostgreSQL channel that carries change notes.
 pub const PG_CHANNEL: &str = "warren_changes";
@@ -61,6 +63,8 @@ pub enum StoreError {
     TokenUsed,
     #[error("no such node: {0}")]
     NoSuchNode(String),
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
     #[error("no such token: {0}")]
     NoSuchToken(String),
     #[error("the request was already seen (replay)")]
@@ -97,6 +101,8 @@ impl StoreError {
 pub enum ChangeKind {
     Upsert,
     Removed,
+    /// Users or the policy changed (node id 0): recompile the policy.
+    Access,
 }
 
 impl ChangeKind {
@@ -104,6 +110,7 @@ impl ChangeKind {
         match self {
             ChangeKind::Upsert => "upsert",
             ChangeKind::Removed => "removed",
+            ChangeKind::Access => "access",
         }
     }
 }
@@ -123,6 +130,7 @@ impl Change {
         let kind = match parts.next()? {
             "upsert" => ChangeKind::Upsert,
             "removed" => ChangeKind::Removed,
+            "access" => ChangeKind::Access,
             _ => return None,
         };
         let node_id = parts.next()?.parse().ok()?;

@@ -48,6 +48,8 @@ pub struct NodeRecord {
     pub nat: NatSummary,
     /// The relay region the node said it is reachable at.
     pub home_relay: Option<u16>,
+    /// The user whose token joined it (`None`: a token of no user).
+    pub user_id: Option<i64>,
 }
 
 impl NodeRecord {
@@ -106,7 +108,7 @@ pub struct Registered {
     pub created: bool,
 }
 
-const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, advertised_tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay";
+const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, advertised_tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay, user_id";
 
 /// Decodes a row selected with [`COLUMNS`]. By column name rather than as a
 /// tuple: sqlx decodes tuples of at most sixteen columns, and names keep the
@@ -148,6 +150,7 @@ fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
         online: r.try_get::<i64, _>("conns")? > 0,
         last_seen_ms: r.try_get("last_seen_ms")?,
         created_ms: r.try_get("created_ms")?,
+        user_id: r.try_get("user_id")?,
         nat,
         home_relay,
     })
@@ -345,8 +348,8 @@ impl Store {
                 let name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
                 let v4 = random_ipv4();
                 let id: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING RETURNING id",
+                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags, user_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT DO NOTHING RETURNING id",
                 )
                 .bind(input.node_key.to_string())
                 .bind(input.disco_key.to_string())
@@ -362,6 +365,7 @@ impl Store {
                 .bind(now)
                 .bind(now)
                 .bind(tags_json(input.tags.as_deref().unwrap_or_default()))
+                .bind(grant.user_id)
                 .fetch_optional(&mut **tx)
                 .await?;
                 if let Some(id) = id {

@@ -39,6 +39,7 @@ const MIGRATIONS: &[Migration] = &[
     migration!(2, "0002_nat_home_relay.sql"),
     migration!(3, "0003_advertised_tags.sql"),
     migration!(4, "0004_unique_disco_key.sql"),
+    migration!(5, "0005_users_policy.sql"),
 ];
 
 /// The statements of a migration file: `--` comment lines dropped, split

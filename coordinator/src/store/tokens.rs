@@ -23,6 +23,8 @@ pub struct NewToken {
     pub ephemeral: bool,
     pub expires_in: Option<std::time::Duration>,
     pub tags: Vec<String>,
+    /// The user its nodes belong to (`token create --user`).
+    pub user_id: Option<i64>,
 }
 
 /// A token as `token list` shows it (never the secret).
@@ -36,6 +38,7 @@ pub struct TokenInfo {
     pub expires_ms: Option<i64>,
     pub revoked: bool,
     pub uses: i64,
+    pub user_id: Option<i64>,
 }
 
 /// What a spent token grants the node that spent it.
@@ -44,6 +47,7 @@ pub(crate) struct Grant {
     pub id: String,
     pub ephemeral: bool,
     pub tags: Vec<String>,
+    pub user_id: Option<i64>,
 }
 
 fn hash(token: &str) -> String {
@@ -51,10 +55,20 @@ fn hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-type TokenRow = (String, i64, i64, String, i64, Option<i64>, i64, i64);
+type TokenRow = (
+    String,
+    i64,
+    i64,
+    String,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    Option<i64>,
+);
 
 fn info(row: TokenRow) -> Result<TokenInfo, StoreError> {
-    let (id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses) = row;
+    let (id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses, user_id) = row;
     let tags = serde_json::from_str(&tags)
         .map_err(|e| StoreError::Corrupt(format!("token {id} tags: {e}")))?;
     Ok(TokenInfo {
@@ -66,10 +80,12 @@ fn info(row: TokenRow) -> Result<TokenInfo, StoreError> {
         expires_ms,
         revoked: revoked != 0,
         uses,
+        user_id,
     })
 }
 
-const COLUMNS: &str = "id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses";
+const COLUMNS: &str =
+    "id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses, user_id";
 
 impl Store {
     /// Creates a token; returns its id and the token string (shown once).
@@ -96,7 +112,7 @@ impl Store {
         let now = now_ms();
         let expires = spec.expires_in.map(|d| now + d.as_millis() as i64);
         sqlx::query(
-            "INSERT INTO tokens (id, hash, reusable, ephemeral, tags, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO tokens (id, hash, reusable, ephemeral, tags, created_ms, expires_ms, user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(hash(&token))
@@ -105,6 +121,7 @@ impl Store {
         .bind(serde_json::to_string(&spec.tags).unwrap_or_else(|_| "[]".into()))
         .bind(now)
         .bind(expires)
+        .bind(spec.user_id)
         .execute(self.pool())
         .await?;
         Ok((id, token))
@@ -167,6 +184,7 @@ impl Store {
             id: t.id,
             ephemeral: t.ephemeral,
             tags: t.tags,
+            user_id: t.user_id,
         })
     }
 }

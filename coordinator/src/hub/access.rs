@@ -1,0 +1,193 @@
+//! The network's policy, compiled, as the hub keeps it for the map
+//! streams: who sees whom, and each node's packet filter already encoded.
+//!
+//! One [`Access`] is built per change that can alter either (a policy set,
+//! a user created or removed, a node joining, leaving or changing its
+//! addresses, tags or owner) in O(rules × nodes) (`warren::policy::compile`)
+//! and shared by every stream as an `Arc`; a node only reporting new
+//! endpoints or going online builds nothing. Each stream then works out
+//! its own visible set once per build (`visible_set`) and sends its agent
+//! the difference as deltas (`outbox`).
+//!
+//! A stored policy that no longer parses (it was checked when it was set,
+//! so only a downgrade could do this) fails closed: no rules, nothing
+//! allowed, and the reason logged and kept for `policy get`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use warren::policy::{compile, Compiled, Policy};
+
+use crate::store::users::{inventory, UserRecord};
+use crate::store::NodeRecord;
+
+#[derive(Debug, Default)]
+pub struct Access {
+    /// `None`: no policy, everyone sees everyone and nothing is filtered.
+    policy: Option<Policy>,
+    compiled: Compiled,
+    index: HashMap<i64, usize>,
+    ids: Vec<i64>,
+    /// Per node id: its filter as JSON.
+    filters: HashMap<i64, String>,
+    pub users: Vec<UserRecord>,
+    pub policy_text: Option<String>,
+    /// Why the stored policy could not be used, if it could not.
+    pub error: Option<String>,
+}
+
+/// What of a node the policy depends on: when none of it changes, nothing
+/// is rebuilt.
+pub fn identity(n: &NodeRecord) -> (Ipv4Addr, Ipv6Addr, Vec<String>, Option<i64>) {
+    (n.ipv4, n.ipv6, n.all_tags(), n.user_id)
+}
+
+impl Access {
+    /// No policy: the state before any is loaded, and with none set.
+    pub fn open() -> Access {
+        Access::default()
+    }
+
+    pub fn build<'a>(
+        policy_text: Option<String>,
+        users: Vec<UserRecord>,
+        nodes: impl Iterator<Item = &'a NodeRecord>,
+    ) -> Access {
+        let nodes: Vec<&NodeRecord> = nodes.collect();
+        let owned: Vec<NodeRecord> = nodes.iter().map(|n| (*n).clone()).collect();
+        let inv = inventory(&users, &owned);
+        let mut error = None;
+        let policy = policy_text.as_deref().map(|t| match Policy::parse(t) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "the stored policy does not parse: nothing is allowed");
+                error = Some(e.to_string());
+                Policy::default()
+            }
+        });
+        let compiled = compile(policy.as_ref(), &inv);
+        let ids: Vec<i64> = nodes.iter().map(|n| n.id).collect();
+        let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let filters = match &policy {
+            None => HashMap::new(),
+            Some(_) => ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let json =
+                        serde_json::to_string(compiled.filter(i)).unwrap_or_else(|_| "[]".into());
+                    (*id, json)
+                })
+                .collect(),
+        };
+        Access {
+            policy,
+            compiled,
+            index,
+            ids,
+            filters,
+            users,
+            policy_text,
+            error,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.policy.is_none()
+    }
+
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
+    /// The node ids `me` may see; `None`: all of them.
+    pub fn visible_set(&self, me: i64) -> Option<HashSet<i64>> {
+        self.policy.as_ref()?;
+        let Some(&i) = self.index.get(&me) else {
+            return Some(HashSet::new());
+        };
+        Some(
+            self.compiled
+                .visible(i)
+                .into_iter()
+                .map(|j| self.ids[j])
+                .collect(),
+        )
+    }
+
+    /// `me`'s packet filter as JSON; `None` when there is no policy. A
+    /// node the build did not know yet gets `[]`: nothing in, until the
+    /// build that includes it.
+    pub fn filter_json(&self, me: i64) -> Option<&str> {
+        self.policy.as_ref()?;
+        Some(self.filters.get(&me).map_or("[]", String::as_str))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren::keys::NodeKey;
+
+    fn node(id: i64, v4: [u8; 4], user: Option<i64>, tags: &[&str]) -> NodeRecord {
+        NodeRecord {
+            id,
+            key: NodeKey([id as u8; 32]),
+            disco_key: NodeKey([id as u8 + 100; 32]),
+            name: format!("n{id}"),
+            hostname: format!("n{id}"),
+            os: String::new(),
+            version: String::new(),
+            ipv4: v4.into(),
+            ipv6: format!("fd00:1:2::{id}").parse().unwrap(),
+            ephemeral: false,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            advertised_tags: vec![],
+            endpoints: vec![],
+            netcheck: None,
+            online: true,
+            last_seen_ms: 0,
+            created_ms: 0,
+            nat: Default::default(),
+            home_relay: None,
+            user_id: user,
+        }
+    }
+
+    fn user(id: i64, name: &str) -> UserRecord {
+        UserRecord {
+            id,
+            name: name.into(),
+            email: format!("{name}@example.com"),
+            display_name: String::new(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn visibility_and_filters_follow_the_policy_and_fail_closed() {
+        let nodes = [
+            node(1, [100, 64, 0, 1], Some(1), &[]),
+            node(2, [100, 64, 0, 2], Some(2), &[]),
+            node(3, [100, 64, 0, 3], Some(2), &["tag:server"]),
+        ];
+        let users = vec![user(1, "alice"), user(2, "bob")];
+        let text = r#"{"tagOwners": {"tag:server": ["bob@example.com"]},
+            "acls": [{"action": "accept", "src": ["alice@example.com"], "dst": ["tag:server:22"]}]}"#;
+        let a = Access::build(Some(text.into()), users.clone(), nodes.iter());
+        assert_eq!(a.visible_set(1), Some(HashSet::from([3])));
+        assert_eq!(a.visible_set(2), Some(HashSet::new()), "bob is in no rule");
+        assert!(a.filter_json(3).unwrap().contains("100.64.0.3/32"));
+        assert_eq!(a.filter_json(1), Some("[]"));
+        assert_eq!(a.filter_json(99), Some("[]"), "unknown node: nothing in");
+
+        let open = Access::build(None, users.clone(), nodes.iter());
+        assert_eq!(open.visible_set(2), None);
+        assert_eq!(open.filter_json(2), None);
+
+        let broken = Access::build(Some("{not json".into()), users, nodes.iter());
+        assert!(broken.error.is_some());
+        assert_eq!(broken.filter_json(3), Some("[]"));
+        assert_eq!(broken.visible_set(1), Some(HashSet::new()));
+    }
+}

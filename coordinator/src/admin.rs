@@ -90,8 +90,9 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
     if json {
         return Ok(serde_json::to_string_pretty(&nodes).unwrap_or_default() + "\n");
     }
+    let users = store.list_users().await?;
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<20} {}\n",
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {}\n",
         "ID",
         "NAME",
         "IPV4",
@@ -101,14 +102,23 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         "VERSION",
         "RELAY",
         "NAT",
-        "TAGS",
+        "OWNER",
         "ENDPOINTS"
     );
     for n in &nodes {
+        // A tagged node is owned by its tags, not by the user who joined it
+        // (README, "Access policy").
         let tags = n.all_tags();
+        let owner = if !tags.is_empty() {
+            tags.join(",")
+        } else {
+            n.user_id
+                .and_then(|id| users.iter().find(|u| u.id == id))
+                .map_or_else(|| "-".into(), |u| u.email.clone())
+        };
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<20} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {}",
             n.id,
             for_terminal(&n.name),
             n.ipv4,
@@ -120,11 +130,7 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "-".into()),
             nat(n),
-            if tags.is_empty() {
-                "-".into()
-            } else {
-                tags.join(",")
-            },
+            for_terminal(&owner),
             endpoints(n)
         );
     }

@@ -32,6 +32,7 @@ mod mesh;
 mod netcheck;
 mod package;
 mod ping;
+mod policy;
 mod portmap;
 mod relay;
 mod relay_regions;

@@ -247,6 +247,9 @@ pub enum ErrorCode {
     /// The request would take something that belongs to another node (its
     /// disco key).
     Conflict,
+    /// The access policy does not allow it (a tag the node's user does not
+    /// own in `tagOwners`).
+    Forbidden,
     /// Too many of something at once from this client (map streams from
     /// one address); try again later.
     TooManyRequests,
@@ -271,6 +274,7 @@ impl ErrorCode {
             | ErrorCode::TokenExpired
             | ErrorCode::TokenRevoked
             | ErrorCode::TokenUsed => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
@@ -289,6 +293,7 @@ impl ErrorCode {
                 | ErrorCode::TokenExpired
                 | ErrorCode::TokenRevoked
                 | ErrorCode::TokenUsed
+                | ErrorCode::Forbidden
         )
     }
 }

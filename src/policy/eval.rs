@@ -140,6 +140,25 @@ impl Policy {
         })
     }
 
+    /// Whether a node may advertise `tag` (`warren up --advertise-tags`):
+    /// `tagOwners` names its user (by email, a group, or
+    /// `autogroup:member`) or a tag its token granted. A tag with no entry
+    /// is nobody's, as in Tailscale.
+    pub fn may_use_tag(&self, user: Option<&str>, granted: &[String], tag: &str) -> bool {
+        let Some(owners) = self.tag_owner(tag) else {
+            return false;
+        };
+        owners.owners.iter().any(|o| match (&o.value, user) {
+            (Selector::User(u), Some(me)) => u.eq_ignore_ascii_case(me),
+            (Selector::Group(g), Some(me)) => self
+                .group(g)
+                .is_some_and(|g| g.members.iter().any(|m| m.value.eq_ignore_ascii_case(me))),
+            (Selector::Member, Some(_)) => true,
+            (Selector::Tag(t), _) => granted.iter().any(|x| x == t),
+            _ => false,
+        })
+    }
+
     /// Runs the file's `tests`; the first that fails is the error.
     pub fn run_tests(&self, inv: &Inventory) -> Result<(), PolicyError> {
         for t in &self.tests {

@@ -338,3 +338,31 @@ fn the_auto_approvers_section_is_parsed_and_checked() {
         "* cannot approve routes"
     );
 }
+
+#[test]
+fn the_readme_policy_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("```jsonc\n").unwrap() + "```jsonc\n".len();
+    let text = &readme[start..][..readme[start..].find("```").unwrap()];
+    let p = Policy::load(text, &inv()).unwrap();
+    assert_eq!(p.rules.len(), 3);
+}
+
+#[test]
+fn tag_owners_decide_who_may_advertise_a_tag() {
+    let p = Policy::load(POLICY, &inv()).unwrap();
+    let carol = Some("carol@example.com");
+    assert!(
+        p.may_use_tag(carol, &[], "tag:server"),
+        "carol is in group:ops"
+    );
+    assert!(!p.may_use_tag(Some("alice@example.com"), &[], "tag:server"));
+    assert!(
+        !p.may_use_tag(None, &[], "tag:server"),
+        "no user, no owning tag"
+    );
+    assert!(
+        !p.may_use_tag(carol, &[], "tag:nobody"),
+        "no entry: nobody's"
+    );
+}

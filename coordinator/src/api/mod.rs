@@ -204,6 +204,7 @@ async fn register(
             return Err(e.into());
         }
     };
+    check_tags(&st, &reg.node)?;
     tx.commit().await?;
     st.hub.wake();
     let n = reg.node;
@@ -295,6 +296,36 @@ fn vouch_observed(report: &mut EndpointsReport, source: Option<IpAddr>) {
         tracing::debug!(%observed, ?source, "NAT mapping not from the request's address: dropped");
         report.nat.observed = None;
     }
+}
+
+/// With a policy, advertised tags need an owner there (Tailscale's
+/// `tagOwners`): the node's user or a tag its token granted. Checked
+/// before the registration commits, so a refused one changes nothing.
+fn check_tags(st: &AppState, node: &crate::store::NodeRecord) -> Result<(), ApiError> {
+    let access = st.hub.access();
+    let Some(policy) = access.policy() else {
+        return Ok(());
+    };
+    let user = node
+        .user_id
+        .and_then(|id| access.users.iter().find(|u| u.id == id))
+        .map(|u| u.email.as_str());
+    for tag in node
+        .advertised_tags
+        .iter()
+        .filter(|t| !node.tags.contains(t))
+    {
+        if !policy.may_use_tag(user, &node.tags, tag) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the policy does not let {} use {tag} (tagOwners)",
+                    user.unwrap_or("this node's token")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn unknown_node() -> ApiError {

@@ -8,6 +8,12 @@
 //! through `ControlClient::map_stream`, which would save N copies of an
 //! N-peer map to disk and measure the load generator instead of the
 //! coordinator.
+//!
+//! With `--policy-cmd CMD` (a shell command that stores a policy, which
+//! `tests/bench/coordinator.sh` makes with `POLICY_RULES` rules) a second
+//! change follows: the policy, which every stream must hear about as a
+//! `filter_changed` line; its time and bytes are reported beside the
+//! endpoint change's, the reference measured in the same run.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +31,7 @@ struct Args {
     nodes: usize,
     concurrency: usize,
     pid: Option<u32>,
+    policy_cmd: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -34,6 +41,7 @@ fn args() -> anyhow::Result<Args> {
         nodes: 2000,
         concurrency: 32,
         pid: None,
+        policy_cmd: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -44,6 +52,7 @@ fn args() -> anyhow::Result<Args> {
             "--nodes" => a.nodes = v.parse()?,
             "--concurrency" => a.concurrency = v.parse()?,
             "--pid" => a.pid = Some(v.parse()?),
+            "--policy-cmd" => a.policy_cmd = Some(v),
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -105,18 +114,22 @@ struct Counters {
     /// Full maps, the first of each stream included.
     fulls: AtomicUsize,
     bytes: AtomicUsize,
+    /// Streams that saw the first needle.
+    first_seen: AtomicUsize,
 }
 
-/// Opens one map stream; counts its lines, then waits for `needle` (in a
-/// delta, or in a later full map if the coordinator sends one instead).
+/// Opens one map stream; counts its lines, then waits for each of
+/// `needles` in turn (in a delta, or in a later full map if the
+/// coordinator sends one instead), returning when each was seen.
 async fn stream(
     http: reqwest::Client,
     url: String,
     key: PrivateKey,
     coord: NodeKey,
-    needle: String,
+    needles: Vec<String>,
     counters: Arc<Counters>,
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Vec<Instant>> {
+    let mut seen = Vec::with_capacity(needles.len());
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
     let mut req = http.get(format!("{url}/map"));
@@ -150,8 +163,16 @@ async fn stream(
                 counters.connected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if String::from_utf8_lossy(line).contains(&needle) {
-                return Ok(Instant::now());
+            while seen.len() < needles.len()
+                && String::from_utf8_lossy(line).contains(&needles[seen.len()])
+            {
+                seen.push(Instant::now());
+                if seen.len() == 1 {
+                    counters.first_seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if seen.len() == needles.len() {
+                return Ok(seen);
             }
         }
         buf.drain(..start);
@@ -228,7 +249,10 @@ async fn main() -> anyhow::Result<()> {
             a.url.clone(),
             k.clone(),
             coord,
-            marker.clone(),
+            match a.policy_cmd {
+                Some(_) => vec![marker.clone(), "filter_changed".to_owned()],
+                None => vec![marker.clone()],
+            },
             counters.clone(),
         );
         tasks.push(tokio::spawn(fut));
@@ -295,33 +319,92 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     c0.report_endpoints(&EndpointsReport::endpoints(&eps))
         .await?;
+    // 4. With --policy-cmd: once every stream saw the change, the policy.
+    let mut t1 = None;
+    let mut after_first = before;
+    let mut bytes = (counters.bytes.load(Ordering::Relaxed), 0);
+    if let Some(cmd) = &a.policy_cmd {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while counters.first_seen.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after_first = (
+            counters.lines.load(Ordering::Relaxed),
+            counters.fulls.load(Ordering::Relaxed),
+        );
+        bytes.1 = counters.bytes.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()?;
+        if !status.success() {
+            bail!("{cmd}: {status}");
+        }
+        println!("policy command took {:.1?}", start.elapsed());
+        t1 = Some(start);
+    }
     let mut lat = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut lat_policy = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     for task in tasks {
         match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok(Ok(at))) => lat.push(at.saturating_duration_since(t0)),
+            Ok(Ok(Ok(at))) => {
+                lat.push(at[0].saturating_duration_since(t0));
+                if let (Some(t1), Some(p)) = (t1, at.get(1)) {
+                    lat_policy.push(p.saturating_duration_since(t1));
+                }
+            }
             Ok(Ok(Err(e))) => eprintln!("stream failed: {e:#}"),
             Ok(Err(e)) => eprintln!("stream task: {e}"),
-            Err(_) => eprintln!("a stream did not see the change within 60 s"),
+            Err(_) => eprintln!("a stream did not see every change within 120 s"),
         }
     }
-    lat.sort();
     if lat.is_empty() {
         bail!("no stream saw the change");
     }
-    println!(
-        "one change reached {}/{} streams: p50 {:.1?}, p99 {:.1?}, all {:.1?}",
-        lat.len(),
-        want,
-        lat[lat.len() / 2],
-        lat[lat.len() * 99 / 100],
-        lat[lat.len() - 1]
+    let report = |what: &str, lat: &mut Vec<Duration>| {
+        lat.sort();
+        if lat.is_empty() {
+            println!("{what} reached no stream");
+            return;
+        }
+        println!(
+            "{what} reached {}/{} streams: p50 {:.1?}, p99 {:.1?}, all {:.1?}",
+            lat.len(),
+            want,
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() - 1]
+        );
+    };
+    report("one change (endpoint)", &mut lat);
+    let now = (
+        counters.lines.load(Ordering::Relaxed),
+        counters.fulls.load(Ordering::Relaxed),
+        counters.bytes.load(Ordering::Relaxed),
     );
+    let first_end = if t1.is_some() {
+        after_first
+    } else {
+        (now.0, now.1)
+    };
     println!(
-        "one change: {} lines, {} of them full maps",
-        counters.lines.load(Ordering::Relaxed) - before.0,
-        counters.fulls.load(Ordering::Relaxed) - before.1
+        "one change (endpoint): {} lines, {} of them full maps, {:.2} MB",
+        first_end.0 - before.0,
+        first_end.1 - before.1,
+        (if t1.is_some() { bytes.1 } else { now.2 }).saturating_sub(bytes.0) as f64 / 1e6
     );
+    if t1.is_some() {
+        report("policy change", &mut lat_policy);
+        println!(
+            "policy change: {} lines, {} of them full maps, {:.2} MB",
+            now.0 - after_first.0,
+            now.1 - after_first.1,
+            now.2.saturating_sub(bytes.1) as f64 / 1e6
+        );
+    }
     println!("coordinator at the end: {}", rss(a.pid));
     Ok(())
 }

@@ -109,6 +109,11 @@ pub struct MeshStatus {
     /// Why the home relay connection failed last, while it is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_relay_error: Option<String>,
+    /// With an access policy, how many rules of this node's packet filter
+    /// there are (peers may reach it on what they allow); `None`: the
+    /// network has no policy and everything is allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_rules: Option<usize>,
     /// Latency to each relay region's STUN server, from the last netcheck.
     pub relay_latency_ms: Vec<(String, f64)>,
     /// The candidates this node publishes, by kind.

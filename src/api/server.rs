@@ -169,7 +169,17 @@ async fn ping(
     timeout_ms: Option<u64>,
 ) -> Result<serde_json::Value, ApiError> {
     let st = backend.status();
-    let p = resolve(&st.peers, query)?;
+    let policy = st.mesh.as_ref().and_then(|m| m.policy_rules).is_some();
+    let p = resolve(&st.peers, query).map_err(|mut e| {
+        // A peer the policy hides is not in the map at all.
+        if policy && e.code == ErrorCode::UnknownPeer {
+            e.message.push_str(
+                "; this network has an access policy, and a node you may not reach \
+                 (and that may not reach you) is not in your map",
+            );
+        }
+        e
+    })?;
     let mut reply = PingReply::from_peer(p);
     if p.mesh.is_some() {
         let ms = timeout_ms.unwrap_or(PING_TIMEOUT.as_millis() as u64);

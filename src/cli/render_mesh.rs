@@ -58,6 +58,12 @@ pub fn node(m: &MeshStatus) -> String {
             }
         );
     }
+    if let Some(n) = m.policy_rules {
+        let _ = writeln!(
+            out,
+            "access policy: on; {n} rule(s) say who may reach this node, and peers outside the policy are not listed"
+        );
+    }
     let udp = match m.udp {
         Some(true) => "UDP works",
         Some(false) => "UDP blocked (relay over TCP)",

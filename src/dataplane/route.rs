@@ -51,6 +51,22 @@ impl<T> RouteTable<T> {
         }
     }
 
+    /// The owner of exactly `net`, to change it in place.
+    pub fn lookup_exact(&mut self, net: IpNet) -> Option<&mut T> {
+        match net.trunc() {
+            IpNet::V4(n) => self.v4.get_mut(&n),
+            IpNet::V6(n) => self.v6.get_mut(&n),
+        }
+    }
+
+    /// Every owner of a prefix containing `addr`, least specific first.
+    pub fn covering(&self, addr: IpAddr) -> Box<dyn Iterator<Item = &T> + '_> {
+        match addr {
+            IpAddr::V4(a) => Box::new(self.v4.cover_values(&Ipv4Net::from(a))),
+            IpAddr::V6(a) => Box::new(self.v6.cover_values(&Ipv6Net::from(a))),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::selector::{has_ports, PortRange};
+use crate::dataplane::route::RouteTable;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FilterRule {
@@ -53,10 +54,33 @@ mod ports_pair {
 pub const MAX_RULES: usize = 20_000;
 
 /// The stateless part of the agent's filter.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The rules are indexed by source prefix (`RouteTable`, a prefix trie),
+/// so a packet is checked against the rules whose sources cover it, not
+/// against all of them: with a rule per peer that is one or two rules
+/// whatever the policy's size (`examples/firewall_bench.rs`).
+#[derive(Clone, Default)]
 pub struct PacketFilter {
     /// `None`: no policy, everything is allowed (Tailscale's default).
     rules: Option<Vec<FilterRule>>,
+    /// Source prefix → indices of the rules listing it.
+    by_src: RouteTable<Vec<u32>>,
+}
+
+impl PartialEq for PacketFilter {
+    fn eq(&self, other: &Self) -> bool {
+        self.rules == other.rules
+    }
+}
+
+impl Eq for PacketFilter {}
+
+impl std::fmt::Debug for PacketFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketFilter")
+            .field("rules", &self.rules)
+            .finish()
+    }
 }
 
 /// The fields of a packet the filter looks at.
@@ -72,11 +96,38 @@ pub struct Flow {
 
 impl PacketFilter {
     pub fn allow_all() -> Self {
-        PacketFilter { rules: None }
+        PacketFilter::default()
     }
 
     pub fn new(rules: Vec<FilterRule>) -> Self {
-        PacketFilter { rules: Some(rules) }
+        let mut by_src: RouteTable<Vec<u32>> = RouteTable::default();
+        for (i, r) in rules.iter().enumerate() {
+            for s in &r.src {
+                let i = u32::try_from(i).unwrap_or(u32::MAX);
+                match by_src.lookup_exact(*s) {
+                    Some(list) => list.push(i),
+                    None => {
+                        by_src.insert(*s, vec![i]);
+                    }
+                }
+            }
+        }
+        PacketFilter {
+            rules: Some(rules),
+            by_src,
+        }
+    }
+
+    /// The rules whose sources cover `src`.
+    fn candidates<'a>(
+        &'a self,
+        rules: &'a [FilterRule],
+        src: IpAddr,
+    ) -> impl Iterator<Item = &'a FilterRule> + 'a {
+        self.by_src
+            .covering(src)
+            .flatten()
+            .filter_map(move |&i| rules.get(i as usize))
     }
 
     pub fn is_allow_all(&self) -> bool {
@@ -93,12 +144,11 @@ impl PacketFilter {
             return true;
         };
         let ports = has_ports(f.proto);
-        rules.iter().any(|r| {
+        self.candidates(rules, f.src).any(|r| {
             r.proto.contains(&f.proto)
                 && r.dst
                     .iter()
                     .any(|d| d.net.contains(&f.dst) && (!ports || d.ports.contains(f.dst_port)))
-                && r.src.iter().any(|s| s.contains(&f.src))
         })
     }
 
@@ -108,11 +158,8 @@ impl PacketFilter {
         let Some(rules) = &self.rules else {
             return true;
         };
-        rules.iter().any(|r| {
-            r.proto.contains(&proto)
-                && r.dst.iter().any(|d| d.net.contains(&dst))
-                && r.src.iter().any(|s| s.contains(&src))
-        })
+        self.candidates(rules, src)
+            .any(|r| r.proto.contains(&proto) && r.dst.iter().any(|d| d.net.contains(&dst)))
     }
 
     /// What the rules let `src` reach on this node, for `status`

@@ -10,6 +10,10 @@
 # change every other stream hears about. The bench reports how long that
 # takes to go quiet, and how many lines, full maps and bytes it cost.
 #
+# Then a policy of POLICY_RULES rules (default 200; 0 skips it) is set:
+# the time until every stream has its `filter_changed`, the lines and
+# bytes it cost, beside the endpoint change as the reference.
+#
 # COORDINATOR_BIN and BENCH_BIN run other builds (say, of an older commit
 # for a before/after comparison) instead of building this tree.
 # PostgreSQL runs only when WARREN_TEST_POSTGRES_URL points at a server whose
@@ -19,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 NODES=${1:-2000}
+POLICY_RULES=${POLICY_RULES:-200}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 if [ -z "${COORDINATOR_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
@@ -52,7 +57,19 @@ run() {
     done
     if [ -z "$port" ]; then echo "coordinator did not start:"; cat "$dir/log"; exit 1; fi
     echo "== $label: $NODES nodes, coordinator pid $PID on port $port"
-    "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --nodes "$NODES" --pid "$PID"
+    local policy=()
+    if [ "$POLICY_RULES" -gt 0 ]; then
+        # Rule i lets the whole overlay reach port 1000+i of one /16 of it.
+        {
+            echo '{"acls": ['
+            for i in $(seq 0 $((POLICY_RULES - 1))); do
+                echo "  {\"action\": \"accept\", \"src\": [\"100.64.0.0/10\"], \"dst\": [\"100.$((64 + i % 64)).0.0/16:$((1000 + i))\"]},"
+            done
+            echo ']}'
+        } >"$dir/policy.hujson"
+        policy=(--policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/policy.hujson >/dev/null")
+    fi
+    "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --nodes "$NODES" --pid "$PID" "${policy[@]}"
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 }
 

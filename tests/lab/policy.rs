@@ -173,6 +173,14 @@ fn a_policy_allows_what_it_says_and_its_revocation_cuts_at_once() {
     // bob reaches nothing: the server is not even in his map.
     assert!(!tcp_ok(&lab, &nb, addr(&s_ip, 22)));
     assert!(!lab.ping(&nb, &s_ip));
+    let ping = bob.cli(&lab, &["ping", "server", "-c", "1"]);
+    assert!(
+        !ping.ok() && ping.stderr.contains("access policy"),
+        "{}",
+        ping.stderr
+    );
+    let st = alice.cli(&lab, &["status"]).expect_ok("status");
+    assert!(st.stdout.contains("access policy: on"), "{}", st.stdout);
 
     // A bad policy is refused with its place and changes nothing.
     let bad = lab.write_file("bad.hujson", BAD);

@@ -46,9 +46,10 @@ run() {
     mkdir -p "$dir"
     local token
     token=$(RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" token create --reusable | head -1)
-    RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" serve --listen 127.0.0.1:0 >"$dir/log" 2>&1 &
+    RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" serve --listen 127.0.0.1:0 --no-stun >"$dir/log" 2>&1 &
     PID=$!
-    # The port is chosen by the kernel; read it from the process's sockets.
+    # The port is chosen by the kernel; read it from the process's sockets
+    # (--no-stun: STUN over TCP would be a second listening socket).
     local port= i
     for i in $(seq 1 100); do
         port=$(ss -Hltnp 2>/dev/null | awk -v pid="pid=$PID," '$0 ~ pid {split($4, a, ":"); print a[length(a)]; exit}')

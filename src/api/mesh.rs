@@ -114,6 +114,9 @@ pub struct MeshStatus {
     /// network has no policy and everything is allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_rules: Option<usize>,
+    /// Why the peers' side of the policy (`allows_you`) is not shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach_error: Option<String>,
     /// Latency to each relay region's STUN server, from the last netcheck.
     pub relay_latency_ms: Vec<(String, f64)>,
     /// The candidates this node publishes, by kind.
@@ -167,6 +170,14 @@ pub struct PeerMesh {
     /// The direct paths pinged so far ("candidates tried"), best kind first.
     #[serde(default)]
     pub tried: Vec<TriedPath>,
+    /// With an access policy: what the peer's filter lets this node do
+    /// ("allows you: tcp/22"), as the coordinator answered `GET /reach`;
+    /// `None` without a policy or when it could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allows_you: Option<Vec<crate::policy::Allowance>>,
+    /// With an access policy: what this node's own filter lets the peer do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub you_allow: Option<Vec<crate::policy::Allowance>>,
 }
 
 /// One direct path traversal pinged, and what came of it.

@@ -281,6 +281,10 @@ pub struct PingReply {
     /// The disco ping round; absent for a peer from the config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round: Option<mesh::PingRound>,
+    /// With an access policy: what the peer lets this node do (a disco
+    /// ping is answered whatever the policy says; traffic is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allows_you: Option<Vec<crate::policy::Allowance>>,
 }
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this is dead.
@@ -303,6 +307,7 @@ impl PingReply {
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
             round: None,
+            allows_you: p.mesh.as_ref().and_then(|m| m.allows_you.clone()),
         }
     }
 }

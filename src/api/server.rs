@@ -82,6 +82,12 @@ pub trait Backend: Send + Sync + 'static {
         })
     }
 
+    /// What the peers let this node do, from the coordinator (`GET
+    /// /reach`); `None` when there is no coordinator to ask.
+    fn reach(&self) -> BoxFuture<'_, Option<Result<crate::control::ReachResponse, String>>> {
+        Box::pin(async { None })
+    }
+
     /// Requests that act on the mesh: `up`, `down`, `logout`, `netcheck`.
     /// A backend without a mesh (tests, a static config) refuses them.
     fn mesh(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
@@ -125,7 +131,7 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
         }
     };
     let result = match request {
-        Request::Status => to_value(&backend.status()),
+        Request::Status => to_value(&status_with_reach(backend).await),
         Request::Version => to_value(&VersionReply {
             version: env!("CARGO_PKG_VERSION").into(),
         }),
@@ -161,6 +167,45 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
     }
 }
 
+/// How long `status` waits for the coordinator to say what the peers allow.
+const REACH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The backend's status and, when the network has an access policy, what
+/// each peer lets this node do (`allows_you`). Only the coordinator knows
+/// that (it is the peers' filters), so it is asked here, when a person
+/// looks, rather than pushed to every node on every change.
+async fn status_with_reach(backend: &dyn Backend) -> Status {
+    let mut st = backend.status();
+    let Some(mesh) = st.mesh.as_mut().filter(|m| m.policy_rules.is_some()) else {
+        return st;
+    };
+    let reach = match tokio::time::timeout(REACH_TIMEOUT, backend.reach()).await {
+        Ok(Some(Ok(r))) => r,
+        Ok(Some(Err(e))) => {
+            mesh.reach_error = Some(e);
+            return st;
+        }
+        Ok(None) => return st,
+        Err(_) => {
+            mesh.reach_error = Some(format!(
+                "the coordinator did not answer within {}s",
+                REACH_TIMEOUT.as_secs()
+            ));
+            return st;
+        }
+    };
+    let allows: std::collections::HashMap<NodeKey, Vec<crate::policy::Allowance>> =
+        reach.peers.into_iter().map(|p| (p.key, p.allows)).collect();
+    for p in &mut st.peers {
+        if let Some(m) = &mut p.mesh {
+            // A peer the coordinator did not list is one it no longer
+            // shows this node: it allows nothing.
+            m.allows_you = Some(allows.get(&p.public_key).cloned().unwrap_or_default());
+        }
+    }
+    st
+}
+
 /// Resolves the peer, runs a disco round when it is a mesh peer, and adds
 /// the WireGuard-level liveness.
 async fn ping(
@@ -168,7 +213,7 @@ async fn ping(
     query: &str,
     timeout_ms: Option<u64>,
 ) -> Result<serde_json::Value, ApiError> {
-    let st = backend.status();
+    let st = status_with_reach(backend).await;
     let policy = st.mesh.as_ref().and_then(|m| m.policy_rules).is_some();
     let p = resolve(&st.peers, query).map_err(|mut e| {
         // A peer the policy hides is not in the map at all.

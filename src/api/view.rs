@@ -94,6 +94,22 @@ impl Backend for AgentView {
                 }
             }
         }
+        // What this node's own filter lets each peer do: local, unlike
+        // what the peers allow (`server::status_with_reach`).
+        let filter = self.dataplane.firewall.filter();
+        if let (Some(rules), Some(n)) = (filter.rules(), &node) {
+            for p in &mut peers {
+                let from: Vec<IpAddr> = p
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| n.prefix_len() == n.max_prefix_len())
+                    .map(IpNet::addr)
+                    .collect();
+                if let Some(m) = &mut p.mesh {
+                    m.you_allow = Some(crate::policy::reach(rules, &from, &n.addresses));
+                }
+            }
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             interface: self.interface.clone(),
@@ -106,6 +122,13 @@ impl Backend for AgentView {
             drops: self.dataplane.drop_counts().into(),
             mesh: node,
         }
+    }
+
+    fn reach(&self) -> BoxFuture<'_, Option<Result<crate::control::ReachResponse, String>>> {
+        Box::pin(async move {
+            let client = self.mesh.as_ref()?.view().client?;
+            Some(client.reach().await.map_err(|e| e.to_string()))
+        })
     }
 
     fn disco_ping(

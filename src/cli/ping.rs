@@ -91,8 +91,13 @@ pub fn run(
             .map(|(seq, reply)| Round { seq, reply })
             .collect();
         print_json(out, &rounds)?;
-    } else if let Some(n) = direct_after {
-        writeln!(out, "direct path found after {n} {}", plural(n))?;
+    } else {
+        if let Some(note) = replies.first().and_then(policy_note) {
+            writeln!(out, "{note}")?;
+        }
+        if let Some(n) = direct_after {
+            writeln!(out, "direct path found after {n} {}", plural(n))?;
+        }
     }
     let name = replies.first().map(who).unwrap_or_else(|| peer.to_owned());
     if replies
@@ -111,6 +116,25 @@ pub fn run(
         )));
     }
     Ok(())
+}
+
+/// What the access policy lets this node do to the peer: a pong only says
+/// the peer is there, since disco is answered whatever the policy says.
+fn policy_note(reply: &PingReply) -> Option<String> {
+    let allows = reply.allows_you.as_ref()?;
+    let name = who(reply);
+    Some(if allows.is_empty() {
+        format!(
+            "the access policy lets you reach nothing on {name}: it is in your map because \
+             it may reach you"
+        )
+    } else {
+        let list: Vec<String> = allows.iter().map(ToString::to_string).collect();
+        format!(
+            "the access policy lets you reach {name} on {}",
+            list.join(", ")
+        )
+    })
 }
 
 /// The old answer, for a peer without disco: is the tunnel alive.
@@ -214,7 +238,27 @@ mod tests {
                     .any(|p| matches!(p.path, PeerPath::Direct { .. })),
                 pongs,
             }),
+            allows_you: None,
         }
+    }
+
+    #[test]
+    fn the_policy_note_says_what_the_peer_allows() {
+        let mut r = reply(vec![]);
+        assert_eq!(policy_note(&r), None, "no policy: no note");
+        r.allows_you = Some(vec![]);
+        assert!(policy_note(&r).unwrap().contains("reach nothing on bob"));
+        r.allows_you = Some(vec![crate::policy::Allowance {
+            proto: 6,
+            ports: crate::policy::PortRange {
+                first: 22,
+                last: 22,
+            },
+        }]);
+        assert_eq!(
+            policy_note(&r).unwrap(),
+            "the access policy lets you reach bob (100.64.0.2) on tcp/22"
+        );
     }
 
     #[test]

@@ -63,6 +63,13 @@ pub fn node(m: &MeshStatus) -> String {
             out,
             "access policy: on; {n} rule(s) say who may reach this node, and peers outside the policy are not listed"
         );
+        if let Some(e) = &m.reach_error {
+            let _ = writeln!(
+                out,
+                "access policy: what the peers allow you is not known ({})",
+                crate::text::for_terminal(e)
+            );
+        }
     }
     let udp = match m.udp {
         Some(true) => "UDP works",
@@ -128,8 +135,35 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
         if !m.online {
             let _ = writeln!(out, "{name}: offline at the coordinator");
         }
+        if let Some(line) = access(m) {
+            let _ = writeln!(out, "{name}: {line}");
+        }
     }
     out
+}
+
+/// "allows you: tcp/22, tcp/443; you allow it: nothing": both sides of the
+/// access policy between this node and a peer, when there is one.
+fn access(m: &crate::api::mesh::PeerMesh) -> Option<String> {
+    let list = |a: &[crate::policy::Allowance]| {
+        if a.is_empty() {
+            return "nothing".to_owned();
+        }
+        a.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (&m.allows_you, &m.you_allow) {
+        (None, None) => None,
+        (Some(a), None) => Some(format!("allows you: {}", list(a))),
+        (None, Some(b)) => Some(format!("you allow it: {}", list(b))),
+        (Some(a), Some(b)) => Some(format!(
+            "allows you: {}; you allow it: {}",
+            list(a),
+            list(b)
+        )),
+    }
 }
 
 /// Most tried paths listed on the status line; the rest are counted.

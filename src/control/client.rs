@@ -334,6 +334,14 @@ impl ControlClient {
         Ok(())
     }
 
+    /// What this node's peers let it do (`GET /reach`), for `status`.
+    pub async fn reach(&self) -> Result<super::ReachResponse, ControlError> {
+        let resp = self
+            .signed(reqwest::Method::GET, "/reach", Vec::new())
+            .await?;
+        parse_json(&resp.bytes().await?)
+    }
+
     /// Starts the map stream task (see the module doc).
     pub fn map_stream(&self) -> MapStream {
         let (tx, rx) = mpsc::channel(256);

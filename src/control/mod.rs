@@ -11,6 +11,7 @@
 //! | `GET /map` | node key | → NDJSON stream of [`types::MapMessage`] |
 //! | `POST /endpoints` | node key | [`types::EndpointsReport`] → `{}` |
 //! | `POST /logout` | node key | → `{}` |
+//! | `GET /reach` | node key | → [`types::ReachResponse`] (what each peer lets this node do) |
 //!
 //! **Keys and trust.** The agent learns the coordinator's X25519 public key
 //! from `GET /key`; TLS (with the usual certificate checks) is what makes

@@ -208,6 +208,25 @@ pub enum MapMessage {
     Keepalive,
 }
 
+/// The answer to `GET /reach`: what each peer in this node's map lets it
+/// do, from the peers' filters, which only the coordinator holds. Asked
+/// for by `warren status` when the network has a policy (computing it for
+/// every node on every change would be O(nodes²); README, "Access
+/// policy").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachResponse {
+    /// `false`: the network has no policy and every peer allows everything.
+    pub policy: bool,
+    pub peers: Vec<PeerReach>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReach {
+    pub key: NodeKey,
+    /// Empty: the peer is in the map only because it may reach this node.
+    pub allows: Vec<crate::policy::Allowance>,
+}
+
 /// How often the coordinator writes a keepalive line on an idle map stream.
 pub const KEEPALIVE_SECS: u64 = 30;
 

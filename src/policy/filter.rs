@@ -161,33 +161,62 @@ impl PacketFilter {
         self.candidates(rules, src)
             .any(|r| r.proto.contains(&proto) && r.dst.iter().any(|d| d.net.contains(&dst)))
     }
+}
 
-    /// What the rules let `src` reach on this node, for `status`
-    /// ("allows you: tcp/22, tcp/443"): every (protocol, port range) of a
-    /// rule covering one of `src`'s addresses, sorted, each once.
-    pub fn allowed_from(&self, src: &[IpAddr]) -> Option<Vec<(u8, PortRange)>> {
-        let rules = self.rules.as_ref()?;
-        let mut out: Vec<(u8, PortRange)> = Vec::new();
-        for r in rules {
-            if !r.src.iter().any(|s| src.iter().any(|ip| s.contains(ip))) {
-                continue;
-            }
-            for &p in &r.proto {
-                for d in &r.dst {
-                    let ports = if has_ports(p) {
-                        d.ports
-                    } else {
-                        PortRange::ALL
-                    };
-                    if !out.contains(&(p, ports)) {
-                        out.push((p, ports));
-                    }
+/// One thing a node's filter lets a peer do: a protocol, and for TCP, UDP
+/// and SCTP a port range. What `warren status` prints per peer ("allows
+/// you: tcp/22, tcp/443") and the coordinator's `GET /reach` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Allowance {
+    pub proto: u8,
+    #[serde(with = "ports_pair")]
+    pub ports: PortRange,
+}
+
+impl std::fmt::Display for Allowance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = super::eval::proto_name(self.proto);
+        if !has_ports(self.proto) {
+            return f.write_str(&name);
+        }
+        match (self.ports.first, self.ports.last) {
+            (0, u16::MAX) => write!(f, "{name}/*"),
+            (a, b) if a == b => write!(f, "{name}/{a}"),
+            (a, b) => write!(f, "{name}/{a}-{b}"),
+        }
+    }
+}
+
+/// What `rules` (a node's filter) let a node with the addresses `from` do
+/// to the addresses `to` (the filter's node itself, not the routes it
+/// serves): every (protocol, port range) once, sorted. A walk over the
+/// rules, not the index: it answers a person, not a packet.
+pub fn reach(rules: &[FilterRule], from: &[IpAddr], to: &[IpAddr]) -> Vec<Allowance> {
+    let mut out: Vec<Allowance> = Vec::new();
+    for r in rules {
+        if !r.src.iter().any(|s| from.iter().any(|ip| s.contains(ip))) {
+            continue;
+        }
+        for d in r
+            .dst
+            .iter()
+            .filter(|d| to.iter().any(|ip| d.net.contains(ip)))
+        {
+            for &proto in &r.proto {
+                let ports = if has_ports(proto) {
+                    d.ports
+                } else {
+                    PortRange::ALL
+                };
+                let a = Allowance { proto, ports };
+                if !out.contains(&a) {
+                    out.push(a);
                 }
             }
         }
-        out.sort();
-        Some(out)
     }
+    out.sort();
+    out
 }
 
 #[cfg(test)]
@@ -246,6 +275,37 @@ mod tests {
         );
         assert!(PacketFilter::allow_all().allows(&flow(6, "1.2.3.4", "5.6.7.8", 1)));
         assert!(!PacketFilter::new(vec![]).allows(&flow(6, "100.64.0.1", "100.64.0.2", 22)));
+    }
+
+    #[test]
+    fn reach_lists_what_a_peer_may_do_to_this_node_only() {
+        let rules = vec![
+            rule(&[6, 17], "100.64.0.1/32", "100.64.0.2/32", (22, 22)),
+            rule(&[6], "100.64.0.0/10", "100.64.0.2/32", (8000, 8100)),
+            rule(&[1], "100.64.0.1/32", "100.64.0.2/32", (0, 0)),
+            rule(&[6], "100.64.0.1/32", "10.33.0.0/16", (0, 65535)),
+            rule(&[6], "100.64.0.9/32", "100.64.0.2/32", (443, 443)),
+        ];
+        let me: Vec<IpAddr> = vec!["100.64.0.1".parse().unwrap()];
+        let node: Vec<IpAddr> = vec!["100.64.0.2".parse().unwrap()];
+        let got: Vec<String> = reach(&rules, &me, &node)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["icmp", "tcp/22", "tcp/8000-8100", "udp/22"]);
+        let other: Vec<IpAddr> = vec!["100.64.0.7".parse().unwrap()];
+        assert_eq!(reach(&rules, &other, &node).len(), 1, "only the /10 rule");
+        assert!(
+            reach(&rules, &me, &other).is_empty(),
+            "not the filter's node"
+        );
+        let all = Allowance {
+            proto: 17,
+            ports: PortRange::ALL,
+        };
+        assert_eq!(all.to_string(), "udp/*");
+        let json = serde_json::to_string(&all).unwrap();
+        assert_eq!(json, r#"{"proto":17,"ports":[0,65535]}"#);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod selector;
 use ipnet::IpNet;
 
 pub use compile::{compile, Compiled};
-pub use filter::{DstNet, FilterRule, PacketFilter};
+pub use filter::{reach, Allowance, DstNet, FilterRule, PacketFilter};
 pub use hujson::Pos;
 pub use inventory::{Inventory, InventoryNode, InventoryUser};
 pub use selector::{PortRange, Selector, WordError};

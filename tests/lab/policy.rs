@@ -181,6 +181,28 @@ fn a_policy_allows_what_it_says_and_its_revocation_cuts_at_once() {
     );
     let st = alice.cli(&lab, &["status"]).expect_ok("status");
     assert!(st.stdout.contains("access policy: on"), "{}", st.stdout);
+    // Both sides of the policy per peer: what the server allows alice
+    // (asked of the coordinator) and what hers allows the server (local).
+    let both = "allows you: icmp, tcp/22, udp/22, ipv6-icmp; you allow it: nothing";
+    assert!(st.stdout.contains(both), "{}", st.stdout);
+    let st = server.cli(&lab, &["status"]).expect_ok("status");
+    let back = "allows you: nothing; you allow it: icmp, tcp/22, udp/22, ipv6-icmp";
+    assert!(st.stdout.contains(back), "{}", st.stdout);
+    let json = alice.status(&lab);
+    let peer = &json["peers"][0]["mesh"];
+    assert_eq!(peer["hostname"], "server");
+    assert_eq!(
+        peer["allows_you"][1],
+        serde_json::json!({"proto": 6, "ports": [22, 22]})
+    );
+    let ping = alice
+        .cli(&lab, &["ping", "server", "-c", "1"])
+        .expect_ok("ping");
+    assert!(
+        ping.stdout.contains("lets you reach server") && ping.stdout.contains("tcp/22"),
+        "{}",
+        ping.stdout
+    );
 
     // A bad policy is refused with its place and changes nothing.
     let bad = lab.write_file("bad.hujson", BAD);

@@ -22,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use warren::control::{
-    EndpointsReport, ErrorBody, ErrorCode, RegisterRequest, RegisterResponse, RelayMap,
-    ServerKeyResponse, MAX_ENDPOINTS,
+    EndpointsReport, ErrorBody, ErrorCode, ReachResponse, RegisterRequest, RegisterResponse,
+    RelayMap, ServerKeyResponse, MAX_ENDPOINTS,
 };
 use warren::keys::PrivateKey;
 
@@ -124,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/endpoints", post(endpoints))
         .route("/logout", post(logout))
         .route("/map", get(map::map))
+        .route("/reach", get(reach))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed here")
@@ -279,6 +280,21 @@ async fn logout(
     st.hub.wake();
     tracing::info!(node = %node.key.short(), name = %node.name, "logged out");
     Ok(Json(serde_json::json!({})))
+}
+
+/// What the peers in this node's map let it do (`warren status`): read from
+/// the hub's compiled policy, nothing stored but the spent nonce.
+async fn reach(
+    State(st): State<AppState>,
+    signed: Signed<NoBody>,
+) -> Result<Json<ReachResponse>, ApiError> {
+    let (tx, node) = signed.begin_as_node(&st).await?;
+    tx.commit().await?;
+    let peers = st.hub.access().reach(node.id);
+    Ok(Json(ReachResponse {
+        policy: peers.is_some(),
+        peers: peers.unwrap_or_default(),
+    }))
 }
 
 /// Keeps the NAT mapping a node reports only when its address is the one

@@ -14,9 +14,11 @@
 //! allowed, and the reason logged and kept for `policy get`.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use warren::policy::{compile, Compiled, Policy};
+use warren::control::PeerReach;
+use warren::keys::NodeKey;
+use warren::policy::{compile, reach, Compiled, Policy};
 
 use crate::store::users::{inventory, UserRecord};
 use crate::store::NodeRecord;
@@ -28,6 +30,9 @@ pub struct Access {
     compiled: Compiled,
     index: HashMap<i64, usize>,
     ids: Vec<i64>,
+    /// Per node index: its key and overlay addresses, for `reach`.
+    keys: Vec<NodeKey>,
+    addrs: Vec<[IpAddr; 2]>,
     /// Per node id: its filter as JSON.
     filters: HashMap<i64, String>,
     pub users: Vec<UserRecord>,
@@ -67,6 +72,11 @@ impl Access {
         });
         let compiled = compile(policy.as_ref(), &inv);
         let ids: Vec<i64> = nodes.iter().map(|n| n.id).collect();
+        let keys = nodes.iter().map(|n| n.key).collect();
+        let addrs = nodes
+            .iter()
+            .map(|n| [IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)])
+            .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let filters = match &policy {
             None => HashMap::new(),
@@ -85,6 +95,8 @@ impl Access {
             compiled,
             index,
             ids,
+            keys,
+            addrs,
             filters,
             users,
             policy_text,
@@ -115,6 +127,27 @@ impl Access {
         )
     }
 
+    /// What each peer `me` may see lets `me` do, from the peers' filters
+    /// (`GET /reach`); `None` when there is no policy. O(peers × their
+    /// rules), asked for by a person running `warren status`, never pushed.
+    pub fn reach(&self, me: i64) -> Option<Vec<PeerReach>> {
+        self.policy.as_ref()?;
+        let Some(&i) = self.index.get(&me) else {
+            return Some(Vec::new());
+        };
+        let from = &self.addrs[i];
+        Some(
+            self.compiled
+                .visible(i)
+                .into_iter()
+                .map(|j| PeerReach {
+                    key: self.keys[j],
+                    allows: reach(self.compiled.filter(j), from, &self.addrs[j]),
+                })
+                .collect(),
+        )
+    }
+
     /// `me`'s packet filter as JSON; `None` when there is no policy. A
     /// node the build did not know yet gets `[]`: nothing in, until the
     /// build that includes it.
@@ -127,7 +160,6 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren::keys::NodeKey;
 
     fn node(id: i64, v4: [u8; 4], user: Option<i64>, tags: &[&str]) -> NodeRecord {
         NodeRecord {
@@ -180,10 +212,22 @@ mod tests {
         assert!(a.filter_json(3).unwrap().contains("100.64.0.3/32"));
         assert_eq!(a.filter_json(1), Some("[]"));
         assert_eq!(a.filter_json(99), Some("[]"), "unknown node: nothing in");
+        let reach = a.reach(1).unwrap();
+        assert_eq!(reach.len(), 1);
+        assert_eq!(reach[0].key, nodes[2].key);
+        let allows: Vec<String> = reach[0].allows.iter().map(|a| a.to_string()).collect();
+        assert_eq!(allows, ["icmp", "tcp/22", "udp/22", "ipv6-icmp"]);
+        let back = a.reach(3).unwrap();
+        assert!(
+            back[0].allows.is_empty(),
+            "alice's node allows the server nothing"
+        );
+        assert_eq!(a.reach(2), Some(vec![]));
 
         let open = Access::build(None, users.clone(), nodes.iter());
         assert_eq!(open.visible_set(2), None);
         assert_eq!(open.filter_json(2), None);
+        assert_eq!(open.reach(2), None);
 
         let broken = Access::build(Some("{not json".into()), users, nodes.iter());
         assert!(broken.error.is_some());

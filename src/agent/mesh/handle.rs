@@ -56,6 +56,9 @@ pub type Reply = oneshot::Sender<Result<MeshReply, ApiError>>;
 pub struct View {
     pub node: MeshStatus,
     pub peers: HashMap<NodeKey, PeerMesh>,
+    /// The session's client, so that `status` can ask the coordinator what
+    /// the peers allow (`GET /reach`) without waiting on the mesh task.
+    pub client: Option<crate::control::ControlClient>,
 }
 
 /// The daemon's handle on the mesh task. Cheap to clone.

@@ -586,13 +586,18 @@ impl Mesh {
                             })
                             .collect()
                     }),
+                    // Filled in per request (`api::view`, `api::server`).
+                    allows_you: None,
+                    you_allow: None,
                 };
                 (p.key, mesh)
             })
             .collect();
+        let client = self.session.as_ref().map(|s| s.client.clone());
         handle::publish(&self.view, |v| {
             v.node = node;
             v.peers = peers;
+            v.client = client;
         });
     }
 }

@@ -533,6 +533,7 @@ impl Mesh {
                 .is_some_and(|h| self.relays.is_connected(h)),
             home_relay_error: self.relays.home().and_then(|h| self.relays.last_error(h)),
             policy_rules: self.dp.firewall.rule_count(),
+            reach_error: None,
             relay_latency_ms: self
                 .discovery
                 .region_latency()

@@ -9,12 +9,16 @@
 //! N-peer map to disk and measure the load generator instead of the
 //! coordinator.
 //!
-//! With `--policy-cmd CMD` (a shell command that stores a policy, which
-//! `tests/bench/coordinator.sh` makes with `POLICY_RULES` rules) a second
-//! change follows: the policy, which every stream must hear about as a
-//! `filter_changed` line; its time and bytes are reported beside the
-//! endpoint change's, the reference measured in the same run.
+//! Each `--policy-cmd CMD` (a shell command that stores a policy, which
+//! `tests/bench/coordinator.sh` makes with `POLICY_RULES` rules) is a
+//! further change, made once every stream saw the one before: a policy
+//! every stream must hear about as a `filter_changed` line. The first is
+//! set where there was none (every stream's peer set is rebuilt), the
+//! second edits it (the same peers, new filters); their times and bytes
+//! are reported beside the endpoint change's, the reference measured in
+//! the same run.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +35,8 @@ struct Args {
     nodes: usize,
     concurrency: usize,
     pid: Option<u32>,
-    policy_cmd: Option<String>,
+    /// Each one a change timed in turn, after the endpoint change.
+    policy_cmds: Vec<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -41,7 +46,7 @@ fn args() -> anyhow::Result<Args> {
         nodes: 2000,
         concurrency: 32,
         pid: None,
-        policy_cmd: None,
+        policy_cmds: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,7 +57,7 @@ fn args() -> anyhow::Result<Args> {
             "--nodes" => a.nodes = v.parse()?,
             "--concurrency" => a.concurrency = v.parse()?,
             "--pid" => a.pid = Some(v.parse()?),
-            "--policy-cmd" => a.policy_cmd = Some(v),
+            "--policy-cmd" => a.policy_cmds.push(v),
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -114,8 +119,8 @@ struct Counters {
     /// Full maps, the first of each stream included.
     fulls: AtomicUsize,
     bytes: AtomicUsize,
-    /// Streams that saw the first needle.
-    first_seen: AtomicUsize,
+    /// Per needle: the streams that saw it.
+    seen: Vec<AtomicUsize>,
 }
 
 /// Opens one map stream; counts its lines, then waits for each of
@@ -163,13 +168,12 @@ async fn stream(
                 counters.connected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            while seen.len() < needles.len()
+            // One needle per line: two changes are two lines.
+            if seen.len() < needles.len()
                 && String::from_utf8_lossy(line).contains(&needles[seen.len()])
             {
+                counters.seen[seen.len()].fetch_add(1, Ordering::Relaxed);
                 seen.push(Instant::now());
-                if seen.len() == 1 {
-                    counters.first_seen.fetch_add(1, Ordering::Relaxed);
-                }
             }
             if seen.len() == needles.len() {
                 return Ok(seen);
@@ -232,27 +236,39 @@ async fn main() -> anyhow::Result<()> {
     let coord = ControlClient::new(&a.url, keys[0].clone(), state.path())?
         .coordinator_key()
         .await?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()?;
+    // The coordinator admits at most 1,024 map streams per source address
+    // (issue 15), so the streams come from several loopback addresses,
+    // 500 a piece, as a network's nodes come from many.
+    let sources = (a.nodes / 500 + 1).min(250);
+    let clients: Vec<reqwest::Client> = (0..sources)
+        .map(|i| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)))
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
     let marker = format!(
         "203.0.113.{}:{}",
         rand::random::<u8>(),
         10000 + rand::random::<u16>() % 50000
     );
-    let counters = Arc::new(Counters::default());
+    let needles: Vec<String> = std::iter::once(marker.clone())
+        .chain(a.policy_cmds.iter().map(|_| "filter_changed".to_owned()))
+        .collect();
+    let counters = Arc::new(Counters {
+        seen: needles.iter().map(|_| AtomicUsize::new(0)).collect(),
+        ..Default::default()
+    });
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for k in keys.iter().skip(1) {
+    for (i, k) in keys.iter().enumerate().skip(1) {
         let fut = stream(
-            http.clone(),
+            clients[i % sources].clone(),
             a.url.clone(),
             k.clone(),
             coord,
-            match a.policy_cmd {
-                Some(_) => vec![marker.clone(), "filter_changed".to_owned()],
-                None => vec![marker.clone()],
-            },
+            needles.clone(),
             counters.clone(),
         );
         tasks.push(tokio::spawn(fut));
@@ -312,29 +328,25 @@ async fn main() -> anyhow::Result<()> {
         addr: marker.parse()?,
         kind: EndpointKind::Srflx,
     }];
-    let before = (
-        counters.lines.load(Ordering::Relaxed),
-        counters.fulls.load(Ordering::Relaxed),
-    );
-    let t0 = Instant::now();
+    // Per change: when it was made, and the counters just before it.
+    let snapshot = || {
+        (
+            counters.lines.load(Ordering::Relaxed),
+            counters.fulls.load(Ordering::Relaxed),
+            counters.bytes.load(Ordering::Relaxed),
+        )
+    };
+    let mut phases = vec![(Instant::now(), snapshot())];
     c0.report_endpoints(&EndpointsReport::endpoints(&eps))
         .await?;
-    // 4. With --policy-cmd: once every stream saw the change, the policy.
-    let mut t1 = None;
-    let mut after_first = before;
-    let mut bytes = (counters.bytes.load(Ordering::Relaxed), 0);
-    if let Some(cmd) = &a.policy_cmd {
+    // 4. Each --policy-cmd, once every stream saw the change before it.
+    for (i, cmd) in a.policy_cmds.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while counters.first_seen.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        while counters.seen[i].load(Ordering::Relaxed) < want && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        after_first = (
-            counters.lines.load(Ordering::Relaxed),
-            counters.fulls.load(Ordering::Relaxed),
-        );
-        bytes.1 = counters.bytes.load(Ordering::Relaxed);
-        let start = Instant::now();
+        let start = (Instant::now(), snapshot());
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
@@ -342,18 +354,16 @@ async fn main() -> anyhow::Result<()> {
         if !status.success() {
             bail!("{cmd}: {status}");
         }
-        println!("policy command took {:.1?}", start.elapsed());
-        t1 = Some(start);
+        println!("policy command {} took {:.1?}", i + 1, start.0.elapsed());
+        phases.push(start);
     }
-    let mut lat = Vec::new();
-    let mut lat_policy = Vec::new();
+    let mut lat: Vec<Vec<Duration>> = phases.iter().map(|_| Vec::new()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     for task in tasks {
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(Ok(at))) => {
-                lat.push(at[0].saturating_duration_since(t0));
-                if let (Some(t1), Some(p)) = (t1, at.get(1)) {
-                    lat_policy.push(p.saturating_duration_since(t1));
+                for ((l, (t, _)), seen) in lat.iter_mut().zip(&phases).zip(at) {
+                    l.push(seen.saturating_duration_since(*t));
                 }
             }
             Ok(Ok(Err(e))) => eprintln!("stream failed: {e:#}"),
@@ -361,48 +371,36 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => eprintln!("a stream did not see every change within 120 s"),
         }
     }
-    if lat.is_empty() {
+    if lat[0].is_empty() {
         bail!("no stream saw the change");
     }
-    let report = |what: &str, lat: &mut Vec<Duration>| {
-        lat.sort();
-        if lat.is_empty() {
+    let end = snapshot();
+    for (i, l) in lat.iter_mut().enumerate() {
+        let what = match i {
+            0 => "one change (endpoint)".to_owned(),
+            1 => "policy set (none before)".to_owned(),
+            n => format!("policy change {}", n - 1),
+        };
+        l.sort();
+        if l.is_empty() {
             println!("{what} reached no stream");
-            return;
+        } else {
+            println!(
+                "{what} reached {}/{} streams: p50 {:.1?}, p99 {:.1?}, all {:.1?}",
+                l.len(),
+                want,
+                l[l.len() / 2],
+                l[l.len() * 99 / 100],
+                l[l.len() - 1]
+            );
         }
+        let from = phases[i].1;
+        let to = phases.get(i + 1).map_or(end, |p| p.1);
         println!(
-            "{what} reached {}/{} streams: p50 {:.1?}, p99 {:.1?}, all {:.1?}",
-            lat.len(),
-            want,
-            lat[lat.len() / 2],
-            lat[lat.len() * 99 / 100],
-            lat[lat.len() - 1]
-        );
-    };
-    report("one change (endpoint)", &mut lat);
-    let now = (
-        counters.lines.load(Ordering::Relaxed),
-        counters.fulls.load(Ordering::Relaxed),
-        counters.bytes.load(Ordering::Relaxed),
-    );
-    let first_end = if t1.is_some() {
-        after_first
-    } else {
-        (now.0, now.1)
-    };
-    println!(
-        "one change (endpoint): {} lines, {} of them full maps, {:.2} MB",
-        first_end.0 - before.0,
-        first_end.1 - before.1,
-        (if t1.is_some() { bytes.1 } else { now.2 }).saturating_sub(bytes.0) as f64 / 1e6
-    );
-    if t1.is_some() {
-        report("policy change", &mut lat_policy);
-        println!(
-            "policy change: {} lines, {} of them full maps, {:.2} MB",
-            now.0 - after_first.0,
-            now.1 - after_first.1,
-            now.2.saturating_sub(bytes.1) as f64 / 1e6
+            "{what}: {} lines, {} of them full maps, {:.2} MB",
+            to.0 - from.0,
+            to.1 - from.1,
+            to.2.saturating_sub(from.2) as f64 / 1e6
         );
     }
     println!("coordinator at the end: {}", rss(a.pid));

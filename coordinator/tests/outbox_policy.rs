@@ -141,3 +141,54 @@ fn a_policy_hides_peers_and_its_changes_arrive_as_deltas() {
     }));
     assert_eq!(msgs.len(), 2, "{msgs:?}");
 }
+
+/// A policy under which this node sees every peer it saw without one
+/// skips the peer-by-peer comparison, yet a node joining afterwards is
+/// judged by the policy: not sent when it may not be seen.
+#[test]
+fn the_same_peers_under_a_new_policy_cost_no_comparison_and_leak_no_newcomer() {
+    let mut nodes = vec![
+        record(ME, Some(1), &[]),
+        record(2, Some(2), &["tag:server"]),
+    ];
+    let users = vec![user(1, "alice"), user(2, "bob")];
+    let build = |nodes: &[NodeRecord], text: Option<&str>| {
+        Arc::new(Access::build(
+            text.map(str::to_owned),
+            users.clone(),
+            nodes.iter(),
+        ))
+    };
+    let t0 = Instant::now();
+    let mut ob = Outbox::new(ME, t0);
+    ob.set_access(build(&nodes, None));
+    assert!(matches!(ob.poll_flush(t0, 2), Flush::Full { .. }));
+    let snap: BTreeMap<i64, Arc<Upserted>> = nodes
+        .iter()
+        .map(|n| (n.id, Upserted::new(n.clone()).unwrap()))
+        .collect();
+    let relay = serde_json::to_string(&RelayMap::default()).unwrap();
+    let (_, known) = full_line_with(&snap, ME, &snap[&ME].peer_json, &relay, ob.full_parts());
+    ob.full_sent(known);
+
+    // alice still sees the server, and only it: no comparison owed, only
+    // the filter.
+    let t1 = t0 + TICK * 2;
+    ob.push(HubEvent::Access(build(&nodes, Some(POLICY))), t1);
+    assert!(!ob.needs_recheck(), "same peers: nothing to compare");
+    let msgs = lines(ob.poll_flush(t1, 2));
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(matches!(msgs[0], MapMessage::FilterChanged { .. }));
+
+    // bob's new node joins: the build comes first, then its upsert, which
+    // alice may not see.
+    nodes.push(record(3, Some(2), &[]));
+    let t2 = t1 + TICK * 2;
+    ob.push(HubEvent::Access(build(&nodes, Some(POLICY))), t2);
+    let newcomer = Upserted::new(nodes[2].clone()).unwrap();
+    ob.push(HubEvent::Upsert(newcomer), t2);
+    assert!(
+        matches!(ob.poll_flush(t2, 3), Flush::Wait),
+        "the newcomer is not sent"
+    );
+}

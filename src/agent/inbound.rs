@@ -29,7 +29,7 @@ use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 use super::egress::Egress;
 use super::udp::Udp;
-use crate::dataplane::firewall::Verdict;
+use crate::dataplane::firewall::{FlowCache, Verdict};
 use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
 use crate::traversal::node::is_wireguard;
 use crate::traversal::SocketId;
@@ -89,6 +89,10 @@ struct TunBatch {
     used: usize,
     plain: usize,
     gro: GROTable,
+    /// This task's memory of the flows the firewall let through.
+    flows: FlowCache,
+    /// The clock, read once per receive batch for the firewall.
+    now: std::time::Instant,
 }
 
 impl Inbound {
@@ -128,6 +132,8 @@ impl Inbound {
             used: 0,
             plain,
             gro: GROTable::default(),
+            flows: FlowCache::default(),
+            now: std::time::Instant::now(),
         };
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
@@ -136,6 +142,7 @@ impl Inbound {
                 udp.recv(&mut iovs[..used], &mut meta).await?
             };
             let set = self.dp.peers();
+            out.now = std::time::Instant::now();
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {
@@ -181,11 +188,11 @@ impl Inbound {
         buf.set_len(OFFSET + out.plain);
         match peer.open(Some(from), dgram, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
-                let now = std::time::Instant::now();
+                let packet = &buf.as_ref()[OFFSET..OFFSET + len];
                 if self
                     .dp
                     .firewall
-                    .inbound(&buf.as_ref()[OFFSET..OFFSET + len], now)
+                    .inbound_cached(&mut out.flows, packet, out.now)
                     != Verdict::Pass
                 {
                     return Ok(());

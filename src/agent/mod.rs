@@ -116,6 +116,10 @@ pub async fn run(
     let key = config.private_key()?;
     let dp = Arc::new(DataPlane::new(key));
     dp.upsert_peers(config.peers.iter().map(reload::peer_spec));
+    if let Some(rules) = config.packet_filter() {
+        dp.firewall
+            .set_base(crate::policy::PacketFilter::new(rules.to_vec()));
+    }
     let iface = &config.interface;
     let udp = udp::Udp::bind(iface.listen_port, iface.offload).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {

@@ -33,6 +33,7 @@ impl Outbound {
         let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
         let mut bufs = vec![vec![0u8; plain]; MAX_BATCH];
         let mut sizes = vec![0usize; MAX_BATCH];
+        let mut flows = crate::dataplane::firewall::FlowCache::default();
         let mut batch = TxBatch::new(
             plain + SEAL_OVERHEAD,
             MAX_BATCH * 2,
@@ -48,7 +49,8 @@ impl Outbound {
                 1
             };
             let set = self.dp.peers();
-            self.seal_all(&set, &bufs, &sizes[..n], &mut batch).await;
+            self.seal_all(&set, &bufs, &sizes[..n], &mut batch, &mut flows)
+                .await;
             // Drain what else is ready, bounded so latency stays low.
             let mut packets = n;
             while packets < MAX_BATCH {
@@ -64,7 +66,8 @@ impl Outbound {
                 match more {
                     Ok(m) => {
                         packets += m;
-                        self.seal_all(&set, &bufs, &sizes[..m], &mut batch).await;
+                        self.seal_all(&set, &bufs, &sizes[..m], &mut batch, &mut flows)
+                            .await;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
@@ -80,6 +83,7 @@ impl Outbound {
         bufs: &[Vec<u8>],
         sizes: &[usize],
         batch: &mut TxBatch,
+        flows: &mut crate::dataplane::firewall::FlowCache,
     ) {
         // One reading of the clock per batch, for the firewall's table.
         let now = std::time::Instant::now();
@@ -98,7 +102,7 @@ impl Outbound {
             }
             let Some(slot) = batch.slot() else { continue };
             // Replies to what we send pass the peer's firewall.
-            self.dp.firewall.outbound(pkt, now);
+            self.dp.firewall.outbound_cached(flows, pkt, now);
             match peer.seal(pkt, slot) {
                 Sealed::Send { len, to } => batch.commit(len, to),
                 // A birthday path: rare, and not batched with the primary socket's.

@@ -36,6 +36,8 @@ pub struct ReloadReport {
     pub unchanged: usize,
     /// Keys whose new value only takes effect after a restart.
     pub needs_restart: Vec<&'static str>,
+    /// `interface.filter_file` gave other rules, now in force.
+    pub filter_changed: bool,
 }
 
 /// Applies the peers of `new` to `dp`, given that `old` is what it runs.
@@ -58,6 +60,14 @@ pub fn apply(dp: &DataPlane, old: &Config, new: &Config) -> ReloadReport {
         {
             report.removed += 1;
         }
+    }
+    if old.packet_filter() != new.packet_filter() {
+        let rules = new.packet_filter().map(<[_]>::to_vec);
+        dp.firewall.set_base(match rules {
+            Some(r) => crate::policy::PacketFilter::new(r),
+            None => crate::policy::PacketFilter::allow_all(),
+        });
+        report.filter_changed = true;
     }
     let (a, b) = (&old.interface, &new.interface);
     let checks = [
@@ -102,6 +112,7 @@ pub fn watch_sighup(
                 changed = r.changed,
                 removed = r.removed,
                 unchanged = r.unchanged,
+                filter_changed = r.filter_changed,
                 "SIGHUP: config reloaded"
             );
             if !r.needs_restart.is_empty() {

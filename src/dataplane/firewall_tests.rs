@@ -183,3 +183,73 @@ fn packets_to_addresses_we_do_not_own_are_refused_even_without_a_policy() {
     open.outbound(&build::udp(ME, 1, BOB, 2), now);
     assert_eq!(open.tracked(), 0);
 }
+
+#[test]
+fn the_config_files_filter_holds_while_the_network_has_no_policy() {
+    let fw = Firewall::default();
+    let now = Instant::now();
+    let bob_22 = build::tcp(BOB, 4000, ME, 22, true, false);
+    fw.set_base(alice_to_22());
+    assert_eq!(
+        fw.inbound(&bob_22, now),
+        Verdict::Policy,
+        "the file's rules"
+    );
+    let bob_only = PacketFilter::new(vec![FilterRule {
+        proto: vec![6],
+        src: vec![IpNet::from(IpAddr::V4(BOB))],
+        dst: vec![DstNet {
+            net: IpNet::from(IpAddr::V4(ME)),
+            ports: PortRange::ALL,
+        }],
+    }]);
+    fw.set_policy(Some(bob_only));
+    assert_eq!(
+        fw.inbound(&bob_22, now),
+        Verdict::Pass,
+        "the policy replaces it"
+    );
+    fw.set_policy(None);
+    let bob_23 = build::tcp(BOB, 4001, ME, 23, true, false);
+    assert_eq!(
+        fw.inbound(&bob_23, now),
+        Verdict::Policy,
+        "no policy any more: the file's rules again, not allow-all"
+    );
+}
+
+#[test]
+fn a_tasks_flow_cache_passes_a_busy_flow_but_not_past_a_new_filter() {
+    let fw = firewall();
+    let mut cache = FlowCache::default();
+    let now = Instant::now();
+    let syn = build::tcp(ALICE, 4000, ME, 22, true, false);
+    let data = build::tcp(ALICE, 4000, ME, 22, false, false);
+    assert_eq!(fw.inbound_cached(&mut cache, &syn, now), Verdict::Pass);
+    assert_eq!(fw.inbound_cached(&mut cache, &data, now), Verdict::Pass);
+    // The cache answers without the table: emptied, the flow still passes.
+    for s in &fw.shards {
+        s.lock().clear();
+    }
+    assert_eq!(fw.inbound_cached(&mut cache, &data, now), Verdict::Pass);
+    // A filter without alice's rule: the cached flow is cut at once.
+    fw.set_filter(PacketFilter::new(vec![]));
+    assert_eq!(fw.inbound_cached(&mut cache, &data, now), Verdict::Policy);
+}
+
+#[test]
+fn new_own_addresses_empty_the_flow_caches() {
+    let fw = firewall();
+    fw.set_local(vec![IpNet::from(IpAddr::V4(ME))]);
+    let mut cache = FlowCache::default();
+    let now = Instant::now();
+    let data = build::tcp(ALICE, 4000, ME, 22, false, false);
+    assert_eq!(fw.inbound_cached(&mut cache, &data, now), Verdict::Pass);
+    assert_eq!(fw.inbound_cached(&mut cache, &data, now), Verdict::Pass);
+    fw.set_local(vec![IpNet::from(IpAddr::V4(BOB))]);
+    assert_eq!(
+        fw.inbound_cached(&mut cache, &data, now),
+        Verdict::NotOurs,
+        "the cache does not outlive the address"
+    );
+}

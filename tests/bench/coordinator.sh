@@ -10,9 +10,10 @@
 # change every other stream hears about. The bench reports how long that
 # takes to go quiet, and how many lines, full maps and bytes it cost.
 #
-# Then a policy of POLICY_RULES rules (default 200; 0 skips it) is set:
-# the time until every stream has its `filter_changed`, the lines and
-# bytes it cost, beside the endpoint change as the reference.
+# Then a policy of POLICY_RULES rules (default 200; 0 skips it) is set
+# where there was none, and then edited (a rule added): for each, the
+# time until every stream has its `filter_changed`, the lines and bytes
+# it cost, beside the endpoint change as the reference.
 #
 # COORDINATOR_BIN and BENCH_BIN run other builds (say, of an older commit
 # for a before/after comparison) instead of building this tree.
@@ -68,7 +69,12 @@ run() {
             done
             echo ']}'
         } >"$dir/policy.hujson"
-        policy=(--policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/policy.hujson >/dev/null")
+        # The edit: one more rule, port 999 of every node; every filter
+        # changes, no node's peers do.
+        sed 's|^{"acls": \[$|&\n  {"action": "accept", "src": ["100.64.0.0/10"], "dst": ["100.64.0.0/10:999"]},|' \
+            "$dir/policy.hujson" >"$dir/edit.hujson"
+        policy=(--policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/policy.hujson >/dev/null"
+            --policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/edit.hujson >/dev/null")
     fi
     "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --nodes "$NODES" --pid "$PID" "${policy[@]}"
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=

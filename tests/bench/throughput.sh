@@ -4,6 +4,13 @@
 #   plain          the veth link itself, no tunnel
 #   warren         release build, one agent per namespace (offload on)
 #   warren-nooff   the same with `offload = false` (per-packet TUN and UDP IO)
+#   warren-policy  `warren` with 1,000 peers on each side (999 of them
+#                  never heard from) and a packet filter of 1,000 rules,
+#                  one per peer (`[interface] filter_file`): the cost of
+#                  an access policy, printed beside `warren` at the end
+#   warren-peers   `warren` with the same 1,000 peers and no filter: with
+#                  it the policy's own cost is printed apart from the
+#                  cost of the peers
 #   wireguard-go   Debian's wireguard-go, configured with `wg set`
 #   boringtun      `boringtun-cli` from crates.io (installed by this script
 #                  into target/bench-tools; its column is skipped, with the
@@ -20,7 +27,7 @@
 # Usage (as root):  tests/bench/throughput.sh
 #   DURATION=10           seconds per iperf3 run
 #   WARREN_BIN=path       use this warren binary instead of building target/release/warren
-#   SYSTEMS="plain warren warren-nooff wireguard-go boringtun"   which columns to run
+#   SYSTEMS="plain warren warren-peers warren-policy warren-nooff wireguard-go boringtun"   which columns to run
 #   WARREN_BASE_BIN=path  adds a column `warren-base` for another warren build
 #                         (offload on), to compare a change in the same run
 #   PINGS=200             pings per latency figure
@@ -45,7 +52,7 @@ done
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=${DURATION:-10}
-SYSTEMS=${SYSTEMS:-plain warren warren-nooff wireguard-go boringtun}
+SYSTEMS=${SYSTEMS:-plain warren warren-peers warren-policy warren-nooff wireguard-go boringtun}
 PINGS=${PINGS:-200}
 ONLY=${ONLY:-}
 HZ=$(getconf CLK_TCK)
@@ -252,12 +259,14 @@ inB ip link set veth up
 wait_for 5 "veth link" inA ping -c1 -W1 10.99.0.2
 
 # --- warren
-warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD BINARY
+warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD BINARY [FILTER [PEERS]]
     # Each agent its own local API socket (the default path is machine-wide);
     # builds older than the local API (an A/B base) know no `[agent]`.
     if "$7" --help 2>/dev/null | grep -q -- --socket; then
         printf '[agent]\nsocket = "%s"\n' "$TMP/warren-$2.sock"
     fi
+    local filter=
+    if [[ -n ${8:-} ]]; then filter="filter_file = \"$8\""; fi
     cat <<CONF
 [interface]
 name = "warren0"
@@ -265,20 +274,56 @@ private_key = "$1"
 listen_port = 51820
 addresses = ["$2/24"]
 offload = $6
+$filter
 [[peer]]
 public_key = "$3"
 allowed_ips = ["$4/32"]
 endpoint = "$5:51820"
 CONF
+    if [[ -n ${9:-} ]]; then cat "$TMP/fake-peers.toml"; fi
 }
-run_warren() { # SYSTEM OFFLOAD BINARY
-    local ka kb pa pb bin=$3
+
+# fake_ip I: the overlay address of fake peer I (1..999), outside the /24.
+fake_ip() { echo "100.64.$((4 + $1 / 250)).$(($1 % 250 + 1))"; }
+
+# policy_files: 999 peers that never send (random keys) and, per side, a
+# filter of 1,000 rules: one per peer, the real one's letting in iperf3
+# (TCP and UDP 5201) and ping, as `policy filter --json` would compile a
+# policy of one rule per user.
+policy_files() {
+    local i side me peer
+    : >"$TMP/fake-peers.toml"
+    for i in $(seq 1 999); do
+        printf '[[peer]]\npublic_key = "%s"\nallowed_ips = ["%s/32"]\n' \
+            "$(head -c 32 /dev/urandom | base64)" "$(fake_ip "$i")" >>"$TMP/fake-peers.toml"
+    done
+    for side in a b; do
+        if [[ $side == a ]]; then me=100.64.0.1 peer=100.64.0.2; else me=100.64.0.2 peer=100.64.0.1; fi
+        {
+            printf '[{"proto":[6,17,1],"src":["%s/32"],"dst":[{"net":"%s/32","ports":[5201,5201]}]}' "$peer" "$me"
+            for i in $(seq 1 999); do
+                printf ',\n{"proto":[6,17],"src":["%s/32"],"dst":[{"net":"%s/32","ports":[%d,%d]}]}' \
+                    "$(fake_ip "$i")" "$me" $((10000 + i)) $((10000 + i))
+            done
+            echo ']'
+        } >"$TMP/filter-$side.json"
+    done
+}
+run_warren() { # SYSTEM OFFLOAD BINARY [peers|policy]
+    local ka kb pa pb bin=$3 fa= fb= many=
     ka=$("$bin" genkey)
     kb=$("$bin" genkey)
     pa=$("$bin" pubkey <<<"$ka")
     pb=$("$bin" pubkey <<<"$kb")
-    warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" "$bin" >"$TMP/a.toml"
-    warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" "$bin" >"$TMP/b.toml"
+    if [[ -n ${4:-} ]]; then
+        [[ -f $TMP/fake-peers.toml ]] || policy_files
+        many=yes
+    fi
+    if [[ ${4:-} == policy ]]; then
+        fa=$TMP/filter-a.json fb=$TMP/filter-b.json
+    fi
+    warren_conf "$ka" 100.64.0.1 "$pb" 100.64.0.2 10.99.0.2 "$2" "$bin" "$fa" "$many" >"$TMP/a.toml"
+    warren_conf "$kb" 100.64.0.2 "$pa" 100.64.0.1 10.99.0.1 "$2" "$bin" "$fb" "$many" >"$TMP/b.toml"
     # Not through inA/inB: `$!` of a backgrounded function is a subshell's
     # pid, and the CPU and RSS figures need the agent's own.
     ip netns exec "$NA" "$bin" agent --config "$TMP/a.toml" >"$TMP/$1-a.log" 2>&1 &
@@ -338,6 +383,8 @@ for sys in $SYSTEMS; do
     case $sys in
         plain) TUNNEL=(); bench plain 10.99.0.2 ;;
         warren) run_warren warren true "$WARREN_BIN" ;;
+        warren-peers) run_warren warren-peers true "$WARREN_BIN" peers ;;
+        warren-policy) run_warren warren-policy true "$WARREN_BIN" policy ;;
         warren-nooff) run_warren warren-nooff false "$WARREN_BIN" ;;
         warren-base)
             if [[ -x ${WARREN_BASE_BIN:-} ]]; then
@@ -394,4 +441,15 @@ for m in "tcp1:TCP 1 stream Mbit/s" "tcp4:TCP 4 streams Mbit/s" "pps:UDP 64B kpp
     echo
 done
 for sys in "${!SKIPPED[@]}"; do echo "skipped $sys: ${SKIPPED[$sys]}"; done
+# What the access policy costs: warren-policy against warren (and against
+# the same 1,000 peers without a filter), same run.
+for base in warren warren-peers; do
+    [[ -n ${R[warren-policy,tcp1]:-} && -n ${R[$base,tcp1]:-} ]] || continue
+    echo
+    echo "warren-policy (1,000 rules over 1,000 peers) against $base, same run:"
+    for m in "tcp1:TCP 1 stream" "tcp4:TCP 4 streams" "pps:UDP 64B pps" "rtt:ping RTT median" "cpu:CPU s per GB"; do
+        awk -v p="${R[warren-policy,${m%%:*}]}" -v w="${R[$base,${m%%:*}]}" -v what="${m#*:}" \
+            'BEGIN { printf "  %-20s %10.3g vs %10.3g (%+.1f%%)\n", what, p, w, (p - w) / w * 100 }'
+    done
+done
 perf_top

@@ -121,6 +121,8 @@ pub struct Outbox {
     visible: Option<HashSet<i64>>,
     /// A new compilation arrived: compare the peers held with the visible.
     recheck: bool,
+    /// `Access::visible_digest` of the set above, once one arrived.
+    digest: Option<u64>,
     /// The filter the agent holds (JSON; `None`: no policy).
     filter_sent: Option<String>,
 }
@@ -140,15 +142,30 @@ impl Outbox {
             access: Arc::new(Access::open()),
             visible: None,
             recheck: false,
+            digest: None,
             filter_sent: None,
         }
     }
 
     /// The policy as compiled now; the stream sends what it changes.
+    ///
+    /// When the peers this node may see are the same as before (their
+    /// digest did not change: a rule's ports edited, a node joining that
+    /// this one may not see), nothing is compared peer by peer; the set
+    /// is only built when its form changes (no policy → a policy), so that
+    /// a node joining later is judged by the new policy.
     pub fn set_access(&mut self, access: Arc<Access>) {
-        self.visible = access.visible_set(self.me);
+        let digest = access.visible_digest(self.me);
+        let same = self.digest.replace(digest) == Some(digest);
+        if !same {
+            self.visible = access.visible_set(self.me);
+            self.recheck = true;
+        } else if access.is_open() {
+            self.visible = None;
+        } else if self.visible.is_none() {
+            self.visible = access.visible_set(self.me);
+        }
         self.access = access;
-        self.recheck = true;
     }
 
     fn sees(&self, id: i64) -> bool {

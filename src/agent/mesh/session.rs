@@ -312,19 +312,23 @@ impl Mesh {
     fn set_filter(&mut self, rules: Option<Vec<crate::policy::FilterRule>>) {
         use crate::policy::{filter::MAX_RULES, PacketFilter};
         let filter = match rules {
-            None => PacketFilter::allow_all(),
+            None => None,
             Some(r) if r.len() > MAX_RULES => {
                 tracing::warn!(
                     rules = r.len(),
                     max = MAX_RULES,
                     "packet filter too big: nothing is allowed in"
                 );
-                PacketFilter::new(Vec::new())
+                Some(PacketFilter::new(Vec::new()))
             }
-            Some(r) => PacketFilter::new(r),
+            Some(r) => Some(PacketFilter::new(r)),
         };
-        tracing::info!(rules = filter.rules().map(<[_]>::len), "packet filter");
-        self.dp.firewall.set_filter(filter);
+        tracing::info!(
+            rules = filter.as_ref().and_then(|f| f.rules()).map(<[_]>::len),
+            "packet filter from the map"
+        );
+        // Without a policy the config file's filter, if any, is in force.
+        self.dp.firewall.set_policy(filter);
     }
 
     fn revoked(&mut self, reason: &str) {

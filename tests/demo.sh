@@ -11,7 +11,9 @@
 # It builds the dev profile (the tunnel's hot crates are optimised there,
 # see Cargo.toml): a first build takes half the time of a release build,
 # and `tests/run.sh` reuses it. Set WARREN_DEMO_PROFILE=release for a
-# release build.
+# release build, or WARREN_DEMO_BIN_DIR=DIR to build nothing and run the
+# `warren` and `warren-coordinator` in DIR (tests/bench/relayed.sh runs
+# two builds that way).
 #   tests/demo.sh down    stop everything and remove it
 #
 # Everything stays inside the namespaces; nothing is routed out.
@@ -78,11 +80,7 @@ link() { # link NS1 IF1 NS2 IF2
     ip -n "$3" link set "$4" up
 }
 
-up() {
-    need_root
-    if ! command -v nft >/dev/null || ! command -v ping >/dev/null || ! command -v ip >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables iputils-ping
-    fi
+build() {
     find_cargo
     # The agent and the coordinator are two packages of the workspace; the
     # root package is the default member, so `--bin warren-coordinator`
@@ -94,8 +92,22 @@ up() {
     else
         cargo build --profile "$PROFILE" -p warren -p warren-coordinator
     fi
-    local bin=$PWD/target/$OUT/warren
-    local cbin=$PWD/target/$OUT/warren-coordinator
+}
+
+up() {
+    need_root
+    if ! command -v nft >/dev/null || ! command -v ping >/dev/null || ! command -v ip >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables iputils-ping
+    fi
+    local bin cbin
+    if [ -n "${WARREN_DEMO_BIN_DIR:-}" ]; then
+        bin=$WARREN_DEMO_BIN_DIR/warren
+        cbin=$WARREN_DEMO_BIN_DIR/warren-coordinator
+    else
+        build
+        bin=$PWD/target/$OUT/warren
+        cbin=$PWD/target/$OUT/warren-coordinator
+    fi
     down
     mkdir -p "$DIR"
     for ns in "${NS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done

@@ -10,17 +10,20 @@
 //! socket is a plain field, so the common path costs one match arm and no
 //! atomic load.
 //!
-//! A direct TCP stream is "a relay whose far end is the peer itself": the
-//! data plane seals such a peer's packets as [`Sealed::Relay`], and
-//! [`Egress::relay`] looks up the peer's stream (an `ArcSwap` map, set
-//! while traversal's path is that stream) before the relay. Disco for the
-//! relay uses [`Egress::via_relay`], which never takes a stream.
+//! A direct TCP stream carries a peer's packets framed, like the relay: the
+//! data plane seals such a peer's packets as [`Sealed::Relay`] ("carried
+//! on a stream"), and [`Egress::relay`] looks up the peer's [`StreamTx`]
+//! (an `ArcSwap` map, set while traversal's path is that stream) before
+//! the relay. Disco for the relay uses [`Egress::via_relay`], which never
+//! takes a stream.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use super::udp::Udp;
 use crate::dataplane::{Drops, Sealed};
@@ -33,6 +36,23 @@ pub trait RelaySink: Send + Sync {
     fn send(&self, peer: NodeKey, packet: &[u8]) -> bool;
 }
 
+/// The writer queue of one direct TCP stream: packets are framed
+/// (`proto::stream`) and queued for the stream's writer task. A full
+/// queue drops, like the relay's, so one slow stream never holds up the
+/// other peers.
+#[derive(Debug, Clone)]
+pub struct StreamTx(pub mpsc::Sender<Bytes>);
+
+impl StreamTx {
+    /// Queues one payload (disco or WireGuard); false when it was dropped.
+    pub fn send(&self, packet: &[u8]) -> bool {
+        match crate::proto::stream::frame(packet) {
+            Ok(f) => self.0.try_send(f).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
 /// The extra sockets: entry `i` is socket `SocketId(i + 1)`, `None` once
 /// closed (ids are positions, so closing one must not renumber the others).
 pub type SocketTable = Vec<Option<Arc<Udp>>>;
@@ -42,7 +62,7 @@ pub struct Egress {
     extra: ArcSwap<SocketTable>,
     relay: ArcSwapOption<Box<dyn RelaySink>>,
     /// Peers whose path is a direct TCP stream, and its queue.
-    streams: ArcSwap<HashMap<NodeKey, Arc<dyn RelaySink>>>,
+    streams: ArcSwap<HashMap<NodeKey, StreamTx>>,
     drops: Arc<Drops>,
 }
 
@@ -90,7 +110,7 @@ impl Egress {
 
     /// Sends `peer`'s stream-carried packets on `stream` (its direct TCP
     /// path), or on the relay again when `None`.
-    pub fn set_stream(&self, peer: NodeKey, stream: Option<Arc<dyn RelaySink>>) {
+    pub fn set_stream(&self, peer: NodeKey, stream: Option<StreamTx>) {
         let mut map = HashMap::clone(&self.streams.load());
         match stream {
             Some(s) => map.insert(peer, s),
@@ -107,7 +127,7 @@ impl Egress {
         let streams = self.streams.load();
         match streams.get(&peer) {
             Some(s) => {
-                if !s.send(peer, packet) {
+                if !s.send(packet) {
                     Drops::bump(&self.drops.no_endpoint);
                 }
             }
@@ -259,20 +279,24 @@ mod tests {
     async fn a_peer_with_a_stream_skips_the_relay_and_a_full_stream_drops() {
         let dp = DataPlane::new(PrivateKey::generate());
         let egress = Egress::new(bind(), dp.drops.clone());
-        let (relay, stream) = (recorder(100), recorder(1));
+        let relay = recorder(100);
+        // A stream whose writer queue holds one frame.
+        let (qtx, mut qrx) = mpsc::channel::<Bytes>(1);
         egress.set_relay(Some(Box::new(Shared(relay.clone()))));
         let (p, q) = (
             PrivateKey::generate().public(),
             PrivateKey::generate().public(),
         );
-        egress.set_stream(p, Some(stream.clone() as Arc<dyn RelaySink>));
+        egress.set_stream(p, Some(StreamTx(qtx)));
         egress.relay(p, b"to p");
         egress.relay(q, b"to q");
         // Disco for the relay never takes the stream.
         egress.via_relay(p, b"disco p");
+        let framed = qrx.try_recv().expect("p's packet is on its stream");
         assert_eq!(
-            stream.got.lock().unwrap().clone(),
-            vec![(p, b"to p".to_vec())]
+            framed,
+            crate::proto::stream::frame(b"to p").unwrap(),
+            "framed for the stream"
         );
         let relayed: Vec<Vec<u8>> = relay
             .got
@@ -283,6 +307,7 @@ mod tests {
             .collect();
         assert_eq!(relayed, vec![b"to q".to_vec(), b"disco p".to_vec()]);
         // The stream's queue is full: dropped and counted, not relayed.
+        egress.relay(p, b"fills the queue");
         let before = dp.drops.snapshot().no_endpoint;
         egress.relay(p, b"again");
         assert_eq!(dp.drops.snapshot().no_endpoint, before + 1);

@@ -30,7 +30,7 @@ use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 use super::egress::Egress;
 use super::udp::Udp;
 use crate::dataplane::firewall::{FlowCache, Verdict};
-use crate::dataplane::{DataPlane, Drops, Opened, PeerSet, Sealed};
+use crate::dataplane::{DataPlane, Drops, Opened, Peer, PeerSet, Sealed};
 use crate::traversal::node::is_wireguard;
 use crate::traversal::SocketId;
 
@@ -43,7 +43,7 @@ const MAX_RX_BUFS: usize = 32;
 
 /// Room in front of each decrypted packet for the virtio-net header that
 /// tun-rs writes when offload is on.
-const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
+pub(super) const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
 
 pub struct Inbound {
     pub dp: Arc<DataPlane>,
@@ -84,7 +84,13 @@ impl Sizing {
     };
 }
 
-struct TunBatch {
+/// A task's batch of TUN writes: packets are decrypted straight into its
+/// buffers and the batch goes to the device in one `send_multiple` through
+/// tun-rs's GRO table. Every task that opens WireGuard (the UDP readers,
+/// the relay pumps, the direct TCP readers: see `agent::streamed`) has
+/// its own, so none waits on another's lock or buffers.
+pub(super) struct TunWriter {
+    tun: Arc<AsyncDevice>,
     bufs: Vec<TunBuf>,
     used: usize,
     plain: usize,
@@ -93,6 +99,102 @@ struct TunBatch {
     flows: FlowCache,
     /// The clock, read once per receive batch for the firewall.
     now: std::time::Instant,
+}
+
+/// What [`TunWriter::open`] did with one datagram.
+pub(super) enum Outcome {
+    /// Queued for the TUN, dropped, or nothing to deliver.
+    Done,
+    /// A protocol reply of this many bytes ([`TunWriter::reply`]) to send
+    /// back the way the datagram came; then the peer's queued packets.
+    Reply(usize),
+}
+
+impl TunWriter {
+    /// `batch` buffers for packets of up to `plain` bytes; `reserve` sizes
+    /// each for a full GRO super-packet up front.
+    pub(super) fn new(tun: Arc<AsyncDevice>, plain: usize, batch: usize, reserve: bool) -> Self {
+        let cap = if reserve { OFFSET + 65_535 } else { 0 };
+        TunWriter {
+            tun,
+            // GRO grows a coalesced buffer up to 64 KB; reserve it once.
+            bufs: (0..batch.max(1))
+                .map(|_| TunBuf::with_capacity(cap))
+                .collect(),
+            used: 0,
+            plain,
+            gro: GROTable::default(),
+            flows: FlowCache::default(),
+            now: std::time::Instant::now(),
+        }
+    }
+
+    /// The time the firewall judges the next packets at.
+    pub(super) fn set_now(&mut self, now: std::time::Instant) {
+        self.now = now;
+    }
+
+    /// Opens `dgram` from `peer` (`from`: the address it came from, `None`
+    /// over a stream) into the batch, through the firewall; writes the
+    /// batch first when it is full.
+    pub(super) async fn open(
+        &mut self,
+        dp: &DataPlane,
+        peer: &Peer,
+        from: Option<SocketAddr>,
+        dgram: &[u8],
+    ) -> std::io::Result<Outcome> {
+        if self.used == self.bufs.len() {
+            self.flush().await?;
+        }
+        let buf = &mut self.bufs[self.used];
+        // Protocol replies (handshake response, cookie) fit in 256 bytes.
+        buf.set_len(OFFSET + self.plain.max(256));
+        match peer.open(from, dgram, &mut buf.as_mut()[OFFSET..]) {
+            Opened::Tunnel { len } => {
+                let packet = &buf.as_ref()[OFFSET..OFFSET + len];
+                if dp
+                    .firewall
+                    .inbound_cached(&mut self.flows, packet, self.now)
+                    == Verdict::Pass
+                {
+                    buf.set_len(OFFSET + len);
+                    self.used += 1;
+                }
+            }
+            Opened::Reply { len } => return Ok(Outcome::Reply(len)),
+            Opened::Nothing | Opened::Spoofed => {}
+            Opened::Rejected(_) => Drops::bump(&dp.drops.auth),
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// The reply [`Outcome::Reply`] announced (valid until the next `open`).
+    pub(super) fn reply(&self, len: usize) -> &[u8] {
+        &self.bufs[self.used].as_ref()[OFFSET..OFFSET + len]
+    }
+
+    /// Writes the batch to the TUN.
+    pub(super) async fn flush(&mut self) -> std::io::Result<()> {
+        if self.used == 0 {
+            return Ok(());
+        }
+        let res = self
+            .tun
+            .send_multiple(&mut self.gro, &mut self.bufs[..self.used], OFFSET)
+            .await;
+        self.used = 0;
+        match res {
+            Ok(_) => Ok(()),
+            // A packet the kernel refuses (bad checksum, no route) must not
+            // stop the tunnel.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                tracing::debug!(error = %e, "TUN write failed");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Inbound {
@@ -120,21 +222,12 @@ impl Inbound {
             }
         });
         let mut meta = vec![RecvMeta::default(); used];
-        let cap = if size.reserve { OFFSET + 65_535 } else { 0 };
         let batch = if size.reserve {
             IDEAL_BATCH_SIZE
         } else {
             size.rx_bufs
         };
-        let mut out = TunBatch {
-            // GRO grows a coalesced buffer up to 64 KB; reserve it once.
-            bufs: (0..batch).map(|_| TunBuf::with_capacity(cap)).collect(),
-            used: 0,
-            plain,
-            gro: GROTable::default(),
-            flows: FlowCache::default(),
-            now: std::time::Instant::now(),
-        };
+        let mut out = TunWriter::new(self.tun.clone(), plain, batch, size.reserve);
         let mut reply = vec![0u8; 256.max(plain)];
         loop {
             let n = {
@@ -142,7 +235,7 @@ impl Inbound {
                 udp.recv(&mut iovs[..used], &mut meta).await?
             };
             let set = self.dp.peers();
-            out.now = std::time::Instant::now();
+            out.set_now(std::time::Instant::now());
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {
@@ -150,7 +243,7 @@ impl Inbound {
                         .await?;
                 }
             }
-            self.flush(&mut out).await?;
+            out.flush().await?;
         }
     }
 
@@ -160,7 +253,7 @@ impl Inbound {
         (socket, udp): (SocketId, &Udp),
         from: SocketAddr,
         dgram: &[u8],
-        out: &mut TunBatch,
+        out: &mut TunWriter,
         reply: &mut [u8],
     ) -> std::io::Result<()> {
         if !is_wireguard(dgram) {
@@ -181,61 +274,16 @@ impl Inbound {
                 return Ok(());
             }
         };
-        if out.used == out.bufs.len() {
-            self.flush(out).await?;
-        }
-        let buf = &mut out.bufs[out.used];
-        buf.set_len(OFFSET + out.plain);
-        match peer.open(Some(from), dgram, &mut buf.as_mut()[OFFSET..]) {
-            Opened::Tunnel { len } => {
-                let packet = &buf.as_ref()[OFFSET..OFFSET + len];
-                if self
-                    .dp
-                    .firewall
-                    .inbound_cached(&mut out.flows, packet, out.now)
-                    != Verdict::Pass
-                {
-                    return Ok(());
-                }
-                buf.set_len(OFFSET + len);
-                out.used += 1;
-            }
-            Opened::Reply { len } => {
-                let _ = udp
-                    .send(from, &buf.as_ref()[OFFSET..OFFSET + len], None)
-                    .await;
-                loop {
-                    match peer.flush_queued(reply) {
-                        Sealed::Nothing => break,
-                        sealed => self.egress.send(peer.key, sealed, reply).await,
-                    }
+        if let Outcome::Reply(len) = out.open(&self.dp, &peer, Some(from), dgram).await? {
+            let _ = udp.send(from, out.reply(len), None).await;
+            loop {
+                match peer.flush_queued(reply) {
+                    Sealed::Nothing => break,
+                    sealed => self.egress.send(peer.key, sealed, reply).await,
                 }
             }
-            Opened::Nothing | Opened::Spoofed => {}
-            Opened::Rejected(_) => Drops::bump(&self.dp.drops.auth),
         }
         Ok(())
-    }
-
-    async fn flush(&self, out: &mut TunBatch) -> std::io::Result<()> {
-        if out.used == 0 {
-            return Ok(());
-        }
-        let res = self
-            .tun
-            .send_multiple(&mut out.gro, &mut out.bufs[..out.used], OFFSET)
-            .await;
-        out.used = 0;
-        match res {
-            Ok(_) => Ok(()),
-            // A packet the kernel refuses (bad checksum, no route) must not
-            // stop the tunnel.
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                tracing::debug!(error = %e, "TUN write failed");
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
     }
 }
 

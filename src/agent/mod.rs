@@ -35,6 +35,7 @@ mod inbound;
 pub mod mesh;
 mod outbound;
 pub mod reload;
+mod streamed;
 mod tun;
 pub mod udp;
 
@@ -183,6 +184,7 @@ pub async fn run(
             birthday_sockets: config.agent.birthday_ports,
             ..Default::default()
         },
+        mtu,
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

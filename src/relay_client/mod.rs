@@ -180,6 +180,12 @@ impl RelayReceiver {
         self.packets.recv().await
     }
 
+    /// A packet that is already waiting, without waiting for one: lets a
+    /// reader open everything in hand before one batched TUN write.
+    pub fn try_recv(&mut self) -> Option<(NodeKey, Bytes)> {
+        self.packets.try_recv().ok()
+    }
+
     /// The next connection event; `None` once the client has stopped.
     pub async fn recv_event(&mut self) -> Option<RelayEvent> {
         self.events.recv().await

@@ -11,17 +11,17 @@
 //!   on the relay) and in the traversal core;
 //! - datagrams the UDP readers set aside (disco → traversal, STUN →
 //!   discovery), from the primary socket or the birthday method's extra
-//!   sockets ([`sockets`]), and packets from the relays and the direct TCP
-//!   streams ([`tcp`]) (disco → traversal, WireGuard → opened and written
-//!   to the TUN);
+//!   sockets ([`sockets`]), and disco from the relays and the direct TCP
+//!   streams ([`tcp`]);
 //! - the traversal and discovery timers, and a one-second housekeeping tick;
 //! - background control requests (registration, endpoint reports), so a slow
 //!   coordinator never stalls disco or the relays.
 //!
 //! The data plane never waits on this task: it reads each peer's path from
-//! the peer itself. Disco, STUN and control traffic pass through here, and
-//! so does WireGuard that arrives over a relay or a direct TCP stream (it is
-//! opened here and written to the TUN; docs/architecture.md, "Known gaps").
+//! the peer itself. Disco, STUN and control traffic pass through here.
+//! WireGuard that arrives over a relay or a direct TCP stream does not: the
+//! relay pumps and the TCP readers open it themselves (`agent::streamed`);
+//! only a TCP frame that comes before its stream is proven passes here.
 //! Files: [`session`] (the coordinator side), [`up`] (`warren up`),
 //! [`relays`], [`tcp`], [`discover`], [`handle`] (the API's view and the
 //! typed replies), [`ping`], [`login`], [`sockets`].
@@ -46,15 +46,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::AsyncDevice;
 
 use super::egress::Egress;
-use super::inbound::{SideDatagram, TunBuf};
+use super::inbound::SideDatagram;
+use super::streamed::{StreamedIn, StreamedParts};
 use crate::api::mesh::{PeerMesh, TriedPath};
 use crate::control::types::Peer as MapPeer;
-use crate::dataplane::firewall::Verdict;
 use crate::dataplane::peer::PeerPath;
-use crate::dataplane::{DataPlane, Opened, Sealed};
+use crate::dataplane::DataPlane;
 use crate::keys::{NodeKey, PrivateKey};
 use crate::proto::disco::DiscoSecret;
 use crate::traversal::node::{Datagram, Dest, Node, NodeEvent};
@@ -79,7 +79,6 @@ const EXTRA_QUEUE: usize = 256;
 const TCP_QUEUE: usize = 1024;
 /// Local addresses are compared every this many ticks.
 const ADDR_CHECK_TICKS: u64 = 2;
-const OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
 
 /// What the mesh task needs from the agent.
 pub struct MeshParts {
@@ -98,6 +97,8 @@ pub struct MeshParts {
     pub tcp_port: u16,
     /// Traversal's settings (the defaults, but for what the config sets).
     pub traversal: crate::traversal::Config,
+    /// The TUN's MTU: how large an opened packet can be.
+    pub mtu: usize,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -150,9 +151,8 @@ pub(crate) struct Mesh {
     /// look (`feed_traffic`).
     traffic: HashMap<NodeKey, (u64, u64)>,
     host_addrs: Vec<crate::control::Endpoint>,
-    gro: GROTable,
-    /// Where relayed WireGuard packets are opened; reused without zeroing.
-    buf: TunBuf,
+    /// Opens the TCP frames that arrive before their stream is proven.
+    streamed: StreamedIn,
 }
 
 impl Mesh {
@@ -168,11 +168,18 @@ impl Mesh {
             disco.clone(),
             rand::random(),
         );
-        let (relays, sink, relay_rx) = Relays::new(parts.key.clone(), None, parts.relay);
+        let data = StreamedParts {
+            dp: parts.dp.clone(),
+            tun: parts.tun.clone(),
+            egress: parts.egress.clone(),
+            mtu: parts.mtu,
+        };
+        let (relays, sink, relay_rx) =
+            Relays::new(parts.key.clone(), None, parts.relay, Some(data.clone()));
         parts.egress.set_relay(Some(sink));
         let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
         let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
-        let tcp = TcpPaths::new(parts.tcp_port, tcp_tx);
+        let tcp = TcpPaths::new(parts.tcp_port, tcp_tx, Some(data.clone()));
         let sockets = ExtraSockets::new(
             parts.dp.clone(),
             parts.tun.clone(),
@@ -208,8 +215,7 @@ impl Mesh {
             direct_since: HashMap::new(),
             traffic: HashMap::new(),
             host_addrs: Vec::new(),
-            gro: GROTable::default(),
-            buf: TunBuf::with_capacity(OFFSET + 65_535),
+            streamed: data.opener(),
         }
     }
 
@@ -375,46 +381,12 @@ impl Mesh {
     }
 
     /// Opens a WireGuard packet `from` a peer that came over a stream (the
-    /// relay's or a direct TCP one), writes it to the TUN, and sends any
-    /// protocol reply back the peer's stream-carried way.
+    /// relay's or a direct TCP one) and reached this task, writes it to
+    /// the TUN, and sends any protocol reply back the peer's stream-carried
+    /// way.
     async fn open_streamed(&mut self, from: NodeKey, bytes: &Bytes) {
-        let set = self.dp.peers();
-        let Some(peer) = set.by_key(&from) else {
-            return;
-        };
-        let buf = &mut self.buf;
-        // The plaintext is never longer than the datagram; protocol replies
-        // (handshake response, cookie) fit in 256 bytes.
-        buf.set_len(OFFSET + bytes.len().max(256));
-        match peer.open(None, bytes, &mut buf.as_mut()[OFFSET..]) {
-            Opened::Tunnel { len } => {
-                let now = Instant::now();
-                if self
-                    .dp
-                    .firewall
-                    .inbound(&buf.as_ref()[OFFSET..OFFSET + len], now)
-                    != Verdict::Pass
-                {
-                    return;
-                }
-                buf.set_len(OFFSET + len);
-                let _ = self
-                    .tun
-                    .send_multiple(&mut self.gro, std::slice::from_mut(buf), OFFSET)
-                    .await;
-            }
-            Opened::Reply { len } => {
-                self.egress.relay(from, &buf.as_ref()[OFFSET..OFFSET + len]);
-                let mut out = vec![0u8; 2048];
-                loop {
-                    match peer.flush_queued(&mut out) {
-                        Sealed::Nothing => break,
-                        sealed => self.egress.send(from, sealed, &out).await,
-                    }
-                }
-            }
-            _ => {}
-        }
+        self.streamed.open(from, bytes).await;
+        self.streamed.flush().await;
     }
 
     /// Sends what traversal and discovery want sent and applies traversal's

@@ -12,9 +12,12 @@
 //! the data plane hands the first packet for it back to the mesh task,
 //! which reopens the connection and sends it there.
 //!
-//! Each connection's receiver is drained by a small task that tags packets
-//! and events with the region and funnels them into one channel, so the
-//! mesh's `select!` waits on one receiver however many relays are open.
+//! Each connection's receiver is drained by a small task, its pump. The
+//! pump opens WireGuard itself and writes it to the TUN in batches
+//! (`agent::streamed`): relayed data never crosses the mesh task. Disco,
+//! anything else a peer sends, and connection events are tagged with the
+//! region and funnelled into one channel, so the mesh's `select!` waits
+//! on one receiver however many relays are open.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -27,10 +30,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::agent::egress::RelaySink;
+use crate::agent::streamed::{self, StreamedParts};
 use crate::control::types::{RelayMap, RelayRegion};
 use crate::keys::{NodeKey, PrivateKey};
 use crate::relay_client::{
-    Received, RelayClient, RelayClientConfig, RelayEvent, RelaySender, RelayTransport,
+    Received, RelayClient, RelayClientConfig, RelayEvent, RelayReceiver, RelaySender,
+    RelayTransport,
 };
 
 /// How the pool connects, from the agent's `[agent]` settings.
@@ -143,6 +148,9 @@ pub struct Relays {
     conns: HashMap<u16, Conn>,
     routes: Arc<ArcSwap<Routes>>,
     incoming: mpsc::Sender<Incoming>,
+    /// Where the pumps open WireGuard; `None` sends it to the mesh task
+    /// as `Incoming::Packet` like everything else.
+    data: Option<StreamedParts>,
 }
 
 impl Relays {
@@ -152,6 +160,7 @@ impl Relays {
         key: PrivateKey,
         tls: Option<Arc<rustls::ClientConfig>>,
         options: RelayOptions,
+        data: Option<StreamedParts>,
     ) -> (Relays, Box<dyn RelaySink>, mpsc::Receiver<Incoming>) {
         let routes = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let (incoming, rx) = mpsc::channel(1024);
@@ -169,6 +178,7 @@ impl Relays {
             conns: HashMap::new(),
             routes: routes.clone(),
             incoming,
+            data,
         };
         (pool, Box::new(sink), rx)
     }
@@ -393,21 +403,13 @@ impl Relays {
         // is refused before we prove ours (proto::relay::client).
         cfg.session.expected_relay_key = region.key;
         tracing::debug!(region = %region.name, url = %region.url, "connecting to relay");
-        let (tx, mut rx) = RelayClient::connect(cfg, &self.key);
-        let out = self.incoming.clone();
-        let id = region.id;
-        let pump = tokio::spawn(async move {
-            loop {
-                let item = match rx.recv_any().await {
-                    Some(Received::Packet(from, bytes)) => Incoming::Packet { from, bytes },
-                    Some(Received::Event(event)) => Incoming::Event { region: id, event },
-                    None => return,
-                };
-                if out.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = RelayClient::connect(cfg, &self.key);
+        let pump = tokio::spawn(pump(
+            rx,
+            region.id,
+            self.incoming.clone(),
+            self.data.as_ref().map(StreamedParts::opener),
+        ));
         Conn {
             tx,
             pump,
@@ -415,6 +417,50 @@ impl Relays {
             last_active: Instant::now(),
             connected: false,
             last_error: None,
+        }
+    }
+}
+
+/// Packets a pump takes in one go before it writes them and looks at
+/// connection events again.
+const PUMP_BATCH: usize = 256;
+
+/// Drains one relay connection: WireGuard is opened here, everything in
+/// hand before one TUN write; the rest goes to the mesh task.
+async fn pump(
+    mut rx: RelayReceiver,
+    region: u16,
+    out: mpsc::Sender<Incoming>,
+    mut data: Option<streamed::StreamedIn>,
+) {
+    loop {
+        let (mut from, mut bytes) = match rx.recv_any().await {
+            Some(Received::Packet(from, bytes)) => (from, bytes),
+            Some(Received::Event(event)) => {
+                if out.send(Incoming::Event { region, event }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            None => return,
+        };
+        // At most a batch's worth before events get their turn again.
+        for _ in 0..PUMP_BATCH {
+            match data.as_mut() {
+                Some(d) if streamed::is_data(&bytes) => d.open(from, &bytes).await,
+                _ => {
+                    if out.send(Incoming::Packet { from, bytes }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            match rx.try_recv() {
+                Some(next) => (from, bytes) = next,
+                None => break,
+            }
+        }
+        if let Some(d) = data.as_mut() {
+            d.flush().await;
         }
     }
 }

@@ -11,10 +11,14 @@
 //! side's SYN opened. Whichever of dial and accept yields a stream first
 //! wins; a second stream to the same address is dropped.
 //!
-//! Streams carry `proto::stream` frames. Each has a reader task (frames to
-//! the mesh task, which feeds traversal and the data plane) and a writer
-//! task behind a bounded queue: a full queue drops the packet, so a slow
-//! stream never blocks the sender of another peer's packets. The mesh task
+//! Streams carry `proto::stream` frames. Each has a reader task and a
+//! writer task behind a bounded queue ([`StreamTx`]: a full queue drops the
+//! packet, so a slow stream never blocks the sender of another peer's
+//! packets). The reader opens WireGuard itself once the stream is proven
+//! (the mesh task publishes the stream's owner in an [`Owner`] cell after
+//! each disco message it handles) and writes it to the TUN in batches
+//! (`agent::streamed`); disco, and WireGuard before the proof, go to the
+//! mesh task. The mesh task
 //! owns the table of streams; nothing here decides anything: traversal
 //! says when to dial and what to close.
 
@@ -30,10 +34,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::agent::egress::RelaySink;
+use crate::agent::egress::StreamTx;
+use crate::agent::streamed::{self, Owner, StreamedIn, StreamedParts};
 use crate::keys::NodeKey;
 use crate::proto::disco::{Candidate, CandidateKind, Transport};
-use crate::proto::stream::{self, StreamDecoder};
+use crate::proto::stream::StreamDecoder;
 use crate::proto::stun;
 
 /// Packets queued per stream before new ones are dropped.
@@ -75,22 +80,12 @@ pub enum TcpIncoming {
     },
 }
 
-/// A stream's writer queue, as the egress sees it.
-struct StreamSink(mpsc::Sender<Bytes>);
-
-impl RelaySink for StreamSink {
-    fn send(&self, _peer: NodeKey, packet: &[u8]) -> bool {
-        match stream::frame(packet) {
-            Ok(f) => self.0.try_send(f).is_ok(),
-            Err(_) => false,
-        }
-    }
-}
-
 struct Stream {
     id: u64,
     opened: Instant,
-    sink: Arc<StreamSink>,
+    tx: StreamTx,
+    /// The peer that proved the stream, for its reader.
+    owner: Owner,
     reader: JoinHandle<()>,
 }
 
@@ -102,6 +97,8 @@ pub struct TcpPaths {
     streams: HashMap<SocketAddr, Stream>,
     dials: HashMap<NodeKey, JoinHandle<()>>,
     next_id: u64,
+    /// Where readers open WireGuard; `None` sends it all to the mesh.
+    data: Option<StreamedParts>,
 }
 
 /// A TCP socket on `port` that shares it with the listener and the dials.
@@ -124,7 +121,7 @@ impl TcpPaths {
     /// Binds the listening port (0: the direct TCP path is off) and starts
     /// accepting. A port that cannot be bound turns the feature off, with a
     /// warning: the relay still works.
-    pub fn new(port: u16, tx: mpsc::Sender<TcpIncoming>) -> TcpPaths {
+    pub fn new(port: u16, tx: mpsc::Sender<TcpIncoming>, data: Option<StreamedParts>) -> TcpPaths {
         let mut paths = TcpPaths {
             port: 0,
             tx,
@@ -132,6 +129,7 @@ impl TcpPaths {
             streams: HashMap::new(),
             dials: HashMap::new(),
             next_id: 0,
+            data,
         };
         if port == 0 {
             return paths;
@@ -238,13 +236,16 @@ impl TcpPaths {
             }
             let _ = wr.shutdown().await;
         });
-        let reader = tokio::spawn(read_loop(rd, addr, id, tx));
+        let owner = Owner::default();
+        let data = self.data.as_ref().map(StreamedParts::opener);
+        let reader = tokio::spawn(read_loop(rd, (addr, id), tx, owner.clone(), data));
         self.streams.insert(
             addr,
             Stream {
                 id,
                 opened: Instant::now(),
-                sink: Arc::new(StreamSink(qtx)),
+                tx: StreamTx(qtx),
+                owner,
                 reader,
             },
         );
@@ -253,16 +254,23 @@ impl TcpPaths {
 
     /// Queues one payload (disco or WireGuard) on the stream to `addr`.
     pub fn send(&self, addr: SocketAddr, payload: &[u8]) -> bool {
-        self.streams
-            .get(&addr)
-            .is_some_and(|s| s.sink.send(NodeKey([0; 32]), payload))
+        self.streams.get(&addr).is_some_and(|s| s.tx.send(payload))
     }
 
     /// The egress's handle on the stream to `addr`.
-    pub fn sink(&self, addr: SocketAddr) -> Option<Arc<dyn RelaySink>> {
-        self.streams
-            .get(&addr)
-            .map(|s| s.sink.clone() as Arc<dyn RelaySink>)
+    pub fn sink(&self, addr: SocketAddr) -> Option<StreamTx> {
+        self.streams.get(&addr).map(|s| s.tx.clone())
+    }
+
+    /// Tells the reader of the stream to `addr` which peer proved it
+    /// (traversal's `Node::tcp_owner`), so it opens that peer's WireGuard
+    /// itself.
+    pub fn set_owner(&self, addr: SocketAddr, owner: Option<NodeKey>) {
+        if let Some(s) = self.streams.get(&addr) {
+            if s.owner.load().as_deref() != owner.as_ref() {
+                s.owner.store(owner.map(Arc::new));
+            }
+        }
     }
 
     /// Whether `id` is the live stream to `addr` (a late report from a
@@ -333,9 +341,10 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<TcpIncoming>) {
 
 async fn read_loop(
     mut rd: tokio::net::tcp::OwnedReadHalf,
-    addr: SocketAddr,
-    id: u64,
+    (addr, id): (SocketAddr, u64),
     tx: mpsc::Sender<TcpIncoming>,
+    owner: Owner,
+    mut data: Option<StreamedIn>,
 ) {
     let mut dec = StreamDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -348,12 +357,17 @@ async fn read_loop(
         loop {
             match dec.next_frame() {
                 Ok(Some(bytes)) => {
-                    if tx
-                        .send(TcpIncoming::Frame { addr, id, bytes })
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    let proven = owner.load_full();
+                    match (data.as_mut(), proven) {
+                        (Some(d), Some(peer)) if streamed::is_data(&bytes) => {
+                            d.open(*peer, &bytes).await;
+                        }
+                        _ => {
+                            let frame = TcpIncoming::Frame { addr, id, bytes };
+                            if tx.send(frame).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -362,6 +376,10 @@ async fn read_loop(
                     break 'read;
                 }
             }
+        }
+        // Everything this read held goes to the TUN in one write.
+        if let Some(d) = data.as_mut() {
+            d.flush().await;
         }
     }
     let _ = tx.send(TcpIncoming::Closed { addr, id }).await;
@@ -411,12 +429,15 @@ impl super::Mesh {
                 if !self.tcp.is_current(addr, id) {
                     return;
                 }
-                if self.node.handle_tcp(now, addr, &bytes)
-                    != crate::traversal::node::Datagram::WireGuard
-                {
+                let what = self.node.handle_tcp(now, addr, &bytes);
+                // A disco message may have proven the stream: from now on
+                // its reader opens the owner's WireGuard itself.
+                let owner = self.node.tcp_owner(addr);
+                self.tcp.set_owner(addr, owner);
+                if what != crate::traversal::node::Datagram::WireGuard {
                     return;
                 }
-                if let Some(peer) = self.node.tcp_owner(addr) {
+                if let Some(peer) = owner {
                     self.open_streamed(peer, &bytes).await;
                 }
             }

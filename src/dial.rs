@@ -46,7 +46,9 @@ pub enum DialError {
     #[error("relay did not switch protocols: HTTP {0}")]
     UpgradeStatus(u16),
     #[error("malformed HTTP response: {0}")]
-    BadResponse(String),
+    BadResponse(&'static str),
+    #[error("malformed HTTP response: {0}")]
+    BadHead(#[source] httparse::Error),
     #[error("TLS settings: {0}")]
     Tls(#[source] rustls::Error),
     #[error("TLS handshake: {0}")]
@@ -68,7 +70,7 @@ impl DialError {
     pub fn upgrade_blocked(&self) -> bool {
         matches!(
             self,
-            DialError::UpgradeStatus(_) | DialError::BadResponse(_)
+            DialError::UpgradeStatus(_) | DialError::BadResponse(_) | DialError::BadHead(_)
         )
     }
 }
@@ -218,9 +220,7 @@ async fn connect_via_proxy(proxy: &ProxyConfig, target: &Target) -> Result<TcpSt
     }
     if !rest.is_empty() {
         // Nothing may follow a CONNECT reply before we speak.
-        return Err(DialError::BadResponse(
-            "proxy sent data after CONNECT".into(),
-        ));
+        return Err(DialError::BadResponse("proxy sent data after CONNECT"));
     }
     Ok(tcp)
 }
@@ -280,13 +280,11 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin + ?Sized>(
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD {
-            return Err(DialError::BadResponse("response head too long".into()));
+            return Err(DialError::BadResponse("response head too long"));
         }
         let n = s.read_buf(&mut buf).await?;
         if n == 0 {
-            return Err(DialError::BadResponse(
-                "connection closed in response head".into(),
-            ));
+            return Err(DialError::BadResponse("connection closed in response head"));
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -297,7 +295,7 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin + ?Sized>(
                 return Ok((code, rest));
             }
             Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(DialError::BadResponse(e.to_string())),
+            Err(e) => return Err(DialError::BadHead(e)),
         }
     }
 }
@@ -344,7 +342,7 @@ mod tests {
         let mut bad: &[u8] = b"garbage\r\n\r\n";
         assert!(matches!(
             read_head(&mut bad).await,
-            Err(DialError::BadResponse(_))
+            Err(DialError::BadHead(_))
         ));
     }
 

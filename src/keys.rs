@@ -18,15 +18,13 @@ use x25519_dalek::{PublicKey, StaticSecret};
 #[non_exhaustive]
 pub enum KeyError {
     #[error("key is not valid base64 ({0})")]
-    Base64(String),
+    Base64(#[source] base64::DecodeError),
     #[error("key decodes to {0} bytes; a WireGuard key is 32 bytes (44 base64 characters)")]
     Length(usize),
 }
 
 fn decode32(s: &str) -> Result<[u8; 32], KeyError> {
-    let bytes = STANDARD
-        .decode(s.trim())
-        .map_err(|e| KeyError::Base64(e.to_string()))?;
+    let bytes = STANDARD.decode(s.trim()).map_err(KeyError::Base64)?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
 }
 

@@ -19,6 +19,7 @@ use crate::store::users::inventory;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AdminError {
     #[error(transparent)]
     Store(#[from] StoreError),

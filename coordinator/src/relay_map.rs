@@ -23,6 +23,8 @@ use warren::dial;
 use warren::keys::NodeKey;
 use warren::toml_loc;
 
+use crate::server::ServerError;
+
 /// The path the relay is served at (see `relay::RelayServer::router`).
 pub const RELAY_PATH: &str = "/relay";
 
@@ -41,6 +43,15 @@ pub enum RelayMapError {
         line: usize,
         key: String,
         message: String,
+    },
+    #[error("{file}:{line}: key `{key}`: {source}")]
+    BadUrl {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        /// Boxed: a `DialError` is large and this one is rare.
+        #[source]
+        source: Box<dial::DialError>,
     },
 }
 
@@ -116,8 +127,14 @@ pub fn parse(text: &str, file: &Path, reserved: Option<u16>) -> Result<RelayMap,
         if r.name.trim().is_empty() {
             return Err(invalid(format!("region[{i}].name"), "empty name".into()));
         }
-        if let Err(e) = dial::parse_url(&r.url, true) {
-            return Err(invalid(format!("region[{i}].url"), e.to_string()));
+        if let Err(source) = dial::parse_url(&r.url, true) {
+            let key = format!("region[{i}].url");
+            return Err(RelayMapError::BadUrl {
+                file: file.to_owned(),
+                line: toml_loc::key_line(text, &key),
+                key,
+                source: Box::new(source),
+            });
         }
         regions.push(RelayRegion {
             id: r.id,
@@ -162,15 +179,15 @@ impl EmbeddedRegion {
         tls: bool,
         stun_bound: &[SocketAddr],
         key: NodeKey,
-    ) -> Result<Option<RelayRegion>, String> {
+    ) -> Result<Option<RelayRegion>, ServerError> {
         let base = match &self.public_url {
             Some(u) => {
-                dial::parse_url(u, true).map_err(|e| format!("--public-url: {e}"))?;
+                dial::parse_url(u, true).map_err(ServerError::PublicUrl)?;
                 let rest = u.split_once("://").map(|(_, r)| r).unwrap_or(u);
                 if rest.trim_end_matches('/').contains('/') {
-                    return Err(format!(
+                    return Err(ServerError::Relay(format!(
                         "--public-url {u:?}: give scheme://host[:port] only; the relay is served at {RELAY_PATH} on it"
-                    ));
+                    )));
                 }
                 u.trim_end_matches('/').to_owned()
             }
@@ -227,7 +244,9 @@ mod tests {
 
     fn where_(e: RelayMapError) -> (usize, String) {
         match e {
-            RelayMapError::Invalid { line, key, .. } => (line, key),
+            RelayMapError::Invalid { line, key, .. } | RelayMapError::BadUrl { line, key, .. } => {
+                (line, key)
+            }
             other => panic!("{other}"),
         }
     }
@@ -289,7 +308,7 @@ mod tests {
         assert_eq!(got.stun, stun);
         assert_eq!(got.key, Some(k), "the embedded region names its key");
         let any: SocketAddr = "0.0.0.0:443".parse().unwrap();
-        assert_eq!(r.region(any, true, &stun, k), Ok(None));
+        assert!(matches!(r.region(any, true, &stun, k), Ok(None)));
         let with = EmbeddedRegion {
             public_url: Some("https://198.51.100.4/".into()),
             ..Default::default()

@@ -47,8 +47,12 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("key file {0}: {1}")]
-    BadKey(String, String),
+    #[error("key file {path}: {source}")]
+    BadKey {
+        path: String,
+        #[source]
+        source: warren::keys::KeyError,
+    },
     #[error("TLS: {0}")]
     Tls(#[from] crate::listen::ListenError),
     #[error("--tls-cert and --tls-key go together")]
@@ -65,6 +69,10 @@ pub enum ServerError {
     KeyMismatch { ours: String, theirs: String },
     #[error("relay: {0}")]
     Relay(String),
+    #[error("relay: --public-url: {0}")]
+    PublicUrl(#[source] warren::dial::DialError),
+    #[error("relay: --coordinator: {0}")]
+    CoordinatorUrl(#[source] warren::dial::DialError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -134,8 +142,9 @@ impl Config {
 /// Reads the coordinator key, or makes one (mode 0600) at first start.
 pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, ServerError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().map_err(|e: warren::keys::KeyError| {
-            ServerError::BadKey(path.display().to_string(), e.to_string())
+        Ok(text) => text.trim().parse().map_err(|source| ServerError::BadKey {
+            path: path.display().to_string(),
+            source,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = PrivateKey::generate();
@@ -391,10 +400,7 @@ fn publish_map(
                 spec.id
             )));
         }
-        regions.extend(
-            spec.region(addr, tls, stun, key)
-                .map_err(ServerError::Relay)?,
-        );
+        regions.extend(spec.region(addr, tls, stun, key)?);
     }
     regions.extend(cfg.relay_map.regions.iter().cloned());
     Ok(RelayMap { regions })

@@ -97,8 +97,7 @@ pub async fn start(opts: Options) -> Result<RunningRelay, ServerError> {
         (None, None) => return Err(ServerError::PlainHttpRefused(opts.listen)),
         _ => return Err(ServerError::TlsPair),
     };
-    let target = dial::parse_url(&opts.coordinator, true)
-        .map_err(|e| ServerError::Relay(format!("--coordinator: {e}")))?;
+    let target = dial::parse_url(&opts.coordinator, true).map_err(ServerError::CoordinatorUrl)?;
     let allow_plain = opts.insecure_http || target.is_loopback();
     if !target.tls && !allow_plain {
         return Err(ServerError::Relay(format!(

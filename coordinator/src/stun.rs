@@ -201,7 +201,7 @@ pub async fn serve_tcp(
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(io::Error::other)?;
         let (conn, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) if is_transient(&e) => continue,

@@ -31,7 +31,9 @@ pub enum ClientError {
     #[error("talking to the daemon on {socket}")]
     Io { socket: PathBuf, source: io::Error },
     #[error("the daemon sent an answer this CLI cannot read: {0}")]
-    Protocol(String),
+    Protocol(#[source] serde_json::Error),
+    #[error("the daemon closed the connection without answering")]
+    NoAnswer,
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -49,7 +51,7 @@ impl ClientError {
 /// Sends `request` to the daemon on `socket` and decodes the answer as `T`.
 pub fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> Result<T, ClientError> {
     let value = call_raw(socket, request)?;
-    serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
+    serde_json::from_value(value).map_err(ClientError::Protocol)
 }
 
 /// Sends `request` and returns the `ok` payload as JSON.
@@ -68,14 +70,12 @@ pub fn call_raw(socket: &Path, request: &Request) -> Result<serde_json::Value, C
     let mut answer = String::new();
     reader.read_line(&mut answer).map_err(io_err)?;
     if answer.is_empty() {
-        return Err(ClientError::Protocol(
-            "the daemon closed the connection without answering".into(),
-        ));
+        return Err(ClientError::NoAnswer);
     }
     match serde_json::from_str::<Reply>(&answer) {
         Ok(Reply::Ok(v)) => Ok(v),
         Ok(Reply::Error(e)) => Err(ClientError::Api(e)),
-        Err(e) => Err(ClientError::Protocol(e.to_string())),
+        Err(e) => Err(ClientError::Protocol(e)),
     }
 }
 

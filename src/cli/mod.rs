@@ -192,6 +192,8 @@ pub enum CliError {
     TokenFile { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Usage(String),
+    #[error("--ca-file {0}")]
+    CaFile(#[source] crate::api::mesh::CaFileError),
 }
 
 /// Runs a client command against the daemon on `socket`.
@@ -223,10 +225,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
             // Read here, as the user, never by the root daemon.
             let ca_pem = match &ca_file {
-                Some(p) => Some(
-                    crate::api::mesh::read_ca_file(p)
-                        .map_err(|e| CliError::Usage(format!("--ca-file {e}")))?,
-                ),
+                Some(p) => Some(crate::api::mesh::read_ca_file(p).map_err(CliError::CaFile)?),
                 None => None,
             };
             let args = UpArgs {

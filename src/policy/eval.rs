@@ -30,6 +30,7 @@ impl std::fmt::Display for Principal {
 
 /// Why a word cannot name one identity (`policy explain`, `tests`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrincipalError {
     #[error("{0}")]
     Word(#[from] selector::WordError),
@@ -167,8 +168,10 @@ impl Policy {
                 entry: t.entry.clone(),
                 kind: Box::new(kind),
             };
-            let word =
-                |e: PrincipalError| at(K::Word(selector::WordError::BadSelector(e.to_string())));
+            let word = |e: PrincipalError| match e {
+                PrincipalError::Word(w) => at(K::Word(w)),
+                other => at(K::Principal(other)),
+            };
             let src = Principal::resolve(self, &t.src.value).map_err(word)?;
             for (targets, want) in [(&t.accept, true), (&t.deny, false)] {
                 for d in targets {

@@ -47,6 +47,7 @@ pub struct InventoryNode {
 
 /// Why an inventory file was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum InventoryError {
     #[error("line {line}, column {column}: {source}")]
     Json {

@@ -157,6 +157,8 @@ pub enum PolicyErrorKind {
     MissingKey(&'static str),
     #[error("{0}")]
     Word(#[from] WordError),
+    #[error("{0}")]
+    Principal(#[source] eval::PrincipalError),
     #[error("{name:?} is not a {what} name (it must start with {prefix:?})")]
     BadName {
         what: &'static str,

@@ -51,6 +51,8 @@ pub enum WordError {
     UnknownAutogroup(String),
     #[error("{0:?} is not a user email, group:, tag:, autogroup:, host name, IP or CIDR")]
     BadSelector(String),
+    #[error("{0}")]
+    BadTag(#[source] crate::control::TagError),
     #[error("{0:?} has no port list after the last ':' (write {0}:* for every port)")]
     NoPorts(String),
     #[error("{0:?} is not a port, a range a-b, a list of those or *")]
@@ -80,7 +82,7 @@ impl Selector {
             return nonempty(name, word).map(|n| Selector::Group(n.to_owned()));
         }
         if word.starts_with("tag:") {
-            crate::control::validate_tag(word).map_err(|_| WordError::BadSelector(word.into()))?;
+            crate::control::validate_tag(word).map_err(WordError::BadTag)?;
             return Ok(Selector::Tag(word.to_owned()));
         }
         if let Some(p) = parse_prefix(word) {

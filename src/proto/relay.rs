@@ -214,7 +214,7 @@ pub enum Frame {
 }
 
 /// Why bytes could not be decoded into a frame.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
     #[error("frame type {0:#04x} is unknown")]
@@ -228,7 +228,7 @@ pub enum FrameError {
         expected: &'static str,
     },
     #[error("health frame is not valid JSON: {0}")]
-    BadHealth(String),
+    BadHealth(#[source] serde_json::Error),
 }
 
 impl FrameError {
@@ -351,9 +351,9 @@ impl Frame {
                 exact::<0>(ty, p, "0")?;
                 Frame::HealthRequest
             }
-            FrameType::Health => Frame::Health(
-                serde_json::from_slice(p).map_err(|e| FrameError::BadHealth(e.to_string()))?,
-            ),
+            FrameType::Health => {
+                Frame::Health(serde_json::from_slice(p).map_err(FrameError::BadHealth)?)
+            }
         })
     }
 

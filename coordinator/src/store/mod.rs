@@ -75,11 +75,32 @@ pub enum StoreError {
     Invalid(String),
     #[error("could not allocate {0} after many tries")]
     Exhausted(&'static str),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
+    #[error("stored data is corrupt: {what}: {source}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("encoding {what} for the database: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl StoreError {
+    /// Stored data that did not decode: what it was, and why.
+    pub(crate) fn corrupt(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
     /// The protocol error code an API answer carries for this failure.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -246,7 +267,8 @@ impl Store {
                 Ipv6Addr::from(b).to_string()
             })
             .await?;
-        Ipv6Addr::from_str(&text).map_err(|_| StoreError::Corrupt(format!("ula_prefix {text:?}")))
+        Ipv6Addr::from_str(&text)
+            .map_err(|e| StoreError::corrupt(format!("ula_prefix {text:?}"), e))
     }
 
     /// Records that `key` (not yet seen) was used; `Replayed` otherwise.

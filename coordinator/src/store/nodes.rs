@@ -115,37 +115,50 @@ const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv
 /// order of `COLUMNS` from mattering.
 fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
     let id: i64 = r.try_get("id")?;
-    let bad = |what: &str| StoreError::Corrupt(format!("node {id} {what}"));
+    let bad = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        StoreError::corrupt(format!("node {id} {what}"), e)
+    };
     let text = |col: &str| r.try_get::<String, _>(col);
     let json = |col: &str| -> Result<Option<serde_json::Value>, StoreError> {
         match r.try_get::<Option<String>, _>(col)? {
-            Some(t) => Ok(Some(serde_json::from_str(&t).map_err(|_| bad(col))?)),
+            Some(t) => Ok(Some(
+                serde_json::from_str(&t).map_err(|e| bad(col, e.into()))?,
+            )),
             None => Ok(None),
         }
     };
     let nat = match json("nat")? {
-        Some(v) => serde_json::from_value(v).map_err(|_| bad("nat"))?,
+        Some(v) => serde_json::from_value(v).map_err(|e| bad("nat", e.into()))?,
         None => NatSummary::default(),
     };
     let home_relay = match r.try_get::<Option<i64>, _>("home_relay")? {
-        Some(n) => Some(u16::try_from(n).map_err(|_| bad("home_relay"))?),
+        Some(n) => Some(u16::try_from(n).map_err(|e| bad("home_relay", e.into()))?),
         None => None,
     };
     Ok(NodeRecord {
         id,
-        key: text("node_key")?.parse().map_err(|_| bad("node_key"))?,
-        disco_key: text("disco_key")?.parse().map_err(|_| bad("disco_key"))?,
+        key: text("node_key")?
+            .parse::<NodeKey>()
+            .map_err(|e| bad("node_key", e.into()))?,
+        disco_key: text("disco_key")?
+            .parse::<NodeKey>()
+            .map_err(|e| bad("disco_key", e.into()))?,
         name: text("name")?,
         hostname: text("hostname")?,
         os: text("os")?,
         version: text("version")?,
-        ipv4: text("ipv4")?.parse().map_err(|_| bad("ipv4"))?,
-        ipv6: text("ipv6")?.parse().map_err(|_| bad("ipv6"))?,
+        ipv4: text("ipv4")?
+            .parse::<Ipv4Addr>()
+            .map_err(|e| bad("ipv4", e.into()))?,
+        ipv6: text("ipv6")?
+            .parse::<Ipv6Addr>()
+            .map_err(|e| bad("ipv6", e.into()))?,
         ephemeral: r.try_get::<i64, _>("ephemeral")? != 0,
-        tags: serde_json::from_str(&text("tags")?).map_err(|_| bad("tags"))?,
+        tags: serde_json::from_str(&text("tags")?).map_err(|e| bad("tags", e.into()))?,
         advertised_tags: serde_json::from_str(&text("advertised_tags")?)
-            .map_err(|_| bad("advertised_tags"))?,
-        endpoints: serde_json::from_str(&text("endpoints")?).map_err(|_| bad("endpoints"))?,
+            .map_err(|e| bad("advertised_tags", e.into()))?,
+        endpoints: serde_json::from_str(&text("endpoints")?)
+            .map_err(|e| bad("endpoints", e.into()))?,
         netcheck: json("netcheck")?,
         online: r.try_get::<i64, _>("conns")? > 0,
         last_seen_ms: r.try_get("last_seen_ms")?,
@@ -461,10 +474,10 @@ impl Store {
         node: &NodeRecord,
         report: &EndpointsReport,
     ) -> Result<(), StoreError> {
-        let invalid = |e: serde_json::Error| StoreError::Invalid(e.to_string());
-        let eps = serde_json::to_string(&report.endpoints).map_err(invalid)?;
+        let encode = |what| move |source| StoreError::Encode { what, source };
+        let eps = serde_json::to_string(&report.endpoints).map_err(encode("endpoints"))?;
         let nc = report.netcheck.as_ref().map(|v| v.to_string());
-        let nat = serde_json::to_string(&report.nat).map_err(invalid)?;
+        let nat = serde_json::to_string(&report.nat).map_err(encode("nat"))?;
         sqlx::query(
             "UPDATE nodes SET endpoints = $1, netcheck = $2, nat = $3, home_relay = $4, last_seen_ms = $5 WHERE id = $6",
         )

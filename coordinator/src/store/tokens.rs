@@ -70,7 +70,7 @@ type TokenRow = (
 fn info(row: TokenRow) -> Result<TokenInfo, StoreError> {
     let (id, reusable, ephemeral, tags, created_ms, expires_ms, revoked, uses, user_id) = row;
     let tags = serde_json::from_str(&tags)
-        .map_err(|e| StoreError::Corrupt(format!("token {id} tags: {e}")))?;
+        .map_err(|e| StoreError::corrupt(format!("token {id} tags"), e))?;
     Ok(TokenInfo {
         id,
         reusable: reusable != 0,

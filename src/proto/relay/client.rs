@@ -70,7 +70,7 @@ pub enum ClientEvent {
 }
 
 /// Why a session ended or refused an action.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
     #[error("bad frame from relay: {0}")]

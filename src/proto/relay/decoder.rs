@@ -198,12 +198,15 @@ mod tests {
         let mut d = FrameDecoder::new(1000);
         d.extend(&[FrameType::SendPacket as u8, 0xff, 0xff, 0xff, 0xff]);
         let e = d.next_frame().unwrap_err();
-        assert_eq!(
-            e,
-            FrameError::Oversized {
-                len: u32::MAX as usize,
-                max: 1000
-            }
+        assert!(
+            matches!(
+                e,
+                FrameError::Oversized {
+                    len,
+                    max: 1000
+                } if len == u32::MAX as usize
+            ),
+            "{e:?}"
         );
         assert!(e.is_fatal());
     }
@@ -214,7 +217,7 @@ mod tests {
         d.extend(&[0x7f, 0, 0, 0, 2, 0xaa, 0xbb]);
         d.extend(&Frame::KeepAlive.to_bytes());
         let e = d.next_frame().unwrap_err();
-        assert_eq!(e, FrameError::UnknownType(0x7f));
+        assert!(matches!(e, FrameError::UnknownType(0x7f)), "{e:?}");
         assert!(!e.is_fatal());
         assert_eq!(d.next_frame().unwrap(), Some(Frame::KeepAlive));
     }

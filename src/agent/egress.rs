@@ -196,7 +196,7 @@ mod tests {
         let extra = [bind(), bind(), bind()];
         let rx = bind();
         let to = SocketAddr::from(([127, 0, 0, 1], port(&rx)));
-        let dp = DataPlane::new(PrivateKey::generate());
+        let dp = DataPlane::new(PrivateKey::generate(), std::time::Instant::now());
         let egress = Egress::new(primary.clone(), dp.drops.clone());
         // Socket 2 was closed: ids are positions and must not shift.
         egress.set_sockets(vec![Some(extra[0].clone()), None, Some(extra[2].clone())]);
@@ -217,11 +217,11 @@ mod tests {
             let other = PrivateKey::generate().public();
             let mut spec = PeerSpec::new(other, vec!["10.9.0.2/32".parse().unwrap()]);
             spec.managed = true;
-            dp.upsert_peer(spec);
+            dp.upsert_peer(std::time::Instant::now(), spec);
             let set = dp.peers();
             let peer = set.by_key(&other).unwrap();
             peer.set_direct_via(to, socket);
-            let sealed = peer.seal(&packet, &mut out);
+            let sealed = peer.seal(std::time::Instant::now(), &packet, &mut out);
             let on_extra = socket != SocketId::PRIMARY;
             assert_eq!(
                 matches!(sealed, Sealed::SendOn { .. }),
@@ -277,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_with_a_stream_skips_the_relay_and_a_full_stream_drops() {
-        let dp = DataPlane::new(PrivateKey::generate());
+        let dp = DataPlane::new(PrivateKey::generate(), std::time::Instant::now());
         let egress = Egress::new(bind(), dp.drops.clone());
         let relay = recorder(100);
         // A stream whose writer queue holds one frame.

@@ -150,7 +150,7 @@ impl TunWriter {
         let buf = &mut self.bufs[self.used];
         // Protocol replies (handshake response, cookie) fit in 256 bytes.
         buf.set_len(OFFSET + self.plain.max(256));
-        match peer.open(from, dgram, &mut buf.as_mut()[OFFSET..]) {
+        match peer.open(self.now, from, dgram, &mut buf.as_mut()[OFFSET..]) {
             Opened::Tunnel { len } => {
                 let packet = &buf.as_ref()[OFFSET..OFFSET + len];
                 if dp
@@ -266,7 +266,8 @@ impl Inbound {
             }
             return Ok(());
         }
-        let peer = match self.dp.peer_for(set, from, dgram, reply) {
+        let now = out.now;
+        let peer = match self.dp.peer_for(now, set, from, dgram, reply) {
             Ok(p) => p,
             Err(0) => return Ok(()),
             Err(cookie) => {
@@ -277,7 +278,7 @@ impl Inbound {
         if let Outcome::Reply(len) = out.open(&self.dp, &peer, Some(from), dgram).await? {
             let _ = udp.send(from, out.reply(len), None).await;
             loop {
-                match peer.flush_queued(reply) {
+                match peer.flush_queued(now, reply) {
                     Sealed::Nothing => break,
                     sealed => self.egress.send(peer.key, sealed, reply).await,
                 }

@@ -115,8 +115,9 @@ pub async fn run(
     // Everything that can fail on bad input is checked before the device
     // exists, so a bad config leaves nothing behind.
     let key = config.private_key()?;
-    let dp = Arc::new(DataPlane::new(key));
-    dp.upsert_peers(config.peers.iter().map(reload::peer_spec));
+    let started = std::time::Instant::now();
+    let dp = Arc::new(DataPlane::new(key, started));
+    dp.upsert_peers(started, config.peers.iter().map(reload::peer_spec));
     if let Some(rules) = config.packet_filter() {
         dp.firewall
             .set_base(crate::policy::PacketFilter::new(rules.to_vec()));
@@ -262,12 +263,15 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
         tick.tick().await;
         n += 1;
         let set = dp.peers();
+        // The driver's clock reading: WireGuard's timers run at this time
+        // (dataplane::wg).
+        let at = std::time::Instant::now();
         for peer in set.iter() {
-            let sealed = peer.tick(&mut buf);
+            let sealed = peer.tick(at, &mut buf);
             egress.send(peer.key, sealed, &buf).await;
         }
         if n % ticks_per_second == 0 {
-            dp.reset_rate_limiter();
+            dp.reset_rate_limiter(at);
         }
         if n % ticks_per_report == 0 {
             let now = dp.drop_counts();

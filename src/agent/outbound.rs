@@ -103,7 +103,7 @@ impl Outbound {
             let Some(slot) = batch.slot() else { continue };
             // Replies to what we send pass the peer's firewall.
             self.dp.firewall.outbound_cached(flows, pkt, now);
-            match peer.seal(pkt, slot) {
+            match peer.seal(now, pkt, slot) {
                 Sealed::Send { len, to } => batch.commit(len, to),
                 // A birthday path: rare, and not batched with the primary socket's.
                 sealed @ Sealed::SendOn { .. } => self.egress.send(peer.key, sealed, slot).await,

@@ -54,7 +54,7 @@ pub fn apply(dp: &DataPlane, old: &Config, new: &Config) -> ReloadReport {
     }
     drop(current);
     // One rebuild of the peer set for the whole file, not one per peer.
-    dp.upsert_peers(specs);
+    dp.upsert_peers(std::time::Instant::now(), specs);
     for p in &old.peers {
         if !new.peers.iter().any(|q| q.public_key == p.public_key) && dp.remove_peer(&p.public_key)
         {
@@ -131,6 +131,7 @@ mod tests {
     use super::*;
     use crate::keys::PrivateKey;
     use std::path::Path;
+    use std::time::Instant;
 
     fn config(peers: &str, port: u16) -> Config {
         let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
@@ -160,13 +161,16 @@ mod tests {
             .concat(),
             51820,
         );
-        let dp = DataPlane::new(old.private_key().unwrap());
+        let dp = DataPlane::new(old.private_key().unwrap(), Instant::now());
         for p in &old.peers {
-            dp.upsert_peer(peer_spec(p));
+            dp.upsert_peer(Instant::now(), peer_spec(p));
         }
         // A peer from elsewhere (the coordinator): a reload must keep it.
         let other = PrivateKey::generate().public();
-        dp.upsert_peer(PeerSpec::new(other, vec!["100.64.9.9/32".parse().unwrap()]));
+        dp.upsert_peer(
+            Instant::now(),
+            PeerSpec::new(other, vec!["100.64.9.9/32".parse().unwrap()]),
+        );
         let before: Vec<u32> = keys[..2]
             .iter()
             .map(|k| dp.peers().by_key(k).unwrap().index)

@@ -82,13 +82,14 @@ impl StreamedIn {
         let Some(peer) = set.by_key(&from) else {
             return;
         };
-        self.writer.set_now(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.writer.set_now(now);
         match self.writer.open(&self.dp, peer, None, bytes).await {
             Ok(Outcome::Done) => {}
             Ok(Outcome::Reply(len)) => {
                 self.egress.relay(from, self.writer.reply(len));
                 loop {
-                    match peer.flush_queued(&mut self.queued) {
+                    match peer.flush_queued(now, &mut self.queued) {
                         Sealed::Nothing => break,
                         sealed => self.egress.send(from, sealed, &self.queued).await,
                     }

@@ -48,12 +48,13 @@ impl AgentView {
 
 impl Backend for AgentView {
     fn status(&self) -> Status {
+        let now = std::time::Instant::now();
         let view = self.mesh.as_ref().map(|m| m.view());
         let set = self.dataplane.peers();
         let mut peers: Vec<PeerStatus> = set
             .iter()
             .map(|p| {
-                let st = p.stats();
+                let st = p.stats(now);
                 let mesh = view.as_ref().and_then(|v| v.peers.get(&p.key)).cloned();
                 PeerStatus {
                     public_key: p.key,

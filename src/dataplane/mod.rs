@@ -19,10 +19,12 @@ pub mod flow;
 pub mod packet;
 pub mod peer;
 pub mod route;
+pub mod wg;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -147,10 +149,11 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    pub fn new(key: PrivateKey) -> DataPlane {
+    /// The data plane of node `key`, started at `now`.
+    pub fn new(key: PrivateKey, now: Instant) -> DataPlane {
         let public = PublicKey::from(key.secret());
         DataPlane {
-            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            limiter: Arc::new(wg::rate_limiter(now, &public, HANDSHAKE_RATE_LIMIT)),
             key,
             public,
             peers: ArcSwap::from_pointee(PeerSet::default()),
@@ -178,15 +181,16 @@ impl DataPlane {
 
     /// Adds a peer, or replaces it when its settings changed. A peer whose
     /// spec is unchanged keeps its tunnel (and session) untouched.
-    pub fn upsert_peer(&self, spec: PeerSpec) {
-        self.upsert_peers([spec]);
+    pub fn upsert_peer(&self, now: Instant, spec: PeerSpec) {
+        self.upsert_peers(now, [spec]);
     }
 
     /// [`DataPlane::upsert_peer`] for many peers with one rebuild of the
     /// peer set. Adding peers one by one rebuilds the set (and its route
     /// table) each time, which is quadratic: a 1,000-peer config took over a
     /// second to load.
-    pub fn upsert_peers(&self, specs: impl IntoIterator<Item = PeerSpec>) {
+    /// New sessions start at `now`.
+    pub fn upsert_peers(&self, now: Instant, specs: impl IntoIterator<Item = PeerSpec>) {
         let _g = self.edit.lock();
         let cur = self.peers.load_full();
         // Copied from `cur` at the first peer that needs a new tunnel.
@@ -211,6 +215,7 @@ impl DataPlane {
             }
             let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
             let peer = Arc::new(Peer::new(
+                now,
                 &self.key,
                 spec,
                 index,
@@ -244,8 +249,10 @@ impl DataPlane {
 
     /// Called once a second: lets boringtun's handshake rate limiter forget
     /// the last second's count.
-    pub fn reset_rate_limiter(&self) {
-        self.limiter.reset_count();
+    /// `now` must only go forward from one call to the next (one task
+    /// calls it).
+    pub fn reset_rate_limiter(&self, now: Instant) {
+        wg::reset_limiter(&self.limiter, now);
     }
 
     /// Finds the peer a WireGuard datagram belongs to. `reply` receives a
@@ -253,11 +260,13 @@ impl DataPlane {
     /// in the error so the caller can send it.
     pub fn peer_for(
         &self,
+        now: Instant,
         set: &PeerSet,
         from: std::net::SocketAddr,
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Result<Arc<Peer>, usize> {
+        wg::limiter_at(now);
         let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, reply) {
             Ok(p) => p,
             Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => return Err(cookie.len()),

@@ -2,10 +2,10 @@
 //! direct address, from the primary socket or one of the birthday method's
 //! extra sockets, or the relay) and the prefixes it owns.
 //!
-//! This is the only place that touches boringtun's `Tunn`. Upstream reads
-//! the wall clock inside `Tunn` (rekey and keepalive timers), so keeping it
-//! behind this small type is the seam that lets the sans-IO core and its
-//! simulations run without it.
+//! This is the only place that holds a WireGuard session, and it holds it
+//! as a [`Wg`]: every call takes `now`, which [`super::wg`] hands to
+//! boringtun in place of its own clock reads, so the driver, the tests and
+//! the simulator decide what time the session sees.
 //!
 //! The `Tunn` and the endpoint sit behind one short mutex: encryption and
 //! decryption of one packet take it, and no system call ever happens while it
@@ -15,14 +15,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Tunn, TunnResult};
+use boringtun::noise::TunnResult;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 
+use super::wg::Wg;
 use crate::keys::{NodeKey, PresharedKey, PrivateKey};
 use crate::traversal::SocketId;
 
@@ -127,7 +128,7 @@ pub struct PeerStats {
 }
 
 struct State {
-    tunn: Tunn,
+    tunn: Wg,
     path: PeerPath,
     /// The local socket a `Direct` path leaves from.
     socket: SocketId,
@@ -177,14 +178,17 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A peer whose session starts at `now`.
     pub fn new(
+        now: Instant,
         own: &PrivateKey,
         spec: PeerSpec,
         index: u32,
         limiter: Arc<RateLimiter>,
         wake: Arc<tokio::sync::Notify>,
     ) -> Peer {
-        let tunn = Tunn::new(
+        let tunn = Wg::new(
+            now,
             own.secret().clone(),
             spec.key.to_x25519(),
             spec.preshared_key,
@@ -253,13 +257,13 @@ impl Peer {
 
     /// Encrypts one IP packet into `out` (which must hold `src.len() + 32`
     /// bytes and at least 148).
-    pub fn seal(&self, src: &[u8], out: &mut [u8]) -> Sealed {
+    pub fn seal(&self, now: Instant, src: &[u8], out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
         st.sealed = st.sealed.wrapping_add(1);
         if st.touch() {
             self.wake.notify_one();
         }
-        let len = match st.tunn.encapsulate(src, out) {
+        let len = match st.tunn.encapsulate(now, src, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -269,23 +273,37 @@ impl Peer {
     /// Decrypts one datagram into `out`. `from` is the UDP source, or `None`
     /// for a datagram that came through the relay. A static peer's endpoint
     /// roams to `from` when the datagram proves to come from the peer.
-    pub fn open(&self, from: Option<SocketAddr>, datagram: &[u8], out: &mut [u8]) -> Opened {
+    pub fn open(
+        &self,
+        now: Instant,
+        from: Option<SocketAddr>,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Opened {
         let kind = datagram.first().copied().unwrap_or(0);
         let mut st = self.state.lock();
         if st.touch() {
             self.wake.notify_one();
         }
-        let (opened, authentic) = match st.tunn.decapsulate(from.map(|f| f.ip()), datagram, out) {
-            TunnResult::WriteToTunnelV4(p, src) => (self.check_source(p.len(), src.into()), true),
-            TunnResult::WriteToTunnelV6(p, src) => (self.check_source(p.len(), src.into()), true),
-            TunnResult::WriteToNetwork(p) => {
-                // A cookie reply answers a packet we could not yet trust.
-                let authentic = p.first() != Some(&3);
-                (Opened::Reply { len: p.len() }, authentic)
-            }
-            TunnResult::Done => (Opened::Nothing, kind == 4 || kind == 2),
-            TunnResult::Err(e) => (Opened::Rejected(e), false),
-        };
+        let (opened, authentic) =
+            match st
+                .tunn
+                .decapsulate(now, from.map(|f| f.ip()), datagram, out)
+            {
+                TunnResult::WriteToTunnelV4(p, src) => {
+                    (self.check_source(p.len(), src.into()), true)
+                }
+                TunnResult::WriteToTunnelV6(p, src) => {
+                    (self.check_source(p.len(), src.into()), true)
+                }
+                TunnResult::WriteToNetwork(p) => {
+                    // A cookie reply answers a packet we could not yet trust.
+                    let authentic = p.first() != Some(&3);
+                    (Opened::Reply { len: p.len() }, authentic)
+                }
+                TunnResult::Done => (Opened::Nothing, kind == 4 || kind == 2),
+                TunnResult::Err(e) => (Opened::Rejected(e), false),
+            };
         if let Some(from) = from {
             let roam = authentic && kind != 3 && !self.spec.managed;
             if roam && st.path != PeerPath::Direct(from) {
@@ -308,9 +326,9 @@ impl Peer {
 
     /// After an [`Opened::Reply`], drains packets the tunnel queued while the
     /// handshake was in flight: the next one to send, or [`Sealed::Nothing`].
-    pub fn flush_queued(&self, out: &mut [u8]) -> Sealed {
+    pub fn flush_queued(&self, now: Instant, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
-        let len = match st.tunn.decapsulate(None, &[], out) {
+        let len = match st.tunn.decapsulate(now, None, &[], out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -319,9 +337,9 @@ impl Peer {
 
     /// Runs WireGuard's timers (rekey, handshake retry, keepalives): a
     /// datagram to send, or [`Sealed::Nothing`]. `out` must hold 148 bytes.
-    pub fn tick(&self, out: &mut [u8]) -> Sealed {
+    pub fn tick(&self, now: Instant, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
-        let len = match st.tunn.update_timers(out) {
+        let len = match st.tunn.update_timers(now, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -344,9 +362,9 @@ impl Peer {
         self.state.lock().sealed
     }
 
-    pub fn stats(&self) -> PeerStats {
-        let st = self.state.lock();
-        let (last_handshake, tx, rx, _, _) = st.tunn.stats();
+    pub fn stats(&self, now: Instant) -> PeerStats {
+        let mut st = self.state.lock();
+        let (last_handshake, tx, rx) = st.tunn.stats(now);
         PeerStats {
             last_handshake,
             tx_bytes: tx as u64,

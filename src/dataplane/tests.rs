@@ -15,7 +15,7 @@ struct Node {
 
 fn node(addr: &str) -> Node {
     Node {
-        dp: DataPlane::new(PrivateKey::generate()),
+        dp: DataPlane::new(PrivateKey::generate(), Instant::now()),
         addr: addr.parse().unwrap(),
     }
 }
@@ -33,14 +33,14 @@ fn deliver(dst: &Node, from: SocketAddr, dgram: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec
     let mut buf = vec![0u8; 2048];
     let mut tunnel = Vec::new();
     let mut replies = Vec::new();
-    let Ok(peer) = dst.dp.peer_for(&set, from, dgram, &mut buf) else {
+    let Ok(peer) = dst.dp.peer_for(Instant::now(), &set, from, dgram, &mut buf) else {
         return (tunnel, replies);
     };
-    match peer.open(Some(from), dgram, &mut buf) {
+    match peer.open(Instant::now(), Some(from), dgram, &mut buf) {
         Opened::Tunnel { len } => tunnel.push(buf[..len].to_vec()),
         Opened::Reply { len } => {
             replies.push(buf[..len].to_vec());
-            while let Sealed::Send { len, .. } = peer.flush_queued(&mut buf) {
+            while let Sealed::Send { len, .. } = peer.flush_queued(Instant::now(), &mut buf) {
                 replies.push(buf[..len].to_vec());
             }
         }
@@ -54,7 +54,7 @@ fn seal(n: &Node, pkt: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
     let dst = packet::destination(pkt)?;
     let peer = set.routes.lookup(dst)?;
     let mut out = vec![0u8; pkt.len() + SEAL_OVERHEAD + 148];
-    match peer.seal(pkt, &mut out) {
+    match peer.seal(Instant::now(), pkt, &mut out) {
         Sealed::Send { len, to } => Some((out[..len].to_vec(), to)),
         _ => None,
     }
@@ -67,9 +67,9 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 fn handshake_then_data_both_ways_and_roaming() {
     let a = node("11.11.0.1:51820");
     let b = node("11.11.0.2:51820");
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
     // b does not know a's endpoint: it must learn it from a's handshake.
-    b.dp.upsert_peer(spec(&a, "100.64.0.1/32", None));
+    b.dp.upsert_peer(Instant::now(), spec(&a, "100.64.0.1/32", None));
 
     let ping = ipv4(A_IP, B_IP, b"ping");
     let (init, to) = seal(&a, &ping).expect("handshake initiation");
@@ -107,8 +107,8 @@ fn handshake_then_data_both_ways_and_roaming() {
 fn forged_and_spoofed_packets_are_counted_not_delivered() {
     let a = node("11.11.0.1:1");
     let b = node("11.11.0.2:1");
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
-    b.dp.upsert_peer(spec(&a, "100.64.0.1/32", Some(a.addr)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
+    b.dp.upsert_peer(Instant::now(), spec(&a, "100.64.0.1/32", Some(a.addr)));
     let (init, _) = seal(&a, &ipv4(A_IP, B_IP, b"x")).unwrap();
     let (_, resp) = deliver(&b, a.addr, &init);
     let (_, flushed) = deliver(&a, b.addr, &resp[0]);
@@ -148,20 +148,20 @@ fn forged_and_spoofed_packets_are_counted_not_delivered() {
 fn upsert_keeps_session_when_only_endpoint_changes() {
     let a = node("11.11.0.1:1");
     let b = node("11.11.0.2:1");
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
     let before = a.dp.peers().by_key(&b.dp.public_key()).unwrap().index;
     let new_ep: SocketAddr = "11.11.0.3:7".parse().unwrap();
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(new_ep)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(new_ep)));
     let p = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
     assert_eq!(p.index, before);
     assert_eq!(p.endpoint(), Some(new_ep));
     // And back to the first endpoint: the stored spec still names it, which
     // must not hide the move.
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
     assert_eq!(p.endpoint(), Some(b.addr));
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(new_ep)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(new_ep)));
     // Changing allowed IPs rebuilds routes.
-    a.dp.upsert_peer(spec(&b, "100.64.0.0/24", Some(new_ep)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.0/24", Some(new_ep)));
     assert!(a
         .dp
         .peers()
@@ -178,17 +178,17 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
     let b = node("11.11.0.2:1");
     let mut sb = spec(&b, "100.64.0.2/32", None);
     sb.managed = true;
-    a.dp.upsert_peer(sb);
+    a.dp.upsert_peer(Instant::now(), sb);
     let mut sa = spec(&a, "100.64.0.1/32", None);
     sa.managed = true;
-    b.dp.upsert_peer(sa);
+    b.dp.upsert_peer(Instant::now(), sa);
     let pa = b.dp.peers().by_key(&a.dp.public_key()).unwrap().clone();
     let pb = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
     assert_eq!(pb.path(), PeerPath::Relay);
 
     // The first packet goes to the relay at once: a handshake initiation.
     let mut out = vec![0u8; 2048];
-    let Sealed::Relay { len } = pb.seal(&ipv4(A_IP, B_IP, b"x"), &mut out) else {
+    let Sealed::Relay { len } = pb.seal(Instant::now(), &ipv4(A_IP, B_IP, b"x"), &mut out) else {
         panic!("expected the relay");
     };
     assert_eq!(out[0], 1);
@@ -197,7 +197,7 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
     let init = out[..len].to_vec();
     let mut buf = vec![0u8; 2048];
     assert!(matches!(
-        pa.open(None, &init, &mut buf),
+        pa.open(Instant::now(), None, &init, &mut buf),
         Opened::Reply { .. }
     ));
     assert_eq!(pa.path(), PeerPath::Relay);
@@ -206,7 +206,12 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
         let resp = buf[..148.min(buf.len())].to_vec();
         (resp, ())
     };
-    let _ = pb.open(Some("9.9.9.9:9".parse().unwrap()), &d[..92], &mut out);
+    let _ = pb.open(
+        Instant::now(),
+        Some("9.9.9.9:9".parse().unwrap()),
+        &d[..92],
+        &mut out,
+    );
     assert_eq!(pb.path(), PeerPath::Relay);
     // Traversal moves it.
     pb.set_path(PeerPath::Direct(b.addr));
@@ -227,7 +232,7 @@ fn upsert_peers_in_bulk_keeps_unchanged_tunnels() {
             })
             .collect()
     };
-    a.dp.upsert_peers(specs(1));
+    a.dp.upsert_peers(Instant::now(), specs(1));
     let first = a.dp.peers();
     assert_eq!(first.len(), 3);
     for (i, n) in others.iter().enumerate() {
@@ -236,8 +241,8 @@ fn upsert_peers_in_bulk_keeps_unchanged_tunnels() {
         assert_eq!(routed.key, n.dp.public_key());
     }
     // Same specs, then only new endpoints: the same tunnels stay.
-    a.dp.upsert_peers(specs(1));
-    a.dp.upsert_peers(specs(7));
+    a.dp.upsert_peers(Instant::now(), specs(1));
+    a.dp.upsert_peers(Instant::now(), specs(7));
     let now = a.dp.peers();
     for p in first.iter() {
         let kept = now.by_key(&p.key).expect("still there");
@@ -247,7 +252,7 @@ fn upsert_peers_in_bulk_keeps_unchanged_tunnels() {
     // A changed allowed IP gives that one peer a new tunnel.
     let mut changed = specs(7);
     changed[0].allowed_ips = vec!["100.64.1.0/24".parse().unwrap()];
-    a.dp.upsert_peers(changed);
+    a.dp.upsert_peers(Instant::now(), changed);
     let last = a.dp.peers();
     assert_eq!(last.len(), 3);
     let k0 = others[0].dp.public_key();
@@ -266,7 +271,7 @@ fn a_quiet_peers_first_packet_wakes_the_agent_once() {
     use futures_util::FutureExt;
     let a = node("11.11.0.1:51820");
     let b = node("11.11.0.2:51820");
-    a.dp.upsert_peer(spec(&b, "100.64.0.2/32", Some(b.addr)));
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
     let wake = a.dp.activity_wake();
     let woken = || wake.notified().now_or_never().is_some();
     assert!(!woken(), "adding a peer is not traffic");

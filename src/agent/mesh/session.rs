@@ -358,7 +358,7 @@ impl Mesh {
         ];
         let mut spec = PeerSpec::new(p.key, allowed);
         spec.managed = true;
-        self.dp.upsert_peer(spec);
+        self.dp.upsert_peer(std::time::Instant::now(), spec);
         let mut info = PeerInfo::from_map(p, p.nat);
         info.disco_key = DiscoKey(p.disco_key.0);
         self.node.upsert_peer(now, info);

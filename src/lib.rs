@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod dial;
 pub mod keys;
 pub mod netcheck;
+pub mod path;
 pub mod policy;
 pub mod portmap;
 pub mod proto;

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::udp::Udp;
 use crate::dataplane::{Drops, Sealed};
 use crate::keys::NodeKey;
-use crate::traversal::SocketId;
+use crate::path::SocketId;
 
 /// Accepts packets for the relay. It must not block: a full queue drops.
 pub trait RelaySink: Send + Sync {
@@ -220,7 +220,10 @@ mod tests {
             dp.upsert_peer(std::time::Instant::now(), spec);
             let set = dp.peers();
             let peer = set.by_key(&other).unwrap();
-            peer.set_direct_via(to, socket);
+            peer.set_path(crate::path::Path::Direct(crate::path::DirectPath {
+                socket,
+                addr: to,
+            }));
             let sealed = peer.seal(std::time::Instant::now(), &packet, &mut out);
             let on_extra = socket != SocketId::PRIMARY;
             assert_eq!(

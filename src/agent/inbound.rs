@@ -31,8 +31,8 @@ use super::egress::Egress;
 use super::udp::Udp;
 use crate::dataplane::firewall::{FlowCache, Verdict};
 use crate::dataplane::{DataPlane, Drops, Opened, Peer, PeerSet, Sealed};
+use crate::path::SocketId;
 use crate::traversal::node::is_wireguard;
-use crate::traversal::SocketId;
 
 /// A datagram that is not WireGuard, for the mesh task: the local socket it
 /// came in on, its source, its bytes.

@@ -245,6 +245,20 @@ pub enum PeerPath {
     None,
 }
 
+impl PeerPath {
+    /// How the API shows `path` (the one path type, `crate::path::Path`);
+    /// `region` names the relay a relayed peer is reached through.
+    pub fn from_path(path: Option<crate::path::Path>, region: Option<String>) -> PeerPath {
+        use crate::path::Path;
+        match path {
+            Some(Path::Direct(d)) => PeerPath::Direct { endpoint: d.addr },
+            Some(Path::Tcp(endpoint)) => PeerPath::DirectTcp { endpoint },
+            Some(Path::Relay) => PeerPath::Relay { region },
+            None => PeerPath::None,
+        }
+    }
+}
+
 /// Answer to [`Request::Ip`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpReply {

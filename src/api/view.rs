@@ -18,7 +18,6 @@ use super::server::Backend;
 use super::{ApiError, ErrorCode, PeerPath, PeerStatus, Request, Status};
 use crate::agent::mesh::{Command, MeshHandle, MeshReply};
 use crate::agent::Running;
-use crate::dataplane::peer::PeerPath as DpPath;
 use crate::dataplane::DataPlane;
 use crate::keys::NodeKey;
 
@@ -60,14 +59,10 @@ impl Backend for AgentView {
                     public_key: p.key,
                     hostname: mesh.as_ref().map(|m| m.hostname.clone()),
                     allowed_ips: p.spec.allowed_ips.clone(),
-                    path: match st.path {
-                        DpPath::Direct(endpoint) => PeerPath::Direct { endpoint },
-                        DpPath::Relay => PeerPath::Relay {
-                            region: mesh.as_ref().and_then(|m| m.relay_region.clone()),
-                        },
-                        DpPath::Tcp(endpoint) => PeerPath::DirectTcp { endpoint },
-                        DpPath::None => PeerPath::None,
-                    },
+                    path: PeerPath::from_path(
+                        st.path,
+                        mesh.as_ref().and_then(|m| m.relay_region.clone()),
+                    ),
                     latency_ms: mesh.as_ref().and_then(|m| m.latency_ms),
                     last_handshake_secs: st.last_handshake.map(|d| d.as_secs()),
                     rx_bytes: st.rx_bytes,

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 
 use super::wg::Wg;
 use crate::keys::{NodeKey, PresharedKey, PrivateKey};
-use crate::traversal::SocketId;
+use crate::path::{DirectPath, Path, SocketId};
 
 /// What the data plane needs to know to bring up a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,22 +58,6 @@ impl PeerSpec {
         self.preshared_key = psk.map(|p| p.0);
         self
     }
-}
-
-/// Where a peer's packets go now. Which local socket a direct path leaves
-/// from is kept beside it (see [`Peer::set_direct_via`]): nearly every path
-/// uses the primary socket, and the API shows only the address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerPath {
-    /// No endpoint known and no relay: packets are dropped.
-    None,
-    Direct(SocketAddr),
-    Relay,
-    /// A direct TCP stream to the peer at this address. Its packets leave
-    /// like relayed ones ([`Sealed::Relay`]): the egress hands a peer's
-    /// stream-carried packets to its stream when it has one.
-    Tcp(SocketAddr),
 }
 
 /// Result of sealing one packet for a peer: `len` bytes at the start of the
@@ -119,19 +103,19 @@ pub enum Opened {
     Rejected(WireGuardError),
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct PeerStats {
     pub last_handshake: Option<Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
-    pub path: PeerPath,
+    /// `None`: no endpoint known and no relay; packets are dropped.
+    pub path: Option<Path>,
 }
 
 struct State {
     tunn: Wg,
-    path: PeerPath,
-    /// The local socket a `Direct` path leaves from.
-    socket: SocketId,
+    /// The route the packet tasks read per packet; `None`: nowhere yet.
+    path: Option<Path>,
     /// Packets sealed or opened for this peer, handshakes and packets that
     /// found no path included: traversal's "is this peer in use" signal,
     /// which byte counters (data only, once a session exists) cannot give
@@ -154,14 +138,18 @@ impl State {
 
     fn sealed(&self, len: usize) -> Sealed {
         match self.path {
-            PeerPath::Direct(to) if self.socket == SocketId::PRIMARY => Sealed::Send { len, to },
-            PeerPath::Direct(to) => Sealed::SendOn {
+            Some(Path::Direct(d)) if d.socket == SocketId::PRIMARY => {
+                Sealed::Send { len, to: d.addr }
+            }
+            Some(Path::Direct(d)) => Sealed::SendOn {
                 len,
-                to,
-                socket: self.socket,
+                to: d.addr,
+                socket: d.socket,
             },
-            PeerPath::Relay | PeerPath::Tcp(_) => Sealed::Relay { len },
-            PeerPath::None => Sealed::NoEndpoint,
+            // A TCP stream carries a peer's packets framed like the
+            // relay's; the egress picks the stream (`agent::egress`).
+            Some(Path::Relay | Path::Tcp(_)) => Sealed::Relay { len },
+            None => Sealed::NoEndpoint,
         }
     }
 }
@@ -197,9 +185,9 @@ impl Peer {
             Some(limiter),
         );
         let path = match (spec.endpoint, spec.managed) {
-            (_, true) => PeerPath::Relay,
-            (Some(ep), false) => PeerPath::Direct(ep),
-            (None, false) => PeerPath::None,
+            (_, true) => Some(Path::Relay),
+            (Some(ep), false) => Some(Path::Direct(DirectPath::primary(ep))),
+            (None, false) => None,
         };
         Peer {
             key: spec.key,
@@ -207,7 +195,6 @@ impl Peer {
             state: Mutex::new(State {
                 tunn,
                 path,
-                socket: SocketId::PRIMARY,
                 activity: 0,
                 sealed: 0,
                 quiet: true,
@@ -221,38 +208,25 @@ impl Peer {
     /// The direct address packets go to, if the path is direct.
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self.state.lock().path {
-            PeerPath::Direct(a) => Some(a),
+            Some(Path::Direct(d)) => Some(d.addr),
             _ => None,
         }
     }
 
-    pub fn path(&self) -> PeerPath {
+    /// Where the peer's packets go now.
+    pub fn path(&self) -> Option<Path> {
         self.state.lock().path
     }
 
+    /// A direct path from the primary socket (a static peer's endpoint).
     pub fn set_endpoint(&self, to: SocketAddr) {
-        self.set_path(PeerPath::Direct(to));
+        self.set_path(Path::Direct(DirectPath::primary(to)));
     }
 
-    /// Moves the peer to another path (NAT traversal's decision), direct
-    /// ones from the primary socket. The WireGuard session is untouched: it
-    /// does not depend on the path.
-    pub fn set_path(&self, path: PeerPath) {
-        let mut st = self.state.lock();
-        st.path = path;
-        st.socket = SocketId::PRIMARY;
-    }
-
-    /// Moves the peer to a direct path from local socket `socket`.
-    pub fn set_direct_via(&self, to: SocketAddr, socket: SocketId) {
-        let mut st = self.state.lock();
-        st.path = PeerPath::Direct(to);
-        st.socket = socket;
-    }
-
-    /// The local socket a direct path leaves from.
-    pub fn socket(&self) -> SocketId {
-        self.state.lock().socket
+    /// Moves the peer to another path (NAT traversal's decision). The
+    /// WireGuard session is untouched: it does not depend on the path.
+    pub fn set_path(&self, path: Path) {
+        self.state.lock().path = Some(path);
     }
 
     /// Encrypts one IP packet into `out` (which must hold `src.len() + 32`
@@ -306,10 +280,10 @@ impl Peer {
             };
         if let Some(from) = from {
             let roam = authentic && kind != 3 && !self.spec.managed;
-            if roam && st.path != PeerPath::Direct(from) {
+            let there = Some(Path::Direct(DirectPath::primary(from)));
+            if roam && st.path != there {
                 tracing::debug!(peer = %self.key.short(), %from, "endpoint roamed");
-                st.path = PeerPath::Direct(from);
-                st.socket = SocketId::PRIMARY;
+                st.path = there;
             }
         }
         opened

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use super::packet::build::ipv4;
 use super::*;
-use crate::dataplane::peer::PeerPath;
+use crate::path::{DirectPath, Path};
 
 struct Node {
     dp: DataPlane,
@@ -184,7 +184,7 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
     b.dp.upsert_peer(Instant::now(), sa);
     let pa = b.dp.peers().by_key(&a.dp.public_key()).unwrap().clone();
     let pb = a.dp.peers().by_key(&b.dp.public_key()).unwrap().clone();
-    assert_eq!(pb.path(), PeerPath::Relay);
+    assert_eq!(pb.path(), Some(Path::Relay));
 
     // The first packet goes to the relay at once: a handshake initiation.
     let mut out = vec![0u8; 2048];
@@ -200,7 +200,7 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
         pa.open(Instant::now(), None, &init, &mut buf),
         Opened::Reply { .. }
     ));
-    assert_eq!(pa.path(), PeerPath::Relay);
+    assert_eq!(pa.path(), Some(Path::Relay));
     // A direct datagram does not roam a managed peer either.
     let (d, _) = {
         let resp = buf[..148.min(buf.len())].to_vec();
@@ -212,9 +212,9 @@ fn managed_peer_starts_on_relay_and_does_not_roam() {
         &d[..92],
         &mut out,
     );
-    assert_eq!(pb.path(), PeerPath::Relay);
+    assert_eq!(pb.path(), Some(Path::Relay));
     // Traversal moves it.
-    pb.set_path(PeerPath::Direct(b.addr));
+    pb.set_path(Path::Direct(DirectPath::primary(b.addr)));
     assert_eq!(pb.endpoint(), Some(b.addr));
 }
 

@@ -53,12 +53,11 @@ use super::inbound::SideDatagram;
 use super::streamed::{StreamedIn, StreamedParts};
 use crate::api::mesh::{PeerMesh, TriedPath};
 use crate::control::types::Peer as MapPeer;
-use crate::dataplane::peer::PeerPath;
 use crate::dataplane::DataPlane;
 use crate::keys::{NodeKey, PrivateKey};
+use crate::path::{Path, SocketId};
 use crate::proto::disco::DiscoSecret;
 use crate::traversal::node::{Datagram, Dest, Node, NodeEvent};
-use crate::traversal::{Path, SocketId};
 
 pub use handle::{Command, MeshHandle, MeshReply};
 pub use login::Login;
@@ -486,25 +485,13 @@ impl Mesh {
             _ => None,
         };
         self.egress.set_stream(*peer, stream);
-        match to {
-            Path::Direct(d) => {
-                self.direct_since.entry(*peer).or_insert(now);
-                if let Some(p) = dp_peer {
-                    p.set_direct_via(d.addr, d.socket);
-                }
-            }
-            Path::Tcp(addr) => {
-                self.direct_since.entry(*peer).or_insert(now);
-                if let Some(p) = dp_peer {
-                    p.set_path(PeerPath::Tcp(addr));
-                }
-            }
-            Path::Relay => {
-                self.direct_since.remove(peer);
-                if let Some(p) = dp_peer {
-                    p.set_path(PeerPath::Relay);
-                }
-            }
+        if to == Path::Relay {
+            self.direct_since.remove(peer);
+        } else {
+            self.direct_since.entry(*peer).or_insert(now);
+        }
+        if let Some(p) = dp_peer {
+            p.set_path(to);
         }
     }
 

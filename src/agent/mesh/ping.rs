@@ -86,17 +86,8 @@ impl Mesh {
             // The request already went back; a late pong is just late.
             return;
         };
-        let path = match path {
-            Path::Direct(d) => {
-                w.direct = true;
-                PeerPath::Direct { endpoint: d.addr }
-            }
-            Path::Tcp(addr) => {
-                w.direct = true;
-                PeerPath::DirectTcp { endpoint: addr }
-            }
-            Path::Relay => PeerPath::Relay { region },
-        };
+        w.direct |= path != Path::Relay;
+        let path = PeerPath::from_path(Some(path), region);
         w.first.get_or_insert_with(Instant::now);
         w.pongs.push(Pong {
             path,

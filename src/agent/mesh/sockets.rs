@@ -26,7 +26,7 @@ use crate::agent::egress::Egress;
 use crate::agent::inbound::{Inbound, SideDatagram, Sizing};
 use crate::agent::udp::Udp;
 use crate::dataplane::DataPlane;
-use crate::traversal::SocketId;
+use crate::path::SocketId;
 
 struct Slot {
     udp: Arc<Udp>,

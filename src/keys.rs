@@ -96,6 +96,11 @@ impl PrivateKey {
         PrivateKey(StaticSecret::random_from_rng(rand::rngs::OsRng))
     }
 
+    /// The key with these secret bytes (a simulator's seeded keys).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        PrivateKey(StaticSecret::from(bytes))
+    }
+
     pub fn public(&self) -> NodeKey {
         NodeKey::from(PublicKey::from(&self.0))
     }

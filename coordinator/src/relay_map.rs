@@ -23,8 +23,6 @@ use warren::dial;
 use warren::keys::NodeKey;
 use warren::toml_loc;
 
-use crate::server::ServerError;
-
 /// The path the relay is served at (see `relay::RelayServer::router`).
 pub const RELAY_PATH: &str = "/relay";
 
@@ -169,6 +167,17 @@ impl Default for EmbeddedRegion {
     }
 }
 
+/// Why the embedded relay's region cannot be published. Local to this file
+/// (not `server::ServerError`), which the fuzz target compiles on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmbeddedError {
+    #[error("relay: --public-url: {0}")]
+    PublicUrl(#[source] dial::DialError),
+    #[error("relay: --public-url {0:?}: give scheme://host[:port] only; the relay is served at {RELAY_PATH} on it")]
+    PublicUrlPath(String),
+}
+
 impl EmbeddedRegion {
     /// The region agents see, given where the coordinator listens and the
     /// STUN sockets it bound. `None` (with a warning) when no URL can be
@@ -179,15 +188,13 @@ impl EmbeddedRegion {
         tls: bool,
         stun_bound: &[SocketAddr],
         key: NodeKey,
-    ) -> Result<Option<RelayRegion>, ServerError> {
+    ) -> Result<Option<RelayRegion>, EmbeddedError> {
         let base = match &self.public_url {
             Some(u) => {
-                dial::parse_url(u, true).map_err(ServerError::PublicUrl)?;
+                dial::parse_url(u, true).map_err(EmbeddedError::PublicUrl)?;
                 let rest = u.split_once("://").map(|(_, r)| r).unwrap_or(u);
                 if rest.trim_end_matches('/').contains('/') {
-                    return Err(ServerError::Relay(format!(
-                        "--public-url {u:?}: give scheme://host[:port] only; the relay is served at {RELAY_PATH} on it"
-                    )));
+                    return Err(EmbeddedError::PublicUrlPath(u.clone()));
                 }
                 u.trim_end_matches('/').to_owned()
             }

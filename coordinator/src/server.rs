@@ -69,8 +69,8 @@ pub enum ServerError {
     KeyMismatch { ours: String, theirs: String },
     #[error("relay: {0}")]
     Relay(String),
-    #[error("relay: --public-url: {0}")]
-    PublicUrl(#[source] warren::dial::DialError),
+    #[error(transparent)]
+    PublicUrl(#[from] crate::relay_map::EmbeddedError),
     #[error("relay: --coordinator: {0}")]
     CoordinatorUrl(#[source] warren::dial::DialError),
 }

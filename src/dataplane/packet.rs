@@ -37,9 +37,8 @@ pub fn source(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod build {
-    //! Minimal packet builders for tests.
+pub mod build {
+    //! Minimal packet builders for tests and the simulator (`tests/sim`).
     use std::net::Ipv4Addr;
 
     /// An IPv4/UDP-shaped packet with a valid header length field.

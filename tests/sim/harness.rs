@@ -3,18 +3,26 @@
 //! events out, and a virtual clock that jumps straight to the next deadline
 //! (the next packet, the next node timer or the next application tick).
 //!
-//! Each node also plays a tiny application that sends a data packet to each
-//! of its peers every 200 ms on whatever path the core names, so tests can
-//! check where traffic really flows, not just what the state machine says.
-//! Every disco datagram delivered and every direct path the core names is
-//! also shown to the reference [`Model`], which records what it allows.
+//! Each node also has a real data plane ([`DataPlane`]: WireGuard sessions
+//! behind the seam that takes `now`, `dataplane::wg`) and plays a tiny
+//! application that sends an IP packet to each of its peers every 200 ms.
+//! The packet is sealed by the peer's session and leaves on the path the
+//! data plane holds, which the harness sets from the core's `PathChanged`
+//! events as the agent's driver does; WireGuard's own timers run on the
+//! same tick. A packet counts as received only once the receiver's session
+//! opened it, so tests check where real traffic flows, handshakes
+//! included, not just what the state machine says. Every disco datagram
+//! delivered and every direct path used is also shown to the reference
+//! [`Model`], which records what it allows.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use warren::keys::NodeKey;
+use warren::dataplane::packet::build::ipv4;
+use warren::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
+use warren::keys::{NodeKey, PrivateKey};
 use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
 use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Allocation, Config, Mapping, NatSummary, Path, SocketId};
@@ -31,13 +39,21 @@ pub struct SimNode {
     pub host: usize,
     pub key: NodeKey,
     pub node: Node,
+    /// The node's WireGuard sessions and their paths.
+    pub dp: DataPlane,
+    /// The node's overlay address.
+    pub ip: Ipv4Addr,
     /// Extra sockets: index `i` is socket id `i + 1`; `None` once closed.
     extra: Vec<Option<u16>>,
     pub peers: Vec<NodeKey>,
     pub info: Option<PeerInfo>,
     pub events: Vec<(Instant, NodeEvent)>,
+    /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
     pub rx_relay: u64,
+    /// Authenticated WireGuard messages of any kind (handshakes and
+    /// keepalives too) that came over the relay.
+    pub wg_relay: u64,
     pub traffic: bool,
 }
 
@@ -113,7 +129,20 @@ impl Sim {
     /// A node on `host`; runs netcheck at once.
     pub fn add_node(&mut self, host: usize) -> usize {
         let i = self.nodes.len();
-        let key = NodeKey([i as u8 + 1; 32]);
+        // Seeded keys, in increasing order like the nodes (as the fixed
+        // keys the scenarios were written with were), so that whichever
+        // tie-break compares keys sees the same order.
+        let wg = loop {
+            let mut b = [0u8; 32];
+            self.rng.fill_bytes(&mut b);
+            let k = PrivateKey::from_bytes(b);
+            if self.nodes.last().is_none_or(|n| k.public() > n.key) {
+                break k;
+            }
+        };
+        let key = wg.public();
+        let dp = DataPlane::new(wg, self.now());
+        let ip = Ipv4Addr::new(100, 64, 0, i as u8 + 1);
         let mut secret_bytes = [0u8; 32];
         self.rng.fill_bytes(&mut secret_bytes);
         self.model.add_node(secret_bytes, key);
@@ -123,12 +152,15 @@ impl Sim {
             host,
             key,
             node,
+            dp,
+            ip,
             extra: Vec::new(),
             peers: Vec::new(),
             info: None,
             events: Vec::new(),
             rx_direct: 0,
             rx_relay: 0,
+            wg_relay: 0,
             traffic: true,
         });
         self.netcheck(i);
@@ -190,9 +222,15 @@ impl Sim {
         for (x, y) in [(a, b), (b, a)] {
             let info = self.nodes[y].info.clone().expect("netcheck ran");
             let key = info.node_key;
+            let ip = self.nodes[y].ip;
             let n = &mut self.nodes[x];
             n.node.upsert_peer(now, info);
             n.peers.push(key);
+            // A mesh peer: its session starts on the relay and follows the
+            // core's path changes, never WireGuard's roaming.
+            let mut spec = PeerSpec::new(key, vec![IpAddr::V4(ip).into()]);
+            spec.managed = true;
+            n.dp.upsert_peer(now, spec);
         }
     }
 
@@ -234,14 +272,16 @@ impl Sim {
                                 }
                             }
                         }
-                        NodeEvent::PathChanged {
-                            peer,
-                            to: Path::Direct(p),
-                            ..
-                        } => {
-                            let trust = self.model_trust.unwrap_or(self.cfg.trust);
-                            self.model
-                                .check_direct(now, i, *peer, *p, trust, "switches to");
+                        NodeEvent::PathChanged { peer, to, .. } => {
+                            if let Path::Direct(p) = to {
+                                let trust = self.model_trust.unwrap_or(self.cfg.trust);
+                                self.model
+                                    .check_direct(now, i, *peer, *p, trust, "switches to");
+                            }
+                            // What the agent's driver does (`apply_path`).
+                            if let Some(p) = self.nodes[i].dp.peers().by_key(peer) {
+                                p.set_path(*to);
+                            }
                         }
                         _ => {}
                     }
@@ -273,33 +313,109 @@ impl Sim {
         }
     }
 
+    /// Sends what the data plane sealed for `peer` where the sealing says,
+    /// as the agent's egress does.
+    fn send_sealed(&mut self, i: usize, peer: NodeKey, sealed: Sealed, buf: &[u8]) {
+        let now = self.now();
+        let (dest, len) = match sealed {
+            Sealed::Send { len, to } => (
+                Dest::Udp {
+                    socket: SocketId::PRIMARY,
+                    addr: to,
+                },
+                len,
+            ),
+            Sealed::SendOn { len, to, socket } => (Dest::Udp { socket, addr: to }, len),
+            // A TCP path's packets are sealed like relayed ones.
+            Sealed::Relay { len } => match self.nodes[i].node.path(&peer) {
+                Path::Tcp(addr) => (Dest::Tcp(addr), len),
+                _ => (Dest::Relay(peer), len),
+            },
+            Sealed::NoEndpoint | Sealed::Nothing => return,
+        };
+        if let Dest::Udp { socket, addr } = dest {
+            let trust = self.model_trust.unwrap_or(self.cfg.trust);
+            let p = warren::traversal::DirectPath { socket, addr };
+            self.model
+                .check_direct(now, i, peer, p, trust, "sends data on");
+        }
+        self.send_from(i, dest, buf[..len].to_vec());
+    }
+
     fn app_tick(&mut self) {
         let now = self.now();
+        let mut buf = vec![0u8; 2048];
         for i in 0..self.nodes.len() {
+            // WireGuard's timers (handshake retries, keepalives, rekeys),
+            // as the agent's 250 ms timer task runs them.
+            let peers: Vec<_> = self.nodes[i].dp.peers().iter().cloned().collect();
+            for p in &peers {
+                let sealed = p.tick(now, &mut buf);
+                self.send_sealed(i, p.key, sealed, &buf);
+            }
             if !self.nodes[i].traffic {
                 continue;
             }
             for peer in self.nodes[i].peers.clone() {
-                let path = self.nodes[i].node.path(&peer);
-                // Looks like a WireGuard data message: type 4, reserved zeros.
-                let mut data = vec![0u8; 96];
-                data[0] = 4;
-                let dest = match path {
-                    Path::Direct(p) => {
-                        let trust = self.model_trust.unwrap_or(self.cfg.trust);
-                        self.model
-                            .check_direct(now, i, peer, p, trust, "sends data on");
-                        Dest::Udp {
-                            socket: p.socket,
-                            addr: p.addr,
-                        }
-                    }
-                    Path::Relay => Dest::Relay(peer),
-                    Path::Tcp(addr) => Dest::Tcp(addr),
+                let Some(p) = self.nodes[i].dp.peers().by_key(&peer).cloned() else {
+                    continue;
                 };
-                self.send_from(i, dest, data);
+                let to = self
+                    .index_of(&peer)
+                    .map_or(Ipv4Addr::UNSPECIFIED, |j| self.nodes[j].ip);
+                let packet = ipv4(self.nodes[i].ip, to, &[7u8; 68]);
+                let sealed = p.seal(now, &packet, &mut buf);
+                self.send_sealed(i, peer, sealed, &buf);
                 self.nodes[i].node.note_traffic(now, &peer);
             }
+        }
+    }
+
+    /// Opens a WireGuard datagram at node `i` as its data plane would
+    /// (`from`: the local socket and UDP source, or the relay's sender);
+    /// true when it was a data packet from the peer's own address.
+    fn open(
+        &mut self,
+        i: usize,
+        from: Result<(SocketId, SocketAddr), NodeKey>,
+        bytes: &[u8],
+    ) -> bool {
+        let now = self.now();
+        let mut buf = vec![0u8; 2048];
+        let set = self.nodes[i].dp.peers();
+        let peer = match from {
+            Ok((_, addr)) => match self.nodes[i].dp.peer_for(now, &set, addr, bytes, &mut buf) {
+                Ok(p) => p,
+                Err(_) => return false,
+            },
+            Err(key) => match set.by_key(&key) {
+                Some(p) => p.clone(),
+                None => return false,
+            },
+        };
+        drop(set);
+        let opened = peer.open(now, from.ok().map(|(_, a)| a), bytes, &mut buf);
+        if from.is_err() && !matches!(opened, Opened::Rejected(_) | Opened::Spoofed) {
+            self.nodes[i].wg_relay += 1;
+        }
+        match opened {
+            Opened::Tunnel { .. } => true,
+            Opened::Reply { len } => {
+                // Back the way it came, then whatever the session queued.
+                let back = match from {
+                    Ok((socket, addr)) => Dest::Udp { socket, addr },
+                    Err(key) => Dest::Relay(key),
+                };
+                self.send_from(i, back, buf[..len].to_vec());
+                loop {
+                    match peer.flush_queued(now, &mut buf) {
+                        Sealed::Nothing => break,
+                        sealed => self.send_sealed(i, peer.key, sealed, &buf),
+                    }
+                }
+                false
+            }
+            _ => false,
         }
     }
 
@@ -319,13 +435,17 @@ impl Sim {
                     return;
                 };
                 self.model.observe_udp(now, i, socket, from, &bytes);
-                if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard {
+                if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard
+                    && self.open(i, Ok((socket, from)), &bytes)
+                {
                     self.nodes[i].rx_direct += 1;
                 }
             }
             Delivery::Relay { to, from, bytes } => {
                 let Some(i) = self.index_of(&to) else { return };
-                if self.nodes[i].node.handle_relay(now, from, &bytes) == Datagram::WireGuard {
+                if self.nodes[i].node.handle_relay(now, from, &bytes) == Datagram::WireGuard
+                    && self.open(i, Err(from), &bytes)
+                {
                     self.nodes[i].rx_relay += 1;
                 }
             }

@@ -331,7 +331,10 @@ impl Sim {
                 Path::Tcp(addr) => (Dest::Tcp(addr), len),
                 _ => (Dest::Relay(peer), len),
             },
-            Sealed::NoEndpoint | Sealed::Nothing => return,
+            // A mesh peer always has a path: the relay until a direct one
+            // is proven (an invariant every scenario checks).
+            Sealed::NoEndpoint => panic!("node {i} had no path to a mesh peer at {now:?}"),
+            Sealed::Nothing => return,
         };
         if let Dest::Udp { socket, addr } = dest {
             let trust = self.model_trust.unwrap_or(self.cfg.trust);

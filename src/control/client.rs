@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use super::auth::{AuthError, AuthHeaders, SessionKey};
 use super::netmap::{MapChange, MapFileError, NetMap};
 use super::types::{
-    EndpointsReport, ErrorBody, ErrorCode, MapMessage, Peer, RegisterRequest, RegisterResponse,
+    EndpointsReport, ErrorBody, ErrorCode, MapMessage, RegisterRequest, RegisterResponse,
     ServerKeyResponse, KEEPALIVE_SECS,
 };
 use crate::keys::{NodeKey, PrivateKey};
@@ -75,33 +75,7 @@ impl ControlError {
     }
 }
 
-/// What the map stream yields.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum MapEvent {
-    /// A complete map: from the file on disk at start (`from_cache`), or
-    /// from the coordinator on each (re)connection.
-    Full {
-        map: NetMap,
-        from_cache: bool,
-    },
-    PeerAdded(Peer),
-    PeerChanged(Peer),
-    PeerRemoved(NodeKey),
-    SelfChanged(Peer),
-    /// The packet filter changed (`None`: no policy).
-    FilterChanged(Option<Vec<crate::policy::FilterRule>>),
-    Connected,
-    Disconnected {
-        reason: String,
-        retry_in: Duration,
-    },
-    /// The coordinator no longer accepts this node (removed, logged out).
-    /// The stream ends after this event.
-    Revoked {
-        reason: String,
-    },
-}
+pub use super::follow::MapEvent;
 
 /// A running map stream. Dropping it stops the task.
 #[derive(Debug)]

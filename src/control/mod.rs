@@ -38,6 +38,7 @@
 pub mod auth;
 pub mod bounds;
 pub mod client;
+pub mod follow;
 pub mod netmap;
 mod retry;
 pub mod types;

@@ -52,7 +52,7 @@ use super::egress::Egress;
 use super::inbound::SideDatagram;
 use super::streamed::{StreamedIn, StreamedParts};
 use crate::api::mesh::{PeerMesh, TriedPath};
-use crate::control::types::Peer as MapPeer;
+use crate::control::follow::Follower;
 use crate::dataplane::DataPlane;
 use crate::keys::{NodeKey, PrivateKey};
 use crate::path::{Path, SocketId};
@@ -138,8 +138,9 @@ pub(crate) struct Mesh {
     discovery: Discovery,
     session: Option<Session>,
     background: JoinSet<Background>,
-    /// Peers as the map describes them (names, candidates, home relays).
-    map_peers: HashMap<NodeKey, MapPeer>,
+    /// What the map asks (`control::follow`), and the peers as the map
+    /// describes them (names, candidates, home relays).
+    follow: Follower,
     /// Netcheck requests waiting for the running netcheck's report.
     netcheck_waiters: Vec<handle::Reply>,
     /// `warren ping` requests waiting for their round's pongs.
@@ -173,6 +174,7 @@ impl Mesh {
             egress: parts.egress.clone(),
             mtu: parts.mtu,
         };
+        let follow = Follower::new(parts.dp.public_key(), None);
         let (relays, sink, relay_rx) =
             Relays::new(parts.key.clone(), None, parts.relay, Some(data.clone()));
         parts.egress.set_relay(Some(sink));
@@ -208,7 +210,7 @@ impl Mesh {
             tcp_public: None,
             session: None,
             background: JoinSet::new(),
-            map_peers: HashMap::new(),
+            follow,
             netcheck_waiters: Vec::new(),
             ping_waiters: Vec::new(),
             direct_since: HashMap::new(),
@@ -306,7 +308,7 @@ impl Mesh {
     /// due netcheck, refresh the API's view.
     fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
         self.feed_traffic(now);
-        self.traffic.retain(|k, _| self.map_peers.contains_key(k));
+        self.traffic.retain(|k, _| self.follow.peer(k).is_some());
         self.relays.close_idle(now);
         self.close_unproven(now);
         let active = self.session.as_ref().is_some_and(|s| s.is_active());
@@ -502,7 +504,8 @@ impl Mesh {
         let clock = |t: Instant| handle::wall_clock(now, wall, t);
         let at = |t: Instant| format!("at {} UTC", clock(t));
         let peers = self
-            .map_peers
+            .follow
+            .peers()
             .values()
             .map(|p| {
                 let st = self.node.status_with(&p.key, &at);

@@ -18,8 +18,8 @@ use super::login::Login;
 use super::Mesh;
 use crate::api::mesh::{LeaveReply, MeshState, MeshStatus};
 use crate::api::{ApiError, ErrorCode};
-use crate::control::bounds;
 use crate::control::client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
+use crate::control::follow::MapAction;
 use crate::control::types::{EndpointsReport, Peer as MapPeer};
 use crate::dataplane::PeerSpec;
 use crate::keys::NodeKey;
@@ -122,6 +122,8 @@ impl Mesh {
         s.stream = Some(s.client.map_stream());
         s.state = MeshState::Reconnecting;
         s.map_received = false;
+        // Maps are held to the network's /48 the login pinned.
+        self.follow.set_prefix(s.login.ula);
         if reregister {
             let client = s.client.clone();
             let hostname = s.login.hostname.clone();
@@ -243,92 +245,81 @@ impl Mesh {
             self.dp.remove_peer(&k);
             self.node.remove_peer(now, &k);
         }
-        self.map_peers.clear();
+        self.follow.clear();
+        while self.follow.poll_action().is_some() {}
         self.direct_since.clear();
         self.relays.clear();
         self.tcp.clear();
         self.discovery.stop();
     }
 
+    /// One event of the map stream: the follower (`control::follow`)
+    /// decides what it means; this carries its actions out.
     pub(super) fn on_map(&mut self, ev: Option<MapEvent>) {
         let now = Instant::now();
-        let Some(ev) = ev else {
-            return self.revoked("the coordinator closed the map stream for good");
-        };
-        match ev {
-            MapEvent::Full { map, from_cache } => {
-                tracing::info!(peers = map.peers.len(), from_cache, "network map");
-                self.set_addresses(map.self_node.ipv4, map.self_node.ipv6);
+        self.follow.handle_map(ev);
+        while let Some(action) = self.follow.poll_action() {
+            self.act(now, action);
+        }
+    }
+
+    fn act(&mut self, now: Instant, action: MapAction) {
+        match action {
+            MapAction::PinPrefix(net) => {
                 if let Some(s) = self.session.as_mut() {
-                    s.name = Some(map.self_node.name.clone());
-                    s.map_received |= !from_cache;
-                }
-                self.set_relay_map(map.relay_map.clone());
-                self.set_filter(map.packet_filter.clone());
-                let gone: Vec<NodeKey> = self
-                    .map_peers
-                    .keys()
-                    .filter(|k| !map.peers.contains_key(k))
-                    .copied()
-                    .collect();
-                for k in gone {
-                    self.remove_peer(now, &k);
-                }
-                for p in map.peers.values() {
-                    self.add_peer(now, p);
+                    s.login.ula = Some(net);
+                    if let Err(e) = s.login.save(&self.state_dir) {
+                        tracing::warn!(error = %e, "cannot save the network's prefix");
+                    }
                 }
             }
-            MapEvent::PeerAdded(p) | MapEvent::PeerChanged(p) => self.add_peer(now, &p),
-            MapEvent::PeerRemoved(k) => {
+            MapAction::SetAddresses { v4, v6 } => self.set_addresses(v4, v6),
+            MapAction::AddressesRefused(e) => {
+                tracing::error!(error = %e, "refusing the addresses the coordinator assigned");
+                if let Some(s) = self.session.as_mut() {
+                    s.last_error = Some(format!("refused the assigned addresses: {e}"));
+                }
+            }
+            MapAction::SetName(name) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.name = Some(name);
+                }
+            }
+            MapAction::MapReceived => {
+                if let Some(s) = self.session.as_mut() {
+                    s.map_received = true;
+                }
+            }
+            MapAction::SetRelayMap(map) => self.set_relay_map(map),
+            MapAction::SetFilter(filter) => {
+                tracing::info!(
+                    rules = filter.as_ref().and_then(|f| f.rules()).map(<[_]>::len),
+                    "packet filter from the map"
+                );
+                // Without a policy the config file's filter, if any, is in
+                // force.
+                self.dp.firewall.set_policy(filter.map(|f| *f));
+            }
+            MapAction::UpsertPeer(p) => self.add_peer(now, &p),
+            MapAction::RemovePeer(k) => {
                 tracing::info!(peer = %k.short(), "peer removed");
                 self.remove_peer(now, &k);
             }
-            MapEvent::SelfChanged(me) => {
-                self.set_addresses(me.ipv4, me.ipv6);
-                if let Some(s) = self.session.as_mut() {
-                    s.name = Some(me.name);
-                }
-            }
-            MapEvent::FilterChanged(f) => self.set_filter(f),
-            MapEvent::Connected => {
+            MapAction::Connected => {
                 if let Some(s) = self.session.as_mut() {
                     s.state = MeshState::Running;
                     s.last_error = None;
                 }
             }
-            MapEvent::Disconnected { reason, retry_in } => {
+            MapAction::Disconnected { reason, retry_in } => {
                 tracing::info!(%reason, ?retry_in, "coordinator unreachable; keeping the last map");
                 if let Some(s) = self.session.as_mut() {
                     s.state = MeshState::Reconnecting;
                     s.last_error = Some(reason);
                 }
             }
-            MapEvent::Revoked { reason } => self.revoked(&reason),
+            MapAction::Leave(reason) => self.revoked(&reason),
         }
-    }
-
-    /// Installs the node's packet filter from the map (README, "Access
-    /// policy"). One too big to walk per new flow fails closed.
-    fn set_filter(&mut self, rules: Option<Vec<crate::policy::FilterRule>>) {
-        use crate::policy::{filter::MAX_RULES, PacketFilter};
-        let filter = match rules {
-            None => None,
-            Some(r) if r.len() > MAX_RULES => {
-                tracing::warn!(
-                    rules = r.len(),
-                    max = MAX_RULES,
-                    "packet filter too big: nothing is allowed in"
-                );
-                Some(PacketFilter::new(Vec::new()))
-            }
-            Some(r) => Some(PacketFilter::new(r)),
-        };
-        tracing::info!(
-            rules = filter.as_ref().and_then(|f| f.rules()).map(<[_]>::len),
-            "packet filter from the map"
-        );
-        // Without a policy the config file's filter, if any, is in force.
-        self.dp.firewall.set_policy(filter);
     }
 
     fn revoked(&mut self, reason: &str) {
@@ -339,26 +330,12 @@ impl Mesh {
         self.leave();
     }
 
+    /// Brings a peer the follower accepted into the data plane, traversal
+    /// and the relays.
     fn add_peer(&mut self, now: Instant, p: &MapPeer) {
-        if p.key == self.dp.public_key() {
-            return;
-        }
-        // A peer's addresses become its allowed IPs: only overlay ones.
-        let pinned = self.session.as_ref().and_then(|s| s.login.ula);
-        if let Err(e) = bounds::check(p.ipv4, p.ipv6, pinned) {
-            tracing::warn!(peer = %p.key.short(), error = %e, "peer ignored: the map gives it an address outside the overlay");
-            if self.map_peers.contains_key(&p.key) {
-                self.remove_peer(now, &p.key);
-            }
-            return;
-        }
-        let allowed: Vec<IpNet> = vec![
-            IpNet::from(IpAddr::V4(p.ipv4)),
-            IpNet::from(IpAddr::V6(p.ipv6)),
-        ];
-        let mut spec = PeerSpec::new(p.key, allowed);
+        let mut spec = PeerSpec::new(p.key, crate::control::follow::allowed_ips(p));
         spec.managed = true;
-        self.dp.upsert_peer(std::time::Instant::now(), spec);
+        self.dp.upsert_peer(now, spec);
         let mut info = PeerInfo::from_map(p, p.nat);
         info.disco_key = DiscoKey(p.disco_key.0);
         self.node.upsert_peer(now, info);
@@ -366,45 +343,22 @@ impl Mesh {
         // A replaced data-plane peer starts on the relay; keep it in step
         // with what traversal already knows.
         self.apply_path(&p.key, self.node.path(&p.key), now);
-        self.map_peers.insert(p.key, p.clone());
     }
 
     fn remove_peer(&mut self, now: Instant, k: &NodeKey) {
         self.dp.remove_peer(k);
         self.node.remove_peer(now, k);
         self.relays.remove_peer(k);
-        self.map_peers.remove(k);
         self.direct_since.remove(k);
     }
 
-    /// Installs this node's overlay addresses, if they are inside the
-    /// overlay and the network's pinned /48 (`control::bounds`): a map
-    /// that would put the host's own networks on the tunnel is refused
-    /// and said in `status`.
+    /// Installs this node's overlay addresses (the follower checked them
+    /// against the overlay and the pinned /48, `control::bounds`).
     fn set_addresses(&mut self, v4: Ipv4Addr, v6: Ipv6Addr) {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        match bounds::check(v4, v6, s.login.ula) {
-            Ok(net) if s.login.ula.is_none() => {
-                s.login.ula = Some(net);
-                if let Err(e) = s.login.save(&self.state_dir) {
-                    tracing::warn!(error = %e, "cannot save the network's prefix");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "refusing the addresses the coordinator assigned");
-                s.last_error = Some(format!("refused the assigned addresses: {e}"));
-                return;
-            }
-        }
         let addresses = [IpAddr::V4(v4), IpAddr::V6(v6)];
-        // Every full map and self change repeats them: one pair of netlink
-        // calls per actual change is enough.
-        if s.addresses == addresses {
-            return;
-        }
         s.addresses = addresses.to_vec();
         // Peers may send to these only (README, "Access policy").
         self.dp

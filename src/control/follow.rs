@@ -255,7 +255,8 @@ impl Follower {
             }
             Some(r) => Some(PacketFilter::new(r)),
         };
-        self.out.push_back(MapAction::SetFilter(filter.map(Box::new)));
+        self.out
+            .push_back(MapAction::SetFilter(filter.map(Box::new)));
     }
 }
 

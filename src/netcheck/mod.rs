@@ -40,6 +40,7 @@
 //! well before the report. Any UDP answer withdraws it; the report decides.
 
 mod driver;
+pub mod home;
 mod machine;
 mod report;
 

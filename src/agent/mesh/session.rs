@@ -396,11 +396,11 @@ impl Mesh {
 
     pub(super) fn on_netcheck(&mut self, report: Report) {
         let latency = self.discovery.region_latency();
-        if let Some((nearest, rtt)) = latency.first() {
-            if self.relays.home() != Some(*nearest) {
-                tracing::info!(region = nearest, ?rtt, "nearest relay");
-            }
-            self.relays.set_home(*nearest);
+        let home = crate::netcheck::home::choose_home(self.relays.home(), &latency);
+        if let Some(home) = home.filter(|h| self.relays.home() != Some(*h)) {
+            let rtt = latency.iter().find(|(id, _)| *id == home).map(|(_, l)| *l);
+            tracing::info!(region = home, ?rtt, "home relay: nearest by a clear margin");
+            self.relays.set_home(home);
         }
         let waiters = std::mem::take(&mut self.netcheck_waiters);
         for w in waiters {

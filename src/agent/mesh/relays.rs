@@ -143,6 +143,10 @@ pub struct Relays {
     options: RelayOptions,
     map: RelayMap,
     home: Option<u16>,
+    /// Whether `home` was chosen by a netcheck's latencies (not the
+    /// first region, taken until one ran): only then does it get the
+    /// hysteresis of `netcheck::home::choose_home`.
+    home_measured: bool,
     /// Each peer's home region, from the map.
     peer_region: HashMap<NodeKey, u16>,
     conns: HashMap<u16, Conn>,
@@ -174,6 +178,7 @@ impl Relays {
             options,
             map: RelayMap::default(),
             home: None,
+            home_measured: false,
             peer_region: HashMap::new(),
             conns: HashMap::new(),
             routes: routes.clone(),
@@ -208,6 +213,11 @@ impl Relays {
         self.home
     }
 
+    /// The home region if a netcheck chose it.
+    pub fn measured_home(&self) -> Option<u16> {
+        self.home.filter(|_| self.home_measured)
+    }
+
     pub fn region(&self, id: u16) -> Option<&RelayRegion> {
         self.map.regions.iter().find(|r| r.id == id)
     }
@@ -216,8 +226,12 @@ impl Relays {
         self.region(id).map(|r| r.name.clone())
     }
 
-    /// Makes `id` the home region (it must be in the map).
-    pub fn set_home(&mut self, id: u16) {
+    /// Makes `id` the home region (it must be in the map); `measured`: a
+    /// netcheck's latencies chose it.
+    pub fn set_home(&mut self, id: u16, measured: bool) {
+        if self.region(id).is_some() {
+            self.home_measured = measured;
+        }
         if self.home != Some(id) && self.region(id).is_some() {
             if let Some(r) = self.region(id) {
                 tracing::info!(region = %r.name, url = %r.url, "home relay");

@@ -383,7 +383,7 @@ impl Mesh {
             // Relay from the first packet: the first region until netcheck
             // has measured which is nearest.
             if let Some(first) = self.relays.map().regions.first().map(|r| r.id) {
-                self.relays.set_home(first);
+                self.relays.set_home(first, false);
             }
         }
         if changed {
@@ -396,11 +396,13 @@ impl Mesh {
 
     pub(super) fn on_netcheck(&mut self, report: Report) {
         let latency = self.discovery.region_latency();
-        let home = crate::netcheck::home::choose_home(self.relays.home(), &latency);
-        if let Some(home) = home.filter(|h| self.relays.home() != Some(*h)) {
-            let rtt = latency.iter().find(|(id, _)| *id == home).map(|(_, l)| *l);
-            tracing::info!(region = home, ?rtt, "home relay: nearest by a clear margin");
-            self.relays.set_home(home);
+        let home = crate::netcheck::home::choose_home(self.relays.measured_home(), &latency);
+        if let Some(home) = home {
+            if self.relays.home() != Some(home) {
+                let rtt = latency.iter().find(|(id, _)| *id == home).map(|(_, l)| *l);
+                tracing::info!(region = home, ?rtt, "home relay chosen by latency");
+            }
+            self.relays.set_home(home, true);
         }
         let waiters = std::mem::take(&mut self.netcheck_waiters);
         for w in waiters {

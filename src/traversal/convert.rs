@@ -7,6 +7,10 @@
 //! agent converts its whole [`Report`], which is the IPv4 family's summary
 //! with a better address to predict from.
 //!
+//! The address to predict from is the last port the NAT handed out, which
+//! for a sequential endpoint-dependent NAT is one step past netcheck's last
+//! answer when the hairpin test ran (its request took a mapping too).
+//!
 //! Lossy points, on purpose:
 //! - netcheck's sequential step is signed (a NAT may count down); prediction
 //!   here only models upward steps, so a step outside `1..=65535` is treated
@@ -59,10 +63,22 @@ impl From<&Report> for NatSummary {
             .filter_map(|p| p.mapped.filter(|_| p.addr.is_ipv4()))
             .next_back();
         let family = NatSummary::from(&r.ipv4);
-        NatSummary {
-            observed: last_mapped.or(family.observed),
-            ..family
+        let mut observed = last_mapped.or(family.observed);
+        // netcheck's hairpin request goes out after every probe, to our
+        // own mapped address: a destination of its own, so an
+        // endpoint-dependent NAT handed it the next port too. Predictions
+        // start past it (found by the simulator, which runs the real
+        // machine: with it uncounted, a pair whose NATs had moved on a
+        // few more ports missed its window).
+        if let (Mapping::EndpointDependent, Allocation::Sequential { step }, Some(_), Some(o)) =
+            (family.mapping, family.allocation, r.hairpinning, observed)
+        {
+            observed = Some(std::net::SocketAddr::new(
+                o.ip(),
+                o.port().wrapping_add(step),
+            ));
         }
+        NatSummary { observed, ..family }
     }
 }
 

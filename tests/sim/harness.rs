@@ -23,12 +23,13 @@ use rand::{RngCore, SeedableRng};
 use warren::dataplane::packet::build::ipv4;
 use warren::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
 use warren::keys::{NodeKey, PrivateKey};
+use warren::netcheck::{self, Netcheck, Report};
 use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
 use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
-use warren::traversal::{Allocation, Config, Mapping, NatSummary, Path, SocketId};
+use warren::traversal::{Config, NatSummary, Path, SocketId};
 
 use crate::model::Model;
-use crate::net::{Alloc, Delivery, World};
+use crate::net::{Delivery, World};
 
 pub const PORT: u16 = 41641;
 const EXTRA_BASE: u16 = 42000;
@@ -47,6 +48,9 @@ pub struct SimNode {
     extra: Vec<Option<u16>>,
     pub peers: Vec<NodeKey>,
     pub info: Option<PeerInfo>,
+    /// The netcheck run in progress (the real machine, its STUN through
+    /// the simulated NATs to the world's STUN servers).
+    netcheck: Option<Netcheck>,
     pub events: Vec<(Instant, NodeEvent)>,
     /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
@@ -110,8 +114,10 @@ pub struct Sim {
 impl Sim {
     pub fn new(seed: u64) -> Self {
         let t0 = Instant::now();
+        let mut world = World::new(seed, t0);
+        world.stun_servers = vec![STUN1.parse().unwrap(), STUN2.parse().unwrap()];
         Sim {
-            world: World::new(seed, t0),
+            world,
             nodes: Vec::new(),
             cfg: Config::default(),
             model: Model::default(),
@@ -157,6 +163,7 @@ impl Sim {
             extra: Vec::new(),
             peers: Vec::new(),
             info: None,
+            netcheck: None,
             events: Vec::new(),
             rx_direct: 0,
             rx_relay: 0,
@@ -167,30 +174,39 @@ impl Sim {
         i
     }
 
-    /// What netcheck would learn: two STUN probes (which really use NAT
-    /// ports), EIM/EDM from comparing them, the step from their difference.
+    /// Runs netcheck for node `i` as the agent does: the real machine,
+    /// its probes through the node's NAT to the world's two STUN servers
+    /// (and a hairpin test), driven by the same loop as everything else
+    /// until its report is in; the report gives the node its candidates
+    /// and NAT summary (`traversal::convert`), as `Discovery` does.
     pub fn netcheck(&mut self, i: usize) {
         let now = self.now();
-        let host = self.nodes[i].host;
-        let obs1 = self.world.stun(host, PORT, STUN1.parse().unwrap());
-        let obs2 = self.world.stun(host, PORT, STUN2.parse().unwrap());
-        let h = &self.world.hosts[host];
+        let h = &self.world.hosts[self.nodes[i].host];
         let local = SocketAddr::new(IpAddr::V4(h.ip), PORT);
-        let nat_cfg = h.nat.map(|n| self.world.nats[n].cfg);
-        let mapping = match (nat_cfg, obs1, obs2) {
-            (None, _, _) => Mapping::None,
-            (Some(_), Some(a), Some(b)) if a == b => Mapping::EndpointIndependent,
-            (Some(_), Some(_), Some(_)) => Mapping::EndpointDependent,
-            _ => Mapping::Unknown,
+        let config = netcheck::Config {
+            servers: vec![netcheck::Server {
+                name: "1".into(),
+                addrs: vec![STUN1.parse().unwrap(), STUN2.parse().unwrap()],
+            }],
+            local_v4: Some(local),
+            seed: 7 + i as u64,
+            ..netcheck::Config::default()
         };
-        let allocation = match (nat_cfg.map(|c| c.alloc), obs1, obs2) {
-            (Some(Alloc::Sequential(_)), Some(a), Some(b)) => Allocation::Sequential {
-                step: b.port().wrapping_sub(a.port()),
-            },
-            (Some(Alloc::Random), _, _) => Allocation::Random,
-            (Some(Alloc::Preserving), _, _) => Allocation::Preserving,
-            _ => Allocation::Unknown,
-        };
+        self.nodes[i].netcheck = Some(Netcheck::new(now, config));
+        for _ in 0..1_000 {
+            if self.nodes[i].netcheck.is_none() {
+                return;
+            }
+            self.run_for(Duration::from_millis(10));
+        }
+        panic!("netcheck of node {i} never finished");
+    }
+
+    /// A finished netcheck's report: the node's candidates and NAT.
+    fn apply_report(&mut self, i: usize, report: &Report) {
+        let now = self.now();
+        let h = &self.world.hosts[self.nodes[i].host];
+        let local = SocketAddr::new(IpAddr::V4(h.ip), PORT);
         let mut candidates = vec![Candidate::udp(local, CandidateKind::Host)];
         if let Some((alias, _)) = h.alias {
             candidates.push(Candidate::udp(
@@ -198,14 +214,10 @@ impl Sim {
                 CandidateKind::Host,
             ));
         }
-        if let Some(o) = obs2.filter(|o| *o != local) {
+        if let Some(o) = report.ipv4.global.filter(|o| *o != local) {
             candidates.push(Candidate::udp(o, CandidateKind::ServerReflexive));
         }
-        let nat = NatSummary {
-            mapping,
-            allocation,
-            observed: obs2,
-        };
+        let nat = NatSummary::from(report);
         let n = &mut self.nodes[i];
         n.node.set_local(now, candidates.clone(), nat);
         n.info = Some(PeerInfo {
@@ -251,6 +263,21 @@ impl Sim {
     fn flush(&mut self) {
         let now = self.now();
         for i in 0..self.nodes.len() {
+            if let Some(nc) = self.nodes[i].netcheck.as_mut() {
+                let mut out = Vec::new();
+                while let Some(t) = nc.poll_transmit(now) {
+                    out.push(t);
+                }
+                let report = nc.poll_report();
+                let host = self.nodes[i].host;
+                for (dst, bytes) in out {
+                    self.world.send(host, PORT, dst, bytes);
+                }
+                if let Some(r) = report {
+                    self.nodes[i].netcheck = None;
+                    self.apply_report(i, &r);
+                }
+            }
             loop {
                 let mut progressed = false;
                 while let Some(t) = self.nodes[i].node.poll_transmit() {
@@ -438,10 +465,16 @@ impl Sim {
                     return;
                 };
                 self.model.observe_udp(now, i, socket, from, &bytes);
-                if self.nodes[i].node.handle_udp(now, socket, from, &bytes) == Datagram::WireGuard
-                    && self.open(i, Ok((socket, from)), &bytes)
-                {
-                    self.nodes[i].rx_direct += 1;
+                match self.nodes[i].node.handle_udp(now, socket, from, &bytes) {
+                    Datagram::WireGuard if self.open(i, Ok((socket, from)), &bytes) => {
+                        self.nodes[i].rx_direct += 1;
+                    }
+                    Datagram::Stun if socket == SocketId::PRIMARY => {
+                        if let Some(nc) = self.nodes[i].netcheck.as_mut() {
+                            let _ = nc.handle_stun(now, from, &bytes);
+                        }
+                    }
+                    _ => {}
                 }
             }
             Delivery::Relay { to, from, bytes } => {
@@ -465,6 +498,9 @@ impl Sim {
             next = next.min(self.world.next_delivery().unwrap_or(end));
             for n in &self.nodes {
                 if let Some((t, _)) = n.node.poll_timeout() {
+                    next = next.min(t);
+                }
+                if let Some(t) = n.netcheck.as_ref().and_then(Netcheck::poll_timeout) {
                     next = next.min(t);
                 }
             }
@@ -496,6 +532,11 @@ impl Sim {
             for n in &mut self.nodes {
                 if n.node.poll_timeout().is_some_and(|(t, _)| t <= now) {
                     n.node.handle_timeout(now);
+                }
+                if let Some(nc) = n.netcheck.as_mut() {
+                    if nc.poll_timeout().is_some_and(|t| t <= now) {
+                        nc.handle_timeout(now);
+                    }
                 }
             }
             if now >= self.next_tick {

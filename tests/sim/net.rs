@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use warren::keys::NodeKey;
+use warren::proto::stun;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapKind {
@@ -244,6 +245,9 @@ pub struct World {
     pub tap: Vec<Seen>,
     pub udp_sent: u64,
     pub udp_bytes: u64,
+    /// Addresses where a STUN server answers Binding requests with the
+    /// source it saw (after every NAT on the way).
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 impl World {
@@ -260,6 +264,7 @@ impl World {
             tap: Vec::new(),
             udp_sent: 0,
             udp_bytes: 0,
+            stun_servers: Vec::new(),
         }
     }
 
@@ -414,6 +419,17 @@ impl World {
         mut delay: Duration,
     ) {
         let now = self.now;
+        if self.stun_servers.contains(&dst) {
+            // The answer goes back to the mapping the request came from,
+            // through the same NAT filtering as any other datagram.
+            if let Ok(m) = stun::Message::decode(&bytes) {
+                if m.class == stun::Class::Request {
+                    let answer = stun::binding_response(m.transaction_id, from, None);
+                    self.deliver_internet(dst, from, answer, delay);
+                }
+            }
+            return;
+        }
         // A public host, by its main address or alias.
         let target = self.hosts.iter().position(|h| {
             h.nat.is_none()
@@ -479,24 +495,5 @@ impl World {
     /// Puts an arbitrary datagram on the wire (an attacker, a replay).
     pub fn inject(&mut self, from: SocketAddr, dst: SocketAddr, bytes: Vec<u8>) {
         self.deliver_internet(from, dst, bytes, Duration::from_millis(1));
-    }
-
-    /// What a STUN server at `server` sees when `host` sends from `port`:
-    /// the mapping it creates is real and uses up a port like any other.
-    pub fn stun(&mut self, host: usize, port: u16, server: SocketAddr) -> Option<SocketAddr> {
-        let h = &self.hosts[host];
-        if h.udp_down {
-            return None;
-        }
-        let src = SocketAddr::new(IpAddr::V4(h.ip), port);
-        match h.nat {
-            None => Some(src),
-            Some(n) if self.nats[n].cfg.udp_blocked => None,
-            Some(n) => {
-                let now = self.now;
-                let p = self.nats[n].outbound(now, src, server, &mut self.rng);
-                Some(SocketAddr::new(IpAddr::V4(self.nats[n].public_ip), p))
-            }
-        }
     }
 }

@@ -15,10 +15,10 @@
 //!
 //! [`hardnat`] holds the port prediction and birthday-method logic for NATs
 //! with endpoint-dependent mapping. The tokio driver (in `agent/mesh/`)
-//! moves bytes and time in and out of a [`node::Node`], and still makes a
-//! few decisions of its own (the home relay, when netcheck runs, reaping
-//! unproven TCP streams, filtering its own addresses out of TCP dials):
-//! docs/architecture.md, "Known gaps".
+//! moves bytes and time in and out of a [`node::Node`]. The node also
+//! closes direct TCP streams no peer proves within 10 s and leaves this
+//! host's own addresses out of TCP dials; the driver still decides when
+//! netcheck runs (docs/architecture.md, "Known gaps").
 
 mod budget;
 mod convert;

@@ -47,7 +47,9 @@ use super::{
     Tried,
 };
 use crate::keys::NodeKey;
-use crate::proto::disco::{self, Candidate, DiscoError, DiscoKey, DiscoSecret, ReplayWindow};
+use crate::proto::disco::{
+    self, Candidate, CandidateKind, DiscoError, DiscoKey, DiscoSecret, ReplayWindow,
+};
 use crate::proto::stun::is_stun;
 
 /// Most destinations remembered for port prediction; past this, prediction
@@ -185,6 +187,9 @@ pub struct Node {
     /// Our TCP candidates (empty: no listener) and whether our UDP works.
     tcp_local: Vec<Candidate>,
     udp_blocked: bool,
+    /// Direct TCP streams no peer has proven yet, and when each is closed
+    /// unless one does (`node_local.rs`).
+    unproven: HashMap<SocketAddr, Instant>,
     events: VecDeque<NodeEvent>,
     drops: DropStats,
     /// Reused by `handle_timeout` for the peer keys it walks.
@@ -227,6 +232,7 @@ impl Node {
             sockets_wanted_by: BTreeSet::new(),
             sockets_kept: BTreeSet::new(),
             tcp_local: Vec::new(),
+            unproven: HashMap::new(),
             udp_blocked: false,
             events: VecDeque::new(),
             scratch_keys: Vec::new(),
@@ -503,6 +509,7 @@ impl Node {
             self.pump(now, k);
         }
         self.scratch_keys = keys;
+        self.reap_unproven(now);
     }
 
     /// The earliest deadline over all peers. O(peers); a timer wheel can
@@ -511,6 +518,7 @@ impl Node {
         self.peers
             .values()
             .filter_map(|e| e.paths.poll_timeout())
+            .chain(self.unproven_deadline().map(|t| (t, TimerReason::Tcp)))
             .min_by_key(|(t, _)| *t)
     }
 
@@ -555,16 +563,31 @@ impl Node {
                     self.sockets_wanted_by.remove(&key);
                     self.maybe_close_sockets(now);
                 }
-                Event::TcpConnect { targets, until } => {
-                    self.events.push_back(NodeEvent::TcpConnect {
-                        peer: key,
-                        targets,
-                        until,
-                    });
+                Event::TcpConnect { mut targets, until } => {
+                    // One of this host's own addresses would connect to
+                    // ourselves (a TCP self-connect) and end the dial
+                    // before the real target answers.
+                    targets.retain(|t| !self.is_own_ip(t.ip()));
+                    if !targets.is_empty() {
+                        self.events.push_back(NodeEvent::TcpConnect {
+                            peer: key,
+                            targets,
+                            until,
+                        });
+                    }
                 }
                 Event::TcpClose { addr } => self.events.push_back(NodeEvent::TcpClose { addr }),
             }
         }
+    }
+
+    /// Whether `ip` is one of this host's own addresses (a host candidate,
+    /// UDP or TCP).
+    fn is_own_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.local_candidates
+            .iter()
+            .chain(&self.tcp_local)
+            .any(|c| c.kind == CandidateKind::Host && c.addr.ip() == ip)
     }
 
     fn maybe_close_sockets(&mut self, _now: Instant) {

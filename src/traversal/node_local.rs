@@ -12,9 +12,9 @@
 //! listening port can neither inject packets nor move a path.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{Datagram, Node, MAX_CONTACTED};
+use super::{Datagram, Node, NodeEvent, MAX_CONTACTED};
 use crate::keys::NodeKey;
 use crate::proto::disco::{self, Candidate};
 use crate::traversal::hardnat;
@@ -24,6 +24,8 @@ use crate::traversal::Path;
 /// Ports below the observed one offered as TCP predictions (see
 /// `predicted_tcp`).
 const TCP_PREDICT_BEHIND: i32 = 2;
+/// A direct TCP stream no peer has proven its own by then is closed.
+pub const UNPROVEN_TTL: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Our candidates for a CallMeMaybe to `peer`. When our NAT allocates
@@ -158,8 +160,18 @@ impl Node {
             .map(|(k, _)| *k)
     }
 
+    /// A stream from `addr` was accepted on the listening port. Like a
+    /// dialled one, it is closed ([`NodeEvent::TcpClose`]) unless a peer's
+    /// disco proves it its own within [`UNPROVEN_TTL`]: a stranger's
+    /// connection, or a dial that reached the wrong host, holds no place.
+    pub fn tcp_accepted(&mut self, now: Instant, addr: SocketAddr) {
+        self.clock = Some(now);
+        self.unproven.insert(addr, now + UNPROVEN_TTL);
+    }
+
     /// Our dial for `peer` reached `addr`.
     pub fn tcp_connected(&mut self, now: Instant, peer: NodeKey, addr: SocketAddr) {
+        self.unproven.insert(addr, now + UNPROVEN_TTL);
         if let Some(e) = self.peers.get_mut(&peer) {
             e.paths.tcp_connected(now, addr);
             self.pump(now, peer);
@@ -168,6 +180,7 @@ impl Node {
 
     /// The stream to `addr` is gone.
     pub fn tcp_closed(&mut self, now: Instant, addr: SocketAddr) {
+        self.unproven.remove(&addr);
         let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
         for k in keys {
             if let Some(e) = self.peers.get_mut(&k) {
@@ -175,5 +188,27 @@ impl Node {
             }
             self.pump(now, k);
         }
+    }
+
+    /// Closes the streams no peer proved in time (see `tcp_accepted`).
+    pub(super) fn reap_unproven(&mut self, now: Instant) {
+        let due: Vec<SocketAddr> = self
+            .unproven
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in due {
+            self.unproven.remove(&addr);
+            if self.tcp_owner(addr).is_none() {
+                self.events.push_back(NodeEvent::TcpClose { addr });
+                self.tcp_closed(now, addr);
+            }
+        }
+    }
+
+    /// When the next unproven stream is due.
+    pub(super) fn unproven_deadline(&self) -> Option<Instant> {
+        self.unproven.values().min().copied()
     }
 }

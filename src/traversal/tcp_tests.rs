@@ -490,3 +490,47 @@ fn a_udp_path_takes_over_from_tcp() {
         s.a.path(&kb())
     );
 }
+
+#[test]
+fn a_dial_leaves_out_this_hosts_own_addresses() {
+    // A's own host address is the IP B's TCP candidate names (a stale
+    // map, or the same host): a dial there would connect A to itself.
+    let mut s = Sim::new(true, true);
+    let own = Candidate::udp("198.51.100.2:41641".parse().unwrap(), CandidateKind::Host);
+    s.a.set_local(s.now, vec![own], NatSummary::default());
+    s.a.note_traffic(s.now, &kb());
+    s.b.note_traffic(s.now, &ka());
+    s.a.handle_timeout(s.now);
+    s.b.handle_timeout(s.now);
+    s.settle();
+    assert!(s.dials[0].is_empty(), "A dials nothing: {:?}", s.dials[0]);
+    assert_eq!(s.dials[1], vec![vec![a_tcp()]], "B still dials A");
+}
+
+#[test]
+fn a_stream_no_peer_proves_is_closed_after_ten_seconds_and_a_proven_one_stays() {
+    let mut s = Sim::new(true, true);
+    s.go_direct();
+    let stranger: SocketAddr = "192.0.2.99:5555".parse().unwrap();
+    s.a.tcp_accepted(s.now, stranger);
+    let end = s.now + Duration::from_secs(9);
+    while s.now < end {
+        s.a.note_traffic(s.now, &kb());
+        s.b.note_traffic(s.now, &ka());
+        s.step(Duration::from_secs(1));
+    }
+    assert!(s.closes[0].is_empty(), "not yet: {:?}", s.closes[0]);
+    let end = s.now + Duration::from_secs(3);
+    while s.now < end {
+        s.a.note_traffic(s.now, &kb());
+        s.b.note_traffic(s.now, &ka());
+        s.step(Duration::from_secs(1));
+    }
+    assert_eq!(s.closes[0], vec![stranger], "the stranger's stream, only");
+    assert_eq!(
+        s.a.path(&kb()),
+        Path::Tcp(b_tcp()),
+        "the proven one carries on"
+    );
+    assert!(s.closes[1].is_empty());
+}

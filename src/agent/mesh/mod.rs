@@ -310,7 +310,6 @@ impl Mesh {
         self.feed_traffic(now);
         self.traffic.retain(|k, _| self.follow.peer(k).is_some());
         self.relays.close_idle(now);
-        self.close_unproven(now);
         let active = self.session.as_ref().is_some_and(|s| s.is_active());
         if active && check_addrs {
             let addrs = login::host_endpoints(self.listen.port());
@@ -453,12 +452,7 @@ impl Mesh {
                     targets,
                     until,
                 } => {
-                    // Our own address would connect to ourselves (TCP
-                    // self-connect) and end the dial before the real target.
-                    let mine =
-                        |t: &SocketAddr| self.host_addrs.iter().any(|h| h.addr.ip() == t.ip());
-                    let targets: Vec<SocketAddr> =
-                        targets.into_iter().filter(|t| !mine(t)).collect();
+                    // Traversal already left out our own addresses.
                     tracing::info!(peer = %peer.short(), ?targets, "direct tcp: dialling");
                     self.tcp.dial(peer, targets, until);
                 }

@@ -52,8 +52,6 @@ const STUN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most streams held at once; a stranger who connects again and again to
 /// the listening port gets refused past this.
 const MAX_STREAMS: usize = 256;
-/// A stream no peer has proven its own by then is closed.
-pub const UNPROVEN_TTL: Duration = Duration::from_secs(10);
 
 /// What the TCP tasks tell the mesh task.
 pub enum TcpIncoming {
@@ -82,7 +80,6 @@ pub enum TcpIncoming {
 
 struct Stream {
     id: u64,
-    opened: Instant,
     tx: StreamTx,
     /// The peer that proved the stream, for its reader.
     owner: Owner,
@@ -243,7 +240,6 @@ impl TcpPaths {
             addr,
             Stream {
                 id,
-                opened: Instant::now(),
                 tx: StreamTx(qtx),
                 owner,
                 reader,
@@ -285,15 +281,6 @@ impl TcpPaths {
         if let Some(s) = self.streams.remove(&addr) {
             s.reader.abort();
         }
-    }
-
-    /// Streams open for longer than `age`.
-    pub fn older_than(&self, now: Instant, age: Duration) -> Vec<SocketAddr> {
-        self.streams
-            .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.opened) > age)
-            .map(|(a, _)| *a)
-            .collect()
     }
 
     /// Closes everything (leaving the network).
@@ -421,8 +408,11 @@ impl super::Mesh {
                     return;
                 }
                 tracing::info!(%addr, dialled = peer.is_some(), "direct tcp: stream up");
-                if let Some(peer) = peer {
-                    self.node.tcp_connected(now, peer, addr);
+                // Traversal closes it (NodeEvent::TcpClose) unless a peer
+                // proves it its own in time.
+                match peer {
+                    Some(peer) => self.node.tcp_connected(now, peer, addr),
+                    None => self.node.tcp_accepted(now, addr),
                 }
             }
             TcpIncoming::Frame { addr, id, bytes } => {
@@ -459,18 +449,6 @@ impl super::Mesh {
                     self.tcp_public = seen;
                     self.publish_tcp();
                 }
-            }
-        }
-    }
-
-    /// Closes the streams that no peer has proven its own in time (a
-    /// stranger's connection, or a dial that reached the wrong host).
-    pub(super) fn close_unproven(&mut self, now: Instant) {
-        for addr in self.tcp.older_than(now, UNPROVEN_TTL) {
-            if self.node.tcp_owner(addr).is_none() {
-                tracing::debug!(%addr, "direct tcp: closing an unproven stream");
-                self.tcp.close(addr);
-                self.node.tcp_closed(now, addr);
             }
         }
     }

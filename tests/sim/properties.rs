@@ -14,12 +14,17 @@
 //!    since the model never counts them, invariant 1 also proves that none
 //!    of them moved a path, and the attacker's address is never a path.
 //! 3. **Traffic always has a way.** Both sides' data keeps arriving (over
-//!    the relay or direct) every second, whatever the loss or attacker;
+//!    the relay or direct, and counted only once the receiver's real
+//!    WireGuard session opened it, so its handshakes got through on
+//!    whatever path was current) every second, whatever the loss or attacker;
 //!    during a UDP outage only until the direct path's trust window has
 //!    run out, by design: the core falls back to the relay when its pongs
 //!    stop, not at the first lost packet.
 //! 4. **The matrix.** Every pair the matrix says goes direct is direct at
 //!    the end, once the outage is over.
+//! 5. **A mesh peer always has a path.** Sealing a packet for a peer never
+//!    finds no endpoint: the relay until a direct path is proven (the
+//!    harness fails the run at once otherwise, in every scenario).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

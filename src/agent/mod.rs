@@ -7,23 +7,27 @@
 //!   several queues spread flows over the cores;
 //! - one inbound reader of the UDP socket: open → TUN, and everything that
 //!   is not WireGuard to the mesh task;
-//! - `timers`: boringtun's `Tunn` keeps its own clock and needs
-//!   `update_timers` every 250 ms (the seam the core does not yet own),
-//!   the handshake rate limiter's reset, the drop summary;
+//! - `timers`: WireGuard's timers (`Peer::tick(now)` every 250 ms, at the
+//!   clock this task reads: the session takes its time from the caller,
+//!   `dataplane::wg`), the handshake rate limiter's reset, the drop summary;
 //! - the mesh task ([`mesh`]), which owns everything that is not a data
-//!   packet, with its sub-tasks: the map stream, relay drivers, the port
-//!   mapper, TCP streams, background control requests, birthday sockets.
+//!   packet, with its sub-tasks: the map stream, relay drivers and their
+//!   pumps, the port mapper, TCP streams, background control requests,
+//!   birthday sockets. A relay pump and a TCP stream's reader are packet
+//!   tasks too: they open WireGuard themselves into their own batched TUN
+//!   writer (`streamed`), so relayed data never crosses the mesh task.
 //!
 //! Channels (bounded, each because a producer must never wait on the mesh
 //! task's loop, or the reverse): side datagrams (UDP reader → mesh, 1024,
-//! dropped when full), extra-socket datagrams (256), TCP frames (1024),
-//! relay frames (1024), API calls (8, answered on a oneshot), map events
+//! dropped when full), extra-socket datagrams (256), TCP frames (1024:
+//! stream news, disco, WireGuard before the stream is proven), relay
+//! frames (1024: disco and events), API calls (8, answered on a oneshot), map events
 //! (256), per-stream writer queues (1024), relay client queues.
 //!
-//! Locks: none on the packet path but the per-peer `Tunn` mutex (held for
+//! Locks: none on the packet path but the per-peer session mutex (held for
 //! one seal or open, never across a system call); the peer set, the egress
-//! tables and the relay routes are `ArcSwap`s the packet tasks load without
-//! locking; the status view is one `std` mutex, written by the mesh task
+//! tables, the relay routes and each TCP stream's proven owner are
+//! `ArcSwap`s the packet tasks load without locking; the status view is one `std` mutex, written by the mesh task
 //! after a change and read by `status`.
 //!
 //! The packet tasks run on different runtime workers, so sealing and

@@ -5,27 +5,10 @@ use std::time::Duration;
 
 use super::*;
 use crate::control::netmap::NetMap;
-use crate::keys::PrivateKey;
 use crate::policy::FilterRule;
 
 fn peer(id: u8, v6: &str) -> Peer {
-    let k = PrivateKey::generate().public();
-    Peer {
-        node_id: i64::from(id),
-        key: k,
-        disco_key: k,
-        name: format!("n{id}"),
-        ipv4: [100, 64, 0, id].into(),
-        ipv6: v6.parse().unwrap(),
-        endpoints: vec![],
-        online: true,
-        last_seen_ms: 0,
-        tags: vec![],
-        os: String::new(),
-        version: String::new(),
-        nat: Default::default(),
-        home_relay: None,
-    }
+    Peer::for_test(id, v6)
 }
 
 fn full(me: &Peer, peers: &[&Peer], filter: Option<Vec<FilterRule>>) -> MapEvent {

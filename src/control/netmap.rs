@@ -194,26 +194,9 @@ mod peers_as_list {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::PrivateKey;
 
-    fn peer(id: i64) -> Peer {
-        let k = PrivateKey::generate().public();
-        Peer {
-            node_id: id,
-            key: k,
-            disco_key: k,
-            name: format!("n{id}"),
-            ipv4: [100, 64, 0, id as u8].into(),
-            ipv6: "fd00::1".parse().unwrap(),
-            endpoints: vec![],
-            online: true,
-            last_seen_ms: 0,
-            tags: vec![],
-            os: String::new(),
-            version: String::new(),
-            nat: Default::default(),
-            home_relay: None,
-        }
+    fn peer(id: u8) -> Peer {
+        Peer::for_test(id, "fd00::1")
     }
 
     #[test]

@@ -168,6 +168,30 @@ pub struct Peer {
     pub home_relay: Option<u16>,
 }
 
+#[cfg(test)]
+impl Peer {
+    /// A peer for tests: a fresh key, `100.64.0.ID`, and `v6`.
+    pub(crate) fn for_test(id: u8, v6: &str) -> Peer {
+        let k = crate::keys::PrivateKey::generate().public();
+        Peer {
+            node_id: i64::from(id),
+            key: k,
+            disco_key: k,
+            name: format!("n{id}"),
+            ipv4: [100, 64, 0, id].into(),
+            ipv6: v6.parse().expect("a test's IPv6 address"),
+            endpoints: vec![],
+            online: true,
+            last_seen_ms: 0,
+            tags: vec![],
+            os: String::new(),
+            version: String::new(),
+            nat: Default::default(),
+            home_relay: None,
+        }
+    }
+}
+
 /// One line of the map stream (`GET /map`, newline-delimited JSON).
 ///
 /// The first line is always `full`; after it only deltas and keepalives

@@ -19,27 +19,23 @@ fn sent(r: TunnResult<'_>) -> (u8, Vec<u8>) {
     }
 }
 
+/// `own`'s session with `peer`, made at `at`.
+fn session(
+    at: Instant,
+    own: &PrivateKey,
+    peer: &PrivateKey,
+    keepalive: Option<u16>,
+    index: u32,
+) -> Wg {
+    let (secret, public) = (own.secret().clone(), peer.public().to_x25519());
+    Wg::new(at, secret, public, None, keepalive, index, None)
+}
+
 /// Two sessions that completed a handshake at `t0`: (initiator, responder).
 fn pair(t0: Instant) -> (Wg, Wg) {
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let mut a = Wg::new(
-        t0,
-        ka.secret().clone(),
-        kb.public().to_x25519(),
-        None,
-        None,
-        1,
-        None,
-    );
-    let mut b = Wg::new(
-        t0,
-        kb.secret().clone(),
-        ka.public().to_x25519(),
-        None,
-        None,
-        2,
-        None,
-    );
+    let mut a = session(t0, &ka, &kb, None, 1);
+    let mut b = session(t0, &kb, &ka, None, 2);
     let packet = ipv4([100, 64, 0, 1].into(), [100, 64, 0, 2].into(), b"hello");
     let mut buf = vec![0u8; 2048];
     let (kind, init) = sent(a.encapsulate(t0, &packet, &mut buf));
@@ -92,15 +88,7 @@ fn stats_measure_the_given_time() {
 fn keepalives_and_rekeys_follow_the_given_time() {
     let t0 = Instant::now();
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let mut a = Wg::new(
-        t0,
-        ka.secret().clone(),
-        kb.public().to_x25519(),
-        None,
-        Some(25),
-        1,
-        None,
-    );
+    let mut a = session(t0, &ka, &kb, Some(25), 1);
     let mut buf = vec![0u8; 2048];
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     assert_eq!(sent(a.update_timers(at(0), &mut buf)).0, 0);
@@ -140,15 +128,7 @@ fn an_earlier_time_after_a_later_one_is_taken_as_the_later() {
     let _ = a.stats(t0);
     // A packet task's batch began before the mesh task made the peer.
     let (kc, kd) = (PrivateKey::generate(), PrivateKey::generate());
-    let mut c = Wg::new(
-        t0 + Duration::from_secs(10),
-        kc.secret().clone(),
-        kd.public().to_x25519(),
-        None,
-        None,
-        3,
-        None,
-    );
+    let mut c = session(t0 + Duration::from_secs(10), &kc, &kd, None, 3);
     let _ = c.update_timers(t0, &mut buf);
     let (kind, _) = sent(c.encapsulate(t0, &packet, &mut buf));
     assert_eq!(kind, 1);

@@ -13,7 +13,9 @@
 //! opened it, so tests check where real traffic flows, handshakes
 //! included, not just what the state machine says. Every disco datagram
 //! delivered and every direct path used is also shown to the reference
-//! [`Model`], which records what it allows.
+//! [`Model`], which records what it allows. Relayed traffic goes through
+//! each node's real relay client session (`proto::relay::client`) and the
+//! relay server's half of the protocol in [`crate::relay`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -25,11 +27,13 @@ use warren::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
 use warren::keys::{NodeKey, PrivateKey};
 use warren::netcheck::{self, Netcheck, Report};
 use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
+use warren::proto::relay::client::{ClientEvent, ClientSession, SessionConfig};
 use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Config, NatSummary, Path, SocketId};
 
 use crate::model::Model;
 use crate::net::{Delivery, World};
+use crate::relay::SimRelay;
 
 pub const PORT: u16 = 41641;
 const EXTRA_BASE: u16 = 42000;
@@ -51,6 +55,8 @@ pub struct SimNode {
     /// The netcheck run in progress (the real machine, its STUN through
     /// the simulated NATs to the world's STUN servers).
     netcheck: Option<Netcheck>,
+    /// The node's real relay client session, to the world's one relay.
+    relay: ClientSession,
     pub events: Vec<(Instant, NodeEvent)>,
     /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
@@ -106,6 +112,8 @@ pub struct Sim {
     /// The trust window the model enforces; `None`: the core's own
     /// (`cfg.trust`). A shorter one proves the check can fail.
     pub model_trust: Option<Duration>,
+    /// The relay every node connects to.
+    pub relay: SimRelay,
     rng: StdRng,
     tick: Duration,
     next_tick: Instant,
@@ -122,6 +130,7 @@ impl Sim {
             cfg: Config::default(),
             model: Model::default(),
             model_trust: None,
+            relay: SimRelay::new(PrivateKey::from_bytes([0x5e; 32])),
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             tick: Duration::from_millis(200),
             next_tick: t0,
@@ -132,7 +141,8 @@ impl Sim {
         self.world.now
     }
 
-    /// A node on `host`; runs netcheck at once.
+    /// A node on `host`: runs netcheck and connects to the relay, and
+    /// returns once both are done.
     pub fn add_node(&mut self, host: usize) -> usize {
         let i = self.nodes.len();
         // Seeded keys, in increasing order like the nodes (as the fixed
@@ -147,6 +157,12 @@ impl Sim {
             }
         };
         let key = wg.public();
+        // The relay session pins the relay's key, as the map's would.
+        let session = SessionConfig {
+            expected_relay_key: Some(self.relay.key()),
+            ..SessionConfig::default()
+        };
+        let relay = ClientSession::new(wg.clone(), session, self.now());
         let dp = DataPlane::new(wg, self.now());
         let ip = Ipv4Addr::new(100, 64, 0, i as u8 + 1);
         let mut secret_bytes = [0u8; 32];
@@ -164,14 +180,25 @@ impl Sim {
             peers: Vec::new(),
             info: None,
             netcheck: None,
+            relay,
             events: Vec::new(),
             rx_direct: 0,
             rx_relay: 0,
             wg_relay: 0,
             traffic: true,
         });
+        // The relay connection opens with the server's hello.
+        let hello = self.relay.connect(i);
+        self.world.relay_wire(host, i, false, hello);
         self.netcheck(i);
-        i
+        // As `warren up` waits for its home relay before it reports up.
+        for _ in 0..1_000 {
+            if self.nodes[i].relay.is_established() {
+                return i;
+            }
+            self.run_for(Duration::from_millis(10));
+        }
+        panic!("node {i}'s relay session never came up")
     }
 
     /// Runs netcheck for node `i` as the agent does: the real machine,
@@ -231,6 +258,12 @@ impl Sim {
     /// Puts `a` and `b` in each other's map; traffic starts on the next tick.
     pub fn connect(&mut self, a: usize, b: usize) {
         let now = self.now();
+        for x in [a, b] {
+            assert!(
+                self.nodes[x].relay.is_established(),
+                "node {x}'s relay session is up before it has peers"
+            );
+        }
         for (x, y) in [(a, b), (b, a)] {
             let info = self.nodes[y].info.clone().expect("netcheck ran");
             let key = info.node_key;
@@ -321,6 +354,14 @@ impl Sim {
         }
     }
 
+    /// Puts what node `i`'s relay session has to send on its connection.
+    fn flush_relay(&mut self, i: usize) {
+        let host = self.nodes[i].host;
+        while let Some(b) = self.nodes[i].relay.poll_transmit() {
+            self.world.relay_wire(host, i, true, b);
+        }
+    }
+
     fn send_from(&mut self, i: usize, dest: Dest, bytes: Vec<u8>) {
         let host = self.nodes[i].host;
         match dest {
@@ -329,11 +370,12 @@ impl Sim {
                     self.world.send(host, port, addr, bytes);
                 }
             }
+            // Dropped while the session is not up yet, as the agent's
+            // relay client drops what it cannot send.
             Dest::Relay(to) => {
-                if let Some(j) = self.index_of(&to) {
-                    let (from, to_host) = (self.nodes[i].key, self.nodes[j].host);
-                    self.world.relay(host, to_host, from, to, bytes);
-                }
+                let now = self.now();
+                let _ = self.nodes[i].relay.send_packet(now, &to, &bytes);
+                self.flush_relay(i);
             }
             // This world has no TCP listeners, so no node ever dials.
             Dest::Tcp(_) => {}
@@ -477,12 +519,34 @@ impl Sim {
                     _ => {}
                 }
             }
-            Delivery::Relay { to, from, bytes } => {
-                let Some(i) = self.index_of(&to) else { return };
-                if self.nodes[i].node.handle_relay(now, from, &bytes) == Datagram::WireGuard
-                    && self.open(i, Err(from), &bytes)
-                {
-                    self.nodes[i].rx_relay += 1;
+            Delivery::RelayWire {
+                node: i,
+                up: true,
+                bytes,
+            } => {
+                for (j, down) in self.relay.handle(i, &bytes) {
+                    let host = self.nodes[j].host;
+                    self.world.relay_wire(host, j, false, down);
+                }
+            }
+            Delivery::RelayWire {
+                node: i,
+                up: false,
+                bytes,
+            } => {
+                if let Err(e) = self.nodes[i].relay.handle_input(now, &bytes) {
+                    panic!("node {i}: the relay session failed: {e}");
+                }
+                self.flush_relay(i);
+                while let Some(ev) = self.nodes[i].relay.poll_event() {
+                    let ClientEvent::Packet { src, packet } = ev else {
+                        continue;
+                    };
+                    if self.nodes[i].node.handle_relay(now, src, &packet) == Datagram::WireGuard
+                        && self.open(i, Err(src), &packet)
+                    {
+                        self.nodes[i].rx_relay += 1;
+                    }
                 }
             }
         }
@@ -501,6 +565,9 @@ impl Sim {
                     next = next.min(t);
                 }
                 if let Some(t) = n.netcheck.as_ref().and_then(Netcheck::poll_timeout) {
+                    next = next.min(t);
+                }
+                if let Some(t) = n.relay.poll_timeout() {
                     next = next.min(t);
                 }
             }
@@ -538,6 +605,14 @@ impl Sim {
                         nc.handle_timeout(now);
                     }
                 }
+                if n.relay.poll_timeout().is_some_and(|t| t <= now) {
+                    if let Err(e) = n.relay.handle_timeout(now) {
+                        panic!("a relay session timed out: {e}");
+                    }
+                }
+            }
+            for i in 0..self.nodes.len() {
+                self.flush_relay(i);
             }
             if now >= self.next_tick {
                 self.app_tick();

@@ -14,6 +14,7 @@ mod harness;
 mod model;
 mod net;
 mod properties;
+mod relay;
 mod scenarios;
 mod scenarios_hard;
 mod scenarios_paths;

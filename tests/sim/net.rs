@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use warren::keys::NodeKey;
 use warren::proto::stun;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,11 +217,9 @@ pub enum Delivery {
         from: SocketAddr,
         bytes: Vec<u8>,
     },
-    Relay {
-        to: NodeKey,
-        from: NodeKey,
-        bytes: Vec<u8>,
-    },
+    /// Bytes on node `node`'s relay connection: `up` to the relay server,
+    /// else down to the node.
+    RelayWire { node: usize, up: bool, bytes: Bytes },
 }
 
 /// A UDP packet seen on the wire, for taps and tests.
@@ -332,17 +330,11 @@ impl World {
         base + jitter.mul_f64(self.rng.gen::<f64>())
     }
 
-    /// Sends through the relay: reliable, no NAT, no UDP needed.
-    pub fn relay(
-        &mut self,
-        from_host: usize,
-        to_host: usize,
-        from: NodeKey,
-        to: NodeKey,
-        bytes: Vec<u8>,
-    ) {
-        let d = self.hosts[from_host].relay_latency + self.hosts[to_host].relay_latency;
-        self.push(self.now + d, Delivery::Relay { to, from, bytes });
+    /// Bytes on node `node`'s relay connection (on `host`): reliable and in
+    /// order, no NAT, no UDP needed; the host's relay latency each way.
+    pub fn relay_wire(&mut self, host: usize, node: usize, up: bool, bytes: Bytes) {
+        let d = self.hosts[host].relay_latency;
+        self.push(self.now + d, Delivery::RelayWire { node, up, bytes });
     }
 
     /// Sends a UDP datagram from `host`'s `port` to `dst`.

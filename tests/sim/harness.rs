@@ -15,7 +15,12 @@
 //! delivered and every direct path used is also shown to the reference
 //! [`Model`], which records what it allows. Relayed traffic goes through
 //! each node's real relay client session (`proto::relay::client`) and the
-//! relay server's half of the protocol in [`crate::relay`].
+//! relay server's half of the protocol in [`crate::relay`]. Direct TCP is
+//! modelled too: every node listens on its UDP port's number, its TCP
+//! candidates come from the world's TCP NAT tables, a `TcpConnect` sends a
+//! SYN to every target each 1.1 s (as the agent's dial task) and a SYN
+//! passes a NAT only where the host behind it already sent one out to
+//! that source (simultaneous open); streams carry frames in order.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -26,7 +31,7 @@ use warren::dataplane::packet::build::ipv4;
 use warren::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
 use warren::keys::{NodeKey, PrivateKey};
 use warren::netcheck::{self, Netcheck, Report};
-use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
+use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret, Transport};
 use warren::proto::relay::client::{ClientEvent, ClientSession, SessionConfig};
 use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Config, NatSummary, Path, SocketId};
@@ -61,6 +66,7 @@ pub struct SimNode {
     /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
     pub rx_relay: u64,
+    pub rx_tcp: u64,
     /// Authenticated WireGuard messages of any kind (handshakes and
     /// keepalives too) that came over the relay.
     pub wg_relay: u64,
@@ -104,6 +110,39 @@ impl SimNode {
     }
 }
 
+/// How a WireGuard datagram reached a node.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Udp(SocketId, SocketAddr),
+    Relay(NodeKey),
+    /// A direct TCP stream: its proven owner and its address.
+    Tcp(NodeKey, SocketAddr),
+}
+
+/// A direct TCP stream between nodes `a` and `b`, and the address each end
+/// sees the other at.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    a: usize,
+    a_sees: SocketAddr,
+    b: usize,
+    b_sees: SocketAddr,
+}
+
+/// A TCP dial in progress (`NodeEvent::TcpConnect`): a SYN to every target
+/// each round, as the agent's dial task does, until one connects.
+#[derive(Debug, Clone)]
+struct Dial {
+    node: usize,
+    peer: NodeKey,
+    targets: Vec<SocketAddr>,
+    until: Instant,
+    next: Instant,
+}
+
+/// The agent's pause between dial rounds (`DIAL_ROUND` + `DIAL_PAUSE`).
+const DIAL_EVERY: Duration = Duration::from_millis(1100);
+
 pub struct Sim {
     pub world: World,
     pub nodes: Vec<SimNode>,
@@ -114,6 +153,8 @@ pub struct Sim {
     pub model_trust: Option<Duration>,
     /// The relay every node connects to.
     pub relay: SimRelay,
+    streams: Vec<Stream>,
+    dials: Vec<Dial>,
     rng: StdRng,
     tick: Duration,
     next_tick: Instant,
@@ -131,6 +172,8 @@ impl Sim {
             model: Model::default(),
             model_trust: None,
             relay: SimRelay::new(PrivateKey::from_bytes([0x5e; 32])),
+            streams: Vec::new(),
+            dials: Vec::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             tick: Duration::from_millis(200),
             next_tick: t0,
@@ -184,6 +227,7 @@ impl Sim {
             events: Vec::new(),
             rx_direct: 0,
             rx_relay: 0,
+            rx_tcp: 0,
             wg_relay: 0,
             traffic: true,
         });
@@ -245,7 +289,17 @@ impl Sim {
             candidates.push(Candidate::udp(o, CandidateKind::ServerReflexive));
         }
         let nat = NatSummary::from(report);
+        // The direct TCP port (the agent's default: the UDP port's number):
+        // the host address, and the public one STUN over TCP would see.
+        let host = self.nodes[i].host;
+        let mut tcp = vec![tcp_candidate(local, CandidateKind::Host)];
+        if let Some(public) = self.world.tcp_out(host, PORT, STUN1.parse().unwrap()) {
+            if public != local {
+                tcp.push(tcp_candidate(public, CandidateKind::ServerReflexive));
+            }
+        }
         let n = &mut self.nodes[i];
+        n.node.set_tcp_local(now, tcp, !report.udp);
         n.node.set_local(now, candidates.clone(), nat);
         n.info = Some(PeerInfo {
             node_key: n.key,
@@ -285,7 +339,7 @@ impl Sim {
 
     /// Data packets node `i` received, direct or relayed.
     pub fn rx(&self, i: usize) -> u64 {
-        self.nodes[i].rx_direct + self.nodes[i].rx_relay
+        self.nodes[i].rx_direct + self.nodes[i].rx_relay + self.nodes[i].rx_tcp
     }
 
     pub fn path(&self, a: usize, b: usize) -> Path {
@@ -325,6 +379,18 @@ impl Sim {
                             n.extra = (1..=*count).map(|s| Some(EXTRA_BASE + s)).collect();
                             n.node.sockets_opened(now, *count);
                         }
+                        NodeEvent::TcpConnect {
+                            peer,
+                            targets,
+                            until,
+                        } => self.dials.push(Dial {
+                            node: i,
+                            peer: *peer,
+                            targets: targets.clone(),
+                            until: *until,
+                            next: now,
+                        }),
+                        NodeEvent::TcpClose { addr } => self.close_stream(i, *addr),
                         NodeEvent::CloseSockets { keep } => {
                             for (idx, slot) in self.nodes[i].extra.iter_mut().enumerate() {
                                 if !keep.iter().any(|k| usize::from(k.0) == idx + 1) {
@@ -354,6 +420,76 @@ impl Sim {
         }
     }
 
+    /// Sends each due dial's SYNs; the first that gets through is a stream,
+    /// which both nodes are told of as the agent's TCP tasks tell them.
+    fn dial_rounds(&mut self) {
+        let now = self.now();
+        let due: Vec<usize> = (0..self.dials.len())
+            .filter(|&k| self.dials[k].next <= now)
+            .collect();
+        let mut done = Vec::new();
+        for k in due {
+            let Dial {
+                node: i,
+                peer,
+                ref targets,
+                until,
+                ..
+            } = self.dials[k];
+            let host = self.nodes[i].host;
+            let targets = targets.clone();
+            let mut up = None;
+            for t in targets {
+                if let Some((to_host, seen_from)) = self.world.tcp_syn(host, PORT, t) {
+                    if let Some(j) = self.nodes.iter().position(|n| n.host == to_host) {
+                        up = Some((t, j, seen_from));
+                        break;
+                    }
+                }
+            }
+            match up {
+                Some((addr, j, seen_from)) => {
+                    done.push(k);
+                    if self.streams.iter().any(|s| s.a == i && s.a_sees == addr) {
+                        continue;
+                    }
+                    self.streams.push(Stream {
+                        a: i,
+                        a_sees: addr,
+                        b: j,
+                        b_sees: seen_from,
+                    });
+                    self.nodes[i].node.tcp_connected(now, peer, addr);
+                    self.nodes[j].node.tcp_accepted(now, seen_from);
+                }
+                None if now + DIAL_EVERY > until => done.push(k),
+                None => self.dials[k].next = now + DIAL_EVERY,
+            }
+        }
+        for k in done.into_iter().rev() {
+            self.dials.remove(k);
+        }
+    }
+
+    /// Node `i` closes its stream to `addr`; the far end learns it.
+    fn close_stream(&mut self, i: usize, addr: SocketAddr) {
+        let now = self.now();
+        let Some(k) = self
+            .streams
+            .iter()
+            .position(|s| (s.a == i && s.a_sees == addr) || (s.b == i && s.b_sees == addr))
+        else {
+            return;
+        };
+        let s = self.streams.remove(k);
+        let (j, seen) = if s.a == i {
+            (s.b, s.b_sees)
+        } else {
+            (s.a, s.a_sees)
+        };
+        self.nodes[j].node.tcp_closed(now, seen);
+    }
+
     /// Puts what node `i`'s relay session has to send on its connection.
     fn flush_relay(&mut self, i: usize) {
         let host = self.nodes[i].host;
@@ -377,8 +513,21 @@ impl Sim {
                 let _ = self.nodes[i].relay.send_packet(now, &to, &bytes);
                 self.flush_relay(i);
             }
-            // This world has no TCP listeners, so no node ever dials.
-            Dest::Tcp(_) => {}
+            Dest::Tcp(addr) => {
+                let far = self.streams.iter().find_map(|s| {
+                    if s.a == i && s.a_sees == addr {
+                        Some((s.b, s.b_sees))
+                    } else if s.b == i && s.b_sees == addr {
+                        Some((s.a, s.a_sees))
+                    } else {
+                        None
+                    }
+                });
+                if let Some((j, seen)) = far {
+                    let to_host = self.nodes[j].host;
+                    self.world.tcp_frame((host, to_host), j, seen, bytes);
+                }
+            }
         }
     }
 
@@ -444,39 +593,43 @@ impl Sim {
     }
 
     /// Opens a WireGuard datagram at node `i` as its data plane would
-    /// (`from`: the local socket and UDP source, or the relay's sender);
-    /// true when it was a data packet from the peer's own address.
-    fn open(
-        &mut self,
-        i: usize,
-        from: Result<(SocketId, SocketAddr), NodeKey>,
-        bytes: &[u8],
-    ) -> bool {
+    /// (`via`: the local socket and UDP source, the relay's sender, or the
+    /// TCP stream's proven owner and address); true when it was a data
+    /// packet from the peer's own address.
+    fn open(&mut self, i: usize, via: Via, bytes: &[u8]) -> bool {
         let now = self.now();
         let mut buf = vec![0u8; 2048];
         let set = self.nodes[i].dp.peers();
-        let peer = match from {
-            Ok((_, addr)) => match self.nodes[i].dp.peer_for(now, &set, addr, bytes, &mut buf) {
-                Ok(p) => p,
-                Err(_) => return false,
-            },
-            Err(key) => match set.by_key(&key) {
+        let peer = match via {
+            Via::Udp(_, addr) => {
+                match self.nodes[i].dp.peer_for(now, &set, addr, bytes, &mut buf) {
+                    Ok(p) => p,
+                    Err(_) => return false,
+                }
+            }
+            Via::Relay(key) | Via::Tcp(key, _) => match set.by_key(&key) {
                 Some(p) => p.clone(),
                 None => return false,
             },
         };
         drop(set);
-        let opened = peer.open(now, from.ok().map(|(_, a)| a), bytes, &mut buf);
-        if from.is_err() && !matches!(opened, Opened::Rejected(_) | Opened::Spoofed) {
+        let udp_from = match via {
+            Via::Udp(_, addr) => Some(addr),
+            _ => None,
+        };
+        let opened = peer.open(now, udp_from, bytes, &mut buf);
+        if matches!(via, Via::Relay(_)) && !matches!(opened, Opened::Rejected(_) | Opened::Spoofed)
+        {
             self.nodes[i].wg_relay += 1;
         }
         match opened {
             Opened::Tunnel { .. } => true,
             Opened::Reply { len } => {
                 // Back the way it came, then whatever the session queued.
-                let back = match from {
-                    Ok((socket, addr)) => Dest::Udp { socket, addr },
-                    Err(key) => Dest::Relay(key),
+                let back = match via {
+                    Via::Udp(socket, addr) => Dest::Udp { socket, addr },
+                    Via::Relay(key) => Dest::Relay(key),
+                    Via::Tcp(_, addr) => Dest::Tcp(addr),
                 };
                 self.send_from(i, back, buf[..len].to_vec());
                 loop {
@@ -508,7 +661,7 @@ impl Sim {
                 };
                 self.model.observe_udp(now, i, socket, from, &bytes);
                 match self.nodes[i].node.handle_udp(now, socket, from, &bytes) {
-                    Datagram::WireGuard if self.open(i, Ok((socket, from)), &bytes) => {
+                    Datagram::WireGuard if self.open(i, Via::Udp(socket, from), &bytes) => {
                         self.nodes[i].rx_direct += 1;
                     }
                     Datagram::Stun if socket == SocketId::PRIMARY => {
@@ -517,6 +670,19 @@ impl Sim {
                         }
                     }
                     _ => {}
+                }
+            }
+            Delivery::TcpFrame {
+                node: i,
+                from,
+                bytes,
+            } => {
+                if self.nodes[i].node.handle_tcp(now, from, &bytes) == Datagram::WireGuard {
+                    if let Some(owner) = self.nodes[i].node.tcp_owner(from) {
+                        if self.open(i, Via::Tcp(owner, from), &bytes) {
+                            self.nodes[i].rx_tcp += 1;
+                        }
+                    }
                 }
             }
             Delivery::RelayWire {
@@ -543,7 +709,7 @@ impl Sim {
                         continue;
                     };
                     if self.nodes[i].node.handle_relay(now, src, &packet) == Datagram::WireGuard
-                        && self.open(i, Err(src), &packet)
+                        && self.open(i, Via::Relay(src), &packet)
                     {
                         self.nodes[i].rx_relay += 1;
                     }
@@ -560,6 +726,9 @@ impl Sim {
             self.flush();
             let mut next = self.next_tick;
             next = next.min(self.world.next_delivery().unwrap_or(end));
+            for d in &self.dials {
+                next = next.min(d.next);
+            }
             for n in &self.nodes {
                 if let Some((t, _)) = n.node.poll_timeout() {
                     next = next.min(t);
@@ -614,6 +783,7 @@ impl Sim {
             for i in 0..self.nodes.len() {
                 self.flush_relay(i);
             }
+            self.dial_rounds();
             if now >= self.next_tick {
                 self.app_tick();
                 self.next_tick = now + self.tick;
@@ -625,5 +795,14 @@ impl Sim {
             self.now(),
             self.world.next_delivery()
         );
+    }
+}
+
+/// A TCP candidate of this host.
+fn tcp_candidate(addr: SocketAddr, kind: CandidateKind) -> Candidate {
+    Candidate {
+        addr,
+        kind,
+        transport: Transport::Tcp,
     }
 }

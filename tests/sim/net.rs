@@ -45,6 +45,8 @@ pub struct NatConfig {
     pub filter: Filter,
     pub hairpin: bool,
     pub udp_blocked: bool,
+    /// No TCP but to port 443 (the relay): the lab's "udp-blocked" gateway.
+    pub tcp_blocked: bool,
     pub timeout: Duration,
 }
 
@@ -57,6 +59,7 @@ impl NatConfig {
             filter: Filter::AddressPortDependent,
             hairpin: false,
             udp_blocked: false,
+            tcp_blocked: false,
             timeout: Duration::from_secs(60),
         }
     }
@@ -220,6 +223,13 @@ pub enum Delivery {
     /// Bytes on node `node`'s relay connection: `up` to the relay server,
     /// else down to the node.
     RelayWire { node: usize, up: bool, bytes: Bytes },
+    /// A frame on a direct TCP stream, for node `node`, from the far end
+    /// as that node's stream sees it.
+    TcpFrame {
+        node: usize,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A UDP packet seen on the wire, for taps and tests.
@@ -246,6 +256,9 @@ pub struct World {
     /// Addresses where a STUN server answers Binding requests with the
     /// source it saw (after every NAT on the way).
     pub stun_servers: Vec<SocketAddr>,
+    /// Each NAT's TCP half: the same behaviour with a mapping table of its
+    /// own, as a kernel NAT keeps per protocol.
+    tcp_nats: Vec<Nat>,
 }
 
 impl World {
@@ -263,12 +276,22 @@ impl World {
             udp_sent: 0,
             udp_bytes: 0,
             stun_servers: Vec::new(),
+            tcp_nats: Vec::new(),
         }
     }
 
     pub fn add_nat(&mut self, cfg: NatConfig) -> usize {
         let n = self.nats.len() as u8;
         let start = 20000 + u16::from(n) * 1000;
+        self.tcp_nats.push(Nat {
+            cfg,
+            public_ip: Ipv4Addr::new(203, 0, 113, 10 + n),
+            lan: Ipv4Addr::new(10, n, 0, 0),
+            by_key: HashMap::new(),
+            by_port: BTreeMap::new(),
+            next_port: start + 500,
+            lan_latency: Duration::from_micros(500),
+        });
         self.nats.push(Nat {
             cfg,
             public_ip: Ipv4Addr::new(203, 0, 113, 10 + n),
@@ -482,6 +505,77 @@ impl World {
                 bytes,
             },
         );
+    }
+
+    /// Where a TCP connection from `host`'s `port` to `dst` appears to come
+    /// from once it crosses the host's NAT (the mapping is made, as a SYN
+    /// makes it); `None` where TCP cannot leave.
+    pub fn tcp_out(&mut self, host: usize, port: u16, dst: SocketAddr) -> Option<SocketAddr> {
+        let now = self.now;
+        let h = &self.hosts[host];
+        let src = SocketAddr::new(IpAddr::V4(h.ip), port);
+        let Some(n) = h.nat else { return Some(src) };
+        let nat = &self.tcp_nats[n];
+        if nat.lan_contains(dst.ip()) {
+            return Some(src);
+        }
+        if nat.cfg.tcp_blocked && dst.port() != 443 {
+            return None;
+        }
+        let public = nat.public_ip;
+        let p = self.tcp_nats[n].outbound(now, src, dst, &mut self.rng);
+        Some(SocketAddr::new(IpAddr::V4(public), p))
+    }
+
+    /// A SYN from `host`'s `port` to `dst`: the host it reaches and the
+    /// address that host sees it come from, when the NATs on the way let
+    /// it through. Simultaneous open: a SYN into a NAT passes where the
+    /// host behind it has already sent one back out to that source.
+    pub fn tcp_syn(
+        &mut self,
+        host: usize,
+        port: u16,
+        dst: SocketAddr,
+    ) -> Option<(usize, SocketAddr)> {
+        let now = self.now;
+        let seen_from = self.tcp_out(host, port, dst)?;
+        let public_host = self
+            .hosts
+            .iter()
+            .any(|h| h.nat.is_none() && IpAddr::V4(h.ip) == dst.ip());
+        let same_lan = self.hosts[host]
+            .nat
+            .is_some_and(|n| self.tcp_nats[n].lan_contains(dst.ip()));
+        let inside = if public_host || same_lan {
+            dst
+        } else {
+            let n = self
+                .tcp_nats
+                .iter()
+                .position(|n| IpAddr::V4(n.public_ip) == dst.ip())?;
+            if self.tcp_nats[n].cfg.tcp_blocked {
+                return None;
+            }
+            self.tcp_nats[n].inbound(now, seen_from, dst.port())?
+        };
+        let target = self
+            .hosts
+            .iter()
+            .position(|h| IpAddr::V4(h.ip) == inside.ip())?;
+        Some((target, seen_from))
+    }
+
+    /// A frame on a TCP stream from `from_host` to node `node` on
+    /// `to_host`: reliable, in order, both hosts' latency.
+    pub fn tcp_frame(
+        &mut self,
+        (from_host, to_host): (usize, usize),
+        node: usize,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    ) {
+        let d = self.hosts[from_host].latency + self.hosts[to_host].latency;
+        self.push(self.now + d, Delivery::TcpFrame { node, from, bytes });
     }
 
     /// Puts an arbitrary datagram on the wire (an attacker, a replay).

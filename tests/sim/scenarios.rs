@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use warren::traversal::node::NodeEvent;
 use warren::traversal::{Config, Path, RelayReason};
 
 use crate::harness::Sim;
@@ -142,10 +143,48 @@ fn same_nat_with_hairpin_still_prefers_host() {
     }
 }
 
+/// UDP blocked on one side, TCP open: the pair dials each other's TCP
+/// candidates (a simultaneous open through both NATs) and carries its
+/// WireGuard over the stream, heartbeats and all, for minutes.
+#[test]
+fn udp_blocked_on_one_side_goes_direct_over_tcp() {
+    let blocked = NatConfig {
+        udp_blocked: true,
+        ..NatConfig::easy()
+    };
+    let (mut sim, a, b) = pair(8, Some(blocked), Some(NatConfig::easy()));
+    let t0 = sim.now();
+    sim.run_for(120 * SEC);
+    assert!(
+        matches!(sim.path(a, b), Path::Tcp(_)),
+        "{:?}",
+        sim.path(a, b)
+    );
+    assert!(
+        matches!(sim.path(b, a), Path::Tcp(_)),
+        "{:?}",
+        sim.path(b, a)
+    );
+    let events = &sim.nodes[a].events;
+    let first_tcp = events.iter().find_map(|(t, e)| match e {
+        NodeEvent::PathChanged {
+            to: Path::Tcp(_), ..
+        } => Some(t.duration_since(t0)),
+        _ => None,
+    });
+    assert!(first_tcp.is_some_and(|t| t < 5 * SEC), "{first_tcp:?}");
+    // Real WireGuard opened over the stream, both ways, most of the run.
+    assert!(sim.nodes[b].rx_tcp > 400, "{}", sim.nodes[b].rx_tcp);
+    assert!(sim.nodes[a].rx_tcp > 400, "{}", sim.nodes[a].rx_tcp);
+}
+
+/// UDP blocked and TCP only to 443 (the lab's "udp-blocked" gateway): the
+/// relay carries everything.
 #[test]
 fn udp_blocked_stays_on_relay() {
     let blocked = NatConfig {
         udp_blocked: true,
+        tcp_blocked: true,
         ..NatConfig::easy()
     };
     let (mut sim, a, b) = pair(8, Some(blocked), Some(NatConfig::easy()));

@@ -47,9 +47,7 @@ use super::{
     Tried,
 };
 use crate::keys::NodeKey;
-use crate::proto::disco::{
-    self, Candidate, CandidateKind, DiscoError, DiscoKey, DiscoSecret, ReplayWindow,
-};
+use crate::proto::disco::{self, Candidate, DiscoError, DiscoKey, DiscoSecret, ReplayWindow};
 use crate::proto::stun::is_stun;
 
 /// Most destinations remembered for port prediction; past this, prediction
@@ -579,15 +577,6 @@ impl Node {
                 Event::TcpClose { addr } => self.events.push_back(NodeEvent::TcpClose { addr }),
             }
         }
-    }
-
-    /// Whether `ip` is one of this host's own addresses (a host candidate,
-    /// UDP or TCP).
-    fn is_own_ip(&self, ip: std::net::IpAddr) -> bool {
-        self.local_candidates
-            .iter()
-            .chain(&self.tcp_local)
-            .any(|c| c.kind == CandidateKind::Host && c.addr.ip() == ip)
     }
 
     fn maybe_close_sockets(&mut self, _now: Instant) {

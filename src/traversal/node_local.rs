@@ -211,4 +211,13 @@ impl Node {
     pub(super) fn unproven_deadline(&self) -> Option<Instant> {
         self.unproven.values().min().copied()
     }
+
+    /// Whether `ip` is one of this host's own addresses (a host candidate,
+    /// UDP or TCP).
+    pub(super) fn is_own_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.local_candidates
+            .iter()
+            .chain(&self.tcp_local)
+            .any(|c| c.kind == disco::CandidateKind::Host && c.addr.ip() == ip)
+    }
 }

@@ -28,17 +28,18 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use warren::dataplane::packet::build::ipv4;
-use warren::dataplane::{DataPlane, Opened, PeerSpec, Sealed};
+use warren::dataplane::{DataPlane, PeerSpec};
 use warren::keys::{NodeKey, PrivateKey};
 use warren::netcheck::{self, Netcheck, Report};
-use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret, Transport};
+use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
 use warren::proto::relay::client::{ClientEvent, ClientSession, SessionConfig};
-use warren::traversal::node::{Datagram, Dest, Node, NodeEvent, PeerInfo};
+use warren::traversal::node::{Datagram, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Config, NatSummary, Path, SocketId};
 
 use crate::model::Model;
 use crate::net::{Delivery, World};
 use crate::relay::SimRelay;
+use crate::wire::{tcp_candidate, Dial, Stream, Via};
 
 pub const PORT: u16 = 41641;
 const EXTRA_BASE: u16 = 42000;
@@ -54,14 +55,14 @@ pub struct SimNode {
     /// The node's overlay address.
     pub ip: Ipv4Addr,
     /// Extra sockets: index `i` is socket id `i + 1`; `None` once closed.
-    extra: Vec<Option<u16>>,
+    pub(crate) extra: Vec<Option<u16>>,
     pub peers: Vec<NodeKey>,
     pub info: Option<PeerInfo>,
     /// The netcheck run in progress (the real machine, its STUN through
     /// the simulated NATs to the world's STUN servers).
-    netcheck: Option<Netcheck>,
+    pub(crate) netcheck: Option<Netcheck>,
     /// The node's real relay client session, to the world's one relay.
-    relay: ClientSession,
+    pub(crate) relay: ClientSession,
     pub events: Vec<(Instant, NodeEvent)>,
     /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
@@ -74,7 +75,7 @@ pub struct SimNode {
 }
 
 impl SimNode {
-    fn port_of(&self, s: SocketId) -> Option<u16> {
+    pub(crate) fn port_of(&self, s: SocketId) -> Option<u16> {
         match s.0 {
             0 => Some(PORT),
             i => self.extra.get(usize::from(i) - 1).copied().flatten(),
@@ -110,39 +111,6 @@ impl SimNode {
     }
 }
 
-/// How a WireGuard datagram reached a node.
-#[derive(Debug, Clone, Copy)]
-enum Via {
-    Udp(SocketId, SocketAddr),
-    Relay(NodeKey),
-    /// A direct TCP stream: its proven owner and its address.
-    Tcp(NodeKey, SocketAddr),
-}
-
-/// A direct TCP stream between nodes `a` and `b`, and the address each end
-/// sees the other at.
-#[derive(Debug, Clone, Copy)]
-struct Stream {
-    a: usize,
-    a_sees: SocketAddr,
-    b: usize,
-    b_sees: SocketAddr,
-}
-
-/// A TCP dial in progress (`NodeEvent::TcpConnect`): a SYN to every target
-/// each round, as the agent's dial task does, until one connects.
-#[derive(Debug, Clone)]
-struct Dial {
-    node: usize,
-    peer: NodeKey,
-    targets: Vec<SocketAddr>,
-    until: Instant,
-    next: Instant,
-}
-
-/// The agent's pause between dial rounds (`DIAL_ROUND` + `DIAL_PAUSE`).
-const DIAL_EVERY: Duration = Duration::from_millis(1100);
-
 pub struct Sim {
     pub world: World,
     pub nodes: Vec<SimNode>,
@@ -153,8 +121,8 @@ pub struct Sim {
     pub model_trust: Option<Duration>,
     /// The relay every node connects to.
     pub relay: SimRelay,
-    streams: Vec<Stream>,
-    dials: Vec<Dial>,
+    pub(crate) streams: Vec<Stream>,
+    pub(crate) dials: Vec<Dial>,
     rng: StdRng,
     tick: Duration,
     next_tick: Instant,
@@ -333,7 +301,7 @@ impl Sim {
         }
     }
 
-    fn index_of(&self, key: &NodeKey) -> Option<usize> {
+    pub(crate) fn index_of(&self, key: &NodeKey) -> Option<usize> {
         self.nodes.iter().position(|n| n.key == *key)
     }
 
@@ -420,149 +388,6 @@ impl Sim {
         }
     }
 
-    /// Sends each due dial's SYNs; the first that gets through is a stream,
-    /// which both nodes are told of as the agent's TCP tasks tell them.
-    fn dial_rounds(&mut self) {
-        let now = self.now();
-        let due: Vec<usize> = (0..self.dials.len())
-            .filter(|&k| self.dials[k].next <= now)
-            .collect();
-        let mut done = Vec::new();
-        for k in due {
-            let Dial {
-                node: i,
-                peer,
-                ref targets,
-                until,
-                ..
-            } = self.dials[k];
-            let host = self.nodes[i].host;
-            let targets = targets.clone();
-            let mut up = None;
-            for t in targets {
-                if let Some((to_host, seen_from)) = self.world.tcp_syn(host, PORT, t) {
-                    if let Some(j) = self.nodes.iter().position(|n| n.host == to_host) {
-                        up = Some((t, j, seen_from));
-                        break;
-                    }
-                }
-            }
-            match up {
-                Some((addr, j, seen_from)) => {
-                    done.push(k);
-                    if self.streams.iter().any(|s| s.a == i && s.a_sees == addr) {
-                        continue;
-                    }
-                    self.streams.push(Stream {
-                        a: i,
-                        a_sees: addr,
-                        b: j,
-                        b_sees: seen_from,
-                    });
-                    self.nodes[i].node.tcp_connected(now, peer, addr);
-                    self.nodes[j].node.tcp_accepted(now, seen_from);
-                }
-                None if now + DIAL_EVERY > until => done.push(k),
-                None => self.dials[k].next = now + DIAL_EVERY,
-            }
-        }
-        for k in done.into_iter().rev() {
-            self.dials.remove(k);
-        }
-    }
-
-    /// Node `i` closes its stream to `addr`; the far end learns it.
-    fn close_stream(&mut self, i: usize, addr: SocketAddr) {
-        let now = self.now();
-        let Some(k) = self
-            .streams
-            .iter()
-            .position(|s| (s.a == i && s.a_sees == addr) || (s.b == i && s.b_sees == addr))
-        else {
-            return;
-        };
-        let s = self.streams.remove(k);
-        let (j, seen) = if s.a == i {
-            (s.b, s.b_sees)
-        } else {
-            (s.a, s.a_sees)
-        };
-        self.nodes[j].node.tcp_closed(now, seen);
-    }
-
-    /// Puts what node `i`'s relay session has to send on its connection.
-    fn flush_relay(&mut self, i: usize) {
-        let host = self.nodes[i].host;
-        while let Some(b) = self.nodes[i].relay.poll_transmit() {
-            self.world.relay_wire(host, i, true, b);
-        }
-    }
-
-    fn send_from(&mut self, i: usize, dest: Dest, bytes: Vec<u8>) {
-        let host = self.nodes[i].host;
-        match dest {
-            Dest::Udp { socket, addr } => {
-                if let Some(port) = self.nodes[i].port_of(socket) {
-                    self.world.send(host, port, addr, bytes);
-                }
-            }
-            // Dropped while the session is not up yet, as the agent's
-            // relay client drops what it cannot send.
-            Dest::Relay(to) => {
-                let now = self.now();
-                let _ = self.nodes[i].relay.send_packet(now, &to, &bytes);
-                self.flush_relay(i);
-            }
-            Dest::Tcp(addr) => {
-                let far = self.streams.iter().find_map(|s| {
-                    if s.a == i && s.a_sees == addr {
-                        Some((s.b, s.b_sees))
-                    } else if s.b == i && s.b_sees == addr {
-                        Some((s.a, s.a_sees))
-                    } else {
-                        None
-                    }
-                });
-                if let Some((j, seen)) = far {
-                    let to_host = self.nodes[j].host;
-                    self.world.tcp_frame((host, to_host), j, seen, bytes);
-                }
-            }
-        }
-    }
-
-    /// Sends what the data plane sealed for `peer` where the sealing says,
-    /// as the agent's egress does.
-    fn send_sealed(&mut self, i: usize, peer: NodeKey, sealed: Sealed, buf: &[u8]) {
-        let now = self.now();
-        let (dest, len) = match sealed {
-            Sealed::Send { len, to } => (
-                Dest::Udp {
-                    socket: SocketId::PRIMARY,
-                    addr: to,
-                },
-                len,
-            ),
-            Sealed::SendOn { len, to, socket } => (Dest::Udp { socket, addr: to }, len),
-            // A TCP path's packets are sealed like relayed ones.
-            Sealed::Relay { len } => match self.nodes[i].node.path(&peer) {
-                Path::Tcp(addr) => (Dest::Tcp(addr), len),
-                _ => (Dest::Relay(peer), len),
-            },
-            // A mesh peer always has a path: the relay until a direct one
-            // is proven (an invariant every scenario checks).
-            Sealed::NoEndpoint => panic!("node {i} had no path to a mesh peer at {now:?}"),
-            Sealed::Nothing => return,
-        };
-        if let Dest::Udp { socket, addr } = dest {
-            let trust = self.model_trust.unwrap_or(self.cfg.trust);
-            let p = warren::traversal::DirectPath { socket, addr };
-            self.model
-                .check_direct(now, i, peer, p, trust, "sends data on");
-        }
-        self.send_from(i, dest, buf[..len].to_vec());
-    }
-
     fn app_tick(&mut self) {
         let now = self.now();
         let mut buf = vec![0u8; 2048];
@@ -589,58 +414,6 @@ impl Sim {
                 self.send_sealed(i, peer, sealed, &buf);
                 self.nodes[i].node.note_traffic(now, &peer);
             }
-        }
-    }
-
-    /// Opens a WireGuard datagram at node `i` as its data plane would
-    /// (`via`: the local socket and UDP source, the relay's sender, or the
-    /// TCP stream's proven owner and address); true when it was a data
-    /// packet from the peer's own address.
-    fn open(&mut self, i: usize, via: Via, bytes: &[u8]) -> bool {
-        let now = self.now();
-        let mut buf = vec![0u8; 2048];
-        let set = self.nodes[i].dp.peers();
-        let peer = match via {
-            Via::Udp(_, addr) => {
-                match self.nodes[i].dp.peer_for(now, &set, addr, bytes, &mut buf) {
-                    Ok(p) => p,
-                    Err(_) => return false,
-                }
-            }
-            Via::Relay(key) | Via::Tcp(key, _) => match set.by_key(&key) {
-                Some(p) => p.clone(),
-                None => return false,
-            },
-        };
-        drop(set);
-        let udp_from = match via {
-            Via::Udp(_, addr) => Some(addr),
-            _ => None,
-        };
-        let opened = peer.open(now, udp_from, bytes, &mut buf);
-        if matches!(via, Via::Relay(_)) && !matches!(opened, Opened::Rejected(_) | Opened::Spoofed)
-        {
-            self.nodes[i].wg_relay += 1;
-        }
-        match opened {
-            Opened::Tunnel { .. } => true,
-            Opened::Reply { len } => {
-                // Back the way it came, then whatever the session queued.
-                let back = match via {
-                    Via::Udp(socket, addr) => Dest::Udp { socket, addr },
-                    Via::Relay(key) => Dest::Relay(key),
-                    Via::Tcp(_, addr) => Dest::Tcp(addr),
-                };
-                self.send_from(i, back, buf[..len].to_vec());
-                loop {
-                    match peer.flush_queued(now, &mut buf) {
-                        Sealed::Nothing => break,
-                        sealed => self.send_sealed(i, peer.key, sealed, &buf),
-                    }
-                }
-                false
-            }
-            _ => false,
         }
     }
 
@@ -795,14 +568,5 @@ impl Sim {
             self.now(),
             self.world.next_delivery()
         );
-    }
-}
-
-/// A TCP candidate of this host.
-fn tcp_candidate(addr: SocketAddr, kind: CandidateKind) -> Candidate {
-    Candidate {
-        addr,
-        kind,
-        transport: Transport::Tcp,
     }
 }

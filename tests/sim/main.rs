@@ -18,3 +18,4 @@ mod relay;
 mod scenarios;
 mod scenarios_hard;
 mod scenarios_paths;
+mod wire;

@@ -19,6 +19,7 @@ pub mod policy;
 pub mod portmap;
 pub mod proto;
 pub mod relay_client;
+pub mod routes;
 pub mod text;
 pub mod toml_loc;
 pub mod traversal;

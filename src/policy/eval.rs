@@ -141,6 +141,38 @@ impl Policy {
         })
     }
 
+    /// The routes among `advertised` that `autoApprovers` approves for the
+    /// node at `node_ip`, as Tailscale's: a subnet route when an entry of
+    /// `routes` covers it (the entry's prefix or a part of it) and one of
+    /// its approvers covers the node (a user or group owning it, or one of
+    /// its tags); a default route (`0.0.0.0/0`, `::/0`) when `exitNode`
+    /// covers the node. Used when a router advertises (issue 18).
+    pub fn auto_approved(
+        &self,
+        inv: &Inventory,
+        node_ip: IpAddr,
+        advertised: &[ipnet::IpNet],
+    ) -> Vec<ipnet::IpNet> {
+        let who = Principal::Addr(node_ip);
+        let covered = |sel: &Selector| self.covers(inv, sel, &who, &who);
+        advertised
+            .iter()
+            .filter(|route| {
+                if route.prefix_len() == 0 {
+                    return self
+                        .auto_approvers
+                        .exit_node
+                        .iter()
+                        .any(|s| covered(&s.value));
+                }
+                self.auto_approvers.routes.iter().any(|a| {
+                    a.prefix.contains(*route) && a.approvers.iter().any(|s| covered(&s.value))
+                })
+            })
+            .copied()
+            .collect()
+    }
+
     /// Whether a node may advertise `tag` (`warren up --advertise-tags`):
     /// `tagOwners` names its user (by email, a group, or
     /// `autogroup:member`) or a tag its token granted. A tag with no entry

@@ -340,6 +340,50 @@ fn the_auto_approvers_section_is_parsed_and_checked() {
 }
 
 #[test]
+fn auto_approvers_approve_the_routes_of_the_nodes_they_name() {
+    let text = r#"{
+      "groups": {"group:ops": ["carol@example.com"]},
+      "tagOwners": {"tag:router": ["group:ops"]},
+      "autoApprovers": {
+        "routes": {"10.0.0.0/8": ["tag:router"], "192.168.0.0/16": ["alice@example.com"]},
+        "exitNode": ["tag:router"],
+      },
+    }"#;
+    let p = Policy::load(text, &inv()).unwrap();
+    let nets = |v: &[&str]| -> Vec<IpNet> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let router = ip("100.80.0.20");
+    // A part of an approved prefix is approved; one outside, or the
+    // prefix's supernet, is not; the router is an exit node too.
+    assert_eq!(
+        p.auto_approved(
+            &inv(),
+            router,
+            &nets(&[
+                "10.33.0.0/16",
+                "10.0.0.0/7",
+                "172.16.0.0/12",
+                "0.0.0.0/0",
+                "::/0"
+            ])
+        ),
+        nets(&["10.33.0.0/16", "0.0.0.0/0", "::/0"])
+    );
+    // Alice's own laptop may route 192.168/16 but not 10/8, and is no exit.
+    assert_eq!(
+        p.auto_approved(
+            &inv(),
+            ip("100.80.0.1"),
+            &nets(&["192.168.1.0/24", "10.1.0.0/16", "0.0.0.0/0"])
+        ),
+        nets(&["192.168.1.0/24"])
+    );
+    // Bob's node: nothing.
+    assert!(p
+        .auto_approved(&inv(), ip("100.80.0.3"), &nets(&["192.168.1.0/24"]))
+        .is_empty());
+}
+
+#[test]
 fn the_readme_policy_example_is_valid() {
     let readme = include_str!("../../README.md");
     let start = readme.find("```jsonc\n").unwrap() + "```jsonc\n".len();

@@ -15,9 +15,10 @@
 //!   local);
 //! - when several peers serve one prefix, one is primary; it stays primary
 //!   while it can carry traffic, and when it cannot, the lowest-keyed
-//!   healthy one takes over at once. A peer that lost the role may only
-//!   win it again after it has been healthy for [`HOLD_DOWN`], so a peer
-//!   whose path flaps never makes the route flap with it;
+//!   healthy one takes over at once. A peer that lost the role is passed
+//!   over until it has been healthy for [`HOLD_DOWN`] (unless every healthy
+//!   server is held down), so a peer whose path flaps never makes the
+//!   route flap with it;
 //! - the exit node is the chosen peer if it serves both default routes
 //!   (approved `0.0.0.0/0` and `::/0`); its routes are installed whatever
 //!   the host's networks, except that `allow_lan` keeps those direct.

@@ -24,8 +24,9 @@
 //! frames (1024: disco and events), API calls (8, answered on a oneshot), map events
 //! (256), per-stream writer queues (1024), relay client queues.
 //!
-//! Locks: none on the packet path but the per-peer session mutex (held for
-//! one seal or open, never across a system call); the peer set, the egress
+//! Locks: on the packet path, the per-peer session mutex (held for one seal
+//! or open, never across a system call) and, while an access policy is on,
+//! a connection-table shard when a task's flow cache misses; the peer set, the egress
 //! tables, the relay routes and each TCP stream's proven owner are
 //! `ArcSwap`s the packet tasks load without locking; the status view is one `std` mutex, written by the mesh task
 //! after a change and read by `status`.

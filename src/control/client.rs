@@ -3,8 +3,9 @@
 //! [`ControlClient`] registers the node, reports its endpoints, logs out, and
 //! keeps a map stream open: [`ControlClient::map_stream`] spawns a task that
 //! connects, folds the coordinator's messages into a [`NetMap`], forwards
-//! typed [`MapEvent`]s, saves the map to disk (at most once a second, so a
-//! burst of deltas in a large network costs one write), and reconnects with
+//! typed [`MapEvent`]s, saves the map to disk (a full map at once, deltas
+//! at most once a second, so a burst of them in a large network costs one
+//! write), and reconnects with
 //! exponential backoff when the connection drops or goes silent. Before the
 //! first connection it replays the map saved last time, so an agent that
 //! starts while the coordinator is down still brings its tunnels up.

@@ -1,13 +1,13 @@
-//! One WireGuard peer: a boringtun `Tunn`, the peer's current path (a
-//! direct address, from the primary socket or one of the birthday method's
-//! extra sockets, or the relay) and the prefixes it owns.
+//! One WireGuard peer: its session, the peer's current path (a direct
+//! address, from the primary socket or one of the birthday method's extra
+//! sockets; a direct TCP stream; or the relay) and the prefixes it owns.
 //!
 //! This is the only place that holds a WireGuard session, and it holds it
 //! as a [`Wg`]: every call takes `now`, which [`super::wg`] hands to
 //! boringtun in place of its own clock reads, so the driver, the tests and
 //! the simulator decide what time the session sees.
 //!
-//! The `Tunn` and the endpoint sit behind one short mutex: encryption and
+//! The session and the path sit behind one short mutex: encryption and
 //! decryption of one packet take it, and no system call ever happens while it
 //! is held. The outcome of each call is a length into the caller's buffer
 //! plus where to send it, so the caller can batch the actual IO.

@@ -19,7 +19,7 @@
 //!   `now` just before another task's later `now` reaches the same peer,
 //!   so each `Wg` keeps the latest time it passed on and never passes an
 //!   earlier one. The shared rate limiter gets the same guarantee from
-//!   its single caller (`DataPlane::reset_limiter`, called from one task)
+//!   its single caller (`DataPlane::reset_rate_limiter`, called from one task)
 //!   and from being created before any `now` it is later given.
 //!
 //! Hand-written because no crate wraps boringtun this way; firezone keeps a

@@ -5,7 +5,7 @@
 //! peer a new route (the coordinator must tell them, the old connection
 //! idles out), so it moves only for a clear gain: the nearest region by
 //! STUN round trip, but a home that still answered is kept unless the
-//! nearest is at least a third faster. Two regions a few milliseconds apart
+//! nearest takes under two thirds of its round trip. Two regions a few milliseconds apart
 //! would otherwise swap at every netcheck as the round trips jitter. The
 //! same rule as Tailscale's netcheck (its preferred DERP); a pure function
 //! so the rule has tests (docs/architecture.md, "Relay").

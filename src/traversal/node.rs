@@ -11,9 +11,12 @@
 //! 1. what the UDP readers set aside (every datagram that is not
 //!    WireGuard, with its socket `s` and source `src`) →
 //!    [`Node::handle_udp`]; it says whether the bytes were disco
-//!    (consumed) or STUN (hand to netcheck). Relay packets →
-//!    [`Node::handle_relay`], direct TCP frames → [`Node::handle_tcp`]; for
-//!    those, [`Datagram::WireGuard`] means the driver opens the packet.
+//!    (consumed) or STUN (hand to netcheck). Disco from the relay →
+//!    [`Node::handle_relay`], direct TCP frames the stream's reader did not
+//!    open itself (disco, WireGuard before the stream is proven) →
+//!    [`Node::handle_tcp`]; for those, [`Datagram::WireGuard`] means the
+//!    driver opens the packet. (The relay pumps and a proven stream's
+//!    reader open WireGuard without the node: `agent::streamed`.)
 //! 2. loop [`Node::poll_transmit`] and send each [`NodeTransmit`] on the
 //!    socket, relay or stream its [`Dest`] names.
 //! 3. loop [`Node::poll_event`]: path changes, which the driver applies to

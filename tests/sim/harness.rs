@@ -1,5 +1,5 @@
 //! Drives [`warren::traversal::node::Node`]s over the simulated network the
-//! way the tokio driver will over real sockets: datagrams in, transmits and
+//! way the agent's tokio driver does over real sockets: datagrams in, transmits and
 //! events out, and a virtual clock that jumps straight to the next deadline
 //! (the next packet, the next node timer or the next application tick).
 //!

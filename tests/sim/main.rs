@@ -1,11 +1,15 @@
-//! Deterministic simulation of NAT traversal: two or more
-//! [`warren::traversal::node::Node`]s over simulated NATs, a relay and a
-//! virtual clock (`net` is the network, `harness` the driver). One scenario
-//! per test; each fixes its seed, so a failure replays exactly.
+//! Deterministic simulation of the agent's sans-IO machines: two or more
+//! nodes (traversal's `Node`, netcheck, a real data plane, a relay client
+//! session) over simulated NATs, a relay and a virtual clock (`net` is the
+//! network, `harness` and `wire` the driver, `relay` the relay server's
+//! half). One scenario per test; each fixes its seed, so a failure replays
+//! exactly.
 //!
-//! "Direct where possible within 3 s of virtual time" is asserted for every
-//! topology where a direct path exists; the others assert that the peers stay
-//! on the relay, that traffic still flows, and why.
+//! Most UDP topologies with a direct path assert "direct within 3 s of
+//! virtual time" (the TCP one within 5 s, the random-port birthday one
+//! within its own bound; the generated pairs check the path at the end);
+//! the others assert that the peers stay on the relay, that traffic still
+//! flows, and why.
 
 // Helpers outside #[test] fns are test code too; clippy only exempts the fns.
 #![allow(clippy::unwrap_used)]

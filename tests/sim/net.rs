@@ -4,7 +4,10 @@
 //! NATs follow RFC 4787: mapping endpoint-independent or -dependent, port
 //! allocation preserving / sequential (with a step) / random, filtering
 //! endpoint-independent, address-dependent or address-and-port-dependent,
-//! hairpinning on or off, UDP blocked, mapping timeout. Every random choice
+//! hairpinning on or off, UDP blocked, TCP blocked but to 443, mapping
+//! timeout. Each NAT keeps a TCP mapping table beside its UDP one, for the
+//! direct TCP path's simultaneous open; STUN servers answer Binding
+//! requests with the source they saw. Every random choice
 //! (loss, jitter, random ports) comes from one seeded RNG, and the queue
 //! breaks ties by insertion order, so a seed fixes the whole run.
 

@@ -14,10 +14,10 @@
 //!
 //! Each connection's receiver is drained by a small task, its pump. The
 //! pump opens WireGuard itself and writes it to the TUN in batches
-//! (`agent::streamed`): relayed data never crosses the mesh task. Disco,
-//! anything else a peer sends, and connection events are tagged with the
-//! region and funnelled into one channel, so the mesh's `select!` waits
-//! on one receiver however many relays are open.
+//! (`agent::streamed`): relayed data never crosses the mesh task. Disco and
+//! anything else a peer sends (as `Incoming::Packet`) and connection events
+//! (tagged with the region) are funnelled into one channel, so the mesh's
+//! `select!` waits on one receiver however many relays are open.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

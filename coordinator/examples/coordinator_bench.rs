@@ -121,6 +121,10 @@ struct Counters {
     bytes: AtomicUsize,
     /// Per needle: the streams that saw it.
     seen: Vec<AtomicUsize>,
+    /// Streams that ended in an error (an agent would retry; the bench
+    /// reports them), and the first error.
+    failed: AtomicUsize,
+    first_error: std::sync::OnceLock<String>,
 }
 
 /// Opens one map stream; counts its lines, then waits for each of
@@ -271,15 +275,26 @@ async fn main() -> anyhow::Result<()> {
             needles.clone(),
             counters.clone(),
         );
-        tasks.push(tokio::spawn(fut));
+        let c = counters.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = fut.await;
+            if let Err(e) = &r {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = c.first_error.set(format!("{e:#}"));
+            }
+            r
+        }));
     }
     let want = a.nodes - 1;
     let deadline = Instant::now() + Duration::from_secs(600);
     while counters.connected.load(Ordering::Relaxed) < want {
-        if Instant::now() > deadline {
+        let failed = counters.failed.load(Ordering::Relaxed);
+        if Instant::now() > deadline || counters.connected.load(Ordering::Relaxed) + failed >= want
+        {
             bail!(
-                "only {} of {want} streams got their full map",
-                counters.connected.load(Ordering::Relaxed)
+                "only {} of {want} streams got their full map; {failed} failed (first: {})",
+                counters.connected.load(Ordering::Relaxed),
+                counters.first_error.get().map_or("-", String::as_str)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

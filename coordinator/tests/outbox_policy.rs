@@ -58,6 +58,15 @@ const POLICY: &str = r#"{
   "acls": [{"action": "accept", "src": ["alice@example.com"], "dst": ["tag:server:22"]}],
 }"#;
 
+/// The policy `text` (`None`: none) compiled for these users and nodes.
+fn access(users: &[UserRecord], nodes: &[NodeRecord], text: Option<&str>) -> Arc<Access> {
+    Arc::new(Access::build(
+        text.map(str::to_owned),
+        users.to_vec(),
+        nodes.iter(),
+    ))
+}
+
 fn lines(flush: Flush) -> Vec<MapMessage> {
     match flush {
         Flush::Lines { text, .. } => text
@@ -80,13 +89,7 @@ fn a_policy_hides_peers_and_its_changes_arrive_as_deltas() {
         .iter()
         .map(|n| (n.id, Upserted::new(n.clone()).unwrap()))
         .collect();
-    let build = |text: Option<&str>| {
-        Arc::new(Access::build(
-            text.map(str::to_owned),
-            users.clone(),
-            nodes.iter(),
-        ))
-    };
+    let build = |text: Option<&str>| access(&users, &nodes, text);
 
     let t0 = Instant::now();
     let mut ob = Outbox::new(ME, t0);
@@ -152,13 +155,7 @@ fn the_same_peers_under_a_new_policy_cost_no_comparison_and_leak_no_newcomer() {
         record(2, Some(2), &["tag:server"]),
     ];
     let users = vec![user(1, "alice"), user(2, "bob")];
-    let build = |nodes: &[NodeRecord], text: Option<&str>| {
-        Arc::new(Access::build(
-            text.map(str::to_owned),
-            users.clone(),
-            nodes.iter(),
-        ))
-    };
+    let build = |nodes: &[NodeRecord], text: Option<&str>| access(&users, nodes, text);
     let t0 = Instant::now();
     let mut ob = Outbox::new(ME, t0);
     ob.set_access(build(&nodes, None));

@@ -134,6 +134,10 @@ impl TunWriter {
         self.now = now;
     }
 
+    pub(super) fn now(&self) -> std::time::Instant {
+        self.now
+    }
+
     /// Opens `dgram` from `peer` (`from`: the address it came from, `None`
     /// over a stream) into the batch, through the firewall; writes the
     /// batch first when it is full.

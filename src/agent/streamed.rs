@@ -63,8 +63,9 @@ impl StreamedParts {
     }
 }
 
-/// One task's opener: call [`StreamedIn::open`] for each packet in hand,
-/// then [`StreamedIn::flush`] before waiting for more.
+/// One task's opener: [`StreamedIn::set_now`] once per batch, then
+/// [`StreamedIn::open`] for each packet in hand, then [`StreamedIn::flush`]
+/// before waiting for more.
 pub struct StreamedIn {
     dp: Arc<DataPlane>,
     egress: Arc<Egress>,
@@ -74,6 +75,12 @@ pub struct StreamedIn {
 }
 
 impl StreamedIn {
+    /// The time the next packets are opened at (one clock read per batch,
+    /// not per packet).
+    pub fn set_now(&mut self, now: std::time::Instant) {
+        self.writer.set_now(now);
+    }
+
     /// Opens one WireGuard packet `from` a peer into the batch; protocol
     /// replies go back the peer's stream-carried way (its TCP stream when
     /// it has one, else the relay).
@@ -82,8 +89,7 @@ impl StreamedIn {
         let Some(peer) = set.by_key(&from) else {
             return;
         };
-        let now = std::time::Instant::now();
-        self.writer.set_now(now);
+        let now = self.writer.now();
         match self.writer.open(&self.dp, peer, None, bytes).await {
             Ok(Outcome::Done) => {}
             Ok(Outcome::Reply(len)) => {

@@ -96,6 +96,19 @@ pub struct Nat {
 }
 
 impl Nat {
+    /// NAT number `n`'s table, handing out ports from `next_port`.
+    fn new(cfg: NatConfig, n: u8, next_port: u16) -> Nat {
+        Nat {
+            cfg,
+            public_ip: Ipv4Addr::new(203, 0, 113, 10 + n),
+            lan: Ipv4Addr::new(10, n, 0, 0),
+            by_key: HashMap::new(),
+            by_port: BTreeMap::new(),
+            next_port,
+            lan_latency: Duration::from_micros(500),
+        }
+    }
+
     fn lan_contains(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(v4) => v4.octets()[..3] == self.lan.octets()[..3],
@@ -286,24 +299,8 @@ impl World {
     pub fn add_nat(&mut self, cfg: NatConfig) -> usize {
         let n = self.nats.len() as u8;
         let start = 20000 + u16::from(n) * 1000;
-        self.tcp_nats.push(Nat {
-            cfg,
-            public_ip: Ipv4Addr::new(203, 0, 113, 10 + n),
-            lan: Ipv4Addr::new(10, n, 0, 0),
-            by_key: HashMap::new(),
-            by_port: BTreeMap::new(),
-            next_port: start + 500,
-            lan_latency: Duration::from_micros(500),
-        });
-        self.nats.push(Nat {
-            cfg,
-            public_ip: Ipv4Addr::new(203, 0, 113, 10 + n),
-            lan: Ipv4Addr::new(10, n, 0, 0),
-            by_key: HashMap::new(),
-            by_port: BTreeMap::new(),
-            next_port: start,
-            lan_latency: Duration::from_micros(500),
-        });
+        self.tcp_nats.push(Nat::new(cfg, n, start + 500));
+        self.nats.push(Nat::new(cfg, n, start));
         self.nats.len() - 1
     }
 

@@ -385,6 +385,7 @@ impl Mesh {
     /// the TUN, and sends any protocol reply back the peer's stream-carried
     /// way.
     async fn open_streamed(&mut self, from: NodeKey, bytes: &Bytes) {
+        self.streamed.set_now(Instant::now());
         self.streamed.open(from, bytes).await;
         self.streamed.flush().await;
     }

@@ -458,6 +458,9 @@ async fn pump(
             }
             None => return,
         };
+        if let Some(d) = data.as_mut() {
+            d.set_now(std::time::Instant::now());
+        }
         // At most a batch's worth before events get their turn again.
         for _ in 0..PUMP_BATCH {
             match data.as_mut() {

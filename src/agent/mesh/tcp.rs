@@ -341,22 +341,24 @@ async fn read_loop(
             Ok(n) => n,
         };
         dec.push(&buf[..n]);
+        // Once per read, not per frame: the owner and the clock.
+        let proven = owner.load_full();
+        if let Some(d) = data.as_mut() {
+            d.set_now(std::time::Instant::now());
+        }
         loop {
             match dec.next_frame() {
-                Ok(Some(bytes)) => {
-                    let proven = owner.load_full();
-                    match (data.as_mut(), proven) {
-                        (Some(d), Some(peer)) if streamed::is_data(&bytes) => {
-                            d.open(*peer, &bytes).await;
-                        }
-                        _ => {
-                            let frame = TcpIncoming::Frame { addr, id, bytes };
-                            if tx.send(frame).await.is_err() {
-                                return;
-                            }
+                Ok(Some(bytes)) => match (data.as_mut(), proven.as_deref()) {
+                    (Some(d), Some(peer)) if streamed::is_data(&bytes) => {
+                        d.open(*peer, &bytes).await;
+                    }
+                    _ => {
+                        let frame = TcpIncoming::Frame { addr, id, bytes };
+                        if tx.send(frame).await.is_err() {
+                            return;
                         }
                     }
-                }
+                },
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "direct tcp: bad frame; closing");

@@ -40,6 +40,7 @@ mod inbound;
 pub mod mesh;
 mod outbound;
 pub mod reload;
+pub mod state;
 mod streamed;
 mod tun;
 pub mod udp;

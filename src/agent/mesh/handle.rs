@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -90,37 +89,10 @@ impl MeshHandle {
     }
 }
 
-/// Renders a core instant as wall-clock time, "HH:MM:SS" in UTC. The
-/// traversal core only has `Instant`s; this is the edge where they meet
-/// the clock a person reads (`now` and `wall` are taken together).
-pub(super) fn wall_clock(now: Instant, wall: SystemTime, t: Instant) -> String {
-    let at = wall
-        .checked_sub(now.saturating_duration_since(t))
-        .unwrap_or(wall);
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) % 86_400;
-    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
 /// The mesh task's side of the view.
 pub(super) fn publish(view: &Mutex<View>, f: impl FnOnce(&mut View)) {
     match view.lock() {
         Ok(mut v) => f(&mut v),
         Err(poisoned) => f(&mut poisoned.into_inner()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn instants_become_utc_clock_times() {
-        let now = Instant::now();
-        // 1970-01-02 14:02:05 UTC.
-        let wall = UNIX_EPOCH + Duration::from_secs(86_400 + 14 * 3600 + 2 * 60 + 5);
-        assert_eq!(wall_clock(now, wall, now), "14:02:05");
-        let earlier = now.checked_sub(Duration::from_secs(65)).unwrap();
-        assert_eq!(wall_clock(now, wall, earlier), "14:01:00");
     }
 }

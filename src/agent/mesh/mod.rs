@@ -26,10 +26,9 @@
 //! [`relays`], [`tcp`], [`discover`], [`handle`] (the API's view and the
 //! typed replies), [`ping`], [`login`], [`sockets`].
 
-mod discover;
+mod drain;
 mod handle;
 mod login;
-mod ping;
 mod relays;
 pub use relays::RelayOptions;
 mod session;
@@ -41,7 +40,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -50,34 +49,28 @@ use tun_rs::AsyncDevice;
 
 use super::egress::Egress;
 use super::inbound::SideDatagram;
+use super::state::{AgentState, Settings};
 use super::streamed::{StreamedIn, StreamedParts};
-use crate::api::mesh::{PeerMesh, TriedPath};
-use crate::control::follow::Follower;
 use crate::dataplane::DataPlane;
 use crate::keys::{NodeKey, PrivateKey};
-use crate::path::{Path, SocketId};
+use crate::path::Path;
+use crate::portmap::PortMapperHandle;
 use crate::proto::disco::DiscoSecret;
-use crate::traversal::node::{Datagram, Dest, Node, NodeEvent};
+use crate::traversal::node::Datagram;
 
 pub use handle::{Command, MeshHandle, MeshReply};
 pub use login::Login;
 
-use discover::Discovery;
 use relays::{Incoming, Relays};
 use session::{Background, Session};
 use sockets::ExtraSockets;
 use tcp::{TcpIncoming, TcpPaths};
 
-/// How often the housekeeping tick runs: traffic notes for traversal, idle
-/// relays, local address changes, the status view.
-const TICK: Duration = Duration::from_secs(1);
 /// Datagrams from the extra sockets waiting for the mesh task (disco and
 /// stray STUN; WireGuard never passes here).
 const EXTRA_QUEUE: usize = 256;
 /// Frames and stream news from the direct TCP paths waiting for the mesh task.
 const TCP_QUEUE: usize = 1024;
-/// Local addresses are compared every this many ticks.
-const ADDR_CHECK_TICKS: u64 = 2;
 
 /// What the mesh task needs from the agent.
 pub struct MeshParts {
@@ -126,31 +119,22 @@ pub(crate) struct Mesh {
     calls: mpsc::Receiver<(Command, handle::Reply)>,
     view: Arc<Mutex<handle::View>>,
     portmap: Option<crate::portmap::Config>,
+    /// The port mapping for the listen port, while one is kept.
+    portmapper: Option<PortMapperHandle>,
 
-    node: Node,
-    disco: DiscoSecret,
+    /// Everything decided about the node and its peers (sans-IO).
+    state: AgentState,
     relays: Relays,
     relay_rx: mpsc::Receiver<Incoming>,
     tcp: TcpPaths,
     tcp_rx: mpsc::Receiver<TcpIncoming>,
-    /// Our TCP port as the STUN server saw it.
-    tcp_public: Option<SocketAddr>,
-    discovery: Discovery,
+    /// The login, the coordinator client and the map stream.
     session: Option<Session>,
     background: JoinSet<Background>,
-    /// What the map asks (`control::follow`), and the peers as the map
-    /// describes them (names, candidates, home relays).
-    follow: Follower,
     /// Netcheck requests waiting for the running netcheck's report.
     netcheck_waiters: Vec<handle::Reply>,
-    /// `warren ping` requests waiting for their round's pongs.
-    ping_waiters: Vec<ping::Waiter>,
-    /// When each peer's path last turned direct.
-    direct_since: HashMap<NodeKey, Instant>,
-    /// Per peer, the data plane's activity and sealed counters at the last
-    /// look (`feed_traffic`).
-    traffic: HashMap<NodeKey, (u64, u64)>,
-    host_addrs: Vec<crate::control::Endpoint>,
+    /// `warren ping` requests waiting for their round, by the state's id.
+    ping_waiters: HashMap<u64, handle::Reply>,
     /// Opens the TCP frames that arrive before their stream is proven.
     streamed: StreamedIn,
 }
@@ -162,19 +146,17 @@ impl Mesh {
         view: Arc<Mutex<handle::View>>,
     ) -> Mesh {
         let disco = DiscoSecret::generate(&mut rand::rngs::OsRng);
-        let node = Node::new(
-            parts.traversal.clone(),
-            parts.key.public(),
-            disco.clone(),
-            rand::random(),
-        );
+        let settings = Settings {
+            traversal: parts.traversal.clone(),
+            tcp_port: parts.tcp_port,
+        };
+        let state = AgentState::new(settings, parts.key.public(), disco, rand::random());
         let data = StreamedParts {
             dp: parts.dp.clone(),
             tun: parts.tun.clone(),
             egress: parts.egress.clone(),
             mtu: parts.mtu,
         };
-        let follow = Follower::new(parts.dp.public_key(), None);
         let (relays, sink, relay_rx) =
             Relays::new(parts.key.clone(), None, parts.relay, Some(data.clone()));
         parts.egress.set_relay(Some(sink));
@@ -190,7 +172,6 @@ impl Mesh {
         Mesh {
             sockets,
             extra_side,
-            discovery: Discovery::new(parts.listen.port()),
             dp: parts.dp,
             egress: parts.egress,
             tun: parts.tun,
@@ -199,42 +180,28 @@ impl Mesh {
             listen: parts.listen,
             side: parts.side,
             portmap: parts.portmap,
+            portmapper: None,
             calls,
             view,
-            node,
-            disco,
+            state,
             relays,
             relay_rx,
             tcp,
             tcp_rx,
-            tcp_public: None,
             session: None,
             background: JoinSet::new(),
-            follow,
             netcheck_waiters: Vec::new(),
-            ping_waiters: Vec::new(),
-            direct_since: HashMap::new(),
-            traffic: HashMap::new(),
-            host_addrs: Vec::new(),
+            ping_waiters: HashMap::new(),
             streamed: data.opener(),
         }
     }
 
     async fn run(mut self) {
         self.resume_saved_login();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u64 = 0;
+        self.drain().await;
         let wake = self.dp.activity_wake();
         loop {
-            let deadline = [
-                self.node.poll_timeout().map(|(t, _)| t),
-                self.discovery.poll_timeout(),
-                self.ping_deadline(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let deadline = self.state.poll_timeout();
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -245,12 +212,16 @@ impl Mesh {
                 call = self.calls.recv() => {
                     let Some((cmd, reply)) = call else { return };
                     self.on_command(cmd, reply).await;
+                    self.drain().await;
                     // The caller's next `status` must see the effect.
                     self.publish_view(Instant::now());
+                    continue;
                 }
                 ev = session::next_map(&mut self.session) => {
-                    self.on_map(ev);
+                    self.state.handle_map(Instant::now(), ev);
+                    self.drain().await;
                     self.publish_view(Instant::now());
+                    continue;
                 }
                 inc = self.relay_rx.recv() => match inc {
                     Some(Incoming::Packet { from, bytes }) => self.on_relay(from, &bytes).await,
@@ -268,113 +239,27 @@ impl Mesh {
                     Ok(bg) => self.on_background(bg),
                     Err(e) => tracing::warn!(error = %e, "control request task failed"),
                 },
-                _ = sleep => {
-                    let now = Instant::now();
-                    self.node.handle_timeout(now);
-                    self.discovery.handle_timeout(now);
-                }
-                _ = wake.notified() => self.feed_traffic(Instant::now()),
-                _ = tick.tick() => {
-                    ticks += 1;
-                    self.housekeeping(Instant::now(), ticks % ADDR_CHECK_TICKS == 0);
+                _ = sleep => self.state.handle_timeout(Instant::now()),
+                // A quiet peer's first packet: traversal hears of it now,
+                // not at the next housekeeping.
+                _ = wake.notified() => {
+                    let peers = self.dp.peers();
+                    self.state.handle_traffic(Instant::now(), peers.iter().map(|p| &**p));
                 }
             }
-            self.pump().await;
+            self.drain().await;
         }
     }
 
-    /// Tells traversal which peers had packets since the last look: once a
-    /// second, and at once when a quiet peer's first packet wakes us.
-    fn feed_traffic(&mut self, now: Instant) {
-        for p in self.dp.peers().iter().filter(|p| p.spec.managed) {
-            // A new peer starts at zero: being added is not traffic.
-            let (seen, seen_sealed) = self.traffic.get(&p.key).copied().unwrap_or((0, 0));
-            let cur = p.poll_activity(seen);
-            if cur != seen {
-                // Only what we sent may start the hard-NAT methods.
-                let sealed = p.sealed();
-                self.traffic.insert(p.key, (cur, sealed));
-                if sealed != seen_sealed {
-                    self.node.note_traffic(now, &p.key);
-                } else {
-                    self.node.note_received(now, &p.key);
-                }
-            }
-        }
-    }
-
-    /// Once a second: feed traffic to traversal (heartbeats run only while
-    /// packets flow), close idle relays, notice address changes, start a
-    /// due netcheck, refresh the API's view.
-    fn housekeeping(&mut self, now: Instant, check_addrs: bool) {
-        self.feed_traffic(now);
-        self.traffic.retain(|k, _| self.follow.peer(k).is_some());
-        self.relays.close_idle(now);
-        let active = self.session.as_ref().is_some_and(|s| s.is_active());
-        if active && check_addrs {
-            let addrs = login::host_endpoints(self.listen.port());
-            if addrs != self.host_addrs {
-                let first = self.host_addrs.is_empty();
-                if !first {
-                    tracing::info!("local addresses changed; re-discovering paths");
-                    self.node.network_changed(now);
-                }
-                self.host_addrs = addrs;
-                if first && self.discovery.udp_blocked() {
-                    // UDP already looks blocked: a restart would only push
-                    // that verdict (the run's whole deadline) back, and the
-                    // TCP candidates are what peers need now.
-                    self.publish_tcp();
-                } else {
-                    self.start_netcheck(now);
-                }
-            }
-        }
-        if active && self.discovery.due(now) {
-            self.start_netcheck(now);
-        }
-        self.publish_view(now);
-    }
-
-    fn start_netcheck(&mut self, now: Instant) {
-        let stun = self
-            .relays
-            .map()
-            .regions
-            .iter()
-            .find_map(|r| r.stun.first());
-        if let Some(server) = stun {
-            self.tcp.query_stun(*server);
-        }
-        if !self.discovery.start(now, self.relays.map()) {
-            // No STUN server: host and port-mapped candidates still count.
-            self.publish_local(None);
-            let waiters = std::mem::take(&mut self.netcheck_waiters);
-            for w in waiters {
-                let _ = w.send(Err(crate::api::ApiError::new(
-                    crate::api::ErrorCode::NotJoined,
-                    "no STUN server known: the coordinator's relay map lists none",
-                )));
-            }
-        }
-    }
-
-    /// A datagram a UDP reader set aside: traversal takes disco and says
-    /// what else it is.
+    /// A datagram a UDP reader set aside: the state takes disco and STUN.
     fn on_side(&mut self, (socket, from, bytes): SideDatagram) {
-        let now = Instant::now();
-        let kind = self.node.handle_udp(now, socket, from, &bytes);
-        tracing::trace!(socket = socket.0, %from, len = bytes.len(), ?kind, "datagram in");
-        // Netcheck runs on the primary socket only.
-        if kind == Datagram::Stun && socket == SocketId::PRIMARY {
-            self.discovery.handle_stun(now, from, &bytes);
-        }
+        self.state.handle_udp(Instant::now(), socket, from, &bytes);
     }
 
     /// Opens a WireGuard packet that came through a relay and writes it to
     /// the TUN; disco is consumed by traversal.
     async fn on_relay(&mut self, from: NodeKey, bytes: &Bytes) {
-        if self.node.handle_relay(Instant::now(), from, bytes) != Datagram::WireGuard {
+        if self.state.handle_relay(Instant::now(), from, bytes) != Datagram::WireGuard {
             return;
         }
         self.open_streamed(from, bytes).await;
@@ -390,104 +275,19 @@ impl Mesh {
         self.streamed.flush().await;
     }
 
-    /// Sends what traversal and discovery want sent and applies traversal's
-    /// path decisions to the data plane.
-    async fn pump(&mut self) {
-        let now = Instant::now();
-        while let Some((to, bytes)) = self.discovery.poll_transmit(now) {
-            let _ = self.egress.udp.send(to, &bytes, None).await;
-        }
-        if let Some(report) = self.discovery.poll_report() {
-            self.on_netcheck(report);
-        }
-        if self.discovery.udp_blocked_changed() {
-            // Netcheck suspects (or no longer suspects) a blocked UDP
-            // before its report: the TCP path need not wait for it.
-            self.publish_tcp();
-            tracing::info!(
-                udp_blocked = self.discovery.udp_blocked(),
-                "netcheck: provisional UDP verdict"
-            );
-        }
-        // Opening sockets makes traversal send (the birthday spray), so
-        // transmits and events are drained until neither has more.
-        loop {
-            while let Some(t) = self.node.poll_transmit() {
-                tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
-                match t.dest {
-                    Dest::Udp { socket, addr } => self.egress.send_on(socket, addr, &t.bytes).await,
-                    Dest::Relay(k) => self.egress.via_relay(k, &t.bytes),
-                    Dest::Tcp(addr) => {
-                        self.tcp.send(addr, &t.bytes);
-                    }
-                }
-            }
-            let Some(ev) = self.node.poll_event() else {
-                break;
-            };
-            match ev {
-                NodeEvent::PathChanged {
-                    peer,
-                    from,
-                    to,
-                    reason,
-                } => {
-                    tracing::info!(peer = %peer.short(), %from, %to, ?reason, "path changed");
-                    self.apply_path(&peer, to, now);
-                }
-                NodeEvent::OpenSockets { count } => {
-                    let t = std::time::Instant::now();
-                    let open = self.sockets.open(count);
-                    let took = t.elapsed();
-                    tracing::info!(count, open, ?took, "birthday: extra sockets opened");
-                    self.node.sockets_opened(now, open);
-                }
-                NodeEvent::PingReply {
-                    peer,
-                    round,
-                    path,
-                    rtt,
-                } => self.on_ping_reply(peer, round, path, rtt),
-                NodeEvent::TcpConnect {
-                    peer,
-                    targets,
-                    until,
-                } => {
-                    // Traversal already left out our own addresses.
-                    tracing::info!(peer = %peer.short(), ?targets, "direct tcp: dialling");
-                    self.tcp.dial(peer, targets, until);
-                }
-                NodeEvent::TcpClose { addr } => self.tcp.close(addr),
-                NodeEvent::CloseSockets { keep } => {
-                    self.sockets.close(&keep);
-                    tracing::info!(
-                        ?keep,
-                        still_open = self.sockets.open_count(),
-                        "birthday: extra sockets closed"
-                    );
-                }
-            }
-        }
-        self.finish_pings(Instant::now());
-    }
-
     /// Moves the peer in the data plane to traversal's path: direct from
     /// whichever local socket won (the primary one or a birthday socket), or
     /// the relay.
-    fn apply_path(&mut self, peer: &NodeKey, to: Path, now: Instant) {
+    fn apply_path(&self, peer: &NodeKey, to: Path) {
         let set = self.dp.peers();
-        let dp_peer = set.by_key(peer);
         let stream = match to {
             Path::Tcp(addr) => self.tcp.sink(addr),
             _ => None,
         };
+        // The stream first: a packet that sees the TCP path finds its
+        // writer.
         self.egress.set_stream(*peer, stream);
-        if to == Path::Relay {
-            self.direct_since.remove(peer);
-        } else {
-            self.direct_since.entry(*peer).or_insert(now);
-        }
-        if let Some(p) = dp_peer {
+        if let Some(p) = set.by_key(peer) {
             p.set_path(to);
         }
     }
@@ -495,61 +295,7 @@ impl Mesh {
     /// Writes the status view the API reads.
     fn publish_view(&self, now: Instant) {
         let node = self.node_status();
-        let wall = std::time::SystemTime::now();
-        let clock = |t: Instant| handle::wall_clock(now, wall, t);
-        let at = |t: Instant| format!("at {} UTC", clock(t));
-        let peers = self
-            .follow
-            .peers()
-            .values()
-            .map(|p| {
-                let st = self.node.status_with(&p.key, &at);
-                let relayed = st.as_ref().is_none_or(|s| matches!(s.path, Path::Relay));
-                let mesh = PeerMesh {
-                    hostname: p.name.clone(),
-                    online: p.online,
-                    os: p.os.clone(),
-                    version: p.version.clone(),
-                    tags: p.tags.clone(),
-                    relay_region: if relayed {
-                        self.relays
-                            .peer_region(&p.key)
-                            .and_then(|r| self.relays.region_name(r))
-                    } else {
-                        None
-                    },
-                    latency_ms: st
-                        .as_ref()
-                        .and_then(|s| s.rtt)
-                        .map(|d| d.as_secs_f64() * 1e3),
-                    relay_reason: st.as_ref().and_then(|s| s.relay_reason.clone()),
-                    candidates: p.endpoints.iter().map(|e| e.addr).collect(),
-                    nat: p.nat,
-                    pings_sent: st.as_ref().map_or(0, |s| s.stats.pings_sent),
-                    pongs_received: st.as_ref().map_or(0, |s| s.stats.pongs_received),
-                    direct_since_secs: self
-                        .direct_since
-                        .get(&p.key)
-                        .map(|t| now.duration_since(*t).as_secs()),
-                    tried: st.as_ref().map_or_else(Vec::new, |s| {
-                        s.tried
-                            .iter()
-                            .map(|t| TriedPath {
-                                addr: t.path.addr,
-                                kind: t.kind.name().into(),
-                                last_ping: t.last_ping.map(clock),
-                                last_pong: t.last_pong.map(clock),
-                                rtt_ms: t.rtt.map(|d| d.as_secs_f64() * 1e3),
-                            })
-                            .collect()
-                    }),
-                    // Filled in per request (`api::view`, `api::server`).
-                    allows_you: None,
-                    you_allow: None,
-                };
-                (p.key, mesh)
-            })
-            .collect();
+        let peers = self.state.peer_views(now, std::time::SystemTime::now());
         let client = self.session.as_ref().map(|s| s.client.clone());
         handle::publish(&self.view, |v| {
             v.node = node;

@@ -142,11 +142,8 @@ pub struct Relays {
     tls: Option<Arc<rustls::ClientConfig>>,
     options: RelayOptions,
     map: RelayMap,
+    /// The home region, as the agent state chose it.
     home: Option<u16>,
-    /// Whether `home` was chosen by a netcheck's latencies (not the
-    /// first region, taken until one ran): only then does it get the
-    /// hysteresis of `netcheck::home::choose_home`.
-    home_measured: bool,
     /// Each peer's home region, from the map.
     peer_region: HashMap<NodeKey, u16>,
     conns: HashMap<u16, Conn>,
@@ -178,7 +175,6 @@ impl Relays {
             options,
             map: RelayMap::default(),
             home: None,
-            home_measured: false,
             peer_region: HashMap::new(),
             conns: HashMap::new(),
             routes: routes.clone(),
@@ -205,33 +201,16 @@ impl Relays {
         }
     }
 
-    pub fn map(&self) -> &RelayMap {
-        &self.map
-    }
-
     pub fn home(&self) -> Option<u16> {
         self.home
-    }
-
-    /// The home region if a netcheck chose it.
-    pub fn measured_home(&self) -> Option<u16> {
-        self.home.filter(|_| self.home_measured)
     }
 
     pub fn region(&self, id: u16) -> Option<&RelayRegion> {
         self.map.regions.iter().find(|r| r.id == id)
     }
 
-    pub fn region_name(&self, id: u16) -> Option<String> {
-        self.region(id).map(|r| r.name.clone())
-    }
-
-    /// Makes `id` the home region (it must be in the map); `measured`: a
-    /// netcheck's latencies chose it.
-    pub fn set_home(&mut self, id: u16, measured: bool) {
-        if self.region(id).is_some() {
-            self.home_measured = measured;
-        }
+    /// Makes `id` the home region (it must be in the map).
+    pub fn set_home(&mut self, id: u16) {
         if self.home != Some(id) && self.region(id).is_some() {
             if let Some(r) = self.region(id) {
                 tracing::info!(region = %r.name, url = %r.url, "home relay");

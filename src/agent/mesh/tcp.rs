@@ -37,7 +37,6 @@ use tokio::task::JoinHandle;
 use crate::agent::egress::StreamTx;
 use crate::agent::streamed::{self, Owner, StreamedIn, StreamedParts};
 use crate::keys::NodeKey;
-use crate::proto::disco::{Candidate, CandidateKind, Transport};
 use crate::proto::stream::StreamDecoder;
 use crate::proto::stun;
 
@@ -147,11 +146,6 @@ impl TcpPaths {
             Err(e) => tracing::warn!(port, error = %e, "direct tcp: cannot listen; relay only"),
         }
         paths
-    }
-
-    /// The listening port, 0 when off.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Asks `server` (a STUN server's address, TCP on the same port) what
@@ -410,21 +404,17 @@ impl super::Mesh {
                     return;
                 }
                 tracing::info!(%addr, dialled = peer.is_some(), "direct tcp: stream up");
-                // Traversal closes it (NodeEvent::TcpClose) unless a peer
+                // Traversal closes it (`Output::TcpClose`) unless a peer
                 // proves it its own in time.
-                match peer {
-                    Some(peer) => self.node.tcp_connected(now, peer, addr),
-                    None => self.node.tcp_accepted(now, addr),
-                }
+                self.state.handle_tcp_up(now, addr, peer);
             }
             TcpIncoming::Frame { addr, id, bytes } => {
                 if !self.tcp.is_current(addr, id) {
                     return;
                 }
-                let what = self.node.handle_tcp(now, addr, &bytes);
+                let (what, owner) = self.state.handle_tcp_frame(now, addr, &bytes);
                 // A disco message may have proven the stream: from now on
                 // its reader opens the owner's WireGuard itself.
-                let owner = self.node.tcp_owner(addr);
                 self.tcp.set_owner(addr, owner);
                 if what != crate::traversal::node::Datagram::WireGuard {
                     return;
@@ -439,48 +429,9 @@ impl super::Mesh {
                 }
                 tracing::info!(%addr, "direct tcp: stream closed");
                 self.tcp.close(addr);
-                self.node.tcp_closed(now, addr);
+                self.state.handle_tcp_closed(now, addr);
             }
-            TcpIncoming::Stun { seen, took } => {
-                if let Some(public) = seen {
-                    // Lets netcheck read UDP's silence early (see discover).
-                    self.discovery.handle_tcp_answer(took, public);
-                }
-                if seen != self.tcp_public {
-                    tracing::info!(public = ?seen, "direct tcp: public address");
-                    self.tcp_public = seen;
-                    self.publish_tcp();
-                }
-            }
+            TcpIncoming::Stun { seen, took } => self.state.handle_tcp_stun(now, seen, took),
         }
-    }
-
-    /// Gives traversal our TCP candidates: the host addresses on the
-    /// listening port and the public address STUN saw, and whether netcheck
-    /// found (or already suspects) UDP blocked, which is when they are
-    /// published unasked.
-    pub(super) fn publish_tcp(&mut self) {
-        let udp_blocked = self.discovery.tell_udp_blocked();
-        let port = self.tcp.port();
-        if port == 0 {
-            return;
-        }
-        let tcp = |addr, kind| Candidate {
-            addr,
-            kind,
-            transport: Transport::Tcp,
-        };
-        let mut cands: Vec<Candidate> = Vec::new();
-        cands.extend(
-            self.tcp_public
-                .map(|a| tcp(a, CandidateKind::ServerReflexive)),
-        );
-        for e in self.host_addrs.iter().filter(|e| e.addr.is_ipv4()) {
-            let c = tcp(SocketAddr::new(e.addr.ip(), port), CandidateKind::Host);
-            if !cands.iter().any(|k| k.addr == c.addr) {
-                cands.push(c);
-            }
-        }
-        self.node.set_tcp_local(Instant::now(), cands, udp_blocked);
     }
 }

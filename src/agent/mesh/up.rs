@@ -17,13 +17,14 @@
 //! as simple as every other command.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::handle::MeshReply;
 use super::login::{system_hostname, Login};
 use super::session::{api_err, Session, UP_TIMEOUT};
 use super::Mesh;
-use crate::api::mesh::{MeshState, UpArgs, UpReply};
+use crate::agent::state::AgentState;
+use crate::api::mesh::{UpArgs, UpReply};
 use crate::api::{ApiError, ErrorCode};
 use crate::control::types::normalize_tags;
 
@@ -165,7 +166,7 @@ impl Mesh {
                 s.login.stopped = false;
                 let _ = s.login.save(&self.state_dir);
             }
-            let reply = up_reply(s, changed);
+            let reply = up_reply(&s.login, &self.state, changed);
             if !s.is_active() {
                 self.start_following(true);
             }
@@ -249,44 +250,38 @@ impl Mesh {
             .flatten()
             .and_then(|pem| crate::dial::tls_config_with_ca(&pem).ok());
         self.relays.set_tls(relay_tls);
-        // Same network again: the open map stream carries on.
-        let old = self.session.take();
-        let keep_stream = old.as_ref().is_some_and(|s| s.stream.is_some());
-        // A kept stream sends no new `Connected`: keep its state too.
-        let (stream, map_received, state) = match old {
-            Some(s) if keep_stream => (s.stream, s.map_received, s.state),
-            _ => (None, false, MeshState::Reconnecting),
-        };
+        // Same network again: the open map stream carries on, and (it
+        // sends no new `Connected`) so does the state's standing.
+        let stream = self.session.take().and_then(|s| s.stream);
+        let keep_stream = stream.is_some();
         self.session = Some(Session {
             login,
             client,
             stream,
-            name: Some(reg.name.clone()),
-            addresses: Vec::new(),
-            state,
-            last_error: None,
-            reported: None,
-            reporting: false,
-            map_received,
         });
-        self.on_registered(reg);
-        if self.session.as_ref().is_some_and(|s| !s.is_active()) {
+        self.state.registered(Instant::now(), &reg, keep_stream);
+        if !keep_stream {
             self.start_following(false);
         }
         let s = self
             .session
             .as_ref()
             .ok_or_else(|| api_err(ErrorCode::Internal, "session vanished during `up`"))?;
-        up_reply(s, changed)
+        up_reply(&s.login, &self.state, changed)
     }
 }
 
-fn up_reply(s: &Session, changed: Vec<String>) -> Result<MeshReply, ApiError> {
+fn up_reply(
+    login: &Login,
+    state: &AgentState,
+    changed: Vec<String>,
+) -> Result<MeshReply, ApiError> {
+    let control = state.control();
     let reply = UpReply {
-        coordinator: s.login.coordinator.clone(),
-        name: s.name.clone().unwrap_or_default(),
-        addresses: s.addresses.clone(),
-        tags: s.login.tags.clone(),
+        coordinator: login.coordinator.clone(),
+        name: control.and_then(|c| c.name.clone()).unwrap_or_default(),
+        addresses: control.map(|c| c.addresses.clone()).unwrap_or_default(),
+        tags: login.tags.clone(),
         changed,
     };
     Ok(MeshReply::Up(reply))

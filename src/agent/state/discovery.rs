@@ -1,18 +1,14 @@
-//! Endpoint discovery on the agent's own WireGuard socket (see
-//! docs/architecture.md, "Endpoint discovery").
+//! Endpoint discovery on the agent's own WireGuard socket, decided without
+//! IO (see docs/architecture.md, "Endpoint discovery").
 //!
 //! The mapped address that matters is the one the NAT gives the socket the
-//! tunnels use, so netcheck runs here on that socket rather than on one of
-//! its own (which is what `warren netcheck` without a daemon would see).
-//! The sans-IO [`Netcheck`] is driven from the mesh loop: its transmits go
-//! out through the shared UDP socket, STUN datagrams come back through the
-//! inbound side channel. A run is started when the node joins, when the
-//! local addresses change, and every [`RESTUN_INTERVAL`] — re-STUNning keeps
-//! the NAT mapping alive and notices a mapping that moved.
-//!
-//! A port mapping (UPnP / NAT-PMP / PCP) for the listen port is kept by a
-//! [`PortMapper`] task beside it; its public address is a `portmapped`
-//! candidate.
+//! tunnels use, so netcheck runs on that socket rather than on one of its
+//! own (which is what `warren netcheck` without a daemon would see). This
+//! holds the sans-IO [`Netcheck`] run: the agent state hands it STUN
+//! datagrams from the shared socket and sends its probes out as
+//! `Output::Stun`. A run is started when the node joins, when the local
+//! addresses change, and every [`RESTUN_INTERVAL`] — re-STUNning keeps the
+//! NAT mapping alive and notices a mapping that moved.
 //!
 //! UDP that is blocked answers nothing, so a run says so only at its
 //! deadline. The STUN query over TCP that runs beside it (for the direct
@@ -22,7 +18,8 @@
 //! earlier. A late UDP answer, or the report, overrules it.
 //!
 //! Out of a finished run come the candidates (host, port-mapped,
-//! server-reflexive per family), the NAT summary peers need for hard-NAT
+//! server-reflexive per family; the host addresses and the port mapping
+//! are what the driver last gave), the NAT summary peers need for hard-NAT
 //! strategies, and each relay region's latency, which picks the home relay.
 
 use std::net::SocketAddr;
@@ -30,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use crate::control::types::{Endpoint, EndpointKind, RelayMap};
 use crate::netcheck::{self, Netcheck, Report};
-use crate::portmap::{self, PortMapper, PortMapperHandle};
 use crate::traversal::NatSummary;
 
 /// How often netcheck runs while nothing changes.
@@ -39,55 +35,49 @@ pub const RESTUN_INTERVAL: Duration = Duration::from_secs(60);
 /// repeats.
 const RUN_DEADLINE: Duration = Duration::from_secs(3);
 
+#[derive(Debug, Default)]
 pub struct Discovery {
-    listen_port: u16,
     running: Option<Netcheck>,
     pub last: Option<Report>,
     /// When the next periodic run is due.
     next_run: Option<Instant>,
-    portmapper: Option<PortMapperHandle>,
     /// The UDP verdict traversal was last given (see [`Self::udp_blocked`]).
     told_blocked: bool,
 }
 
+/// This host's source address towards the first STUN server of each
+/// family (with the listen port).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+}
+
+/// The first STUN server of each family in `relays`: where `Sources` are
+/// measured towards.
+pub fn first_servers(relays: &RelayMap) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let all = || relays.regions.iter().flat_map(|r| r.stun.iter());
+    (
+        all().find(|a| a.is_ipv4()).copied(),
+        all().find(|a| a.is_ipv6()).copied(),
+    )
+}
+
+/// Where this host sends from: what the driver reads from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostView {
+    /// The host's own addresses on the listen port (`host` candidates).
+    pub endpoints: Vec<Endpoint>,
+    /// The port mapping's public address, if one is held.
+    pub portmapped: Option<Endpoint>,
+}
+
 impl Discovery {
-    pub fn new(listen_port: u16) -> Self {
-        Discovery {
-            listen_port,
-            running: None,
-            last: None,
-            next_run: None,
-            portmapper: None,
-            told_blocked: false,
-        }
-    }
-
-    /// Starts the port mapper (once; it renews by itself).
-    pub fn start_portmap(&mut self, config: portmap::Config) {
-        if self.portmapper.is_none() {
-            self.portmapper = Some(PortMapper::start(self.listen_port, config));
-        }
-    }
-
-    /// Stops discovery and gives back the port mapping (in the
-    /// background: the gateway may be slow, leaving must not be).
+    /// Forgets every run and its results (the node left the network).
     pub fn stop(&mut self) {
         self.running = None;
         self.next_run = None;
         self.last = None;
-        if let Some(pm) = self.portmapper.take() {
-            tokio::spawn(pm.shutdown());
-        }
-    }
-
-    /// Deletes the port mapping and waits for the gateway's answer
-    /// (bounded by the mapper's request timeout). For a daemon on its way
-    /// out: [`Self::stop`]'s background task would die with the runtime,
-    /// before a UPnP delete (TCP + HTTP) even reaches the gateway.
-    pub async fn release_portmap(&mut self) {
-        if let Some(pm) = self.portmapper.take() {
-            pm.shutdown().await;
-        }
     }
 
     pub fn is_running(&self) -> bool {
@@ -95,8 +85,10 @@ impl Discovery {
     }
 
     /// Starts a run against every relay region's STUN addresses (a run in
-    /// progress is replaced: the network changed under it).
-    pub fn start(&mut self, now: Instant, relays: &RelayMap) -> bool {
+    /// progress is replaced: the network changed under it). `local`: this
+    /// host's source address towards the first server of each family, as
+    /// the kernel picks it (`Output::Netcheck` asks the driver for it).
+    pub fn start(&mut self, now: Instant, relays: &RelayMap, local: Sources, seed: u64) -> bool {
         let servers: Vec<netcheck::Server> = relays
             .regions
             .iter()
@@ -111,26 +103,12 @@ impl Discovery {
             self.running = None;
             return false;
         }
-        let first_v4 = servers
-            .iter()
-            .flat_map(|s| s.addrs.iter())
-            .find(|a| a.is_ipv4())
-            .copied();
-        let first_v6 = servers
-            .iter()
-            .flat_map(|s| s.addrs.iter())
-            .find(|a| a.is_ipv6())
-            .copied();
-        let local = |dest: Option<SocketAddr>| {
-            let ip = portmap::gateway::local_ip_towards(dest?.ip()).ok()?;
-            Some(SocketAddr::new(ip, self.listen_port))
-        };
         let config = netcheck::Config {
             servers,
-            local_v4: local(first_v4),
-            local_v6: local(first_v6),
+            local_v4: local.v4,
+            local_v6: local.v6,
             deadline: RUN_DEADLINE,
-            seed: rand::random(),
+            seed,
             ..netcheck::Config::default()
         };
         self.running = Some(Netcheck::new(now, config));
@@ -142,16 +120,14 @@ impl Discovery {
         self.running.as_mut()?.poll_transmit(now)
     }
 
+    /// The running netcheck's next deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match &self.running {
-            Some(nc) => nc.poll_timeout(),
-            None => self.next_run,
-        }
+        self.running.as_ref()?.poll_timeout()
     }
 
-    /// Whether a periodic run is due (the caller then calls `start`).
-    pub fn due(&self, now: Instant) -> bool {
-        self.running.is_none() && self.next_run.is_some_and(|t| t <= now)
+    /// When the next periodic run is due, unless one is running.
+    pub fn next_run(&self) -> Option<Instant> {
+        self.next_run.filter(|_| self.running.is_none())
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -205,17 +181,12 @@ impl Discovery {
         Some(report)
     }
 
-    /// The port-mapped candidate, if a mapping is held.
-    pub fn portmapped(&self) -> Option<Endpoint> {
-        self.portmapper.as_ref()?.candidate()
-    }
-
     /// Every candidate: host addresses, the port mapping, and what STUN saw
     /// (for an endpoint-dependent NAT the mapped address is still worth
     /// publishing: a peer behind an easy NAT can reach it after our ping).
-    pub fn candidates(&self) -> Vec<Endpoint> {
-        let mut out = super::login::host_endpoints(self.listen_port);
-        out.extend(self.portmapped());
+    pub fn candidates(&self, host: &HostView) -> Vec<Endpoint> {
+        let mut out = host.endpoints.clone();
+        out.extend(host.portmapped);
         if let Some(r) = &self.last {
             for fam in [&r.ipv4, &r.ipv6] {
                 if let Some(addr) = fam.global {

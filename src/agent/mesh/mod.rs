@@ -1,30 +1,40 @@
-//! The mesh: joining a coordinator and keeping the peers, their paths and
-//! the relays in step with the network map.
+//! The mesh task: the driver of the agent state ([`AgentState`], sans-IO)
+//! for everything that is not a data packet (docs/architecture.md, "The
+//! agent state" and "The tokio driver").
 //!
-//! One task owns everything that is not a packet: the control session (the
-//! map stream), the traversal core ([`Node`], sans-IO), discovery (netcheck
-//! on the shared socket, port mapping) and the relay connections. It is a
-//! single `select!` loop over:
+//! The state decides; this task only turns IO into `handle_*` calls and the
+//! state's outputs into IO ([`drain`]). It is one `select!` loop over:
 //! - commands from the local API (`up`, `down`, `logout`, `netcheck`,
-//!   `ping`; a ping waits for its round's pongs in [`ping`]);
-//! - map events → peers in the data plane (as managed peers: first packet
-//!   on the relay) and in the traversal core;
-//! - datagrams the UDP readers set aside (disco → traversal, STUN →
-//!   discovery), from the primary socket or the birthday method's extra
-//!   sockets ([`sockets`]), and disco from the relays and the direct TCP
-//!   streams ([`tcp`]);
-//! - the traversal and discovery timers, and a one-second housekeeping tick;
-//! - background control requests (registration, endpoint reports), so a slow
-//!   coordinator never stalls disco or the relays.
+//!   `ping`), answered on a oneshot (a ping or netcheck answer waits, by
+//!   id, for the state's `PingDone` / `NetcheckDone`);
+//! - map stream events → `handle_map`;
+//! - datagrams the UDP readers set aside (disco, STUN) from the primary
+//!   socket or the birthday method's extra sockets ([`sockets`]) →
+//!   `handle_udp`; disco from the relays → `handle_relay`; direct TCP
+//!   stream news and frames not yet proven ([`tcp`]) → `handle_tcp_*`;
+//! - the state's one deadline (`poll_timeout` → `handle_timeout`: its
+//!   timer table, traversal's and the netcheck run's deadlines);
+//! - the data plane's wake when a quiet peer sends (`handle_traffic`);
+//! - finished background control requests (registration, endpoint
+//!   reports), so a slow coordinator never stalls disco or the relays.
 //!
-//! The data plane never waits on this task: it reads each peer's path from
-//! the peer itself. Disco, STUN and control traffic pass through here.
-//! WireGuard that arrives over a relay or a direct TCP stream does not: the
-//! relay pumps and the TCP readers open it themselves (`agent::streamed`);
-//! only a TCP frame that comes before its stream is proven passes here.
-//! Files: [`session`] (the coordinator side), [`up`] (`warren up`),
-//! [`relays`], [`tcp`], [`discover`], [`handle`] (the API's view and the
-//! typed replies), [`ping`], [`login`], [`sockets`].
+//! What the driver itself holds is IO: the login file and coordinator
+//! client with the map stream ([`session`], [`up`], [`login`]), the relay
+//! connections ([`relays`]), the TCP listener and streams, the extra
+//! sockets, the port mapper, and the reply channels of waiting API calls.
+//!
+//! Tasks it starts: the map stream's reader, one driver and one pump per
+//! relay connection, the TCP accept loop and one reader and one writer per
+//! stream, one dial task per TCP dial, one reader per extra socket, the
+//! port mapper, background control requests (a `JoinSet`). Channels into
+//! it: API calls (8), side datagrams (from the agent), extra-socket
+//! datagrams ([`EXTRA_QUEUE`]), TCP news ([`TCP_QUEUE`]), relay frames and
+//! events (1024): bounded, because no producer may wait on this loop for
+//! long, and the data path never waits on it at all — it reads each peer's
+//! path from the peer itself, and relay pumps and TCP readers open
+//! WireGuard themselves (`agent::streamed`). Locks: only the status view's
+//! mutex ([`handle`]), written after each command, map event and
+//! housekeeping tick.
 
 mod drain;
 mod handle;
@@ -211,10 +221,13 @@ impl Mesh {
             tokio::select! {
                 call = self.calls.recv() => {
                     let Some((cmd, reply)) = call else { return };
-                    self.on_command(cmd, reply).await;
+                    let answer = self.on_command(cmd, reply).await;
                     self.drain().await;
                     // The caller's next `status` must see the effect.
                     self.publish_view(Instant::now());
+                    if let Some((reply, answer)) = answer {
+                        let _ = reply.send(answer);
+                    }
                     continue;
                 }
                 ev = session::next_map(&mut self.session) => {

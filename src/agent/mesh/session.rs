@@ -124,7 +124,15 @@ impl Mesh {
         }
     }
 
-    pub(super) async fn on_command(&mut self, cmd: Command, reply: Reply) {
+    /// Serves a command. The answer comes back to be sent once the
+    /// state's outputs are carried out and the view published (the
+    /// caller's next `status` must see the effect); a command that waits
+    /// for the state (ping, netcheck) keeps its reply and returns `None`.
+    pub(super) async fn on_command(
+        &mut self,
+        cmd: Command,
+        reply: Reply,
+    ) -> Option<(Reply, Result<MeshReply, ApiError>)> {
         let answer = match cmd {
             Command::Up(args) => self.up(args).await,
             Command::Down => self.down(),
@@ -149,10 +157,10 @@ impl Mesh {
                             PingRefused::UnknownPeer => ErrorCode::UnknownPeer,
                             _ => ErrorCode::Internal,
                         };
-                        let _ = reply.send(Err(api_err(code, e.to_string())));
+                        return Some((reply, Err(api_err(code, e.to_string()))));
                     }
                 }
-                return;
+                return None;
             }
             Command::Netcheck => {
                 if self.state.relay_map().regions.is_empty() {
@@ -163,11 +171,11 @@ impl Mesh {
                 } else {
                     self.state.request_netcheck(Instant::now());
                     self.netcheck_waiters.push(reply);
-                    return;
+                    return None;
                 }
             }
         };
-        let _ = reply.send(answer);
+        Some((reply, answer))
     }
 
     fn down(&mut self) -> Result<MeshReply, ApiError> {

@@ -1,7 +1,13 @@
-//! Drives [`warren::traversal::node::Node`]s over the simulated network the
-//! way the agent's tokio driver does over real sockets: datagrams in, transmits and
-//! events out, and a virtual clock that jumps straight to the next deadline
-//! (the next packet, the next node timer or the next application tick).
+//! Drives whole agent states ([`AgentState`]) over the simulated network
+//! the way the agent's tokio driver (`agent::mesh`) does over real sockets:
+//! datagrams, map events and timeouts in, every `Output` carried out, and a
+//! virtual clock that jumps straight to the next deadline (the next packet,
+//! the next state or relay timer, or the next application tick). Each node
+//! joins as the agent does: a registration with the world's relay map, a
+//! full map, the state's own netcheck runs (at join and every minute) with
+//! their probes through the node's NAT to the world's STUN servers, and
+//! its endpoint reports, which the harness turns into the node's map entry
+//! as the coordinator would, and hands to the peers that have it.
 //!
 //! Each node also has a real data plane ([`DataPlane`]: WireGuard sessions
 //! behind the seam that takes `now`, `dataplane::wg`) and plays a tiny
@@ -25,21 +31,29 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv6Addr;
+
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
+use warren::agent::state::discovery::Sources;
+use warren::agent::state::{AgentState, Output, Settings};
+use warren::control::follow::MapEvent;
+use warren::control::netmap::NetMap;
+use warren::control::types::{
+    Endpoint, EndpointKind, Peer as MapPeer, RegisterResponse, RelayMap, RelayRegion,
+};
 use warren::dataplane::packet::build::ipv4;
-use warren::dataplane::{DataPlane, PeerSpec};
+use warren::dataplane::DataPlane;
 use warren::keys::{NodeKey, PrivateKey};
-use warren::netcheck::{self, Netcheck, Report};
-use warren::proto::disco::{Candidate, CandidateKind, DiscoSecret};
+use warren::proto::disco::{DiscoKey, DiscoSecret};
 use warren::proto::relay::client::{ClientEvent, ClientSession, SessionConfig};
 use warren::traversal::node::{Datagram, Node, NodeEvent, PeerInfo};
-use warren::traversal::{Config, NatSummary, Path, SocketId};
+use warren::traversal::{Config, Path, SocketId};
 
 use crate::model::Model;
 use crate::net::{Delivery, World};
 use crate::relay::SimRelay;
-use crate::wire::{tcp_candidate, Dial, Stream, Via};
+use crate::wire::{Dial, Stream, Via};
 
 pub const PORT: u16 = 41641;
 const EXTRA_BASE: u16 = 42000;
@@ -49,7 +63,8 @@ const STUN2: &str = "192.0.2.11:3478";
 pub struct SimNode {
     pub host: usize,
     pub key: NodeKey,
-    pub node: Node,
+    /// The node's whole agent state.
+    pub state: AgentState,
     /// The node's WireGuard sessions and their paths.
     pub dp: DataPlane,
     /// The node's overlay address.
@@ -57,12 +72,17 @@ pub struct SimNode {
     /// Extra sockets: index `i` is socket id `i + 1`; `None` once closed.
     pub(crate) extra: Vec<Option<u16>>,
     pub peers: Vec<NodeKey>,
+    /// The node's map entry, from its last endpoints report (what the
+    /// coordinator would send its peers), and that entry as traversal
+    /// reads it.
+    pub record: Option<MapPeer>,
     pub info: Option<PeerInfo>,
-    /// The netcheck run in progress (the real machine, its STUN through
-    /// the simulated NATs to the world's STUN servers).
-    pub(crate) netcheck: Option<Netcheck>,
+    /// A netcheck run the state started has not reported yet.
+    pub(crate) netchecking: bool,
     /// The node's real relay client session, to the world's one relay.
     pub(crate) relay: ClientSession,
+    /// What traversal decided, rebuilt from the state's outputs (path
+    /// changes with their reasons, sockets, TCP dials and closes).
     pub events: Vec<(Instant, NodeEvent)>,
     /// Data packets the node's sessions opened, by the path they came on.
     pub rx_direct: u64,
@@ -75,6 +95,11 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    /// The node's traversal core.
+    pub fn node(&self) -> &Node {
+        self.state.node()
+    }
+
     pub(crate) fn port_of(&self, s: SocketId) -> Option<u16> {
         match s.0 {
             0 => Some(PORT),
@@ -180,17 +205,23 @@ impl Sim {
         self.rng.fill_bytes(&mut secret_bytes);
         self.model.add_node(secret_bytes, key);
         let secret = DiscoSecret::from_bytes(secret_bytes);
-        let node = Node::new(self.cfg.clone(), key, secret, 1000 + i as u64);
+        let settings = Settings {
+            traversal: self.cfg.clone(),
+            // Every node listens for direct TCP on its UDP port's number.
+            tcp_port: PORT,
+        };
+        let state = AgentState::new(settings, key, secret, 1000 + i as u64);
         self.nodes.push(SimNode {
             host,
             key,
-            node,
+            state,
             dp,
             ip,
             extra: Vec::new(),
             peers: Vec::new(),
+            record: None,
             info: None,
-            netcheck: None,
+            netchecking: false,
             relay,
             events: Vec::new(),
             rx_direct: 0,
@@ -199,10 +230,11 @@ impl Sim {
             wg_relay: 0,
             traffic: true,
         });
+        self.join(i);
         // The relay connection opens with the server's hello.
         let hello = self.relay.connect(i);
         self.world.relay_wire(host, i, false, hello);
-        self.netcheck(i);
+        self.wait_netcheck(i);
         // As `warren up` waits for its home relay before it reports up.
         for _ in 0..1_000 {
             if self.nodes[i].relay.is_established() {
@@ -213,27 +245,84 @@ impl Sim {
         panic!("node {i}'s relay session never came up")
     }
 
-    /// Runs netcheck for node `i` as the agent does: the real machine,
-    /// its probes through the node's NAT to the world's two STUN servers
-    /// (and a hairpin test), driven by the same loop as everything else
-    /// until its report is in; the report gives the node its candidates
-    /// and NAT summary (`traversal::convert`), as `Discovery` does.
+    /// The world's one relay region, with both STUN servers.
+    fn relay_map(&self) -> RelayMap {
+        RelayMap {
+            regions: vec![RelayRegion {
+                id: 1,
+                name: "sim".into(),
+                url: "https://relay.sim/relay".into(),
+                stun: vec![STUN1.parse().unwrap(), STUN2.parse().unwrap()],
+                key: None,
+            }],
+        }
+    }
+
+    /// Node `i` joins as `warren up` makes it: registered, following, and
+    /// a full map with no peers yet. Its first netcheck starts at once.
+    fn join(&mut self, i: usize) {
+        let now = self.now();
+        let record = MapPeer {
+            node_id: i as i64 + 1,
+            key: self.nodes[i].key,
+            disco_key: self.nodes[i].state.disco_key(),
+            name: format!("n{i}"),
+            ipv4: self.nodes[i].ip,
+            ipv6: Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, i as u16 + 1),
+            endpoints: Vec::new(),
+            online: true,
+            last_seen_ms: 0,
+            tags: Vec::new(),
+            os: "linux".into(),
+            version: String::new(),
+            nat: Default::default(),
+            home_relay: Some(1),
+        };
+        let reg = RegisterResponse {
+            node_id: record.node_id,
+            name: record.name.clone(),
+            ipv4: record.ipv4,
+            ipv6: record.ipv6,
+            ephemeral: false,
+            relay_map: self.relay_map(),
+        };
+        let map = NetMap {
+            coordinator_key: self.relay.key(),
+            self_node: record.clone(),
+            peers: Default::default(),
+            relay_map: self.relay_map(),
+            packet_filter: None,
+        };
+        let n = &mut self.nodes[i];
+        n.record = Some(record);
+        n.state.begin();
+        n.state.registered(now, &reg, false);
+        n.state.follow(now, None);
+        // As the driver does when it starts following.
+        let endpoints = self.host_endpoints(i);
+        let n = &mut self.nodes[i];
+        n.state.handle_host(now, endpoints);
+        n.state.handle_map(
+            now,
+            Some(MapEvent::Full {
+                map,
+                from_cache: false,
+            }),
+        );
+    }
+
+    /// Runs netcheck for node `i` again, as `warren netcheck` does, and
+    /// returns once its report is in.
     pub fn netcheck(&mut self, i: usize) {
         let now = self.now();
-        let h = &self.world.hosts[self.nodes[i].host];
-        let local = SocketAddr::new(IpAddr::V4(h.ip), PORT);
-        let config = netcheck::Config {
-            servers: vec![netcheck::Server {
-                name: "1".into(),
-                addrs: vec![STUN1.parse().unwrap(), STUN2.parse().unwrap()],
-            }],
-            local_v4: Some(local),
-            seed: 7 + i as u64,
-            ..netcheck::Config::default()
-        };
-        self.nodes[i].netcheck = Some(Netcheck::new(now, config));
+        self.nodes[i].state.request_netcheck(now);
+        self.wait_netcheck(i);
+    }
+
+    fn wait_netcheck(&mut self, i: usize) {
+        self.flush();
         for _ in 0..1_000 {
-            if self.nodes[i].netcheck.is_none() {
+            if !self.nodes[i].netchecking {
                 return;
             }
             self.run_for(Duration::from_millis(10));
@@ -241,40 +330,46 @@ impl Sim {
         panic!("netcheck of node {i} never finished");
     }
 
-    /// A finished netcheck's report: the node's candidates and NAT.
-    fn apply_report(&mut self, i: usize, report: &Report) {
-        let now = self.now();
+    /// The host addresses of node `i` on the listen port, as the agent
+    /// reads them from the kernel.
+    fn host_endpoints(&self, i: usize) -> Vec<Endpoint> {
         let h = &self.world.hosts[self.nodes[i].host];
-        let local = SocketAddr::new(IpAddr::V4(h.ip), PORT);
-        let mut candidates = vec![Candidate::udp(local, CandidateKind::Host)];
+        let mut out = vec![Endpoint {
+            addr: SocketAddr::new(IpAddr::V4(h.ip), PORT),
+            kind: EndpointKind::Host,
+        }];
         if let Some((alias, _)) = h.alias {
-            candidates.push(Candidate::udp(
-                SocketAddr::new(IpAddr::V4(alias), PORT),
-                CandidateKind::Host,
-            ));
+            out.push(Endpoint {
+                addr: SocketAddr::new(IpAddr::V4(alias), PORT),
+                kind: EndpointKind::Host,
+            });
         }
-        if let Some(o) = report.ipv4.global.filter(|o| *o != local) {
-            candidates.push(Candidate::udp(o, CandidateKind::ServerReflexive));
-        }
-        let nat = NatSummary::from(report);
-        // The direct TCP port (the agent's default: the UDP port's number):
-        // the host address, and the public one STUN over TCP would see.
-        let host = self.nodes[i].host;
-        let mut tcp = vec![tcp_candidate(local, CandidateKind::Host)];
-        if let Some(public) = self.world.tcp_out(host, PORT, STUN1.parse().unwrap()) {
-            if public != local {
-                tcp.push(tcp_candidate(public, CandidateKind::ServerReflexive));
+        out
+    }
+
+    /// An endpoints report from node `i`, as the coordinator takes it: the
+    /// node's map entry changes, and the peers that have it hear so.
+    fn reported(&mut self, i: usize, report: &warren::control::types::EndpointsReport) {
+        let now = self.now();
+        let Some(mut record) = self.nodes[i].record.clone() else {
+            return;
+        };
+        record.endpoints.clone_from(&report.endpoints);
+        record.nat = report.nat;
+        let mut info = PeerInfo::from_map(&record, record.nat);
+        info.disco_key = DiscoKey(record.disco_key.0);
+        self.nodes[i].record = Some(record.clone());
+        self.nodes[i].info = Some(info);
+        self.nodes[i]
+            .state
+            .handle_reported(now, report.clone(), Ok(()));
+        let key = self.nodes[i].key;
+        for j in 0..self.nodes.len() {
+            if self.nodes[j].peers.contains(&key) {
+                let ev = MapEvent::PeerChanged(record.clone());
+                self.nodes[j].state.handle_map(now, Some(ev));
             }
         }
-        let n = &mut self.nodes[i];
-        n.node.set_tcp_local(now, tcp, !report.udp);
-        n.node.set_local(now, candidates.clone(), nat);
-        n.info = Some(PeerInfo {
-            node_key: n.key,
-            disco_key: n.node.disco_key(),
-            candidates,
-            nat,
-        });
     }
 
     /// Puts `a` and `b` in each other's map; traffic starts on the next tick.
@@ -287,18 +382,14 @@ impl Sim {
             );
         }
         for (x, y) in [(a, b), (b, a)] {
-            let info = self.nodes[y].info.clone().expect("netcheck ran");
-            let key = info.node_key;
-            let ip = self.nodes[y].ip;
-            let n = &mut self.nodes[x];
-            n.node.upsert_peer(now, info);
-            n.peers.push(key);
+            let record = self.nodes[y].record.clone().expect("node joined");
+            self.nodes[x].peers.push(record.key);
             // A mesh peer: its session starts on the relay and follows the
-            // core's path changes, never WireGuard's roaming.
-            let mut spec = PeerSpec::new(key, vec![IpAddr::V4(ip).into()]);
-            spec.managed = true;
-            n.dp.upsert_peer(now, spec);
+            // state's path changes, never WireGuard's roaming.
+            let ev = MapEvent::PeerAdded(record);
+            self.nodes[x].state.handle_map(now, Some(ev));
         }
+        self.flush();
     }
 
     pub(crate) fn index_of(&self, key: &NodeKey) -> Option<usize> {
@@ -311,81 +402,136 @@ impl Sim {
     }
 
     pub fn path(&self, a: usize, b: usize) -> Path {
-        self.nodes[a].node.path(&self.nodes[b].key)
+        self.nodes[a].node().path(&self.nodes[b].key)
     }
 
-    /// Moves every pending transmit and event out of the nodes.
+    /// Carries out every pending output of every node, as the agent's
+    /// driver does (`agent::mesh::drain`).
     fn flush(&mut self) {
-        let now = self.now();
         for i in 0..self.nodes.len() {
-            if let Some(nc) = self.nodes[i].netcheck.as_mut() {
-                let mut out = Vec::new();
-                while let Some(t) = nc.poll_transmit(now) {
-                    out.push(t);
-                }
-                let report = nc.poll_report();
-                let host = self.nodes[i].host;
-                for (dst, bytes) in out {
-                    self.world.send(host, PORT, dst, bytes);
-                }
-                if let Some(r) = report {
-                    self.nodes[i].netcheck = None;
-                    self.apply_report(i, &r);
-                }
-            }
-            loop {
-                let mut progressed = false;
-                while let Some(t) = self.nodes[i].node.poll_transmit() {
-                    progressed = true;
-                    self.send_from(i, t.dest, t.bytes);
-                }
-                while let Some(ev) = self.nodes[i].node.poll_event() {
-                    progressed = true;
-                    match &ev {
-                        NodeEvent::OpenSockets { count } => {
-                            let n = &mut self.nodes[i];
-                            n.extra = (1..=*count).map(|s| Some(EXTRA_BASE + s)).collect();
-                            n.node.sockets_opened(now, *count);
-                        }
-                        NodeEvent::TcpConnect {
-                            peer,
-                            targets,
-                            until,
-                        } => self.dials.push(Dial {
-                            node: i,
-                            peer: *peer,
-                            targets: targets.clone(),
-                            until: *until,
-                            next: now,
-                        }),
-                        NodeEvent::TcpClose { addr } => self.close_stream(i, *addr),
-                        NodeEvent::CloseSockets { keep } => {
-                            for (idx, slot) in self.nodes[i].extra.iter_mut().enumerate() {
-                                if !keep.iter().any(|k| usize::from(k.0) == idx + 1) {
-                                    *slot = None;
-                                }
-                            }
-                        }
-                        NodeEvent::PathChanged { peer, to, .. } => {
-                            if let Path::Direct(p) = to {
-                                let trust = self.model_trust.unwrap_or(self.cfg.trust);
-                                self.model
-                                    .check_direct(now, i, *peer, *p, trust, "switches to");
-                            }
-                            // What the agent's driver does (`apply_path`).
-                            if let Some(p) = self.nodes[i].dp.peers().by_key(peer) {
-                                p.set_path(*to);
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.nodes[i].events.push((now, ev));
-                }
-                if !progressed {
-                    break;
-                }
+            while let Some(out) = self.nodes[i].state.poll_output() {
+                self.carry_out(i, out);
             }
         }
+    }
+
+    fn carry_out(&mut self, i: usize, out: Output) {
+        let now = self.now();
+        let host = self.nodes[i].host;
+        let event = |sim: &mut Sim, ev: NodeEvent| sim.nodes[i].events.push((now, ev));
+        match out {
+            Output::Disco(t) => self.send_from(i, t.dest, t.bytes),
+            Output::Stun { to, bytes } => self.world.send(host, PORT, to, bytes),
+            Output::Netcheck { .. } => {
+                let local = SocketAddr::new(IpAddr::V4(self.world.hosts[host].ip), PORT);
+                let sources = Sources {
+                    v4: Some(local),
+                    v6: None,
+                };
+                let endpoints = self.host_endpoints(i);
+                self.nodes[i].netchecking = true;
+                self.nodes[i].state.start_netcheck(now, sources, endpoints);
+            }
+            Output::TcpStun(server) => {
+                // Our TCP port as the server sees it, through the NAT's
+                // TCP table.
+                let seen = self.world.tcp_out(host, PORT, server);
+                self.nodes[i]
+                    .state
+                    .handle_tcp_stun(now, seen, Duration::from_millis(10));
+            }
+            Output::NetcheckDone(_) => self.nodes[i].netchecking = false,
+            Output::Report { report, .. } => self.reported(i, &report),
+            Output::AddPeer { spec, path } => {
+                let key = spec.key;
+                self.nodes[i].dp.upsert_peer(now, spec);
+                if let Some(p) = self.nodes[i].dp.peers().by_key(&key) {
+                    p.set_path(path);
+                }
+            }
+            Output::RemovePeer(k) => {
+                self.nodes[i].dp.remove_peer(&k);
+            }
+            Output::Path {
+                peer,
+                from,
+                path,
+                reason,
+            } => {
+                if let Path::Direct(p) = path {
+                    let trust = self.model_trust.unwrap_or(self.cfg.trust);
+                    self.model
+                        .check_direct(now, i, peer, p, trust, "switches to");
+                }
+                // What the agent's driver does (`apply_path`).
+                if let Some(p) = self.nodes[i].dp.peers().by_key(&peer) {
+                    p.set_path(path);
+                }
+                let ev = NodeEvent::PathChanged {
+                    peer,
+                    from,
+                    to: path,
+                    reason,
+                };
+                event(self, ev);
+            }
+            Output::OpenSockets { count } => {
+                let n = &mut self.nodes[i];
+                n.extra = (1..=count).map(|s| Some(EXTRA_BASE + s)).collect();
+                n.state.sockets_opened(now, count);
+                event(self, NodeEvent::OpenSockets { count });
+            }
+            Output::CloseSockets { keep } => {
+                for (idx, slot) in self.nodes[i].extra.iter_mut().enumerate() {
+                    if !keep.iter().any(|k| usize::from(k.0) == idx + 1) {
+                        *slot = None;
+                    }
+                }
+                event(self, NodeEvent::CloseSockets { keep });
+            }
+            Output::TcpDial {
+                peer,
+                targets,
+                until,
+            } => {
+                self.dials.push(Dial {
+                    node: i,
+                    peer,
+                    targets: targets.clone(),
+                    until,
+                    next: now,
+                });
+                let ev = NodeEvent::TcpConnect {
+                    peer,
+                    targets,
+                    until,
+                };
+                event(self, ev);
+            }
+            Output::TcpClose(addr) => {
+                self.close_stream(i, addr);
+                event(self, NodeEvent::TcpClose { addr });
+            }
+            Output::Housekeep { addresses } => {
+                self.feed_traffic(i);
+                if addresses {
+                    let endpoints = self.host_endpoints(i);
+                    self.nodes[i].state.handle_host(now, endpoints);
+                }
+            }
+            // The world has one relay, every session to it is up, and
+            // there is no TUN, port mapping, login or API to serve.
+            _ => {}
+        }
+    }
+
+    /// Node `i`'s data-plane counters to its state, as the driver does on
+    /// a wake and at housekeeping.
+    fn feed_traffic(&mut self, i: usize) {
+        let now = self.now();
+        let n = &mut self.nodes[i];
+        let peers = n.dp.peers();
+        n.state.handle_traffic(now, peers.iter().map(|p| &**p));
     }
 
     fn app_tick(&mut self) {
@@ -412,8 +558,10 @@ impl Sim {
                 let packet = ipv4(self.nodes[i].ip, to, &[7u8; 68]);
                 let sealed = p.seal(now, &packet, &mut buf);
                 self.send_sealed(i, peer, sealed, &buf);
-                self.nodes[i].node.note_traffic(now, &peer);
             }
+            // What the agent's driver does when a quiet peer's first
+            // packet wakes it.
+            self.feed_traffic(i);
         }
     }
 
@@ -433,16 +581,10 @@ impl Sim {
                     return;
                 };
                 self.model.observe_udp(now, i, socket, from, &bytes);
-                match self.nodes[i].node.handle_udp(now, socket, from, &bytes) {
-                    Datagram::WireGuard if self.open(i, Via::Udp(socket, from), &bytes) => {
-                        self.nodes[i].rx_direct += 1;
-                    }
-                    Datagram::Stun if socket == SocketId::PRIMARY => {
-                        if let Some(nc) = self.nodes[i].netcheck.as_mut() {
-                            let _ = nc.handle_stun(now, from, &bytes);
-                        }
-                    }
-                    _ => {}
+                // The state takes disco, and STUN for its netcheck run.
+                let kind = self.nodes[i].state.handle_udp(now, socket, from, &bytes);
+                if kind == Datagram::WireGuard && self.open(i, Via::Udp(socket, from), &bytes) {
+                    self.nodes[i].rx_direct += 1;
                 }
             }
             Delivery::TcpFrame {
@@ -450,8 +592,9 @@ impl Sim {
                 from,
                 bytes,
             } => {
-                if self.nodes[i].node.handle_tcp(now, from, &bytes) == Datagram::WireGuard {
-                    if let Some(owner) = self.nodes[i].node.tcp_owner(from) {
+                let (what, owner) = self.nodes[i].state.handle_tcp_frame(now, from, &bytes);
+                if what == Datagram::WireGuard {
+                    if let Some(owner) = owner {
                         if self.open(i, Via::Tcp(owner, from), &bytes) {
                             self.nodes[i].rx_tcp += 1;
                         }
@@ -481,7 +624,7 @@ impl Sim {
                     let ClientEvent::Packet { src, packet } = ev else {
                         continue;
                     };
-                    if self.nodes[i].node.handle_relay(now, src, &packet) == Datagram::WireGuard
+                    if self.nodes[i].state.handle_relay(now, src, &packet) == Datagram::WireGuard
                         && self.open(i, Via::Relay(src), &packet)
                     {
                         self.nodes[i].rx_relay += 1;
@@ -503,10 +646,7 @@ impl Sim {
                 next = next.min(d.next);
             }
             for n in &self.nodes {
-                if let Some((t, _)) = n.node.poll_timeout() {
-                    next = next.min(t);
-                }
-                if let Some(t) = n.netcheck.as_ref().and_then(Netcheck::poll_timeout) {
+                if let Some(t) = n.state.poll_timeout() {
                     next = next.min(t);
                 }
                 if let Some(t) = n.relay.poll_timeout() {
@@ -527,7 +667,7 @@ impl Sim {
                     self.world.next_delivery(),
                     self.nodes
                         .iter()
-                        .map(|n| n.node.poll_timeout())
+                        .map(|n| n.state.poll_timeout())
                         .collect::<Vec<_>>()
                 );
             } else {
@@ -539,13 +679,8 @@ impl Sim {
                 self.deliver(d);
             }
             for n in &mut self.nodes {
-                if n.node.poll_timeout().is_some_and(|(t, _)| t <= now) {
-                    n.node.handle_timeout(now);
-                }
-                if let Some(nc) = n.netcheck.as_mut() {
-                    if nc.poll_timeout().is_some_and(|t| t <= now) {
-                        nc.handle_timeout(now);
-                    }
+                if n.state.poll_timeout().is_some_and(|t| t <= now) {
+                    n.state.handle_timeout(now);
                 }
                 if n.relay.poll_timeout().is_some_and(|t| t <= now) {
                     if let Err(e) = n.relay.handle_timeout(now) {
@@ -562,7 +697,7 @@ impl Sim {
                 self.next_tick = now + self.tick;
             }
         }
-        let timers: Vec<_> = self.nodes.iter().map(|n| n.node.poll_timeout()).collect();
+        let timers: Vec<_> = self.nodes.iter().map(|n| n.state.poll_timeout()).collect();
         panic!(
             "simulation stuck at {:?} (timers {timers:?}, next delivery {:?}): a busy loop in the core?",
             self.now(),

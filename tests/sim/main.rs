@@ -1,6 +1,7 @@
 //! Deterministic simulation of the agent's sans-IO machines: two or more
-//! nodes (traversal's `Node`, netcheck, a real data plane, a relay client
-//! session) over simulated NATs, a relay and a virtual clock (`net` is the
+//! nodes (each a whole agent state, `agent::state::AgentState`, with a
+//! real data plane and a real relay client session beside it) over
+//! simulated NATs, a relay and a virtual clock (`net` is the
 //! network, `harness` and `wire` the driver, `relay` the relay server's
 //! half). One scenario per test; each fixes its seed, so a failure replays
 //! exactly.

@@ -67,7 +67,7 @@ fn public_to_public() {
     let t = assert_direct_fast(&mut sim, a, b);
     // Relay leg 60 ms, direct RTT 40 ms: about one relay trip plus an RTT.
     assert!(t < 200 * MS, "{t:?}");
-    assert_eq!(sim.nodes[a].node.drops(), Default::default());
+    assert_eq!(sim.nodes[a].node().drops(), Default::default());
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn udp_blocked_stays_on_relay() {
     assert_eq!(sim.nodes[a].changes(sim.nodes[b].key), 0);
     // Traffic flows through the relay the whole time (5 packets/s).
     assert!(sim.nodes[b].rx_relay > 500, "{}", sim.nodes[b].rx_relay);
-    let why = sim.nodes[b].node.relay_reason(&sim.nodes[a].key).unwrap();
+    let why = sim.nodes[b].node().relay_reason(&sim.nodes[a].key).unwrap();
     assert!(
         matches!(
             why,
@@ -204,7 +204,7 @@ fn udp_blocked_stays_on_relay() {
     );
     // Probing is bounded: 5 rounds, then 30 s, 60 s backoff.
     let st = sim.nodes[b]
-        .node
+        .node()
         .status(&sim.nodes[a].key, sim.now())
         .unwrap();
     assert!(st.stats.pings_sent < 40, "{:?}", st.stats);

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use warren::proto::disco::CandidateKind;
+use warren::control::follow::MapEvent;
+use warren::control::types::EndpointKind;
 use warren::traversal::node::NodeEvent;
 use warren::traversal::{Path, RelayReason};
 
@@ -74,16 +75,19 @@ fn edm_random_both_sides_stays_on_relay_and_says_why() {
     assert_eq!(sim.path(a, b), Path::Relay);
     assert_eq!(sim.path(b, a), Path::Relay);
     assert!(sim.nodes[b].rx_relay > 500);
-    let why = sim.nodes[a].node.relay_reason(&sim.nodes[b].key).unwrap();
+    let why = sim.nodes[a].node().relay_reason(&sim.nodes[b].key).unwrap();
     assert_eq!(why, RelayReason::BothHardNat);
     let st = sim.nodes[a]
-        .node
+        .node()
         .status(&sim.nodes[b].key, sim.now())
         .unwrap();
     assert!(st.relay_reason.unwrap().contains("both sides EDM"));
-    // No birthday traffic when it cannot work: only the bounded plain rounds.
+    // No birthday traffic when it cannot work: only the bounded plain
+    // rounds, one at the start and one each time the minute's netcheck
+    // publishes a new mapping (a random-port NAT hands out a new port once
+    // the old one expired): three in 120 s, each under 20 pings.
     assert_eq!(st.stats.birthday_probes, 0);
-    assert!(st.stats.pings_sent < 40, "{:?}", st.stats);
+    assert!(st.stats.pings_sent < 60, "{:?}", st.stats);
     assert!(!sim.nodes[a]
         .events
         .iter()
@@ -98,7 +102,7 @@ fn birthday_run(seed: u64) -> (Option<Duration>, u64, u64) {
     sim.run_for(40 * SEC);
     let t = sim.nodes[easy].time_to_direct(sim.nodes[hard_node].key, t0);
     let probes = sim.nodes[easy]
-        .node
+        .node()
         .status(&sim.nodes[hard_node].key, sim.now())
         .unwrap()
         .stats
@@ -122,7 +126,7 @@ fn birthday_run(seed: u64) -> (Option<Duration>, u64, u64) {
     } else {
         assert_eq!(sim.path(easy, hard_node), Path::Relay);
         let why = sim.nodes[easy]
-            .node
+            .node()
             .relay_reason(&sim.nodes[hard_node].key)
             .unwrap();
         assert!(matches!(why, RelayReason::BirthdayFailed { .. }), "{why:?}");
@@ -165,14 +169,14 @@ fn failed_birthday_stays_on_relay_and_retries_with_backoff() {
     assert_eq!(sim.path(easy, hard_node), Path::Relay);
     assert!(sim.nodes[hard_node].rx_relay > 900);
     for (x, y) in [(easy, hard_node), (hard_node, easy)] {
-        let why = sim.nodes[x].node.relay_reason(&sim.nodes[y].key).unwrap();
+        let why = sim.nodes[x].node().relay_reason(&sim.nodes[y].key).unwrap();
         assert!(
             matches!(why, RelayReason::BirthdayFailed { .. }),
             "node {x}: {why:?}"
         );
     }
     let st = sim.nodes[easy]
-        .node
+        .node()
         .status(&sim.nodes[hard_node].key, sim.now())
         .unwrap();
     assert!(st
@@ -207,27 +211,30 @@ fn a_late_netcheck_restarts_the_attempt_with_the_birthday_method() {
     // Before netcheck: the hard side knows only its host address, and the
     // map tells the easy side nothing about the hard side's NAT.
     let now = sim.now();
-    let mut early = sim.nodes[hard].info.clone().unwrap();
+    let mut early = sim.nodes[hard].record.clone().unwrap();
     early.nat = NatSummary::default();
-    early.candidates.retain(|c| c.kind == CandidateKind::Host);
-    let host_only = early.candidates.clone();
+    early.endpoints.retain(|e| e.kind == EndpointKind::Host);
+    let host_only = early.endpoints.iter().map(Into::into).collect();
     sim.nodes[hard]
-        .node
+        .state
+        .node_mut()
         .set_local(now, host_only, NatSummary::default());
-    sim.nodes[easy].node.upsert_peer(now, early);
+    let ev = MapEvent::PeerChanged(early);
+    sim.nodes[easy].state.handle_map(now, Some(ev));
     sim.run_for(5 * SEC);
     assert_eq!(sim.path(easy, hard), Path::Relay, "no direct path yet");
     // Netcheck finishes on the hard side, and the map carries it.
     sim.netcheck(hard);
     let t0 = sim.now();
-    let info = sim.nodes[hard].info.clone().unwrap();
-    sim.nodes[easy].node.upsert_peer(t0, info);
+    let record = sim.nodes[hard].record.clone().unwrap();
+    let ev = MapEvent::PeerChanged(record);
+    sim.nodes[easy].state.handle_map(t0, Some(ev));
     sim.run_for(10 * SEC);
     let t = sim.nodes[easy].time_to_direct(sim.nodes[hard].key, t0);
     assert!(
         t.is_some_and(|t| t < 3 * SEC),
         "{t:?}: {:?}",
-        sim.nodes[easy].node.relay_reason(&sim.nodes[hard].key)
+        sim.nodes[easy].node().relay_reason(&sim.nodes[hard].key)
     );
     assert!(sim.nodes[hard]
         .events
@@ -258,7 +265,7 @@ fn edm_sequential_against_random_stays_on_relay_and_says_why() {
         ),
     ] {
         let st = sim.nodes[x]
-            .node
+            .node()
             .status(&sim.nodes[y].key, sim.now())
             .unwrap();
         let why = st.relay_reason.unwrap();

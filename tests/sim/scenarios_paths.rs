@@ -55,7 +55,7 @@ fn direct_path_dies_falls_back_at_once_then_recovers() {
         "{:?}",
         t - cut
     );
-    let why = sim.nodes[a].node.relay_reason(&sim.nodes[b].key).unwrap();
+    let why = sim.nodes[a].node().relay_reason(&sim.nodes[b].key).unwrap();
     assert!(matches!(why, RelayReason::DirectTimedOut { .. }), "{why:?}");
     // From the fallback on, traffic reaches b through the relay.
     let relayed = sim.nodes[b].rx_relay;
@@ -112,8 +112,8 @@ fn forged_and_replayed_disco_never_move_the_path() {
     let before = sim.nodes[a].events.len();
 
     let mallory: SocketAddr = "192.0.2.66:4444".parse().unwrap();
-    let b_disco = sim.nodes[b].node.disco_key();
-    let a_disco = sim.nodes[a].node.disco_key();
+    let b_disco = sim.nodes[b].node().disco_key();
+    let a_disco = sim.nodes[a].node().disco_key();
     let evil = DiscoSecret::from_bytes([66; 32]);
     let pong = Message::Pong {
         tx_id: [0; 12],
@@ -155,7 +155,7 @@ fn forged_and_replayed_disco_never_move_the_path() {
         )),
         "a forged or replayed packet moved the path"
     );
-    let d = sim.nodes[a].node.drops();
+    let d = sim.nodes[a].node().drops();
     let n = captured.len() as u64;
     assert_eq!(d.replayed, 2 * n, "{d:?}");
     assert_eq!(d.unsealable, n, "{d:?}");
@@ -183,7 +183,7 @@ fn slightly_better_path_does_not_flap() {
     assert!(matches!(sim.path(a, b), Path::Direct(_)));
     // Both addresses were measured: the re-probe every minute reached the other.
     let st = sim.nodes[a]
-        .node
+        .node()
         .status(&sim.nodes[b].key, sim.now())
         .unwrap();
     assert!(st.stats.pongs_received > 90, "{:?}", st.stats);
@@ -194,9 +194,9 @@ fn network_change_drops_to_relay_and_rediscovers() {
     let (mut sim, a, b) = pair(24, Some(NatConfig::easy()), None);
     assert_direct_fast(&mut sim, a, b);
     let t = sim.now();
-    sim.nodes[a].node.network_changed(t);
+    sim.nodes[a].state.handle_network_changed(t);
     assert_eq!(sim.path(a, b), Path::Relay);
-    let why = sim.nodes[a].node.relay_reason(&sim.nodes[b].key).unwrap();
+    let why = sim.nodes[a].node().relay_reason(&sim.nodes[b].key).unwrap();
     assert_eq!(why, RelayReason::NetworkChanged { at: t });
     sim.run_for(3 * SEC);
     assert!(matches!(sim.path(a, b), Path::Direct(_)));
@@ -213,7 +213,7 @@ fn idle_direct_path_is_kept_by_keepalives() {
     }
     let pongs = |sim: &Sim| {
         sim.nodes[a]
-            .node
+            .node()
             .status(&sim.nodes[b].key, sim.now())
             .unwrap()
             .stats

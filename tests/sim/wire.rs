@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use warren::dataplane::{Opened, Sealed};
 use warren::keys::NodeKey;
-use warren::proto::disco::{Candidate, CandidateKind, Transport};
 use warren::traversal::node::Dest;
 use warren::traversal::{Path, SocketId};
 
@@ -88,8 +87,8 @@ impl Sim {
                         b: j,
                         b_sees: seen_from,
                     });
-                    self.nodes[i].node.tcp_connected(now, peer, addr);
-                    self.nodes[j].node.tcp_accepted(now, seen_from);
+                    self.nodes[i].state.handle_tcp_up(now, addr, Some(peer));
+                    self.nodes[j].state.handle_tcp_up(now, seen_from, None);
                 }
                 None if now + DIAL_EVERY > until => done.push(k),
                 None => self.dials[k].next = now + DIAL_EVERY,
@@ -116,7 +115,7 @@ impl Sim {
         } else {
             (s.a, s.a_sees)
         };
-        self.nodes[j].node.tcp_closed(now, seen);
+        self.nodes[j].state.handle_tcp_closed(now, seen);
     }
 
     /// Puts what node `i`'s relay session has to send on its connection.
@@ -174,7 +173,7 @@ impl Sim {
             ),
             Sealed::SendOn { len, to, socket } => (Dest::Udp { socket, addr: to }, len),
             // A TCP path's packets are sealed like relayed ones.
-            Sealed::Relay { len } => match self.nodes[i].node.path(&peer) {
+            Sealed::Relay { len } => match self.nodes[i].node().path(&peer) {
                 Path::Tcp(addr) => (Dest::Tcp(addr), len),
                 _ => (Dest::Relay(peer), len),
             },
@@ -242,14 +241,5 @@ impl Sim {
             }
             _ => false,
         }
-    }
-}
-
-/// A TCP candidate of this host.
-pub(crate) fn tcp_candidate(addr: SocketAddr, kind: CandidateKind) -> Candidate {
-    Candidate {
-        addr,
-        kind,
-        transport: Transport::Tcp,
     }
 }

@@ -74,7 +74,7 @@ impl Mesh {
                 self.dp.remove_peer(&k);
                 self.egress.set_stream(k, None);
             }
-            Output::Path { peer, path } => self.apply_path(&peer, path),
+            Output::Path { peer, path, .. } => self.apply_path(&peer, path),
             Output::Filter(filter) => {
                 // Without a policy the config file's filter, if any, is in
                 // force.

@@ -100,7 +100,12 @@ impl Mesh {
         };
         s.stream = Some(s.client.map_stream());
         // Maps are held to the network's /48 the login pinned.
-        self.state.follow(Instant::now(), s.login.ula);
+        let now = Instant::now();
+        self.state.follow(now, s.login.ula);
+        // The first look at the host's addresses, now rather than at the
+        // second housekeeping tick.
+        let endpoints = super::login::host_endpoints(self.listen.port());
+        self.state.handle_host(now, endpoints);
         if reregister {
             let client = s.client.clone();
             let hostname = s.login.hostname.clone();

@@ -141,6 +141,7 @@ impl AgentState {
         self.relay_map = RelayMap::default();
         self.home = None;
         self.disc.stop();
+        self.netcheck_asked = false;
         self.timers.clear();
         self.out.push_back(Output::Relay(RelayCmd::Clear));
         self.out.push_back(Output::TcpClear);

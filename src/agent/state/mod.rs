@@ -101,6 +101,8 @@ pub struct AgentState {
     tcp_public: Option<SocketAddr>,
     tcp_port: u16,
     ticks: u64,
+    /// `Output::Netcheck` went out and `start_netcheck` has not answered.
+    netcheck_asked: bool,
     timers: Timers,
     rng: StdRng,
     out: VecDeque<Output>,
@@ -127,6 +129,7 @@ impl AgentState {
             tcp_public: None,
             tcp_port: settings.tcp_port,
             ticks: 0,
+            netcheck_asked: false,
             timers: Timers::default(),
             rng: StdRng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d),
             out: VecDeque::new(),
@@ -246,7 +249,12 @@ impl AgentState {
             } => {
                 tracing::info!(peer = %peer.short(), %from, %to, ?reason, "path changed");
                 self.note_path(now, peer, to);
-                self.out.push_back(Output::Path { peer, path: to });
+                self.out.push_back(Output::Path {
+                    peer,
+                    from,
+                    path: to,
+                    reason,
+                });
             }
             NodeEvent::OpenSockets { count } => self.out.push_back(Output::OpenSockets { count }),
             NodeEvent::CloseSockets { keep } => self.out.push_back(Output::CloseSockets { keep }),
@@ -410,14 +418,33 @@ impl AgentState {
             self.node.network_changed(now);
         }
         self.addrs = endpoints;
-        if first && self.disc.udp_blocked() {
-            // UDP already looks blocked: a restart would only push that
-            // verdict (the run's whole deadline) back, and the TCP
+        let under_way = self.disc.is_running() || self.netcheck_asked;
+        if first && (under_way || self.disc.udp_blocked()) {
+            // The first look, with a run already under way (it started
+            // with these addresses) or UDP already looking blocked: a
+            // restart would only push the run's verdict back, and the TCP
             // candidates are what peers need now.
             self.publish_tcp(now);
         } else {
             self.want_netcheck();
         }
+    }
+
+    /// The host's network moved under us (an address or route changed):
+    /// every direct path is doubted and rediscovered, and netcheck runs
+    /// again. `handle_host` calls this itself when the addresses differ.
+    pub fn handle_network_changed(&mut self, now: Instant) {
+        self.clock(now);
+        tracing::info!("network changed; re-discovering paths");
+        self.node.network_changed(now);
+        self.want_netcheck();
+    }
+
+    /// The traversal core, to set up a moment no input can express (the
+    /// simulator's "before netcheck" scenario). Not for the agent.
+    #[doc(hidden)]
+    pub fn node_mut(&mut self) -> &mut Node {
+        &mut self.node
     }
 
     /// The port mapping's public address, as the mapper holds it now.
@@ -486,7 +513,10 @@ impl AgentState {
             self.out.push_back(Output::NetcheckDone(None));
             return;
         }
-        self.out.push_back(Output::Netcheck { v4, v6 });
+        if !self.netcheck_asked {
+            self.netcheck_asked = true;
+            self.out.push_back(Output::Netcheck { v4, v6 });
+        }
     }
 
     /// Starts the netcheck run `Output::Netcheck` asked for, with this
@@ -494,6 +524,7 @@ impl AgentState {
     /// addresses now (the run's `host` candidates).
     pub fn start_netcheck(&mut self, now: Instant, local: Sources, endpoints: Vec<Endpoint>) {
         self.clock(now);
+        self.netcheck_asked = false;
         self.host.endpoints = endpoints;
         let seed = self.rng.next_u64();
         if self.disc.start(now, &self.relay_map, local, seed) {

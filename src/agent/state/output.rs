@@ -20,6 +20,7 @@ use crate::netcheck::Report;
 use crate::path::{Path, SocketId};
 use crate::policy::PacketFilter;
 use crate::traversal::node::NodeTransmit;
+use crate::traversal::ChangeReason;
 
 /// See the module doc.
 #[derive(Debug)]
@@ -53,10 +54,13 @@ pub enum Output {
         path: Path,
     },
     RemovePeer(NodeKey),
-    /// Send to `peer` on `path` from now on.
+    /// Send to `peer` on `path` from now on (it was on `from`; traversal
+    /// said why).
     Path {
         peer: NodeKey,
+        from: Path,
         path: Path,
+        reason: ChangeReason,
     },
     /// The packet filter from the map (`None`: the network has no policy).
     Filter(Option<Box<PacketFilter>>),

@@ -74,6 +74,9 @@ const MAX_PENDING: usize = 4096;
 const MAX_SEEN_IPS: usize = 4;
 /// Least gap between two pings to one path outside the regular rounds.
 const PING_GAP: Duration = Duration::from_secs(1);
+/// How soon after switching to a direct path the other candidates are
+/// pinged again when one of a better kind answered slower.
+const EARLY_REPROBE: Duration = Duration::from_secs(5);
 /// The same for a path that has not answered yet: short enough that a
 /// repeated ping from the peer is answered with a new ping of ours, long
 /// enough that a burst of the peer's pings costs one ping back.
@@ -347,6 +350,7 @@ impl PeerPaths {
                     info.record_pong(now, now.saturating_duration_since(pending.sent), trust_for);
                 }
                 self.select(now);
+                self.remeasure_soon(now);
                 Ok(())
             }
             (Message::CallMeMaybe { endpoints }, _) => {
@@ -474,6 +478,23 @@ impl PeerPaths {
         }
     }
 
+    /// While direct: a path of a better kind answered, but only the pings
+    /// sent before it first answered, and lost on latency. Its first pongs
+    /// may have carried the setup's delay (`select::PathInfo::record_pong`),
+    /// so it is pinged again within [`EARLY_REPROBE`], not in a minute;
+    /// once measured again it no longer asks.
+    fn remeasure_soon(&mut self, now: Instant) {
+        let Path::Direct(p) = self.current else {
+            return;
+        };
+        let soon = now + EARLY_REPROBE;
+        if self.table.better_kind_unsettled(&p)
+            && self.timers.get(Timer::Reprobe).is_none_or(|t| t > soon)
+        {
+            self.timers.set(Timer::Reprobe, soon);
+        }
+    }
+
     fn switch(&mut self, now: Instant, to: Path, reason: ChangeReason) {
         let from = self.current;
         self.current = to;
@@ -494,6 +515,7 @@ impl PeerPaths {
                 );
                 self.timers
                     .set_if_unset(Timer::Reprobe, now + self.cfg.reprobe);
+
                 let keep = match to {
                     Path::Direct(p) => Some(p.socket),
                     _ => None,

@@ -509,3 +509,60 @@ fn a_call_me_maybe_cannot_aim_probes_or_dials_at_local_or_group_addresses() {
     );
     assert!(m.candidates.is_empty(), "{:?}", m.candidates);
 }
+
+/// A host path whose first pongs were slow (the kernel held them while it
+/// resolved the neighbour) loses to the reflexive one at first, is pinged
+/// again within seconds, and wins once it answers at its real latency.
+#[test]
+fn a_better_kind_that_answered_slowly_is_measured_again_soon() {
+    let t0 = Instant::now();
+    let v4 = addr("192.0.2.2:41641");
+    let v6 = addr("[2001:db8::2]:41641");
+    let mut m = PeerPaths::new(Config::default(), key(1), key(2), 9);
+    m.handle_candidates(
+        t0,
+        vec![
+            Candidate::udp(v4, CandidateKind::ServerReflexive),
+            Candidate::udp(v6, CandidateKind::Host),
+        ],
+    );
+    m.note_traffic(t0);
+    m.handle_timeout(t0);
+    let txs = drain(&mut m);
+    let (tx4, tx6) = (ping_to(&txs, v4), ping_to(&txs, v6));
+    let pong = |tx_id| Message::Pong {
+        tx_id,
+        observed_src: addr("198.51.100.1:1"),
+    };
+    let on = |a| Path::Direct(DirectPath::primary(a));
+    let t1 = t0 + Duration::from_millis(2);
+    m.handle_disco(t1, on(v4), pong(tx4)).unwrap();
+    assert_eq!(m.current_path(), on(v4));
+    let t2 = t0 + Duration::from_millis(800);
+    m.handle_disco(t2, on(v6), pong(tx6)).unwrap();
+    assert_eq!(m.current_path(), on(v4), "800 ms loses to 2 ms");
+    // Within 5 s of that pong (not at the minute's re-probe), v6 is pinged.
+    let mut now = t2;
+    let tx = loop {
+        let (at, _) = m.poll_timeout().expect("timers while direct");
+        assert!(at <= t2 + Duration::from_secs(5), "no early re-probe");
+        now = at.max(now);
+        m.handle_timeout(now);
+        let txs = drain(&mut m);
+        if let Some(tx) = txs.iter().find_map(|t| match (&t.path, &t.payload) {
+            (Path::Direct(p), Payload::Disco(Message::Ping { tx_id, .. })) if p.addr == v6 => {
+                Some(*tx_id)
+            }
+            _ => None,
+        }) {
+            break tx;
+        }
+    };
+    m.handle_disco(now + Duration::from_millis(1), on(v6), pong(tx))
+        .unwrap();
+    assert_eq!(
+        m.current_path(),
+        on(v6),
+        "measured again, the host path wins"
+    );
+}

@@ -20,6 +20,12 @@ pub(crate) struct PathInfo {
     pub last_pong: Option<Instant>,
     pub trusted_until: Option<Instant>,
     pub rtt: Option<Duration>,
+    /// When the path first answered (since it was last forgotten).
+    answered_at: Option<Instant>,
+    /// `rtt` comes only from pings sent before the path first answered:
+    /// their round trips may include neighbour discovery, ARP and NAT
+    /// mapping setup, and packets the kernel queued meanwhile.
+    setup_rtt: bool,
 }
 
 impl PathInfo {
@@ -30,6 +36,8 @@ impl PathInfo {
             last_pong: None,
             trusted_until: None,
             rtt: None,
+            answered_at: None,
+            setup_rtt: false,
         }
     }
 
@@ -38,13 +46,35 @@ impl PathInfo {
     }
 
     /// Records a pong. The RTT is smoothed (EWMA, 1/4 weight for the new
-    /// sample) so one late pong does not trigger a switch.
+    /// sample) so one late pong does not trigger a switch. One exception:
+    /// an RTT measured only on pings sent before the path first answered
+    /// (the setup's cost may be in it: an IPv6 path's first pongs in the
+    /// lab came back after 0.8 s, then in 1 ms) is replaced outright by
+    /// the first later sample under half of it, instead of weighing on the
+    /// path for minutes.
     pub fn record_pong(&mut self, now: Instant, rtt: Duration, trust_for: Duration) {
+        let sent = now.checked_sub(rtt);
+        let during_setup = match (self.answered_at, sent) {
+            (None, _) => true,
+            (Some(first), Some(sent)) => sent < first,
+            (Some(_), None) => false,
+        };
+        self.answered_at.get_or_insert(now);
         self.last_pong = Some(now);
         self.trusted_until = Some(now + trust_for);
         self.rtt = Some(match self.rtt {
-            None => rtt,
-            Some(old) => (old * 3 + rtt) / 4,
+            None => {
+                self.setup_rtt = during_setup;
+                rtt
+            }
+            Some(old) if self.setup_rtt && !during_setup && rtt < old / 2 => {
+                self.setup_rtt = false;
+                rtt
+            }
+            Some(old) => {
+                self.setup_rtt &= during_setup;
+                (old * 3 + rtt) / 4
+            }
         });
     }
 
@@ -56,6 +86,8 @@ impl PathInfo {
     pub fn forget_trust(&mut self) {
         self.trusted_until = None;
         self.rtt = None;
+        self.answered_at = None;
+        self.setup_rtt = false;
     }
 }
 
@@ -132,6 +164,17 @@ impl PathTable {
             .filter(|(_, i)| i.trusted(now))
             .filter_map(|(p, i)| i.score().map(|s| (*p, s)))
             .min_by_key(|(_, s)| *s)
+    }
+
+    /// Whether a path of a better kind than `current` has an RTT from its
+    /// setup pongs only (it may have lost on a latency they overstated).
+    pub fn better_kind_unsettled(&self, current: &DirectPath) -> bool {
+        let Some(kind) = self.paths.get(current).map(|i| i.kind) else {
+            return false;
+        };
+        self.paths
+            .values()
+            .any(|i| i.kind < kind && i.rtt.is_some() && i.setup_rtt)
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&DirectPath, &mut PathInfo)> {
@@ -219,5 +262,54 @@ mod tests {
         // Re-inserting improves the kind.
         t.insert(now, path(3), CandidateKind::Host);
         assert_eq!(t.get(&path(3)).unwrap().kind, CandidateKind::Host);
+    }
+
+    #[test]
+    fn a_setup_rtt_gives_way_to_the_first_clearly_lower_later_sample() {
+        let ms = Duration::from_millis;
+        let trust = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut slow = PathInfo::new(CandidateKind::Host);
+        // Pings sent at t0 and t0+0.5 s, answered together at t0+0.8 s
+        // (the kernel held them while it resolved the neighbour).
+        slow.record_pong(t0 + ms(800), ms(800), trust);
+        slow.record_pong(t0 + ms(801), ms(301), trust);
+        assert_eq!(slow.rtt, Some((ms(800) * 3 + ms(301)) / 4));
+        // A ping sent after the first pong, answered in 1 ms, replaces it.
+        slow.record_pong(t0 + ms(5_001), ms(1), trust);
+        assert_eq!(slow.rtt, Some(ms(1)));
+        // From then on, late pongs are averaged in as always.
+        slow.record_pong(t0 + ms(6_000), ms(41), trust);
+        assert_eq!(slow.rtt, Some(ms(11)));
+
+        // A first RTT that was right is averaged with later jitter, not
+        // replaced by it.
+        let mut fine = PathInfo::new(CandidateKind::Host);
+        fine.record_pong(t0 + ms(10), ms(10), trust);
+        fine.record_pong(t0 + ms(1_008), ms(8), trust);
+        assert_eq!(fine.rtt, Some((ms(10) * 3 + ms(8)) / 4));
+        // Forgetting the path forgets when it first answered.
+        fine.forget_trust();
+        fine.record_pong(t0 + ms(3_000), ms(900), trust);
+        fine.record_pong(t0 + ms(4_000), ms(2), trust);
+        assert_eq!(fine.rtt, Some(ms(2)));
+    }
+
+    #[test]
+    fn a_better_kind_measured_only_in_its_setup_is_noticed() {
+        let now = Instant::now();
+        let mut t = PathTable::new(8);
+        t.insert(now, path(1), CandidateKind::ServerReflexive);
+        t.insert(now, path(2), CandidateKind::Host);
+        let ms = Duration::from_millis;
+        assert!(!t.better_kind_unsettled(&path(1)), "host never answered");
+        let host = t.get_mut(&path(2)).unwrap();
+        host.record_pong(now + ms(800), ms(800), Duration::from_secs(5));
+        assert!(t.better_kind_unsettled(&path(1)));
+        assert!(!t.better_kind_unsettled(&path(2)));
+        // Measured again (slow for real): settled, no more asking.
+        let host = t.get_mut(&path(2)).unwrap();
+        host.record_pong(now + ms(5_500), ms(500), Duration::from_secs(5));
+        assert!(!t.better_kind_unsettled(&path(1)));
     }
 }

@@ -21,5 +21,6 @@ pub mod proto;
 pub mod relay_client;
 pub mod routes;
 pub mod text;
+pub mod timers;
 pub mod toml_loc;
 pub mod traversal;

@@ -570,10 +570,13 @@ impl PeerPaths {
         // Probing runs on the relay; heartbeats and reprobes on a direct
         // path (UDP or TCP).
         let on_relay = self.current == Path::Relay;
-        let own = self.timers.next(|t| match t {
-            Timer::Probe => on_relay,
-            Timer::Heartbeat | Timer::Reprobe => !on_relay,
-        });
+        let own = self
+            .timers
+            .next_where(|t| match t {
+                Timer::Probe => on_relay,
+                Timer::Heartbeat | Timer::Reprobe => !on_relay,
+            })
+            .map(|(at, t)| (at, t.reason()));
         let trust = match self.current {
             Path::Direct(p) => self.table.get(&p).and_then(|i| i.trusted_until),
             _ => None,

@@ -142,7 +142,7 @@ impl AgentState {
         self.home = None;
         self.disc.stop();
         self.netcheck_asked = false;
-        self.timers.clear();
+        self.timers.clear_all();
         self.out.push_back(Output::Relay(RelayCmd::Clear));
         self.out.push_back(Output::TcpClear);
         self.out.push_back(Output::StopPortmap);

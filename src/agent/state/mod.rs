@@ -296,7 +296,7 @@ impl AgentState {
     fn rearm_ping(&mut self) {
         match self.pings.deadline() {
             Some(t) => self.timers.set(Timer::Ping, t),
-            None => self.timers.stop(Timer::Ping),
+            None => self.timers.clear(Timer::Ping),
         }
     }
 

@@ -133,13 +133,28 @@ impl Follower {
         self.peers.get(key)
     }
 
-    /// Forgets the map (the node left): every known peer is removed.
+    /// Forgets the map (`warren down`): every known peer is removed; the
+    /// network's /48 stays pinned.
     pub fn clear(&mut self) {
         let keys: Vec<NodeKey> = self.peers.keys().copied().collect();
         for k in keys {
             self.remove(k);
         }
         self.addresses = None;
+    }
+
+    /// Forgets the network (logged out, revoked, or joined another):
+    /// [`Self::clear`], and the /48 is no longer pinned, so the next
+    /// network's maps are held to the next network's.
+    pub fn forget_network(&mut self) {
+        self.clear();
+        self.prefix = None;
+    }
+
+    /// The addresses a registration gave this node: checked against the
+    /// overlay and the pinned /48 like a map's (`control::bounds`).
+    pub fn handle_registration(&mut self, v4: Ipv4Addr, v6: Ipv6Addr) {
+        self.set_self(v4, v6);
     }
 
     /// Takes one event of the map stream; `None` is the stream's end.

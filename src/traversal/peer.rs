@@ -488,7 +488,7 @@ impl PeerPaths {
             return;
         };
         let soon = now + EARLY_REPROBE;
-        if self.table.better_kind_unsettled(&p)
+        if self.table.better_kind_unsettled(now, &p)
             && self.timers.get(Timer::Reprobe).is_none_or(|t| t > soon)
         {
             self.timers.set(Timer::Reprobe, soon);

@@ -166,15 +166,16 @@ impl PathTable {
             .min_by_key(|(_, s)| *s)
     }
 
-    /// Whether a path of a better kind than `current` has an RTT from its
-    /// setup pongs only (it may have lost on a latency they overstated).
-    pub fn better_kind_unsettled(&self, current: &DirectPath) -> bool {
+    /// Whether a path of a better kind than `current`, still trusted, has
+    /// an RTT from its setup pongs only (it may have lost on a latency they
+    /// overstated). One gone quiet is not asked about again.
+    pub fn better_kind_unsettled(&self, now: Instant, current: &DirectPath) -> bool {
         let Some(kind) = self.paths.get(current).map(|i| i.kind) else {
             return false;
         };
         self.paths
             .values()
-            .any(|i| i.kind < kind && i.rtt.is_some() && i.setup_rtt)
+            .any(|i| i.kind < kind && i.rtt.is_some() && i.setup_rtt && i.trusted(now))
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&DirectPath, &mut PathInfo)> {
@@ -302,14 +303,20 @@ mod tests {
         t.insert(now, path(1), CandidateKind::ServerReflexive);
         t.insert(now, path(2), CandidateKind::Host);
         let ms = Duration::from_millis;
-        assert!(!t.better_kind_unsettled(&path(1)), "host never answered");
+        let at = now + ms(800);
+        assert!(
+            !t.better_kind_unsettled(at, &path(1)),
+            "host never answered"
+        );
         let host = t.get_mut(&path(2)).unwrap();
-        host.record_pong(now + ms(800), ms(800), Duration::from_secs(5));
-        assert!(t.better_kind_unsettled(&path(1)));
-        assert!(!t.better_kind_unsettled(&path(2)));
+        host.record_pong(at, ms(800), Duration::from_secs(5));
+        assert!(t.better_kind_unsettled(at, &path(1)));
+        assert!(!t.better_kind_unsettled(at, &path(2)));
+        // Gone quiet past its trust: not asked about again.
+        assert!(!t.better_kind_unsettled(at + ms(5_000), &path(1)));
         // Measured again (slow for real): settled, no more asking.
         let host = t.get_mut(&path(2)).unwrap();
         host.record_pong(now + ms(5_500), ms(500), Duration::from_secs(5));
-        assert!(!t.better_kind_unsettled(&path(1)));
+        assert!(!t.better_kind_unsettled(now + ms(5_500), &path(1)));
     }
 }

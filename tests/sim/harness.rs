@@ -45,7 +45,7 @@ use warren::control::types::{
 use warren::dataplane::packet::build::ipv4;
 use warren::dataplane::DataPlane;
 use warren::keys::{NodeKey, PrivateKey};
-use warren::proto::disco::{DiscoKey, DiscoSecret};
+use warren::proto::disco::DiscoSecret;
 use warren::proto::relay::client::{ClientEvent, ClientSession, SessionConfig};
 use warren::traversal::node::{Datagram, Node, NodeEvent, PeerInfo};
 use warren::traversal::{Config, Path, SocketId};
@@ -356,10 +356,8 @@ impl Sim {
         };
         record.endpoints.clone_from(&report.endpoints);
         record.nat = report.nat;
-        let mut info = PeerInfo::from_map(&record, record.nat);
-        info.disco_key = DiscoKey(record.disco_key.0);
+        self.nodes[i].info = Some(PeerInfo::from_map(&record, record.nat));
         self.nodes[i].record = Some(record.clone());
-        self.nodes[i].info = Some(info);
         self.nodes[i]
             .state
             .handle_reported(now, report.clone(), Ok(()));

@@ -27,13 +27,15 @@ use crate::traversal::node::Dest;
 impl Mesh {
     /// Carries out everything the state has asked for.
     pub(super) async fn drain(&mut self) {
+        // One clock read per drain, not per output (a birthday spray is
+        // hundreds of datagrams).
+        let now = Instant::now();
         while let Some(out) = self.state.poll_output() {
-            self.carry_out(out).await;
+            self.carry_out(now, out).await;
         }
     }
 
-    async fn carry_out(&mut self, out: Output) {
-        let now = Instant::now();
+    async fn carry_out(&mut self, now: Instant, out: Output) {
         match out {
             Output::Disco(t) => {
                 tracing::trace!(dest = ?t.dest, len = t.bytes.len(), "disco out");
@@ -164,7 +166,8 @@ impl Mesh {
                     tokio::spawn(pm.shutdown());
                 }
             }
-            Output::Revoked(_) => {
+            Output::Revoked(reason) => {
+                tracing::info!(%reason, "forgetting the login");
                 self.session = None;
                 Login::remove(&self.state_dir);
             }

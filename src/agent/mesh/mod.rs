@@ -155,12 +155,6 @@ impl Mesh {
         calls: mpsc::Receiver<(Command, handle::Reply)>,
         view: Arc<Mutex<handle::View>>,
     ) -> Mesh {
-        let disco = DiscoSecret::generate(&mut rand::rngs::OsRng);
-        let settings = Settings {
-            traversal: parts.traversal.clone(),
-            tcp_port: parts.tcp_port,
-        };
-        let state = AgentState::new(settings, parts.key.public(), disco, rand::random());
         let data = StreamedParts {
             dp: parts.dp.clone(),
             tun: parts.tun.clone(),
@@ -173,6 +167,14 @@ impl Mesh {
         let (extra_tx, extra_side) = mpsc::channel(EXTRA_QUEUE);
         let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
         let tcp = TcpPaths::new(parts.tcp_port, tcp_tx, Some(data.clone()));
+        let disco = DiscoSecret::generate(&mut rand::rngs::OsRng);
+        let settings = Settings {
+            traversal: parts.traversal.clone(),
+            // The port actually listened on: 0 when the listener could not
+            // be bound, so that no TCP candidate is published for it.
+            tcp_port: tcp.port(),
+        };
+        let state = AgentState::new(settings, parts.key.public(), disco, rand::random());
         let sockets = ExtraSockets::new(
             parts.dp.clone(),
             parts.tun.clone(),

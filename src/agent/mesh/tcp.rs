@@ -148,6 +148,11 @@ impl TcpPaths {
         paths
     }
 
+    /// The listening port, 0 when off or when it could not be bound.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Asks `server` (a STUN server's address, TCP on the same port) what
     /// our listening port looks like from outside; answers with
     /// [`TcpIncoming::Stun`].

@@ -23,7 +23,6 @@ use crate::control::follow::{MapAction, MapEvent};
 use crate::control::types::{EndpointsReport, Peer as MapPeer, RegisterResponse, RelayMap};
 use crate::dataplane::PeerSpec;
 use crate::netcheck::Report;
-use crate::proto::disco::DiscoKey;
 use crate::traversal::node::PeerInfo;
 
 /// This node's standing with its coordinator.
@@ -36,10 +35,12 @@ pub struct Control {
     /// The node's overlay addresses.
     pub addresses: Vec<IpAddr>,
     pub last_error: Option<String>,
-    /// The last report the coordinator accepted, and whether one is in
-    /// flight (reports are sent one at a time, the latest state wins).
+    /// The last report the coordinator accepted, whether one is in
+    /// flight, and the newest one waiting for it (reports are sent one at
+    /// a time, the newest wins).
     pub reported: Option<EndpointsReport>,
     pub reporting: bool,
+    pending: Option<(EndpointsReport, Option<Box<Report>>)>,
     /// A map came from the coordinator since the stream (re)started.
     pub map_received: bool,
 }
@@ -54,6 +55,7 @@ impl Control {
             last_error: None,
             reported: None,
             reporting: false,
+            pending: None,
             map_received: false,
         }
     }
@@ -78,20 +80,25 @@ impl AgentState {
     }
 
     /// The coordinator accepted a registration. `keep`: the node stays in
-    /// the network it follows (its stream and state carry on); otherwise
-    /// a new standing starts.
+    /// the network it follows (its stream and state carry on; a
+    /// re-registration that comes back after the node left is ignored);
+    /// otherwise a new standing starts. The addresses are checked like a
+    /// map's (`Follower::handle_registration`).
     pub fn registered(&mut self, now: Instant, reg: &RegisterResponse, keep: bool) {
         self.clock(now);
+        if !keep {
+            self.control = Some(Control::new(MeshState::Reconnecting));
+        }
+        let Some(c) = self.control.as_mut() else {
+            return;
+        };
         tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
-        match self.control.as_mut() {
-            Some(c) if keep => c.last_error = None,
-            _ => self.control = Some(Control::new(MeshState::Reconnecting)),
+        c.name = Some(reg.name.clone());
+        self.follow.handle_registration(reg.ipv4, reg.ipv6);
+        while let Some(action) = self.follow.poll_action() {
+            self.act(now, action);
         }
-        if let Some(c) = self.control.as_mut() {
-            c.name = Some(reg.name.clone());
-        }
-        self.set_addresses(reg.ipv4, reg.ipv6);
-        self.set_relay_map(now, reg.relay_map.clone());
+        self.set_relay_map(reg.relay_map.clone());
     }
 
     /// The driver (re)opened the map stream; maps are held to `prefix`,
@@ -120,23 +127,27 @@ impl AgentState {
         self.drop_peers(now);
     }
 
-    /// Forgets the network: peers, relays, the standing.
+    /// Forgets the network: peers, relays, the standing, the pinned /48.
     pub fn leave(&mut self, now: Instant) {
         self.clock(now);
         self.control = None;
+        self.follow.forget_network();
         self.drop_peers(now);
     }
 
+    /// Out of the mesh: every peer goes (as the map removing it would), the
+    /// network's filter gives way to the config file's, waiting pings are
+    /// answered with what they have, and relays, TCP streams, netcheck and
+    /// the port mapping stop.
     fn drop_peers(&mut self, now: Instant) {
-        let keys: Vec<_> = self.follow.peers().keys().copied().collect();
-        for k in keys {
-            self.node.remove_peer(now, &k);
-            self.out.push_back(Output::RemovePeer(k));
-        }
         self.follow.clear();
-        while self.follow.poll_action().is_some() {}
-        self.direct_since.clear();
-        self.traffic.clear();
+        while let Some(action) = self.follow.poll_action() {
+            self.act(now, action);
+        }
+        self.out.push_back(Output::Filter(None));
+        while let Some((id, round)) = self.pings.take_any() {
+            self.out.push_back(Output::PingDone { id, round });
+        }
         self.addrs.clear();
         self.relay_map = RelayMap::default();
         self.home = None;
@@ -178,7 +189,7 @@ impl AgentState {
                     c.map_received = true;
                 }
             }
-            MapAction::SetRelayMap(map) => self.set_relay_map(now, map),
+            MapAction::SetRelayMap(map) => self.set_relay_map(map),
             MapAction::SetFilter(filter) => {
                 tracing::info!(
                     rules = filter.as_ref().and_then(|f| f.rules()).map(<[_]>::len),
@@ -228,9 +239,7 @@ impl AgentState {
     fn add_peer(&mut self, now: Instant, p: &MapPeer) {
         let mut spec = PeerSpec::new(p.key, crate::control::follow::allowed_ips(p));
         spec.managed = true;
-        let mut info = PeerInfo::from_map(p, p.nat);
-        info.disco_key = DiscoKey(p.disco_key.0);
-        self.node.upsert_peer(now, info);
+        self.node.upsert_peer(now, PeerInfo::from_map(p, p.nat));
         self.out.push_back(Output::Relay(RelayCmd::PeerRegion {
             peer: p.key,
             region: p.home_relay,
@@ -250,7 +259,7 @@ impl AgentState {
         self.out.push_back(Output::Addresses { v4, v6 });
     }
 
-    fn set_relay_map(&mut self, now: Instant, map: RelayMap) {
+    fn set_relay_map(&mut self, map: RelayMap) {
         let changed = map != self.relay_map;
         if changed {
             self.relay_map = map.clone();
@@ -268,7 +277,6 @@ impl AgentState {
         }
         if changed {
             self.out.push_back(Output::StartPortmap);
-            let _ = now;
             self.want_netcheck();
         }
     }
@@ -299,7 +307,12 @@ impl AgentState {
         let same = |a: &EndpointsReport, b: &EndpointsReport| {
             a.endpoints == b.endpoints && a.nat == b.nat && a.home_relay == b.home_relay
         };
-        if c.reported.as_ref().is_some_and(|r| same(r, &report)) || c.reporting {
+        if c.reported.as_ref().is_some_and(|r| same(r, &report)) {
+            c.pending = None;
+            return;
+        }
+        if c.reporting {
+            c.pending = Some((report, netcheck));
             return;
         }
         c.reporting = true;
@@ -320,11 +333,15 @@ impl AgentState {
         c.reporting = false;
         match result {
             Ok(()) => c.reported = Some(report),
-            Err(e) if e.permanent => self.revoked(now, e.message),
+            Err(e) if e.permanent => return self.revoked(now, e.message),
             Err(e) => {
-                // The next netcheck (or address change) retries.
+                // A newer report goes now; else the next netcheck (or
+                // address change) retries.
                 tracing::info!(error = %e.message, "reporting endpoints failed; will retry");
             }
+        }
+        if let Some((report, netcheck)) = self.control.as_mut().and_then(|c| c.pending.take()) {
+            self.report(report, netcheck);
         }
     }
 }

@@ -39,8 +39,6 @@ const RUN_DEADLINE: Duration = Duration::from_secs(3);
 pub struct Discovery {
     running: Option<Netcheck>,
     pub last: Option<Report>,
-    /// When the next periodic run is due.
-    next_run: Option<Instant>,
     /// The UDP verdict traversal was last given (see [`Self::udp_blocked`]).
     told_blocked: bool,
 }
@@ -76,7 +74,6 @@ impl Discovery {
     /// Forgets every run and its results (the node left the network).
     pub fn stop(&mut self) {
         self.running = None;
-        self.next_run = None;
         self.last = None;
     }
 
@@ -98,7 +95,6 @@ impl Discovery {
                 addrs: r.stun.clone(),
             })
             .collect();
-        self.next_run = Some(now + RESTUN_INTERVAL);
         if servers.is_empty() {
             self.running = None;
             return false;
@@ -123,11 +119,6 @@ impl Discovery {
     /// The running netcheck's next deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.running.as_ref()?.poll_timeout()
-    }
-
-    /// When the next periodic run is due, unless one is running.
-    pub fn next_run(&self) -> Option<Instant> {
-        self.next_run.filter(|_| self.running.is_none())
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

@@ -54,7 +54,7 @@ use crate::path::{Path, SocketId};
 use crate::proto::disco::DiscoSecret;
 use crate::traversal::node::{Datagram, Node, NodeEvent};
 use control::Control;
-use discovery::{Discovery, Sources};
+use discovery::{Discovery, Sources, RESTUN_INTERVAL};
 use ping::{PingRefused, Pings};
 use timers::{Timer, Timers};
 
@@ -170,6 +170,8 @@ impl AgentState {
             self.timers.next(),
             self.node.poll_timeout().map(|(t, _)| t),
             self.disc.poll_timeout(),
+            // Derived: a round is answered by `poll_output` once due.
+            self.pings.deadline(),
         ]
         .into_iter()
         .flatten()
@@ -194,8 +196,6 @@ impl AgentState {
                         self.want_netcheck();
                     }
                 }
-                // Answered by `poll_output`, which sees the round is due.
-                Timer::Ping => {}
             }
         }
     }
@@ -232,7 +232,6 @@ impl AgentState {
                 continue;
             }
             if let Some((id, round)) = self.pings.poll_done(now) {
-                self.rearm_ping();
                 return Some(Output::PingDone { id, round });
             }
             return None;
@@ -266,7 +265,6 @@ impl AgentState {
             } => {
                 let region = self.peer_region(&peer).and_then(|r| self.region_name(r));
                 self.pings.reply(now, (peer, round), path, region, rtt);
-                self.rearm_ping();
             }
             NodeEvent::TcpConnect {
                 peer,
@@ -290,13 +288,6 @@ impl AgentState {
             self.direct_since.remove(&peer);
         } else {
             self.direct_since.entry(peer).or_insert(now);
-        }
-    }
-
-    fn rearm_ping(&mut self) {
-        match self.pings.deadline() {
-            Some(t) => self.timers.set(Timer::Ping, t),
-            None => self.timers.clear(Timer::Ping),
         }
     }
 
@@ -418,12 +409,17 @@ impl AgentState {
             self.node.network_changed(now);
         }
         self.addrs = endpoints;
-        let under_way = self.disc.is_running() || self.netcheck_asked;
-        if first && (under_way || self.disc.udp_blocked()) {
-            // The first look, with a run already under way (it started
-            // with these addresses) or UDP already looking blocked: a
-            // restart would only push the run's verdict back, and the TCP
-            // candidates are what peers need now.
+        // The first look (the driver's, as it starts following) needs no
+        // run of its own when one is asked for or under way (it takes the
+        // addresses when it starts), when there is no relay map yet (the
+        // map's arrival starts one), or when UDP already looks blocked (a
+        // restart would only push that verdict back, and the TCP
+        // candidates are what peers need now).
+        let covered = self.netcheck_asked
+            || self.disc.is_running()
+            || self.relay_map.regions.is_empty()
+            || self.disc.udp_blocked();
+        if first && covered {
             self.publish_tcp(now);
         } else {
             self.want_netcheck();
@@ -465,9 +461,7 @@ impl AgentState {
             return Err(PingRefused::Busy);
         }
         let round = self.node.ping(now, &peer).ok_or(PingRefused::UnknownPeer)?;
-        let id = self.pings.wait(peer, round, now + timeout);
-        self.rearm_ping();
-        Ok(id)
+        Ok(self.pings.wait(peer, round, now + timeout))
     }
 
     /// The relay region a relayed packet to `peer` goes through: its home
@@ -506,8 +500,10 @@ impl AgentState {
         }
         let (v4, v6) = discovery::first_servers(&self.relay_map);
         if v4.is_none() && v6.is_none() {
-            // No STUN server: host and port-mapped candidates still count.
+            // No STUN server: host and port-mapped candidates still count,
+            // and are published again on the same schedule.
             if let Some(now) = self.now {
+                self.timers.set(Timer::Netcheck, now + RESTUN_INTERVAL);
                 self.publish_local(now, None);
             }
             self.out.push_back(Output::NetcheckDone(None));
@@ -527,11 +523,9 @@ impl AgentState {
         self.netcheck_asked = false;
         self.host.endpoints = endpoints;
         let seed = self.rng.next_u64();
-        if self.disc.start(now, &self.relay_map, local, seed) {
-            if let Some(t) = self.disc.next_run() {
-                self.timers.set(Timer::Netcheck, t);
-            }
-        } else {
+        // The next run is due a minute after this one started.
+        self.timers.set(Timer::Netcheck, now + RESTUN_INTERVAL);
+        if !self.disc.start(now, &self.relay_map, local, seed) {
             self.publish_local(now, None);
             self.out.push_back(Output::NetcheckDone(None));
         }
@@ -540,9 +534,6 @@ impl AgentState {
     /// A finished run: the home relay by latency, the answer for waiting
     /// requests, and our candidates to traversal and the coordinator.
     fn on_netcheck(&mut self, now: Instant, report: crate::netcheck::Report) {
-        if let Some(t) = self.disc.next_run() {
-            self.timers.set(Timer::Netcheck, t);
-        }
         let latency = self.disc.region_latency();
         let measured = self.home.filter(|(_, m)| *m).map(|(id, _)| id);
         if let Some(home) = crate::netcheck::home::choose_home(measured, &latency) {

@@ -123,6 +123,17 @@ impl Pings {
         Some((w.id, round))
     }
 
+    /// Any waiting round, answered with what it has now (the node left
+    /// the mesh: no pong will come).
+    pub fn take_any(&mut self) -> Option<(u64, PingRound)> {
+        let w = self.waiting.pop()?;
+        let round = PingRound {
+            pongs: w.pongs,
+            direct: w.direct,
+        };
+        Some((w.id, round))
+    }
+
     /// When the next waiting round must be answered.
     pub fn deadline(&self) -> Option<Instant> {
         self.waiting.iter().map(Waiter::done_at).min()

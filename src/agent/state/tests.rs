@@ -223,7 +223,7 @@ fn one_report_at_a_time_none_unchanged_and_a_permanent_refusal_leaves() {
     };
     let first = reports(&run_netcheck(&mut s, &mut now));
     assert_eq!(first.len(), 1);
-    // In flight: a second run's report waits.
+    // In flight: a second run's report, the same, waits and then goes nowhere.
     s.request_netcheck(now);
     assert!(reports(&run_netcheck(&mut s, &mut now)).is_empty());
     s.handle_reported(now, first[0].clone(), Ok(()));
@@ -403,4 +403,88 @@ fn a_network_without_stun_answers_netcheck_at_once_with_host_candidates() {
         _ => None,
     });
     assert_eq!(endpoints, Some(host()));
+}
+
+#[test]
+fn registered_addresses_are_checked_and_a_new_network_is_not_held_to_the_old_48() {
+    let now = Instant::now();
+    let mut s = new_state();
+    let mut bad = registration(true);
+    bad.ipv4 = "8.8.8.8".parse().unwrap();
+    s.begin();
+    s.registered(now, &bad, false);
+    let out = drain(&mut s);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Addresses { .. })),
+        "an address outside the overlay never reaches the TUN: {out:?}"
+    );
+    assert!(s.control().unwrap().last_error.is_some());
+
+    // A good registration pins the network's /48 …
+    let out = join(&mut s, now, true);
+    assert!(out.iter().any(|o| matches!(o, Output::PinPrefix(_))));
+    assert!(out.iter().any(|o| matches!(o, Output::Addresses { .. })));
+    // … and after leaving, another network's addresses are taken.
+    s.leave(now);
+    let _ = drain(&mut s);
+    let mut other = registration(true);
+    other.ipv6 = "fd11:2233:4455::9".parse().unwrap();
+    s.begin();
+    s.registered(now, &other, false);
+    let out = drain(&mut s);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Addresses { .. })),
+        "{out:?}"
+    );
+
+    // A background re-registration that comes back after the node left
+    // brings nothing back.
+    s.leave(now);
+    let _ = drain(&mut s);
+    s.registered(now, &other, true);
+    assert!(drain(&mut s).is_empty());
+    assert!(s.control().is_none());
+}
+
+#[test]
+fn down_answers_waiting_pings_and_gives_the_filter_back_to_the_config() {
+    let now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    let a = Peer::for_test(2, "fd7a:115c:a1e0::2");
+    s.handle_map(now, Some(full_map(&[&a])));
+    let _ = drain(&mut s);
+    let id = s.ping(now, a.key, Duration::from_secs(30)).unwrap();
+    let _ = drain(&mut s);
+    s.stop(now);
+    let out = drain(&mut s);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::PingDone { id: got, .. } if *got == id)));
+    assert!(out.iter().any(|o| matches!(o, Output::Filter(None))));
+}
+
+#[test]
+fn the_newest_report_goes_once_the_one_in_flight_is_answered() {
+    let mut now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    let report_of = |out: &[Output]| {
+        out.iter().find_map(|o| match o {
+            Output::Report { report, .. } => Some(report.clone()),
+            _ => None,
+        })
+    };
+    let first = report_of(&run_netcheck(&mut s, &mut now)).expect("a first report");
+    // While it is in flight the host moves: the newer report waits …
+    s.request_netcheck(now);
+    let moved = vec![Endpoint {
+        addr: "10.9.0.2:41641".parse().unwrap(),
+        kind: EndpointKind::Host,
+    }];
+    assert!(report_of(&run_netcheck_on(&mut s, &mut now, moved)).is_none());
+    // … and goes as soon as the first is answered.
+    s.handle_reported(now, first, Ok(()));
+    let newer = report_of(&drain(&mut s)).expect("the newer report");
+    assert_eq!(newer.endpoints[0].addr.to_string(), "10.9.0.2:41641");
 }

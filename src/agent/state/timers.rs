@@ -12,17 +12,16 @@ pub enum Timer {
     /// counters, close idle relays, refresh the status view, and every
     /// other time compare the host's addresses.
     Housekeeping = 0,
-    /// The next periodic netcheck run.
+    /// The next periodic netcheck run (or, without a STUN server, the
+    /// next publication of the host's candidates).
     Netcheck = 1,
-    /// The earliest `warren ping` round that must be answered.
-    Ping = 2,
 }
 
 impl TimerKind for Timer {
-    const ALL: &'static [Timer] = &[Timer::Housekeeping, Timer::Netcheck, Timer::Ping];
+    const ALL: &'static [Timer] = &[Timer::Housekeeping, Timer::Netcheck];
     fn slot(self) -> usize {
         self as usize
     }
 }
 
-pub type Timers = TimerTable<Timer, 3>;
+pub type Timers = TimerTable<Timer, 2>;

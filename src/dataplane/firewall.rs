@@ -260,7 +260,7 @@ impl Firewall {
         if p.kind != Kind::TcpSyn && cache.hit(&key, 0, now) {
             return;
         }
-        self.insert(key, now, None);
+        self.insert(key, now, None, p.kind == Kind::TcpSyn);
         cache.put(key, 0, now);
     }
 
@@ -358,7 +358,7 @@ impl Firewall {
                     return Verdict::Pass;
                 }
                 if filter.allows(&f) {
-                    self.insert(key, now, Some(generation));
+                    self.insert(key, now, Some(generation), false);
                     cache.put(key, generation, now);
                     Verdict::Pass
                 } else {
@@ -384,12 +384,19 @@ impl Firewall {
         live
     }
 
-    fn insert(&self, key: Key, now: Instant, allowed_by: Option<u64>) {
+    /// Remembers a flow: `allowed_by` `None` is ours (we sent first),
+    /// `Some(g)` the filter of generation `g` let the peer open it.
+    /// `opens`: our packet opens a new connection (a TCP SYN).
+    fn insert(&self, key: Key, now: Instant, allowed_by: Option<u64>, opens: bool) {
         let mut shard = self.shards[shard_of(&key)].lock();
         if let Some(e) = shard.get_mut(&key) {
             e.last = now;
-            // A flow we opened stays ours.
-            e.allowed_by = e.allowed_by.and(allowed_by);
+            // Answering a flow the peer opened does not make it ours (a
+            // revoked rule must still cut it); a connection we open on the
+            // same ports is ours.
+            if opens {
+                e.allowed_by = None;
+            }
             return;
         }
         if shard.len() >= PER_SHARD {

@@ -253,3 +253,27 @@ fn new_own_addresses_empty_the_flow_caches() {
         "the cache does not outlive the address"
     );
 }
+
+/// Our replies do not make a flow the peer opened ours: a revoked rule
+/// cuts it even after we answered (TCP and UDP alike); a connection we
+/// open on the same ports is ours.
+#[test]
+fn answering_a_peers_flow_does_not_keep_it_past_a_revocation() {
+    let fw = firewall();
+    let now = Instant::now();
+    let syn = build::tcp(ALICE, 4000, ME, 22, true, false);
+    let data = build::tcp(ALICE, 4000, ME, 22, false, true);
+    let udp = build::udp(ALICE, 5000, ME, 22);
+    assert_eq!(fw.inbound(&syn, now), Verdict::Pass);
+    assert_eq!(fw.inbound(&udp, now), Verdict::Pass);
+    // Our SYN-ACK and our UDP answer.
+    fw.outbound(&build::tcp(ME, 22, ALICE, 4000, true, true), now);
+    fw.outbound(&build::udp(ME, 22, ALICE, 5000), now);
+    assert_eq!(fw.inbound(&data, now), Verdict::Pass);
+    fw.set_filter(PacketFilter::new(vec![]));
+    assert_eq!(fw.inbound(&data, now), Verdict::Policy, "tcp revoked");
+    assert_eq!(fw.inbound(&udp, now), Verdict::Policy, "udp revoked");
+    // A connection we open from port 22 to Alice's 4000 is ours.
+    fw.outbound(&build::tcp(ME, 22, ALICE, 4000, true, false), now);
+    assert_eq!(fw.inbound(&data, now), Verdict::Pass);
+}

@@ -64,7 +64,7 @@ pub struct Sizing {
     /// overhead.
     pub gro: bool,
     /// Whether TUN write buffers are reserved at full GRO size up front
-    /// (else they grow as packets need).
+    /// (else each is, the first time it is used).
     pub reserve: bool,
 }
 
@@ -114,7 +114,7 @@ impl TunWriter {
     /// `batch` buffers for packets of up to `plain` bytes; `reserve` sizes
     /// each for a full GRO super-packet up front.
     pub(super) fn new(tun: Arc<AsyncDevice>, plain: usize, batch: usize, reserve: bool) -> Self {
-        let cap = if reserve { OFFSET + 65_535 } else { 0 };
+        let cap = if reserve { GRO_CAP } else { 0 };
         TunWriter {
             tun,
             // GRO grows a coalesced buffer up to 64 KB; reserve it once.
@@ -152,6 +152,11 @@ impl TunWriter {
             self.flush().await?;
         }
         let buf = &mut self.bufs[self.used];
+        // tun-rs merges segments only into a buffer whose capacity already
+        // holds the super-packet, and never grows one: reserve it the first
+        // time this buffer is used (a task that never batches much keeps
+        // little memory).
+        buf.reserve_gro();
         // Protocol replies (handshake response, cookie) fit in 256 bytes.
         buf.set_len(OFFSET + self.plain.max(256));
         match peer.open(self.now, from, dgram, &mut buf.as_mut()[OFFSET..]) {
@@ -304,7 +309,19 @@ pub(super) struct TunBuf {
     len: usize,
 }
 
+/// What a TUN write buffer must hold for tun-rs to merge into it: a 64 KiB
+/// super-packet and twice the virtio header's room (tun-rs's own test
+/// before it coalesces).
+const GRO_CAP: usize = 2 * OFFSET + 65_535;
+
 impl TunBuf {
+    /// Makes room for a full GRO super-packet, once.
+    fn reserve_gro(&mut self) {
+        if self.data.capacity() < GRO_CAP {
+            self.data.reserve_exact(GRO_CAP - self.data.len());
+        }
+    }
+
     pub(super) fn with_capacity(n: usize) -> TunBuf {
         TunBuf {
             data: Vec::with_capacity(n),

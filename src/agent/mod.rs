@@ -257,6 +257,25 @@ pub async fn run(
     result
 }
 
+/// `CLOCK_BOOTTIME`: like `Instant`, but it keeps counting while the host
+/// is suspended.
+fn boottime() -> Option<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some(Duration::from(t))
+}
+
+/// How long the host was suspended, from how much time passed on a clock
+/// that stops while it is (`awake`) and on one that does not (`boot`).
+/// Differences under 10 ms are the two reads' own gap, not sleep.
+fn slept(awake: Duration, boot: Duration) -> Duration {
+    let d = boot.saturating_sub(awake);
+    if d < Duration::from_millis(10) {
+        Duration::ZERO
+    } else {
+        d
+    }
+}
+
 async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -265,6 +284,7 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
     let mut last = DropCounts::default();
     let ticks_per_second = (Duration::from_secs(1).as_millis() / TIMER_TICK.as_millis()) as u64;
     let ticks_per_report = DROP_REPORT.as_secs() * ticks_per_second;
+    let start = (std::time::Instant::now(), boottime());
     loop {
         tick.tick().await;
         n += 1;
@@ -277,6 +297,14 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
             egress.send(peer.key, sealed, &buf).await;
         }
         if n % ticks_per_second == 0 {
+            // Time asleep counts for WireGuard, as on boringtun's own clock
+            // (dataplane::wg).
+            if let (Some(boot0), Some(boot)) = (start.1, boottime()) {
+                crate::dataplane::wg::set_suspended(slept(
+                    at - start.0,
+                    boot.saturating_sub(boot0),
+                ));
+            }
             dp.reset_rate_limiter(at);
         }
         if n % ticks_per_report == 0 {
@@ -296,5 +324,22 @@ async fn timers(dp: Arc<DataPlane>, egress: Arc<Egress>) {
                 last = now;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suspended_time_is_what_the_boot_clock_saw_beyond_the_awake_one() {
+        let s = Duration::from_secs;
+        assert_eq!(slept(s(100), s(100)), Duration::ZERO);
+        assert_eq!(
+            slept(s(100), s(100) + Duration::from_millis(3)),
+            Duration::ZERO
+        );
+        assert_eq!(slept(s(100), s(400)), s(300));
+        assert_eq!(slept(s(100), s(90)), Duration::ZERO, "never negative");
     }
 }

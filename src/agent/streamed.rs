@@ -56,7 +56,7 @@ impl StreamedParts {
             dp: self.dp.clone(),
             egress: self.egress.clone(),
             // Stream packets arrive one frame at a time: a modest batch,
-            // buffers that grow as GRO needs them.
+            // each buffer reserved at GRO size when first used.
             writer: TunWriter::new(self.tun.clone(), plain, IDEAL_BATCH_SIZE / 4, false),
             queued: vec![0u8; 256.max(plain)],
         }

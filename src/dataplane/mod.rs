@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn};
 use parking_lot::Mutex;
 use x25519_dalek::PublicKey;
@@ -133,7 +132,7 @@ impl Drops {
 pub struct DataPlane {
     key: PrivateKey,
     public: PublicKey,
-    limiter: Arc<RateLimiter>,
+    limiter: wg::Limiter,
     peers: ArcSwap<PeerSet>,
     /// Serialises edits of the peer set (not packets).
     edit: Mutex<()>,
@@ -153,7 +152,7 @@ impl DataPlane {
     pub fn new(key: PrivateKey, now: Instant) -> DataPlane {
         let public = PublicKey::from(key.secret());
         DataPlane {
-            limiter: Arc::new(wg::rate_limiter(now, &public, HANDSHAKE_RATE_LIMIT)),
+            limiter: wg::Limiter::new(now, &public, HANDSHAKE_RATE_LIMIT),
             key,
             public,
             peers: ArcSwap::from_pointee(PeerSet::default()),
@@ -219,7 +218,7 @@ impl DataPlane {
                 &self.key,
                 spec,
                 index,
-                self.limiter.clone(),
+                self.limiter.shared(),
                 self.wake.clone(),
             ));
             next.get_or_insert_with(|| cur.by_key.clone())
@@ -252,7 +251,7 @@ impl DataPlane {
     /// `now` must only go forward from one call to the next (one task
     /// calls it).
     pub fn reset_rate_limiter(&self, now: Instant) {
-        wg::reset_limiter(&self.limiter, now);
+        self.limiter.reset(now);
     }
 
     /// Finds the peer a WireGuard datagram belongs to. `reply` receives a
@@ -266,8 +265,11 @@ impl DataPlane {
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Result<Arc<Peer>, usize> {
-        wg::limiter_at(now);
-        let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, reply) {
+        let packet = match self
+            .limiter
+            .at_time(now)
+            .verify_packet(Some(from.ip()), datagram, reply)
+        {
             Ok(p) => p,
             Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => return Err(cookie.len()),
             Err(_) => {

@@ -18,15 +18,21 @@
 //! - per session, time never goes back: a packet task may read its batch's
 //!   `now` just before another task's later `now` reaches the same peer,
 //!   so each `Wg` keeps the latest time it passed on and never passes an
-//!   earlier one. The shared rate limiter gets the same guarantee from
-//!   its single caller (`DataPlane::reset_rate_limiter`, called from one task)
-//!   and from being created before any `now` it is later given.
+//!   earlier one; the shared rate limiter ([`Limiter`]) keeps its own
+//!   latest time the same way, whichever task calls it.
+//!
+//! Time asleep counts: boringtun's own clock is `CLOCK_BOOTTIME`, so after
+//! a laptop's suspend its sessions are as old as they are (a peer dropped
+//! them after 180 s). `Instant` stops while suspended; the driver measures
+//! the difference and hands it in ([`set_suspended`]), and every `now`
+//! passed to boringtun has it added. The simulator never sets it.
 //!
 //! Hand-written because no crate wraps boringtun this way; firezone keeps a
 //! fork of boringtun with explicit `now` parameters instead, which we do
 //! not want to maintain.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -48,9 +54,22 @@ pub fn epoch() -> Instant {
     })
 }
 
-/// `now` as boringtun's clock reads it.
+/// Time the host spent suspended since the process started, in
+/// nanoseconds, as the driver last measured it.
+static SUSPENDED: AtomicU64 = AtomicU64::new(0);
+
+/// The driver's measure of the time the host spent suspended since the
+/// process started (`CLOCK_BOOTTIME` minus `Instant` elapsed). It only
+/// grows: a smaller value is ignored.
+pub fn set_suspended(d: Duration) {
+    let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    SUSPENDED.fetch_max(nanos, Ordering::Relaxed);
+}
+
+/// `now` as boringtun's clock reads it: since the epoch, time asleep
+/// included.
 fn since_epoch(now: Instant) -> Duration {
-    now.saturating_duration_since(epoch())
+    now.saturating_duration_since(epoch()) + Duration::from_nanos(SUSPENDED.load(Ordering::Relaxed))
 }
 
 /// Sets this thread's boringtun clock to `now` for the calls that follow
@@ -129,23 +148,52 @@ impl Wg {
     }
 }
 
-/// A rate limiter created at `now` (its cookie secret rotates from then).
-pub fn rate_limiter(now: Instant, own: &x25519_dalek::PublicKey, limit: u64) -> RateLimiter {
-    set_clock(since_epoch(now));
-    RateLimiter::new(own, limit)
+/// boringtun's handshake rate limiter, shared by a data plane's sessions,
+/// behind the same seam: its clock never goes back, whichever task calls.
+pub struct Limiter {
+    inner: Arc<RateLimiter>,
+    /// The latest time (nanoseconds since the epoch) it was given.
+    last: AtomicU64,
 }
 
-/// Runs the rate limiter's once-a-second reset at `now`. Its caller must
-/// be a single task with a clock that only goes forward.
-pub fn reset_limiter(limiter: &RateLimiter, now: Instant) {
-    set_clock(since_epoch(now));
-    limiter.reset_count();
-}
+impl Limiter {
+    /// A rate limiter created at `now` (its cookie secret rotates from
+    /// then).
+    pub fn new(now: Instant, own: &x25519_dalek::PublicKey, limit: u64) -> Limiter {
+        let t = since_epoch(now);
+        set_clock(t);
+        Limiter {
+            inner: Arc::new(RateLimiter::new(own, limit)),
+            last: AtomicU64::new(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)),
+        }
+    }
 
-/// Sets the clock for a rate limiter call other than the reset (checking
-/// a handshake's MACs, answering with a cookie) at `now`.
-pub fn limiter_at(now: Instant) {
-    set_clock(since_epoch(now));
+    /// Sets this thread's clock to `now`, or to the latest time the limiter
+    /// has seen if `now` is earlier.
+    fn at(&self, now: Instant) {
+        let t = u64::try_from(since_epoch(now).as_nanos()).unwrap_or(u64::MAX);
+        let latest = self.last.fetch_max(t, Ordering::AcqRel).max(t);
+        set_clock(Duration::from_nanos(latest));
+    }
+
+    /// Its once-a-second reset, at `now`.
+    pub fn reset(&self, now: Instant) {
+        self.at(now);
+        self.inner.reset_count();
+    }
+
+    /// The limiter for a call at `now` (checking a handshake's MACs,
+    /// answering with a cookie): the clock is set for the calls that follow
+    /// on this thread, with no `.await` in between.
+    pub fn at_time(&self, now: Instant) -> &RateLimiter {
+        self.at(now);
+        &self.inner
+    }
+
+    /// The limiter itself, for a session to hold.
+    pub fn shared(&self) -> Arc<RateLimiter> {
+        self.inner.clone()
+    }
 }
 
 #[cfg(test)]

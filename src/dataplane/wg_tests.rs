@@ -134,3 +134,17 @@ fn an_earlier_time_after_a_later_one_is_taken_as_the_later() {
     assert_eq!(kind, 1);
     let _ = c.update_timers(t0 + Duration::from_secs(2), &mut buf);
 }
+
+/// The shared rate limiter, called by tasks whose clocks interleave, never
+/// sees time go back (`mock_instant` panics if it does).
+#[test]
+fn the_rate_limiter_takes_an_earlier_time_as_the_later() {
+    let t0 = Instant::now();
+    let own = PrivateKey::generate();
+    let limiter = super::Limiter::new(t0, &x25519_dalek::PublicKey::from(own.public().0), 10);
+    limiter.reset(t0 + Duration::from_secs(5));
+    // Another task's batch read its clock before that reset.
+    limiter.reset(t0 + Duration::from_secs(2));
+    let _ = limiter.at_time(t0 + Duration::from_secs(1));
+    limiter.reset(t0 + Duration::from_secs(6));
+}

@@ -445,6 +445,11 @@ async fn pump(
             match data.as_mut() {
                 Some(d) if streamed::is_data(&bytes) => d.open(from, &bytes).await,
                 _ => {
+                    // What this batch opened so far goes first: nothing
+                    // waits behind the mesh task.
+                    if let Some(d) = data.as_mut() {
+                        d.flush().await;
+                    }
                     if out.send(Incoming::Packet { from, bytes }).await.is_err() {
                         return;
                     }

@@ -352,6 +352,12 @@ async fn read_loop(
                         d.open(*peer, &bytes).await;
                     }
                     _ => {
+                        // What this read opened so far goes first: nothing
+                        // waits behind the mesh task, nor comes after
+                        // packets it opens from this frame on.
+                        if let Some(d) = data.as_mut() {
+                            d.flush().await;
+                        }
                         let frame = TcpIncoming::Frame { addr, id, bytes };
                         if tx.send(frame).await.is_err() {
                             return;
@@ -361,6 +367,10 @@ async fn read_loop(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "direct tcp: bad frame; closing");
+                    // The frames before it were opened: deliver them.
+                    if let Some(d) = data.as_mut() {
+                        d.flush().await;
+                    }
                     break 'read;
                 }
             }

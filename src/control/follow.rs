@@ -3,14 +3,15 @@
 //! The map stream (`control::client`) delivers [`MapEvent`]s: full maps,
 //! peer deltas, this node's own record, the packet filter, and the
 //! stream's state. [`Follower`] turns them into [`MapAction`]s for the
-//! agent's driver to carry out: which peers to add, replace or remove (a
+//! agent state (`agent::state::control`) to carry out: which peers to add, replace or remove (a
 //! full map is diffed against the peers it knows), this node's addresses
 //! (checked against the overlay and the network's /48, pinned at the first
 //! join: `control::bounds`), the packet filter to install (one too big to
 //! walk per new flow fails closed), the relay map, and when to leave. It
-//! owns the peers as the map describes them; the driver owns what
-//! carrying the actions out needs (the data plane, traversal, the relays,
-//! the TUN device).
+//! owns the peers as the map describes them; the agent state owns
+//! traversal and asks its driver for the rest (the data plane, the relays,
+//! the TUN device). A registration's addresses pass the same check
+//! (`handle_registration`).
 //!
 //! Sans-IO in the quinn-proto shape (docs/architecture.md, "Sans-IO state
 //! machines"): `handle_map` in, `poll_action` out, so each rule above has a

@@ -8,7 +8,7 @@
 //! nearest takes under two thirds of its round trip. Two regions a few milliseconds apart
 //! would otherwise swap at every netcheck as the round trips jitter. The
 //! same rule as Tailscale's netcheck (its preferred DERP); a pure function
-//! so the rule has tests (docs/architecture.md, "Relay").
+//! so the rule has tests (docs/architecture.md, "Endpoint discovery").
 
 use std::time::Duration;
 

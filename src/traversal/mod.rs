@@ -14,11 +14,11 @@
 //!   driver.
 //!
 //! [`hardnat`] holds the port prediction and birthday-method logic for NATs
-//! with endpoint-dependent mapping. The tokio driver (in `agent/mesh/`)
-//! moves bytes and time in and out of a [`node::Node`]. The node also
-//! closes direct TCP streams no peer proves within 10 s and leaves this
-//! host's own addresses out of TCP dials; the driver still decides when
-//! netcheck runs (docs/architecture.md, "Known gaps").
+//! with endpoint-dependent mapping. The agent state (`agent::state`) owns
+//! the [`node::Node`] and turns its outputs into the agent's; the tokio
+//! driver (`agent/mesh/`) only moves bytes and time. The node also closes
+//! direct TCP streams no peer proves within 10 s and leaves this host's own
+//! addresses out of TCP dials.
 
 mod budget;
 mod convert;

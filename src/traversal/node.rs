@@ -6,7 +6,8 @@
 //! mappings this host has opened (for port prediction) and the extra
 //! sockets of the birthday method.
 //!
-//! The agent's mesh task (`agent::mesh`) drives it:
+//! The agent state (`agent::state`) owns it and feeds it what the mesh
+//! task (`agent::mesh`) hands the state:
 //!
 //! 1. what the UDP readers set aside (every datagram that is not
 //!    WireGuard, with its socket `s` and source `src`) →

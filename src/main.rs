@@ -54,25 +54,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("warren: {}", message(&e));
+            eprintln!("warren: {}", warren::text::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, each cause once: most of the library's
-/// errors already name their source in their own text, which `{e:#}`
-/// would print a second time.
-fn message(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn pubkey() -> anyhow::Result<()> {

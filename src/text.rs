@@ -9,6 +9,9 @@
 //! Hand-written because what counts as dangerous here is small and fixed:
 //! control characters (C0, DEL, C1, which start every escape sequence) and
 //! the bidirectional overrides that reorder what a reader sees.
+//!
+//! Also how both binaries put a failure in front of a person: the error
+//! and its causes on one line, each once ([`error_chain`]).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -40,8 +43,39 @@ pub fn for_terminal(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An error and its causes on one line, each cause once: many errors name
+/// their source in their own text too, which printing the whole chain
+/// would repeat. Both binaries print their failures this way.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let inner = std::io::Error::other("disk full");
+        #[derive(Debug, thiserror::Error)]
+        #[error("saving the key: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("saving the key")]
+        struct Quiet(#[source] std::io::Error);
+        assert_eq!(error_chain(&Repeats(inner)), "saving the key: disk full");
+        let quiet = Quiet(std::io::Error::other("disk full"));
+        assert_eq!(error_chain(&quiet), "saving the key: disk full");
+    }
     use super::*;
 
     #[test]

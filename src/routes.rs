@@ -26,7 +26,7 @@
 //! The same quinn-proto shape as the rest of the core: time comes in as
 //! `now`, the state is a value ([`Routes`]), and every rule has a test.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -98,9 +98,10 @@ impl RouteTable {
 #[derive(Debug, Default)]
 pub struct Routes {
     primary: HashMap<IpNet, NodeKey>,
+    /// When each peer was last seen unhealthy, within the hold-down.
     last_unhealthy: HashMap<NodeKey, Instant>,
     /// Peers that lost a primary role, until their hold-down ends.
-    demoted: HashMap<NodeKey, Instant>,
+    demoted: HashSet<NodeKey>,
 }
 
 fn is_default(p: &IpNet) -> bool {
@@ -117,6 +118,11 @@ impl Routes {
         for p in peers.iter().filter(|p| !p.healthy) {
             self.last_unhealthy.insert(p.key, now);
         }
+        // A hold-down that has passed is forgotten.
+        self.last_unhealthy
+            .retain(|_, t| now.saturating_duration_since(*t) < HOLD_DOWN);
+        let recent = &self.last_unhealthy;
+        self.demoted.retain(|k| recent.contains_key(k));
         let mut table = RouteTable::default();
         self.exit(peers, opts, &mut table);
         // Every subnet prefix some peer serves, in a stable order.
@@ -176,15 +182,10 @@ impl Routes {
                 return Some(k);
             }
             // The primary can no longer carry traffic: it loses the role.
-            self.demoted.insert(k, now);
+            self.demoted.insert(k);
         }
-        let held = |k: &NodeKey| {
-            self.demoted.get(k).is_some_and(|_| {
-                self.last_unhealthy
-                    .get(k)
-                    .is_some_and(|t| now.saturating_duration_since(*t) < HOLD_DOWN)
-            })
-        };
+        // Demoted, and unhealthy within the hold-down (`update` prunes).
+        let held = |k: &NodeKey| self.demoted.contains(k) && self.last_unhealthy.contains_key(k);
         let mut healthy: Vec<NodeKey> = peers.iter().filter(serving).map(|p| p.key).collect();
         healthy.sort();
         let next = healthy

@@ -122,30 +122,31 @@ fn a_flapping_router_waits_out_its_hold_down() {
 }
 
 #[test]
-fn the_exit_node_must_serve_both_default_routes_and_may_leave_the_lan_direct() {
+fn a_held_down_router_is_passed_over_until_its_hold_down_ends() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
     let mut r = Routes::default();
-    let exit = router(7, &["0.0.0.0/0", "::/0"], true);
-    let half = router(8, &["0.0.0.0/0"], true);
-    let mut opts = RouteOptions {
-        exit_node: Some(key(7)),
-        local: vec![net(LAN)],
-        ..RouteOptions::default()
+    let opts = accepting(&[]);
+    let three = |a: bool, b: bool, c: bool| {
+        [
+            router(1, &[LAN], a),
+            router(2, &[LAN], b),
+            router(3, &[LAN], c),
+        ]
     };
-    let t = r.update(Instant::now(), &[exit.clone(), half.clone()], &opts);
-    assert_eq!(t.via(&net("0.0.0.0/0")), Some(key(7)));
-    assert_eq!(t.via(&net("::/0")), Some(key(7)));
-    assert!(
-        t.bypass.is_empty(),
-        "without allow_lan everything goes through it"
-    );
-    opts.allow_lan = true;
-    let t = r.update(Instant::now(), &[exit.clone(), half.clone()], &opts);
-    assert_eq!(t.bypass, vec![net(LAN)]);
-    opts.exit_node = Some(key(8));
-    let t = r.update(Instant::now(), &[exit, half], &opts);
-    assert!(t.routes.is_empty());
     assert_eq!(
-        t.skipped,
-        vec![(net("0.0.0.0/0"), Skipped::NotAnExitNode(key(8)))]
+        r.update(at(0), &three(true, true, true), &opts)
+            .via(&net(LAN)),
+        Some(key(1))
+    );
+    // 1 loses its path at 1 s: 2 takes over; 1 comes back at 3 s.
+    r.update(at(1), &three(false, true, true), &opts);
+    r.update(at(3), &three(true, true, true), &opts);
+    // 2 fails at 20 s: 1's hold-down (from 1 s) is over, so the lowest
+    // key, 1, takes the role back rather than 3.
+    assert_eq!(
+        r.update(at(20), &three(true, false, true), &opts)
+            .via(&net(LAN)),
+        Some(key(1))
     );
 }

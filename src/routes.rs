@@ -143,7 +143,7 @@ impl Routes {
                 table.skipped.push((prefix, Skipped::ShadowsLocal(*local)));
                 continue;
             }
-            match self.choose(now, prefix, peers) {
+            match self.choose(prefix, peers) {
                 Some(k) => table.routes.push((prefix, k)),
                 None => table.skipped.push((prefix, Skipped::NoHealthyRouter)),
             }
@@ -174,7 +174,7 @@ impl Routes {
     /// The primary for `prefix`: the current one while it is healthy, else
     /// the lowest-keyed healthy server of it out of hold-down (or, if every
     /// healthy one is held down, the lowest-keyed of those).
-    fn choose(&mut self, now: Instant, prefix: IpNet, peers: &[RoutePeer]) -> Option<NodeKey> {
+    fn choose(&mut self, prefix: IpNet, peers: &[RoutePeer]) -> Option<NodeKey> {
         let serving = |p: &&RoutePeer| p.healthy && p.approved.contains(&prefix);
         let current = self.primary.get(&prefix).copied();
         if let Some(k) = current {

@@ -92,7 +92,7 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
     }
     let users = store.list_users().await?;
     let mut out = format!(
-        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {}\n",
+        "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {:<20} {}\n",
         "ID",
         "NAME",
         "IPV4",
@@ -103,6 +103,7 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         "RELAY",
         "NAT",
         "OWNER",
+        "ROUTES",
         "ENDPOINTS"
     );
     for n in &nodes {
@@ -118,7 +119,7 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {}",
+            "{:<5} {:<20} {:<15} {:<28} {:<7} {:<21} {:<8} {:<6} {:<11} {:<24} {:<20} {}",
             n.id,
             for_terminal(&n.name),
             n.ipv4,
@@ -131,6 +132,7 @@ pub async fn node_list(store: &Store, json: bool) -> Result<String, StoreError> 
                 .unwrap_or_else(|| "-".into()),
             nat(n),
             for_terminal(&owner),
+            crate::admin_routes::served_summary(n),
             endpoints(n)
         );
     }
@@ -213,6 +215,7 @@ mod tests {
             os: "linux".into(),
             version: "0".into(),
             tags: None,
+            routes: None,
         };
         let node = store.register(&mut tx, &input, ula).await.unwrap().node;
         store.set_endpoints(&mut tx, &node, &report).await.unwrap();

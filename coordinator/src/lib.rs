@@ -6,7 +6,7 @@
 //! subcommands that work on the store directly.
 //!
 //! - [`store`]: the database, its schema and every query.
-//! - [`admin`], [`admin_policy`]: what the administration subcommands do.
+//! - [`admin`], [`admin_policy`], [`admin_routes`]: what the administration subcommands do.
 //! - [`hub`]: carries change notes from the store to the open map streams.
 //! - [`api`]: the HTTP control API (see `warren::control` for the protocol).
 //! - [`server`]: configuration, the coordinator key, TLS, background tasks.
@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod admin_policy;
+pub mod admin_routes;
 pub mod api;
 pub mod hub;
 pub mod listen;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use warren_coordinator::admin_routes;
 use warren_coordinator::relay::RelayLimits;
 use warren_coordinator::relay_map::{self, EmbeddedRegion};
 use warren_coordinator::store::{NewToken, Store};
@@ -71,6 +72,36 @@ enum Cmd {
     /// The access policy (Tailscale's format, HuJSON).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Routes nodes advertise (subnet routers, exit nodes): they carry
+    /// traffic once approved.
+    #[command(subcommand)]
+    Route(RouteCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteCmd {
+    /// Every node's advertised and approved routes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve routes of a node (by id, name or key); an exit node's are
+    /// 0.0.0.0/0 and ::/0.
+    Approve {
+        node: String,
+        #[arg(required = true)]
+        routes: Vec<ipnet::IpNet>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw the approval of routes of a node.
+    Reject {
+        node: String,
+        #[arg(required = true)]
+        routes: Vec<ipnet::IpNet>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,6 +478,13 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => user_cmd(&store, cmd).await?,
         Cmd::Policy(cmd) => policy_cmd(&store, cmd).await?,
+        Cmd::Route(RouteCmd::List { json }) => admin_routes::route_list(&store, json).await?,
+        Cmd::Route(RouteCmd::Approve { node, routes, json }) => {
+            admin_routes::route_change(&store, &node, &routes, true, json).await?
+        }
+        Cmd::Route(RouteCmd::Reject { node, routes, json }) => {
+            admin_routes::route_change(&store, &node, &routes, false, json).await?
+        }
     };
     print!("{out}");
     Ok(())

@@ -41,6 +41,8 @@ fn record(id: i64, key: NodeKey) -> NodeRecord {
         last_seen_ms: 0,
         created_ms: 0,
         user_id: None,
+        advertised_routes: vec![],
+        approved_routes: vec![],
     }
 }
 

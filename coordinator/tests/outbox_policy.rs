@@ -39,6 +39,8 @@ fn record(id: i64, user: Option<i64>, tags: &[&str]) -> NodeRecord {
         last_seen_ms: 0,
         created_ms: 0,
         user_id: user,
+        advertised_routes: vec![],
+        approved_routes: vec![],
     }
 }
 

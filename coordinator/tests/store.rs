@@ -19,6 +19,7 @@ fn input(token: Option<&str>, key: &PrivateKey, host: &str) -> RegisterInput {
         os: "linux".into(),
         version: "0.1.0".into(),
         tags: None,
+        routes: None,
     }
 }
 

@@ -37,6 +37,14 @@ pub struct UpArgs {
     /// keeps the current ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_tags: Option<Vec<String>>,
+    /// Subnet routes to advertise (`10.0.0.0/24`); `Some(vec![])`
+    /// withdraws them, `None` keeps the current ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_routes: Option<Vec<ipnet::IpNet>>,
+    /// Offer this node as an exit node (both default routes); `None` keeps
+    /// the current choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_exit_node: Option<bool>,
     /// Apply settings that differ from those of a node that is already up.
     /// Without it such an `up` is refused with the differences listed
     /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.

@@ -82,6 +82,18 @@ pub enum ClientCommand {
         /// clears them.
         #[arg(long, value_name = "TAGS", value_parser = parse_tags)]
         advertise_tags: Option<TagList>,
+        /// Subnet routes this node offers to carry, comma-separated:
+        /// 192.168.50.0/24,fd00:1::/64 (canonical prefixes; an empty value
+        /// withdraws them). They carry traffic once an admin approves them
+        /// (`warren-coordinator route approve`) or the policy's
+        /// autoApprovers do; this node then forwards (and by default
+        /// source-NATs) between the tunnel and those networks.
+        #[arg(long, value_name = "ROUTES", value_parser = parse_routes)]
+        advertise_routes: Option<RouteList>,
+        /// Offer this node as an exit node: peers that choose it send all
+        /// their internet traffic through it (once approved).
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        advertise_exit_node: Option<bool>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -207,6 +219,8 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             hostname,
             ca_file,
             advertise_tags,
+            advertise_routes,
+            advertise_exit_node,
             reconfigure,
             timeout,
             json,
@@ -235,6 +249,8 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 ca_file,
                 ca_pem,
                 advertise_tags: advertise_tags.clone().map(|t| t.0),
+                advertise_routes: advertise_routes.clone().map(|r| r.0),
+                advertise_exit_node: *advertise_exit_node,
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };
@@ -322,6 +338,17 @@ pub struct TagList(pub Vec<String>);
 fn parse_tags(s: &str) -> Result<TagList, String> {
     crate::control::types::parse_tag_list(s)
         .map(TagList)
+        .map_err(|e| e.to_string())
+}
+
+/// `--advertise-routes`' value: one argument holding a comma-separated
+/// list of prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteList(pub Vec<ipnet::IpNet>);
+
+fn parse_routes(s: &str) -> Result<RouteList, String> {
+    crate::control::advertise::parse_route_list(s)
+        .map(RouteList)
         .map_err(|e| e.to_string())
 }
 

@@ -33,6 +33,15 @@ use crate::keys::{NodeKey, PrivateKey};
 /// What `register` returns.
 pub type Registration = RegisterResponse;
 
+/// What a registration advertises; `None` leaves the coordinator's value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Advertised<'a> {
+    /// Tags (`warren up --advertise-tags`).
+    pub tags: Option<&'a [String]>,
+    /// Routes (`--advertise-routes`, `--advertise-exit-node`).
+    pub routes: Option<&'a [ipnet::IpNet]>,
+}
+
 /// The file in the state directory that holds the last map.
 pub const MAP_FILE: &str = "netmap.json";
 
@@ -277,6 +286,19 @@ impl ControlClient {
         disco_key: NodeKey,
         tags: Option<&[String]>,
     ) -> Result<Registration, ControlError> {
+        let adv = Advertised { tags, routes: None };
+        self.register_advertising(token, hostname, disco_key, &adv)
+            .await
+    }
+
+    /// [`Self::register`], also setting what the node advertises.
+    pub async fn register_advertising(
+        &self,
+        token: Option<&str>,
+        hostname: &str,
+        disco_key: NodeKey,
+        adv: &Advertised<'_>,
+    ) -> Result<Registration, ControlError> {
         let req = RegisterRequest {
             token: token.map(str::to_owned),
             node_key: self.node_key(),
@@ -284,7 +306,8 @@ impl ControlClient {
             hostname: hostname.to_owned(),
             os: std::env::consts::OS.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            tags: tags.map(<[String]>::to_vec),
+            tags: adv.tags.map(<[String]>::to_vec),
+            routes: adv.routes.map(<[ipnet::IpNet]>::to_vec),
         };
         let body = serde_json::to_vec(&req)?;
         let resp = self

@@ -35,6 +35,7 @@
 //!
 //! [`client`] is the agent's side; the coordinator is its own crate.
 
+pub mod advertise;
 pub mod auth;
 pub mod bounds;
 pub mod client;

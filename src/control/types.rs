@@ -49,6 +49,13 @@ pub struct RegisterRequest {
     /// (an older agent sends none); `Some(vec![])` clears them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Routes the node offers to carry (`warren up --advertise-routes`,
+    /// both default routes for `--advertise-exit-node`), checked with
+    /// [`super::advertise::check_advertised`]. `None` keeps what the
+    /// coordinator has; `Some(vec![])` withdraws them. They carry traffic
+    /// only once approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<ipnet::IpNet>>,
 }
 
 /// What the coordinator gives a registered node.
@@ -166,6 +173,10 @@ pub struct Peer {
     /// The relay region where the node can be reached (its home relay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_relay: Option<u16>,
+    /// The routes it serves: advertised and approved (a subnet router's
+    /// prefixes, both default routes for an exit node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 #[cfg(test)]
@@ -188,6 +199,7 @@ impl Peer {
             version: String::new(),
             nat: Default::default(),
             home_relay: None,
+            routes: vec![],
         }
     }
 }

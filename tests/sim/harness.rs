@@ -277,6 +277,7 @@ impl Sim {
             version: String::new(),
             nat: Default::default(),
             home_relay: Some(1),
+            routes: vec![],
         };
         let reg = RegisterResponse {
             node_id: record.node_id,

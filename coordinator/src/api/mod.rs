@@ -11,6 +11,7 @@ mod map;
 mod signed;
 pub mod streams;
 
+use ipnet::Ipv6Net;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
@@ -185,6 +186,13 @@ async fn register(
         ),
         None => None,
     };
+    let routes = match &req.routes {
+        Some(r) => Some(
+            warren::control::advertise::check_advertised(r, Ipv6Net::new(st.ula, 48).ok())
+                .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?,
+        ),
+        None => None,
+    };
     let mut tx = signed.begin(&st).await?;
     let input = RegisterInput {
         token: req.token.clone(),
@@ -194,6 +202,7 @@ async fn register(
         os: req.os.clone(),
         version: req.version.clone(),
         tags,
+        routes,
     };
     let reg = match st.store.register(&mut tx, &input, st.ula).await {
         Ok(reg) => reg,
@@ -206,6 +215,7 @@ async fn register(
         }
     };
     check_tags(&st, &reg.node)?;
+    auto_approve(&st, &mut tx, &reg.node).await?;
     tx.commit().await?;
     st.hub.wake();
     let n = reg.node;
@@ -341,6 +351,40 @@ fn check_tags(st: &AppState, node: &crate::store::NodeRecord) -> Result<(), ApiE
             ));
         }
     }
+    Ok(())
+}
+
+/// Approves what the policy's `autoApprovers` approve among the routes the
+/// node advertises (Tailscale's rule: on advertising, by the node's user,
+/// group or tag), inside the registration's transaction.
+async fn auto_approve(
+    st: &AppState,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    node: &crate::store::NodeRecord,
+) -> Result<(), ApiError> {
+    let access = st.hub.access();
+    let Some(policy) = access.policy() else {
+        return Ok(());
+    };
+    let pending: Vec<ipnet::IpNet> = node
+        .advertised_routes
+        .iter()
+        .filter(|r| !node.approved_routes.contains(r))
+        .copied()
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let inv = crate::store::users::inventory(&access.users, std::slice::from_ref(node));
+    let auto = policy.auto_approved(&inv, std::net::IpAddr::V4(node.ipv4), &pending);
+    if auto.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(node = %node.key.short(), routes = ?auto, "routes approved by autoApprovers");
+    let mut approved = node.approved_routes.clone();
+    approved.extend(auto);
+    approved.sort();
+    st.store.set_approved_routes_in(tx, node, &approved).await?;
     Ok(())
 }
 

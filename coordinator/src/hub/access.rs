@@ -45,9 +45,18 @@ pub struct Access {
 
 /// What of a node the policy depends on: when none of it changes, nothing
 /// is rebuilt.
-pub fn identity(n: &NodeRecord) -> (Ipv4Addr, Ipv6Addr, Vec<String>, Option<i64>) {
-    (n.ipv4, n.ipv6, n.all_tags(), n.user_id)
+pub fn identity(n: &NodeRecord) -> Identity {
+    (n.ipv4, n.ipv6, n.all_tags(), n.user_id, n.served_routes())
 }
+
+/// Addresses, tags, user and served routes: what the policy sees of a node.
+pub type Identity = (
+    Ipv4Addr,
+    Ipv6Addr,
+    Vec<String>,
+    Option<i64>,
+    Vec<ipnet::IpNet>,
+);
 
 impl Access {
     /// No policy: the state before any is loaded, and with none set.
@@ -216,6 +225,8 @@ mod tests {
             nat: Default::default(),
             home_relay: None,
             user_id: user,
+            advertised_routes: vec![],
+            approved_routes: vec![],
         }
     }
 

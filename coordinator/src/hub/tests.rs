@@ -21,6 +21,7 @@ async fn register(store: &Store, token: &str) -> NodeRecord {
         os: "linux".into(),
         version: "0".into(),
         tags: None,
+        routes: None,
     };
     let r = store.register(&mut tx, &input, ula).await.unwrap();
     tx.commit().await.unwrap();

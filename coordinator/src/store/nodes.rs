@@ -14,6 +14,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use ipnet::IpNet;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row as _, Transaction};
 use warren::control::{Endpoint, EndpointsReport, Peer};
@@ -50,9 +51,24 @@ pub struct NodeRecord {
     pub home_relay: Option<u16>,
     /// The user whose token joined it (`None`: a token of no user).
     pub user_id: Option<i64>,
+    /// The routes it advertises (`warren up --advertise-routes`, both
+    /// default routes as an exit node), sorted.
+    pub advertised_routes: Vec<IpNet>,
+    /// The routes approved for it (`route approve`, `autoApprovers`),
+    /// sorted; they may include some it no longer advertises.
+    pub approved_routes: Vec<IpNet>,
 }
 
 impl NodeRecord {
+    /// The routes it serves: advertised and approved.
+    pub fn served_routes(&self) -> Vec<IpNet> {
+        self.advertised_routes
+            .iter()
+            .filter(|r| self.approved_routes.contains(r))
+            .copied()
+            .collect()
+    }
+
     /// Granted and advertised tags together, sorted, each once.
     pub fn all_tags(&self) -> Vec<String> {
         let mut all: Vec<String> = self
@@ -83,6 +99,7 @@ impl NodeRecord {
             version: self.version.clone(),
             nat: self.nat,
             home_relay: self.home_relay,
+            routes: self.served_routes(),
         }
     }
 }
@@ -98,6 +115,8 @@ pub struct RegisterInput {
     pub version: String,
     /// Advertised tags, already validated; `None` keeps the stored ones.
     pub tags: Option<Vec<String>>,
+    /// Advertised routes, already validated; `None` keeps the stored ones.
+    pub routes: Option<Vec<IpNet>>,
 }
 
 /// The outcome of a registration.
@@ -108,7 +127,7 @@ pub struct Registered {
     pub created: bool,
 }
 
-const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, advertised_tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay, user_id";
+const COLUMNS: &str = "id, node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, advertised_tags, endpoints, netcheck, conns, last_seen_ms, created_ms, nat, home_relay, user_id, advertised_routes, approved_routes";
 
 /// Decodes a row selected with [`COLUMNS`]. By column name rather than as a
 /// tuple: sqlx decodes tuples of at most sixteen columns, and names keep the
@@ -166,11 +185,19 @@ fn record(r: &AnyRow) -> Result<NodeRecord, StoreError> {
         user_id: r.try_get("user_id")?,
         nat,
         home_relay,
+        advertised_routes: serde_json::from_str(&text("advertised_routes")?)
+            .map_err(|e| bad("advertised_routes", e.into()))?,
+        approved_routes: serde_json::from_str(&text("approved_routes")?)
+            .map_err(|e| bad("approved_routes", e.into()))?,
     })
 }
 
 fn tags_json(tags: &[String]) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
+
+fn routes_json(routes: &[IpNet]) -> String {
+    serde_json::to_string(routes).unwrap_or_else(|_| "[]".into())
 }
 
 /// A DNS-label-shaped name from whatever hostname a node sent.
@@ -345,6 +372,13 @@ impl Store {
                         .execute(&mut **tx)
                         .await?;
                 }
+                if let Some(routes) = &input.routes {
+                    sqlx::query("UPDATE nodes SET advertised_routes = $1 WHERE id = $2")
+                        .bind(routes_json(routes))
+                        .bind(node.id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
                     .await?;
                 let node = Self::node_by_key_tx(tx, &input.node_key)
@@ -361,8 +395,8 @@ impl Store {
                 let name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
                 let v4 = random_ipv4();
                 let id: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags, user_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT DO NOTHING RETURNING id",
+                    "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags, user_id, advertised_routes)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT DO NOTHING RETURNING id",
                 )
                 .bind(input.node_key.to_string())
                 .bind(input.disco_key.to_string())
@@ -379,6 +413,7 @@ impl Store {
                 .bind(now)
                 .bind(tags_json(input.tags.as_deref().unwrap_or_default()))
                 .bind(grant.user_id)
+                .bind(routes_json(input.routes.as_deref().unwrap_or_default()))
                 .fetch_optional(&mut **tx)
                 .await?;
                 if let Some(id) = id {
@@ -424,6 +459,51 @@ impl Store {
             .await?;
         self.note_change(tx, node.id, &node.key, ChangeKind::Removed)
             .await
+    }
+
+    /// Sets the routes approved for node `id`, inside `tx`; its peers get
+    /// the change (what it serves is in their view of it).
+    pub async fn set_approved_routes_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        node: &NodeRecord,
+        approved: &[IpNet],
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET approved_routes = $1 WHERE id = $2")
+            .bind(routes_json(approved))
+            .bind(node.id)
+            .execute(&mut **tx)
+            .await?;
+        self.note_change(tx, node.id, &node.key, ChangeKind::Upsert)
+            .await
+    }
+
+    /// Approves (`approve`) or rejects routes of node `id`; returns the node
+    /// as it is after. Approving a route it does not advertise is allowed
+    /// (it serves it once it does), as in Tailscale.
+    pub async fn change_routes(
+        &self,
+        id: i64,
+        routes: &[IpNet],
+        approve: bool,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut tx = self.begin().await?;
+        let node = self.node_by_id_tx(&mut tx, id).await?;
+        let mut approved = node.approved_routes.clone();
+        if approve {
+            approved.extend_from_slice(routes);
+        } else {
+            approved.retain(|r| !routes.contains(r));
+        }
+        approved.sort();
+        approved.dedup();
+        if approved != node.approved_routes {
+            self.set_approved_routes_in(&mut tx, &node, &approved)
+                .await?;
+        }
+        let node = self.node_by_id_tx(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(node)
     }
 
     pub async fn rename_node(&self, id: i64, new_name: &str) -> Result<NodeRecord, StoreError> {

@@ -40,6 +40,7 @@ const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_advertised_tags.sql"),
     migration!(4, "0004_unique_disco_key.sql"),
     migration!(5, "0005_users_policy.sql"),
+    migration!(6, "0006_routes.sql"),
 ];
 
 /// The statements of a migration file: `--` comment lines dropped, split

@@ -250,7 +250,7 @@ pub fn inventory_node(n: &NodeRecord, name_of: &impl Fn(i64) -> Option<String>) 
             None
         },
         tags,
-        advertised_routes: Vec::new(),
-        approved_routes: Vec::new(),
+        advertised_routes: n.advertised_routes.clone(),
+        approved_routes: n.approved_routes.clone(),
     }
 }

@@ -35,6 +35,10 @@ pub struct Login {
     /// The tags this node advertises, sorted (see [`crate::control::types::validate_tag`]).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The routes this node advertises (subnets, and both default routes
+    /// as an exit node), sorted (`control::advertise`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnet::IpNet>,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
@@ -42,6 +46,14 @@ pub struct Login {
 }
 
 impl Login {
+    /// What a registration advertises for this login: its tags and routes.
+    pub fn advertised(&self) -> crate::control::client::Advertised<'_> {
+        crate::control::client::Advertised {
+            tags: Some(&self.tags),
+            routes: Some(&self.routes),
+        }
+    }
+
     pub fn load(state_dir: &Path) -> Option<Login> {
         let text = std::fs::read_to_string(state_dir.join(LOGIN_FILE)).ok()?;
         match serde_json::from_str(&text) {
@@ -163,6 +175,7 @@ mod tests {
             ca_pem: None,
             ula: None,
             tags: vec!["tag:db".into()],
+            routes: vec!["10.0.0.0/24".parse().unwrap()],
             stopped: true,
         };
         l.save(dir.path()).unwrap();

@@ -108,13 +108,12 @@ impl Mesh {
         self.state.handle_host(now, endpoints);
         if reregister {
             let client = s.client.clone();
-            let hostname = s.login.hostname.clone();
-            let tags = s.login.tags.clone();
+            let login = s.login.clone();
             self.background.spawn(async move {
                 let mut wait = RETRY_MIN;
                 loop {
                     match client
-                        .register_tagged(None, &hostname, disco, Some(&tags))
+                        .register_advertising(None, &login.hostname, disco, &login.advertised())
                         .await
                     {
                         Err(e) if !e.is_permanent() => {

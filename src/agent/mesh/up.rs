@@ -26,7 +26,9 @@ use super::Mesh;
 use crate::agent::state::AgentState;
 use crate::api::mesh::{UpArgs, UpReply};
 use crate::api::{ApiError, ErrorCode};
+use crate::control::advertise::{self, RouteError};
 use crate::control::types::normalize_tags;
+use ipnet::IpNet;
 
 /// One setting `up` was asked to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +40,40 @@ pub struct Difference {
     pub wanted: String,
 }
 
-/// The settings of `args` (tags already normalised) that differ from
-/// `current`. Settings not passed are never a difference.
-pub fn differences(current: &Login, args: &UpArgs, tags: Option<&[String]>) -> Vec<Difference> {
+/// The routes `up` asks this node to advertise: the subnets and the exit
+/// choice passed, each kept from `current` when not passed; `None` when
+/// neither flag was given.
+pub fn wanted_routes(
+    current: Option<&Login>,
+    args: &UpArgs,
+) -> Result<Option<Vec<IpNet>>, RouteError> {
+    if args.advertise_routes.is_none() && args.advertise_exit_node.is_none() {
+        return Ok(None);
+    }
+    let now: &[IpNet] = current.map_or(&[], |c| &c.routes);
+    let subnets: Vec<IpNet> = match &args.advertise_routes {
+        Some(r) => r.clone(),
+        None => now
+            .iter()
+            .filter(|r| r.prefix_len() != 0)
+            .copied()
+            .collect(),
+    };
+    let exit = args
+        .advertise_exit_node
+        .unwrap_or_else(|| advertise::is_exit(now));
+    advertise::advertised(&subnets, exit, current.and_then(|c| c.ula)).map(Some)
+}
+
+/// The settings of `args` (tags already normalised, routes from
+/// [`wanted_routes`]) that differ from `current`. Settings not passed are
+/// never a difference.
+pub fn differences(
+    current: &Login,
+    args: &UpArgs,
+    tags: Option<&[String]>,
+    routes: Option<&[IpNet]>,
+) -> Vec<Difference> {
     let mut out = Vec::new();
     let mut check = |setting, current: String, wanted: Option<String>| {
         if let Some(wanted) = wanted {
@@ -69,6 +102,28 @@ pub fn differences(current: &Login, args: &UpArgs, tags: Option<&[String]>) -> V
         "ca-file",
         path_text(current.ca_file.as_ref()),
         args.ca_file.as_ref().map(|p| path_text(Some(p))),
+    );
+    let subnets = |r: &[IpNet]| {
+        let list: Vec<String> = r
+            .iter()
+            .filter(|r| r.prefix_len() != 0)
+            .map(ToString::to_string)
+            .collect();
+        if list.is_empty() {
+            "(none)".into()
+        } else {
+            list.join(",")
+        }
+    };
+    check(
+        "advertise-routes",
+        subnets(&current.routes),
+        routes.map(subnets),
+    );
+    check(
+        "advertise-exit-node",
+        advertise::is_exit(&current.routes).to_string(),
+        routes.map(|r| advertise::is_exit(r).to_string()),
     );
     out
 }
@@ -102,7 +157,12 @@ pub fn refusal(diffs: &[Difference]) -> String {
 }
 
 /// The login `up` asks for: `current` with what `args` passes laid over it.
-fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> Option<Login> {
+fn merged(
+    current: Option<&Login>,
+    args: &UpArgs,
+    tags: Option<Vec<String>>,
+    routes: Option<Vec<IpNet>>,
+) -> Option<Login> {
     let coordinator = args
         .coordinator
         .clone()
@@ -132,6 +192,9 @@ fn merged(current: Option<&Login>, args: &UpArgs, tags: Option<Vec<String>>) -> 
         tags: tags
             .or_else(|| current.map(|c| c.tags.clone()))
             .unwrap_or_default(),
+        routes: routes
+            .or_else(|| current.map(|c| c.routes.clone()))
+            .unwrap_or_default(),
         stopped: false,
     })
 }
@@ -151,9 +214,11 @@ impl Mesh {
             ));
         }
         let current = self.session.as_ref().map(|s| s.login.clone());
+        let routes = wanted_routes(current.as_ref(), &args)
+            .map_err(|e| api_err(ErrorCode::BadRequest, e.to_string()))?;
         let diffs = current
             .as_ref()
-            .map(|c| differences(c, &args, tags.as_deref()))
+            .map(|c| differences(c, &args, tags.as_deref(), routes.as_deref()))
             .unwrap_or_default();
         let running = current.as_ref().is_some_and(|c| !c.stopped);
         if running && !diffs.is_empty() && !args.reconfigure {
@@ -172,7 +237,7 @@ impl Mesh {
             }
             return reply;
         }
-        let Some(login) = merged(current.as_ref(), &args, tags) else {
+        let Some(login) = merged(current.as_ref(), &args, tags, routes) else {
             return Err(api_err(
                 ErrorCode::NotJoined,
                 "not joined to any network: give --coordinator URL and --token",
@@ -209,11 +274,11 @@ impl Mesh {
             .min(UP_TIMEOUT);
         let reg = tokio::time::timeout(
             wait,
-            client.register_tagged(
+            client.register_advertising(
                 args.token.as_deref(),
                 &login.hostname,
                 self.disco_key(),
-                Some(&login.tags),
+                &login.advertised(),
             ),
         )
         .await
@@ -299,6 +364,7 @@ mod tests {
             ca_pem: None,
             ula: None,
             tags: vec!["tag:web".into()],
+            routes: vec![],
             stopped: false,
         }
     }
@@ -310,8 +376,8 @@ mod tests {
     #[test]
     fn flags_left_out_are_never_a_difference() {
         let args = UpArgs::default();
-        assert!(differences(&login(), &args, None).is_empty());
-        let m = merged(Some(&login()), &args, None).unwrap();
+        assert!(differences(&login(), &args, None, None).is_empty());
+        let m = merged(Some(&login()), &args, None, None).unwrap();
         assert_eq!(m, login());
     }
 
@@ -324,7 +390,7 @@ mod tests {
             ..Default::default()
         };
         let t = tags(&["tag:web"]);
-        assert!(differences(&login(), &args, Some(&t)).is_empty());
+        assert!(differences(&login(), &args, Some(&t), None).is_empty());
     }
 
     #[test]
@@ -337,7 +403,7 @@ mod tests {
             ..Default::default()
         };
         let t = tags(&["tag:db", "tag:web"]);
-        let d = differences(&login(), &args, Some(&t));
+        let d = differences(&login(), &args, Some(&t), None);
         let names: Vec<_> = d.iter().map(|d| d.setting).collect();
         assert_eq!(
             names,
@@ -365,7 +431,7 @@ mod tests {
 
     #[test]
     fn clearing_tags_is_a_difference() {
-        let d = differences(&login(), &UpArgs::default(), Some(&[]));
+        let d = differences(&login(), &UpArgs::default(), Some(&[]), None);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].wanted, "(none)");
     }
@@ -376,21 +442,66 @@ mod tests {
             hostname: Some("web2".into()),
             ..Default::default()
         };
-        let m = merged(Some(&login()), &args, None).unwrap();
+        let m = merged(Some(&login()), &args, None, None).unwrap();
         assert_eq!(m.hostname, "web2");
         assert_eq!(m.coordinator, login().coordinator);
         assert_eq!(m.tags, login().tags);
-        let m = merged(Some(&login()), &UpArgs::default(), Some(vec![])).unwrap();
+        let m = merged(Some(&login()), &UpArgs::default(), Some(vec![]), None).unwrap();
         assert!(m.tags.is_empty());
         assert_eq!(m.hostname, "web1");
         // A first join needs a coordinator.
-        assert!(merged(None, &UpArgs::default(), None).is_none());
+        assert!(merged(None, &UpArgs::default(), None, None).is_none());
         let first = UpArgs {
             coordinator: Some("http://c".into()),
             ..Default::default()
         };
-        let m = merged(None, &first, None).unwrap();
+        let m = merged(None, &first, None, None).unwrap();
         assert_eq!(m.hostname, system_hostname());
         assert!(m.tags.is_empty());
+    }
+
+    #[test]
+    fn routes_change_only_as_passed_and_are_compared_as_set_and_exit_choice() {
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let mut current = login();
+        current.routes = vec![net("0.0.0.0/0"), net("10.0.0.0/24"), net("::/0")];
+        // Nothing passed: nothing wanted, no difference.
+        assert_eq!(wanted_routes(Some(&current), &UpArgs::default()), Ok(None));
+        // Only --advertise-routes: the exit choice is kept.
+        let args = UpArgs {
+            advertise_routes: Some(vec![net("10.0.1.0/24")]),
+            ..Default::default()
+        };
+        let routes = wanted_routes(Some(&current), &args).unwrap().unwrap();
+        assert_eq!(
+            routes,
+            vec![net("0.0.0.0/0"), net("10.0.1.0/24"), net("::/0")]
+        );
+        let d = differences(&current, &args, None, Some(&routes));
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].setting, d[0].current.as_str(), d[0].wanted.as_str()),
+            ("advertise-routes", "10.0.0.0/24", "10.0.1.0/24")
+        );
+        // Only --advertise-exit-node=false: the subnets are kept.
+        let args = UpArgs {
+            advertise_exit_node: Some(false),
+            ..Default::default()
+        };
+        let routes = wanted_routes(Some(&current), &args).unwrap().unwrap();
+        assert_eq!(routes, vec![net("10.0.0.0/24")]);
+        let d = differences(&current, &args, None, Some(&routes));
+        assert_eq!(
+            d.iter().map(|d| d.setting).collect::<Vec<_>>(),
+            ["advertise-exit-node"]
+        );
+        let m = merged(Some(&current), &args, None, Some(routes.clone())).unwrap();
+        assert_eq!(m.routes, routes);
+        // A bad route is refused before anything is asked of anyone.
+        let args = UpArgs {
+            advertise_routes: Some(vec![net("100.64.1.0/24")]),
+            ..Default::default()
+        };
+        assert!(wanted_routes(Some(&current), &args).is_err());
     }
 }

@@ -163,16 +163,51 @@ pub async fn policy_set(store: &Store, path: &Path, as_json: bool) -> R<String> 
     let inv = live_inventory(store).await?;
     let p = load(&text, &path.display().to_string(), &inv)?;
     store.set_policy_text(Some(&text)).await?;
+    let approved = approve_pending(store, &p).await?;
     Ok(if as_json {
-        json(&serde_json::json!({"stored": true, "rules": p.rules.len(), "tests": p.tests.len()}))
+        json(&serde_json::json!({
+            "stored": true,
+            "rules": p.rules.len(),
+            "tests": p.tests.len(),
+            "routes_approved": approved,
+        }))
     } else {
+        let routes = match approved {
+            0 => String::new(),
+            n => format!("; {n} pending route(s) approved by autoApprovers"),
+        };
         format!(
-            "{}policy stored: {} rules, {} tests passed; agents get their filters within a second\n",
+            "{}policy stored: {} rules, {} tests passed{routes}; agents get their filters within a second\n",
             ignored_note(&p),
             p.rules.len(),
             p.tests.len()
         )
     })
+}
+
+/// Approves every pending route the new policy's `autoApprovers` cover
+/// (as when a node advertises: `api::auto_approve`); returns how many.
+async fn approve_pending(store: &Store, p: &Policy) -> R<usize> {
+    let users = store.list_users().await?;
+    let mut count = 0;
+    for n in store.list_nodes().await? {
+        let pending: Vec<ipnet::IpNet> = n
+            .advertised_routes
+            .iter()
+            .filter(|r| !n.approved_routes.contains(r))
+            .copied()
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let inv = inventory(&users, std::slice::from_ref(&n));
+        let auto = p.auto_approved(&inv, std::net::IpAddr::V4(n.ipv4), &pending);
+        if !auto.is_empty() {
+            count += auto.len();
+            store.change_routes(n.id, &auto, true).await?;
+        }
+    }
+    Ok(count)
 }
 
 pub async fn policy_clear(store: &Store, as_json: bool) -> R<String> {

@@ -250,3 +250,49 @@ async fn auto_approvers_approve_what_the_policy_names_and_no_more() {
     assert_eq!(by("exit").served_routes(), exit);
     assert_eq!(admin_routes::served_summary(&by("exit")), "exit");
 }
+
+/// Routes pending when a policy arrives are approved by its autoApprovers
+/// at once, as if advertised then.
+#[tokio::test]
+async fn a_new_policy_approves_pending_routes_it_covers() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = common::start(dir.path(), None).await;
+    let url = common::url(&srv);
+    let spec = NewToken {
+        reusable: true,
+        tags: vec!["tag:router".into()],
+        ..Default::default()
+    };
+    let tok = srv.store.create_token(&spec).await.unwrap().1;
+    let routes = nets(&["10.30.0.0/16", "172.16.0.0/12"]);
+    let r = client(&url, &dir.path().join("r"));
+    r.register_advertising(
+        Some(&tok),
+        "router",
+        PrivateKey::generate().public(),
+        &Advertised {
+            tags: None,
+            routes: Some(&routes),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(srv.store.list_nodes().await.unwrap()[0]
+        .served_routes()
+        .is_empty());
+    let file = dir.path().join("policy.hujson");
+    std::fs::write(
+        &file,
+        r#"{"tagOwners": {"tag:router": []},
+            "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}},
+            "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
+    )
+    .unwrap();
+    let out = admin_policy::policy_set(&srv.store, &file, false)
+        .await
+        .unwrap();
+    assert!(out.contains("1 pending route(s) approved"), "{out}");
+    let n = &srv.store.list_nodes().await.unwrap()[0];
+    assert_eq!(n.served_routes(), nets(&["10.30.0.0/16"]));
+}

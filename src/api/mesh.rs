@@ -143,6 +143,13 @@ pub struct MeshStatus {
     /// The tags this node advertises.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The routes this node advertises (`--advertise-routes`, both default
+    /// routes for `--advertise-exit-node`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertised_routes: Vec<ipnet::IpNet>,
+    /// Those the coordinator approved: the ones it serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served_routes: Vec<ipnet::IpNet>,
 }
 
 /// The mesh part of one peer's status.
@@ -159,6 +166,10 @@ pub struct PeerMesh {
     /// Its tags, granted and advertised.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The routes it serves (a subnet router's prefixes, both default
+    /// routes for an exit node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnet::IpNet>,
     /// The relay region the peer is reached through while relayed.
     pub relay_region: Option<String>,
     /// Round-trip time of the current path, from disco pings.

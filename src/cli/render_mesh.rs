@@ -33,6 +33,13 @@ pub fn node(m: &MeshStatus) -> String {
     if !m.tags.is_empty() {
         let _ = writeln!(out, "tags: {}", m.tags.join(", "));
     }
+    if !m.advertised_routes.is_empty() {
+        let _ = writeln!(
+            out,
+            "routes: {}",
+            advertised(&m.advertised_routes, &m.served_routes)
+        );
+    }
     if m.state == MeshState::Stopped {
         return out;
     }
@@ -105,6 +112,41 @@ pub fn nat(n: &NatSummary) -> String {
     format!("{mapping}{alloc}")
 }
 
+/// Routes as a person reads them: `exit node` for the default pair, then
+/// the subnets.
+fn route_names(routes: &[ipnet::IpNet]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if crate::control::advertise::is_exit(routes) {
+        parts.push("exit node".into());
+    }
+    parts.extend(
+        routes
+            .iter()
+            .filter(|r| r.prefix_len() != 0)
+            .map(ToString::to_string),
+    );
+    parts.join(", ")
+}
+
+/// This node's advertised routes, and which await approval.
+fn advertised(adv: &[ipnet::IpNet], served: &[ipnet::IpNet]) -> String {
+    let pending: Vec<ipnet::IpNet> = adv
+        .iter()
+        .filter(|r| !served.contains(r))
+        .copied()
+        .collect();
+    let mut out = format!("advertising {}", route_names(adv));
+    if pending.is_empty() {
+        out.push_str(" (approved)");
+    } else {
+        out.push_str(&format!(
+            "; awaiting approval: {} (warren-coordinator route approve)",
+            route_names(&pending)
+        ));
+    }
+    out
+}
+
 /// One line per relayed peer saying why, and when a path turned direct.
 pub fn peer_notes(peers: &[PeerStatus]) -> String {
     let mut out = String::new();
@@ -113,6 +155,9 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
         let name = super::render::peer_name(p);
         if !m.tags.is_empty() {
             let _ = writeln!(out, "{name}: tags {}", m.tags.join(","));
+        }
+        if !m.routes.is_empty() {
+            let _ = writeln!(out, "{name}: offers {}", route_names(&m.routes));
         }
         match (&p.path, &m.relay_reason, m.direct_since_secs) {
             (PeerPath::Relay { .. }, Some(reason), _) => {
@@ -292,6 +337,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("UDP blocked"), "{text}");
+    }
+
+    #[test]
+    fn advertised_routes_say_which_await_approval() {
+        let net = |s: &str| -> ipnet::IpNet { s.parse().unwrap() };
+        let m = MeshStatus {
+            state: MeshState::Running,
+            coordinator: Some("https://c".into()),
+            name: Some("r".into()),
+            advertised_routes: vec![net("0.0.0.0/0"), net("192.168.50.0/24"), net("::/0")],
+            served_routes: vec![net("192.168.50.0/24")],
+            ..Default::default()
+        };
+        let text = node(&m);
+        assert!(
+            text.contains(
+                "routes: advertising exit node, 192.168.50.0/24; awaiting approval: exit node"
+            ),
+            "{text}"
+        );
+        let all = MeshStatus {
+            served_routes: m.advertised_routes.clone(),
+            ..m
+        };
+        assert!(
+            node(&all).contains("192.168.50.0/24 (approved)"),
+            "{}",
+            node(&all)
+        );
     }
 
     #[test]

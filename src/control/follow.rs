@@ -102,6 +102,8 @@ pub struct Follower {
     prefix: Option<Ipv6Net>,
     /// The addresses last installed.
     addresses: Option<(Ipv4Addr, Ipv6Addr)>,
+    /// The routes this node serves, as its own map record says.
+    self_routes: Vec<ipnet::IpNet>,
     peers: HashMap<NodeKey, Peer>,
     out: VecDeque<MapAction>,
 }
@@ -113,6 +115,7 @@ impl Follower {
             me,
             prefix,
             addresses: None,
+            self_routes: Vec::new(),
             peers: HashMap::new(),
             out: VecDeque::new(),
         }
@@ -123,6 +126,12 @@ impl Follower {
         if prefix.is_some() {
             self.prefix = prefix;
         }
+    }
+
+    /// The routes this node serves (advertised and approved), from its
+    /// own map record.
+    pub fn self_routes(&self) -> &[ipnet::IpNet] {
+        &self.self_routes
     }
 
     /// The peers as the map describes them.
@@ -169,6 +178,7 @@ impl Follower {
         match ev {
             MapEvent::Full { map, from_cache } => {
                 self.set_self(map.self_node.ipv4, map.self_node.ipv6);
+                self.self_routes.clone_from(&map.self_node.routes);
                 self.out
                     .push_back(MapAction::SetName(map.self_node.name.clone()));
                 if !from_cache {
@@ -197,6 +207,7 @@ impl Follower {
             }
             MapEvent::SelfChanged(me) => {
                 self.set_self(me.ipv4, me.ipv6);
+                self.self_routes.clone_from(&me.routes);
                 self.out.push_back(MapAction::SetName(me.name));
             }
             MapEvent::FilterChanged(f) => self.set_filter(f),

@@ -252,6 +252,7 @@ impl Mesh {
         };
         st.coordinator = Some(s.login.coordinator.clone());
         st.tags = s.login.tags.clone();
+        st.advertised_routes = s.login.routes.clone();
         let home = self.relays.home();
         st.home_relay_connected = home.is_some_and(|h| self.relays.is_connected(h));
         st.home_relay_error = home.and_then(|h| self.relays.last_error(h));

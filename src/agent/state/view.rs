@@ -42,6 +42,7 @@ impl AgentState {
                     os: p.os.clone(),
                     version: p.version.clone(),
                     tags: p.tags.clone(),
+                    routes: p.routes.clone(),
                     relay_region: relayed
                         .then(|| self.peer_region(&p.key).and_then(|r| self.region_name(r)))
                         .flatten(),
@@ -106,6 +107,7 @@ impl AgentState {
             udp: self.disc.last.as_ref().map(|r| r.udp),
             last_error: c.last_error.clone(),
             map_received: c.map_received,
+            served_routes: self.follow.self_routes().to_vec(),
             ..MeshStatus::default()
         }
     }

@@ -192,6 +192,8 @@ pub async fn run(
             ..Default::default()
         },
         mtu,
+        tun_index: dev.if_index().unwrap_or(0),
+        tun_name: iface.name.clone(),
     });
     let inb = inbound::Inbound {
         dp: dp.clone(),

@@ -45,6 +45,9 @@ pub struct UpArgs {
     /// the current choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_exit_node: Option<bool>,
+    /// Use the subnet routes peers serve; `None` keeps the current choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_routes: Option<bool>,
     /// Apply settings that differ from those of a node that is already up.
     /// Without it such an `up` is refused with the differences listed
     /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.
@@ -150,6 +153,10 @@ pub struct MeshStatus {
     /// Those the coordinator approved: the ones it serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub served_routes: Vec<ipnet::IpNet>,
+    /// Why the routes it serves cannot carry traffic (IP forwarding off,
+    /// the NAT not installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_problem: Option<String>,
 }
 
 /// The mesh part of one peer's status.

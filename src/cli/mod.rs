@@ -94,6 +94,12 @@ pub enum ClientCommand {
         /// their internet traffic through it (once approved).
         #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
         advertise_exit_node: Option<bool>,
+        /// Send traffic for the subnet routes peers serve through them
+        /// (off by default, as Tailscale on Linux: a route could shadow a
+        /// network this host reaches directly; one over this host's own
+        /// networks is never installed).
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        accept_routes: Option<bool>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -221,6 +227,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             advertise_tags,
             advertise_routes,
             advertise_exit_node,
+            accept_routes,
             reconfigure,
             timeout,
             json,
@@ -251,6 +258,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 advertise_tags: advertise_tags.clone().map(|t| t.0),
                 advertise_routes: advertise_routes.clone().map(|r| r.0),
                 advertise_exit_node: *advertise_exit_node,
+                accept_routes: *accept_routes,
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };

@@ -40,6 +40,9 @@ pub fn node(m: &MeshStatus) -> String {
             advertised(&m.advertised_routes, &m.served_routes)
         );
     }
+    if let Some(p) = &m.routes_problem {
+        let _ = writeln!(out, "routes: problem: {p}");
+    }
     if m.state == MeshState::Stopped {
         return out;
     }

@@ -151,6 +151,7 @@ impl Follower {
             self.remove(k);
         }
         self.addresses = None;
+        self.self_routes.clear();
     }
 
     /// Forgets the network (logged out, revoked, or joined another):

@@ -29,6 +29,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn};
+use ipnet::IpNet;
 use parking_lot::Mutex;
 use x25519_dalek::PublicKey;
 
@@ -135,7 +136,9 @@ pub struct DataPlane {
     limiter: wg::Limiter,
     peers: ArcSwap<PeerSet>,
     /// Serialises edits of the peer set (not packets).
-    edit: Mutex<()>,
+    /// Serialises edits of the peer set, and holds the subnet routes
+    /// every rebuild applies.
+    edit: Mutex<Vec<(IpNet, NodeKey)>>,
     next_index: AtomicU32,
     pub drops: Arc<Drops>,
     /// The receiving side's packet filter (`firewall.rs`), fed the policy
@@ -156,7 +159,7 @@ impl DataPlane {
             key,
             public,
             peers: ArcSwap::from_pointee(PeerSet::default()),
-            edit: Mutex::new(()),
+            edit: Mutex::new(Vec::new()),
             next_index: AtomicU32::new(1),
             drops: Arc::default(),
             firewall: Arc::default(),
@@ -190,7 +193,7 @@ impl DataPlane {
     /// second to load.
     /// New sessions start at `now`.
     pub fn upsert_peers(&self, now: Instant, specs: impl IntoIterator<Item = PeerSpec>) {
-        let _g = self.edit.lock();
+        let g = self.edit.lock();
         let cur = self.peers.load_full();
         // Copied from `cur` at the first peer that needs a new tunnel.
         let mut next: Option<HashMap<NodeKey, Arc<Peer>>> = None;
@@ -226,12 +229,12 @@ impl DataPlane {
         }
         if let Some(peers) = next {
             self.peers
-                .store(Arc::new(build(peers.into_values().collect())));
+                .store(Arc::new(build(peers.into_values().collect(), &g)));
         }
     }
 
     pub fn remove_peer(&self, key: &NodeKey) -> bool {
-        let _g = self.edit.lock();
+        let g = self.edit.lock();
         let cur = self.peers.load_full();
         if !cur.by_key.contains_key(key) {
             return false;
@@ -242,8 +245,21 @@ impl DataPlane {
             .filter(|p| &p.key != key)
             .cloned()
             .collect();
-        self.peers.store(Arc::new(build(peers)));
+        self.peers.store(Arc::new(build(peers, &g)));
         true
+    }
+
+    /// Routes each subnet prefix to the peer that carries it (the whole
+    /// set), and accepts packets from those prefixes from that peer.
+    pub fn set_subnet_routes(&self, routes: Vec<(IpNet, NodeKey)>) {
+        let mut g = self.edit.lock();
+        if *g == routes {
+            return;
+        }
+        *g = routes;
+        let cur = self.peers.load_full();
+        let peers = cur.by_key.values().cloned().collect();
+        self.peers.store(Arc::new(build(peers, &g)));
     }
 
     /// Called once a second: lets boringtun's handshake rate limiter forget
@@ -306,12 +322,23 @@ impl DataPlane {
     }
 }
 
-fn build(peers: Vec<Arc<Peer>>) -> PeerSet {
+/// The snapshot of `peers`, with the subnet routes each carries routed to
+/// it and accepted from it.
+fn build(peers: Vec<Arc<Peer>>, subnets: &[(IpNet, NodeKey)]) -> PeerSet {
     let mut set = PeerSet::default();
     for p in peers {
         for net in &p.spec.allowed_ips {
             set.routes.insert(*net, p.clone());
         }
+        let carried: Vec<IpNet> = subnets
+            .iter()
+            .filter(|(_, k)| *k == p.key)
+            .map(|(n, _)| *n)
+            .collect();
+        for net in &carried {
+            set.routes.insert(*net, p.clone());
+        }
+        p.set_subnets(carried);
         set.by_index.insert(p.index, p.clone());
         set.by_key.insert(p.key, p);
     }

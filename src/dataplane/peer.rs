@@ -163,6 +163,9 @@ pub struct Peer {
     /// Packets from this peer whose inner source it does not own.
     pub spoofed: AtomicU64,
     wake: Arc<tokio::sync::Notify>,
+    /// The subnet routes this peer carries for us (`DataPlane::
+    /// set_subnet_routes`): packets from those sources are its too.
+    subnets: arc_swap::ArcSwap<Vec<IpNet>>,
 }
 
 impl Peer {
@@ -202,6 +205,7 @@ impl Peer {
             spec,
             spoofed: AtomicU64::new(0),
             wake,
+            subnets: arc_swap::ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -289,8 +293,17 @@ impl Peer {
         opened
     }
 
+    /// Sets the subnet routes this peer carries.
+    pub(super) fn set_subnets(&self, nets: Vec<IpNet>) {
+        self.subnets.store(Arc::new(nets));
+    }
+
     fn check_source(&self, len: usize, src: IpAddr) -> Opened {
-        if self.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+        // The subnets are read only when the peer's own addresses do not
+        // match: a subnet router's forwarded packets.
+        if self.spec.allowed_ips.iter().any(|n| n.contains(&src))
+            || self.subnets.load().iter().any(|n| n.contains(&src))
+        {
             Opened::Tunnel { len }
         } else {
             self.spoofed.fetch_add(1, Ordering::Relaxed);

@@ -36,6 +36,7 @@ mod policy;
 mod portmap;
 mod relay;
 mod relay_regions;
+mod routes;
 mod service;
 mod speed;
 mod tcp;

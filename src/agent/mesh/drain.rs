@@ -84,10 +84,8 @@ impl Mesh {
             }
             Output::Addresses { v4, v6 } => {
                 let addresses = [IpAddr::V4(v4), IpAddr::V6(v6)];
-                // Peers may send to these only (README, "Access policy").
-                self.dp
-                    .firewall
-                    .set_local(addresses.iter().map(|a| IpNet::from(*a)).collect());
+                self.own.0 = addresses.iter().map(|a| IpNet::from(*a)).collect();
+                self.set_own();
                 // The whole overlay range is routed to the device: /10 and
                 // /48.
                 for res in [
@@ -99,6 +97,17 @@ impl Mesh {
                         tracing::debug!(error = %e, "adding overlay address");
                     }
                 }
+            }
+            Output::SubnetRoutes(routes) => {
+                let prefixes: Vec<IpNet> = routes.iter().map(|(n, _)| *n).collect();
+                self.dp.set_subnet_routes(routes);
+                self.host_routes.apply(&prefixes);
+            }
+            Output::Serving(served) => {
+                let ula = self.session.as_ref().and_then(|s| s.login.ula);
+                self.host_routes.serve(&served, ula);
+                self.own.1 = served;
+                self.set_own();
             }
             Output::PinPrefix(net) => {
                 if let Some(s) = self.session.as_mut() {
@@ -172,6 +181,15 @@ impl Mesh {
                 Login::remove(&self.state_dir);
             }
         }
+    }
+
+    /// Peers may send to this node's addresses and the subnets it serves
+    /// only (README, "Access policy").
+    fn set_own(&self) {
+        let (addrs, served) = &self.own;
+        self.dp
+            .firewall
+            .set_local(addrs.iter().chain(served).copied().collect());
     }
 
     /// Answers every `warren netcheck` request waiting on the run.

@@ -39,6 +39,9 @@ pub struct Login {
     /// as an exit node), sorted (`control::advertise`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ipnet::IpNet>,
+    /// `warren up --accept-routes`: use the subnet routes peers serve.
+    #[serde(default)]
+    pub accept_routes: bool,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
@@ -176,6 +179,7 @@ mod tests {
             ula: None,
             tags: vec!["tag:db".into()],
             routes: vec!["10.0.0.0/24".parse().unwrap()],
+            accept_routes: true,
             stopped: true,
         };
         l.save(dir.path()).unwrap();

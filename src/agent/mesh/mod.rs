@@ -41,6 +41,7 @@ mod handle;
 mod login;
 mod relays;
 pub use relays::RelayOptions;
+mod routing;
 mod session;
 mod sockets;
 mod tcp;
@@ -101,6 +102,9 @@ pub struct MeshParts {
     pub traversal: crate::traversal::Config,
     /// The TUN's MTU: how large an opened packet can be.
     pub mtu: usize,
+    /// The TUN device's index and name, for kernel routes.
+    pub tun_index: u32,
+    pub tun_name: String,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -147,6 +151,11 @@ pub(crate) struct Mesh {
     ping_waiters: HashMap<u64, handle::Reply>,
     /// Opens the TCP frames that arrive before their stream is proven.
     streamed: StreamedIn,
+    /// Kernel routes for subnet routes, and the NAT of those served.
+    host_routes: routing::HostRoutes,
+    /// This node's overlay addresses and the subnet routes it serves: what
+    /// peers may send to (the firewall's own set).
+    own: (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>),
 }
 
 impl Mesh {
@@ -204,6 +213,8 @@ impl Mesh {
             background: JoinSet::new(),
             netcheck_waiters: Vec::new(),
             ping_waiters: HashMap::new(),
+            host_routes: routing::HostRoutes::new(parts.tun_index, parts.tun_name),
+            own: (Vec::new(), Vec::new()),
             streamed: data.opener(),
         }
     }

@@ -101,7 +101,9 @@ impl Mesh {
         s.stream = Some(s.client.map_stream());
         // Maps are held to the network's /48 the login pinned.
         let now = Instant::now();
+        let accept = s.login.accept_routes;
         self.state.follow(now, s.login.ula);
+        self.state.set_accept_routes(now, accept);
         // The first look at the host's addresses, now rather than at the
         // second housekeeping tick.
         let endpoints = super::login::host_endpoints(self.listen.port());
@@ -149,6 +151,8 @@ impl Mesh {
                 if let Some(pm) = self.portmapper.take() {
                     pm.shutdown().await;
                 }
+                // Nothing of ours stays in the host's routing or nftables.
+                self.host_routes.clear();
                 Ok(MeshReply::Done)
             }
             Command::Ping { peer, timeout } => {
@@ -253,6 +257,7 @@ impl Mesh {
         st.coordinator = Some(s.login.coordinator.clone());
         st.tags = s.login.tags.clone();
         st.advertised_routes = s.login.routes.clone();
+        st.routes_problem = self.host_routes.problem.clone();
         let home = self.relays.home();
         st.home_relay_connected = home.is_some_and(|h| self.relays.is_connected(h));
         st.home_relay_error = home.and_then(|h| self.relays.last_error(h));

@@ -125,6 +125,11 @@ pub fn differences(
         advertise::is_exit(&current.routes).to_string(),
         routes.map(|r| advertise::is_exit(r).to_string()),
     );
+    check(
+        "accept-routes",
+        current.accept_routes.to_string(),
+        args.accept_routes.map(|a| a.to_string()),
+    );
     out
 }
 
@@ -195,6 +200,10 @@ fn merged(
         routes: routes
             .or_else(|| current.map(|c| c.routes.clone()))
             .unwrap_or_default(),
+        accept_routes: args
+            .accept_routes
+            .or_else(|| current.map(|c| c.accept_routes))
+            .unwrap_or(false),
         stopped: false,
     })
 }
@@ -325,6 +334,8 @@ impl Mesh {
             stream,
         });
         self.state.registered(Instant::now(), &reg, keep_stream);
+        let accept = self.session.as_ref().is_some_and(|s| s.login.accept_routes);
+        self.state.set_accept_routes(Instant::now(), accept);
         if !keep_stream {
             self.start_following(false);
         }
@@ -365,6 +376,7 @@ mod tests {
             ula: None,
             tags: vec!["tag:web".into()],
             routes: vec![],
+            accept_routes: false,
             stopped: false,
         }
     }

@@ -144,6 +144,7 @@ impl AgentState {
         while let Some(action) = self.follow.poll_action() {
             self.act(now, action);
         }
+        self.update_routes(now);
         self.out.push_back(Output::Filter(None));
         while let Some((id, round)) = self.pings.take_any() {
             self.out.push_back(Output::PingDone { id, round });
@@ -167,6 +168,7 @@ impl AgentState {
         while let Some(action) = self.follow.poll_action() {
             self.act(now, action);
         }
+        self.update_routes(now);
     }
 
     fn act(&mut self, now: Instant, action: MapAction) {

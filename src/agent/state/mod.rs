@@ -31,6 +31,7 @@ pub mod control;
 pub mod discovery;
 mod output;
 pub mod ping;
+mod subnets;
 #[cfg(test)]
 mod tests;
 pub mod timers;
@@ -101,6 +102,12 @@ pub struct AgentState {
     tcp_public: Option<SocketAddr>,
     tcp_port: u16,
     ticks: u64,
+    /// `--accept-routes`, the route choice, the subnet routes in use and
+    /// those this node serves (`subnets.rs`).
+    accept_routes: bool,
+    routes: crate::routes::Routes,
+    subnets: Vec<(ipnet::IpNet, NodeKey)>,
+    served: Vec<ipnet::IpNet>,
     /// `Output::Netcheck` went out and `start_netcheck` has not answered.
     netcheck_asked: bool,
     timers: Timers,
@@ -129,6 +136,10 @@ impl AgentState {
             tcp_public: None,
             tcp_port: settings.tcp_port,
             ticks: 0,
+            accept_routes: false,
+            routes: crate::routes::Routes::default(),
+            subnets: Vec::new(),
+            served: Vec::new(),
             netcheck_asked: false,
             timers: Timers::default(),
             rng: StdRng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d),
@@ -189,6 +200,8 @@ impl AgentState {
                     let addresses = self.ticks % ADDR_CHECK_TICKS == 0;
                     self.out.push_back(Output::Housekeep { addresses });
                     self.timers.set(Timer::Housekeeping, now + TICK);
+                    // Hold-downs end with time, not only with map events.
+                    self.update_routes(now);
                 }
                 Timer::Netcheck => {
                     if self.control.as_ref().is_some_and(|c| c.following) && !self.disc.is_running()

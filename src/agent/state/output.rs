@@ -70,6 +70,12 @@ pub enum Output {
         v4: Ipv4Addr,
         v6: Ipv6Addr,
     },
+    /// Route each prefix to its peer, in the data plane and the kernel
+    /// (the whole set: what is not in it is no longer routed).
+    SubnetRoutes(Vec<(ipnet::IpNet, NodeKey)>),
+    /// The subnet routes this node serves: accept packets to them from
+    /// peers and forward them (the whole set).
+    Serving(Vec<ipnet::IpNet>),
     /// Keep the network's /48 in the saved login.
     PinPrefix(Ipv6Net),
     Relay(RelayCmd),

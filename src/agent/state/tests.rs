@@ -488,3 +488,51 @@ fn the_newest_report_goes_once_the_one_in_flight_is_answered() {
     let newer = report_of(&drain(&mut s)).expect("the newer report");
     assert_eq!(newer.endpoints[0].addr.to_string(), "10.9.0.2:41641");
 }
+
+#[test]
+fn accepted_subnet_routes_go_to_the_serving_peer_and_what_we_serve_is_said() {
+    let now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    let lan: ipnet::IpNet = "192.168.50.0/24".parse().unwrap();
+    let mut a = Peer::for_test(2, "fd7a:115c:a1e0::2");
+    let mut b = Peer::for_test(3, "fd7a:115c:a1e0::3");
+    a.routes = vec![lan];
+    b.routes = vec![lan];
+    let subnets = |out: &[Output]| {
+        out.iter().rev().find_map(|o| match o {
+            Output::SubnetRoutes(r) => Some(r.clone()),
+            _ => None,
+        })
+    };
+    s.handle_map(now, Some(full_map(&[&a, &b])));
+    assert_eq!(
+        subnets(&drain(&mut s)),
+        None,
+        "not accepted: nothing routed"
+    );
+    s.set_accept_routes(now, true);
+    let primary = subnets(&drain(&mut s)).expect("routed once accepted");
+    assert_eq!(primary.len(), 1);
+    let (first, other) = if primary[0].1 == a.key {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    // The primary goes offline: the other router carries the prefix.
+    let mut gone = first.clone();
+    gone.online = false;
+    s.handle_map(now, Some(MapEvent::PeerChanged(gone)));
+    assert_eq!(subnets(&drain(&mut s)), Some(vec![(lan, other.key)]));
+    s.set_accept_routes(now, false);
+    assert_eq!(subnets(&drain(&mut s)), Some(vec![]));
+
+    // This node's own record serves a route: the driver is told.
+    let mut me_serving = me();
+    me_serving.routes = vec!["10.9.0.0/16".parse().unwrap()];
+    s.handle_map(now, Some(MapEvent::SelfChanged(me_serving)));
+    let out = drain(&mut s);
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Serving(r) if r == &vec!["10.9.0.0/16".parse::<ipnet::IpNet>().unwrap()])));
+}

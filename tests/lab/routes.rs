@@ -1,0 +1,109 @@
+//! Subnet routers end to end (issue 18): a router node on an office LAN
+//! advertises it; a laptop elsewhere with `--accept-routes` reaches a
+//! plain host on that LAN (no warren there) once an admin approves the
+//! route, and not before or after its rejection; the host sees the
+//! router's LAN address (source NAT); nothing is left in the routing table
+//! or nftables afterwards. Real agents, a real coordinator, kernel
+//! forwarding and NAT.
+
+use crate::lab;
+
+use std::time::Duration;
+
+use lab::agent::{tcp_transfer, Agent, AgentConfig};
+use lab::coord::Coordinator;
+use lab::mesh::{up_with, wait_peers};
+use lab::nat::Nat;
+use lab::{poll_until, Lab};
+
+/// How long a route change may take to reach the laptop.
+const APPLY: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_subnet_router_carries_its_lan_once_approved() {
+    let Some(lab) = Lab::new_or_skip() else {
+        return;
+    };
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let office = lab.gateway("goffice", Nat::Eim);
+    let srv = lab.host_behind(&office, "srv");
+    let r = lab.host_behind(&office, "router");
+    let home = lab.gateway("ghome", Nat::Eim);
+    let laptop_node = lab.host_behind(&home, "laptop");
+    let o = srv.ip.octets();
+    let lan = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    lab.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .expect_ok("ip_forward");
+
+    let (tok, _) = coord.token(&lab, &["--reusable"]);
+    let router = Agent::start(&lab, &r, &AgentConfig::mesh(&lab, &r));
+    up_with(&lab, &router, &coord, &tok, &["--advertise-routes", &lan]).expect_ok("router up");
+    let laptop = Agent::start(&lab, &laptop_node, &AgentConfig::mesh(&lab, &laptop_node));
+    up_with(&lab, &laptop, &coord, &tok, &["--accept-routes"]).expect_ok("laptop up");
+    assert!(wait_peers(
+        &lab,
+        &laptop,
+        &["router"],
+        Duration::from_secs(20)
+    ));
+
+    // Advertised, not approved: the LAN is not reachable, and the router
+    // says what awaits approval.
+    let st = router.cli(&lab, &["status"]).expect_ok("status").stdout;
+    assert!(
+        st.contains(&format!("routes: advertising {lan}; awaiting approval")),
+        "{st}"
+    );
+    assert!(
+        !lab.ping(&laptop_node, srv.ip),
+        "the LAN is reachable before approval"
+    );
+
+    coord
+        .admin(&lab, &["route", "approve", "router", &lan])
+        .expect_ok("route approve");
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || lab
+            .ping(&laptop_node, srv.ip)),
+        "no ping to the LAN host through the router:\n{}\n{}",
+        laptop.cli(&lab, &["status"]).stdout,
+        router.cli(&lab, &["status"]).stdout
+    );
+    let st = laptop.cli(&lab, &["status"]).expect_ok("status").stdout;
+    assert!(st.contains(&format!("router: offers {lan}")), "{st}");
+    let (sent, got) = tcp_transfer(&lab, &laptop_node, &srv, srv.ip.into(), 5001, 20 << 20);
+    assert_eq!(sent, got, "20 MB arrive intact");
+    // Source NAT: the LAN host has no route back to the overlay (its
+    // default route is the office gateway), so the transfer above could
+    // only succeed with the router's address as the source.
+    let nat = lab
+        .exec(&r, &["nft", "list", "table", "inet", "warren"])
+        .expect_ok("nft list");
+    assert!(nat.stdout.contains("masquerade"), "{}", nat.stdout);
+
+    // Rejected: the laptop's route goes, and so does the reachability.
+    coord
+        .admin(&lab, &["route", "reject", "router", &lan])
+        .expect_ok("route reject");
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || !lab
+            .ping(&laptop_node, srv.ip)),
+        "the LAN stayed reachable after rejection"
+    );
+    let routes = lab
+        .exec(&laptop_node, &["ip", "route", "show", &lan])
+        .expect_ok("ip route");
+    assert!(
+        routes.stdout.trim().is_empty(),
+        "route left: {}",
+        routes.stdout
+    );
+    // No longer serving: the router's NAT table is gone.
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || {
+            !lab.exec(&r, &["nft", "list", "table", "inet", "warren"])
+                .ok()
+        }),
+        "the router's NAT table outlived its routes"
+    );
+}

@@ -177,6 +177,10 @@ pub struct PeerMesh {
     /// routes for an exit node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ipnet::IpNet>,
+    /// Those this node sends through it (`--accept-routes`, and it is the
+    /// primary router of each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routed: Vec<ipnet::IpNet>,
     /// The relay region the peer is reached through while relayed.
     pub relay_region: Option<String>,
     /// Round-trip time of the current path, from disco pings.

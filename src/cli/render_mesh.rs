@@ -160,7 +160,12 @@ pub fn peer_notes(peers: &[PeerStatus]) -> String {
             let _ = writeln!(out, "{name}: tags {}", m.tags.join(","));
         }
         if !m.routes.is_empty() {
-            let _ = writeln!(out, "{name}: offers {}", route_names(&m.routes));
+            let used = if m.routed.is_empty() {
+                String::new()
+            } else {
+                format!(" (in use: {})", route_names(&m.routed))
+            };
+            let _ = writeln!(out, "{name}: offers {}{used}", route_names(&m.routes));
         }
         match (&p.path, &m.relay_reason, m.direct_since_secs) {
             (PeerPath::Relay { .. }, Some(reason), _) => {

@@ -107,3 +107,69 @@ fn a_subnet_router_carries_its_lan_once_approved() {
         "the router's NAT table outlived its routes"
     );
 }
+
+/// The router `laptop` sends `lan` through, by host name.
+fn primary(lab: &Lab, laptop: &Agent, lan: &str) -> Option<String> {
+    let st = laptop.status(lab);
+    st["peers"].as_array()?.iter().find_map(|p| {
+        let routed = p["mesh"]["routed"].as_array()?;
+        routed
+            .iter()
+            .any(|r| r.as_str() == Some(lan))
+            .then(|| p["hostname"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+/// Two routers serve the same LAN: the laptop uses one, and within 5 s of
+/// that one dying uses the other.
+#[test]
+fn a_second_router_takes_over_within_five_seconds() {
+    let Some(lab) = Lab::new_or_skip() else {
+        return;
+    };
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let office = lab.gateway("goffice", Nat::Eim);
+    let srv = lab.host_behind(&office, "srv");
+    let home = lab.gateway("ghome", Nat::Eim);
+    let laptop_node = lab.host_behind(&home, "laptop");
+    let o = srv.ip.octets();
+    let lan = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let (tok, _) = coord.token(&lab, &["--reusable"]);
+    let mut routers = Vec::new();
+    for name in ["r1", "r2"] {
+        let node = lab.host_behind(&office, name);
+        lab.exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .expect_ok("ip_forward");
+        let a = Agent::start(&lab, &node, &AgentConfig::mesh(&lab, &node));
+        up_with(&lab, &a, &coord, &tok, &["--advertise-routes", &lan]).expect_ok("router up");
+        coord
+            .admin(&lab, &["route", "approve", name, &lan])
+            .expect_ok("route approve");
+        routers.push(a);
+    }
+    let laptop = Agent::start(&lab, &laptop_node, &AgentConfig::mesh(&lab, &laptop_node));
+    up_with(&lab, &laptop, &coord, &tok, &["--accept-routes"]).expect_ok("laptop up");
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || lab
+            .ping(&laptop_node, srv.ip)),
+        "no ping to the LAN host:\n{}",
+        laptop.cli(&lab, &["status"]).stdout
+    );
+    let first = primary(&lab, &laptop, &lan).expect("a primary router");
+    let (dead, alive) = if first == "r1" {
+        (&routers[0], "r2")
+    } else {
+        (&routers[1], "r1")
+    };
+    let t0 = std::time::Instant::now();
+    lab.signal(dead.proc, libc::SIGKILL);
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            lab.ping_within(&laptop_node, srv.ip, Duration::from_millis(300))
+                && primary(&lab, &laptop, &lan).as_deref() == Some(alive)
+        }),
+        "no failover to {alive} within 5 s:\n{}",
+        laptop.cli(&lab, &["status"]).stdout
+    );
+    println!("failover to {alive} in {:.2} s", t0.elapsed().as_secs_f64());
+}

@@ -43,6 +43,12 @@ impl AgentState {
                     version: p.version.clone(),
                     tags: p.tags.clone(),
                     routes: p.routes.clone(),
+                    routed: self
+                        .subnets
+                        .iter()
+                        .filter(|(_, k)| *k == p.key)
+                        .map(|(n, _)| *n)
+                        .collect(),
                     relay_region: relayed
                         .then(|| self.peer_region(&p.key).and_then(|r| self.region_name(r)))
                         .flatten(),

@@ -48,6 +48,10 @@ pub struct UpArgs {
     /// Use the subnet routes peers serve; `None` keeps the current choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept_routes: Option<bool>,
+    /// Source-NAT what this node forwards into the networks it serves
+    /// (default on); `None` keeps the current choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_subnet_routes: Option<bool>,
     /// Apply settings that differ from those of a node that is already up.
     /// Without it such an `up` is refused with the differences listed
     /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.

@@ -100,6 +100,12 @@ pub enum ClientCommand {
         /// networks is never installed).
         #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
         accept_routes: Option<bool>,
+        /// As a subnet router, source-NAT tunnel traffic to this host's LAN
+        /// address [default: true]. With false, the LAN's hosts see each
+        /// peer's overlay address and need a route back to the overlay
+        /// (100.64.0.0/10 and the network's /48) through this host.
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        snat_subnet_routes: Option<bool>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -228,6 +234,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             advertise_routes,
             advertise_exit_node,
             accept_routes,
+            snat_subnet_routes,
             reconfigure,
             timeout,
             json,
@@ -259,6 +266,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 advertise_routes: advertise_routes.clone().map(|r| r.0),
                 advertise_exit_node: *advertise_exit_node,
                 accept_routes: *accept_routes,
+                snat_subnet_routes: *snat_subnet_routes,
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };

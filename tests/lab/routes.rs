@@ -173,3 +173,128 @@ fn a_second_router_takes_over_within_five_seconds() {
     );
     println!("failover to {alive} in {:.2} s", t0.elapsed().as_secs_f64());
 }
+
+/// The source address of the first TCP connection accepted on `port` in
+/// `node`, within 10 s.
+fn first_source(
+    lab: &Lab,
+    node: &lab::Node,
+    port: u16,
+) -> std::sync::mpsc::Receiver<std::net::IpAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    lab.thread_in(node, move || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        bound_tx.send(()).expect("bound");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok((_, from)) = l.accept() {
+                let _ = tx.send(from.ip());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("listener up");
+    rx
+}
+
+/// With `--snat-subnet-routes=false` the LAN host sees the laptop's
+/// overlay address (and needs a route back through the router); with the
+/// default it sees the router's LAN address.
+#[test]
+fn source_nat_is_the_routers_choice() {
+    let Some(lab) = Lab::new_or_skip() else {
+        return;
+    };
+    let coord = Coordinator::start(&lab, &lab.public("coord"), &[]);
+    let office = lab.gateway("goffice", Nat::Eim);
+    let srv = lab.host_behind(&office, "srv");
+    let r = lab.host_behind(&office, "router");
+    let home = lab.gateway("ghome", Nat::Eim);
+    let laptop_node = lab.host_behind(&home, "laptop");
+    let o = srv.ip.octets();
+    let lan = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    lab.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .expect_ok("ip_forward");
+    lab.exec(
+        &srv,
+        &[
+            "ip",
+            "route",
+            "add",
+            "100.64.0.0/10",
+            "via",
+            &r.ip.to_string(),
+        ],
+    )
+    .expect_ok("return route");
+    let (tok, _) = coord.token(&lab, &["--reusable"]);
+    let router = Agent::start(&lab, &r, &AgentConfig::mesh(&lab, &r));
+    up_with(
+        &lab,
+        &router,
+        &coord,
+        &tok,
+        &["--advertise-routes", &lan, "--snat-subnet-routes=false"],
+    )
+    .expect_ok("router up");
+    coord
+        .admin(&lab, &["route", "approve", "router", &lan])
+        .expect_ok("route approve");
+    let laptop = Agent::start(&lab, &laptop_node, &AgentConfig::mesh(&lab, &laptop_node));
+    up_with(&lab, &laptop, &coord, &tok, &["--accept-routes"]).expect_ok("laptop up");
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || lab
+            .ping(&laptop_node, srv.ip)),
+        "no ping to the LAN host:\n{}",
+        laptop.cli(&lab, &["status"]).stdout
+    );
+    let overlay = lab::mesh::overlay_v4(&laptop.status(&lab));
+    let connect = |port: u16| {
+        let to = std::net::SocketAddr::new(srv.ip.into(), port);
+        lab.thread_in(&laptop_node, move || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).is_ok()
+        })
+        .join()
+        .unwrap()
+    };
+    let seen = first_source(&lab, &srv, 7001);
+    assert!(connect(7001));
+    let src = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a connection");
+    assert_eq!(
+        src.to_string(),
+        overlay,
+        "without SNAT the host sees the laptop"
+    );
+    assert!(
+        !lab.exec(&r, &["nft", "list", "table", "inet", "warren"])
+            .ok(),
+        "no NAT table without SNAT"
+    );
+
+    // Back to the default: the router's own LAN address.
+    up_with(
+        &lab,
+        &router,
+        &coord,
+        &tok,
+        &["--snat-subnet-routes", "--reconfigure"],
+    )
+    .expect_ok("router reconfigure");
+    let seen = first_source(&lab, &srv, 7002);
+    assert!(connect(7002));
+    let src = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a connection");
+    assert_eq!(
+        src,
+        std::net::IpAddr::V4(r.ip),
+        "with SNAT the host sees the router"
+    );
+}

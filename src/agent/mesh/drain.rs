@@ -104,9 +104,8 @@ impl Mesh {
                 self.host_routes.apply(&prefixes);
             }
             Output::Serving(served) => {
-                let ula = self.session.as_ref().and_then(|s| s.login.ula);
-                self.host_routes.serve(&served, ula);
                 self.own.1 = served;
+                self.serve();
                 self.set_own();
             }
             Output::PinPrefix(net) => {
@@ -181,6 +180,15 @@ impl Mesh {
                 Login::remove(&self.state_dir);
             }
         }
+    }
+
+    /// Forwards (and source-NATs, as the login says) what this node serves.
+    pub(super) fn serve(&mut self) {
+        let (ula, snat) = self
+            .session
+            .as_ref()
+            .map_or((None, true), |s| (s.login.ula, s.login.snat_subnet_routes));
+        self.host_routes.serve(&self.own.1, ula, snat);
     }
 
     /// Peers may send to this node's addresses and the subnets it serves

@@ -42,10 +42,17 @@ pub struct Login {
     /// `warren up --accept-routes`: use the subnet routes peers serve.
     #[serde(default)]
     pub accept_routes: bool,
+    /// `--snat-subnet-routes`: source-NAT what this router forwards.
+    #[serde(default = "yes")]
+    pub snat_subnet_routes: bool,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
     pub stopped: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Login {
@@ -180,6 +187,7 @@ mod tests {
             tags: vec!["tag:db".into()],
             routes: vec!["10.0.0.0/24".parse().unwrap()],
             accept_routes: true,
+            snat_subnet_routes: false,
             stopped: true,
         };
         l.save(dir.path()).unwrap();

@@ -77,20 +77,27 @@ impl HostRoutes {
         self.installed = wanted;
     }
 
-    /// Serves `served` (this node is their subnet router): source NAT of
-    /// tunnel traffic leaving by any other interface, and a check that
-    /// the kernel forwards. An empty set removes the NAT table.
-    pub fn serve(&mut self, served: &[IpNet], ula: Option<ipnet::Ipv6Net>) {
-        if served.is_empty() {
-            self.problem = None;
+    /// Serves `served` (this node is their subnet router): a check that
+    /// the kernel forwards, and with `snat` source NAT of tunnel traffic
+    /// leaving by any other interface. An empty set (or `snat` off)
+    /// removes the NAT table.
+    pub fn serve(&mut self, served: &[IpNet], ula: Option<ipnet::Ipv6Net>, snat: bool) {
+        if served.is_empty() || !snat {
             if self.nat {
                 self.remove_nat();
             }
+        }
+        if served.is_empty() {
+            self.problem = None;
             return;
         }
         self.problem = forwarding_problem(served);
         if let Some(p) = &self.problem {
             tracing::error!("{p}");
+        }
+        if !snat {
+            tracing::info!(routes = ?served, "serving subnet routes, without source NAT");
+            return;
         }
         let ruleset = nat_ruleset(&self.ifname, ula);
         match nft(&ruleset) {

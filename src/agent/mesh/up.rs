@@ -130,6 +130,11 @@ pub fn differences(
         current.accept_routes.to_string(),
         args.accept_routes.map(|a| a.to_string()),
     );
+    check(
+        "snat-subnet-routes",
+        current.snat_subnet_routes.to_string(),
+        args.snat_subnet_routes.map(|a| a.to_string()),
+    );
     out
 }
 
@@ -204,6 +209,10 @@ fn merged(
             .accept_routes
             .or_else(|| current.map(|c| c.accept_routes))
             .unwrap_or(false),
+        snat_subnet_routes: args
+            .snat_subnet_routes
+            .or_else(|| current.map(|c| c.snat_subnet_routes))
+            .unwrap_or(true),
         stopped: false,
     })
 }
@@ -336,6 +345,8 @@ impl Mesh {
         self.state.registered(Instant::now(), &reg, keep_stream);
         let accept = self.session.as_ref().is_some_and(|s| s.login.accept_routes);
         self.state.set_accept_routes(Instant::now(), accept);
+        // A changed --snat-subnet-routes applies to what is served now.
+        self.serve();
         if !keep_stream {
             self.start_following(false);
         }
@@ -377,6 +388,7 @@ mod tests {
             tags: vec!["tag:web".into()],
             routes: vec![],
             accept_routes: false,
+            snat_subnet_routes: true,
             stopped: false,
         }
     }

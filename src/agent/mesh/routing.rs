@@ -82,10 +82,8 @@ impl HostRoutes {
     /// leaving by any other interface. An empty set (or `snat` off)
     /// removes the NAT table.
     pub fn serve(&mut self, served: &[IpNet], ula: Option<ipnet::Ipv6Net>, snat: bool) {
-        if served.is_empty() || !snat {
-            if self.nat {
-                self.remove_nat();
-            }
+        if (served.is_empty() || !snat) && self.nat {
+            self.remove_nat();
         }
         if served.is_empty() {
             self.problem = None;

@@ -220,6 +220,8 @@ impl Mesh {
     }
 
     async fn run(mut self) {
+        // One short `nft` run, before anything waits on this task.
+        self.host_routes.forget_stale();
         self.resume_saved_login();
         self.drain().await;
         let wake = self.dp.activity_wake();

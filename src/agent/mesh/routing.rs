@@ -110,6 +110,16 @@ impl HostRoutes {
         }
     }
 
+    /// Removes a NAT table a previous run left behind (killed before it
+    /// could clean up); the state re-installs it if this node still
+    /// serves routes. No table, or no `nft` at all, is the usual case.
+    pub fn forget_stale(&mut self) {
+        let _ = nft(&format!(
+            "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+        ));
+        self.nat = false;
+    }
+
     /// Undoes everything (the agent stops).
     pub fn clear(&mut self) {
         self.apply(&[]);

@@ -150,7 +150,7 @@ pub async fn connect_stream(
     let target = parse_url(url, allow_plain)?;
     let tcp = match proxy {
         Some(proxy) => connect_via_proxy(proxy, &target).await?,
-        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+        None => tcp_connect(&target.host, target.port).await?,
     };
     tcp.set_nodelay(true)?;
     if !target.tls {
@@ -167,6 +167,28 @@ pub async fn connect_stream(
         .await
         .map_err(DialError::Handshake)?;
     Ok((Box::new(tls), target))
+}
+
+/// TCP to `host:port`, trying each address it resolves to in turn, from a
+/// socket carrying warren's mark ([`crate::sockmark`]) so that it never
+/// enters warren's own routes.
+pub async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        crate::sockmark::apply(&sock);
+        match sock.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+    }))
 }
 
 /// The platform-independent default: Mozilla's roots (webpki-roots), ring.
@@ -205,7 +227,7 @@ pub fn tls_config_with_ca(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, DialE
 }
 
 async fn connect_via_proxy(proxy: &ProxyConfig, target: &Target) -> Result<TcpStream, DialError> {
-    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
+    let mut tcp = tcp_connect(&proxy.host, proxy.port).await?;
     let auth = authority(target);
     let mut req = format!("CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n");
     if let Some((user, pass)) = &proxy.credentials {

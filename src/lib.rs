@@ -20,6 +20,7 @@ pub mod portmap;
 pub mod proto;
 pub mod relay_client;
 pub mod routes;
+pub mod sockmark;
 pub mod text;
 pub mod timers;
 pub mod toml_loc;

@@ -1,6 +1,6 @@
 //! Which peer carries which prefix: subnet routes and the exit node,
-//! decided without IO (groundwork for issue 18; nothing installs these
-//! routes yet).
+//! decided without IO (the agent state feeds it, `agent::state::subnets`;
+//! the driver installs the result).
 //!
 //! Input: the peers' approved routes from the map, whether each peer can
 //! carry traffic now (online and with a path), this host's own networks,

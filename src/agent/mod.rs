@@ -121,6 +121,9 @@ pub async fn run(
     // Everything that can fail on bad input is checked before the device
     // exists, so a bad config leaves nothing behind.
     let key = config.private_key()?;
+    // Every socket the agent opens from here on carries warren's mark,
+    // so that its own routes never catch its own traffic.
+    crate::sockmark::enable();
     let started = std::time::Instant::now();
     let dp = Arc::new(DataPlane::new(key, started));
     dp.upsert_peers(started, config.peers.iter().map(reload::peer_spec));

@@ -168,6 +168,7 @@ fn bind_socket(addr: SocketAddr, v6: bool) -> io::Result<std::net::UdpSocket> {
     if !force_buffer_size(&s, libc::SO_SNDBUFFORCE, SOCKET_BUFFER) {
         let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     }
+    crate::sockmark::apply(&s);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())

@@ -52,6 +52,14 @@ pub struct UpArgs {
     /// (default on); `None` keeps the current choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_subnet_routes: Option<bool>,
+    /// The exit node, as a peer's name, overlay address or key prefix;
+    /// `Some("")` clears it, `None` keeps the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<String>,
+    /// Keep this host's networks off the exit node; `None` keeps the
+    /// current choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node_allow_lan_access: Option<bool>,
     /// Apply settings that differ from those of a node that is already up.
     /// Without it such an `up` is refused with the differences listed
     /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.
@@ -161,6 +169,16 @@ pub struct MeshStatus {
     /// the NAT not installed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_problem: Option<String>,
+    /// The exit node chosen (`--exit-node`): its name, or its key when it
+    /// is not in the map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<String>,
+    /// `--exit-node-allow-lan-access`, and the networks it keeps direct.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exit_node_lan: Vec<ipnet::IpNet>,
+    /// Why the exit node carries nothing (internet traffic is blocked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node_problem: Option<String>,
 }
 
 /// The mesh part of one peer's status.

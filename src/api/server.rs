@@ -157,9 +157,11 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
             })
         }
         Request::Ping { peer, timeout_ms } => ping(backend, &peer, timeout_ms).await,
-        r @ (Request::Up(_) | Request::Down | Request::Logout | Request::Netcheck) => {
-            backend.mesh(r).await
-        }
+        Request::Up(mut args) => match exit_node_key(backend, &mut args) {
+            Ok(()) => backend.mesh(Request::Up(args)).await,
+            Err(e) => Err(e),
+        },
+        r @ (Request::Down | Request::Logout | Request::Netcheck) => backend.mesh(r).await,
     };
     match result {
         Ok(v) => Reply::Ok(v),
@@ -204,6 +206,28 @@ async fn status_with_reach(backend: &dyn Backend) -> Status {
         }
     }
     st
+}
+
+/// `up --exit-node PEER`: the peer named the way every command names one
+/// (`resolve`), passed on as its full key, which is what the daemon keeps
+/// (a name may change; the key does not). An empty name clears the choice.
+fn exit_node_key(
+    backend: &dyn Backend,
+    args: &mut crate::api::mesh::UpArgs,
+) -> Result<(), ApiError> {
+    let Some(query) = args.exit_node.as_deref().filter(|q| !q.trim().is_empty()) else {
+        return Ok(());
+    };
+    let st = backend.status();
+    let p = resolve(&st.peers, query).map_err(|mut e| {
+        e.message = format!(
+            "{} (the exit node is chosen among this node's peers: join first)",
+            e.message
+        );
+        e
+    })?;
+    args.exit_node = Some(p.public_key.to_string());
+    Ok(())
 }
 
 /// Resolves the peer, runs a disco round when it is a mesh peer, and adds

@@ -106,6 +106,17 @@ pub enum ClientCommand {
         /// (100.64.0.0/10 and the network's /48) through this host.
         #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
         snat_subnet_routes: Option<bool>,
+        /// Send all traffic that is not for the overlay or a subnet route
+        /// through this peer (its name, overlay address or key prefix; it
+        /// must offer an exit node). An empty value stops using one. While
+        /// the exit node is chosen but cannot carry traffic, that traffic
+        /// is blocked, never sent outside the tunnel.
+        #[arg(long, value_name = "PEER")]
+        exit_node: Option<String>,
+        /// With an exit node, keep this host's own networks (its LAN)
+        /// reachable directly [default: false].
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        exit_node_allow_lan_access: Option<bool>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -235,6 +246,8 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             advertise_exit_node,
             accept_routes,
             snat_subnet_routes,
+            exit_node,
+            exit_node_allow_lan_access,
             reconfigure,
             timeout,
             json,
@@ -267,6 +280,8 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 advertise_exit_node: *advertise_exit_node,
                 accept_routes: *accept_routes,
                 snat_subnet_routes: *snat_subnet_routes,
+                exit_node: exit_node.clone(),
+                exit_node_allow_lan_access: *exit_node_allow_lan_access,
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };

@@ -43,6 +43,22 @@ pub fn node(m: &MeshStatus) -> String {
     if let Some(p) = &m.routes_problem {
         let _ = writeln!(out, "routes: problem: {p}");
     }
+    if let Some(exit) = &m.exit_node {
+        let lan = if m.exit_node_lan.is_empty() {
+            String::new()
+        } else {
+            let nets: Vec<String> = m.exit_node_lan.iter().map(ToString::to_string).collect();
+            format!("; LAN kept direct: {}", nets.join(", "))
+        };
+        match &m.exit_node_problem {
+            None => {
+                let _ = writeln!(out, "exit node: {exit} (all internet traffic){lan}");
+            }
+            Some(p) => {
+                let _ = writeln!(out, "exit node: {exit}: {p}");
+            }
+        }
+    }
     if m.state == MeshState::Stopped {
         return out;
     }

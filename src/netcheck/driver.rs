@@ -131,6 +131,7 @@ async fn bind_default() -> Result<Vec<UdpSocket>, NetcheckError> {
     let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
         .await
         .map_err(NetcheckError::Bind)?;
+    crate::sockmark::apply(&v4);
     let mut sockets = vec![v4];
     // IPv6 may be disabled; then netcheck reports it as absent.
     if let Ok(v6) = bind_v6_only().await {
@@ -143,6 +144,7 @@ async fn bind_default() -> Result<Vec<UdpSocket>, NetcheckError> {
 async fn bind_v6_only() -> io::Result<UdpSocket> {
     let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
     s.set_only_v6(true)?;
+    crate::sockmark::apply(&s);
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
     UdpSocket::from_std(s.into())

@@ -95,6 +95,8 @@ pub fn local_ip_towards(dest: IpAddr) -> io::Result<IpAddr> {
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let socket = UdpSocket::bind(bind)?;
+    // Marked, so the lookup is the underlay's even under an exit node.
+    crate::sockmark::apply(&socket);
     // Any port will do for a route lookup; 9 is "discard".
     socket.connect((dest, 9))?;
     Ok(socket.local_addr()?.ip())

@@ -90,8 +90,9 @@ fn a_subnet_router_carries_its_lan_once_approved() {
             .ping(&laptop_node, srv.ip)),
         "the LAN stayed reachable after rejection"
     );
+    // warren's routes live in its own table (87), never the main one.
     let routes = lab
-        .exec(&laptop_node, &["ip", "route", "show", &lan])
+        .exec(&laptop_node, &["ip", "route", "show", "table", "87", &lan])
         .expect_ok("ip route");
     assert!(
         routes.stdout.trim().is_empty(),
@@ -176,7 +177,7 @@ fn a_second_router_takes_over_within_five_seconds() {
 
 /// The source address of the first TCP connection accepted on `port` in
 /// `node`, within 10 s.
-fn first_source(
+pub(crate) fn first_source(
     lab: &Lab,
     node: &lab::Node,
     port: u16,
@@ -184,13 +185,14 @@ fn first_source(
     let (tx, rx) = std::sync::mpsc::channel();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     lab.thread_in(node, move || {
-        let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        // `::` takes IPv4 too (as mapped addresses, made plain below).
+        let l = std::net::TcpListener::bind(("::", port)).expect("bind");
         l.set_nonblocking(true).expect("nonblocking");
         bound_tx.send(()).expect("bound");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
             if let Ok((_, from)) = l.accept() {
-                let _ = tx.send(from.ip());
+                let _ = tx.send(from.ip().to_canonical());
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

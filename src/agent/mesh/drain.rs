@@ -98,10 +98,18 @@ impl Mesh {
                     }
                 }
             }
-            Output::SubnetRoutes(routes) => {
-                let prefixes: Vec<IpNet> = routes.iter().map(|(n, _)| *n).collect();
+            Output::Routes {
+                routes,
+                lan,
+                exit_blocked,
+            } => {
+                let mut prefixes: Vec<IpNet> = routes.iter().map(|(n, _)| *n).collect();
+                if exit_blocked {
+                    // Into the tunnel, where no peer takes them: dropped.
+                    prefixes.extend(crate::control::advertise::exit_routes());
+                }
                 self.dp.set_subnet_routes(routes);
-                self.host_routes.apply(&prefixes);
+                self.host_routes.apply(&prefixes, &lan);
             }
             Output::Serving(served) => {
                 self.own.1 = served;
@@ -159,6 +167,8 @@ impl Mesh {
                 if addresses {
                     let endpoints = login::host_endpoints(self.listen.port());
                     self.state.handle_host(now, endpoints);
+                    let nets = self.host_routes.local_networks();
+                    self.state.handle_local_networks(now, nets);
                 }
                 self.publish_view(now);
             }

@@ -45,6 +45,12 @@ pub struct Login {
     /// `--snat-subnet-routes`: source-NAT what this router forwards.
     #[serde(default = "yes")]
     pub snat_subnet_routes: bool,
+    /// `--exit-node`: the peer all other traffic goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<crate::keys::NodeKey>,
+    /// `--exit-node-allow-lan-access`: this host's networks stay direct.
+    #[serde(default)]
+    pub exit_node_allow_lan_access: bool,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
@@ -188,6 +194,8 @@ mod tests {
             routes: vec!["10.0.0.0/24".parse().unwrap()],
             accept_routes: true,
             snat_subnet_routes: false,
+            exit_node: Some(crate::keys::NodeKey([7; 32])),
+            exit_node_allow_lan_access: true,
             stopped: true,
         };
         l.save(dir.path()).unwrap();

@@ -42,6 +42,7 @@ mod login;
 mod relays;
 pub use relays::RelayOptions;
 mod routing;
+mod rules;
 mod session;
 mod sockets;
 mod tcp;

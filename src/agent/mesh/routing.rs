@@ -1,11 +1,15 @@
-//! The host side of subnet routes (README, "Subnet routers and exit
-//! nodes"): kernel routes to the TUN device for the prefixes peers carry,
-//! and, on a subnet router, forwarding with source NAT for the prefixes it
-//! serves. The decisions are the agent state's (`state::subnets`); this
-//! only applies them and undoes them on exit.
+//! The host side of subnet routes and exit nodes (README, "Subnet routers
+//! and exit nodes"; `docs/architecture.md`, "Routing without loops"):
+//! kernel routes into the TUN device for the prefixes peers carry, the
+//! policy-routing rules that keep warren's own traffic out of them
+//! (`rules.rs`), and, on a subnet router or exit node, forwarding with
+//! source NAT for what it serves. The decisions are the agent state's
+//! (`state::subnets`); this only applies them and undoes them on exit.
 //!
 //! Kernel routes go through netlink (`route_manager`, the routing crate of
-//! tun-rs's author). Source NAT is one nftables table of our own,
+//! tun-rs's author) into warren's own table (`sockmark::TABLE`), never the
+//! main one: the main table stays the host's, and warren's marked sockets
+//! keep using it. Source NAT is one nftables table of our own,
 //! `warren`, loaded with `nft -f -` when the served set changes (never per
 //! packet) and deleted on exit: no Rust crate drives nftables without the
 //! `nft` binary either (the `nftables` crate shells out to it too), and a
@@ -15,30 +19,42 @@
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 use route_manager::{Route, RouteManager};
 
+use super::rules::{self, Rule};
 use crate::control::bounds::OVERLAY_V4;
+use crate::sockmark::TABLE;
 
 /// The nftables table warren's source NAT lives in.
 const NFT_TABLE: &str = "warren";
 
-/// The kernel routes this agent installed, and its NAT table.
+/// The kernel routes and rules this agent installed, and its NAT table.
 #[derive(Debug, Default)]
 pub struct HostRoutes {
     /// The TUN device's index and name.
     ifindex: u32,
     ifname: String,
+    /// Prefixes routed into the TUN device in warren's table.
     installed: BTreeSet<IpNet>,
+    /// The rules in force (empty while the table is).
+    rules: Vec<Rule>,
+    /// The coordinator's addresses, which stay on the main table.
+    coordinator: Vec<IpAddr>,
+    /// Local networks kept off an exit node.
+    lan: Vec<IpNet>,
     nat: bool,
     /// Why forwarding cannot work, for `status`.
     pub problem: Option<String>,
 }
 
 fn route_of(net: &IpNet, ifindex: u32) -> Route {
-    Route::new(net.network(), net.prefix_len()).with_if_index(ifindex)
+    Route::new(net.network(), net.prefix_len())
+        .with_if_index(ifindex)
+        .with_table(TABLE)
 }
 
 impl HostRoutes {
@@ -51,9 +67,10 @@ impl HostRoutes {
         }
     }
 
-    /// Routes exactly `wanted` to the TUN device.
-    pub fn apply(&mut self, wanted: &[IpNet]) {
+    /// Routes exactly `wanted` into the TUN device, keeping `lan` off it.
+    pub fn apply(&mut self, wanted: &[IpNet], lan: &[IpNet]) {
         let wanted: BTreeSet<IpNet> = wanted.iter().copied().collect();
+        lan.clone_into(&mut self.lan);
         let mut rm = match RouteManager::new() {
             Ok(rm) => rm,
             Err(e) => {
@@ -61,28 +78,76 @@ impl HostRoutes {
                 return;
             }
         };
+        // Rules go before the routes they lead to are removed, and after
+        // those they lead to are added: never a moment where the table
+        // rule catches traffic the table cannot route yet.
+        if wanted.is_empty() {
+            self.installed_rules(Vec::new());
+        }
         for net in self.installed.difference(&wanted) {
             if let Err(e) = rm.delete(&route_of(net, self.ifindex)) {
-                tracing::warn!(%net, error = %e, "removing a subnet route");
+                tracing::warn!(%net, error = %e, "removing a route");
             }
         }
         for net in wanted.difference(&self.installed) {
             match rm.add(&route_of(net, self.ifindex)) {
-                Ok(()) => tracing::info!(%net, dev = %self.ifname, "subnet route installed"),
+                Ok(()) => {
+                    tracing::info!(%net, dev = %self.ifname, table = TABLE, "route installed")
+                }
                 // Already there (a restart): ours all the same.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => tracing::warn!(%net, error = %e, "adding a subnet route"),
+                Err(e) => tracing::warn!(%net, error = %e, "adding a route"),
             }
         }
         self.installed = wanted;
+        self.sync_rules();
     }
 
-    /// Serves `served` (this node is their subnet router): a check that
-    /// the kernel forwards, and with `snat` source NAT of tunnel traffic
-    /// leaving by any other interface. An empty set (or `snat` off)
-    /// removes the NAT table.
+    /// The coordinator's addresses (resolved from its URL, and the proxy's
+    /// when one is set): traffic to them stays on the main table.
+    pub fn set_coordinator(&mut self, mut addrs: Vec<IpAddr>) {
+        addrs.sort();
+        addrs.dedup();
+        if addrs != self.coordinator {
+            self.coordinator = addrs;
+            self.sync_rules();
+        }
+    }
+
+    fn sync_rules(&mut self) {
+        let wanted = if self.installed.is_empty() {
+            Vec::new()
+        } else {
+            rules::wanted(&self.coordinator, &self.lan)
+        };
+        self.installed_rules(wanted);
+    }
+
+    /// Makes the rules in force exactly `wanted`: new ones added in order
+    /// of priority (the table's last), old ones removed from the table's.
+    fn installed_rules(&mut self, wanted: Vec<Rule>) {
+        for r in self.rules.iter().rev().filter(|r| !wanted.contains(r)) {
+            if let Err(e) = rules::delete(r) {
+                tracing::warn!(rule = ?r, error = %e, "removing a routing rule");
+            }
+        }
+        for r in wanted.iter().filter(|r| !self.rules.contains(r)) {
+            if let Err(e) = rules::add(r) {
+                // IPv6 may be off on this host: its rules cannot exist.
+                tracing::warn!(rule = ?r, error = %e, "adding a routing rule");
+            }
+        }
+        self.rules = wanted;
+    }
+
+    /// Serves `served` (this node is their subnet router, or an exit node
+    /// with both default routes): a check that the kernel forwards, and
+    /// source NAT of tunnel traffic leaving by any other interface (with
+    /// `snat` off, only what an exit node sends to the internet). An empty
+    /// set removes the NAT table.
     pub fn serve(&mut self, served: &[IpNet], ula: Option<ipnet::Ipv6Net>, snat: bool) {
-        if (served.is_empty() || !snat) && self.nat {
+        let exit = crate::control::advertise::is_exit(served);
+        if (served.is_empty() || (!snat && !exit)) && self.nat {
             self.remove_nat();
         }
         if served.is_empty() {
@@ -93,15 +158,24 @@ impl HostRoutes {
         if let Some(p) = &self.problem {
             tracing::error!("{p}");
         }
-        if !snat {
+        if !snat && !exit {
             tracing::info!(routes = ?served, "serving subnet routes, without source NAT");
             return;
         }
-        let ruleset = nat_ruleset(&self.ifname, ula);
+        let keep: Vec<IpNet> = if snat {
+            Vec::new()
+        } else {
+            served
+                .iter()
+                .filter(|n| n.prefix_len() != 0)
+                .copied()
+                .collect()
+        };
+        let ruleset = nat_ruleset(&self.ifname, ula, &keep);
         match nft(&ruleset) {
             Ok(()) => {
                 self.nat = true;
-                tracing::info!(routes = ?served, "serving subnet routes, with source NAT");
+                tracing::info!(routes = ?served, snat, "serving routes, with source NAT");
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot install the source NAT (nft)");
@@ -110,19 +184,32 @@ impl HostRoutes {
         }
     }
 
-    /// Removes a NAT table a previous run left behind (killed before it
-    /// could clean up); the state re-installs it if this node still
-    /// serves routes. No table, or no `nft` at all, is the usual case.
+    /// Removes what a previous run left behind (killed before it could
+    /// clean up): the NAT table, warren's rules and its routing table. The
+    /// state installs again what this run needs. None of it, or no `nft`
+    /// at all, is the usual case.
     pub fn forget_stale(&mut self) {
         let _ = nft(&format!(
             "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
         ));
         self.nat = false;
+        rules::remove_all();
+        if let Ok(mut rm) = RouteManager::new() {
+            let stale: Vec<Route> = rm
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.table() == TABLE)
+                .collect();
+            for r in stale {
+                let _ = rm.delete(&r);
+            }
+        }
     }
 
     /// Undoes everything (the agent stops).
     pub fn clear(&mut self) {
-        self.apply(&[]);
+        self.apply(&[], &[]);
         if self.nat {
             self.remove_nat();
         }
@@ -136,21 +223,94 @@ impl HostRoutes {
     }
 }
 
+impl HostRoutes {
+    /// This host's own networks: each interface's prefix but the tunnel's,
+    /// loopback and link-local ones, and any inside the overlay.
+    pub fn local_networks(&self) -> Vec<IpNet> {
+        local_networks(&self.ifname)
+    }
+}
+
+fn local_networks(tun: &str) -> Vec<IpNet> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<IpNet> = addrs
+        .filter(|ifa| ifa.interface_name != tun)
+        .filter_map(|ifa| {
+            let (addr, mask) = (ifa.address?, ifa.netmask?);
+            let (ip, len) =
+                if let (Some(a), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                    (IpAddr::V4(a.ip()), u32::from(m.ip()).count_ones())
+                } else {
+                    let (a, m) = (addr.as_sockaddr_in6()?, mask.as_sockaddr_in6()?);
+                    (IpAddr::V6(a.ip()), u128::from(m.ip()).count_ones())
+                };
+            let net = IpNet::new(ip, u8::try_from(len).ok()?).ok()?.trunc();
+            let link_local = match ip {
+                IpAddr::V4(a) => a.is_link_local(),
+                IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+            };
+            let skip = ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || link_local
+                || IpNet::V4(OVERLAY_V4).contains(&ip);
+            (!skip).then_some(net)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The NAT table: tunnel sources (the overlay's /10 and the network's /48)
 /// leaving by an interface other than the tunnel are masqueraded to that
-/// interface's address. Flushed and refilled as one transaction.
-pub fn nat_ruleset(ifname: &str, ula: Option<ipnet::Ipv6Net>) -> String {
+/// interface's address, except toward `keep` (the subnets an exit node
+/// also serves with `--snat-subnet-routes=false`). Its forward chain drops
+/// what would go from the tunnel straight back into it: a router or exit
+/// node is a way out of the overlay, never a hop between two peers.
+/// Flushed and refilled as one transaction.
+pub fn nat_ruleset(ifname: &str, ula: Option<ipnet::Ipv6Net>, keep: &[IpNet]) -> String {
+    let except = |v6: bool| {
+        let nets: Vec<String> = keep
+            .iter()
+            .filter(|n| n.addr().is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        if nets.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " {} daddr != {{ {} }}",
+                if v6 { "ip6" } else { "ip" },
+                nets.join(", ")
+            )
+        }
+    };
+    let v4 = format!(
+        "        oifname != \"{ifname}\" ip saddr {OVERLAY_V4}{} masquerade\n",
+        except(false)
+    );
     let v6 = ula
-        .map(|u| format!("        oifname != \"{ifname}\" ip6 saddr {u} masquerade\n"))
+        .map(|u| {
+            format!(
+                "        oifname != \"{ifname}\" ip6 saddr {u}{} masquerade\n",
+                except(true)
+            )
+        })
         .unwrap_or_default();
     format!(
         "table inet {NFT_TABLE} {{}}\n\
          delete table inet {NFT_TABLE}\n\
          table inet {NFT_TABLE} {{\n    \
              chain postrouting {{\n        \
-                 type nat hook postrouting priority srcnat; policy accept;\n        \
-                 oifname != \"{ifname}\" ip saddr {OVERLAY_V4} masquerade\n\
-         {v6}    }}\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+         {v4}{v6}    }}\n    \
+             chain forward {{\n        \
+                 type filter hook forward priority filter; policy accept;\n        \
+                 iifname \"{ifname}\" oifname \"{ifname}\" drop\n    \
+             }}\n\
          }}\n"
     )
 }
@@ -201,7 +361,7 @@ mod tests {
     #[test]
     fn the_nat_table_masquerades_tunnel_sources_leaving_elsewhere() {
         let ula = "fd7a:115c:a1e0::/48".parse().ok();
-        let r = nat_ruleset("warren0", ula);
+        let r = nat_ruleset("warren0", ula, &[]);
         assert!(
             r.contains("oifname != \"warren0\" ip saddr 100.64.0.0/10 masquerade"),
             "{r}"
@@ -214,6 +374,24 @@ mod tests {
             r.starts_with("table inet warren {}\ndelete table inet warren\n"),
             "{r}"
         );
-        assert!(!nat_ruleset("warren0", None).contains("ip6"));
+        assert!(
+            r.contains("iifname \"warren0\" oifname \"warren0\" drop"),
+            "{r}"
+        );
+        assert!(!nat_ruleset("warren0", None, &[]).contains("ip6"));
+    }
+
+    #[test]
+    fn an_exit_node_without_snat_keeps_its_subnets_unmasqueraded() {
+        let keep: Vec<IpNet> = vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
+        let r = nat_ruleset("warren0", "fd7a:115c:a1e0::/48".parse().ok(), &keep);
+        assert!(
+            r.contains("ip saddr 100.64.0.0/10 ip daddr != { 10.0.0.0/24 } masquerade"),
+            "{r}"
+        );
+        assert!(r.contains("ip6 daddr != { fd00:1::/64 } masquerade"), "{r}");
     }
 }

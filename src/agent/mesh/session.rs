@@ -47,6 +47,32 @@ pub enum Background {
         report: EndpointsReport,
         result: Result<(), ControlError>,
     },
+    /// The coordinator's addresses (and its proxy's), which must stay off
+    /// warren's own routes (`routing.rs`).
+    Resolved(Vec<std::net::IpAddr>),
+}
+
+/// The addresses of the coordinator at `url` and of the HTTPS proxy, if
+/// one is set: what the control client connects to. A name that does not
+/// resolve gives none (the client fails the same way and retries).
+async fn resolve_coordinator(url: String) -> Background {
+    let mut targets = Vec::new();
+    if let Ok(t) = crate::dial::parse_url(&url, true) {
+        targets.push((t.host, t.port));
+    }
+    if let Some(p) = crate::dial::ProxyConfig::from_env() {
+        targets.push((p.host, p.port));
+    }
+    let mut addrs = Vec::new();
+    for (host, port) in targets {
+        let lookup = tokio::net::lookup_host((host.as_str(), port));
+        if let Ok(Ok(found)) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), lookup).await
+        {
+            addrs.extend(found.map(|a| a.ip().to_canonical()));
+        }
+    }
+    Background::Resolved(addrs)
 }
 
 pub async fn next_map(s: &mut Option<Session>) -> Option<MapEvent> {
@@ -102,12 +128,18 @@ impl Mesh {
         // Maps are held to the network's /48 the login pinned.
         let now = Instant::now();
         let accept = s.login.accept_routes;
+        let exit = (s.login.exit_node, s.login.exit_node_allow_lan_access);
+        self.background
+            .spawn(resolve_coordinator(s.login.coordinator.clone()));
         self.state.follow(now, s.login.ula);
         self.state.set_accept_routes(now, accept);
+        self.state.set_exit_node(now, exit.0, exit.1);
         // The first look at the host's addresses, now rather than at the
         // second housekeeping tick.
         let endpoints = super::login::host_endpoints(self.listen.port());
         self.state.handle_host(now, endpoints);
+        let nets = self.host_routes.local_networks();
+        self.state.handle_local_networks(now, nets);
         if reregister {
             let client = s.client.clone();
             let login = s.login.clone();
@@ -236,6 +268,7 @@ impl Mesh {
             // Re-registered in the background: the node keeps following.
             Background::Registered(Ok(reg)) => self.state.registered(now, &reg, true),
             Background::Registered(Err(e)) => self.state.revoked(now, e.to_string()),
+            Background::Resolved(addrs) => self.host_routes.set_coordinator(addrs),
             Background::Reported { report, result } => {
                 let result = result.map_err(|e| ReportFailed {
                     permanent: e.is_permanent(),

@@ -28,6 +28,7 @@ use crate::api::mesh::{UpArgs, UpReply};
 use crate::api::{ApiError, ErrorCode};
 use crate::control::advertise::{self, RouteError};
 use crate::control::types::normalize_tags;
+use crate::keys::NodeKey;
 use ipnet::IpNet;
 
 /// One setting `up` was asked to change.
@@ -135,7 +136,51 @@ pub fn differences(
         current.snat_subnet_routes.to_string(),
         args.snat_subnet_routes.map(|a| a.to_string()),
     );
+    let exit = |k: Option<&str>| match k.map(str::trim) {
+        None | Some("") => "(none)".to_string(),
+        Some(k) => k.to_string(),
+    };
+    check(
+        "exit-node",
+        exit(current.exit_node.map(|k| k.to_string()).as_deref()),
+        args.exit_node.as_deref().map(|k| exit(Some(k))),
+    );
+    check(
+        "exit-node-allow-lan-access",
+        current.exit_node_allow_lan_access.to_string(),
+        args.exit_node_allow_lan_access.map(|a| a.to_string()),
+    );
     out
+}
+
+/// The exit node `args` asks for: `None` when not passed, `Some(None)` to
+/// stop using one, else a peer that offers one (the API server already
+/// turned the name into its key).
+fn wanted_exit(state: &AgentState, args: &UpArgs) -> Result<Option<Option<NodeKey>>, ApiError> {
+    let Some(given) = args.exit_node.as_deref().map(str::trim) else {
+        return Ok(None);
+    };
+    if given.is_empty() {
+        return Ok(Some(None));
+    }
+    let key: NodeKey = given.parse().map_err(|_| {
+        api_err(
+            ErrorCode::BadRequest,
+            format!("{given:?} is not a peer's key"),
+        )
+    })?;
+    if !state.offers_exit(&key) {
+        return Err(api_err(
+            ErrorCode::BadRequest,
+            format!(
+                "{} does not offer an exit node: it must run `warren up --advertise-exit-node` \
+                 and an admin approve it (`warren-coordinator route approve`, or the \
+                 policy's autoApprovers.exitNode)",
+                key.short()
+            ),
+        ));
+    }
+    Ok(Some(Some(key)))
 }
 
 fn tag_list(tags: &[String]) -> String {
@@ -172,6 +217,7 @@ fn merged(
     args: &UpArgs,
     tags: Option<Vec<String>>,
     routes: Option<Vec<IpNet>>,
+    exit: Option<Option<NodeKey>>,
 ) -> Option<Login> {
     let coordinator = args
         .coordinator
@@ -213,6 +259,11 @@ fn merged(
             .snat_subnet_routes
             .or_else(|| current.map(|c| c.snat_subnet_routes))
             .unwrap_or(true),
+        exit_node: exit.unwrap_or_else(|| current.and_then(|c| c.exit_node)),
+        exit_node_allow_lan_access: args
+            .exit_node_allow_lan_access
+            .or_else(|| current.map(|c| c.exit_node_allow_lan_access))
+            .unwrap_or(false),
         stopped: false,
     })
 }
@@ -234,6 +285,7 @@ impl Mesh {
         let current = self.session.as_ref().map(|s| s.login.clone());
         let routes = wanted_routes(current.as_ref(), &args)
             .map_err(|e| api_err(ErrorCode::BadRequest, e.to_string()))?;
+        let exit = wanted_exit(&self.state, &args)?;
         let diffs = current
             .as_ref()
             .map(|c| differences(c, &args, tags.as_deref(), routes.as_deref()))
@@ -255,7 +307,7 @@ impl Mesh {
             }
             return reply;
         }
-        let Some(login) = merged(current.as_ref(), &args, tags, routes) else {
+        let Some(login) = merged(current.as_ref(), &args, tags, routes, exit) else {
             return Err(api_err(
                 ErrorCode::NotJoined,
                 "not joined to any network: give --coordinator URL and --token",
@@ -343,8 +395,11 @@ impl Mesh {
             stream,
         });
         self.state.registered(Instant::now(), &reg, keep_stream);
-        let accept = self.session.as_ref().is_some_and(|s| s.login.accept_routes);
-        self.state.set_accept_routes(Instant::now(), accept);
+        if let Some(l) = self.session.as_ref().map(|s| &s.login) {
+            let (accept, exit, lan) = (l.accept_routes, l.exit_node, l.exit_node_allow_lan_access);
+            self.state.set_accept_routes(Instant::now(), accept);
+            self.state.set_exit_node(Instant::now(), exit, lan);
+        }
         // A changed --snat-subnet-routes applies to what is served now.
         self.serve();
         if !keep_stream {
@@ -389,6 +444,8 @@ mod tests {
             routes: vec![],
             accept_routes: false,
             snat_subnet_routes: true,
+            exit_node: None,
+            exit_node_allow_lan_access: false,
             stopped: false,
         }
     }
@@ -401,7 +458,7 @@ mod tests {
     fn flags_left_out_are_never_a_difference() {
         let args = UpArgs::default();
         assert!(differences(&login(), &args, None, None).is_empty());
-        let m = merged(Some(&login()), &args, None, None).unwrap();
+        let m = merged(Some(&login()), &args, None, None, None).unwrap();
         assert_eq!(m, login());
     }
 
@@ -466,20 +523,20 @@ mod tests {
             hostname: Some("web2".into()),
             ..Default::default()
         };
-        let m = merged(Some(&login()), &args, None, None).unwrap();
+        let m = merged(Some(&login()), &args, None, None, None).unwrap();
         assert_eq!(m.hostname, "web2");
         assert_eq!(m.coordinator, login().coordinator);
         assert_eq!(m.tags, login().tags);
-        let m = merged(Some(&login()), &UpArgs::default(), Some(vec![]), None).unwrap();
+        let m = merged(Some(&login()), &UpArgs::default(), Some(vec![]), None, None).unwrap();
         assert!(m.tags.is_empty());
         assert_eq!(m.hostname, "web1");
         // A first join needs a coordinator.
-        assert!(merged(None, &UpArgs::default(), None, None).is_none());
+        assert!(merged(None, &UpArgs::default(), None, None, None).is_none());
         let first = UpArgs {
             coordinator: Some("http://c".into()),
             ..Default::default()
         };
-        let m = merged(None, &first, None, None).unwrap();
+        let m = merged(None, &first, None, None, None).unwrap();
         assert_eq!(m.hostname, system_hostname());
         assert!(m.tags.is_empty());
     }
@@ -519,7 +576,7 @@ mod tests {
             d.iter().map(|d| d.setting).collect::<Vec<_>>(),
             ["advertise-exit-node"]
         );
-        let m = merged(Some(&current), &args, None, Some(routes.clone())).unwrap();
+        let m = merged(Some(&current), &args, None, Some(routes.clone()), None).unwrap();
         assert_eq!(m.routes, routes);
         // A bad route is refused before anything is asked of anyone.
         let args = UpArgs {

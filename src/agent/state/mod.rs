@@ -108,6 +108,15 @@ pub struct AgentState {
     routes: crate::routes::Routes,
     subnets: Vec<(ipnet::IpNet, NodeKey)>,
     served: Vec<ipnet::IpNet>,
+    /// `--exit-node` and `--exit-node-allow-lan-access`, this host's own
+    /// networks, the LAN kept off the tunnel, and why the chosen exit node
+    /// carries nothing (for `status`).
+    exit_node: Option<NodeKey>,
+    allow_lan: bool,
+    local_nets: Vec<ipnet::IpNet>,
+    lan_bypass: Vec<ipnet::IpNet>,
+    exit_problem: Option<String>,
+    exit_blocked: bool,
     /// `Output::Netcheck` went out and `start_netcheck` has not answered.
     netcheck_asked: bool,
     timers: Timers,
@@ -140,6 +149,12 @@ impl AgentState {
             routes: crate::routes::Routes::default(),
             subnets: Vec::new(),
             served: Vec::new(),
+            exit_node: None,
+            allow_lan: false,
+            local_nets: Vec::new(),
+            lan_bypass: Vec::new(),
+            exit_problem: None,
+            exit_blocked: false,
             netcheck_asked: false,
             timers: Timers::default(),
             rng: StdRng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d),

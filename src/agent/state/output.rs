@@ -71,10 +71,21 @@ pub enum Output {
         v6: Ipv6Addr,
     },
     /// Route each prefix to its peer, in the data plane and the kernel
-    /// (the whole set: what is not in it is no longer routed).
-    SubnetRoutes(Vec<(ipnet::IpNet, NodeKey)>),
-    /// The subnet routes this node serves: accept packets to them from
-    /// peers and forward them (the whole set).
+    /// (the whole set: what is not in it is no longer routed): subnet
+    /// routes, and an exit node's two default routes. `lan` stays off the
+    /// tunnel (`--exit-node-allow-lan-access`).
+    Routes {
+        routes: Vec<(ipnet::IpNet, NodeKey)>,
+        lan: Vec<ipnet::IpNet>,
+        /// An exit node is chosen but carries nothing: the default routes
+        /// still go into the tunnel, where no peer takes them, so traffic
+        /// meant for the exit node is dropped rather than leaked onto the
+        /// underlay (Tailscale fails closed the same way).
+        exit_blocked: bool,
+    },
+    /// The routes this node serves (subnets, and both default routes as an
+    /// exit node): accept packets to them from peers and forward them (the
+    /// whole set).
     Serving(Vec<ipnet::IpNet>),
     /// Keep the network's /48 in the saved login.
     PinPrefix(Ipv6Net),

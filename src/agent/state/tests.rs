@@ -501,7 +501,7 @@ fn accepted_subnet_routes_go_to_the_serving_peer_and_what_we_serve_is_said() {
     b.routes = vec![lan];
     let subnets = |out: &[Output]| {
         out.iter().rev().find_map(|o| match o {
-            Output::SubnetRoutes(r) => Some(r.clone()),
+            Output::Routes { routes, .. } => Some(routes.clone()),
             _ => None,
         })
     };
@@ -535,4 +535,52 @@ fn accepted_subnet_routes_go_to_the_serving_peer_and_what_we_serve_is_said() {
     assert!(out
         .iter()
         .any(|o| matches!(o, Output::Serving(r) if r == &vec!["10.9.0.0/16".parse::<ipnet::IpNet>().unwrap()])));
+}
+
+#[test]
+fn an_exit_node_takes_both_default_routes_keeps_the_lan_and_fails_closed() {
+    let now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    let mut exit = Peer::for_test(2, "fd7a:115c:a1e0::2");
+    exit.routes = crate::control::advertise::exit_routes().to_vec();
+    let plain = Peer::for_test(3, "fd7a:115c:a1e0::3");
+    s.handle_map(now, Some(full_map(&[&exit, &plain])));
+    let lan: ipnet::IpNet = "192.168.1.0/24".parse().unwrap();
+    s.handle_local_networks(now, vec![lan]);
+    drain(&mut s);
+    assert!(s.offers_exit(&exit.key) && !s.offers_exit(&plain.key));
+    let routes_of = |out: &[Output]| {
+        out.iter().rev().find_map(|o| match o {
+            Output::Routes {
+                routes,
+                lan,
+                exit_blocked,
+            } => Some((routes.clone(), lan.clone(), *exit_blocked)),
+            _ => None,
+        })
+    };
+    // Chosen, with LAN access: both defaults to it, the LAN kept off.
+    s.set_exit_node(now, Some(exit.key), true);
+    let (routes, kept, blocked) = routes_of(&drain(&mut s)).expect("routes");
+    let defaults = crate::control::advertise::exit_routes();
+    assert_eq!(routes.len(), 2);
+    assert!(routes
+        .iter()
+        .all(|(n, k)| defaults.contains(n) && *k == exit.key));
+    assert_eq!((kept, blocked), (vec![lan], false));
+    assert_eq!(s.status().exit_node.as_deref(), Some(exit.name.as_str()));
+    // Its exit routes withdrawn: nothing routed to it, and traffic is
+    // blocked (fail closed), with the reason in `status`.
+    let mut withdrawn = exit.clone();
+    withdrawn.routes.clear();
+    s.handle_map(now, Some(MapEvent::PeerChanged(withdrawn)));
+    let (routes, _, blocked) = routes_of(&drain(&mut s)).expect("routes");
+    assert!(routes.is_empty() && blocked);
+    assert!(s.status().exit_node_problem.is_some());
+    // Cleared: no default routes, nothing blocked.
+    s.set_exit_node(now, None, false);
+    let (routes, kept, blocked) = routes_of(&drain(&mut s)).expect("routes");
+    assert!(routes.is_empty() && kept.is_empty() && !blocked);
+    assert!(s.status().exit_node.is_none());
 }

@@ -114,6 +114,14 @@ impl AgentState {
             last_error: c.last_error.clone(),
             map_received: c.map_received,
             served_routes: self.follow.self_routes().to_vec(),
+            exit_node: self.exit_node.map(|k| {
+                self.follow
+                    .peers()
+                    .get(&k)
+                    .map_or_else(|| k.short(), |p| p.name.clone())
+            }),
+            exit_node_lan: self.lan_bypass.clone(),
+            exit_node_problem: self.exit_problem.clone(),
             ..MeshStatus::default()
         }
     }

@@ -32,6 +32,25 @@ pub enum RouteError {
     Default(IpNet),
     #[error("{0} routes given; at most {MAX_ROUTES} are allowed")]
     TooMany(usize),
+    #[error("{0} is {1}: no router can serve it")]
+    Special(IpNet, &'static str),
+}
+
+/// Ranges that never lie behind a router: a route inside one is a mistake.
+fn special(r: &IpNet) -> Option<&'static str> {
+    let inside = |net: &str| net.parse::<IpNet>().is_ok_and(|n| n.contains(r));
+    [
+        ("127.0.0.0/8", "loopback"),
+        ("::1/128", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("fe80::/10", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+    ]
+    .iter()
+    .find(|(net, _)| inside(net))
+    .map(|(_, what)| *what)
 }
 
 /// The two default routes an exit node serves.
@@ -63,6 +82,9 @@ pub fn normalize_routes(routes: &[IpNet], ula: Option<Ipv6Net>) -> Result<Vec<Ip
                 given: *r,
                 canonical: r.trunc(),
             });
+        }
+        if let Some(what) = special(r) {
+            return Err(RouteError::Special(*r, what));
         }
         let overlay = [Some(IpNet::V4(OVERLAY_V4)), ula.map(IpNet::V6)];
         if overlay.iter().flatten().any(|o| overlaps(o, r)) {
@@ -166,6 +188,23 @@ mod tests {
         let ula: Ipv6Net = "fd7a:115c:a1e0::/48".parse().unwrap();
         assert!(matches!(
             normalize_routes(&nets(&["fd7a:115c:a1e0:5::/64"]), Some(ula)),
+            Err(RouteError::Overlay(_))
+        ));
+        for (route, what) in [
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.1.0/24", "link-local"),
+            ("fe80::/64", "link-local"),
+            ("239.1.0.0/16", "multicast"),
+        ] {
+            let e = parse_route_list(route).unwrap_err();
+            assert!(
+                matches!(e, RouteError::Special(_, w) if w == what),
+                "{route}: {e}"
+            );
+        }
+        // A broad route that merely covers the overlay is refused as such.
+        assert!(matches!(
+            parse_route_list("64.0.0.0/2"),
             Err(RouteError::Overlay(_))
         ));
         let many: Vec<IpNet> = (0..65u8)

@@ -145,6 +145,18 @@ fn an_exit_node_carries_the_laptops_internet_traffic_and_nothing_else() {
         lab.exec(&exit_node, &["nft", "list", "ruleset"]).stdout,
         leftovers(&lab, &laptop_node)
     );
+    // The tunnel to the exit node itself stays direct: its UDP carries
+    // warren's mark, so the exit node's own default route does not catch
+    // it (without the mark it loops, and only the relay, whose address is
+    // the coordinator's, would be left).
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || {
+            lab.ping(&laptop_node, web.ip);
+            lab::mesh::path_of(&laptop.status(&lab), "exit") == "direct"
+        }),
+        "the path to the exit node is not direct:\n{}",
+        laptop.cli(&lab, &["status"]).stdout
+    );
     let st = laptop.cli(&lab, &["status"]).expect_ok("status").stdout;
     assert!(
         st.contains("exit node: exit (all internet traffic)"),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod dial;
+pub mod dns;
 pub mod keys;
 pub mod netcheck;
 pub mod path;

@@ -39,6 +39,42 @@ pub struct Config {
     /// The daemon itself (`[agent]`): its local API socket.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// The resolver (`[dns]`).
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: the agent's resolver (README, "Names and DNS").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Run the resolver at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where it listens (on the TUN device, for this host only).
+    #[serde(default = "default_dns_address")]
+    pub address: std::net::Ipv4Addr,
+    /// The file to point at it when no systemd-resolved manages DNS.
+    #[serde(default = "default_resolv_conf")]
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            address: default_dns_address(),
+            resolv_conf: default_resolv_conf(),
+        }
+    }
+}
+
+fn default_dns_address() -> std::net::Ipv4Addr {
+    crate::agent::dns::DEFAULT_ADDRESS
+}
+
+fn default_resolv_conf() -> PathBuf {
+    "/etc/resolv.conf".into()
 }
 
 /// `[agent]`: settings of the daemon rather than of the tunnel.

@@ -36,6 +36,11 @@ case " $peer " in
 esac
 "$bin" --socket "$DIR/a.sock" status
 
+# Names: b by its short name through a's resolver and resolv.conf.
+got=$(ip netns exec wdemo-a getent ahostsv4 b | awk 'NR==1 {print $1}') || true
+[ "$got" = "$ipb" ] || fail "host a does not resolve b to $ipb (got '$got')"
+echo "demo-check: host a resolves b to $ipb"
+
 tests/demo.sh down || fail "tests/demo.sh down failed"
 
 left=$(ip netns list | awk '$1 ~ /^wdemo-/ { print $1 }')
@@ -43,4 +48,5 @@ left=$(ip netns list | awk '$1 ~ /^wdemo-/ { print $1 }')
 procs=$(pgrep -af "$DIR" || true)
 [ -z "$procs" ] || fail "processes left behind: $procs"
 [ ! -e "$DIR" ] || fail "$DIR left behind"
+for h in a b; do [ ! -e "/etc/netns/wdemo-$h" ] || fail "/etc/netns/wdemo-$h left behind"; done
 echo "demo-check: up, ping across, status, down: nothing left behind"

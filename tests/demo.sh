@@ -55,7 +55,10 @@ down() {
         # shellcheck disable=SC2086
         [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
     fi
-    for ns in "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in "${NS[@]}"; do
+        ip netns del "$ns" 2>/dev/null || true
+        rm -rf "/etc/netns/$ns"
+    done
     rm -rf "$DIR"
 }
 
@@ -111,6 +114,13 @@ up() {
     down
     mkdir -p "$DIR"
     for ns in "${NS[@]}"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+    # Each host's own /etc/resolv.conf (`ip netns exec` mounts it over the
+    # machine's): the agents point it at their resolver, so names work
+    # inside the demo and the machine's own DNS is never touched.
+    for h in a b; do
+        mkdir -p "/etc/netns/wdemo-$h"
+        printf '# warren demo\nnameserver 192.0.2.53\n' > "/etc/netns/wdemo-$h/resolv.conf"
+    done
 
     # The internet: a bridge in wdemo-inet; gateways at 11.11.0.1 and .2,
     # the coordinator at 11.11.0.10.

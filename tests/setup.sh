@@ -23,6 +23,7 @@ PACKAGES=(
     tinyproxy                                               # relay through an HTTP proxy
     postgresql                                              # coordinator store tests on PostgreSQL
     tmux systemd util-linux                                 # terminal test, systemd-analyze, setpriv
+    dnsmasq-base                                            # DNS servers in the lab (no service of its own)
 )
 
 # --no-install-recommends: wireguard-tools recommends wireguard-dkms, which

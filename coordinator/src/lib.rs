@@ -22,6 +22,7 @@ pub mod admin;
 pub mod admin_policy;
 pub mod admin_routes;
 pub mod api;
+pub mod dns_config;
 pub mod hub;
 pub mod listen;
 pub mod ratelimit;

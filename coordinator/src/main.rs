@@ -253,6 +253,15 @@ struct ServeArgs {
     /// (GET /api/v1/relay/nodes); without it the feed is off.
     #[arg(long, value_name = "FILE")]
     relay_secret_file: Option<PathBuf>,
+    /// The network's DNS domain: nodes are NAME.DOMAIN [default: the
+    /// file's, else warren.internal].
+    #[arg(long, value_name = "DOMAIN")]
+    dns_domain: Option<String>,
+    /// TOML file with the network's DNS settings: a [dns] table with
+    /// domain, nameservers, override_local, [dns.split] and
+    /// [[dns.extra_records]] (README, "Names and DNS").
+    #[arg(long, value_name = "FILE")]
+    dns_config: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricsArgs,
 }
@@ -512,6 +521,10 @@ async fn serve(args: ServeArgs, data_dir: PathBuf, database: Option<String>) -> 
     if let Some(path) = &args.relay_secret_file {
         cfg.relay_secret = Some(server::read_relay_secret(path)?);
     }
+    cfg.dns = warren_coordinator::dns_config::load(
+        args.dns_config.as_deref(),
+        args.dns_domain.as_deref(),
+    )?;
     cfg.metrics_token = args.metrics.token()?;
     let running = server::start(cfg).await?;
     tokio::select! {

@@ -108,6 +108,8 @@ pub struct Config {
     pub relay_secret: Option<Vec<u8>>,
     /// The token that reads the embedded relay's counters off loopback.
     pub metrics_token: Option<Vec<u8>>,
+    /// The network's DNS settings (checked), sent in every full map.
+    pub dns: warren::dns::DnsSettings,
 }
 
 impl Config {
@@ -128,6 +130,7 @@ impl Config {
             stun_listen: Vec::new(),
             relay_secret: None,
             metrics_token: None,
+            dns: warren::dns::DnsSettings::default(),
         }
     }
 
@@ -330,6 +333,9 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         key,
         ula: store.ula_prefix().await?,
         relay_map: relay_map.clone(),
+        dns_json: serde_json::to_string(&cfg.dns)
+            .unwrap_or_else(|_| "null".into())
+            .into(),
         keepalive: cfg.keepalive,
         live: Arc::default(),
         streams: Default::default(),

@@ -35,6 +35,7 @@
 //! opening use two cores. Shutting down aborts the tasks and drops the
 //! device, which removes the TUN interface: nothing is left behind.
 
+pub mod dns;
 mod egress;
 mod inbound;
 pub mod mesh;
@@ -105,6 +106,8 @@ pub struct Running {
     pub offload: bool,
     /// The mesh task (coordinator, traversal, relays).
     pub mesh: mesh::MeshHandle,
+    /// The resolver, unless `[dns] enabled = false`.
+    pub dns: Option<dns::DnsHandle>,
 }
 
 /// Non-WireGuard datagrams waiting for the mesh task; past this they are
@@ -174,8 +177,26 @@ pub async fn run(
             })
         });
     }
+    let dns = if config.dns.enabled {
+        // The resolver's address, on the TUN: this host reaches it, and a
+        // peer's packet to it is not one the firewall lets in.
+        if let Err(e) = dev.add_address_v4(config.dns.address, 32) {
+            tracing::debug!(error = %e, "adding the resolver's address");
+        }
+        Some(
+            dns::DnsHandle::start(
+                config.dns.address,
+                config.dns.resolv_conf.clone(),
+                &config.agent.state_dir,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
     let (side_tx, side_rx) = tokio::sync::mpsc::channel(SIDE_QUEUE);
     let (mesh, mesh_task) = mesh::spawn(mesh::MeshParts {
+        dns: dns.clone(),
         dp: dp.clone(),
         egress: egress.clone(),
         tun: dev.clone(),
@@ -223,6 +244,7 @@ pub async fn run(
         listen,
         offload,
         mesh,
+        dns,
     };
     tracing::info!(
         interface = %iface.name,

@@ -60,6 +60,10 @@ pub struct UpArgs {
     /// current choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_node_allow_lan_access: Option<bool>,
+    /// Point the host's DNS at warren's resolver; `None` keeps the
+    /// current choice (default on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_dns: Option<bool>,
     /// Apply settings that differ from those of a node that is already up.
     /// Without it such an `up` is refused with the differences listed
     /// ([`crate::api::ErrorCode::SettingsDiffer`]) and changes nothing.
@@ -179,6 +183,19 @@ pub struct MeshStatus {
     /// Why the exit node carries nothing (internet traffic is blocked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_node_problem: Option<String>,
+    /// The resolver and the host's DNS (`warren dns status` has more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsBrief>,
+}
+
+/// The DNS line of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsBrief {
+    pub mode: crate::agent::dns::Mode,
+    pub address: Option<std::net::IpAddr>,
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The mesh part of one peer's status.

@@ -89,6 +89,14 @@ pub enum Request {
     Logout,
     /// Probe the network (STUN, NAT behaviour, port mapping) and report.
     Netcheck,
+    /// The resolver: mode, upstreams, counters.
+    DnsStatus,
+    /// Resolve `name` (of type `qtype`, default A) through the resolver.
+    DnsQuery {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        qtype: Option<String>,
+    },
 }
 
 /// Why a request failed.

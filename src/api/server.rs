@@ -88,6 +88,17 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(async { None })
     }
 
+    /// The resolver's requests: `dns status`, `dns query`.
+    fn dns(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        let _ = request;
+        Box::pin(async {
+            Err(ApiError::new(
+                ErrorCode::Unsupported,
+                "this daemon runs without a resolver ([dns] enabled = false)",
+            ))
+        })
+    }
+
     /// Requests that act on the mesh: `up`, `down`, `logout`, `netcheck`.
     /// A backend without a mesh (tests, a static config) refuses them.
     fn mesh(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
@@ -162,6 +173,7 @@ pub async fn answer(backend: &dyn Backend, line: &str) -> Reply {
             Err(e) => Err(e),
         },
         r @ (Request::Down | Request::Logout | Request::Netcheck) => backend.mesh(r).await,
+        r @ (Request::DnsStatus | Request::DnsQuery { .. }) => backend.dns(r).await,
     };
     match result {
         Ok(v) => Reply::Ok(v),

@@ -29,6 +29,7 @@ pub struct AgentView {
     pub offload: bool,
     pub started: Instant,
     pub mesh: Option<MeshHandle>,
+    pub dns: Option<crate::agent::dns::DnsHandle>,
 }
 
 impl AgentView {
@@ -41,6 +42,7 @@ impl AgentView {
             offload: running.offload,
             started: Instant::now(),
             mesh: Some(running.mesh.clone()),
+            dns: running.dns.clone(),
         }
     }
 }
@@ -76,7 +78,16 @@ impl Backend for AgentView {
             (a.allowed_ips.first(), a.public_key).cmp(&(b.allowed_ips.first(), b.public_key))
         });
         let mut addresses = self.addresses.clone();
-        let node = view.map(|v| v.node);
+        let mut node = view.map(|v| v.node);
+        if let (Some(n), Some(d)) = (&mut node, &self.dns) {
+            let st = d.status();
+            n.dns = Some(crate::api::mesh::DnsBrief {
+                mode: st.mode,
+                address: st.address.first().map(|a| a.ip()),
+                domain: st.domain,
+                problem: st.problem,
+            });
+        }
         if let Some(n) = &node {
             for ip in &n.addresses {
                 let net = match ip {
@@ -118,6 +129,34 @@ impl Backend for AgentView {
             drops: self.dataplane.drop_counts().into(),
             mesh: node,
         }
+    }
+
+    fn dns(&self, request: Request) -> BoxFuture<'_, Result<serde_json::Value, ApiError>> {
+        Box::pin(async move {
+            let Some(d) = &self.dns else {
+                return Err(ApiError::new(
+                    ErrorCode::Unsupported,
+                    "this daemon runs without a resolver ([dns] enabled = false)",
+                ));
+            };
+            let json = match request {
+                Request::DnsStatus => serde_json::to_value(d.status()),
+                Request::DnsQuery { name, qtype } => {
+                    let reply = d
+                        .query(&name, qtype.as_deref().unwrap_or("A"))
+                        .await
+                        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e))?;
+                    serde_json::to_value(reply)
+                }
+                other => {
+                    return Err(ApiError::new(
+                        ErrorCode::Internal,
+                        format!("{other:?} is not a DNS request"),
+                    ))
+                }
+            };
+            json.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+        })
     }
 
     fn reach(&self) -> BoxFuture<'_, Option<Result<crate::control::ReachResponse, String>>> {

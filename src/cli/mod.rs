@@ -42,6 +42,31 @@ impl GlobalArgs {
     }
 }
 
+/// `warren dns …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum DnsCommand {
+    /// How the host's DNS is set up, the network's domain, where other
+    /// names go, and the resolver's counters.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve a name through warren's resolver and say where the answer
+    /// came from (the network's names, split DNS, the cache, …).
+    Query {
+        /// A name (`b`, `b.warren.internal`, `example.com`), or an address
+        /// for TYPE PTR.
+        name: String,
+        /// The record type: A, AAAA, PTR, MX, TXT, …
+        #[arg(default_value = "A")]
+        qtype: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientCommand {
     /// Join a network, or re-join the one left with `down`.
@@ -117,6 +142,12 @@ pub enum ClientCommand {
         /// reachable directly [default: false].
         #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
         exit_node_allow_lan_access: Option<bool>,
+        /// Point this host's DNS at warren's resolver (100.100.100.100),
+        /// which answers the network's names and forwards the rest
+        /// [default: true]. With false the host's DNS is left alone; the
+        /// resolver still answers on its address.
+        #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+        accept_dns: Option<bool>,
         /// Apply settings that differ from those of a node that is already
         /// up (only those you pass change).
         #[arg(long)]
@@ -145,6 +176,9 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The resolver: where names go, and test queries.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// Probe the network from the agent's own socket: UDP, IPv4/IPv6,
     /// the NAT's mapping and port pattern, hairpinning, port mapping, and
     /// the latency to each relay.
@@ -248,6 +282,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
             snat_subnet_routes,
             exit_node,
             exit_node_allow_lan_access,
+            accept_dns,
             reconfigure,
             timeout,
             json,
@@ -282,6 +317,7 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                 snat_subnet_routes: *snat_subnet_routes,
                 exit_node: exit_node.clone(),
                 exit_node_allow_lan_access: *exit_node_allow_lan_access,
+                accept_dns: *accept_dns,
                 reconfigure: *reconfigure,
                 timeout_secs: None,
             };
@@ -307,6 +343,28 @@ pub fn run(cmd: &ClientCommand, socket: &Path) -> Result<(), CliError> {
                     "left {} for now; `warren up` re-joins",
                     left.coordinator
                 )?;
+            }
+        }
+        ClientCommand::Dns(DnsCommand::Status { json }) => {
+            let st: crate::agent::dns::DnsStatus = call(socket, &Request::DnsStatus)?;
+            if *json {
+                print_json(&mut out, &st)?;
+            } else {
+                out.write_all(render_mesh::dns_status(&st).as_bytes())?;
+            }
+        }
+        ClientCommand::Dns(DnsCommand::Query { name, qtype, json }) => {
+            let reply: crate::agent::dns::QueryReply = call(
+                socket,
+                &Request::DnsQuery {
+                    name: name.clone(),
+                    qtype: Some(qtype.clone()),
+                },
+            )?;
+            if *json {
+                print_json(&mut out, &reply)?;
+            } else {
+                out.write_all(render_mesh::dns_query(&reply).as_bytes())?;
             }
         }
         ClientCommand::Netcheck { json } => {

@@ -43,6 +43,18 @@ pub fn node(m: &MeshStatus) -> String {
     if let Some(p) = &m.routes_problem {
         let _ = writeln!(out, "routes: problem: {p}");
     }
+    if let Some(d) = &m.dns {
+        let at = d.address.map_or_else(|| "-".to_string(), |a| a.to_string());
+        let mode = match d.mode {
+            crate::agent::dns::Mode::ResolvConf => "this host's resolv.conf points at it",
+            crate::agent::dns::Mode::Resolved => "systemd-resolved manages this host's DNS",
+            crate::agent::dns::Mode::Off => "this host's DNS is left alone",
+        };
+        let _ = writeln!(out, "dns: names under {} at {at}; {mode}", d.domain);
+        if let Some(p) = &d.problem {
+            let _ = writeln!(out, "dns: problem: {}", crate::text::for_terminal(p));
+        }
+    }
     if let Some(exit) = &m.exit_node {
         let lan = if m.exit_node_lan.is_empty() {
             String::new()
@@ -333,6 +345,82 @@ fn family(out: &mut String, name: &str, f: &FamilyReport) {
         PortAllocation::Unknown => "port pattern unknown".to_owned(),
     };
     let _ = writeln!(out, "{name}: {global}; {mapping}; {ports}");
+}
+
+/// `warren dns status` for a person.
+pub fn dns_status(st: &crate::agent::dns::DnsStatus) -> String {
+    use crate::agent::dns::Mode;
+    let mut out = String::new();
+    let at: Vec<String> = st.address.iter().map(ToString::to_string).collect();
+    let mode = match st.mode {
+        Mode::ResolvConf => "resolv.conf (this host's resolv.conf points at warren)",
+        Mode::Resolved => "resolved (systemd-resolved manages this host's DNS)",
+        Mode::Off => "off (this host's DNS is left alone)",
+    };
+    let _ = writeln!(out, "mode: {mode}");
+    let _ = writeln!(
+        out,
+        "resolver: {}; the network's names are NAME.{} ({} known)",
+        if at.is_empty() {
+            "not listening".into()
+        } else {
+            at.join(", ")
+        },
+        st.domain,
+        st.names
+    );
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    if st.override_local {
+        let _ = writeln!(
+            out,
+            "other names: the network's nameservers {} (override_local)",
+            list(&st.nameservers)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "other names: this host's resolvers {}",
+            list(&st.host_resolvers)
+        );
+        if !st.nameservers.is_empty() {
+            let _ = writeln!(
+                out,
+                "  (the network's nameservers {} when the host has none)",
+                list(&st.nameservers)
+            );
+        }
+    }
+    for (domain, servers) in &st.split {
+        let _ = writeln!(out, "split DNS: {domain} -> {}", servers.join(", "));
+    }
+    let s = &st.stats;
+    let _ = writeln!(
+        out,
+        "queries: {} ({} answered here, {} from the cache of {}, {} forwarded, {} upstream failures, {} malformed)",
+        s.queries, s.answered_locally, s.from_cache, st.cached, s.forwarded, s.upstream_failures, s.malformed
+    );
+    if let Some(p) = &st.problem {
+        let _ = writeln!(out, "problem: {}", crate::text::for_terminal(p));
+    }
+    out
+}
+
+/// `warren dns query` for a person.
+pub fn dns_query(r: &crate::agent::dns::QueryReply) -> String {
+    let mut out = format!(
+        "{} {}: {}, from {} in {:.1} ms\n",
+        r.name, r.qtype, r.rcode, r.source, r.elapsed_ms
+    );
+    for a in &r.answers {
+        out.push_str(&format!("  {}\n", crate::text::for_terminal(a)));
+    }
+    out
 }
 
 #[cfg(test)]

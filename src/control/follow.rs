@@ -104,6 +104,10 @@ pub struct Follower {
     addresses: Option<(Ipv4Addr, Ipv6Addr)>,
     /// The routes this node serves, as its own map record says.
     self_routes: Vec<ipnet::IpNet>,
+    /// This node's name, and the network's DNS settings (checked; the
+    /// defaults when the map has none or they do not pass).
+    name: Option<String>,
+    dns: crate::dns::DnsSettings,
     peers: HashMap<NodeKey, Peer>,
     out: VecDeque<MapAction>,
 }
@@ -116,6 +120,8 @@ impl Follower {
             prefix,
             addresses: None,
             self_routes: Vec::new(),
+            name: None,
+            dns: crate::dns::DnsSettings::default(),
             peers: HashMap::new(),
             out: VecDeque::new(),
         }
@@ -132,6 +138,26 @@ impl Follower {
     /// own map record.
     pub fn self_routes(&self) -> &[ipnet::IpNet] {
         &self.self_routes
+    }
+
+    /// This node's overlay addresses, once installed.
+    pub fn addresses(&self) -> Option<(Ipv4Addr, Ipv6Addr)> {
+        self.addresses
+    }
+
+    /// The network's /48, once pinned.
+    pub fn prefix(&self) -> Option<Ipv6Net> {
+        self.prefix
+    }
+
+    /// This node's name in the network, once a map gave it.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The network's DNS settings.
+    pub fn dns(&self) -> &crate::dns::DnsSettings {
+        &self.dns
     }
 
     /// The peers as the map describes them.
@@ -151,6 +177,7 @@ impl Follower {
             self.remove(k);
         }
         self.addresses = None;
+        self.name = None;
         self.self_routes.clear();
     }
 
@@ -180,6 +207,15 @@ impl Follower {
             MapEvent::Full { map, from_cache } => {
                 self.set_self(map.self_node.ipv4, map.self_node.ipv6);
                 self.self_routes.clone_from(&map.self_node.routes);
+                self.name = Some(map.self_node.name.clone());
+                self.dns = match map.dns.map(|d| d.checked()) {
+                    None => crate::dns::DnsSettings::default(),
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the map's DNS settings are refused; using the defaults");
+                        crate::dns::DnsSettings::default()
+                    }
+                };
                 self.out
                     .push_back(MapAction::SetName(map.self_node.name.clone()));
                 if !from_cache {
@@ -209,6 +245,7 @@ impl Follower {
             MapEvent::SelfChanged(me) => {
                 self.set_self(me.ipv4, me.ipv6);
                 self.self_routes.clone_from(&me.routes);
+                self.name = Some(me.name.clone());
                 self.out.push_back(MapAction::SetName(me.name));
             }
             MapEvent::FilterChanged(f) => self.set_filter(f),

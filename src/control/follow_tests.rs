@@ -22,6 +22,7 @@ fn full(me: &Peer, peers: &[&Peer], filter: Option<Vec<FilterRule>>) -> MapEvent
                 .collect::<BTreeMap<_, _>>(),
             relay_map: RelayMap::default(),
             packet_filter: filter,
+            dns: None,
         },
         from_cache: false,
     }

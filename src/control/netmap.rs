@@ -64,6 +64,9 @@ pub struct NetMap {
     /// This node's packet filter; `None`: the network has no policy.
     #[serde(default)]
     pub packet_filter: Option<Vec<FilterRule>>,
+    /// The network's DNS settings, as the coordinator sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Box<crate::dns::DnsSettings>>,
 }
 
 impl NetMap {
@@ -75,12 +78,14 @@ impl NetMap {
                 peers,
                 relay_map,
                 packet_filter,
+                dns,
             } => Some(NetMap {
                 coordinator_key,
                 self_node: self_node.clone(),
                 peers: peers.iter().map(|p| (p.key, p.clone())).collect(),
                 relay_map: relay_map.clone(),
                 packet_filter: packet_filter.clone(),
+                dns: dns.clone(),
             }),
             _ => None,
         }
@@ -208,6 +213,7 @@ mod tests {
             peers: vec![a.clone()],
             relay_map: RelayMap::default(),
             packet_filter: None,
+            dns: None,
         };
         let mut map = NetMap::from_full(me.key, &full).unwrap();
         let b = peer(3);

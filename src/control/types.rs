@@ -220,6 +220,10 @@ pub enum MapMessage {
         /// when the network has no policy, which allows everything.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         packet_filter: Option<Vec<FilterRule>>,
+        /// The network's DNS settings (absent from older coordinators:
+        /// the agent then uses the defaults).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dns: Option<Box<crate::dns::DnsSettings>>,
     },
     /// The node's packet filter changed (a `policy set`, a user or tag
     /// change, a node joining or leaving); `None`: no policy any more.

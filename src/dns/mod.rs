@@ -19,4 +19,4 @@ pub mod zone;
 
 pub use resolver::{Decision, Forward, Resolver, Source};
 pub use settings::{DnsSettings, Upstream};
-pub use zone::{NodeName, Zone};
+pub use zone::{DnsView, NodeName, Zone};

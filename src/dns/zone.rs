@@ -29,6 +29,22 @@ pub struct NodeName {
     pub v6: Ipv6Addr,
 }
 
+/// What the agent state tells the resolver: the settings and every node's
+/// name (this one's first), and the network's /48 (`Output::Dns`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsView {
+    pub settings: DnsSettings,
+    pub nodes: Vec<NodeName>,
+    pub ula: Option<ipnet::Ipv6Net>,
+}
+
+impl DnsView {
+    /// The zone this view describes.
+    pub fn zone(&self) -> Zone {
+        Zone::build(&self.settings, &self.nodes, self.ula)
+    }
+}
+
 /// What the zone says about a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<'a> {

@@ -293,6 +293,7 @@ impl Sim {
             peers: Default::default(),
             relay_map: self.relay_map(),
             packet_filter: None,
+            dns: None,
         };
         let n = &mut self.nodes[i];
         n.record = Some(record);

@@ -229,10 +229,11 @@ impl MapTask {
             }
         };
         let parts = self.outbox.full_parts();
-        let (line, known) = self
+        let (mut line, known) = self
             .st
             .hub
             .with_snapshot(|snap| full_line_with(snap, self.node.id, &me, &relay, parts));
+        crate::hub::outbox::add_dns(&mut line, &self.st.dns_json);
         self.outbox.full_sent(known);
         Ok(line)
     }

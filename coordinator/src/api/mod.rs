@@ -44,6 +44,8 @@ pub struct AppState {
     pub key: PrivateKey,
     pub ula: Ipv6Addr,
     pub relay_map: RelayMap,
+    /// The network's DNS settings, encoded once for every full map.
+    pub dns_json: Arc<str>,
     pub keepalive: Duration,
     /// Node id → open map streams on this replica (for liveness refresh).
     pub live: Arc<Mutex<HashMap<i64, usize>>>,

@@ -347,6 +347,16 @@ pub fn full_line(
     full_line_with(snap, me, me_json, relay_json, (None, None))
 }
 
+/// Adds the network's DNS settings (JSON) to a full map's line.
+pub fn add_dns(line: &mut String, dns_json: &str) {
+    if line.ends_with('}') {
+        line.pop();
+        line.push_str(r#","dns":"#);
+        line.push_str(dns_json);
+        line.push('}');
+    }
+}
+
 /// [`full_line`] with only the `visible` peers (`None`: all) and the
 /// node's packet filter, as [`Outbox::full_parts`] gives them.
 pub fn full_line_with(

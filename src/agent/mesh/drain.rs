@@ -33,6 +33,19 @@ impl Mesh {
         while let Some(out) = self.state.poll_output() {
             self.carry_out(now, out).await;
         }
+        self.sync_host_dns();
+    }
+
+    /// The host's DNS points at the resolver while this node follows a
+    /// network with `--accept-dns` (the default), and only then.
+    pub(super) fn sync_host_dns(&self) {
+        if let Some(d) = &self.dns {
+            let wanted = self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.is_active() && !s.login.stopped && s.login.accept_dns);
+            d.set_host(wanted);
+        }
     }
 
     async fn carry_out(&mut self, now: Instant, out: Output) {
@@ -115,6 +128,11 @@ impl Mesh {
                 self.own.1 = served;
                 self.serve();
                 self.set_own();
+            }
+            Output::Dns(view) => {
+                if let Some(d) = &self.dns {
+                    d.set_view(&view);
+                }
             }
             Output::PinPrefix(net) => {
                 if let Some(s) = self.session.as_mut() {

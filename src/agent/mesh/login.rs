@@ -51,6 +51,9 @@ pub struct Login {
     /// `--exit-node-allow-lan-access`: this host's networks stay direct.
     #[serde(default)]
     pub exit_node_allow_lan_access: bool,
+    /// `--accept-dns`: point the host's DNS at warren's resolver.
+    #[serde(default = "yes")]
+    pub accept_dns: bool,
     /// Set by `warren down`: the node stays out of the network across
     /// restarts until `warren up`.
     #[serde(default)]
@@ -196,6 +199,7 @@ mod tests {
             snat_subnet_routes: false,
             exit_node: Some(crate::keys::NodeKey([7; 32])),
             exit_node_allow_lan_access: true,
+            accept_dns: false,
             stopped: true,
         };
         l.save(dir.path()).unwrap();

@@ -106,6 +106,8 @@ pub struct MeshParts {
     /// The TUN device's index and name, for kernel routes.
     pub tun_index: u32,
     pub tun_name: String,
+    /// The resolver, to give names and the host's DNS to.
+    pub dns: Option<crate::agent::dns::DnsHandle>,
 }
 
 /// Starts the mesh task; the handle is how the API reaches it.
@@ -157,6 +159,8 @@ pub(crate) struct Mesh {
     /// This node's overlay addresses and the subnet routes it serves: what
     /// peers may send to (the firewall's own set).
     own: (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>),
+    /// The resolver: names from the state, the host's DNS while joined.
+    dns: Option<crate::agent::dns::DnsHandle>,
 }
 
 impl Mesh {
@@ -216,6 +220,7 @@ impl Mesh {
             ping_waiters: HashMap::new(),
             host_routes: routing::HostRoutes::new(parts.tun_index, parts.tun_name),
             own: (Vec::new(), Vec::new()),
+            dns: parts.dns,
             streamed: data.opener(),
         }
     }

@@ -183,8 +183,12 @@ impl Mesh {
                 if let Some(pm) = self.portmapper.take() {
                     pm.shutdown().await;
                 }
-                // Nothing of ours stays in the host's routing or nftables.
+                // Nothing of ours stays in the host's routing, nftables
+                // or DNS.
                 self.host_routes.clear();
+                if let Some(d) = &self.dns {
+                    d.stop();
+                }
                 Ok(MeshReply::Done)
             }
             Command::Ping { peer, timeout } => {

@@ -146,6 +146,11 @@ pub fn differences(
         args.exit_node.as_deref().map(|k| exit(Some(k))),
     );
     check(
+        "accept-dns",
+        current.accept_dns.to_string(),
+        args.accept_dns.map(|a| a.to_string()),
+    );
+    check(
         "exit-node-allow-lan-access",
         current.exit_node_allow_lan_access.to_string(),
         args.exit_node_allow_lan_access.map(|a| a.to_string()),
@@ -264,6 +269,10 @@ fn merged(
             .exit_node_allow_lan_access
             .or_else(|| current.map(|c| c.exit_node_allow_lan_access))
             .unwrap_or(false),
+        accept_dns: args
+            .accept_dns
+            .or_else(|| current.map(|c| c.accept_dns))
+            .unwrap_or(true),
         stopped: false,
     })
 }
@@ -446,6 +455,7 @@ mod tests {
             snat_subnet_routes: true,
             exit_node: None,
             exit_node_allow_lan_access: false,
+            accept_dns: true,
             stopped: false,
         }
     }

@@ -145,6 +145,7 @@ impl AgentState {
             self.act(now, action);
         }
         self.update_routes(now);
+        self.update_dns();
         self.out.push_back(Output::Filter(None));
         while let Some((id, round)) = self.pings.take_any() {
             self.out.push_back(Output::PingDone { id, round });
@@ -169,6 +170,7 @@ impl AgentState {
             self.act(now, action);
         }
         self.update_routes(now);
+        self.update_dns();
     }
 
     fn act(&mut self, now: Instant, action: MapAction) {

@@ -29,6 +29,7 @@
 
 pub mod control;
 pub mod discovery;
+mod names;
 mod output;
 pub mod ping;
 mod subnets;
@@ -117,6 +118,8 @@ pub struct AgentState {
     lan_bypass: Vec<ipnet::IpNet>,
     exit_problem: Option<String>,
     exit_blocked: bool,
+    /// The names last given to the resolver (`names.rs`).
+    dns: crate::dns::DnsView,
     /// `Output::Netcheck` went out and `start_netcheck` has not answered.
     netcheck_asked: bool,
     timers: Timers,
@@ -155,6 +158,7 @@ impl AgentState {
             lan_bypass: Vec::new(),
             exit_problem: None,
             exit_blocked: false,
+            dns: crate::dns::DnsView::default(),
             netcheck_asked: false,
             timers: Timers::default(),
             rng: StdRng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d),

@@ -87,6 +87,8 @@ pub enum Output {
     /// exit node): accept packets to them from peers and forward them (the
     /// whole set).
     Serving(Vec<ipnet::IpNet>),
+    /// The names and DNS settings changed: rebuild the resolver's zone.
+    Dns(Box<crate::dns::DnsView>),
     /// Keep the network's /48 in the saved login.
     PinPrefix(Ipv6Net),
     Relay(RelayCmd),

@@ -86,6 +86,7 @@ fn full_map(peers: &[&Peer]) -> MapEvent {
                 .collect::<BTreeMap<_, _>>(),
             relay_map: relay_map(true),
             packet_filter: None,
+            dns: None,
         },
         from_cache: false,
     }

@@ -74,10 +74,28 @@ pub fn must(argv: &[&str]) -> Output {
     out
 }
 
-/// Creates namespace `ns` with its loopback up.
+/// A namespace's own `/etc/resolv.conf`: `ip netns exec` mounts
+/// `/etc/netns/NS/resolv.conf` over `/etc/resolv.conf` for what it runs, so
+/// an agent in the lab manages this file and never the machine's.
+pub fn resolv_conf(ns: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns")
+        .join(ns)
+        .join("resolv.conf")
+}
+
+/// What a lab namespace's resolv.conf holds until a test writes its own:
+/// a documentation address, which nothing in the lab answers.
+pub const LAB_RESOLV_CONF: &str = "# warren lab\nnameserver 192.0.2.53\n";
+
+/// Creates namespace `ns` with its loopback up and its own resolv.conf.
 pub fn create(ns: &str) {
     must(&["ip", "netns", "add", ns]);
     must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    let rc = resolv_conf(ns);
+    if let Some(dir) = rc.parent() {
+        std::fs::create_dir_all(dir).expect("lab: /etc/netns");
+    }
+    std::fs::write(&rc, LAB_RESOLV_CONF).expect("lab: a namespace's resolv.conf");
 }
 
 /// Sets a sysctl inside namespace `ns` (net.* sysctls are per namespace).
@@ -97,6 +115,9 @@ pub fn destroy(ns: &str) {
         }
     }
     let _ = run_bounded(&["ip", "netns", "del", ns], None, CMD_TIMEOUT);
+    if let Some(dir) = resolv_conf(ns).parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Names of every namespace on the machine.

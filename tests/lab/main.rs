@@ -24,6 +24,7 @@ mod tmux;
 mod agent_lifecycle;
 mod birthday;
 mod dataplane;
+mod dns;
 mod exit;
 mod faults;
 mod harness_selftest;

@@ -92,11 +92,23 @@ impl AgentState {
         let Some(c) = self.control.as_mut() else {
             return;
         };
+        // A background re-registration that comes back after `down` is
+        // old news: the next `up` registers afresh.
+        if keep && !c.following {
+            return;
+        }
         tracing::info!(name = %reg.name, ipv4 = %reg.ipv4, ipv6 = %reg.ipv6, "joined the network");
         c.name = Some(reg.name.clone());
         self.follow.handle_registration(reg.ipv4, reg.ipv6);
         while let Some(action) = self.follow.poll_action() {
             self.act(now, action);
+        }
+        // A new standing starts without addresses; the follower says them
+        // only when they change, so take them from it when unchanged.
+        if let (Some(c), Some((v4, v6))) = (self.control.as_mut(), self.follow.addresses()) {
+            if c.addresses.is_empty() {
+                c.addresses = vec![IpAddr::V4(v4), IpAddr::V6(v6)];
+            }
         }
         self.set_relay_map(reg.relay_map.clone());
     }

@@ -585,3 +585,29 @@ fn an_exit_node_takes_both_default_routes_keeps_the_lan_and_fails_closed() {
     assert!(routes.is_empty() && kept.is_empty() && !blocked);
     assert!(s.status().exit_node.is_none());
 }
+
+#[test]
+fn a_re_registration_answered_after_down_is_ignored_and_the_next_up_has_addresses() {
+    let now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    s.handle_map(now, Some(full_map(&[])));
+    drain(&mut s);
+    // `down` while a background re-registration is on its way …
+    s.stop(now);
+    drain(&mut s);
+    // … which then comes back: nothing changes.
+    s.registered(now, &registration(true), true);
+    let out = drain(&mut s);
+    assert!(!out.iter().any(|o| matches!(o, Output::Addresses { .. })));
+    assert_eq!(s.status().state, MeshState::Stopped);
+    // `up` registers afresh: the new standing has the addresses.
+    s.registered(now, &registration(true), false);
+    s.follow(now, None);
+    drain(&mut s);
+    assert_eq!(
+        s.status().addresses.len(),
+        2,
+        "no addresses after down and up"
+    );
+}

@@ -193,7 +193,7 @@ up() {
             "$bin" --socket "$DIR/a.sock" status
             echo
             echo "warren demo is up: hosts a and b behind two NATs, coordinator at $url"
-            echo "  sudo ip netns exec wdemo-a ping $ipb"
+            echo "  sudo ip netns exec wdemo-a ping $ipb      (or by name: ping b)"
             echo "  sudo $bin --socket $DIR/a.sock status      (also: netcheck, ip, ping b)"
             echo "  sudo $cbin --data-dir $DIR/coord node list"
             echo "  logs: $DIR/coord.log $DIR/a.log $DIR/b.log"

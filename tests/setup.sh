@@ -24,6 +24,7 @@ PACKAGES=(
     postgresql                                              # coordinator store tests on PostgreSQL
     tmux systemd util-linux                                 # terminal test, systemd-analyze, setpriv
     dnsmasq-base                                            # DNS servers in the lab (no service of its own)
+    dbus-daemon                                             # a private system bus for systemd-resolved in the lab
 )
 
 # --no-install-recommends: wireguard-tools recommends wireguard-dkms, which
@@ -32,6 +33,21 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 
+# systemd-resolved for the DNS lab test, unpacked beside the system and
+# never installed: installing it would turn this machine's own
+# /etc/resolv.conf into resolved's stub. The lab runs it in a namespace
+# with a private D-Bus system bus (tests/lab/dns_resolved.rs). It drops
+# privileges to the systemd-resolve user, made here if missing.
+RESOLVED_DIR=/opt/warren-lab/resolved
+if [[ ! -x $RESOLVED_DIR/lib/systemd/systemd-resolved ]]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -q systemd-resolved 2>/dev/null) &&
+        mkdir -p "$RESOLVED_DIR" && dpkg-deb -x "$tmp"/systemd-resolved_*.deb "$RESOLVED_DIR" ||
+        echo "tests/setup.sh: systemd-resolved not unpacked; its lab test will be skipped" >&2
+    rm -rf "$tmp"
+fi
+getent passwd systemd-resolve >/dev/null ||
+    useradd --system --no-create-home --home-dir /run/systemd --shell /usr/sbin/nologin systemd-resolve
 
 # PostgreSQL on loopback for the coordinator's store and replica tests. The
 # machine has no systemd as PID 1, so the cluster is started by hand.

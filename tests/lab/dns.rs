@@ -18,7 +18,7 @@ use lab::{poll_until, Lab, Node};
 
 /// Starts dnsmasq on `node` answering `name` with `addr`, logging queries
 /// to the returned file.
-fn dnsmasq(lab: &Lab, node: &Node, name: &str, addr: &str) -> std::path::PathBuf {
+pub(crate) fn dnsmasq(lab: &Lab, node: &Node, name: &str, addr: &str) -> std::path::PathBuf {
     let log = lab.dir().join(format!("dnsmasq-{}.queries", node.name));
     let listen = format!("--listen-address={}", node.ip);
     let answer = format!("--address=/{name}/{addr}");

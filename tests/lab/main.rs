@@ -25,6 +25,7 @@ mod agent_lifecycle;
 mod birthday;
 mod dataplane;
 mod dns;
+mod dns_resolved;
 mod exit;
 mod faults;
 mod harness_selftest;

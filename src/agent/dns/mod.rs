@@ -10,19 +10,22 @@
 //!
 //! The host's DNS, by what manages it:
 //! - `/etc/resolv.conf` is systemd-resolved's stub (a link into
-//!   `/run/systemd/resolve/`, or `nameserver 127.0.0.53`): warren does not
-//!   write the file (that is the fight users complain of); configuring
-//!   resolved's link over D-Bus is not built yet, so `status` says so and
-//!   what to run. The resolver forwards to resolved's own upstreams.
+//!   `/run/systemd/resolve/`, or `nameserver 127.0.0.53`): warren never
+//!   writes the file (that is the fight users complain of) but sets the TUN
+//!   link's DNS and routing domains over D-Bus (`resolved.rs`), and
+//!   reverts them on stop. The resolver forwards to resolved's own
+//!   upstreams.
 //! - Otherwise the file itself (`resolvconf.rs`), watched with inotify.
 //!
 //! Tasks: the UDP and TCP listeners and their per-query tasks
-//! (`server.rs`), and one watcher of the resolv.conf file. Locks: the
+//! (`server.rs`), one watcher of the resolv.conf file, and one task that
+//! keeps resolved's link settings (fed by a `watch` channel). Locks: the
 //! resolver's mutex (one call at a time, never across an await), and the
 //! host state's mutex (the mesh task and the watcher both change the
 //! file).
 
 mod resolvconf;
+mod resolved;
 pub mod server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -103,6 +106,10 @@ struct Inner {
     resolver: server::Shared,
     forwards: Arc<Semaphore>,
     address: Ipv4Addr,
+    /// The TUN device's index, for resolved's link settings.
+    ifindex: i32,
+    /// What resolved's link should say (`resolved.rs`).
+    resolved: tokio::sync::watch::Sender<resolved::Desired>,
     listening: Vec<SocketAddr>,
     host: Mutex<Host>,
 }
@@ -133,7 +140,12 @@ fn resolved_manages(path: &Path) -> bool {
 impl DnsHandle {
     /// Serves DNS on `address` (already on the TUN device) and takes back
     /// a resolv.conf a killed run left behind.
-    pub async fn start(address: Ipv4Addr, resolv_conf: PathBuf, state_dir: &Path) -> DnsHandle {
+    pub async fn start(
+        address: Ipv4Addr,
+        ifindex: u32,
+        resolv_conf: PathBuf,
+        state_dir: &Path,
+    ) -> DnsHandle {
         let resolver: server::Shared = Arc::new(Mutex::new(Resolver::default()));
         let forwards = Arc::new(Semaphore::new(server::MAX_FORWARDS));
         let mut rc = ResolvConf::new(resolv_conf, state_dir);
@@ -165,11 +177,15 @@ impl DnsHandle {
                 problem = Some(format!("the resolver cannot listen on {addr}: {e}"));
             }
         }
+        let (resolved_tx, resolved_rx) = tokio::sync::watch::channel(resolved::Desired::default());
+        let ifindex = i32::try_from(ifindex).unwrap_or(0);
         let handle = DnsHandle {
             inner: Arc::new(Inner {
                 resolver,
                 forwards,
                 address,
+                ifindex,
+                resolved: resolved_tx,
                 listening,
                 host: Mutex::new(Host {
                     rc,
@@ -182,6 +198,18 @@ impl DnsHandle {
         };
         handle.refresh_host_resolvers();
         handle.spawn_watcher();
+        let me = handle.clone();
+        tokio::spawn(resolved::run(
+            ifindex,
+            address,
+            resolved_rx,
+            move |problem| {
+                let mut h = lock(&me.inner.host);
+                if h.mode == Mode::Resolved {
+                    h.problem = problem;
+                }
+            },
+        ));
         handle
     }
 
@@ -218,9 +246,14 @@ impl DnsHandle {
         }
     }
 
-    /// Gives the host's DNS back (the agent stops).
-    pub fn stop(&self) {
+    /// Gives the host's DNS back (the agent stops): the file at once,
+    /// resolved's link within a few seconds.
+    pub async fn stop(&self) {
+        let was_resolved = lock(&self.inner.host).mode == Mode::Resolved;
         self.set_host(false);
+        if was_resolved {
+            resolved::revert_now(self.inner.ifindex).await;
+        }
     }
 
     fn apply_host(&self) {
@@ -237,16 +270,20 @@ impl DnsHandle {
                     }
                 }
             }
+            if h.mode == Mode::Resolved {
+                self.inner
+                    .resolved
+                    .send_replace(resolved::Desired::default());
+            }
             h.mode = Mode::Off;
         } else if resolved_manages(h.rc.path()) {
             h.mode = Mode::Resolved;
-            h.problem = Some(format!(
-                "systemd-resolved manages {}; warren does not configure it yet: run \
-                 `resolvectl dns <warren's interface> {resolver}` and `resolvectl domain \
-                 <warren's interface> ~{}` to use warren's names",
-                h.rc.path().display(),
-                h.domains.first().map_or("warren.internal", String::as_str)
-            ));
+            let override_local = lock(&self.inner.resolver).settings().override_local;
+            self.inner.resolved.send_replace(resolved::Desired {
+                wanted: true,
+                domains: h.domains.clone(),
+                override_local,
+            });
         } else if h.rc.gave_up {
             h.mode = Mode::Off;
         } else {

@@ -187,7 +187,7 @@ impl Mesh {
                 // or DNS.
                 self.host_routes.clear();
                 if let Some(d) = &self.dns {
-                    d.stop();
+                    d.stop().await;
                 }
                 Ok(MeshReply::Done)
             }

@@ -19,6 +19,17 @@ use lab::{poll_until, Lab, Node};
 /// Starts dnsmasq on `node` answering `name` with `addr`, logging queries
 /// to the returned file.
 pub(crate) fn dnsmasq(lab: &Lab, node: &Node, name: &str, addr: &str) -> std::path::PathBuf {
+    dnsmasq_with(lab, node, name, addr, &[])
+}
+
+/// [`dnsmasq`] with more of its options.
+fn dnsmasq_with(
+    lab: &Lab,
+    node: &Node,
+    name: &str,
+    addr: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
     let log = lab.dir().join(format!("dnsmasq-{}.queries", node.name));
     let listen = format!("--listen-address={}", node.ip);
     let answer = format!("--address=/{name}/{addr}");
@@ -40,7 +51,10 @@ pub(crate) fn dnsmasq(lab: &Lab, node: &Node, name: &str, addr: &str) -> std::pa
             &log_arg,
             &pid_arg,
             "--user=root",
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     assert!(
         poll_until(Duration::from_secs(5), Duration::from_millis(50), || log
@@ -100,7 +114,17 @@ fn names_split_dns_and_the_hosts_resolv_conf() {
     let isp = lab.public("isp");
     let corpdns = lab.public("corpdns");
     let isp_log = dnsmasq(&lab, &isp, "www.example.com", "203.0.113.80");
-    let corp_log = dnsmasq(&lab, &corpdns, "git.corp.example", "10.9.9.9");
+    // The split server also has a record too big for a datagram of 512
+    // bytes, the most it sends: its UDP answer comes truncated.
+    let big = format!("big.corp.example,{}", "warren-".repeat(100));
+    let txt = format!("--txt-record={big}");
+    let corp_log = dnsmasq_with(
+        &lab,
+        &corpdns,
+        "git.corp.example",
+        "10.9.9.9",
+        &["--edns-packet-max=512", &txt],
+    );
     let dns_toml = lab.write_file(
         "dns.toml",
         &format!(
@@ -197,6 +221,19 @@ fn names_split_dns_and_the_hosts_resolv_conf() {
     );
     let s = query_json(&lab, &a, &["git.corp.example"]);
     assert_eq!(s["source"], "split DNS for corp.example", "{s}");
+
+    // A truncated upstream answer is asked again over TCP: the whole
+    // record comes back.
+    let t = query_json(&lab, &a, &["big.corp.example", "TXT"]);
+    assert!(
+        t["answers"][0].as_str().unwrap_or("").matches("warren-").count() == 100,
+        "{t}"
+    );
+    assert!(
+        queries(&corp_log).matches("big.corp.example").count() >= 2,
+        "asked once only: {}",
+        queries(&corp_log)
+    );
 
     // A rename reaches a's resolver within a second.
     let t0 = Instant::now();

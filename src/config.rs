@@ -54,6 +54,9 @@ pub struct DnsConfig {
     /// Where it listens (on the TUN device, for this host only).
     #[serde(default = "default_dns_address")]
     pub address: std::net::Ipv4Addr,
+    /// Its IPv6 address [default: the network's /48 with `::53`].
+    #[serde(default)]
+    pub address_v6: Option<std::net::Ipv6Addr>,
     /// The file to point at it when no systemd-resolved manages DNS.
     #[serde(default = "default_resolv_conf")]
     pub resolv_conf: PathBuf,
@@ -64,6 +67,7 @@ impl Default for DnsConfig {
         DnsConfig {
             enabled: true,
             address: default_dns_address(),
+            address_v6: None,
             resolv_conf: default_resolv_conf(),
         }
     }

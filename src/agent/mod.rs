@@ -186,6 +186,7 @@ pub async fn run(
         Some(
             dns::DnsHandle::start(
                 config.dns.address,
+                config.dns.address_v6,
                 dev.if_index().unwrap_or(0),
                 config.dns.resolv_conf.clone(),
                 &config.agent.state_dir,

@@ -159,6 +159,14 @@ fn names_split_dns_and_the_hosts_resolv_conf() {
     let ours = file();
     assert!(ours.starts_with("# written by warren"), "{ours}");
     assert!(ours.contains("nameserver 100.100.100.100\n"), "{ours}");
+    // And its IPv6 address in the network's /48, once the map gave it.
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || file()
+            .lines()
+            .any(|l| l.starts_with("nameserver fd") && l.ends_with("::53"))),
+        "no IPv6 resolver address: {}",
+        file()
+    );
     assert!(
         ours.contains("search warren.internal corp.example lan.example\n"),
         "{ours}"
@@ -226,7 +234,12 @@ fn names_split_dns_and_the_hosts_resolv_conf() {
     // record comes back.
     let t = query_json(&lab, &a, &["big.corp.example", "TXT"]);
     assert!(
-        t["answers"][0].as_str().unwrap_or("").matches("warren-").count() == 100,
+        t["answers"][0]
+            .as_str()
+            .unwrap_or("")
+            .matches("warren-")
+            .count()
+            == 100,
         "{t}"
     );
     assert!(

@@ -35,7 +35,6 @@ use std::time::Instant;
 
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 
 use crate::dns::{DnsView, Resolver, Upstream};
@@ -106,11 +105,15 @@ struct Inner {
     resolver: server::Shared,
     forwards: Arc<Semaphore>,
     address: Ipv4Addr,
+    /// `[dns] address_v6`; else the network's /48 with `::53`.
+    address_v6: Option<std::net::Ipv6Addr>,
     /// The TUN device's index, for resolved's link settings.
     ifindex: i32,
     /// What resolved's link should say (`resolved.rs`).
     resolved: tokio::sync::watch::Sender<resolved::Desired>,
-    listening: Vec<SocketAddr>,
+    /// Where it listens: the IPv4 address from the start, the IPv6 one
+    /// once the network's /48 is known.
+    listening: Mutex<Vec<SocketAddr>>,
     host: Mutex<Host>,
 }
 
@@ -142,6 +145,7 @@ impl DnsHandle {
     /// a resolv.conf a killed run left behind.
     pub async fn start(
         address: Ipv4Addr,
+        address_v6: Option<std::net::Ipv6Addr>,
         ifindex: u32,
         resolv_conf: PathBuf,
         state_dir: &Path,
@@ -161,18 +165,12 @@ impl DnsHandle {
         let addr = SocketAddr::from((address, 53));
         let mut listening = Vec::new();
         let mut problem = None;
-        match (UdpSocket::bind(addr).await, TcpListener::bind(addr).await) {
-            (Ok(udp), Ok(tcp)) => {
+        match server::listen(addr, &resolver, &forwards) {
+            Ok(()) => {
                 listening.push(addr);
-                tokio::spawn(server::serve_udp(
-                    Arc::new(udp),
-                    resolver.clone(),
-                    forwards.clone(),
-                ));
-                tokio::spawn(server::serve_tcp(tcp, resolver.clone(), forwards.clone()));
                 tracing::info!(%addr, "DNS: resolver listening");
             }
-            (Err(e), _) | (_, Err(e)) => {
+            Err(e) => {
                 tracing::error!(%addr, error = %e, "DNS: cannot listen; names will not resolve");
                 problem = Some(format!("the resolver cannot listen on {addr}: {e}"));
             }
@@ -184,9 +182,10 @@ impl DnsHandle {
                 resolver,
                 forwards,
                 address,
+                address_v6,
                 ifindex,
                 resolved: resolved_tx,
-                listening,
+                listening: Mutex::new(listening),
                 host: Mutex::new(Host {
                     rc,
                     mode: Mode::Off,
@@ -199,17 +198,12 @@ impl DnsHandle {
         handle.refresh_host_resolvers();
         handle.spawn_watcher();
         let me = handle.clone();
-        tokio::spawn(resolved::run(
-            ifindex,
-            address,
-            resolved_rx,
-            move |problem| {
-                let mut h = lock(&me.inner.host);
-                if h.mode == Mode::Resolved {
-                    h.problem = problem;
-                }
-            },
-        ));
+        tokio::spawn(resolved::run(ifindex, resolved_rx, move |problem| {
+            let mut h = lock(&me.inner.host);
+            if h.mode == Mode::Resolved {
+                h.problem = problem;
+            }
+        }));
         handle
     }
 
@@ -230,6 +224,33 @@ impl DnsHandle {
         };
         if changed {
             self.apply_host();
+        }
+    }
+
+    /// The resolver's IPv6 address in the network with /48 `ula`.
+    pub fn address_v6(&self, ula: ipnet::Ipv6Net) -> std::net::Ipv6Addr {
+        self.inner
+            .address_v6
+            .unwrap_or_else(|| std::net::Ipv6Addr::from(u128::from(ula.network()) | 0x53))
+    }
+
+    /// Also serves on `addr` (already on the TUN device), once.
+    pub fn listen_v6(&self, addr: std::net::Ipv6Addr) {
+        let sock = SocketAddr::from((addr, 53));
+        if lock(&self.inner.listening).contains(&sock) {
+            return;
+        }
+        match server::listen(sock, &self.inner.resolver, &self.inner.forwards) {
+            Ok(()) => {
+                tracing::info!(addr = %sock, "DNS: resolver listening");
+                lock(&self.inner.listening).push(sock);
+                // The host's DNS names both addresses.
+                let wanted = lock(&self.inner.host).wanted;
+                if wanted {
+                    self.apply_host();
+                }
+            }
+            Err(e) => tracing::warn!(addr = %sock, error = %e, "DNS: cannot listen on IPv6"),
         }
     }
 
@@ -257,9 +278,12 @@ impl DnsHandle {
     }
 
     fn apply_host(&self) {
+        let addrs: Vec<IpAddr> = lock(&self.inner.listening)
+            .iter()
+            .map(SocketAddr::ip)
+            .collect();
         let mut h = lock(&self.inner.host);
-        let resolver = IpAddr::V4(self.inner.address);
-        if !h.wanted || self.inner.listening.is_empty() {
+        if !h.wanted || addrs.is_empty() {
             if h.rc.active() {
                 match h.rc.restore() {
                     Ok(()) => {
@@ -281,6 +305,7 @@ impl DnsHandle {
             let override_local = lock(&self.inner.resolver).settings().override_local;
             self.inner.resolved.send_replace(resolved::Desired {
                 wanted: true,
+                servers: addrs,
                 domains: h.domains.clone(),
                 override_local,
             });
@@ -288,7 +313,7 @@ impl DnsHandle {
             h.mode = Mode::Off;
         } else {
             let domains = h.domains.clone();
-            match h.rc.apply(resolver, &domains) {
+            match h.rc.apply(&addrs, &domains) {
                 Ok(()) => {
                     h.mode = Mode::ResolvConf;
                     h.problem = None;
@@ -314,11 +339,14 @@ impl DnsHandle {
             h.rc.host()
         };
         drop(h);
-        let ours = IpAddr::V4(self.inner.address);
+        let ours: Vec<IpAddr> = lock(&self.inner.listening)
+            .iter()
+            .map(SocketAddr::ip)
+            .collect();
         let upstreams: Vec<Upstream> = parsed
             .nameservers
             .into_iter()
-            .filter(|ip| *ip != ours)
+            .filter(|ip| !ours.contains(ip))
             .map(|ip| Upstream(SocketAddr::new(ip, 53)))
             .collect();
         lock(&self.inner.resolver).set_host_resolvers(upstreams);
@@ -367,8 +395,11 @@ impl DnsHandle {
     fn file_changed(&self) {
         let mut h = lock(&self.inner.host);
         let domains = h.domains.clone();
-        let resolver = IpAddr::V4(self.inner.address);
-        match h.rc.changed(Instant::now(), resolver, &domains) {
+        let addrs: Vec<IpAddr> = lock(&self.inner.listening)
+            .iter()
+            .map(SocketAddr::ip)
+            .collect();
+        match h.rc.changed(Instant::now(), &addrs, &domains) {
             Ok(Change::Ours) => return,
             Ok(Change::Reapplied) => {
                 tracing::info!(file = %h.rc.path().display(), "DNS: another program rewrote resolv.conf; its servers are forwarded to and ours is back")
@@ -403,7 +434,7 @@ impl DnsHandle {
         let s = r.settings();
         DnsStatus {
             mode,
-            address: self.inner.listening.clone(),
+            address: lock(&self.inner.listening).clone(),
             domain: s.domain.clone(),
             names: r.zone().len(),
             host_resolvers: r.host_resolvers().iter().map(ToString::to_string).collect(),

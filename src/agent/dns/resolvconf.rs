@@ -70,7 +70,7 @@ pub fn parse(text: &str) -> Parsed {
 }
 
 /// The file warren writes over `original`.
-pub fn render(original: &Parsed, resolver: IpAddr, domains: &[String]) -> String {
+pub fn render(original: &Parsed, resolvers: &[IpAddr], domains: &[String]) -> String {
     let mut search: Vec<String> = domains.to_vec();
     for d in &original.search {
         if !search.iter().any(|s| s.eq_ignore_ascii_case(d)) {
@@ -79,9 +79,11 @@ pub fn render(original: &Parsed, resolver: IpAddr, domains: &[String]) -> String
     }
     let mut out = format!(
         "{MARKER} (its resolver answers the network's names and forwards the rest);\n\
-         # the host's own file is kept in warren's state directory and put back when warren stops.\n\
-         nameserver {resolver}\n"
+         # the host's own file is kept in warren's state directory and put back when warren stops.\n"
     );
+    for r in resolvers {
+        out.push_str(&format!("nameserver {r}\n"));
+    }
     if !search.is_empty() {
         out.push_str(&format!("search {}\n", search.join(" ")));
     }
@@ -201,7 +203,7 @@ impl ResolvConf {
 
     /// Writes ours (resolver `resolver`, `domains` first in `search`),
     /// backing up the host's file first.
-    pub fn apply(&mut self, resolver: IpAddr, domains: &[String]) -> io::Result<()> {
+    pub fn apply(&mut self, resolvers: &[IpAddr], domains: &[String]) -> io::Result<()> {
         if self.gave_up {
             return Ok(());
         }
@@ -216,7 +218,7 @@ impl ResolvConf {
             }
         }
         let host = self.host();
-        let text = render(&host, resolver, domains).into_bytes();
+        let text = render(&host, resolvers, domains).into_bytes();
         if self.written.as_deref() != Some(&text)
             || std::fs::read(&self.path).ok().as_deref() != Some(&text)
         {
@@ -232,7 +234,7 @@ impl ResolvConf {
     pub fn changed(
         &mut self,
         now: Instant,
-        resolver: IpAddr,
+        resolvers: &[IpAddr],
         domains: &[String],
     ) -> io::Result<Change> {
         if !self.active() || self.gave_up {
@@ -259,7 +261,7 @@ impl ResolvConf {
             return Ok(Change::GaveUp);
         }
         self.written = None;
-        self.apply(resolver, domains)?;
+        self.apply(resolvers, domains)?;
         Ok(Change::Reapplied)
     }
 

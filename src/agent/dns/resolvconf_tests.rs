@@ -13,8 +13,14 @@ fn setup() -> (tempfile::TempDir, ResolvConf) {
     (dir, rc)
 }
 
-fn resolver() -> IpAddr {
-    "100.100.100.100".parse().unwrap()
+fn resolver() -> &'static [IpAddr] {
+    static R: std::sync::OnceLock<Vec<IpAddr>> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        vec![
+            "100.100.100.100".parse().unwrap(),
+            "fd7a:115c:a1e0::53".parse().unwrap(),
+        ]
+    })
 }
 
 fn domains() -> Vec<String> {
@@ -36,7 +42,10 @@ fn ours_goes_in_and_the_host_file_comes_back_byte_for_byte() {
     rc.apply(resolver(), &domains()).unwrap();
     let ours = std::fs::read_to_string(rc.path()).unwrap();
     assert!(ours.starts_with(MARKER), "{ours}");
-    assert!(ours.contains("nameserver 100.100.100.100\n"));
+    assert!(
+        ours.contains("nameserver 100.100.100.100\nnameserver fd7a:115c:a1e0::53\n"),
+        "{ours}"
+    );
     assert!(
         ours.contains("search warren.internal lan corp.example\n"),
         "{ours}"

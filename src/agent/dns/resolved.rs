@@ -13,7 +13,6 @@
 //! owns resolved's bus name: a restarted resolved has a new owner and has
 //! forgotten the link, so the settings go again.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -25,13 +24,16 @@ const MANAGER: &str = "org.freedesktop.resolve1.Manager";
 const RECHECK: Duration = Duration::from_secs(2);
 /// Longest wait for one D-Bus call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// `AF_INET`, as resolved's `(iay)` address pairs spell the family.
+/// `AF_INET` and `AF_INET6`, as resolved's `(iay)` pairs spell families.
 const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
 
 /// What the link should say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub wanted: bool,
+    /// The resolver's addresses.
+    pub servers: Vec<std::net::IpAddr>,
     pub domains: Vec<String>,
     pub override_local: bool,
 }
@@ -76,14 +78,16 @@ pub async fn owner(conn: &zbus::Connection) -> Option<String> {
     reply.body().deserialize::<String>().ok()
 }
 
-/// Sets link `ifindex`'s DNS to `addr` with `desired`'s domains.
-pub async fn apply(
-    conn: &zbus::Connection,
-    ifindex: i32,
-    addr: Ipv4Addr,
-    desired: &Desired,
-) -> zbus::Result<()> {
-    let servers = vec![(AF_INET, addr.octets().to_vec())];
+/// Sets link `ifindex`'s DNS to `desired`'s servers and domains.
+pub async fn apply(conn: &zbus::Connection, ifindex: i32, desired: &Desired) -> zbus::Result<()> {
+    let servers: Vec<(i32, Vec<u8>)> = desired
+        .servers
+        .iter()
+        .map(|ip| match ip {
+            std::net::IpAddr::V4(a) => (AF_INET, a.octets().to_vec()),
+            std::net::IpAddr::V6(a) => (AF_INET6, a.octets().to_vec()),
+        })
+        .collect();
     call(conn, "SetLinkDNS", &(ifindex, servers)).await?;
     let (domains, default_route) = link_domains(desired);
     call(conn, "SetLinkDomains", &(ifindex, domains)).await?;
@@ -103,7 +107,6 @@ pub async fn revert(conn: &zbus::Connection, ifindex: i32) -> zbus::Result<()> {
 /// problem (or `None` once it is gone).
 pub async fn run(
     ifindex: i32,
-    addr: Ipv4Addr,
     mut rx: watch::Receiver<Desired>,
     report: impl Fn(Option<String>) + Send + 'static,
 ) {
@@ -150,7 +153,7 @@ pub async fn run(
         if applied.as_ref() == Some(&(now_owner.clone(), want.clone())) {
             continue;
         }
-        match apply(c, ifindex, addr, &want).await {
+        match apply(c, ifindex, &want).await {
             Ok(()) => {
                 tracing::info!(domains = ?want.domains, owner = %now_owner, "DNS: systemd-resolved sends the network's names to warren");
                 applied = Some((now_owner, want));
@@ -192,6 +195,7 @@ mod tests {
     fn domains_are_routing_only_and_the_default_route_only_with_override() {
         let d = Desired {
             wanted: true,
+            servers: vec!["100.100.100.100".parse().unwrap()],
             domains: vec!["warren.internal".into(), "corp.example".into()],
             override_local: false,
         };

@@ -44,6 +44,19 @@ fn lock(r: &Shared) -> std::sync::MutexGuard<'_, Resolver> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Serves DNS on `addr` over UDP and TCP (both bound before either
+/// serves, so a half-open listener never exists).
+pub fn listen(addr: SocketAddr, resolver: &Shared, forwards: &Arc<Semaphore>) -> io::Result<()> {
+    let udp = std::net::UdpSocket::bind(addr)?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    let (udp, tcp) = (UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?);
+    tokio::spawn(serve_udp(Arc::new(udp), resolver.clone(), forwards.clone()));
+    tokio::spawn(serve_tcp(tcp, resolver.clone(), forwards.clone()));
+    Ok(())
+}
+
 /// Handles one query to its reply (forwarding if the resolver says so);
 /// `None`: nothing to answer. Also what `warren dns query` runs.
 pub async fn resolve(

@@ -22,8 +22,12 @@ use lab::{poll_until, Lab, Node};
 const APPLY: Duration = Duration::from_secs(10);
 
 /// The source address `server` sees for a TCP connection from `from` to
-/// `to:port` (a fresh listener each time), or `None` if none arrived.
-fn source_seen(lab: &Lab, from: &Node, server: &Node, to: IpAddr, port: u16) -> Option<IpAddr> {
+/// `to` (a fresh listener on a fresh port each time: a listener from an
+/// attempt that got nothing still holds its port for a while), or `None`
+/// if none arrived. `_label` names the attempt in the test's text.
+fn source_seen(lab: &Lab, from: &Node, server: &Node, to: IpAddr, _label: u16) -> Option<IpAddr> {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7100);
+    let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let seen = crate::routes::first_source(lab, server, port);
     let addr = SocketAddr::new(to, port);
     let connected = lab

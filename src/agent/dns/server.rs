@@ -47,11 +47,27 @@ fn lock(r: &Shared) -> std::sync::MutexGuard<'_, Resolver> {
 /// Serves DNS on `addr` over UDP and TCP (both bound before either
 /// serves, so a half-open listener never exists).
 pub fn listen(addr: SocketAddr, resolver: &Shared, forwards: &Arc<Semaphore>) -> io::Result<()> {
-    let udp = std::net::UdpSocket::bind(addr)?;
-    udp.set_nonblocking(true)?;
-    let tcp = std::net::TcpListener::bind(addr)?;
-    tcp.set_nonblocking(true)?;
-    let (udp, tcp) = (UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?);
+    use socket2::{Domain, Socket, Type};
+    // Free-bind: a new IPv6 address is tentative for a moment after it is
+    // added (duplicate address detection); the socket binds at once.
+    let bind = |ty: Type| -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), ty, None)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+            s.set_freebind_v6(true)?;
+        } else {
+            s.set_freebind_v4(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    let udp = bind(Type::DGRAM)?;
+    let tcp = bind(Type::STREAM)?;
+    tcp.listen(128)?;
+    let udp = UdpSocket::from_std(std::net::UdpSocket::from(udp))?;
+    let tcp = TcpListener::from_std(std::net::TcpListener::from(tcp))?;
     tokio::spawn(serve_udp(Arc::new(udp), resolver.clone(), forwards.clone()));
     tokio::spawn(serve_tcp(tcp, resolver.clone(), forwards.clone()));
     Ok(())

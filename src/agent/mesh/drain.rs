@@ -110,6 +110,7 @@ impl Mesh {
                         tracing::debug!(error = %e, "adding overlay address");
                     }
                 }
+                self.host_routes.set_sources(v4, v6);
             }
             Output::Routes {
                 routes,

@@ -46,6 +46,11 @@ pub struct HostRoutes {
     coordinator: Vec<IpAddr>,
     /// Local networks kept off an exit node.
     lan: Vec<IpNet>,
+    /// This node's overlay addresses: the source of what it sends by these
+    /// routes. Without it the kernel would take the TUN's first address,
+    /// which may be the resolver's (100.100.100.100), and peers refuse a
+    /// source that is not the node's.
+    sources: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
     nat: bool,
     /// Why forwarding cannot work, for `status`.
     pub problem: Option<String>,
@@ -90,7 +95,16 @@ impl HostRoutes {
             }
         }
         for net in wanted.difference(&self.installed) {
-            match rm.add(&route_of(net, self.ifindex)) {
+            let src = match net {
+                IpNet::V4(_) => self.sources.0.map(IpAddr::V4),
+                IpNet::V6(_) => self.sources.1.map(IpAddr::V6),
+            };
+            let route = route_of(net, self.ifindex);
+            let route = match src {
+                Some(ip) => route.with_pref_source(ip),
+                None => route,
+            };
+            match rm.add(&route) {
                 Ok(()) => {
                     tracing::info!(%net, dev = %self.ifname, table = TABLE, "route installed")
                 }
@@ -101,6 +115,21 @@ impl HostRoutes {
         }
         self.installed = wanted;
         self.sync_rules();
+    }
+
+    /// This node's overlay addresses, the source of what goes by warren's
+    /// routes: routes installed with other ones are installed again.
+    pub fn set_sources(&mut self, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) {
+        if self.sources == (Some(v4), Some(v6)) {
+            return;
+        }
+        self.sources = (Some(v4), Some(v6));
+        let routes: Vec<IpNet> = self.installed.iter().copied().collect();
+        let lan = self.lan.clone();
+        if !routes.is_empty() {
+            self.apply(&[], &lan);
+            self.apply(&routes, &lan);
+        }
     }
 
     /// The coordinator's addresses (resolved from its URL, and the proxy's

@@ -611,3 +611,35 @@ fn a_re_registration_answered_after_down_is_ignored_and_the_next_up_has_addresse
         "no addresses after down and up"
     );
 }
+
+#[test]
+fn names_follow_the_map_a_removed_or_hidden_peer_has_none() {
+    let now = Instant::now();
+    let mut s = new_state();
+    join(&mut s, now, true);
+    let b = Peer::for_test(3, "fd7a:115c:a1e0::3");
+    let names = |out: &[Output]| {
+        out.iter().rev().find_map(|o| match o {
+            Output::Dns(v) => Some(v.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>()),
+            _ => None,
+        })
+    };
+    s.handle_map(now, Some(full_map(&[&b])));
+    let got = names(&drain(&mut s)).expect("names after the map");
+    assert!(got.contains(&b.name), "{got:?}");
+    assert_eq!(got[0], me().name, "this node first");
+    // A rename is one delta away.
+    let mut renamed = b.clone();
+    renamed.name = "bee".into();
+    s.handle_map(now, Some(MapEvent::PeerChanged(renamed)));
+    let got = names(&drain(&mut s)).expect("names after the rename");
+    assert!(got.contains(&"bee".to_string()) && !got.contains(&b.name));
+    // Removed (or hidden by a new policy: the coordinator removes it from
+    // this node's map): no name.
+    s.handle_map(now, Some(MapEvent::PeerRemoved(b.key)));
+    let got = names(&drain(&mut s)).expect("names after the removal");
+    assert!(!got.contains(&"bee".to_string()));
+    // Nothing changed: no output.
+    s.handle_map(now, Some(MapEvent::PeerRemoved(b.key)));
+    assert_eq!(names(&drain(&mut s)), None);
+}

@@ -35,6 +35,8 @@ pub mod ping;
 mod subnets;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_routes;
 pub mod timers;
 mod view;
 

@@ -234,6 +234,11 @@ impl DnsHandle {
             .unwrap_or_else(|| std::net::Ipv6Addr::from(u128::from(ula.network()) | 0x53))
     }
 
+    /// Whether the resolver already serves on `ip`.
+    pub fn listens_on(&self, ip: IpAddr) -> bool {
+        lock(&self.inner.listening).iter().any(|a| a.ip() == ip)
+    }
+
     /// Also serves on `addr` (already on the TUN device), once.
     pub fn listen_v6(&self, addr: std::net::Ipv6Addr) {
         let sock = SocketAddr::from((addr, 53));

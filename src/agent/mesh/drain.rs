@@ -134,12 +134,13 @@ impl Mesh {
                 if let Some(d) = &self.dns {
                     d.set_view(&view);
                     // The resolver's IPv6 address, in the network's /48.
-                    if let Some(ula) = view.ula {
-                        let v6 = d.address_v6(ula);
-                        if let Err(e) = self.tun.add_address_v6(v6, 128) {
-                            tracing::debug!(error = %e, "adding the resolver's IPv6 address");
+                    if let Some(v6) = view.ula.map(|u| d.address_v6(u)) {
+                        if !d.listens_on(v6.into()) {
+                            if let Err(e) = self.tun.add_address_v6(v6, 128) {
+                                tracing::debug!(error = %e, "adding the resolver's IPv6 address");
+                            }
+                            d.listen_v6(v6);
                         }
-                        d.listen_v6(v6);
                     }
                 }
             }

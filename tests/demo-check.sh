@@ -40,6 +40,11 @@ esac
 got=$(ip netns exec wdemo-a getent ahostsv4 b | awk 'NR==1 {print $1}') || true
 [ "$got" = "$ipb" ] || fail "host a does not resolve b to $ipb (got '$got')"
 echo "demo-check: host a resolves b to $ipb"
+# By name over both families: the resolver's own addresses on the TUN must
+# never become the source of the overlay's traffic.
+ip netns exec wdemo-a ping -4 -c 2 -W 2 b >/dev/null || fail "no ping from a to b by name over IPv4"
+ip netns exec wdemo-a ping -6 -c 2 -W 2 b >/dev/null || fail "no ping from a to b by name over IPv6"
+echo "demo-check: host a pings b by name over IPv4 and IPv6"
 
 tests/demo.sh down || fail "tests/demo.sh down failed"
 

@@ -186,6 +186,10 @@ fn names_split_dns_and_the_hosts_resolv_conf() {
     );
     let v6 = getent(&lab, &a_node, "ahostsv6", "b.warren.internal");
     assert!(matches!(v6, Some(IpAddr::V6(_))), "{v6:?}");
+    // Overlay traffic by name, IPv6 too: the resolver's ::53 (a /128 on
+    // the TUN) must never be chosen as the source.
+    let ping6 = lab.exec(&a_node, &["ping", "-6", "-c", "2", "-W", "2", "b"]);
+    assert!(ping6.ok(), "ping -6 b: {ping6:?}");
     // The split domain goes to its server, the rest to the host's own.
     assert_eq!(
         getent(&lab, &a_node, "ahostsv4", "git.corp.example"),

@@ -136,8 +136,9 @@ impl Mesh {
                     // The resolver's IPv6 address, in the network's /48.
                     if let Some(v6) = view.ula.map(|u| d.address_v6(u)) {
                         if !d.listens_on(v6.into()) {
-                            if let Err(e) = self.tun.add_address_v6(v6, 128) {
-                                tracing::debug!(error = %e, "adding the resolver's IPv6 address");
+                            let index = self.tun.if_index().unwrap_or(0);
+                            if let Err(e) = super::rules::add_deprecated_v6(index, v6) {
+                                tracing::warn!(error = %e, "adding the resolver's IPv6 address");
                             }
                             d.listen_v6(v6);
                         }

@@ -139,7 +139,7 @@ fn message(rule: &Rule) -> RuleMessage {
 }
 
 /// Sends one request and reads its acknowledgement.
-fn request(msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+pub(super) fn request(msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -157,6 +157,39 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
     match reply.payload {
         NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
         _ => Ok(()),
+    }
+}
+
+/// Puts `addr`/128 on interface `ifindex` as a deprecated address without
+/// duplicate address detection: usable at once, bindable, and never picked
+/// as a source by the kernel (RFC 6724 avoids deprecated addresses). The
+/// resolver's IPv6 address is one: with a /128 it would otherwise win the
+/// longest-match rule against the node's own /48 address, and peers drop
+/// packets from a source that is not the node's. The ioctl tun-rs uses
+/// cannot set either flag.
+pub fn add_deprecated_v6(ifindex: u32, addr: std::net::Ipv6Addr) -> io::Result<()> {
+    use netlink_packet_route::address::{
+        AddressAttribute, AddressFlags, AddressMessage, CacheInfo,
+    };
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.prefix_len = 128;
+    m.header.index = ifindex;
+    m.attributes.push(AddressAttribute::Local(IpAddr::V6(addr)));
+    m.attributes
+        .push(AddressAttribute::Address(IpAddr::V6(addr)));
+    m.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    let mut life = CacheInfo::default();
+    life.ifa_preferred = 0;
+    life.ifa_valid = u32::MAX;
+    m.attributes.push(AddressAttribute::CacheInfo(life));
+    match request(
+        RouteNetlinkMessage::NewAddress(m),
+        NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        r => r,
     }
 }
 

@@ -98,6 +98,8 @@ struct Host {
     /// The host's DNS should point at the resolver.
     wanted: bool,
     domains: Vec<String>,
+    /// The network's `override_local`: resolved's link then takes `~.`.
+    override_local: bool,
     problem: Option<String>,
 }
 
@@ -191,6 +193,7 @@ impl DnsHandle {
                     mode: Mode::Off,
                     wanted: false,
                     domains: Vec::new(),
+                    override_local: false,
                     problem,
                 }),
             }),
@@ -216,10 +219,12 @@ impl DnsHandle {
         }
         let mut domains = vec![view.settings.domain.clone()];
         domains.extend(view.settings.split.keys().cloned());
+        let override_local = view.settings.override_local;
         let changed = {
             let mut h = lock(&self.inner.host);
-            let changed = h.domains != domains;
+            let changed = h.domains != domains || h.override_local != override_local;
             h.domains = domains;
+            h.override_local = override_local;
             changed
         };
         if changed {
@@ -307,12 +312,11 @@ impl DnsHandle {
             h.mode = Mode::Off;
         } else if resolved_manages(h.rc.path()) {
             h.mode = Mode::Resolved;
-            let override_local = lock(&self.inner.resolver).settings().override_local;
             self.inner.resolved.send_replace(resolved::Desired {
                 wanted: true,
                 servers: addrs,
                 domains: h.domains.clone(),
-                override_local,
+                override_local: h.override_local,
             });
         } else if h.rc.gave_up {
             h.mode = Mode::Off;

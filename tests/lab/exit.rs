@@ -24,8 +24,8 @@ const APPLY: Duration = Duration::from_secs(10);
 /// The source address `server` sees for a TCP connection from `from` to
 /// `to` (a fresh listener on a fresh port each time: a listener from an
 /// attempt that got nothing still holds its port for a while), or `None`
-/// if none arrived. `_label` names the attempt in the test's text.
-fn source_seen(lab: &Lab, from: &Node, server: &Node, to: IpAddr, _label: u16) -> Option<IpAddr> {
+/// if none arrived.
+fn source_seen(lab: &Lab, from: &Node, server: &Node, to: IpAddr) -> Option<IpAddr> {
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7100);
     let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let seen = crate::routes::first_source(lab, server, port);
@@ -61,6 +61,25 @@ fn leftovers(lab: &Lab, node: &Node) -> String {
         }
     }
     out
+}
+
+/// `warren up --exit-node exit` on `laptop`, retried until the approval
+/// has reached its map.
+fn choose_exit(lab: &Lab, laptop: &Agent, coord: &Coordinator, tok: &str) {
+    assert!(
+        poll_until(APPLY, Duration::from_millis(200), || {
+            up_with(
+                lab,
+                laptop,
+                coord,
+                tok,
+                &["--exit-node", "exit", "--reconfigure"],
+            )
+            .ok()
+        }),
+        "choosing the approved exit node failed:\n{}",
+        laptop.cli(lab, &["status"]).stdout
+    );
 }
 
 #[test]
@@ -113,25 +132,12 @@ fn an_exit_node_carries_the_laptops_internet_traffic_and_nothing_else() {
         .expect_ok("route approve");
 
     // Before: the web server sees the home gateway.
-    let direct = source_seen(&lab, &laptop_node, &web, web.ip.into(), 7101);
+    let direct = source_seen(&lab, &laptop_node, &web, web.ip.into());
     assert_eq!(direct, Some(IpAddr::V4(home.ip)), "before the exit node");
     assert!(lab.ping(&laptop_node, printer.ip), "the LAN before");
 
-    assert!(
-        poll_until(APPLY, Duration::from_millis(200), || {
-            up_with(
-                &lab,
-                &laptop,
-                &coord,
-                &tok,
-                &["--exit-node", "exit", "--reconfigure"],
-            )
-            .ok()
-        }),
-        "choosing the approved exit node failed:\n{}",
-        laptop.cli(&lab, &["status"]).stdout
-    );
-    let through = || source_seen(&lab, &laptop_node, &web, web.ip.into(), 7102);
+    choose_exit(&lab, &laptop, &coord, &tok);
+    let through = || source_seen(&lab, &laptop_node, &web, web.ip.into());
     assert!(
         poll_until(APPLY, Duration::from_millis(300), || through()
             == Some(IpAddr::V4(exit_node.ip))),
@@ -141,7 +147,7 @@ fn an_exit_node_carries_the_laptops_internet_traffic_and_nothing_else() {
     );
     // IPv6 too, though the laptop's own network has none: from its
     // overlay address, masqueraded to the exit node's.
-    let v6 = source_seen(&lab, &laptop_node, &web, web_v6.into(), 7103);
+    let v6 = source_seen(&lab, &laptop_node, &web, web_v6.into());
     assert_eq!(
         v6,
         Some(IpAddr::V6(exit_v6)),
@@ -223,7 +229,7 @@ fn an_exit_node_carries_the_laptops_internet_traffic_and_nothing_else() {
         "left behind:\n{}",
         leftovers(&lab, &laptop_node)
     );
-    let after = source_seen(&lab, &laptop_node, &web, web.ip.into(), 7104);
+    let after = source_seen(&lab, &laptop_node, &web, web.ip.into());
     assert_eq!(after, Some(IpAddr::V4(home.ip)), "after the exit node");
     assert!(
         !lab.exec(&laptop_node, &["nft", "list", "table", "inet", "warren"])
@@ -271,24 +277,11 @@ fn a_vanished_exit_node_fails_closed() {
         &["exit"],
         Duration::from_secs(20)
     ));
-    assert!(
-        poll_until(APPLY, Duration::from_millis(200), || {
-            up_with(
-                &lab,
-                &laptop,
-                &coord,
-                &tok,
-                &["--exit-node", "exit", "--reconfigure"],
-            )
-            .ok()
-        }),
-        "choosing the exit node failed"
-    );
+    choose_exit(&lab, &laptop, &coord, &tok);
     assert!(poll_until(
         APPLY,
         Duration::from_millis(300),
-        || source_seen(&lab, &laptop_node, &web, web.ip.into(), 7201)
-            == Some(IpAddr::V4(exit_node.ip))
+        || source_seen(&lab, &laptop_node, &web, web.ip.into()) == Some(IpAddr::V4(exit_node.ip))
     ));
     // The admin withdraws the approval: nothing carries the default
     // routes, and nothing leaks past the tunnel.
@@ -306,7 +299,7 @@ fn a_vanished_exit_node_fails_closed() {
         laptop.cli(&lab, &["status"]).stdout
     );
     assert_eq!(
-        source_seen(&lab, &laptop_node, &web, web.ip.into(), 7202),
+        source_seen(&lab, &laptop_node, &web, web.ip.into()),
         None,
         "traffic leaked past the vanished exit node"
     );
@@ -321,7 +314,7 @@ fn a_vanished_exit_node_fails_closed() {
     )
     .expect_ok("exit node off");
     assert_eq!(
-        source_seen(&lab, &laptop_node, &web, web.ip.into(), 7203),
+        source_seen(&lab, &laptop_node, &web, web.ip.into()),
         Some(IpAddr::V4(home.ip))
     );
 }

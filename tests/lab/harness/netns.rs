@@ -38,12 +38,24 @@ pub fn ns_name(lab_id: &str, node: &str) -> String {
 }
 
 /// A globally unique interface name of at most 15 bytes:
-/// `wl<pid base36>i<counter base36>`.
+/// `wl<pid base36>_<counter base36>`. The separator must not be a base-36
+/// digit: with `i` a pid such as 12346 (`9iy`) was read back as 9 and
+/// [`reap_stale`] deleted a live run's wireguard-go socket.
 pub fn unique_ifname() -> String {
     let n = IF_COUNTER.fetch_add(1, Ordering::SeqCst);
-    let name = format!("{PREFIX}{}i{}", base36(std::process::id()), base36(n));
+    ifname_for(std::process::id(), n)
+}
+
+fn ifname_for(pid: u32, n: u32) -> String {
+    let name = format!("{PREFIX}{}_{}", base36(pid), base36(n));
     assert!(name.len() <= 15, "interface name {name} too long");
     name
+}
+
+/// The pid of the test process that made interface (or socket) `name`.
+fn ifname_pid(name: &str) -> Option<u32> {
+    let (pid36, _) = name.strip_prefix(PREFIX)?.split_once('_')?;
+    u32::from_str_radix(pid36, 36).ok()
 }
 
 fn base36(mut v: u32) -> String {
@@ -154,16 +166,8 @@ pub fn reap_stale() {
     if let Ok(dir) = fs::read_dir("/var/run/wireguard") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(PREFIX) else {
-                continue;
-            };
-            let Some((pid36, _)) = rest.split_once('i') else {
-                continue;
-            };
-            if let Ok(pid) = u32::from_str_radix(pid36, 36) {
-                if !pid_alive(pid) {
-                    let _ = fs::remove_file(entry.path());
-                }
+            if ifname_pid(name.trim_end_matches(".sock")).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = fs::remove_file(entry.path());
             }
         }
     }
@@ -195,8 +199,21 @@ mod tests {
         assert_eq!(base36(35), "z");
         assert_eq!(base36(36), "10");
         // Largest pid Linux allows (pid_max limit) plus a big counter.
-        let worst = format!("{PREFIX}{}i{}", base36(4_194_304), base36(46_655));
+        let worst = format!("{PREFIX}{}_{}", base36(4_194_304), base36(46_655));
         assert!(worst.len() <= 15, "{worst}");
         assert!(unique_ifname().len() <= 15);
     }
+}
+
+#[test]
+fn an_interface_name_gives_back_its_pid() {
+    // 12346 is `9iy` in base 36: the old `i` separator read it as 9.
+    for (pid, n) in [(12346, 0), (12346, 18), (u32::MAX, 40_000), (1, 0)] {
+        assert_eq!(
+            ifname_pid(&ifname_for(pid, n)),
+            Some(pid),
+            "pid {pid}, n {n}"
+        );
+    }
+    assert_eq!(ifname_pid("wg0"), None);
 }

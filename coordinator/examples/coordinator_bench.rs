@@ -127,6 +127,32 @@ struct Counters {
     first_error: std::sync::OnceLock<String>,
 }
 
+/// The length of the first line (the full map) `key`'s stream gets.
+async fn full_map_len(
+    http: &reqwest::Client,
+    url: &str,
+    key: &PrivateKey,
+    coord: NodeKey,
+) -> anyhow::Result<usize> {
+    let session = SessionKey::for_node(key, &coord)?;
+    let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
+    let mut req = http.get(format!("{url}/map"));
+    for (n, v) in h.to_pairs() {
+        req = req.header(n, v);
+    }
+    let resp = req.send().await?.error_for_status()?;
+    let mut body = resp.bytes_stream();
+    let mut len = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if let Some(end) = chunk.iter().position(|&b| b == b'\n') {
+            return Ok(len + end + 1);
+        }
+        len += chunk.len();
+    }
+    bail!("the stream ended before its full map")
+}
+
 /// Opens one map stream; counts its lines, then waits for each of
 /// `needles` in turn (in a delta, or in a later full map if the
 /// coordinator sends one instead), returning when each was seen.
@@ -326,6 +352,7 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed() - Duration::from_secs(2)
     );
     let fulls = counters.fulls.load(Ordering::Relaxed);
+    let storm_bytes = counters.bytes.load(Ordering::Relaxed);
     println!(
         "reconnect storm: {last} lines ({} deltas, {fulls} full maps of which {want} first), {:.1} MB",
         last - fulls,
@@ -418,6 +445,15 @@ async fn main() -> anyhow::Result<()> {
             to.2.saturating_sub(from.2) as f64 / 1e6
         );
     }
+    // The storm's bytes beside its floor: one full map of the whole
+    // network per stream, measured now on node 0's own first map.
+    let full = full_map_len(&clients[0], &a.url, &keys[0], coord).await?;
+    println!(
+        "reconnect storm bytes: {:.1} MB = {:.2} x one full map per stream ({want} x {:.2} MB)",
+        storm_bytes as f64 / 1e6,
+        storm_bytes as f64 / (want as f64 * full as f64),
+        full as f64 / 1e6
+    );
     println!("coordinator at the end: {}", rss(a.pid));
     Ok(())
 }

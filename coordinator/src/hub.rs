@@ -27,10 +27,12 @@
 //! line per event.
 
 pub mod access;
+pub mod encoded;
 pub mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot, Notify};
@@ -86,6 +88,12 @@ pub struct Hub {
     tx: broadcast::Sender<HubEvent>,
     wake: Arc<Notify>,
     snapshot: Arc<RwLock<Snapshot>>,
+    /// Bumped under the snapshot's write lock at every change, so a
+    /// reader holding the read lock sees the version of what it reads.
+    version: Arc<AtomicU64>,
+    /// The snapshot's peers encoded for full maps, at some version
+    /// (`encoded.rs`); rebuilt on demand when the snapshot moved on.
+    encoded: Arc<Mutex<Option<Arc<encoded::EncodedPeers>>>>,
     access: Arc<RwLock<Arc<access::Access>>>,
 }
 
@@ -97,8 +105,8 @@ impl Default for Hub {
 
 const POLL: Duration = Duration::from_millis(200);
 
-/// From this many change notes read at once, the hub loads every node in
-/// one query instead of each changed node on its own: after a restart
+/// From this many change notes read at once, the hub loads the changed
+/// nodes in a few queries instead of each on its own: after a restart
 /// thousands of nodes come online within a second, and a read per note
 /// (queued behind those nodes' own writes on SQLite's single connection)
 /// made the hub itself trickle the storm out over tens of seconds.
@@ -114,6 +122,8 @@ impl Hub {
             tx,
             wake: Arc::new(Notify::new()),
             snapshot: Arc::default(),
+            version: Arc::default(),
+            encoded: Arc::default(),
             access: Arc::new(RwLock::new(Arc::new(access::Access::open()))),
         }
     }
@@ -181,7 +191,27 @@ impl Hub {
     }
 
     fn snapshot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
-        self.snapshot.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        self.version.fetch_add(1, Ordering::Relaxed);
+        guard
+    }
+
+    /// Every node's map entry encoded at the snapshot's current version,
+    /// shared by all the full maps written from it (`encoded.rs`). Built
+    /// by the first stream that asks after a change; the others wait on
+    /// the lock for it rather than each encoding the same bytes.
+    pub fn encoded_peers(&self) -> Arc<encoded::EncodedPeers> {
+        let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        let version = self.version.load(Ordering::Relaxed);
+        match cache.as_ref() {
+            Some(e) if e.version == version => e.clone(),
+            _ => {
+                let fresh = Arc::new(encoded::EncodedPeers::build(&snap, version));
+                *cache = Some(fresh.clone());
+                fresh
+            }
+        }
     }
 
     /// Starts the task that feeds the hub from `store`, and waits (up to
@@ -259,7 +289,7 @@ impl Hub {
 
     /// Dispatches a batch of notes, in order. A node with several notes in
     /// the batch is dispatched once, at its last, from one load of the
-    /// whole network.
+    /// changed nodes.
     async fn dispatch_all(&self, store: &Store, changes: Vec<Change>) {
         if changes.len() < BATCH_LOAD {
             for change in changes {
@@ -268,8 +298,17 @@ impl Hub {
             return;
         }
         // Read after the notes were: every node is at least as new as its
-        // last note here (newer is fine, its own note follows).
-        let mut fresh: HashMap<i64, NodeRecord> = match store.list_nodes().await {
+        // last note here (newer is fine, its own note follows). Only the
+        // changed nodes: at 10,000 nodes a read of the whole network per
+        // batch held SQLite's one connection for most of each poll.
+        let mut ids: Vec<i64> = changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Upsert)
+            .map(|c| c.node_id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut fresh: HashMap<i64, NodeRecord> = match store.nodes_by_ids(&ids).await {
             Ok(nodes) => nodes.into_iter().map(|n| (n.id, n)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "hub could not load the network; reading nodes one by one");

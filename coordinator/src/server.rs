@@ -339,6 +339,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         keepalive: cfg.keepalive,
         live: Arc::default(),
         streams: Default::default(),
+        presence: api::presence::Presence::spawn(store.clone(), hub.clone()),
         failures: Arc::new(std::sync::Mutex::new(api::failure_limiter())),
         sessions: Arc::default(),
     };

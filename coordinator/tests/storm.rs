@@ -214,3 +214,75 @@ async fn random_changes_reach_a_slow_reader_in_order_postgres() {
     let dir = tempfile::tempdir().unwrap();
     random_run(common::start(dir.path(), Some(db)).await, 3).await;
 }
+
+/// Why 10,000 agents reconnecting at once stalled the coordinator
+/// (issue 19): each stream opening was two transactions of its own, queued
+/// on SQLite's single connection until those at the back timed out. Here
+/// 300 open at once; every one must get its map, and their writes must go
+/// in batches (`api::presence`): a transaction per stream, the old way,
+/// would be 600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_streams_opening_at_once_share_their_transactions() {
+    const N: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, url, tok) = common::start_with_token(dir.path(), false).await;
+    let ula = srv.store.ula_prefix().await.unwrap();
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let key = PrivateKey::generate();
+        let input = warren_coordinator::store::RegisterInput {
+            token: Some(tok.clone()),
+            node_key: key.public(),
+            disco_key: PrivateKey::generate().public(),
+            hostname: format!("n{i}"),
+            os: "linux".into(),
+            version: "0".into(),
+            tags: None,
+            routes: None,
+        };
+        let mut tx = srv.store.begin().await.unwrap();
+        srv.store.register(&mut tx, &input, ula).await.unwrap();
+        tx.commit().await.unwrap();
+        let state = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&state).unwrap();
+        clients.push(ControlClient::new(&url, key, &state).unwrap());
+    }
+    let before = srv.store.transactions_begun();
+    let streams: Vec<_> = clients.iter().map(|c| c.map_stream()).collect();
+    let t = std::time::Instant::now();
+    let opened = futures_util::future::join_all(streams.into_iter().map(|mut s| async move {
+        // Bounded generously: 300 clients parse 300 maps of 300 peers on
+        // the same two cores, in a debug build.
+        let map = common::expect(&mut s, Duration::from_secs(60), |ev| match ev {
+            warren::control::MapEvent::Full {
+                map,
+                from_cache: false,
+            } => Some(map.clone()),
+            _ => None,
+        })
+        .await;
+        (s, map)
+    }))
+    .await;
+    eprintln!("{N} streams open with full maps in {:.1?}", t.elapsed());
+    let used = srv.store.transactions_begun() - before;
+    assert_eq!(opened.len(), N);
+    // The hub may have been a poll behind the registrations: what is
+    // missing from a first map follows as deltas.
+    let mut watches: Vec<Watch> = Vec::new();
+    for (stream, map) in opened {
+        watches.push(Watch { stream, map });
+        let w = watches.last_mut().unwrap();
+        w.until(Duration::from_secs(30), "every other node, online", |m| {
+            m.peers.len() == N - 1 && m.peers.values().all(|p| p.online)
+        })
+        .await;
+    }
+    assert!(
+        used < N as u64 / 3,
+        "{N} streams opening at once began {used} transactions"
+    );
+    // And each is counted: every node is online.
+    let online = srv.store.list_nodes().await.unwrap();
+    assert!(online.iter().all(|n| n.online), "every node online");
+}

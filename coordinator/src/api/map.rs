@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::Response;
 use axum::Extension;
+use futures_util::StreamExt as _;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant as TokioInstant;
@@ -32,7 +33,9 @@ use crate::hub::HubEvent;
 use crate::listen::PeerAddr;
 use crate::store::NodeRecord;
 
-type Line = Result<Bytes, Infallible>;
+/// One write: a run of lines, or a full map as the shared slices it is
+/// made of (`hub::encoded`), sent on without being joined.
+type Write = Vec<Bytes>;
 
 pub(super) async fn map(
     State(st): State<AppState>,
@@ -41,17 +44,14 @@ pub(super) async fn map(
 ) -> Result<Response, ApiError> {
     // The address's cap first: it needs no database.
     let mut ticket = st.streams.admit(peer.map(|Extension(p)| p.0.ip()))?;
-    let (mut tx, node) = signed.begin_as_node(&st).await?;
+    let node = signed.open_stream(&st).await?;
     ticket.bind(node.id);
-    st.store.stream_delta(&mut tx, &node, 1).await?;
-    tx.commit().await?;
-    st.hub.wake();
     *st.live().entry(node.id).or_default() += 1;
 
     let events = st.hub.subscribe();
     // Few slots: a write can be a whole map, and a stream whose agent reads
     // slowly should coalesce in its outbox rather than queue writes here.
-    let (lines, rx) = mpsc::channel::<Line>(8);
+    let (lines, rx) = mpsc::channel::<Write>(8);
     let mut stream = MapTask {
         st: st.clone(),
         outbox: {
@@ -67,7 +67,11 @@ pub(super) async fn map(
     // build it is handled like any later one.
     let span = tracing::info_span!("map", node = %stream.node.key.short());
     tokio::spawn(async move { stream.run(events).await }.instrument(span));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let body = Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(|parts| {
+            futures_util::stream::iter(parts.into_iter().map(Ok::<_, Infallible>))
+        }),
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-store")
@@ -82,7 +86,7 @@ struct MapTask {
     st: AppState,
     node: NodeRecord,
     outbox: Outbox,
-    lines: mpsc::Sender<Line>,
+    lines: mpsc::Sender<Write>,
     /// This stream's place among its node's (`streams.rs`).
     ticket: Ticket,
 }
@@ -98,7 +102,7 @@ enum End {
 impl MapTask {
     async fn run(&mut self, mut events: broadcast::Receiver<HubEvent>) {
         let end = self.serve(&mut events).await;
-        self.close(end).await;
+        self.close(end);
     }
 
     async fn serve(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> End {
@@ -169,14 +173,14 @@ impl MapTask {
             self.st.hub.with_snapshot(|snap| outbox.recheck(snap));
         }
         let map_len = self.st.hub.node_count();
-        let text = match self.outbox.poll_flush(Instant::now(), map_len) {
+        let write = match self.outbox.poll_flush(Instant::now(), map_len) {
             Flush::Wait => return Ok(()),
             Flush::Removed => return Err(End::Removed),
             Flush::Lines { text, me } => {
                 if let Some(me) = me {
                     self.node = me.node.clone();
                 }
-                text
+                vec![Bytes::from(text)]
             }
             Flush::Full { recheck, me } => {
                 if let Some(me) = me {
@@ -185,12 +189,10 @@ impl MapTask {
                 if recheck {
                     tracing::debug!("resynchronising");
                 }
-                let mut line = self.full(recheck).await?;
-                line.push('\n');
-                line
+                self.full(recheck).await?
             }
         };
-        permit.send(Ok(Bytes::from(text)));
+        permit.send(write);
         Ok(())
     }
 
@@ -198,17 +200,20 @@ impl MapTask {
     fn keepalive(&self) -> Result<(), End> {
         match self
             .lines
-            .try_send(Ok(Bytes::from_static(b"{\"type\":\"keepalive\"}\n")))
+            .try_send(vec![Bytes::from_static(b"{\"type\":\"keepalive\"}\n")])
         {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
             _ => Ok(()),
         }
     }
 
-    /// A full map built from the hub's snapshot. After a resynchronisation
-    /// (`recheck`) the node's own row is read again: it may have been
-    /// removed while notes were being lost.
-    async fn full(&mut self, recheck: bool) -> Result<String, End> {
+    /// A full map built from the hub's snapshot, newline included. After
+    /// a resynchronisation (`recheck`) the node's own row is read again:
+    /// it may have been removed while notes were being lost.
+    ///
+    /// A node that may see every peer gets the hub's shared encoding minus
+    /// its own entry (`hub::encoded`): no copy of the map per stream.
+    async fn full(&mut self, recheck: bool) -> Result<Write, End> {
         if recheck {
             match self.st.store.node_by_id(self.node.id).await {
                 Ok(Some(n)) => self.node = n,
@@ -229,16 +234,37 @@ impl MapTask {
             }
         };
         let parts = self.outbox.full_parts();
+        if parts.0.is_none() {
+            let shared = self.st.hub.encoded_peers();
+            let (peers, known) = shared.without(self.node.id);
+            let mut write = Vec::with_capacity(peers.len() + 2);
+            write.push(Bytes::from(format!(
+                r#"{{"type":"full","self_node":{me},"peers":["#
+            )));
+            write.extend(peers);
+            let mut tail = format!(r#"],"relay_map":{relay}"#);
+            if let Some(f) = parts.1 {
+                tail.push_str(r#","packet_filter":"#);
+                tail.push_str(f);
+            }
+            tail.push('}');
+            crate::hub::outbox::add_dns(&mut tail, &self.st.dns_json);
+            tail.push('\n');
+            write.push(Bytes::from(tail));
+            self.outbox.full_sent(known);
+            return Ok(write);
+        }
         let (mut line, known) = self
             .st
             .hub
             .with_snapshot(|snap| full_line_with(snap, self.node.id, &me, &relay, parts));
         crate::hub::outbox::add_dns(&mut line, &self.st.dns_json);
+        line.push('\n');
         self.outbox.full_sent(known);
-        Ok(line)
+        Ok(vec![Bytes::from(line)])
     }
 
-    async fn close(&self, end: End) {
+    fn close(&self, end: End) {
         {
             let mut live = self.st.live();
             if let Some(n) = live.get_mut(&self.node.id) {
@@ -251,16 +277,6 @@ impl MapTask {
         if let End::Removed = end {
             return;
         }
-        let result = async {
-            let mut tx = self.st.store.begin().await?;
-            self.st.store.stream_delta(&mut tx, &self.node, -1).await?;
-            tx.commit().await?;
-            Ok::<_, crate::store::StoreError>(())
-        }
-        .await;
-        match result {
-            Ok(()) => self.st.hub.wake(),
-            Err(e) => tracing::warn!(error = %e, "could not mark the node offline"),
-        }
+        self.st.presence.close(self.node.clone());
     }
 }

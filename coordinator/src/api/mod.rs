@@ -8,6 +8,7 @@
 //! changes nothing, not even the nonce table. See `signed.rs`.
 
 mod map;
+pub mod presence;
 mod signed;
 pub mod streams;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub live: Arc<Mutex<HashMap<i64, usize>>>,
     /// The map streams' caps per node and per address.
     pub streams: streams::MapStreams,
+    /// Writes map streams opening and closing in batches.
+    pub presence: presence::Presence,
     /// Per source IP, the requests it may make that fail authentication
     /// or name a key the store does not know (`signed.rs`).
     pub failures: Arc<Mutex<crate::ratelimit::RateLimiter>>,

@@ -216,6 +216,25 @@ impl<T> Signed<T> {
         Ok((tx, node))
     }
 
+    /// For `GET /map`: the registered node that signed, with its nonce
+    /// consumed and its new stream counted, written in a batch with other
+    /// streams' (`presence.rs`). An unknown key is refused as in
+    /// [`Signed::begin_as_node`].
+    pub async fn open_stream(&self, st: &AppState) -> Result<NodeRecord, ApiError> {
+        let req = super::presence::OpenRequest {
+            key: self.auth.node,
+            nonce: self.auth.nonce.clone(),
+            time: self.auth.time as i64,
+        };
+        match st.presence.open(req).await? {
+            Some(node) => Ok(node),
+            None => {
+                charge(st, self.ip);
+                Err(unknown_node())
+            }
+        }
+    }
+
     /// Counts this request as failed (a refused token, say) against its
     /// address's budget.
     pub fn failed(&self, st: &AppState) {

@@ -205,28 +205,10 @@ mod tests {
 
     fn node(id: i64, v4: [u8; 4], user: Option<i64>, tags: &[&str]) -> NodeRecord {
         NodeRecord {
-            id,
-            key: NodeKey([id as u8; 32]),
-            disco_key: NodeKey([id as u8 + 100; 32]),
-            name: format!("n{id}"),
-            hostname: format!("n{id}"),
-            os: String::new(),
-            version: String::new(),
             ipv4: v4.into(),
-            ipv6: format!("fd00:1:2::{id}").parse().unwrap(),
-            ephemeral: false,
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            advertised_tags: vec![],
-            endpoints: vec![],
-            netcheck: None,
-            online: true,
-            last_seen_ms: 0,
-            created_ms: 0,
-            nat: Default::default(),
-            home_relay: None,
             user_id: user,
-            advertised_routes: vec![],
-            approved_routes: vec![],
+            ..NodeRecord::for_test(id)
         }
     }
 

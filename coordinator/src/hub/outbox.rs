@@ -45,6 +45,8 @@
 //! so the rules are tested with a virtual clock (see `tests/outbox.rs`).
 
 use std::collections::{BTreeMap, HashSet};
+
+use roaring::RoaringTreemap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +54,7 @@ use std::time::{Duration, Instant};
 use warren::keys::NodeKey;
 
 use super::access::Access;
+use super::encoded::bit;
 use super::{HubEvent, Snapshot, Upserted};
 
 /// The shortest time between two writes of deltas on one stream, and so the
@@ -106,8 +109,8 @@ pub enum Flush {
 pub struct Outbox {
     me: i64,
     /// Node ids of the peers the agent holds, as of what has been handed
-    /// out to write.
-    known: HashSet<i64>,
+    /// out to write (a bitmap: `encoded.rs`).
+    known: RoaringTreemap,
     pending: BTreeMap<NodeKey, Pending>,
     self_node: Option<Arc<Upserted>>,
     /// A full map is owed; `Some(true)`: with a re-read of this node.
@@ -132,7 +135,7 @@ impl Outbox {
     pub fn new(me: i64, now: Instant) -> Self {
         Outbox {
             me,
-            known: HashSet::new(),
+            known: RoaringTreemap::new(),
             pending: BTreeMap::new(),
             self_node: None,
             full: Some(false),
@@ -183,7 +186,7 @@ impl Outbox {
         self.recheck = false;
         let me = self.me;
         for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
-            let (sees, holds) = (self.sees(*id), self.known.contains(id));
+            let (sees, holds) = (self.sees(*id), self.known.contains(bit(*id)));
             if sees && !holds && !self.pending.contains_key(&u.node.key) {
                 self.pend(u.node.key, *id, State::Upsert(u.clone()));
             } else if !sees && holds {
@@ -274,16 +277,16 @@ impl Outbox {
             line(&mut text, "self_changed", "node", &u.peer_json);
         }
         for (key, p) in std::mem::take(&mut self.pending) {
-            let had = self.known.remove(&p.base);
+            let had = self.known.remove(bit(p.base));
             match p.state {
                 // A peer this node may not see: held, it is removed.
                 State::Upsert(u) if !self.sees(u.node.id) => {
-                    if self.known.remove(&u.node.id) || had {
+                    if self.known.remove(bit(u.node.id)) || had {
                         let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
                     }
                 }
                 State::Upsert(u) => {
-                    let kind = if self.known.insert(u.node.id) && !had {
+                    let kind = if self.known.insert(bit(u.node.id)) && !had {
                         "peer_added"
                     } else {
                         "peer_changed"
@@ -291,7 +294,7 @@ impl Outbox {
                     line(&mut text, kind, "peer", &u.peer_json);
                 }
                 State::Removed(id) => {
-                    if self.known.remove(&id) || had {
+                    if self.known.remove(bit(id)) || had {
                         // The shape `MapMessage::PeerRemoved` encodes to
                         // (pinned by a test of the protocol types).
                         let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
@@ -316,7 +319,7 @@ impl Outbox {
     }
 
     /// A full map listing these peers (by node id) was written.
-    pub fn full_sent(&mut self, known: HashSet<i64>) {
+    pub fn full_sent(&mut self, known: RoaringTreemap) {
         self.known = known;
         self.recheck = false;
         self.filter_sent = self.access.filter_json(self.me).map(str::to_owned);
@@ -343,7 +346,7 @@ pub fn full_line(
     me: i64,
     me_json: &str,
     relay_json: &str,
-) -> (String, HashSet<i64>) {
+) -> (String, RoaringTreemap) {
     full_line_with(snap, me, me_json, relay_json, (None, None))
 }
 
@@ -365,7 +368,7 @@ pub fn full_line_with(
     me_json: &str,
     relay_json: &str,
     (visible, filter): (Option<&HashSet<i64>>, Option<&str>),
-) -> (String, HashSet<i64>) {
+) -> (String, RoaringTreemap) {
     let mut line = String::with_capacity(
         snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
             + me_json.len()
@@ -375,14 +378,14 @@ pub fn full_line_with(
     line.push_str(r#"{"type":"full","self_node":"#);
     line.push_str(me_json);
     line.push_str(r#","peers":["#);
-    let mut known = HashSet::with_capacity(snap.len());
+    let mut known = RoaringTreemap::new();
     let sees = |id: i64| visible.is_none_or(|v| v.contains(&id));
     for u in snap.values().filter(|u| u.node.id != me && sees(u.node.id)) {
         if !known.is_empty() {
             line.push(',');
         }
         line.push_str(&u.peer_json);
-        known.insert(u.node.id);
+        known.insert(bit(u.node.id));
     }
     line.push_str(r#"],"relay_map":"#);
     line.push_str(relay_json);

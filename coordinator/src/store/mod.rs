@@ -24,6 +24,8 @@ pub mod users;
 
 use std::net::Ipv6Addr;
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -81,6 +83,10 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The task that batches writes (`api::presence`) is gone: the
+    /// server is shutting down.
+    #[error("the store's writer has stopped")]
+    Closed,
     #[error("encoding {what} for the database: {source}")]
     Encode {
         what: &'static str,
@@ -168,6 +174,9 @@ impl Change {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Transactions begun through [`Store::begin`]: on SQLite each one
+    /// holds the only connection, so tests count them (`tests/storm.rs`).
+    begun: Arc<AtomicU64>,
     backend: Backend,
     url: String,
 }
@@ -207,6 +216,7 @@ impl Store {
         schema::migrate(&pool, backend).await?;
         Ok(Store {
             pool,
+            begun: Arc::default(),
             backend,
             url: url.to_owned(),
         })
@@ -230,7 +240,13 @@ impl Store {
     }
 
     pub async fn begin(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        self.begun.fetch_add(1, Ordering::Relaxed);
         Ok(self.pool.begin().await?)
+    }
+
+    /// How many transactions [`Store::begin`] has opened so far.
+    pub fn transactions_begun(&self) -> u64 {
+        self.begun.load(Ordering::Relaxed)
     }
 
     /// Reads a setting, writing `default()` first if it is absent. Racing

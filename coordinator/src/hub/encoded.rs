@@ -1,0 +1,147 @@
+//! The map's peers, encoded once per version of the hub's snapshot and
+//! shared by every full map written from it.
+//!
+//! A full map of a 10,000-node network is about 3.5 MB of JSON. Each
+//! stream used to build its own copy and hand it to its connection, so
+//! after a coordinator restart, with thousands of streams owed a full map
+//! at once and their agents reading them in turn, the coordinator held
+//! thousands of private copies of the same bytes (it was killed for want of
+//! memory at 14 GB; issue 19). Now the peers are encoded once per snapshot
+//! version into one [`Bytes`], and a stream's full map is that buffer
+//! minus its own entry: two or three slices of it (reference-counted, not
+//! copied) between a small prefix and suffix of its own. A stream also
+//! keeps the ids its agent holds as a compressed bitmap (`roaring`), not a
+//! hash set: about 8 KB instead of 150 KB for 10,000 peers.
+//!
+//! This serves streams that may see every node (no policy, or a policy
+//! that hides nobody from them). A stream that sees only some peers still
+//! builds its own line (`outbox::full_line_with`): what it lists is its
+//! own, and usually much shorter.
+
+use bytes::Bytes;
+use roaring::RoaringTreemap;
+
+use super::Snapshot;
+
+/// Every node's map entry, joined with commas, at one snapshot version.
+#[derive(Debug)]
+pub struct EncodedPeers {
+    /// The snapshot version these bytes were built from.
+    pub version: u64,
+    /// `entry,entry,…,entry` in node id order.
+    bytes: Bytes,
+    /// Per node, in id order: its id and its entry's span in `bytes`.
+    spans: Vec<(i64, usize, usize)>,
+    ids: RoaringTreemap,
+}
+
+/// A node id as the bitmaps hold it. Ids are the store's, positive.
+pub fn bit(id: i64) -> u64 {
+    id as u64
+}
+
+impl EncodedPeers {
+    /// Encodes `snap` (at `version`) once.
+    pub fn build(snap: &Snapshot, version: u64) -> EncodedPeers {
+        let len = snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>();
+        let mut buf = Vec::with_capacity(len);
+        let mut spans = Vec::with_capacity(snap.len());
+        for (id, u) in snap {
+            if !buf.is_empty() {
+                buf.push(b',');
+            }
+            let start = buf.len();
+            buf.extend_from_slice(u.peer_json.as_bytes());
+            spans.push((*id, start, buf.len()));
+        }
+        EncodedPeers {
+            version,
+            bytes: Bytes::from(buf),
+            spans,
+            ids: snap.keys().map(|&id| bit(id)).collect(),
+        }
+    }
+
+    /// The entries of every node but `me`, as slices of the shared buffer
+    /// that join into one comma-separated list, and the ids they list.
+    pub fn without(&self, me: i64) -> (Vec<Bytes>, RoaringTreemap) {
+        let mut ids = self.ids.clone();
+        ids.remove(bit(me));
+        let n = self.spans.len();
+        let parts = match self.spans.binary_search_by_key(&me, |s| s.0) {
+            Err(_) => vec![self.bytes.clone()],
+            Ok(_) if n == 1 => Vec::new(),
+            // The comma after `me` goes with it.
+            Ok(0) => vec![self.bytes.slice(self.spans[0].2 + 1..)],
+            // The comma before `me` goes with it.
+            Ok(i) if i == n - 1 => vec![self.bytes.slice(..self.spans[i].1 - 1)],
+            // The comma before `me` stays and separates the two halves.
+            Ok(i) => vec![
+                self.bytes.slice(..self.spans[i].1),
+                self.bytes.slice(self.spans[i].2 + 1..),
+            ],
+        };
+        (parts.into_iter().filter(|b| !b.is_empty()).collect(), ids)
+    }
+
+    /// Bytes held by the shared buffer (for the bench's accounting).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Upserted;
+    use std::sync::Arc;
+
+    fn snap(ids: &[i64]) -> Snapshot {
+        ids.iter()
+            .map(|&id| {
+                let u = Upserted {
+                    node: crate::store::NodeRecord::for_test(id),
+                    peer_json: format!("{{\"n\":{id}}}"),
+                };
+                (id, Arc::new(u))
+            })
+            .collect()
+    }
+
+    fn joined(parts: &[Bytes]) -> String {
+        parts
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn every_position_of_me_leaves_a_valid_list_of_the_others() {
+        let all = [3, 5, 8, 13];
+        let e = EncodedPeers::build(&snap(&all), 1);
+        for me in all.into_iter().chain([1, 99]) {
+            let (parts, ids) = e.without(me);
+            let others: Vec<i64> = all.into_iter().filter(|&i| i != me).collect();
+            let want: Vec<String> = others.iter().map(|i| format!("{{\"n\":{i}}}")).collect();
+            assert_eq!(joined(&parts), want.join(","), "me = {me}");
+            let list: Vec<u64> = ids.iter().collect();
+            assert_eq!(list, others.iter().map(|&i| bit(i)).collect::<Vec<_>>());
+            // The list parses as JSON.
+            let v: serde_json::Value =
+                serde_json::from_str(&format!("[{}]", joined(&parts))).expect("valid JSON");
+            assert_eq!(v.as_array().map(Vec::len), Some(others.len()));
+        }
+    }
+
+    #[test]
+    fn a_network_of_one_or_none_lists_nobody() {
+        let (parts, ids) = EncodedPeers::build(&snap(&[4]), 1).without(4);
+        assert!(parts.is_empty() && ids.is_empty());
+        let (parts, ids) = EncodedPeers::build(&snap(&[]), 1).without(4);
+        assert!(parts.is_empty() && ids.is_empty());
+    }
+}

@@ -127,6 +127,47 @@ struct Counters {
     first_error: std::sync::OnceLock<String>,
 }
 
+/// One stream's current line, scanned as it arrives without keeping it:
+/// 10,000 streams each holding a 3.5 MB full map until its newline would
+/// make the load generator's memory the subject of the measurement. Only
+/// the line's first bytes (is it a full map?) and the last few (a needle
+/// split between two chunks) are kept.
+#[derive(Default)]
+struct Scan {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    hit: bool,
+}
+
+const FULL_PREFIX: &[u8] = br#"{"type":"full""#;
+
+impl Scan {
+    fn feed(&mut self, part: &[u8], needle: &[u8]) {
+        if self.head.len() < FULL_PREFIX.len() {
+            let take = (FULL_PREFIX.len() - self.head.len()).min(part.len());
+            self.head.extend_from_slice(&part[..take]);
+        }
+        if needle.is_empty() || self.hit {
+            return;
+        }
+        self.tail.extend_from_slice(part);
+        self.hit = self.tail.windows(needle.len()).any(|w| w == needle);
+        let keep = needle.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+    }
+
+    /// The line ended: whether it was a full map, and held the needle.
+    fn end_line(&mut self) -> (bool, bool) {
+        let r = (self.head == FULL_PREFIX, self.hit);
+        self.head.clear();
+        self.tail.clear();
+        self.hit = false;
+        r
+    }
+}
+
 /// The length of the first line (the full map) `key`'s stream gets.
 async fn full_map_len(
     http: &reqwest::Client,
@@ -173,24 +214,32 @@ async fn stream(
     }
     let resp = req.send().await?.error_for_status()?;
     let mut body = resp.bytes_stream().map_err(std::io::Error::other);
-    let mut buf: Vec<u8> = Vec::new();
     let mut got_full = false;
+    let mut scan = Scan::default();
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         counters.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
-        // Only the new bytes are searched for line ends, and the buffer is
-        // shifted once per chunk: a chunk of many lines must cost the load
-        // generator linear time, or it measures itself.
-        let searched = buf.len();
-        buf.extend_from_slice(&chunk);
-        let mut start = 0;
-        let mut from = searched;
-        while let Some(off) = buf[from..].iter().position(|&b| b == b'\n') {
-            let line = &buf[start..from + off];
-            start = from + off + 1;
-            from = start;
+        // The first line (the full map) is not searched: the change comes
+        // after it.
+        let needle = match needles.get(seen.len()) {
+            Some(n) if got_full => n.as_bytes(),
+            _ => &b""[..],
+        };
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b'\n');
+            let (part, done) = match end {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            rest = end.map_or(&[][..], |i| &rest[i + 1..]);
+            scan.feed(part, needle);
+            if !done {
+                break;
+            }
+            let (is_full, hit) = scan.end_line();
             counters.lines.fetch_add(1, Ordering::Relaxed);
-            if line.starts_with(br#"{"type":"full""#) {
+            if is_full {
                 counters.fulls.fetch_add(1, Ordering::Relaxed);
             }
             if !got_full {
@@ -199,22 +248,13 @@ async fn stream(
                 continue;
             }
             // One needle per line: two changes are two lines.
-            if seen.len() < needles.len()
-                && String::from_utf8_lossy(line).contains(&needles[seen.len()])
-            {
+            if seen.len() < needles.len() && hit {
                 counters.seen[seen.len()].fetch_add(1, Ordering::Relaxed);
                 seen.push(Instant::now());
             }
             if seen.len() == needles.len() {
                 return Ok(seen);
             }
-        }
-        buf.drain(..start);
-        // A full map leaves a buffer of its size behind; thousands of them
-        // would make the load generator's memory, not the coordinator, the
-        // subject of the measurement.
-        if buf.capacity() > 1 << 20 && buf.len() < 1 << 16 {
-            buf.shrink_to(1 << 16);
         }
     }
     bail!("stream ended")

@@ -49,6 +49,8 @@ pub enum HubEvent {
     Removed {
         node_id: i64,
         key: NodeKey,
+        /// The snapshot version the removal made (see [`Upserted::version`]).
+        version: u64,
     },
     /// Changes may have been missed: rebuild from a full map.
     Resync,
@@ -59,18 +61,27 @@ pub enum HubEvent {
 
 /// A node's state with its map entry already encoded: thousands of streams
 /// write the same bytes, so the hub encodes them once.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Upserted {
     pub node: NodeRecord,
     /// `Peer` as JSON.
     pub peer_json: String,
+    /// The snapshot version this state entered it at (the hub counts from
+    /// 1; 0 is a state made outside the hub, in tests). A stream whose
+    /// agent holds the map as of version V skips events up to V
+    /// (`outbox.rs`).
+    pub version: u64,
 }
 
 impl Upserted {
     /// Encodes `node`'s map entry; `None` (logged) if it cannot be.
     pub fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
         match serde_json::to_string(&node.to_peer()) {
-            Ok(peer_json) => Some(Arc::new(Upserted { node, peer_json })),
+            Ok(peer_json) => Some(Arc::new(Upserted {
+                node,
+                peer_json,
+                version: 0,
+            })),
             Err(e) => {
                 tracing::error!(error = %e, "could not encode a peer");
                 None
@@ -93,7 +104,7 @@ pub struct Hub {
     version: Arc<AtomicU64>,
     /// The snapshot's peers encoded for full maps, at some version
     /// (`encoded.rs`); rebuilt on demand when the snapshot moved on.
-    encoded: Arc<Mutex<Option<Arc<encoded::EncodedPeers>>>>,
+    encoded: Arc<Mutex<Option<(Arc<encoded::EncodedPeers>, std::time::Instant)>>>,
     access: Arc<RwLock<Arc<access::Access>>>,
 }
 
@@ -111,6 +122,12 @@ const POLL: Duration = Duration::from_millis(200);
 /// (queued behind those nodes' own writes on SQLite's single connection)
 /// made the hub itself trickle the storm out over tens of seconds.
 const BATCH_LOAD: usize = 16;
+
+/// How long a shared encoding of the peers serves full maps after the
+/// snapshot moved on (`Hub::encoded_peers`). What is in flight to slow
+/// agents is about one encoding (3.5 MB at 10,000 nodes) per this much of
+/// their slowness; the price is a few deltas after each full map.
+const REENCODE_AFTER: Duration = Duration::from_secs(1);
 
 /// Most PostgreSQL notes taken into one batch.
 const BATCH_MAX: usize = 1000;
@@ -190,28 +207,58 @@ impl Hub {
         self.with_snapshot(|s| s.len())
     }
 
-    fn snapshot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
+    /// The snapshot to change, and the version the change makes.
+    fn snapshot_mut(&self) -> (std::sync::RwLockWriteGuard<'_, Snapshot>, u64) {
         let guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        self.version.fetch_add(1, Ordering::Relaxed);
-        guard
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        (guard, version)
     }
 
-    /// Every node's map entry encoded at the snapshot's current version,
-    /// shared by all the full maps written from it (`encoded.rs`). Built
-    /// by the first stream that asks after a change; the others wait on
-    /// the lock for it rather than each encoding the same bytes.
+    /// Puts `u` into the snapshot, stamped with the version it makes.
+    fn put(&self, u: Arc<Upserted>) -> Arc<Upserted> {
+        let (mut snap, version) = self.snapshot_mut();
+        let mut u = Arc::unwrap_or_clone(u);
+        u.version = version;
+        let u = Arc::new(u);
+        snap.insert(u.node.id, u.clone());
+        u
+    }
+
+    /// Takes node `id` out of the snapshot; the version that makes.
+    fn take_out(&self, id: i64) -> u64 {
+        let (mut snap, version) = self.snapshot_mut();
+        snap.remove(&id);
+        version
+    }
+
+    /// Runs `f` over the snapshot and its version, read together.
+    pub fn with_snapshot_at<T>(&self, f: impl FnOnce(&Snapshot, u64) -> T) -> T {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        f(&snap, self.version.load(Ordering::Relaxed))
+    }
+
+    /// Every node's map entry encoded at some recent version of the
+    /// snapshot, shared by all the full maps written from it
+    /// (`encoded.rs`). It is built again once the snapshot has changed
+    /// and the last build is [`REENCODE_AFTER`] old, so that during a
+    /// storm, when the version moves with every batch of nodes coming
+    /// online, a few encodings are in flight rather than one per batch;
+    /// a stream whose full map is older than the snapshot owes its agent
+    /// the difference as deltas (`Outbox::full_sent`).
     pub fn encoded_peers(&self) -> Arc<encoded::EncodedPeers> {
         let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
-        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
-        let version = self.version.load(Ordering::Relaxed);
-        match cache.as_ref() {
-            Some(e) if e.version == version => e.clone(),
-            _ => {
-                let fresh = Arc::new(encoded::EncodedPeers::build(&snap, version));
-                *cache = Some(fresh.clone());
-                fresh
+        let now = std::time::Instant::now();
+        if let Some((e, built)) = cache.as_ref() {
+            let version = self.version.load(Ordering::Relaxed);
+            if e.version == version || now.duration_since(*built) < REENCODE_AFTER {
+                return e.clone();
             }
         }
+        let fresh = self.with_snapshot_at(|snap, version| {
+            Arc::new(encoded::EncodedPeers::build(snap, version))
+        });
+        *cache = Some((fresh.clone(), now));
+        fresh
     }
 
     /// Starts the task that feeds the hub from `store`, and waits (up to
@@ -237,11 +284,17 @@ impl Hub {
     /// Replaces the snapshot with the store's current nodes.
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let nodes = store.list_nodes().await?;
-        let fresh: Snapshot = nodes
-            .into_iter()
-            .filter_map(|n| Some((n.id, Upserted::new(n)?)))
-            .collect();
-        *self.snapshot_mut() = fresh;
+        {
+            let (mut snap, version) = self.snapshot_mut();
+            *snap = nodes
+                .into_iter()
+                .filter_map(|n| {
+                    let mut u = Arc::unwrap_or_clone(Upserted::new(n)?);
+                    u.version = version;
+                    Some((u.node.id, Arc::new(u)))
+                })
+                .collect();
+        }
         self.reload_access(store).await
     }
 
@@ -254,18 +307,19 @@ impl Hub {
                 return;
             }
             ChangeKind::Removed => {
-                self.snapshot_mut().remove(&change.node_id);
+                let version = self.take_out(change.node_id);
                 self.rebuild(None);
                 HubEvent::Removed {
                     node_id: change.node_id,
                     key: change.node_key,
+                    version,
                 }
             }
             ChangeKind::Upsert => match store.node_by_id(change.node_id).await {
                 Ok(Some(node)) => {
                     let changed = self.identity_changed(&node);
                     let Some(u) = Upserted::new(node) else { return };
-                    self.snapshot_mut().insert(u.node.id, u.clone());
+                    let u = self.put(u);
                     // Streams learn the new visibility before the node.
                     if changed {
                         self.rebuild(None);
@@ -336,19 +390,19 @@ impl Hub {
                     continue;
                 }
                 ChangeKind::Removed => {
-                    self.snapshot_mut().remove(&change.node_id);
+                    let version = self.take_out(change.node_id);
                     rebuild = true;
                     HubEvent::Removed {
                         node_id: change.node_id,
                         key: change.node_key,
+                        version,
                     }
                 }
                 // Not there: removed since, and its removal note follows.
                 ChangeKind::Upsert => match fresh.remove(&change.node_id).and_then(Upserted::new) {
                     Some(u) => {
                         rebuild |= self.identity_changed(&u.node);
-                        self.snapshot_mut().insert(u.node.id, u.clone());
-                        HubEvent::Upsert(u)
+                        HubEvent::Upsert(self.put(u))
                     }
                     None => continue,
                 },

@@ -229,6 +229,10 @@ async fn connection(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Queue the body's buffers instead of copying them into one: a
+        // full map is slices of a buffer every stream shares
+        // (`hub::encoded`), and a copy per connection is what that saves.
+        .writev(true)
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read);
     builder.http2().timer(TokioTimer::new());

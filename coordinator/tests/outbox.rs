@@ -74,7 +74,7 @@ impl Net {
         let relay = serde_json::to_string(&RelayMap::default()).unwrap();
         let (text, known) = full_line(&self.snap, ME, &me.peer_json, &relay);
         let msg: MapMessage = serde_json::from_str(&text).unwrap();
-        outbox.full_sent(known);
+        outbox.full_sent(known, 0);
         NetMap::from_full(me.node.key, &msg).unwrap()
     }
 }
@@ -157,6 +157,7 @@ fn an_add_stays_an_add_and_a_removal_supersedes() {
         HubEvent::Removed {
             node_id: nodes[1].id,
             key: nodes[1].key,
+            version: 0,
         },
         t,
     );
@@ -167,6 +168,7 @@ fn an_add_stays_an_add_and_a_removal_supersedes() {
         HubEvent::Removed {
             node_id: ghost.id,
             key: ghost.key,
+            version: 0,
         },
         t,
     );
@@ -185,6 +187,7 @@ fn an_add_stays_an_add_and_a_removal_supersedes() {
         HubEvent::Removed {
             node_id: fresh.id,
             key: fresh.key,
+            version: 0,
         },
         t,
     );
@@ -229,6 +232,7 @@ fn a_stream_far_behind_gets_one_full_map() {
         HubEvent::Removed {
             node_id: ME,
             key: nodes[0].key,
+            version: 0,
         },
         t + TICK,
     );
@@ -307,6 +311,7 @@ fn random_run(seed: u64, steps: usize) -> usize {
                 Some(HubEvent::Removed {
                     node_id: pick,
                     key: u.node.key,
+                    version: 0,
                 })
             }
             35..=37 => Some(HubEvent::Resync),
@@ -402,4 +407,76 @@ fn randomized_changes_with_a_slow_reader_fold_to_the_truth() {
         writes += random_run(seed, 300);
     }
     assert!(writes > 0);
+}
+
+/// A full map written from a shared encoding older than the snapshot
+/// (`Hub::encoded_peers` re-encodes at most once a second) is caught up
+/// with deltas at the next tick: a removal, a change, an addition and a
+/// key registered again under a new id all end as the snapshot has them,
+/// and events the catch-up already covered are skipped.
+#[test]
+fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
+    use warren_coordinator::hub::encoded::EncodedPeers;
+    let t0 = Instant::now();
+    let stamp = |n: &NodeRecord, version: u64| {
+        let mut u = Arc::unwrap_or_clone(up(n));
+        u.version = version;
+        Arc::new(u)
+    };
+    let nodes: Vec<NodeRecord> = (0..5).map(|i| record(ME + i, key())).collect();
+    let old: BTreeMap<i64, Arc<Upserted>> = nodes.iter().map(|n| (n.id, stamp(n, 1))).collect();
+    let encoded = EncodedPeers::build(&old, 1);
+    // Since: node 2 removed, node 3 renamed, node 9 added, node 4's key
+    // registered again as node 10.
+    let mut now = old.clone();
+    now.remove(&nodes[1].id);
+    let mut renamed = nodes[2].clone();
+    renamed.name = "renamed".into();
+    now.insert(renamed.id, stamp(&renamed, 3));
+    let added = record(9, key());
+    now.insert(added.id, stamp(&added, 4));
+    now.remove(&nodes[3].id);
+    let again = NodeRecord {
+        id: 10,
+        ..nodes[3].clone()
+    };
+    now.insert(again.id, stamp(&again, 5));
+
+    let mut ob = Outbox::new(ME, t0);
+    assert!(matches!(ob.poll_flush(t0, now.len()), Flush::Full { .. }));
+    let (parts, known) = encoded.without(ME);
+    let peers: String = parts.iter().map(|b| String::from_utf8_lossy(b)).collect();
+    let relay = serde_json::to_string(&RelayMap::default()).unwrap();
+    let text = format!(
+        r#"{{"type":"full","self_node":{},"peers":[{peers}],"relay_map":{relay}}}"#,
+        old[&ME].peer_json
+    );
+    let mut map = NetMap::from_full(nodes[0].key, &serde_json::from_str(&text).unwrap()).unwrap();
+    assert_eq!(map.peers.len(), 4, "the old encoding's peers");
+    ob.full_sent(known, encoded.version);
+    ob.catch_up(&encoded, &now, 5);
+    assert_eq!(ob.poll_timeout(), Some(t0 + TICK), "the difference waits a tick");
+    for msg in writes_lines(ob.poll_flush(t0 + TICK, now.len())) {
+        map.apply(&msg);
+    }
+    let want: BTreeMap<NodeKey, String> = now
+        .values()
+        .filter(|u| u.node.id != ME)
+        .map(|u| (u.node.key, u.node.name.clone()))
+        .collect();
+    let got: BTreeMap<NodeKey, String> =
+        map.peers.values().map(|p| (p.key, p.name.clone())).collect();
+    assert_eq!(got, want);
+    assert_eq!(map.peers[&again.key].node_id, 10, "the key under its new id");
+    // The events that made those changes arrive late: already covered.
+    ob.push(HubEvent::Upsert(stamp(&added, 4)), t0 + TICK * 2);
+    ob.push(
+        HubEvent::Removed {
+            node_id: nodes[1].id,
+            key: nodes[1].key,
+            version: 2,
+        },
+        t0 + TICK * 2,
+    );
+    assert!(matches!(ob.poll_flush(t0 + TICK * 3, now.len()), Flush::Wait));
 }

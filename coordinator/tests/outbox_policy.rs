@@ -99,7 +99,7 @@ fn a_policy_hides_peers_and_its_changes_arrive_as_deltas() {
     assert!(matches!(ob.poll_flush(t0, 3), Flush::Full { .. }));
     let relay = serde_json::to_string(&RelayMap::default()).unwrap();
     let (text, known) = full_line_with(&snap, ME, &snap[&ME].peer_json, &relay, ob.full_parts());
-    ob.full_sent(known);
+    ob.full_sent(known, 0);
     let map = NetMap::from_full(nodes[0].key, &serde_json::from_str(&text).unwrap()).unwrap();
     assert_eq!(
         map.peers.keys().collect::<Vec<_>>(),
@@ -168,7 +168,7 @@ fn the_same_peers_under_a_new_policy_cost_no_comparison_and_leak_no_newcomer() {
         .collect();
     let relay = serde_json::to_string(&RelayMap::default()).unwrap();
     let (_, known) = full_line_with(&snap, ME, &snap[&ME].peer_json, &relay, ob.full_parts());
-    ob.full_sent(known);
+    ob.full_sent(known, 0);
 
     // alice still sees the server, and only it: no comparison owed, only
     // the filter.

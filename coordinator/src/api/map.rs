@@ -251,16 +251,20 @@ impl MapTask {
             crate::hub::outbox::add_dns(&mut tail, &self.st.dns_json);
             tail.push('\n');
             write.push(Bytes::from(tail));
-            self.outbox.full_sent(known);
+            self.outbox.full_sent(known, shared.version);
+            let outbox = &mut self.outbox;
+            self.st
+                .hub
+                .with_snapshot_at(|snap, now| outbox.catch_up(&shared, snap, now));
             return Ok(write);
         }
-        let (mut line, known) = self
-            .st
-            .hub
-            .with_snapshot(|snap| full_line_with(snap, self.node.id, &me, &relay, parts));
+        let (mut line, known, version) = self.st.hub.with_snapshot_at(|snap, version| {
+            let (line, known) = full_line_with(snap, self.node.id, &me, &relay, parts);
+            (line, known, version)
+        });
         crate::hub::outbox::add_dns(&mut line, &self.st.dns_json);
         line.push('\n');
-        self.outbox.full_sent(known);
+        self.outbox.full_sent(known, version);
         Ok(vec![Bytes::from(line)])
     }
 

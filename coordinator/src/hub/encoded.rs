@@ -20,6 +20,7 @@
 
 use bytes::Bytes;
 use roaring::RoaringTreemap;
+use warren::keys::NodeKey;
 
 use super::Snapshot;
 
@@ -30,8 +31,8 @@ pub struct EncodedPeers {
     pub version: u64,
     /// `entry,entry,…,entry` in node id order.
     bytes: Bytes,
-    /// Per node, in id order: its id and its entry's span in `bytes`.
-    spans: Vec<(i64, usize, usize)>,
+    /// Per node, in id order: its id, key, and its entry's span in `bytes`.
+    spans: Vec<(i64, NodeKey, usize, usize)>,
     ids: RoaringTreemap,
 }
 
@@ -52,7 +53,7 @@ impl EncodedPeers {
             }
             let start = buf.len();
             buf.extend_from_slice(u.peer_json.as_bytes());
-            spans.push((*id, start, buf.len()));
+            spans.push((*id, u.node.key, start, buf.len()));
         }
         EncodedPeers {
             version,
@@ -72,19 +73,31 @@ impl EncodedPeers {
             Err(_) => vec![self.bytes.clone()],
             Ok(_) if n == 1 => Vec::new(),
             // The comma after `me` goes with it.
-            Ok(0) => vec![self.bytes.slice(self.spans[0].2 + 1..)],
+            Ok(0) => vec![self.bytes.slice(self.spans[0].3 + 1..)],
             // The comma before `me` goes with it.
-            Ok(i) if i == n - 1 => vec![self.bytes.slice(..self.spans[i].1 - 1)],
+            Ok(i) if i == n - 1 => vec![self.bytes.slice(..self.spans[i].2 - 1)],
             // The comma before `me` stays and separates the two halves.
             Ok(i) => vec![
-                self.bytes.slice(..self.spans[i].1),
-                self.bytes.slice(self.spans[i].2 + 1..),
+                self.bytes.slice(..self.spans[i].2),
+                self.bytes.slice(self.spans[i].3 + 1..),
             ],
         };
         (parts.into_iter().filter(|b| !b.is_empty()).collect(), ids)
     }
 
-    /// Bytes held by the shared buffer (for the bench's accounting).
+    /// The nodes listed here that `snap` no longer holds (removed since
+    /// this was encoded), with their keys.
+    pub fn gone_from<'a>(
+        &'a self,
+        snap: &'a Snapshot,
+    ) -> impl Iterator<Item = (i64, NodeKey)> + 'a {
+        self.spans
+            .iter()
+            .filter(|s| !snap.contains_key(&s.0))
+            .map(|s| (s.0, s.1))
+    }
+
+    /// Bytes held by the shared buffer.
     pub fn len(&self) -> usize {
         self.bytes.len()
     }
@@ -106,6 +119,7 @@ mod tests {
                 let u = Upserted {
                     node: crate::store::NodeRecord::for_test(id),
                     peer_json: format!("{{\"n\":{id}}}"),
+                    version: 1,
                 };
                 (id, Arc::new(u))
             })

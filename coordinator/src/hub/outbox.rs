@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use warren::keys::NodeKey;
 
 use super::access::Access;
-use super::encoded::bit;
+use super::encoded::{bit, EncodedPeers};
 use super::{HubEvent, Snapshot, Upserted};
 
 /// The shortest time between two writes of deltas on one stream, and so the
@@ -128,6 +128,9 @@ pub struct Outbox {
     digest: Option<u64>,
     /// The filter the agent holds (JSON; `None`: no policy).
     filter_sent: Option<String>,
+    /// The snapshot version the agent's map is at since its last full
+    /// map: events up to it are already there and are skipped.
+    cursor: u64,
 }
 
 impl Outbox {
@@ -147,6 +150,7 @@ impl Outbox {
             recheck: false,
             digest: None,
             filter_sent: None,
+            cursor: 0,
         }
     }
 
@@ -203,11 +207,16 @@ impl Outbox {
 
     /// Takes in one hub event.
     pub fn push(&mut self, ev: HubEvent, now: Instant) {
+        let seen = |v: u64| v != 0 && v <= self.cursor;
         match ev {
+            HubEvent::Upsert(u) if seen(u.version) => return,
+            HubEvent::Removed { version, .. } if seen(version) => return,
             HubEvent::Upsert(u) if u.node.id == self.me => self.self_node = Some(u),
             HubEvent::Upsert(u) => self.pend(u.node.key, u.node.id, State::Upsert(u)),
             HubEvent::Removed { node_id, .. } if node_id == self.me => self.removed = true,
-            HubEvent::Removed { node_id, key } => self.pend(key, node_id, State::Removed(node_id)),
+            HubEvent::Removed { node_id, key, .. } => {
+                self.pend(key, node_id, State::Removed(node_id))
+            }
             HubEvent::Resync => self.full = Some(true),
             HubEvent::Access(a) => self.set_access(a),
         }
@@ -318,11 +327,38 @@ impl Outbox {
         Flush::Lines { text, me }
     }
 
-    /// A full map listing these peers (by node id) was written.
-    pub fn full_sent(&mut self, known: RoaringTreemap) {
+    /// A full map listing these peers (by node id) was written, built from
+    /// the snapshot at `version`.
+    pub fn full_sent(&mut self, known: RoaringTreemap, version: u64) {
         self.known = known;
+        self.cursor = version;
         self.recheck = false;
         self.filter_sent = self.access.filter_json(self.me).map(str::to_owned);
+    }
+}
+
+impl Outbox {
+    /// After a full map from a shared encoding that is older than the
+    /// snapshot (`Hub::encoded_peers`): owes the agent what changed in
+    /// between, read from the snapshot at `version` (nodes removed since,
+    /// then nodes changed or added since), and moves the cursor there.
+    /// Only for a node that may see every peer, as the shared encoding is.
+    pub fn catch_up(&mut self, encoded: &EncodedPeers, snap: &Snapshot, version: u64) {
+        let me = self.me;
+        let gone: Vec<(i64, NodeKey)> = encoded.gone_from(snap).filter(|g| g.0 != me).collect();
+        for (id, key) in gone {
+            self.pend(key, id, State::Removed(id));
+        }
+        for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
+            if u.version > encoded.version {
+                self.pend(u.node.key, *id, State::Upsert(u.clone()));
+            }
+        }
+        self.cursor = version;
+        if !self.pending.is_empty() {
+            // Written at the next tick, as changes arriving now would be.
+            self.since = self.last_write.or(self.since);
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use warren::control::auth::{AuthHeaders, SessionKey};
-use warren::control::{ControlClient, Endpoint, EndpointKind, EndpointsReport};
+use warren::control::{ControlClient, Endpoint, EndpointKind, EndpointsReport, MAP_PATH};
 use warren::keys::{NodeKey, PrivateKey};
 
 struct Args {
@@ -176,8 +176,8 @@ async fn full_map_len(
     coord: NodeKey,
 ) -> anyhow::Result<usize> {
     let session = SessionKey::for_node(key, &coord)?;
-    let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
-    let mut req = http.get(format!("{url}/map"));
+    let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
+    let mut req = http.get(format!("{url}{MAP_PATH}"));
     for (n, v) in h.to_pairs() {
         req = req.header(n, v);
     }
@@ -207,8 +207,8 @@ async fn stream(
 ) -> anyhow::Result<Vec<Instant>> {
     let mut seen = Vec::with_capacity(needles.len());
     let session = SessionKey::for_node(&key, &coord)?;
-    let h = AuthHeaders::sign(&session, key.public(), "GET", "/map", now(), b"");
-    let mut req = http.get(format!("{url}/map"));
+    let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
+    let mut req = http.get(format!("{url}{MAP_PATH}"));
     for (n, v) in h.to_pairs() {
         req = req.header(n, v);
     }

@@ -66,6 +66,18 @@ pub struct Upserted {
     pub node: NodeRecord,
     /// `Peer` as JSON.
     pub peer_json: String,
+    /// The `peer_added` and `peer_changed` lines for this state, newline
+    /// included: every stream that writes this change writes these same
+    /// bytes (`outbox::Lines`), so a slow agent's pending writes are
+    /// pointers, not copies.
+    pub added_line: bytes::Bytes,
+    pub changed_line: bytes::Bytes,
+    /// The `peer_online` line for this state, for streams that take it.
+    pub presence_line: bytes::Bytes,
+    /// Whether this state differs from the one before it in the snapshot
+    /// only in `online` and `last_seen_ms` (set when it enters it): then
+    /// an agent holding the state before may be sent `presence_line`.
+    pub presence_only: bool,
     /// The snapshot version this state entered it at (the hub counts from
     /// 1; 0 is a state made outside the hub, in tests). A stream whose
     /// agent holds the map as of version V skips events up to V
@@ -78,6 +90,14 @@ impl Upserted {
     pub fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
         match serde_json::to_string(&node.to_peer()) {
             Ok(peer_json) => Some(Arc::new(Upserted {
+                added_line: outbox::line("peer_added", "peer", &peer_json).into(),
+                changed_line: outbox::line("peer_changed", "peer", &peer_json).into(),
+                presence_line: format!(
+                    "{{\"type\":\"peer_online\",\"key\":\"{}\",\"online\":{},\"last_seen_ms\":{}}}\n",
+                    node.key, node.online, node.last_seen_ms
+                )
+                .into(),
+                presence_only: false,
                 node,
                 peer_json,
                 version: 0,
@@ -88,6 +108,19 @@ impl Upserted {
             }
         }
     }
+}
+
+/// A shared encoding and when it was built.
+type Encoded = (Arc<encoded::EncodedPeers>, std::time::Instant);
+
+/// Whether `new` differs from `old` in its presence alone (or not at all).
+fn presence_only(old: &NodeRecord, new: &NodeRecord) -> bool {
+    let rest = NodeRecord {
+        online: old.online,
+        last_seen_ms: old.last_seen_ms,
+        ..new.clone()
+    };
+    rest == *old
 }
 
 /// Every node by id, already encoded.
@@ -104,7 +137,7 @@ pub struct Hub {
     version: Arc<AtomicU64>,
     /// The snapshot's peers encoded for full maps, at some version
     /// (`encoded.rs`); rebuilt on demand when the snapshot moved on.
-    encoded: Arc<Mutex<Option<(Arc<encoded::EncodedPeers>, std::time::Instant)>>>,
+    encoded: Arc<Mutex<Option<Encoded>>>,
     access: Arc<RwLock<Arc<access::Access>>>,
 }
 
@@ -129,12 +162,22 @@ const BATCH_LOAD: usize = 16;
 /// their slowness; the price is a few deltas after each full map.
 const REENCODE_AFTER: Duration = Duration::from_secs(1);
 
+/// Events the broadcast keeps for streams that have not taken them yet.
+/// A stream whose agent is still reading an earlier write leaves its
+/// events here (`api/map.rs`), where all streams share them, instead of
+/// folding them into a private backlog: with 10,000 streams each holding
+/// a backlog of 10,000 peers, that was gigabytes. Enough for every node of
+/// a large network coming online once (a restart's storm) plus their
+/// first reports; a stream overtaken anyway gets a full map. Each slot is
+/// a pointer.
+const EVENTS_KEPT: usize = 1 << 16;
+
 /// Most PostgreSQL notes taken into one batch.
 const BATCH_MAX: usize = 1000;
 
 impl Hub {
     pub fn new() -> Self {
-        let (tx, _) = broadcast::channel(8192);
+        let (tx, _) = broadcast::channel(EVENTS_KEPT);
         Hub {
             tx,
             wake: Arc::new(Notify::new()),
@@ -214,11 +257,15 @@ impl Hub {
         (guard, version)
     }
 
-    /// Puts `u` into the snapshot, stamped with the version it makes.
+    /// Puts `u` into the snapshot, stamped with the version it makes and
+    /// with what changed since the state it replaces.
     fn put(&self, u: Arc<Upserted>) -> Arc<Upserted> {
         let (mut snap, version) = self.snapshot_mut();
         let mut u = Arc::unwrap_or_clone(u);
         u.version = version;
+        u.presence_only = snap
+            .get(&u.node.id)
+            .is_some_and(|old| presence_only(&old.node, &u.node));
         let u = Arc::new(u);
         snap.insert(u.node.id, u.clone());
         u

@@ -81,7 +81,7 @@ impl Net {
 
 fn writes_lines(flush: Flush) -> Vec<MapMessage> {
     match flush {
-        Flush::Lines { text, .. } => parse(&text),
+        Flush::Lines { text, .. } => parse(&text.text()),
         other => panic!("expected lines, got {other:?}"),
     }
 }
@@ -254,7 +254,7 @@ fn a_reconnect_storm_costs_a_stream_few_writes() {
         ob.push(HubEvent::Upsert(up(n)), now);
         if let Flush::Lines { text, .. } = ob.poll_flush(now, net.snap.len()) {
             writes += 1;
-            for m in parse(&text) {
+            for m in parse(&text.text()) {
                 lines += 1;
                 map.apply(&m);
             }
@@ -266,7 +266,7 @@ fn a_reconnect_storm_costs_a_stream_few_writes() {
             panic!()
         };
         writes += 1;
-        for m in parse(&text) {
+        for m in parse(&text.text()) {
             lines += 1;
             map.apply(&m);
         }
@@ -391,7 +391,7 @@ fn write(ob: &mut Outbox, net: &Net, map: &mut NetMap, now: Instant) -> usize {
             1
         }
         Flush::Lines { text, .. } => {
-            for m in parse(&text) {
+            for m in parse(&text.text()) {
                 map.apply(&m);
             }
             1
@@ -455,7 +455,11 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
     assert_eq!(map.peers.len(), 4, "the old encoding's peers");
     ob.full_sent(known, encoded.version);
     ob.catch_up(&encoded, &now, 5);
-    assert_eq!(ob.poll_timeout(), Some(t0 + TICK), "the difference waits a tick");
+    assert_eq!(
+        ob.poll_timeout(),
+        Some(t0 + TICK),
+        "the difference waits a tick"
+    );
     for msg in writes_lines(ob.poll_flush(t0 + TICK, now.len())) {
         map.apply(&msg);
     }
@@ -464,10 +468,16 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
         .filter(|u| u.node.id != ME)
         .map(|u| (u.node.key, u.node.name.clone()))
         .collect();
-    let got: BTreeMap<NodeKey, String> =
-        map.peers.values().map(|p| (p.key, p.name.clone())).collect();
+    let got: BTreeMap<NodeKey, String> = map
+        .peers
+        .values()
+        .map(|p| (p.key, p.name.clone()))
+        .collect();
     assert_eq!(got, want);
-    assert_eq!(map.peers[&again.key].node_id, 10, "the key under its new id");
+    assert_eq!(
+        map.peers[&again.key].node_id, 10,
+        "the key under its new id"
+    );
     // The events that made those changes arrive late: already covered.
     ob.push(HubEvent::Upsert(stamp(&added, 4)), t0 + TICK * 2);
     ob.push(
@@ -478,5 +488,69 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
         },
         t0 + TICK * 2,
     );
-    assert!(matches!(ob.poll_flush(t0 + TICK * 3, now.len()), Flush::Wait));
+    assert!(matches!(
+        ob.poll_flush(t0 + TICK * 3, now.len()),
+        Flush::Wait
+    ));
+}
+
+/// A stream whose agent asked for `v=2` gets a `peer_online` line when a
+/// peer's presence alone changed since the last write, and the whole entry
+/// as soon as anything else changed too; an older agent always gets the
+/// whole entry. Either way the agent's map ends equal to the truth.
+#[test]
+fn presence_alone_goes_as_a_short_line_to_agents_that_ask() {
+    let presence = |n: &NodeRecord, only: bool| {
+        let mut u = Arc::unwrap_or_clone(up(n));
+        u.presence_only = only;
+        Arc::new(u)
+    };
+    for compact in [true, false] {
+        let t0 = Instant::now();
+        let (mut ob, _net, mut map, mut nodes) = started(2, t0);
+        ob.set_compact(compact);
+        // Node 2 comes online, goes offline and online again: presence only.
+        let mut t = t0 + TICK;
+        for online in [true, false, true] {
+            nodes[1].online = online;
+            nodes[1].last_seen_ms += 1000;
+            ob.push(HubEvent::Upsert(presence(&nodes[1], true)), t);
+        }
+        // Node 3 comes online and then reports an endpoint.
+        nodes[2].online = true;
+        ob.push(HubEvent::Upsert(presence(&nodes[2], true)), t);
+        nodes[2].endpoints = vec![Endpoint {
+            addr: "192.0.2.7:41641".parse().unwrap(),
+            kind: EndpointKind::Srflx,
+        }];
+        ob.push(HubEvent::Upsert(presence(&nodes[2], false)), t);
+        let msgs = writes_lines(ob.poll_flush(t, 3));
+        let short = msgs
+            .iter()
+            .filter(|m| matches!(m, MapMessage::PeerOnline { .. }))
+            .count();
+        assert_eq!(short, usize::from(compact), "{msgs:?}");
+        if compact {
+            assert!(msgs.iter().any(|m| matches!(m,
+                MapMessage::PeerOnline { key, online: true, last_seen_ms: 3000 } if *key == nodes[1].key)));
+        }
+        for m in &msgs {
+            map.apply(m);
+        }
+        for n in &nodes[1..] {
+            assert_eq!(map.peers[&n.key], n.to_peer(), "compact {compact}");
+        }
+        t += TICK;
+        // A later presence change alone, after a write: short again.
+        nodes[2].online = false;
+        ob.push(HubEvent::Upsert(presence(&nodes[2], true)), t);
+        let msgs = writes_lines(ob.poll_flush(t, 3));
+        assert_eq!(
+            matches!(msgs[..], [MapMessage::PeerOnline { online: false, .. }]),
+            compact,
+            "{msgs:?}"
+        );
+        map.apply(&msgs[0]);
+        assert_eq!(map.peers[&nodes[2].key], nodes[2].to_peer());
+    }
 }

@@ -72,6 +72,7 @@ fn access(users: &[UserRecord], nodes: &[NodeRecord], text: Option<&str>) -> Arc
 fn lines(flush: Flush) -> Vec<MapMessage> {
     match flush {
         Flush::Lines { text, .. } => text
+            .text()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect(),

@@ -402,7 +402,7 @@ impl ControlClient {
         backoff: &mut Duration,
     ) -> Result<(), ControlError> {
         let resp = self
-            .signed(reqwest::Method::GET, "/map", Vec::new())
+            .signed(reqwest::Method::GET, super::MAP_PATH, Vec::new())
             .await?;
         let coordinator = self.coordinator_key().await?;
         *backoff = BACKOFF_MIN;
@@ -499,6 +499,9 @@ fn fold(coordinator: NodeKey, map: &mut Option<NetMap>, msg: MapMessage) -> Opti
             MapChange::PeerChanged(_),
             MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer },
         ) => Some(MapEvent::PeerChanged(peer)),
+        (MapChange::PeerChanged(k), MapMessage::PeerOnline { .. }) => {
+            current.peers.get(&k).cloned().map(MapEvent::PeerChanged)
+        }
         (MapChange::PeerRemoved(k), _) => Some(MapEvent::PeerRemoved(k)),
         (MapChange::SelfChanged, MapMessage::SelfChanged { node }) => {
             Some(MapEvent::SelfChanged(node))

@@ -107,6 +107,20 @@ impl NetMap {
                     Some(_) => MapChange::PeerChanged(peer.key),
                 }
             }
+            MapMessage::PeerOnline {
+                key,
+                online,
+                last_seen_ms,
+            } => match self.peers.get_mut(key) {
+                Some(p) if p.online != *online || p.last_seen_ms != *last_seen_ms => {
+                    p.online = *online;
+                    p.last_seen_ms = *last_seen_ms;
+                    MapChange::PeerChanged(*key)
+                }
+                // A peer the map does not hold: nothing to apply it to
+                // (the coordinator sends the whole entry for new peers).
+                _ => MapChange::None,
+            },
             MapMessage::PeerRemoved { key } => match self.peers.remove(key) {
                 Some(_) => MapChange::PeerRemoved(*key),
                 None => MapChange::None,
@@ -241,6 +255,27 @@ mod tests {
         );
         assert_eq!(map.peers.len(), 1);
         assert!(!map.peers[&a.key].online);
+        // Presence alone (`peer_online`, v=2 streams): the rest is kept;
+        // the same again changes nothing; an unknown key is ignored.
+        let online = MapMessage::PeerOnline {
+            key: a.key,
+            online: true,
+            last_seen_ms: 77,
+        };
+        assert_eq!(map.apply(&online), MapChange::PeerChanged(a.key));
+        assert_eq!(map.apply(&online), MapChange::None);
+        assert!(map.peers[&a.key].online);
+        assert_eq!(map.peers[&a.key].last_seen_ms, 77);
+        assert_eq!(map.peers[&a.key].name, a.name);
+        let stranger = MapMessage::PeerOnline {
+            key: b.key,
+            online: true,
+            last_seen_ms: 1,
+        };
+        assert_eq!(map.apply(&stranger), MapChange::None);
+        assert_eq!(map.peers.len(), 1);
+        // Back to what the rest of this test expects.
+        map.apply(&MapMessage::PeerChanged { peer: a2.clone() });
         // A policy arrives: deny-all is not no-policy, and it is kept.
         let deny_all = MapMessage::FilterChanged {
             packet_filter: Some(vec![]),

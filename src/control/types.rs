@@ -240,6 +240,16 @@ pub enum MapMessage {
     PeerRemoved {
         key: NodeKey,
     },
+    /// Only a peer's presence changed: the rest of its entry is as the
+    /// agent holds it. Sent only on streams opened with [`MAP_PATH`]'s
+    /// `v=2`: when a coordinator restarts, every node coming online is a
+    /// change every other node hears of, and this line is a quarter of a
+    /// full entry (issue 19).
+    PeerOnline {
+        key: NodeKey,
+        online: bool,
+        last_seen_ms: i64,
+    },
     /// The receiving node's own entry changed (endpoints it reported, its
     /// online state, a rename by the administrator).
     SelfChanged {
@@ -266,6 +276,12 @@ pub struct PeerReach {
     /// Empty: the peer is in the map only because it may reach this node.
     pub allows: Vec<crate::policy::Allowance>,
 }
+
+/// The map stream's path. `v=2`: this agent understands
+/// [`MapMessage::PeerOnline`]; a coordinator sends it only to streams that
+/// ask, so older agents (which ask for plain `/map`) get whole entries,
+/// and an older coordinator ignores the query.
+pub const MAP_PATH: &str = "/map?v=2";
 
 /// How often the coordinator writes a keepalive line on an idle map stream.
 pub const KEEPALIVE_SECS: u64 = 30;

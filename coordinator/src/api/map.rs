@@ -6,8 +6,10 @@
 //! What to write and when is the stream's [`Outbox`]'s call (one pending
 //! entry per peer, a write per tick at most, a full map for a stream far
 //! behind); this task only moves events in and lines out. While the agent
-//! reads slowly the task keeps taking events into the outbox, so a slow
-//! agent costs one entry per peer, never a queue of every event. When the
+//! reads slowly its events wait in the hub's broadcast, shared by all
+//! streams, and are taken in one go when there is room again; a full map
+//! is written as slices of the hub's shared encoding (`hub::encoded`), so
+//! a slow agent costs a place in the broadcast, not a copy. When the
 //! node itself is removed the task just returns: the body ends, and the
 //! node's next request is refused.
 
@@ -15,7 +17,7 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::header;
 use axum::response::Response;
 use axum::Extension;
@@ -40,8 +42,15 @@ type Write = Vec<Bytes>;
 pub(super) async fn map(
     State(st): State<AppState>,
     peer: Option<Extension<PeerAddr>>,
+    RawQuery(query): RawQuery,
     signed: Signed<NoBody>,
 ) -> Result<Response, ApiError> {
+    // `v=2` (warren::control::MAP_PATH): the agent takes `peer_online`
+    // lines. Anything else in the query is ignored, as an older
+    // coordinator ignores this.
+    let compact = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "v=2"));
     // The address's cap first: it needs no database.
     let mut ticket = st.streams.admit(peer.map(|Extension(p)| p.0.ip()))?;
     let node = signed.open_stream(&st).await?;
@@ -57,6 +66,7 @@ pub(super) async fn map(
         outbox: {
             let mut o = Outbox::new(node.id, Instant::now());
             o.set_access(st.hub.access());
+            o.set_compact(compact);
             o
         },
         node,
@@ -79,8 +89,8 @@ pub(super) async fn map(
         .map_err(|e| ApiError::new(warren::control::ErrorCode::Internal, e.to_string()))
 }
 
-/// Most events taken from the broadcast in one go (it holds 8192).
-const DRAIN_MAX: usize = 16384;
+/// Most events taken from the broadcast in one go (it holds 65,536).
+const DRAIN_MAX: usize = 1 << 17;
 
 struct MapTask {
     st: AppState,
@@ -147,18 +157,19 @@ impl MapTask {
         Ok(())
     }
 
-    /// Writes what is due: waits for room in the body (taking events
-    /// meanwhile), then takes everything queued and writes it at once.
+    /// Writes what is due: waits for room in the body, then takes
+    /// everything queued and writes it at once. While it waits, events
+    /// stay in the hub's broadcast, shared by every stream, rather than in
+    /// this stream's outbox (`hub.rs`, `EVENTS_KEPT`): a slow agent costs
+    /// its place in the broadcast, and a full map if it falls out of it.
     async fn write(&mut self, events: &mut broadcast::Receiver<HubEvent>) -> Result<(), End> {
         let lines = self.lines.clone();
-        let permit = loop {
-            tokio::select! {
-                p = lines.reserve() => break p.map_err(|_| End::Gone)?,
-                ev = events.recv() => self.take(ev)?,
-                // A stream whose agent never reads waits here: being
-                // replaced must end it here too.
-                _ = &mut self.ticket.ended => return Err(End::Gone),
-            }
+        let permit = tokio::select! {
+            p = lines.reserve() => p.map_err(|_| End::Gone)?,
+            // A stream whose agent never reads waits here: being replaced
+            // must end it here too. Its node's removal is taken with the
+            // events below, before anything more is written.
+            _ = &mut self.ticket.ended => return Err(End::Gone),
         };
         for _ in 0..DRAIN_MAX {
             match events.try_recv() {
@@ -180,7 +191,7 @@ impl MapTask {
                 if let Some(me) = me {
                     self.node = me.node.clone();
                 }
-                vec![Bytes::from(text)]
+                text.into_parts()
             }
             Flush::Full { recheck, me } => {
                 if let Some(me) = me {

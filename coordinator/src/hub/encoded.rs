@@ -119,6 +119,10 @@ mod tests {
                 let u = Upserted {
                     node: crate::store::NodeRecord::for_test(id),
                     peer_json: format!("{{\"n\":{id}}}"),
+                    added_line: Bytes::new(),
+                    changed_line: Bytes::new(),
+                    presence_line: Bytes::new(),
+                    presence_only: false,
                     version: 1,
                 };
                 (id, Arc::new(u))

@@ -46,6 +46,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use bytes::Bytes;
 use roaring::RoaringTreemap;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -73,6 +74,9 @@ struct Pending {
     /// the id under which the agent may hold the key.
     base: i64,
     state: State,
+    /// Every event folded here changed the peer's presence alone, so the
+    /// agent may be sent a `peer_online` line (`Upserted::presence_only`).
+    presence_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -97,7 +101,7 @@ pub enum Flush {
     /// Newline-terminated lines, to write in one go. `me` as above, when a
     /// `self_changed` is among them.
     Lines {
-        text: String,
+        text: Lines,
         me: Option<Arc<Upserted>>,
     },
     /// This node was removed: end the stream.
@@ -131,6 +135,8 @@ pub struct Outbox {
     /// The snapshot version the agent's map is at since its last full
     /// map: events up to it are already there and are skipped.
     cursor: u64,
+    /// The agent takes `peer_online` lines (it asked for `/map?v=2`).
+    compact: bool,
 }
 
 impl Outbox {
@@ -151,6 +157,7 @@ impl Outbox {
             digest: None,
             filter_sent: None,
             cursor: 0,
+            compact: false,
         }
     }
 
@@ -175,6 +182,11 @@ impl Outbox {
         self.access = access;
     }
 
+    /// The agent understands `peer_online` (`warren::control::MAP_PATH`).
+    pub fn set_compact(&mut self, compact: bool) {
+        self.compact = compact;
+    }
+
     fn sees(&self, id: i64) -> bool {
         self.visible.as_ref().is_none_or(|v| v.contains(&id))
     }
@@ -192,9 +204,9 @@ impl Outbox {
         for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
             let (sees, holds) = (self.sees(*id), self.known.contains(bit(*id)));
             if sees && !holds && !self.pending.contains_key(&u.node.key) {
-                self.pend(u.node.key, *id, State::Upsert(u.clone()));
+                self.pend(u.node.key, *id, State::Upsert(u.clone()), false);
             } else if !sees && holds {
-                self.pend(u.node.key, *id, State::Removed(*id));
+                self.pend(u.node.key, *id, State::Removed(*id), false);
             }
         }
     }
@@ -212,10 +224,13 @@ impl Outbox {
             HubEvent::Upsert(u) if seen(u.version) => return,
             HubEvent::Removed { version, .. } if seen(version) => return,
             HubEvent::Upsert(u) if u.node.id == self.me => self.self_node = Some(u),
-            HubEvent::Upsert(u) => self.pend(u.node.key, u.node.id, State::Upsert(u)),
+            HubEvent::Upsert(u) => {
+                let presence = u.presence_only;
+                self.pend(u.node.key, u.node.id, State::Upsert(u), presence)
+            }
             HubEvent::Removed { node_id, .. } if node_id == self.me => self.removed = true,
             HubEvent::Removed { node_id, key, .. } => {
-                self.pend(key, node_id, State::Removed(node_id))
+                self.pend(key, node_id, State::Removed(node_id), false)
             }
             HubEvent::Resync => self.full = Some(true),
             HubEvent::Access(a) => self.set_access(a),
@@ -223,11 +238,18 @@ impl Outbox {
         self.since.get_or_insert(now);
     }
 
-    fn pend(&mut self, key: NodeKey, id: i64, state: State) {
+    fn pend(&mut self, key: NodeKey, id: i64, state: State, presence_only: bool) {
         self.pending
             .entry(key)
-            .and_modify(|p| p.state = state.clone())
-            .or_insert(Pending { base: id, state });
+            .and_modify(|p| {
+                p.state = state.clone();
+                p.presence_only &= presence_only;
+            })
+            .or_insert(Pending {
+                base: id,
+                state,
+                presence_only,
+            });
     }
 
     /// Events were lost (the broadcast overtook this stream).
@@ -281,9 +303,10 @@ impl Outbox {
                 me,
             };
         }
-        let mut text = String::new();
+        let mut text = Lines::default();
         if let Some(u) = &me {
-            line(&mut text, "self_changed", "node", &u.peer_json);
+            text.own()
+                .push_str(&line("self_changed", "node", &u.peer_json));
         }
         for (key, p) in std::mem::take(&mut self.pending) {
             let had = self.known.remove(bit(p.base));
@@ -291,31 +314,34 @@ impl Outbox {
                 // A peer this node may not see: held, it is removed.
                 State::Upsert(u) if !self.sees(u.node.id) => {
                     if self.known.remove(bit(u.node.id)) || had {
-                        let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
+                        let _ = writeln!(text.own(), r#"{{"type":"peer_removed","key":"{key}"}}"#);
                     }
                 }
                 State::Upsert(u) => {
-                    let kind = if self.known.insert(bit(u.node.id)) && !had {
-                        "peer_added"
+                    let added = self.known.insert(bit(u.node.id)) && !had;
+                    text.shared(if added {
+                        &u.added_line
+                    } else if self.compact && p.presence_only {
+                        &u.presence_line
                     } else {
-                        "peer_changed"
-                    };
-                    line(&mut text, kind, "peer", &u.peer_json);
+                        &u.changed_line
+                    });
                 }
                 State::Removed(id) => {
                     if self.known.remove(bit(id)) || had {
                         // The shape `MapMessage::PeerRemoved` encodes to
                         // (pinned by a test of the protocol types).
-                        let _ = writeln!(text, r#"{{"type":"peer_removed","key":"{key}"}}"#);
+                        let _ = writeln!(text.own(), r#"{{"type":"peer_removed","key":"{key}"}}"#);
                     }
                 }
             }
         }
         let filter = self.access.filter_json(self.me);
         if filter != self.filter_sent.as_deref() {
-            text.push_str(r#"{"type":"filter_changed","packet_filter":"#);
-            text.push_str(filter.unwrap_or("null"));
-            text.push_str("}\n");
+            let own = text.own();
+            own.push_str(r#"{"type":"filter_changed","packet_filter":"#);
+            own.push_str(filter.unwrap_or("null"));
+            own.push_str("}\n");
             self.filter_sent = filter.map(str::to_owned);
         }
         if text.is_empty() {
@@ -347,11 +373,11 @@ impl Outbox {
         let me = self.me;
         let gone: Vec<(i64, NodeKey)> = encoded.gone_from(snap).filter(|g| g.0 != me).collect();
         for (id, key) in gone {
-            self.pend(key, id, State::Removed(id));
+            self.pend(key, id, State::Removed(id), false);
         }
         for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
             if u.version > encoded.version {
-                self.pend(u.node.key, *id, State::Upsert(u.clone()));
+                self.pend(u.node.key, *id, State::Upsert(u.clone()), false);
             }
         }
         self.cursor = version;
@@ -362,9 +388,9 @@ impl Outbox {
     }
 }
 
-/// Appends `{"type":kind,"field":json}` and a newline.
-fn line(text: &mut String, kind: &str, field: &str, json: &str) {
-    text.reserve(json.len() + kind.len() + field.len() + 20);
+/// `{"type":kind,"field":json}` and a newline.
+pub fn line(kind: &str, field: &str, json: &str) -> String {
+    let mut text = String::with_capacity(json.len() + kind.len() + field.len() + 20);
     text.push_str(r#"{"type":""#);
     text.push_str(kind);
     text.push_str(r#"",""#);
@@ -372,6 +398,54 @@ fn line(text: &mut String, kind: &str, field: &str, json: &str) {
     text.push_str(r#"":"#);
     text.push_str(json);
     text.push_str("}\n");
+    text
+}
+
+/// Lines to write in one go, in order: the peers' lines are the hub's
+/// shared bytes ([`Upserted::added_line`]), the others (removals, this
+/// node's own entry, its filter) are this stream's.
+#[derive(Debug, Default)]
+pub struct Lines {
+    parts: Vec<Bytes>,
+    own: String,
+}
+
+impl Lines {
+    fn own(&mut self) -> &mut String {
+        &mut self.own
+    }
+
+    fn shared(&mut self, line: &Bytes) {
+        self.close_own();
+        self.parts.push(line.clone());
+    }
+
+    fn close_own(&mut self) {
+        if !self.own.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.own)));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.own.is_empty()
+    }
+
+    /// The buffers to write, in order.
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        self.close_own();
+        self.parts
+    }
+
+    /// All of it as one string (for tests and logs).
+    pub fn text(&self) -> String {
+        let mut s: String = self
+            .parts
+            .iter()
+            .map(|b| String::from_utf8_lossy(b))
+            .collect();
+        s.push_str(&self.own);
+        s
+    }
 }
 
 /// A `full` map line (without its newline) from the hub's snapshot, and the

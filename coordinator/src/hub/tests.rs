@@ -104,3 +104,24 @@ async fn a_batch_of_notes_is_one_event_per_node_in_its_latest_state() {
         hub.with_snapshot(|s| s.iter().map(|(id, u)| (*id, u.peer_json.clone())).collect());
     assert_eq!(got, want);
 }
+
+/// What `put` records about a change: presence alone (online, last seen)
+/// or more; a node new to the snapshot is never "presence only".
+#[test]
+fn a_change_of_presence_alone_is_marked_so() {
+    let hub = Hub::new();
+    let mut n = NodeRecord::for_test(4);
+    let first = hub.put(Upserted::new(n.clone()).unwrap());
+    assert!(!first.presence_only, "new to the snapshot");
+    n.online = !n.online;
+    n.last_seen_ms += 5;
+    assert!(hub.put(Upserted::new(n.clone()).unwrap()).presence_only);
+    n.endpoints = vec![Endpoint {
+        addr: std::net::SocketAddr::from(([192, 0, 2, 1], 9)),
+        kind: EndpointKind::Host,
+    }];
+    n.online = !n.online;
+    assert!(!hub.put(Upserted::new(n.clone()).unwrap()).presence_only);
+    let v = hub.put(Upserted::new(n).unwrap()).version;
+    assert!(v > first.version, "versions grow");
+}

@@ -110,8 +110,14 @@ impl Upserted {
     }
 }
 
-/// A shared encoding and when it was built.
-type Encoded = (Arc<encoded::EncodedPeers>, std::time::Instant);
+/// A shared encoding, when it was built, and its difference to the
+/// snapshot as last asked for.
+#[derive(Debug)]
+struct Encoded {
+    peers: Arc<encoded::EncodedPeers>,
+    built: std::time::Instant,
+    since: Arc<encoded::Since>,
+}
 
 /// Whether `new` differs from `old` in its presence alone (or not at all).
 fn presence_only(old: &NodeRecord, new: &NodeRecord) -> bool {
@@ -291,21 +297,44 @@ impl Hub {
     /// storm, when the version moves with every batch of nodes coming
     /// online, a few encodings are in flight rather than one per batch;
     /// a stream whose full map is older than the snapshot owes its agent
-    /// the difference as deltas (`Outbox::full_sent`).
-    pub fn encoded_peers(&self) -> Arc<encoded::EncodedPeers> {
+    /// the difference as deltas, returned beside it (`Outbox::catch_up`).
+    pub fn encoded_peers(&self) -> (Arc<encoded::EncodedPeers>, Arc<encoded::Since>) {
         let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if let Some((e, built)) = cache.as_ref() {
-            let version = self.version.load(Ordering::Relaxed);
-            if e.version == version || now.duration_since(*built) < REENCODE_AFTER {
-                return e.clone();
+        let stale = match cache.as_ref() {
+            Some(c) => {
+                let version = self.version.load(Ordering::Relaxed);
+                c.peers.version != version && now.duration_since(c.built) >= REENCODE_AFTER
             }
+            None => true,
+        };
+        if stale {
+            *cache = None;
         }
-        let fresh = self.with_snapshot_at(|snap, version| {
-            Arc::new(encoded::EncodedPeers::build(snap, version))
+        let c = cache.get_or_insert_with(|| {
+            let peers = self.with_snapshot_at(|snap, version| {
+                Arc::new(encoded::EncodedPeers::build(snap, version))
+            });
+            // A placeholder no version matches: computed below.
+            let since = Arc::new(peers.since(&Snapshot::new(), u64::MAX));
+            Encoded {
+                peers,
+                built: now,
+                since,
+            }
         });
-        *cache = Some((fresh.clone(), now));
-        fresh
+        // The difference to the snapshot now, computed once per version
+        // for every stream that asks (`Outbox::catch_up`).
+        let peers = c.peers.clone();
+        let since = self.with_snapshot_at(|snap, version| {
+            if c.since.version == version {
+                c.since.clone()
+            } else {
+                Arc::new(peers.since(snap, version))
+            }
+        });
+        c.since = since.clone();
+        (peers, since)
     }
 
     /// Starts the task that feeds the hub from `store`, and waits (up to

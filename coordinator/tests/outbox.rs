@@ -454,7 +454,7 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
     let mut map = NetMap::from_full(nodes[0].key, &serde_json::from_str(&text).unwrap()).unwrap();
     assert_eq!(map.peers.len(), 4, "the old encoding's peers");
     ob.full_sent(known, encoded.version);
-    ob.catch_up(&encoded, &now, 5);
+    ob.catch_up(&encoded.since(&now, 5));
     assert_eq!(
         ob.poll_timeout(),
         Some(t0 + TICK),

@@ -153,13 +153,16 @@ pub struct Peer {
     pub name: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
-    #[serde(default)]
+    /// Left out when empty (every agent reads it with a default): most of
+    /// a fresh node's entry otherwise, and a full map at 10,000 nodes is
+    /// 10,000 entries (issue 19).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
     pub online: bool,
     /// Unix time in milliseconds when the coordinator last heard from it.
     pub last_seen_ms: i64,
     /// The tags its join token granted and those it advertises, sorted.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// The node's operating system (`linux`) and warren version, as it
     /// registered them; empty from an older coordinator.
@@ -167,8 +170,9 @@ pub struct Peer {
     pub os: String,
     #[serde(default)]
     pub version: String,
-    /// The node's NAT as its last netcheck saw it.
-    #[serde(default)]
+    /// The node's NAT as its last netcheck saw it (left out while nothing
+    /// is known: every agent reads it with a default).
+    #[serde(default, skip_serializing_if = "NatSummary::is_unknown")]
     pub nat: NatSummary,
     /// The relay region where the node can be reached (its home relay).
     #[serde(default, skip_serializing_if = "Option::is_none")]

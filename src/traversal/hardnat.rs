@@ -103,6 +103,11 @@ pub struct NatSummary {
 }
 
 impl NatSummary {
+    /// Nothing is known yet (no netcheck): the default.
+    pub fn is_unknown(&self) -> bool {
+        *self == NatSummary::default()
+    }
+
     /// Whether this NAT allocates fresh random ports per destination.
     pub fn is_random_edm(&self) -> bool {
         self.mapping == Mapping::EndpointDependent && self.allocation == Allocation::Random

@@ -246,7 +246,7 @@ impl MapTask {
         };
         let parts = self.outbox.full_parts();
         if parts.0.is_none() {
-            let shared = self.st.hub.encoded_peers();
+            let (shared, since) = self.st.hub.encoded_peers();
             let (peers, known) = shared.without(self.node.id);
             let mut write = Vec::with_capacity(peers.len() + 2);
             write.push(Bytes::from(format!(
@@ -263,10 +263,7 @@ impl MapTask {
             tail.push('\n');
             write.push(Bytes::from(tail));
             self.outbox.full_sent(known, shared.version);
-            let outbox = &mut self.outbox;
-            self.st
-                .hub
-                .with_snapshot_at(|snap, now| outbox.catch_up(&shared, snap, now));
+            self.outbox.catch_up(&since);
             return Ok(write);
         }
         let (mut line, known, version) = self.st.hub.with_snapshot_at(|snap, version| {

@@ -22,7 +22,9 @@ use bytes::Bytes;
 use roaring::RoaringTreemap;
 use warren::keys::NodeKey;
 
-use super::Snapshot;
+use std::sync::Arc;
+
+use super::{Snapshot, Upserted};
 
 /// Every node's map entry, joined with commas, at one snapshot version.
 #[derive(Debug)]
@@ -34,6 +36,15 @@ pub struct EncodedPeers {
     /// Per node, in id order: its id, key, and its entry's span in `bytes`.
     spans: Vec<(i64, NodeKey, usize, usize)>,
     ids: RoaringTreemap,
+}
+
+/// The difference between an [`EncodedPeers`] and the snapshot at
+/// `version` (see [`EncodedPeers::since`]).
+#[derive(Debug)]
+pub struct Since {
+    pub version: u64,
+    pub gone: Vec<(i64, NodeKey)>,
+    pub changed: Vec<Arc<Upserted>>,
 }
 
 /// A node id as the bitmaps hold it. Ids are the store's, positive.
@@ -85,16 +96,28 @@ impl EncodedPeers {
         (parts.into_iter().filter(|b| !b.is_empty()).collect(), ids)
     }
 
-    /// The nodes listed here that `snap` no longer holds (removed since
-    /// this was encoded), with their keys.
-    pub fn gone_from<'a>(
-        &'a self,
-        snap: &'a Snapshot,
-    ) -> impl Iterator<Item = (i64, NodeKey)> + 'a {
-        self.spans
-            .iter()
-            .filter(|s| !snap.contains_key(&s.0))
-            .map(|s| (s.0, s.1))
+    /// What `snap` (at `version`) holds that differs from this encoding:
+    /// the nodes removed since, and those added or changed since. One
+    /// walk of both in id order; the hub computes it once for every
+    /// stream that writes a full map from this encoding at that version.
+    pub fn since(&self, snap: &Snapshot, version: u64) -> Since {
+        let mut out = Since {
+            version,
+            gone: Vec::new(),
+            changed: Vec::new(),
+        };
+        let mut spans = self.spans.iter().peekable();
+        for (id, u) in snap {
+            while let Some(s) = spans.next_if(|s| s.0 < *id) {
+                out.gone.push((s.0, s.1));
+            }
+            let listed = spans.next_if(|s| s.0 == *id).is_some();
+            if !listed || u.version > self.version {
+                out.changed.push(u.clone());
+            }
+        }
+        out.gone.extend(spans.map(|s| (s.0, s.1)));
+        out
     }
 
     /// Bytes held by the shared buffer.
@@ -110,8 +133,6 @@ impl EncodedPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Upserted;
-    use std::sync::Arc;
 
     fn snap(ids: &[i64]) -> Snapshot {
         ids.iter()
@@ -161,5 +182,26 @@ mod tests {
         assert!(parts.is_empty() && ids.is_empty());
         let (parts, ids) = EncodedPeers::build(&snap(&[]), 1).without(4);
         assert!(parts.is_empty() && ids.is_empty());
+    }
+
+    #[test]
+    fn since_lists_what_was_removed_added_and_changed() {
+        let old = snap(&[2, 3, 5, 8]);
+        let e = EncodedPeers::build(&old, 1);
+        let mut now = old.clone();
+        now.remove(&2);
+        now.remove(&8);
+        let mut five = (*now[&5]).clone();
+        five.version = 2;
+        now.insert(5, Arc::new(five));
+        let mut nine = (*now[&3]).clone();
+        nine.node.id = 9;
+        nine.version = 3;
+        now.insert(9, Arc::new(nine));
+        let d = e.since(&now, 3);
+        let gone: Vec<i64> = d.gone.iter().map(|g| g.0).collect();
+        let changed: Vec<i64> = d.changed.iter().map(|u| u.node.id).collect();
+        assert_eq!((gone, changed), (vec![2, 8], vec![5, 9]));
+        assert!(e.since(&old, 1).changed.is_empty() && e.since(&old, 1).gone.is_empty());
     }
 }

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use warren::keys::NodeKey;
 
 use super::access::Access;
-use super::encoded::{bit, EncodedPeers};
+use super::encoded::{bit, Since};
 use super::{HubEvent, Snapshot, Upserted};
 
 /// The shortest time between two writes of deltas on one stream, and so the
@@ -366,21 +366,18 @@ impl Outbox {
 impl Outbox {
     /// After a full map from a shared encoding that is older than the
     /// snapshot (`Hub::encoded_peers`): owes the agent what changed in
-    /// between, read from the snapshot at `version` (nodes removed since,
-    /// then nodes changed or added since), and moves the cursor there.
-    /// Only for a node that may see every peer, as the shared encoding is.
-    pub fn catch_up(&mut self, encoded: &EncodedPeers, snap: &Snapshot, version: u64) {
+    /// between (`since`: nodes removed, then nodes changed or added), and
+    /// moves the cursor to the snapshot version it was read at. Only for a
+    /// node that may see every peer, as the shared encoding is.
+    pub fn catch_up(&mut self, since: &Since) {
         let me = self.me;
-        let gone: Vec<(i64, NodeKey)> = encoded.gone_from(snap).filter(|g| g.0 != me).collect();
-        for (id, key) in gone {
-            self.pend(key, id, State::Removed(id), false);
+        for (id, key) in since.gone.iter().filter(|g| g.0 != me) {
+            self.pend(*key, *id, State::Removed(*id), false);
         }
-        for (id, u) in snap.iter().filter(|(id, _)| **id != me) {
-            if u.version > encoded.version {
-                self.pend(u.node.key, *id, State::Upsert(u.clone()), false);
-            }
+        for u in since.changed.iter().filter(|u| u.node.id != me) {
+            self.pend(u.node.key, u.node.id, State::Upsert(u.clone()), false);
         }
-        self.cursor = version;
+        self.cursor = since.version;
         if !self.pending.is_empty() {
             // Written at the next tick, as changes arriving now would be.
             self.since = self.last_write.or(self.since);

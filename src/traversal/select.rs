@@ -22,11 +22,19 @@ pub(crate) struct PathInfo {
     pub rtt: Option<Duration>,
     /// When the path first answered (since it was last forgotten).
     answered_at: Option<Instant>,
-    /// `rtt` comes only from pings sent before the path first answered:
-    /// their round trips may include neighbour discovery, ARP and NAT
-    /// mapping setup, and packets the kernel queued meanwhile.
-    setup_rtt: bool,
+    /// `Some(n)`: `rtt` started from pings sent before the path first
+    /// answered (their round trips may include neighbour discovery, ARP,
+    /// NAT mapping setup and packets the kernel queued meanwhile), and `n`
+    /// later samples have been taken since; the path settles after
+    /// [`SETTLE`] of them. `None`: settled, or never measured in setup.
+    settling: Option<u8>,
 }
+
+/// Later samples a path measured in its setup takes, keeping the lowest,
+/// before its RTT is smoothed like any other. One sample was not enough:
+/// a first re-measure that met a load spike made an IPv6 path lose to
+/// IPv4 for the minute until the next probe (issue 19 notes).
+pub(crate) const SETTLE: u8 = 4;
 
 impl PathInfo {
     fn new(kind: CandidateKind) -> Self {
@@ -37,7 +45,7 @@ impl PathInfo {
             trusted_until: None,
             rtt: None,
             answered_at: None,
-            setup_rtt: false,
+            settling: None,
         }
     }
 
@@ -50,8 +58,8 @@ impl PathInfo {
     /// an RTT measured only on pings sent before the path first answered
     /// (the setup's cost may be in it: an IPv6 path's first pongs in the
     /// lab came back after 0.8 s, then in 1 ms) is replaced outright by
-    /// the first later sample under half of it, instead of weighing on the
-    /// path for minutes.
+    /// the first later sample, and then by the lowest of the next ones,
+    /// [`SETTLE`] in all, instead of weighing on the path for minutes.
     pub fn record_pong(&mut self, now: Instant, rtt: Duration, trust_for: Duration) {
         let sent = now.checked_sub(rtt);
         let during_setup = match (self.answered_at, sent) {
@@ -62,19 +70,22 @@ impl PathInfo {
         self.answered_at.get_or_insert(now);
         self.last_pong = Some(now);
         self.trusted_until = Some(now + trust_for);
-        self.rtt = Some(match self.rtt {
-            None => {
-                self.setup_rtt = during_setup;
+        self.rtt = Some(match (self.rtt, self.settling) {
+            (None, _) => {
+                self.settling = during_setup.then_some(0);
                 rtt
             }
-            Some(old) if self.setup_rtt && !during_setup && rtt < old / 2 => {
-                self.setup_rtt = false;
+            // More pongs of the setup's pings: the best of them so far.
+            (Some(old), Some(0)) if during_setup => old.min(rtt),
+            (Some(_), Some(0)) => {
+                self.settling = Some(1);
                 rtt
             }
-            Some(old) => {
-                self.setup_rtt &= during_setup;
-                (old * 3 + rtt) / 4
+            (Some(old), Some(n)) => {
+                self.settling = (n + 1 < SETTLE).then_some(n + 1);
+                old.min(rtt)
             }
+            (Some(old), None) => (old * 3 + rtt) / 4,
         });
     }
 
@@ -87,7 +98,7 @@ impl PathInfo {
         self.trusted_until = None;
         self.rtt = None;
         self.answered_at = None;
-        self.setup_rtt = false;
+        self.settling = None;
     }
 }
 
@@ -166,16 +177,17 @@ impl PathTable {
             .min_by_key(|(_, s)| *s)
     }
 
-    /// Whether a path of a better kind than `current`, still trusted, has
-    /// an RTT from its setup pongs only (it may have lost on a latency they
-    /// overstated). One gone quiet is not asked about again.
+    /// Whether a path of a better kind than `current`, still trusted, is
+    /// still settling an RTT that started from its setup pongs (it may
+    /// have lost on a latency they overstated, or on one slow re-measure).
+    /// One gone quiet is not asked about again.
     pub fn better_kind_unsettled(&self, now: Instant, current: &DirectPath) -> bool {
         let Some(kind) = self.paths.get(current).map(|i| i.kind) else {
             return false;
         };
         self.paths
             .values()
-            .any(|i| i.kind < kind && i.rtt.is_some() && i.setup_rtt && i.trusted(now))
+            .any(|i| i.kind < kind && i.rtt.is_some() && i.settling.is_some() && i.trusted(now))
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&DirectPath, &mut PathInfo)> {
@@ -266,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn a_setup_rtt_gives_way_to_the_first_clearly_lower_later_sample() {
+    fn a_setup_rtt_gives_way_to_the_lowest_of_the_next_samples() {
         let ms = Duration::from_millis;
         let trust = Duration::from_secs(5);
         let t0 = Instant::now();
@@ -275,20 +287,34 @@ mod tests {
         // (the kernel held them while it resolved the neighbour).
         slow.record_pong(t0 + ms(800), ms(800), trust);
         slow.record_pong(t0 + ms(801), ms(301), trust);
-        assert_eq!(slow.rtt, Some((ms(800) * 3 + ms(301)) / 4));
-        // A ping sent after the first pong, answered in 1 ms, replaces it.
-        slow.record_pong(t0 + ms(5_001), ms(1), trust);
+        assert_eq!(slow.rtt, Some(ms(301)));
+        // The first ping sent after the first pong replaces it, even when
+        // it met a load spike; the lowest of the next ones then wins.
+        slow.record_pong(t0 + ms(5_030), ms(30), trust);
+        assert_eq!(slow.rtt, Some(ms(30)));
+        slow.record_pong(t0 + ms(10_001), ms(1), trust);
         assert_eq!(slow.rtt, Some(ms(1)));
+        slow.record_pong(t0 + ms(15_009), ms(9), trust);
+        assert_eq!(slow.rtt, Some(ms(1)));
+        slow.record_pong(t0 + ms(20_001), ms(1), trust);
+        assert_eq!(slow.settling, None, "settled after {SETTLE} later samples");
         // From then on, late pongs are averaged in as always.
-        slow.record_pong(t0 + ms(6_000), ms(41), trust);
+        slow.record_pong(t0 + ms(25_000), ms(41), trust);
         assert_eq!(slow.rtt, Some(ms(11)));
 
-        // A first RTT that was right is averaged with later jitter, not
-        // replaced by it.
+        // Every path's first pong is a setup pong: a first RTT that was
+        // right only gets the lowest of the next few, then jitter is
+        // averaged in.
         let mut fine = PathInfo::new(CandidateKind::Host);
         fine.record_pong(t0 + ms(10), ms(10), trust);
         fine.record_pong(t0 + ms(1_008), ms(8), trust);
-        assert_eq!(fine.rtt, Some((ms(10) * 3 + ms(8)) / 4));
+        assert_eq!(fine.rtt, Some(ms(8)));
+        for i in 1..u64::from(SETTLE) {
+            fine.record_pong(t0 + ms(1_000 + 1_000 * i + 9), ms(9), trust);
+        }
+        assert_eq!((fine.rtt, fine.settling), (Some(ms(8)), None));
+        fine.record_pong(t0 + ms(9_012), ms(12), trust);
+        assert_eq!(fine.rtt, Some(ms(9)));
         // Forgetting the path forgets when it first answered.
         fine.forget_trust();
         fine.record_pong(t0 + ms(3_000), ms(900), trust);
@@ -314,9 +340,16 @@ mod tests {
         assert!(!t.better_kind_unsettled(at, &path(2)));
         // Gone quiet past its trust: not asked about again.
         assert!(!t.better_kind_unsettled(at + ms(5_000), &path(1)));
-        // Measured again (slow for real): settled, no more asking.
+        // Measured again (slow for real): asked about until it settled.
         let host = t.get_mut(&path(2)).unwrap();
-        host.record_pong(now + ms(5_500), ms(500), Duration::from_secs(5));
-        assert!(!t.better_kind_unsettled(now + ms(5_500), &path(1)));
+        let mut at = now + ms(5_500);
+        host.record_pong(at, ms(500), Duration::from_secs(5));
+        for _ in 1..SETTLE {
+            assert!(t.better_kind_unsettled(at, &path(1)));
+            at += ms(5_000);
+            let host = t.get_mut(&path(2)).unwrap();
+            host.record_pong(at, ms(500), Duration::from_secs(5));
+        }
+        assert!(!t.better_kind_unsettled(at, &path(1)));
     }
 }

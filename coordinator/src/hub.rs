@@ -159,8 +159,10 @@ const POLL: Duration = Duration::from_millis(200);
 /// nodes in a few queries instead of each on its own: after a restart
 /// thousands of nodes come online within a second, and a read per note
 /// (queued behind those nodes' own writes on SQLite's single connection)
-/// made the hub itself trickle the storm out over tens of seconds.
-const BATCH_LOAD: usize = 16;
+/// made the hub itself trickle the storm out over tens of seconds. Since
+/// the batch reads only the changed nodes, two notes are already worth it
+/// (and a registration burst brings a few per poll).
+const BATCH_LOAD: usize = 2;
 
 /// How long a shared encoding of the peers serves full maps after the
 /// snapshot moved on (`Hub::encoded_peers`). What is in flight to slow

@@ -7,7 +7,8 @@
 #   - resident memory (VmRSS) once ready and again after IDLE seconds, when
 #     every peer's WireGuard timers have run many times,
 #   - CPU seconds the idle agent burnt over those IDLE seconds.
-# Target (issue #8): 1,000 idle peers in at most 50 MB.
+# Targets: 1,000 idle peers in at most 50 MB (issue #8), 10,000 in at
+# most 100 MB (issue #19).
 #
 # Peer public keys are 32 random bytes: any 32 bytes are a valid X25519
 # public key. The endpoints point into the /16 of a veth link in the
@@ -31,7 +32,8 @@ done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PEERS=${PEERS:-1000}
 IDLE=${IDLE:-10}
-LIMIT_MB=50
+# Issue #8: 1,000 idle peers in 50 MB; issue #19: 10,000 in 100 MB.
+LIMIT_MB=$((PEERS > 1000 ? 100 : 50))
 HZ=$(getconf CLK_TCK)
 if ((PEERS > 65000)); then echo "peers.sh: at most 65000 peers" >&2; exit 2; fi
 if [[ -z ${WARREN_BIN:-} ]]; then

@@ -101,7 +101,7 @@ fn accept_reports(s: &mut AgentState, now: Instant, out: &[Output]) {
     }
 }
 
-fn host() -> Vec<Endpoint> {
+pub(super) fn host() -> Vec<Endpoint> {
     vec![Endpoint {
         addr: LOCAL.parse().unwrap(),
         kind: EndpointKind::Host,

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::tests::{drain, full_map, join, me, new_state, registration};
+use super::tests::{drain, full_map, host, join, me, new_state, registration};
 use super::*;
 use crate::api::mesh::MeshState;
 use crate::control::follow::MapEvent;
@@ -152,14 +152,25 @@ fn names_follow_the_map_a_removed_or_hidden_peer_has_none() {
     // A rename is one delta away.
     let mut renamed = b.clone();
     renamed.name = "bee".into();
-    s.handle_map(now, Some(MapEvent::PeerChanged(renamed)));
+    s.handle_map(now, Some(MapEvent::PeerChanged(renamed.clone())));
     let got = names(&drain(&mut s)).expect("names after the rename");
     assert!(got.contains(&"bee".to_string()) && !got.contains(&b.name));
+    // A change that keeps names and addresses (presence, endpoints) does
+    // not rebuild them, and the next rename still does.
+    let mut moved = renamed.clone();
+    moved.online = !moved.online;
+    moved.endpoints = host();
+    s.handle_map(now, Some(MapEvent::PeerChanged(moved.clone())));
+    assert_eq!(names(&drain(&mut s)), None);
+    moved.name = "bea".into();
+    s.handle_map(now, Some(MapEvent::PeerChanged(moved)));
+    let got = names(&drain(&mut s)).expect("names after a second rename");
+    assert!(got.contains(&"bea".to_string()) && !got.contains(&"bee".to_string()));
     // Removed (or hidden by a new policy: the coordinator removes it from
     // this node's map): no name.
     s.handle_map(now, Some(MapEvent::PeerRemoved(b.key)));
     let got = names(&drain(&mut s)).expect("names after the removal");
-    assert!(!got.contains(&"bee".to_string()));
+    assert!(!got.contains(&"bea".to_string()));
     // Nothing changed: no output.
     s.handle_map(now, Some(MapEvent::PeerRemoved(b.key)));
     assert_eq!(names(&drain(&mut s)), None);

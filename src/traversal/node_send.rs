@@ -53,8 +53,14 @@ impl Node {
         };
         self.counter += 1;
         let random: [u8; 16] = self.rng.gen();
-        let entry = self.peers.get(&k)?;
-        let bytes = disco::seal(&entry.sbox, &self.public, self.counter, random, &msg);
+        let entry = self.peers.get_mut(&k)?;
+        let bytes = disco::seal(
+            entry.sbox(&self.secret),
+            &self.public,
+            self.counter,
+            random,
+            &msg,
+        );
         Some(NodeTransmit { dest, bytes })
     }
 }

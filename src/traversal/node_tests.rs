@@ -164,8 +164,8 @@ fn sequential_nat_predicts_in_call_me_maybe() {
     while let Some(t) = a.poll_transmit() {
         if let Dest::Relay(_) = t.dest {
             b.handle_relay(now, NodeKey([1; 32]), &t.bytes);
-            let (_, m) =
-                disco::open(&b.peers[&NodeKey([1; 32])].sbox, &a.disco_key(), &t.bytes).unwrap();
+            let entry = b.peers.get_mut(&NodeKey([1; 32])).unwrap();
+            let (_, m) = disco::open(entry.sbox(&b.secret), &a.disco_key(), &t.bytes).unwrap();
             endpoints = Some(m);
         }
     }

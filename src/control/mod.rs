@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `GET /key` | none | → [`types::ServerKeyResponse`] |
 //! | `POST /register` | node key | [`types::RegisterRequest`] → [`types::RegisterResponse`] |
-//! | `GET /map` | node key | → NDJSON stream of [`types::MapMessage`] |
+//! | `GET /map[?v=2]` | node key | → NDJSON stream of [`types::MapMessage`] |
 //! | `POST /endpoints` | node key | [`types::EndpointsReport`] → `{}` |
 //! | `POST /logout` | node key | → `{}` |
 //! | `GET /reach` | node key | → [`types::ReachResponse`] (what each peer lets this node do) |
@@ -32,6 +32,9 @@
 //! `full` map first, then deltas within a second of each change anywhere in
 //! the network, and a keepalive every [`types::KEEPALIVE_SECS`]. A node the
 //! administrator removes sees its stream end and then `unknown_node` (401).
+//! Agents ask for [`types::MAP_PATH`] (`/map?v=2`), which also allows
+//! `peer_online` lines for changes of presence alone; plain `/map` (older
+//! agents) gets whole entries only.
 //!
 //! [`client`] is the agent's side; the coordinator is its own crate.
 

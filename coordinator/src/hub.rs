@@ -119,6 +119,14 @@ struct Encoded {
     since: Arc<encoded::Since>,
 }
 
+/// `u` as it enters the snapshot at `version` (not copied when, as from
+/// `Upserted::new`, nothing else holds it).
+fn stamped(u: Arc<Upserted>, version: u64) -> Upserted {
+    let mut u = Arc::unwrap_or_clone(u);
+    u.version = version;
+    u
+}
+
 /// Whether `new` differs from `old` in its presence alone (or not at all).
 fn presence_only(old: &NodeRecord, new: &NodeRecord) -> bool {
     let rest = NodeRecord {
@@ -269,8 +277,7 @@ impl Hub {
     /// with what changed since the state it replaces.
     fn put(&self, u: Arc<Upserted>) -> Arc<Upserted> {
         let (mut snap, version) = self.snapshot_mut();
-        let mut u = Arc::unwrap_or_clone(u);
-        u.version = version;
+        let mut u = stamped(u, version);
         u.presence_only = snap
             .get(&u.node.id)
             .is_some_and(|old| presence_only(&old.node, &u.node));
@@ -303,40 +310,31 @@ impl Hub {
     pub fn encoded_peers(&self) -> (Arc<encoded::EncodedPeers>, Arc<encoded::Since>) {
         let mut cache = self.encoded.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        let stale = match cache.as_ref() {
-            Some(c) => {
-                let version = self.version.load(Ordering::Relaxed);
-                c.peers.version != version && now.duration_since(c.built) >= REENCODE_AFTER
+        self.with_snapshot_at(|snap, version| {
+            let c = match cache.as_mut() {
+                Some(c)
+                    if c.peers.version == version
+                        || now.duration_since(c.built) < REENCODE_AFTER =>
+                {
+                    c
+                }
+                _ => {
+                    let peers = Arc::new(encoded::EncodedPeers::build(snap, version));
+                    let since = Arc::new(peers.since(snap, version));
+                    cache.insert(Encoded {
+                        peers,
+                        built: now,
+                        since,
+                    })
+                }
+            };
+            // The difference to the snapshot now, once per version for
+            // every stream that asks (`Outbox::catch_up`).
+            if c.since.version != version {
+                c.since = Arc::new(c.peers.since(snap, version));
             }
-            None => true,
-        };
-        if stale {
-            *cache = None;
-        }
-        let c = cache.get_or_insert_with(|| {
-            let peers = self.with_snapshot_at(|snap, version| {
-                Arc::new(encoded::EncodedPeers::build(snap, version))
-            });
-            // A placeholder no version matches: computed below.
-            let since = Arc::new(peers.since(&Snapshot::new(), u64::MAX));
-            Encoded {
-                peers,
-                built: now,
-                since,
-            }
-        });
-        // The difference to the snapshot now, computed once per version
-        // for every stream that asks (`Outbox::catch_up`).
-        let peers = c.peers.clone();
-        let since = self.with_snapshot_at(|snap, version| {
-            if c.since.version == version {
-                c.since.clone()
-            } else {
-                Arc::new(peers.since(snap, version))
-            }
-        });
-        c.since = since.clone();
-        (peers, since)
+            (c.peers.clone(), c.since.clone())
+        })
     }
 
     /// Starts the task that feeds the hub from `store`, and waits (up to
@@ -367,8 +365,7 @@ impl Hub {
             *snap = nodes
                 .into_iter()
                 .filter_map(|n| {
-                    let mut u = Arc::unwrap_or_clone(Upserted::new(n)?);
-                    u.version = version;
+                    let u = stamped(Upserted::new(n)?, version);
                     Some((u.node.id, Arc::new(u)))
                 })
                 .collect();

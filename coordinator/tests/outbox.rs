@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use warren::control::{Endpoint, EndpointKind, MapMessage, NetMap, RelayMap};
 use warren::keys::{NodeKey, PrivateKey};
-use warren_coordinator::hub::outbox::{full_line, Flush, Outbox, TICK};
+use warren_coordinator::hub::outbox::{full_frame, full_line, Flush, Outbox, TICK};
 use warren_coordinator::hub::{HubEvent, Upserted};
 use warren_coordinator::store::NodeRecord;
 
@@ -447,10 +447,8 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
     let (parts, known) = encoded.without(ME);
     let peers: String = parts.iter().map(|b| String::from_utf8_lossy(b)).collect();
     let relay = serde_json::to_string(&RelayMap::default()).unwrap();
-    let text = format!(
-        r#"{{"type":"full","self_node":{},"peers":[{peers}],"relay_map":{relay}}}"#,
-        old[&ME].peer_json
-    );
+    let (head, tail) = full_frame(&old[&ME].peer_json, &relay, None);
+    let text = format!("{head}{peers}{tail}");
     let mut map = NetMap::from_full(nodes[0].key, &serde_json::from_str(&text).unwrap()).unwrap();
     assert_eq!(map.peers.len(), 4, "the old encoding's peers");
     ob.full_sent(known, encoded.version);

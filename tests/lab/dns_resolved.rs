@@ -66,8 +66,13 @@ fn inside(lab: &Lab, node: &Node, agent: &Agent, argv: &[&str]) -> lab::Output {
     lab.exec(node, &full)
 }
 
-fn first_ip(out: &str) -> Option<IpAddr> {
-    out.split_whitespace().find_map(|w| w.parse().ok())
+/// Asserts that `name`, looked up through the host's resolver inside the
+/// agent's namespaces (`getent ahostsv4`, which follows nsswitch and so
+/// systemd-resolved's stub), first gives `want`.
+fn assert_resolves(lab: &Lab, node: &Node, agent: &Agent, name: &str, want: IpAddr) {
+    let out = inside(lab, node, agent, &["getent", "ahostsv4", name]);
+    let got: Option<IpAddr> = out.stdout.split_whitespace().find_map(|w| w.parse().ok());
+    assert_eq!(got, Some(want), "{name}: {out:?}");
 }
 
 #[test]
@@ -169,31 +174,22 @@ fn systemd_resolved_routes_the_networks_names_to_warren_and_gets_its_link_back()
     .stdout;
     assert!(generated.contains("search warren.internal"), "{generated}");
     std::fs::write(&rc_path, &generated).unwrap();
-    let g = inside(&lab, &a_node, &a, &["getent", "ahostsv4", "b"]);
-    assert_eq!(first_ip(&g.stdout), Some(b_v4), "{g:?}");
+    assert_resolves(&lab, &a_node, &a, "b", b_v4);
     // The split domain reaches its server through warren; the rest goes
     // where resolved sent it before (the ISP), never through warren.
-    let s = inside(
+    assert_resolves(
         &lab,
         &a_node,
         &a,
-        &["getent", "ahostsv4", "git.corp.example"],
+        "git.corp.example",
+        "10.9.9.9".parse().unwrap(),
     );
-    assert_eq!(
-        first_ip(&s.stdout),
-        Some("10.9.9.9".parse().unwrap()),
-        "{s:?}"
-    );
-    let w = inside(
+    assert_resolves(
         &lab,
         &a_node,
         &a,
-        &["getent", "ahostsv4", "www.example.com"],
-    );
-    assert_eq!(
-        first_ip(&w.stdout),
-        Some("203.0.113.80".parse().unwrap()),
-        "{w:?}"
+        "www.example.com",
+        "203.0.113.80".parse().unwrap(),
     );
     let (isp_q, corp_q) = (
         std::fs::read_to_string(&isp_log).unwrap_or_default(),
@@ -244,15 +240,11 @@ fn systemd_resolved_routes_the_networks_names_to_warren_and_gets_its_link_back()
         &[RESOLVECTL, "query", "b.warren.internal"],
     );
     assert!(!q.ok(), "b resolved after down: {q:?}");
-    let w = inside(
+    assert_resolves(
         &lab,
         &a_node,
         &a,
-        &["getent", "ahostsv4", "www.example.com"],
-    );
-    assert_eq!(
-        first_ip(&w.stdout),
-        Some("203.0.113.80".parse().unwrap()),
-        "{w:?}"
+        "www.example.com",
+        "203.0.113.80".parse().unwrap(),
     );
 }

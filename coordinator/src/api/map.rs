@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 use super::signed::{NoBody, Signed};
 use super::streams::Ticket;
 use super::{ApiError, AppState};
-use crate::hub::outbox::{full_line_with, Flush, Outbox};
+use crate::hub::outbox::{full_frame, full_line_with, Flush, Outbox};
 use crate::hub::HubEvent;
 use crate::listen::PeerAddr;
 use crate::store::NodeRecord;
@@ -58,8 +58,8 @@ pub(super) async fn map(
     *st.live().entry(node.id).or_default() += 1;
 
     let events = st.hub.subscribe();
-    // Few slots: a write can be a whole map, and a stream whose agent reads
-    // slowly should coalesce in its outbox rather than queue writes here.
+    // Few slots: a stream whose agent reads slowly leaves its events in
+    // the hub's broadcast rather than queue writes here.
     let (lines, rx) = mpsc::channel::<Write>(8);
     let mut stream = MapTask {
         st: st.clone(),
@@ -248,17 +248,10 @@ impl MapTask {
         if parts.0.is_none() {
             let (shared, since) = self.st.hub.encoded_peers();
             let (peers, known) = shared.without(self.node.id);
+            let (head, mut tail) = full_frame(&me, &relay, parts.1);
             let mut write = Vec::with_capacity(peers.len() + 2);
-            write.push(Bytes::from(format!(
-                r#"{{"type":"full","self_node":{me},"peers":["#
-            )));
+            write.push(Bytes::from(head));
             write.extend(peers);
-            let mut tail = format!(r#"],"relay_map":{relay}"#);
-            if let Some(f) = parts.1 {
-                tail.push_str(r#","packet_filter":"#);
-                tail.push_str(f);
-            }
-            tail.push('}');
             crate::hub::outbox::add_dns(&mut tail, &self.st.dns_json);
             tail.push('\n');
             write.push(Bytes::from(tail));

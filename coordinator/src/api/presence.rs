@@ -51,15 +51,6 @@ pub struct Presence {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Job::Open { req, .. } => write!(f, "open {}", req.key.short()),
-            Job::Close(n) => write!(f, "close {}", n.key.short()),
-        }
-    }
-}
-
 impl Presence {
     /// Starts the writer for `store`; it wakes `hub` after each commit.
     /// It runs until every handle is dropped.

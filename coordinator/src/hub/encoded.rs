@@ -119,15 +119,6 @@ impl EncodedPeers {
         out.gone.extend(spans.map(|s| (s.0, s.1)));
         out
     }
-
-    /// Bytes held by the shared buffer.
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -476,15 +476,11 @@ pub fn full_line_with(
     relay_json: &str,
     (visible, filter): (Option<&HashSet<i64>>, Option<&str>),
 ) -> (String, RoaringTreemap) {
+    let (head, tail) = full_frame(me_json, relay_json, filter);
     let mut line = String::with_capacity(
-        snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>()
-            + me_json.len()
-            + relay_json.len()
-            + 64,
+        snap.values().map(|u| u.peer_json.len() + 1).sum::<usize>() + head.len() + tail.len(),
     );
-    line.push_str(r#"{"type":"full","self_node":"#);
-    line.push_str(me_json);
-    line.push_str(r#","peers":["#);
+    line.push_str(&head);
     let mut known = RoaringTreemap::new();
     let sees = |id: i64| visible.is_none_or(|v| v.contains(&id));
     for u in snap.values().filter(|u| u.node.id != me && sees(u.node.id)) {
@@ -494,12 +490,22 @@ pub fn full_line_with(
         line.push_str(&u.peer_json);
         known.insert(bit(u.node.id));
     }
-    line.push_str(r#"],"relay_map":"#);
-    line.push_str(relay_json);
-    if let Some(f) = filter {
-        line.push_str(r#","packet_filter":"#);
-        line.push_str(f);
-    }
-    line.push('}');
+    line.push_str(&tail);
     (line, known)
+}
+
+/// What a `full` line holds around its comma-separated peers (without a
+/// newline): `{"type":"full","self_node":ME,"peers":[` and
+/// `],"relay_map":RELAY[,"packet_filter":FILTER]}`. The one place that
+/// shape is written, for both a stream's own line and the shared
+/// encoding's slices (`api/map.rs`).
+pub fn full_frame(me_json: &str, relay_json: &str, filter: Option<&str>) -> (String, String) {
+    let head = format!(r#"{{"type":"full","self_node":{me_json},"peers":["#);
+    let mut tail = format!(r#"],"relay_map":{relay_json}"#);
+    if let Some(f) = filter {
+        tail.push_str(r#","packet_filter":"#);
+        tail.push_str(f);
+    }
+    tail.push('}');
+    (head, tail)
 }

@@ -7,6 +7,15 @@
 //! boringtun in place of its own clock reads, so the driver, the tests and
 //! the simulator decide what time the session sees.
 //!
+//! The session is made at the peer's first packet, handshake or timer
+//! that needs it, not when the peer is configured: boringtun's `Tunn` is
+//! about 11 KB (eight session slots) and its creation costs an X25519, so
+//! a 10,000-peer map of mostly idle peers would otherwise hold 110 MB and
+//! spend half a second before the first packet (issue #19; figures in
+//! `tests/bench/peers.sh`). A peer with a persistent keepalive gets its
+//! session at once, because boringtun's keepalive timer is what starts
+//! its first handshake.
+//!
 //! The session and the path sit behind one short mutex: encryption and
 //! decryption of one packet take it, and no system call ever happens while it
 //! is held. The outcome of each call is a length into the caller's buffer
@@ -113,7 +122,8 @@ pub struct PeerStats {
 }
 
 struct State {
-    tunn: Wg,
+    /// `None` until something needs the session (see the module doc).
+    tunn: Option<Box<Wg>>,
     /// The route the packet tasks read per packet; `None`: nowhere yet.
     path: Option<Path>,
     /// Packets sealed or opened for this peer, handshakes and packets that
@@ -156,6 +166,9 @@ impl State {
 
 pub struct Peer {
     pub key: NodeKey,
+    /// What a session is made from when the first use needs it.
+    own: x25519_dalek::StaticSecret,
+    limiter: Arc<RateLimiter>,
     /// boringtun's 24-bit peer index; session indices are `index << 8 | n`.
     pub index: u32,
     pub spec: PeerSpec,
@@ -169,7 +182,8 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A peer whose session starts at `now`.
+    /// A peer configured at `now`; its session is made then only when it
+    /// has a persistent keepalive (see the module doc).
     pub fn new(
         now: Instant,
         own: &PrivateKey,
@@ -178,25 +192,18 @@ impl Peer {
         limiter: Arc<RateLimiter>,
         wake: Arc<tokio::sync::Notify>,
     ) -> Peer {
-        let tunn = Wg::new(
-            now,
-            own.secret().clone(),
-            spec.key.to_x25519(),
-            spec.preshared_key,
-            spec.persistent_keepalive,
-            index,
-            Some(limiter),
-        );
         let path = match (spec.endpoint, spec.managed) {
             (_, true) => Some(Path::Relay),
             (Some(ep), false) => Some(Path::Direct(DirectPath::primary(ep))),
             (None, false) => None,
         };
-        Peer {
+        let peer = Peer {
             key: spec.key,
+            own: own.secret().clone(),
+            limiter,
             index,
             state: Mutex::new(State {
-                tunn,
+                tunn: None,
                 path,
                 activity: 0,
                 sealed: 0,
@@ -206,7 +213,32 @@ impl Peer {
             spoofed: AtomicU64::new(0),
             wake,
             subnets: arc_swap::ArcSwap::from_pointee(Vec::new()),
+        };
+        if peer.spec.persistent_keepalive.is_some() {
+            let mut st = peer.state.lock();
+            peer.session(&mut st, now);
         }
+        peer
+    }
+
+    /// The session, made at `now` if this is its first use.
+    fn session<'s>(&self, st: &'s mut State, now: Instant) -> &'s mut Wg {
+        st.tunn.get_or_insert_with(|| {
+            Box::new(Wg::new(
+                now,
+                self.own.clone(),
+                self.spec.key.to_x25519(),
+                self.spec.preshared_key,
+                self.spec.persistent_keepalive,
+                self.index,
+                Some(self.limiter.clone()),
+            ))
+        })
+    }
+
+    /// Whether the session has been made (tests and the footprint bench).
+    pub fn has_session(&self) -> bool {
+        self.state.lock().tunn.is_some()
     }
 
     /// The direct address packets go to, if the path is direct.
@@ -241,7 +273,7 @@ impl Peer {
         if st.touch() {
             self.wake.notify_one();
         }
-        let len = match st.tunn.encapsulate(now, src, out) {
+        let len = match self.session(&mut st, now).encapsulate(now, src, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -264,8 +296,8 @@ impl Peer {
             self.wake.notify_one();
         }
         let (opened, authentic) =
-            match st
-                .tunn
+            match self
+                .session(&mut st, now)
                 .decapsulate(now, from.map(|f| f.ip()), datagram, out)
             {
                 TunnResult::WriteToTunnelV4(p, src) => {
@@ -315,7 +347,10 @@ impl Peer {
     /// handshake was in flight: the next one to send, or [`Sealed::Nothing`].
     pub fn flush_queued(&self, now: Instant, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
-        let len = match st.tunn.decapsulate(now, None, &[], out) {
+        let Some(tunn) = st.tunn.as_mut() else {
+            return Sealed::Nothing;
+        };
+        let len = match tunn.decapsulate(now, None, &[], out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -326,7 +361,11 @@ impl Peer {
     /// datagram to send, or [`Sealed::Nothing`]. `out` must hold 148 bytes.
     pub fn tick(&self, now: Instant, out: &mut [u8]) -> Sealed {
         let mut st = self.state.lock();
-        let len = match st.tunn.update_timers(now, out) {
+        // A peer without a session has no timers to run.
+        let Some(tunn) = st.tunn.as_mut() else {
+            return Sealed::Nothing;
+        };
+        let len = match tunn.update_timers(now, out) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return Sealed::Nothing,
         };
@@ -351,7 +390,10 @@ impl Peer {
 
     pub fn stats(&self, now: Instant) -> PeerStats {
         let mut st = self.state.lock();
-        let (last_handshake, tx, rx) = st.tunn.stats(now);
+        let (last_handshake, tx, rx) = match st.tunn.as_mut() {
+            Some(tunn) => tunn.stats(now),
+            None => (None, 0, 0),
+        };
         PeerStats {
             last_handshake,
             tx_bytes: tx as u64,

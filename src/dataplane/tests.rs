@@ -293,3 +293,42 @@ fn a_quiet_peers_first_packet_wakes_the_agent_once() {
     let _ = seal(&a, &ipv4(A_IP, B_IP, b"four"));
     assert!(woken());
 }
+
+#[test]
+fn a_session_is_made_at_its_first_use_or_at_once_with_a_keepalive() {
+    let a = node("11.11.0.1:51820");
+    let b = node("11.11.0.2:51820");
+    let c = node("11.11.0.3:51820");
+    a.dp.upsert_peer(Instant::now(), spec(&b, "100.64.0.2/32", Some(b.addr)));
+    b.dp.upsert_peer(Instant::now(), spec(&a, "100.64.0.1/32", None));
+    let mut with_keepalive = spec(&c, "100.64.0.3/32", Some(c.addr));
+    with_keepalive.persistent_keepalive = Some(25);
+    a.dp.upsert_peer(Instant::now(), with_keepalive);
+    let peer = |n: &Node, of: &Node| n.dp.peers().by_key[&of.dp.public_key()].clone();
+    assert!(!peer(&a, &b).has_session(), "an idle peer holds no session");
+    assert!(
+        peer(&a, &c).has_session(),
+        "boringtun's keepalive timer needs one"
+    );
+
+    // An idle peer's timers and stats need no session and make none.
+    let mut buf = vec![0u8; 2048];
+    assert_eq!(peer(&a, &b).tick(Instant::now(), &mut buf), Sealed::Nothing);
+    assert_eq!(peer(&a, &b).stats(Instant::now()).tx_bytes, 0);
+    assert!(!peer(&a, &b).has_session());
+
+    // The first packet makes a's session; its handshake makes b's.
+    let (init, _) = seal(&a, &ipv4(A_IP, B_IP, b"ping")).expect("handshake initiation");
+    assert!(peer(&a, &b).has_session());
+    assert!(!peer(&b, &a).has_session());
+    let (_, resp) = deliver(&b, a.addr, &init);
+    assert_eq!(
+        resp.len(),
+        1,
+        "b answers the handshake with a session made for it"
+    );
+    assert!(peer(&b, &a).has_session());
+    let (tunnel, _) = deliver(&a, b.addr, &resp[0]);
+    assert_eq!(tunnel.len(), 0);
+    assert!(peer(&a, &b).stats(Instant::now()).last_handshake.is_some());
+}

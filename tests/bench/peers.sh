@@ -19,6 +19,8 @@
 #   PEERS=1000   how many peers
 #   IDLE=10      seconds to watch the idle agent
 #   WARREN_BIN=path  use this binary instead of building target/release/warren
+#   WARREN_BASE_BIN=path  measures this build too, in the same run, as the
+#                    second column (the previous build: the reference)
 set -euo pipefail
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -45,13 +47,18 @@ fi
 NS=wp-$$
 TMP=$(mktemp -d /tmp/warren-peers-XXXXXX)
 AGENT=
+stop_agent() {
+    if [[ -n $AGENT ]]; then
+        kill "$AGENT" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$AGENT" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$AGENT" 2>/dev/null || true
+        wait "$AGENT" 2>/dev/null || true
+        AGENT=
+    fi
+}
 cleanup() {
     set +e
-    if [[ -n $AGENT ]]; then
-        kill "$AGENT" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$AGENT" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$AGENT" 2>/dev/null
-    fi
+    stop_agent
     for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$NS" 2>/dev/null
     rm -rf "$TMP"
@@ -68,60 +75,84 @@ ip -n "$NS" addr add 10.98.0.1/16 dev void0
 ip -n "$NS" link set void0 up
 ip -n "$NS" link set void1 up
 
-echo "writing a config with $PEERS peers..." >&2
-{
-    # Its own local API socket (the default path is machine-wide); builds
-    # older than the local API know no `[agent]`.
-    if "$WARREN_BIN" --help 2>/dev/null | grep -q -- --socket; then
-        echo "[agent]"
-        echo "socket = \"$TMP/agent.sock\""
-    fi
-    echo "[interface]"
-    echo "name = \"warren0\""
-    echo "private_key = \"$("$WARREN_BIN" genkey)\""
-    echo "listen_port = 51820"
-    echo "addresses = [\"100.64.0.1/10\"]"
-    for ((i = 0; i < PEERS; i++)); do
-        n=$((i + 2))
-        echo
-        echo "[[peer]]"
-        echo "public_key = \"$(head -c 32 /dev/urandom | base64)\""
-        echo "allowed_ips = [\"100.64.$((n / 256)).$((n % 256))/32\"]"
-        echo "endpoint = \"10.98.$((n / 256)).$((n % 256)):51820\""
+# The peers, written once: both builds get the same keys and endpoints.
+echo "writing $PEERS peers..." >&2
+for ((i = 0; i < PEERS; i++)); do
+    n=$((i + 2))
+    echo
+    echo "[[peer]]"
+    echo "public_key = \"$(head -c 32 /dev/urandom | base64)\""
+    echo "allowed_ips = [\"100.64.$((n / 256)).$((n % 256))/32\"]"
+    echo "endpoint = \"10.98.$((n / 256)).$((n % 256)):51820\""
+done >"$TMP/peers.toml"
+
+# measure BIN: starts BIN with every peer, idles, stops it; sets the
+# globals UP (s), RSS0, RSS1 (MB), CPU (s), SEEN.
+measure() {
+    local bin=$1
+    {
+        # Its own local API socket (the default path is machine-wide);
+        # builds older than the local API know no `[agent]`.
+        if "$bin" --help 2>/dev/null | grep -q -- --socket; then
+            echo "[agent]"
+            echo "socket = \"$TMP/agent.sock\""
+        fi
+        echo "[interface]"
+        echo "name = \"warren0\""
+        echo "private_key = \"$("$bin" genkey)\""
+        echo "listen_port = 51820"
+        echo "addresses = [\"100.64.0.1/10\"]"
+        cat "$TMP/peers.toml"
+    } >"$TMP/agent.toml"
+
+    echo "starting $bin..." >&2
+    : >"$TMP/agent.log"
+    local t0 ready=
+    t0=$(date +%s.%N)
+    ip netns exec "$NS" "$bin" agent --config "$TMP/agent.toml" >"$TMP/agent.log" 2>&1 &
+    AGENT=$!
+    for _ in $(seq 600); do
+        if grep -q "agent ready" "$TMP/agent.log" && ip -n "$NS" link show warren0 >/dev/null 2>&1; then
+            ready=$(date +%s.%N)
+            break
+        fi
+        kill -0 "$AGENT" 2>/dev/null || { echo "peers.sh: agent exited:" >&2; cat "$TMP/agent.log" >&2; exit 1; }
+        sleep 0.05
     done
-} >"$TMP/agent.toml"
-
-echo "starting the agent..." >&2
-t0=$(date +%s.%N)
-ip netns exec "$NS" "$WARREN_BIN" agent --config "$TMP/agent.toml" >"$TMP/agent.log" 2>&1 &
-AGENT=$!
-ready=
-for _ in $(seq 600); do
-    if grep -q "agent ready" "$TMP/agent.log" && ip -n "$NS" link show warren0 >/dev/null 2>&1; then
-        ready=$(date +%s.%N)
-        break
-    fi
-    kill -0 "$AGENT" 2>/dev/null || { echo "peers.sh: agent exited:" >&2; cat "$TMP/agent.log" >&2; exit 1; }
-    sleep 0.05
-done
-[[ -n $ready ]] || { echo "peers.sh: agent not ready after 30 s" >&2; tail "$TMP/agent.log" >&2; exit 1; }
-
+    [[ -n $ready ]] || { echo "peers.sh: agent not ready after 30 s" >&2; tail "$TMP/agent.log" >&2; exit 1; }
+    UP=$(awk -v a="$t0" -v b="$ready" 'BEGIN { printf "%.3f", b - a }')
+    RSS0=$(rss)
+    local c0 c1
+    c0=$(ticks)
+    echo "idling ${IDLE}s..." >&2
+    sleep "$IDLE"
+    c1=$(ticks)
+    RSS1=$(rss)
+    CPU=$(awk -v d=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", d / hz }')
+    SEEN=$(grep -o 'peers=[0-9]*' "$TMP/agent.log" | head -1 | cut -d= -f2)
+    stop_agent
+    # The next agent makes the device again.
+    for _ in $(seq 50); do ip -n "$NS" link show warren0 >/dev/null 2>&1 || break; sleep 0.1; done
+}
 rss() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$AGENT/status"; }
 ticks() { sed 's/.*) //' "/proc/$AGENT/stat" | awk '{ print $12 + $13 }'; }
-rss_ready=$(rss)
-c0=$(ticks)
-echo "idling ${IDLE}s..." >&2
-sleep "$IDLE"
-c1=$(ticks)
-rss_idle=$(rss)
-peers_seen=$(grep -o 'peers=[0-9]*' "$TMP/agent.log" | head -1 | cut -d= -f2)
+
+measure "$WARREN_BIN"
+NEW=("$UP" "$RSS0" "$RSS1" "$CPU" "${SEEN:-?}")
+BASE=("-" "-" "-" "-" "-")
+if [[ -n ${WARREN_BASE_BIN:-} ]]; then
+    measure "$WARREN_BASE_BIN"
+    BASE=("$UP" "$RSS0" "$RSS1" "$CPU" "${SEEN:-?}")
+fi
 
 echo
-echo "warren agent with $PEERS configured peers (log says peers=${peers_seen:-?}), no traffic"
-awk -v t0="$t0" -v t1="$ready" -v r0="$rss_ready" -v r1="$rss_idle" -v dc=$((c1 - c0)) \
-    -v hz="$HZ" -v idle="$IDLE" -v lim="$LIMIT_MB" 'BEGIN {
-    printf "start-up (spawn to \"agent ready\" and device up)  %8.3f s\n", t1 - t0
-    printf "RSS when ready                                   %8.1f MB\n", r0
-    printf "RSS after %3d s idle                             %8.1f MB  (target <= %d MB: %s)\n", idle, r1, lim, (r1 <= lim) ? "met" : "MISSED"
-    printf "CPU while idle                                   %8.2f s per %d s (%.1f%% of a core)\n", dc / hz, idle, 100 * dc / hz / idle
+echo "warren agent with $PEERS configured peers (log says peers=${NEW[4]}), no traffic"
+awk -v lim="$LIMIT_MB" -v idle="$IDLE" \
+    -v u="${NEW[0]}" -v r0="${NEW[1]}" -v r1="${NEW[2]}" -v c="${NEW[3]}" \
+    -v bu="${BASE[0]}" -v br0="${BASE[1]}" -v br1="${BASE[2]}" -v bc="${BASE[3]}" 'BEGIN {
+    printf "%-46s %12s %12s\n", "", "this build", "base build"
+    printf "%-46s %10.3f s %12s\n", "start-up (spawn to ready and device up)", u, bu
+    printf "%-46s %9.1f MB %12s\n", "RSS when ready", r0, br0
+    printf "%-46s %9.1f MB %12s  (target <= %d MB: %s)\n", "RSS after " idle " s idle", r1, br1, lim, (r1 <= lim) ? "met" : "MISSED"
+    printf "%-46s %10.2f s %12s  (per %d s; %.1f%% of a core)\n", "CPU while idle", c, bc, idle, 100 * c / idle
 }'

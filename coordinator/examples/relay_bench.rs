@@ -1,6 +1,8 @@
 //! Relay figures on loopback: throughput for one pair and for 50 concurrent
-//! pairs, the relay's CPU time and RSS, and the latency the relay adds over
-//! a direct UDP and TCP echo.
+//! pairs, the relay's CPU time and RSS, the fairness of its share among 50
+//! pairs sending a mix of packet sizes (Jain's index over each pair's
+//! delivered bytes; 1.0 is an equal share), and the latency the relay adds
+//! over a direct UDP and TCP echo.
 //!
 //! The relay runs in a child process (this binary re-executed with
 //! `--serve`), so its CPU time and memory can be read from `/proc` apart from
@@ -26,6 +28,10 @@ use warren_coordinator::listen::{serve, tls_config, Security};
 use warren_coordinator::relay::{RelayLimits, RelayServer, StaticAdmission};
 
 const PKT: usize = 1400;
+/// The mixed phase's packet sizes, in the proportions of the simple IMIX
+/// (7 : 4 : 1 of 64, 576 and 1,400 bytes); each pair starts at another
+/// place in the cycle.
+const IMIX: [usize; 12] = [64, 576, 64, 64, 576, 64, 1400, 64, 576, 64, 576, 64];
 const WINDOW: Duration = Duration::from_secs(3);
 
 fn main() -> Result<()> {
@@ -119,9 +125,34 @@ async fn connect(relay: &Relay, key: &PrivateKey) -> Result<(RelaySender, RelayR
     }
 }
 
-/// Streams from each sender to its receiver for `WINDOW`; returns delivered
-/// packets/s, Mbit/s and the relay's CPU seconds used.
-async fn throughput(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)]) -> Result<(f64, f64, f64)> {
+/// What one throughput phase measured.
+struct Phase {
+    pps: f64,
+    mbit: f64,
+    /// The relay's CPU seconds over the window.
+    cpu: f64,
+    /// Bytes each pair delivered over the window.
+    per_pair: Vec<u64>,
+}
+
+/// Jain's fairness index of `x`: (Σx)² / (n Σx²), 1.0 when all are equal,
+/// 1/n when one takes everything.
+fn jain(x: &[u64]) -> f64 {
+    let sum: f64 = x.iter().map(|&v| v as f64).sum();
+    let squares: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (x.len() as f64 * squares)
+}
+
+/// Streams from each sender to its receiver for `WINDOW`, packets of
+/// `sizes` in turn (pair i starting at `sizes[i % len]`).
+async fn throughput(
+    relay: &Relay,
+    pairs: &[(PrivateKey, PrivateKey)],
+    sizes: &[usize],
+) -> Result<Phase> {
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     // Connect everyone first: pumps already running would slow the rest.
@@ -134,34 +165,52 @@ async fn throughput(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)]) -> Result
         ));
     }
     let mut keep = Vec::new();
-    for ((stx, srx), (rtx, mut rrx), dest) in clients {
+    let mut bytes = Vec::new();
+    for (i, ((stx, srx), (rtx, mut rrx), dest)) in clients.into_iter().enumerate() {
         let d = delivered.clone();
+        let b = Arc::new(AtomicU64::new(0));
+        bytes.push(b.clone());
         tokio::spawn(async move {
-            while rrx.recv().await.is_some() {
+            while let Some(p) = rrx.recv().await {
                 d.fetch_add(1, Relaxed);
+                b.fetch_add(p.1.len() as u64, Relaxed);
             }
         });
         let stop = stop.clone();
-        let pkt = Bytes::from(vec![0xa5; PKT]);
+        let pkts: Vec<Bytes> = (0..sizes.len())
+            .map(|k| Bytes::from(vec![0xa5; sizes[(i + k) % sizes.len()]]))
+            .collect();
         let tx = stx.clone();
         tokio::spawn(async move {
-            while !stop.load(Relaxed) && tx.send(dest, pkt.clone()).await.is_ok() {}
+            for pkt in pkts.iter().cycle() {
+                if stop.load(Relaxed) || tx.send(dest, pkt.clone()).await.is_err() {
+                    break;
+                }
+            }
         });
         keep.push((stx, srx, rtx));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (cpu0, _, _) = proc_usage(relay.pid)?;
     let n0 = delivered.load(Relaxed);
+    let b0: Vec<u64> = bytes.iter().map(|b| b.load(Relaxed)).collect();
     let t0 = Instant::now();
     tokio::time::sleep(WINDOW).await;
     let n = delivered.load(Relaxed) - n0;
+    let per_pair: Vec<u64> = bytes.iter().zip(b0).map(|(b, b0)| b.load(Relaxed) - b0).collect();
     let secs = t0.elapsed().as_secs_f64();
     let (cpu1, _, _) = proc_usage(relay.pid)?;
     stop.store(true, Relaxed);
     drop(keep);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pps = n as f64 / secs;
-    Ok((pps, pps * PKT as f64 * 8.0 / 1e6, cpu1 - cpu0))
+    let mbit = per_pair.iter().sum::<u64>() as f64 * 8.0 / 1e6 / secs;
+    Ok(Phase {
+        pps,
+        mbit,
+        cpu: cpu1 - cpu0,
+        per_pair,
+    })
 }
 
 /// Round trips through the relay: a→relay→b→relay→a.
@@ -300,9 +349,19 @@ async fn run_all(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)], tls: bool) -
         if tls { "TLS" } else { "plain TCP (lab mode)" }
     );
     println!("relay RSS idle: {rss0} KiB");
-    for (label, phase) in [("1 pair:  ", &pairs[..1]), ("50 pairs:", &pairs[1..51])] {
+    let phases: [(&str, &[(PrivateKey, PrivateKey)], &[usize]); 3] = [
+        ("1 pair:  ", &pairs[..1], &[PKT]),
+        ("50 pairs:", &pairs[1..51], &[PKT]),
+        ("50 mixed:", &pairs[1..51], &IMIX),
+    ];
+    for (label, phase, sizes) in phases {
         reset_peak(relay.pid);
-        let (pps, mbit, cpu) = throughput(relay, phase).await?;
+        let Phase {
+            pps,
+            mbit,
+            cpu,
+            per_pair,
+        } = throughput(relay, phase, sizes).await?;
         let (_, rss, peak) = proc_usage(relay.pid)?;
         println!(
             "{label} {pps:>9.0} pkt/s {mbit:>8.1} Mbit/s  relay CPU {cpu:.2} s in {:.0} s \
@@ -311,6 +370,17 @@ async fn run_all(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)], tls: bool) -
             cpu / WINDOW.as_secs_f64() * 100.0,
             cpu / (pps * WINDOW.as_secs_f64()) * 1e6
         );
+        if per_pair.len() > 1 {
+            let secs = WINDOW.as_secs_f64();
+            let min = per_pair.iter().min().copied().unwrap_or(0) as f64 * 8.0 / 1e6 / secs;
+            let max = per_pair.iter().max().copied().unwrap_or(0) as f64 * 8.0 / 1e6 / secs;
+            println!(
+                "          fairness over {} pairs: Jain {:.3} (target >= 0.95), \
+                 per pair {min:.1} to {max:.1} Mbit/s",
+                per_pair.len(),
+                jain(&per_pair)
+            );
+        }
     }
     let mut u = udp_rtt().await?;
     let mut t = tcp_rtt().await?;

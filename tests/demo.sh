@@ -13,7 +13,9 @@
 # and `tests/run.sh` reuses it. Set WARREN_DEMO_PROFILE=release for a
 # release build, or WARREN_DEMO_BIN_DIR=DIR to build nothing and run the
 # `warren` and `warren-coordinator` in DIR (tests/bench/relayed.sh runs
-# two builds that way).
+# two builds that way). WARREN_DEMO_TLS=1 serves the coordinator and
+# relay over TLS with a certificate made for the run (openssl), which the
+# agents trust with `up --ca-file`, as on real hosts.
 #   tests/demo.sh down    stop everything and remove it
 #
 # Everything stays inside the namespaces; nothing is routed out.
@@ -155,11 +157,28 @@ up() {
     done
 
     # The coordinator: control API and relay on TCP 443 (plain HTTP, which
-    # --insecure-http allows for labs), STUN on UDP 3478.
+    # --insecure-http allows for labs, or TLS), STUN on UDP 3478.
+    local url=http://11.11.0.10:443 serve_tls=(--insecure-http) agent_plain='insecure_http = true\n' ca=()
+    mkdir -p "$DIR"
+    if [ "${WARREN_DEMO_TLS:-0}" = 1 ]; then
+        # A CA the agents trust, and the coordinator's certificate for its
+        # address signed by it (a CA certificate cannot serve as its own
+        # server certificate in rustls).
+        local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+        openssl req -x509 "${ec[@]}" -days 2 -subj /CN=warren-demo-ca \
+            -keyout "$DIR/ca.key" -out "$DIR/ca.pem" 2>/dev/null
+        openssl req "${ec[@]}" -subj /CN=11.11.0.10 -keyout "$DIR/tls.key" -out "$DIR/tls.csr" 2>/dev/null
+        printf 'subjectAltName=IP:11.11.0.10\nbasicConstraints=CA:FALSE\n' > "$DIR/tls.ext"
+        openssl x509 -req -in "$DIR/tls.csr" -CA "$DIR/ca.pem" -CAkey "$DIR/ca.key" -CAcreateserial \
+            -days 2 -extfile "$DIR/tls.ext" -out "$DIR/tls.pem" 2>/dev/null
+        url=https://11.11.0.10:443
+        serve_tls=(--tls-cert "$DIR/tls.pem" --tls-key "$DIR/tls.key")
+        agent_plain=
+        ca=(--ca-file "$DIR/ca.pem")
+    fi
     ip netns exec wdemo-coord "$cbin" --data-dir "$DIR/coord" serve \
-        --listen 11.11.0.10:443 --insecure-http >"$DIR/coord.log" 2>&1 &
+        --listen 11.11.0.10:443 "${serve_tls[@]}" >"$DIR/coord.log" 2>&1 &
     echo $! > "$DIR/coord.pid"
-    local url=http://11.11.0.10:443
     for _ in $(seq 1 100); do
         ip netns exec wdemo-coord bash -c "exec 3<>/dev/tcp/11.11.0.10/443" 2>/dev/null && break
         sleep 0.1
@@ -170,14 +189,15 @@ up() {
     for h in a b; do
         mkdir -p "$DIR/$h"
         # insecure_http: the demo's coordinator speaks plain HTTP on the
-        # demo's own "internet" (11.11.0.10); real networks use https://.
-        printf '[agent]\nstate_dir = "%s"\nportmap = false\ninsecure_http = true\n' "$DIR/$h" > "$DIR/$h.toml"
+        # demo's own "internet" (11.11.0.10) unless WARREN_DEMO_TLS=1; real
+        # networks use https://.
+        printf "[agent]\\nstate_dir = \"%s\"\\nportmap = false\\n$agent_plain" "$DIR/$h" > "$DIR/$h.toml"
         ip netns exec wdemo-$h "$bin" agent --config "$DIR/$h.toml" --socket "$DIR/$h.sock" >"$DIR/$h.log" 2>&1 &
         echo $! > "$DIR/$h.pid"
     done
     for h in a b; do
         for _ in $(seq 1 50); do [ -S "$DIR/$h.sock" ] && break; sleep 0.1; done
-        WARREN_TOKEN=$token "$bin" --socket "$DIR/$h.sock" up --coordinator $url --hostname $h
+        WARREN_TOKEN=$token "$bin" --socket "$DIR/$h.sock" up --coordinator $url --hostname $h "${ca[@]}"
     done
     local ipb=""
     for _ in $(seq 1 50); do

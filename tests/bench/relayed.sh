@@ -16,14 +16,17 @@
 #   DURATION=10         seconds per iperf3 run
 #   STREAMS=1           parallel iperf3 streams
 #   WARREN_BASE_DIR=dir adds a column for the binaries in dir
+#   TLS=1               the coordinator and its relay serve TLS, as on real
+#                       hosts (tests/demo.sh's WARREN_DEMO_TLS); TLS=0 plain
+#                       HTTP, to tell the agents' relay path from TLS's cost
 #
-# The demo's relay speaks plain HTTP (no TLS): this measures the agents'
-# relay path, not TLS. Nothing leaves the demo's namespaces.
+# Nothing leaves the demo's namespaces.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 DURATION=${DURATION:-10}
 STREAMS=${STREAMS:-1}
+export WARREN_DEMO_TLS=${TLS:-1}
 DIR=/tmp/warren-demo
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -95,7 +98,7 @@ for col in "${COLUMNS[@]}"; do
 done
 
 echo
-printf '%-34s' "TCP a→b, $STREAMS stream(s), Gbit/s"
+printf '%-34s' "TCP a→b, $STREAMS stream(s), Gbit/s, relay $([[ $WARREN_DEMO_TLS = 1 ]] && echo TLS || echo plain)"
 for col in "${COLUMNS[@]}"; do printf '%12s' "${col%%:*}"; done
 echo
 printf '%-34s' "direct"

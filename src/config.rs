@@ -124,6 +124,11 @@ pub struct AgentConfig {
     /// `warren` group cannot turn it on.
     #[serde(default)]
     pub insecure_http: bool,
+    /// Microseconds a runtime worker keeps polling the TUN device and the
+    /// UDP socket after a packet before it parks (`agent::spin`); 0: off.
+    /// Read at start.
+    #[serde(default = "default_busy_poll")]
+    pub busy_poll_us: u64,
 }
 
 impl AgentConfig {
@@ -151,8 +156,13 @@ impl Default for AgentConfig {
             tcp_port: None,
             birthday_ports: default_birthday_ports(),
             insecure_http: false,
+            busy_poll_us: default_busy_poll(),
         }
     }
+}
+
+fn default_busy_poll() -> u64 {
+    crate::agent::spin::DEFAULT_WINDOW_US
 }
 
 fn default_relay_idle() -> u64 {
@@ -353,6 +363,12 @@ impl Config {
             return Err(err(
                 "agent.relay_idle_timeout".into(),
                 "must be at least 1 (seconds)",
+            ));
+        }
+        if self.agent.busy_poll_us > 10_000 {
+            return Err(err(
+                "agent.busy_poll_us".into(),
+                "must be at most 10000 (microseconds; 0 turns busy-polling off)",
             ));
         }
         if !(16..=1024).contains(&self.agent.birthday_ports) {

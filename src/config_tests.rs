@@ -207,6 +207,8 @@ fn relay_transport_and_idle_timeout() {
     assert_eq!((line, key.as_str()), (3, "agent.relay_idle_timeout"));
     let (line, key, _) = invalid("[agent]\nrelay_idle_timeout = \"1m\"\n");
     assert_eq!((line, key.as_str()), (2, "agent.relay_idle_timeout"));
+    let (line, key, _) = invalid("[agent]\nbusy_poll_us = 20000\n");
+    assert_eq!((line, key.as_str()), (2, "agent.busy_poll_us"));
     let (line, key, _) = invalid("[agent]\nportmap = true\nbirthday_ports = 4\n");
     assert_eq!((line, key.as_str()), (3, "agent.birthday_ports"));
     let (line, key, _) = invalid("[agent]\nbirthday_ports = -1\n");

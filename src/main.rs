@@ -86,9 +86,11 @@ fn agent(path: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> {
     // and leave nothing behind.
     let config = Config::load(&path)?;
     init_logging();
+    warren::agent::spin::set_window(config.agent.busy_poll_us);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("warren")
+        .on_thread_park(warren::agent::spin::on_park)
         .build()?;
     rt.block_on(async move {
         // The API socket is bound before the device exists, so a second

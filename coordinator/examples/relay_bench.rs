@@ -197,7 +197,11 @@ async fn throughput(
     let t0 = Instant::now();
     tokio::time::sleep(WINDOW).await;
     let n = delivered.load(Relaxed) - n0;
-    let per_pair: Vec<u64> = bytes.iter().zip(b0).map(|(b, b0)| b.load(Relaxed) - b0).collect();
+    let per_pair: Vec<u64> = bytes
+        .iter()
+        .zip(b0)
+        .map(|(b, b0)| b.load(Relaxed) - b0)
+        .collect();
     let secs = t0.elapsed().as_secs_f64();
     let (cpu1, _, _) = proc_usage(relay.pid)?;
     stop.store(true, Relaxed);

@@ -244,7 +244,9 @@ impl Inbound {
                 udp.recv(&mut iovs[..used], &mut meta).await?
             };
             let set = self.dp.peers();
-            out.set_now(std::time::Instant::now());
+            let now = std::time::Instant::now();
+            out.set_now(now);
+            super::spin::activity(now);
             for (buf, m) in rx.iter().zip(&meta[..n]) {
                 let stride = m.stride.max(1);
                 for dgram in buf[..m.len].chunks(stride) {

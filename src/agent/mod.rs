@@ -41,6 +41,7 @@ mod inbound;
 pub mod mesh;
 mod outbound;
 pub mod reload;
+pub mod spin;
 pub mod state;
 mod streamed;
 mod tun;
@@ -162,7 +163,9 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     let queues = std::iter::once(dev.clone()).chain(tun.extra_queues.into_iter().map(Arc::new));
+    spin::watch(std::os::fd::AsRawFd::as_raw_fd(&*udp));
     for queue in queues {
+        spin::watch(std::os::fd::AsRawFd::as_raw_fd(&*queue));
         let out = outbound::Outbound {
             dp: dp.clone(),
             tun: queue,
@@ -277,6 +280,9 @@ pub async fn run(
     )
     .await;
     tasks.shutdown().await;
+    // The descriptors close below: a later agent in this process (the
+    // tests) watches its own.
+    spin::unwatch_all();
     mesh_task.abort();
     let _ = mesh_task.await;
     // The last reference to the device goes here; closing it removes the

@@ -74,6 +74,7 @@ impl Outbound {
                 }
             }
             batch.flush(&self.egress.udp).await;
+            super::spin::activity(std::time::Instant::now());
         }
     }
 

@@ -21,6 +21,12 @@ pub struct Udp {
     gso: bool,
 }
 
+impl std::os::fd::AsRawFd for Udp {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+}
+
 impl Udp {
     /// Binds the agent's port. `offload` false turns GSO and GRO off, for
     /// measurements and for kernels that misbehave with them.

@@ -9,6 +9,11 @@
 //! N-peer map to disk and measure the load generator instead of the
 //! coordinator.
 //!
+//! With several `--url`s (replicas of one PostgreSQL-backed network, each
+//! with its `--pid`), node i registers and streams at replica i mod R, the
+//! change is made at the first, and memory, CPU and the change's latency
+//! are reported per replica.
+//!
 //! Each `--policy-cmd CMD` (a shell command that stores a policy, which
 //! `tests/bench/coordinator.sh` makes with `POLICY_RULES` rules) is a
 //! further change, made once every stream saw the one before: a policy
@@ -30,41 +35,65 @@ use warren::control::{ControlClient, Endpoint, EndpointKind, EndpointsReport, MA
 use warren::keys::{NodeKey, PrivateKey};
 
 struct Args {
-    url: String,
+    /// One per replica; the first is where changes are made.
+    urls: Vec<String>,
     token: String,
     nodes: usize,
     concurrency: usize,
-    pid: Option<u32>,
+    /// One per replica, in the order of `urls`.
+    pids: Vec<u32>,
     /// Each one a change timed in turn, after the endpoint change.
     policy_cmds: Vec<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
-        url: String::new(),
+        urls: Vec::new(),
         token: String::new(),
         nodes: 2000,
         concurrency: 32,
-        pid: None,
+        pids: Vec::new(),
         policy_cmds: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let v = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--url" => a.url = v,
+            "--url" => a.urls.push(v),
             "--token" => a.token = v,
             "--nodes" => a.nodes = v.parse()?,
             "--concurrency" => a.concurrency = v.parse()?,
-            "--pid" => a.pid = Some(v.parse()?),
+            "--pid" => a.pids.push(v.parse()?),
             "--policy-cmd" => a.policy_cmds.push(v),
             _ => bail!("unknown flag {flag}"),
         }
     }
-    if a.url.is_empty() || a.token.is_empty() {
-        bail!("usage: coordinator_bench --url URL --token TOKEN [--nodes N] [--concurrency C] [--pid PID]");
+    if a.urls.is_empty() || a.token.is_empty() {
+        bail!("usage: coordinator_bench --url URL [--url URL2 …] --token TOKEN [--nodes N] [--concurrency C] [--pid PID …]");
     }
     Ok(a)
+}
+
+impl Args {
+    /// The replica node `i` uses.
+    fn replica(&self, i: usize) -> usize {
+        i % self.urls.len()
+    }
+
+    /// Memory and CPU of every replica, one line each after `what`.
+    fn usage(&self, what: &str) {
+        if self.pids.is_empty() {
+            println!("{what}: n/a");
+        }
+        for (r, pid) in self.pids.iter().enumerate() {
+            let which = if self.pids.len() > 1 {
+                format!(" (replica {})", r + 1)
+            } else {
+                String::new()
+            };
+            println!("{what}{which}: {}", rss(Some(*pid)));
+        }
+    }
 }
 
 fn rss(pid: Option<u32>) -> String {
@@ -272,7 +301,11 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(keys.iter().enumerate())
         .map(|(i, k)| {
-            let (url, token, dir) = (a.url.clone(), a.token.clone(), state.path().to_path_buf());
+            let (url, token, dir) = (
+                a.urls[a.replica(i)].clone(),
+                a.token.clone(),
+                state.path().to_path_buf(),
+            );
             let (k, http) = (k.clone(), shared.clone());
             async move {
                 let c = ControlClient::with_http_client(&url, k, dir, http)?;
@@ -300,10 +333,10 @@ async fn main() -> anyhow::Result<()> {
         a.nodes as f64 / reg_time.as_secs_f64(),
         a.concurrency
     );
-    println!("coordinator after registration: {}", rss(a.pid));
+    a.usage("coordinator after registration");
 
     // 2. A map stream per node.
-    let coord = ControlClient::new(&a.url, keys[0].clone(), state.path())?
+    let coord = ControlClient::new(&a.urls[0], keys[0].clone(), state.path())?
         .coordinator_key()
         .await?;
     // The coordinator admits at most 1,024 map streams per source address
@@ -335,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
     for (i, k) in keys.iter().enumerate().skip(1) {
         let fut = stream(
             clients[i % sources].clone(),
-            a.url.clone(),
+            a.urls[a.replica(i)].clone(),
             k.clone(),
             coord,
             needles.clone(),
@@ -398,14 +431,14 @@ async fn main() -> anyhow::Result<()> {
         last - fulls,
         counters.bytes.load(Ordering::Relaxed) as f64 / 1e6
     );
-    println!("coordinator with {want} open streams: {}", rss(a.pid));
+    a.usage(&format!("coordinator with {want} open streams"));
     // The load generator shares the machine: if it is the busier of the
     // two, the storm's wall-clock time measures it, not the coordinator.
     println!("load generator so far: CPU {}", cpu(std::process::id()));
 
     // 3. One change, seen by all: node 0 reports an endpoint no line
     // contained before (a random documentation address).
-    let c0 = ControlClient::new(&a.url, keys[0].clone(), state.path())?;
+    let c0 = ControlClient::new(&a.urls[0], keys[0].clone(), state.path())?;
     let eps = [Endpoint {
         addr: marker.parse()?,
         kind: EndpointKind::Srflx,
@@ -440,10 +473,15 @@ async fn main() -> anyhow::Result<()> {
         phases.push(start);
     }
     let mut lat: Vec<Vec<Duration>> = phases.iter().map(|_| Vec::new()).collect();
+    // The first change's latency at each replica's streams.
+    let mut per_replica: Vec<Vec<Duration>> = a.urls.iter().map(|_| Vec::new()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    for task in tasks {
+    for (i, task) in tasks.into_iter().enumerate() {
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(Ok(at))) => {
+                if let (Some(seen), Some((t, _))) = (at.first(), phases.first()) {
+                    per_replica[a.replica(i + 1)].push(seen.saturating_duration_since(*t));
+                }
                 for ((l, (t, _)), seen) in lat.iter_mut().zip(&phases).zip(at) {
                     l.push(seen.saturating_duration_since(*t));
                 }
@@ -485,15 +523,27 @@ async fn main() -> anyhow::Result<()> {
             to.2.saturating_sub(from.2) as f64 / 1e6
         );
     }
+    if a.urls.len() > 1 {
+        for (r, l) in per_replica.iter_mut().enumerate() {
+            l.sort();
+            if let (Some(p50), Some(p99)) = (l.get(l.len() / 2), l.get(l.len() * 99 / 100)) {
+                println!(
+                    "one change (made at replica 1) at replica {}'s {} streams: p50 {p50:.1?}, p99 {p99:.1?}",
+                    r + 1,
+                    l.len()
+                );
+            }
+        }
+    }
     // The storm's bytes beside its floor: one full map of the whole
     // network per stream, measured now on node 0's own first map.
-    let full = full_map_len(&clients[0], &a.url, &keys[0], coord).await?;
+    let full = full_map_len(&clients[0], &a.urls[0], &keys[0], coord).await?;
     println!(
         "reconnect storm bytes: {:.1} MB = {:.2} x one full map per stream ({want} x {:.2} MB)",
         storm_bytes as f64 / 1e6,
         storm_bytes as f64 / (want as f64 * full as f64),
         full as f64 / 1e6
     );
-    println!("coordinator at the end: {}", rss(a.pid));
+    a.usage("coordinator at the end");
     Ok(())
 }

@@ -18,7 +18,11 @@
 # COORDINATOR_BIN and BENCH_BIN run other builds (say, of an older commit
 # for a before/after comparison) instead of building this tree.
 # PostgreSQL runs only when WARREN_TEST_POSTGRES_URL points at a server whose
-# user may CREATE DATABASE (a fresh database is made for the run).
+# user may CREATE DATABASE (a fresh database is made for the run), with
+# REPLICAS coordinators (default 2) sharing it: node i registers and
+# streams at replica i mod REPLICAS, and memory, CPU and the change's
+# latency are printed per replica. STORES="postgres" (default "sqlite
+# postgres") runs only the stores named.
 # Builds in release mode: these are measurements.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,33 +36,53 @@ if [ -z "${COORDINATOR_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
 fi
 BIN=${COORDINATOR_BIN:-target/release/warren-coordinator}
 BENCH=${BENCH_BIN:-target/release/examples/coordinator_bench}
+REPLICAS=${REPLICAS:-2}
+STORES=${STORES:-sqlite postgres}
 WORK=$(mktemp -d)
-PID=
+PIDS=()
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    PIDS=()
+}
 cleanup() {
-    if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+    stop_all
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# run LABEL [--database URL]
+# run LABEL REPLICAS [--database URL]
 run() {
-    local label=$1; shift
+    local label=$1 replicas=$2; shift 2
     local dir="$WORK/$label"
-    mkdir -p "$dir"
+    mkdir -p "$dir/r1"
     local token
-    token=$(RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" token create --reusable | head -1)
-    RUST_LOG=warn "$BIN" --data-dir "$dir" "$@" serve --listen 127.0.0.1:0 --no-stun >"$dir/log" 2>&1 &
-    PID=$!
-    # The port is chosen by the kernel; read it from the process's sockets
-    # (--no-stun: STUN over TCP would be a second listening socket).
-    local port= i
-    for i in $(seq 1 100); do
-        port=$(ss -Hltnp 2>/dev/null | awk -v pid="pid=$PID," '$0 ~ pid {split($4, a, ":"); print a[length(a)]; exit}')
-        [ -n "$port" ] && break
-        sleep 0.1
+    token=$(RUST_LOG=warn "$BIN" --data-dir "$dir/r1" "$@" token create --reusable | head -1)
+    local targets=() ports=() r
+    for r in $(seq 1 "$replicas"); do
+        mkdir -p "$dir/r$r"
+        # Replicas are one coordinator to the agents: the same key.
+        if [ "$r" -gt 1 ]; then cp "$dir/r1/coordinator.key" "$dir/r$r/"; fi
+        RUST_LOG=warn "$BIN" --data-dir "$dir/r$r" "$@" serve --listen 127.0.0.1:0 --no-stun >"$dir/r$r.log" 2>&1 &
+        local pid=$!
+        PIDS+=("$pid")
+        # The port is chosen by the kernel; read it from the process's
+        # sockets (--no-stun: STUN over TCP would be a second listening
+        # socket).
+        local port= i
+        for i in $(seq 1 100); do
+            port=$(ss -Hltnp 2>/dev/null | awk -v pid="pid=$pid," '$0 ~ pid {split($4, a, ":"); print a[length(a)]; exit}')
+            [ -n "$port" ] && break
+            sleep 0.1
+        done
+        if [ -z "$port" ]; then echo "coordinator did not start:"; cat "$dir/r$r.log"; exit 1; fi
+        targets+=(--url "http://127.0.0.1:$port" --pid "$pid")
+        ports+=("$port")
     done
-    if [ -z "$port" ]; then echo "coordinator did not start:"; cat "$dir/log"; exit 1; fi
-    echo "== $label: $NODES nodes, coordinator pid $PID on port $port"
+    # The first replica's data directory holds the SQLite store.
+    dir=$dir/r1
+    echo "== $label: $NODES nodes, $replicas coordinator(s): pid ${PIDS[*]} on port ${ports[*]}"
     local policy=()
     if [ "$POLICY_RULES" -gt 0 ]; then
         # Rule i lets the whole overlay reach port 1000+i of one /16 of it.
@@ -76,15 +100,17 @@ run() {
         policy=(--policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/policy.hujson >/dev/null"
             --policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/edit.hujson >/dev/null")
     fi
-    "$BENCH" --url "http://127.0.0.1:$port" --token "$token" --nodes "$NODES" --pid "$PID" "${policy[@]}"
-    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+    "$BENCH" "${targets[@]}" --token "$token" --nodes "$NODES" "${policy[@]}"
+    stop_all
 }
 
-run sqlite
-if [ -n "${WARREN_TEST_POSTGRES_URL:-}" ]; then
+if [[ " $STORES " == *" sqlite "* ]]; then run sqlite 1; fi
+if [[ " $STORES " != *" postgres "* ]]; then
+    :
+elif [ -n "${WARREN_TEST_POSTGRES_URL:-}" ]; then
     db="warren_bench_$$"
     psql "$WARREN_TEST_POSTGRES_URL" -qc "CREATE DATABASE $db" >/dev/null
-    run postgres --database "${WARREN_TEST_POSTGRES_URL%/*}/$db"
+    run postgres "$REPLICAS" --database "${WARREN_TEST_POSTGRES_URL%/*}/$db"
     psql "$WARREN_TEST_POSTGRES_URL" -qc "DROP DATABASE $db" >/dev/null || true
 else
     echo "== postgres: skipped (WARREN_TEST_POSTGRES_URL not set)"

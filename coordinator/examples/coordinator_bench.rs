@@ -334,6 +334,16 @@ async fn main() -> anyhow::Result<()> {
         a.concurrency
     );
     a.usage("coordinator after registration");
+    // Both share the machine: when their CPU adds up to its cores over
+    // the phase, the rate measures the machine, not the coordinator.
+    println!(
+        "load generator after registration: CPU {} (wall {:.1}s)",
+        cpu(std::process::id()),
+        reg_time.as_secs_f64()
+    );
+    if std::env::var_os("REGISTER_ONLY").is_some() {
+        return Ok(());
+    }
 
     // 2. A map stream per node.
     let coord = ControlClient::new(&a.urls[0], keys[0].clone(), state.path())?

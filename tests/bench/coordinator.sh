@@ -22,7 +22,8 @@
 # REPLICAS coordinators (default 2) sharing it: node i registers and
 # streams at replica i mod REPLICAS, and memory, CPU and the change's
 # latency are printed per replica. STORES="postgres" (default "sqlite
-# postgres") runs only the stores named.
+# postgres") runs only the stores named; REGISTER_ONLY=1 stops each run
+# after its registrations.
 # Builds in release mode: these are measurements.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

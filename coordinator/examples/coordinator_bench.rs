@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use warren::control::auth::{AuthHeaders, SessionKey};
-use warren::control::{ControlClient, Endpoint, EndpointKind, EndpointsReport, MAP_PATH};
+use warren::control::{zmap, ControlClient, Endpoint, EndpointKind, EndpointsReport, MAP_PATH};
 use warren::keys::{NodeKey, PrivateKey};
 
 struct Args {
@@ -147,7 +147,10 @@ struct Counters {
     lines: AtomicUsize,
     /// Full maps, the first of each stream included.
     fulls: AtomicUsize,
+    /// Bytes as they came over the wire (zstd frames when compressed).
     bytes: AtomicUsize,
+    /// Bytes of lines, after decompression.
+    decoded: AtomicUsize,
     /// Per needle: the streams that saw it.
     seen: Vec<AtomicUsize>,
     /// Streams that ended in an error (an agent would retry; the bench
@@ -197,13 +200,56 @@ impl Scan {
     }
 }
 
-/// The length of the first line (the full map) `key`'s stream gets.
+thread_local! {
+    /// One zstd context per thread, not per stream: 10,000 streams each
+    /// with their own would hold a gigabyte.
+    static DECODER: std::cell::RefCell<Option<zmap::Decoder>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A stream's body as lines: as it came, or through its zstd frames.
+enum Body {
+    Plain,
+    Zstd(zmap::Unframer),
+}
+
+impl Body {
+    fn of(resp: &reqwest::Response) -> Body {
+        match resp.headers().get(reqwest::header::CONTENT_ENCODING) {
+            Some(v) if v == "zstd" => Body::Zstd(zmap::Unframer::new()),
+            _ => Body::Plain,
+        }
+    }
+
+    /// What `chunk` adds to the lines (empty while a frame is partial).
+    fn decode(&mut self, chunk: bytes::Bytes) -> anyhow::Result<bytes::Bytes> {
+        let Body::Zstd(u) = self else {
+            return Ok(chunk);
+        };
+        u.push(&chunk);
+        let mut out = Vec::new();
+        DECODER.with(|d| -> anyhow::Result<()> {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zmap::Decoder::new()?);
+            }
+            if let Some(dec) = d.as_mut() {
+                while u.next_into(dec, &mut out)? {}
+            }
+            Ok(())
+        })?;
+        Ok(out.into())
+    }
+}
+
+/// The length of the first line (the full map) `key`'s stream gets:
+/// decoded, and as it came over the wire.
 async fn full_map_len(
     http: &reqwest::Client,
     url: &str,
     key: &PrivateKey,
     coord: NodeKey,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, usize)> {
     let session = SessionKey::for_node(key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
     let mut req = http.get(format!("{url}{MAP_PATH}"));
@@ -211,12 +257,15 @@ async fn full_map_len(
         req = req.header(n, v);
     }
     let resp = req.send().await?.error_for_status()?;
+    let mut lines = Body::of(&resp);
     let mut body = resp.bytes_stream();
-    let mut len = 0;
+    let (mut len, mut wire) = (0, 0);
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
+        wire += chunk.len();
+        let chunk = lines.decode(chunk)?;
         if let Some(end) = chunk.iter().position(|&b| b == b'\n') {
-            return Ok(len + end + 1);
+            return Ok((len + end + 1, wire));
         }
         len += chunk.len();
     }
@@ -242,12 +291,15 @@ async fn stream(
         req = req.header(n, v);
     }
     let resp = req.send().await?.error_for_status()?;
+    let mut lines = Body::of(&resp);
     let mut body = resp.bytes_stream().map_err(std::io::Error::other);
     let mut got_full = false;
     let mut scan = Scan::default();
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         counters.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
+        let chunk = lines.decode(chunk)?;
+        counters.decoded.fetch_add(chunk.len(), Ordering::Relaxed);
         // The first line (the full map) is not searched: the change comes
         // after it.
         let needle = match needles.get(seen.len()) {
@@ -436,10 +488,13 @@ async fn main() -> anyhow::Result<()> {
     );
     let fulls = counters.fulls.load(Ordering::Relaxed);
     let storm_bytes = counters.bytes.load(Ordering::Relaxed);
+    let storm_decoded = counters.decoded.load(Ordering::Relaxed);
     println!(
-        "reconnect storm: {last} lines ({} deltas, {fulls} full maps of which {want} first), {:.1} MB",
+        "reconnect storm: {last} lines ({} deltas, {fulls} full maps of which {want} first), \
+         {:.1} MB on the wire, {:.1} MB of lines",
         last - fulls,
-        counters.bytes.load(Ordering::Relaxed) as f64 / 1e6
+        storm_bytes as f64 / 1e6,
+        storm_decoded as f64 / 1e6
     );
     a.usage(&format!("coordinator with {want} open streams"));
     // The load generator shares the machine: if it is the busier of the
@@ -547,12 +602,16 @@ async fn main() -> anyhow::Result<()> {
     }
     // The storm's bytes beside its floor: one full map of the whole
     // network per stream, measured now on node 0's own first map.
-    let full = full_map_len(&clients[0], &a.urls[0], &keys[0], coord).await?;
+    let (full, full_wire) = full_map_len(&clients[0], &a.urls[0], &keys[0], coord).await?;
     println!(
-        "reconnect storm bytes: {:.1} MB = {:.2} x one full map per stream ({want} x {:.2} MB)",
+        "reconnect storm bytes: {:.1} MB on the wire = {:.2} x one full map per stream \
+         ({want} x {:.2} MB; {:.2} MB on the wire); {:.1} MB of lines = {:.2} x",
         storm_bytes as f64 / 1e6,
         storm_bytes as f64 / (want as f64 * full as f64),
-        full as f64 / 1e6
+        full as f64 / 1e6,
+        full_wire as f64 / 1e6,
+        storm_decoded as f64 / 1e6,
+        storm_decoded as f64 / (want as f64 * full as f64),
     );
     a.usage("coordinator at the end");
     Ok(())

@@ -125,6 +125,9 @@ async fn connect(relay: &Relay, key: &PrivateKey) -> Result<(RelaySender, RelayR
     }
 }
 
+/// Senders and their receivers.
+type Pairs = [(PrivateKey, PrivateKey)];
+
 /// What one throughput phase measured.
 struct Phase {
     pps: f64,
@@ -353,7 +356,7 @@ async fn run_all(relay: &Relay, pairs: &[(PrivateKey, PrivateKey)], tls: bool) -
         if tls { "TLS" } else { "plain TCP (lab mode)" }
     );
     println!("relay RSS idle: {rss0} KiB");
-    let phases: [(&str, &[(PrivateKey, PrivateKey)], &[usize]); 3] = [
+    let phases: [(&str, &Pairs, &[usize]); 3] = [
         ("1 pair:  ", &pairs[..1], &[PKT]),
         ("50 pairs:", &pairs[1..51], &[PKT]),
         ("50 mixed:", &pairs[1..51], &IMIX),

@@ -47,6 +47,15 @@ pub const MAP_FILE: &str = "netmap.json";
 
 /// Longest line the map stream may send (a full map of a large network).
 const MAX_LINE: usize = 64 << 20;
+
+/// A map stream's unfinished input: the bytes after the last whole line,
+/// how far they were searched for a newline, and whether the map changed
+/// since it was last saved.
+struct Lines<'a> {
+    buf: &'a mut Vec<u8>,
+    scanned: &'a mut usize,
+    dirty: &'a mut bool,
+}
 /// A stream silent for this long is presumed dead and reconnected.
 const SILENCE: Duration = Duration::from_secs(KEEPALIVE_SECS * 5 / 2);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -68,6 +77,8 @@ pub enum ControlError {
     },
     #[error("coordinator sent something that is not the control protocol: {0}")]
     Protocol(String),
+    #[error("coordinator's compressed map stream: {0}")]
+    Frame(#[from] super::zmap::FrameError),
     #[error("coordinator sent JSON this agent cannot read: {0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
@@ -409,6 +420,19 @@ impl ControlClient {
         if tx.send(MapEvent::Connected).await.is_err() {
             return Ok(());
         }
+        // Compressed only when this coordinator knows `zstd=1` (an older
+        // one sends plain lines without the header): `control::zmap`.
+        let mut unframer = match resp.headers().get(reqwest::header::CONTENT_ENCODING) {
+            Some(v) if v == "zstd" => {
+                Some((super::zmap::Unframer::new(), super::zmap::Decoder::new()?))
+            }
+            Some(v) => {
+                return Err(ControlError::Protocol(format!(
+                    "map stream in an encoding this agent did not ask for: {v:?}"
+                )))
+            }
+            None => None,
+        };
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut scanned = 0;
@@ -435,37 +459,74 @@ impl ControlClient {
                 }
                 Ok(Some(c)) => c?,
             };
-            buf.extend_from_slice(&chunk);
-            // Lines are cut out by offset and the buffer is shifted once per
-            // chunk: a drain per line would move the rest of a big batch
-            // once for every line in it. `scanned` keeps a long partial line
-            // from being searched again from its start on every chunk.
-            let mut start = 0;
-            while let Some(len) = buf[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + len;
-                let msg: MapMessage = parse_json(&buf[start..end])?;
-                start = end + 1;
-                scanned = start;
-                let is_full = matches!(msg, MapMessage::Full { .. });
-                if let Some(event) = fold(coordinator, map, msg) {
-                    // A full map is saved at once (it is what a restart
-                    // needs most); deltas are batched by the tick.
-                    if is_full {
-                        self.save(map.as_ref());
-                    } else {
-                        dirty = true;
-                    }
-                    if tx.send(event).await.is_err() {
-                        return Ok(());
-                    }
+            let mut lines = Lines {
+                buf: &mut buf,
+                scanned: &mut scanned,
+                dirty: &mut dirty,
+            };
+            let open = match &mut unframer {
+                None => {
+                    lines.buf.extend_from_slice(&chunk);
+                    self.take_lines(&mut lines, coordinator, map, tx).await?
                 }
-            }
-            buf.drain(..start);
-            scanned = buf.len();
-            if buf.len() > MAX_LINE {
-                return Err(ControlError::Protocol("map line too long".into()));
+                Some((u, dec)) => {
+                    // Frame by frame, so what one chunk decodes to is
+                    // taken apart before the next frame is decoded.
+                    u.push(&chunk);
+                    let mut open = true;
+                    while open && u.next_into(dec, lines.buf)? {
+                        open = self.take_lines(&mut lines, coordinator, map, tx).await?;
+                    }
+                    open
+                }
+            };
+            if !open {
+                return Ok(());
             }
         }
+    }
+
+    /// Folds every whole line in `lines.buf` into `map` and hands the
+    /// events on; false when the receiver is gone.
+    async fn take_lines(
+        &self,
+        lines: &mut Lines<'_>,
+        coordinator: NodeKey,
+        map: &mut Option<NetMap>,
+        tx: &mpsc::Sender<MapEvent>,
+    ) -> Result<bool, ControlError> {
+        let buf = &mut *lines.buf;
+        // Lines are cut out by offset and the buffer is shifted once per
+        // chunk: a drain per line would move the rest of a big batch once
+        // for every line in it. `scanned` keeps a long partial line from
+        // being searched again from its start on every chunk.
+        let mut start = 0;
+        let mut scanned = *lines.scanned;
+        while let Some(len) = buf[scanned..].iter().position(|&b| b == b'\n') {
+            let end = scanned + len;
+            let msg: MapMessage = parse_json(&buf[start..end])?;
+            start = end + 1;
+            scanned = start;
+            let is_full = matches!(msg, MapMessage::Full { .. });
+            if let Some(event) = fold(coordinator, map, msg) {
+                // A full map is saved at once (it is what a restart needs
+                // most); deltas are batched by the tick.
+                if is_full {
+                    self.save(map.as_ref());
+                } else {
+                    *lines.dirty = true;
+                }
+                if tx.send(event).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        buf.drain(..start);
+        *lines.scanned = buf.len();
+        if buf.len() > MAX_LINE {
+            return Err(ControlError::Protocol("map line too long".into()));
+        }
+        Ok(true)
     }
 
     fn save(&self, map: Option<&NetMap>) {

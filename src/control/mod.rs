@@ -46,6 +46,7 @@ pub mod follow;
 pub mod netmap;
 mod retry;
 pub mod types;
+pub mod zmap;
 
 pub use client::{ControlClient, ControlError, MapEvent, MapStream, Registration};
 pub use netmap::NetMap;

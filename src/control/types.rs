@@ -284,8 +284,10 @@ pub struct PeerReach {
 /// The map stream's path. `v=2`: this agent understands
 /// [`MapMessage::PeerOnline`]; a coordinator sends it only to streams that
 /// ask, so older agents (which ask for plain `/map`) get whole entries,
-/// and an older coordinator ignores the query.
-pub const MAP_PATH: &str = "/map?v=2";
+/// and an older coordinator ignores the query. `zstd=1`: it reads the
+/// stream as zstd frames when the answer says `Content-Encoding: zstd`
+/// (`control::zmap`).
+pub const MAP_PATH: &str = "/map?v=2&zstd=1";
 
 /// How often the coordinator writes a keepalive line on an idle map stream.
 pub const KEEPALIVE_SECS: u64 = 30;

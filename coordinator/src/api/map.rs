@@ -12,6 +12,11 @@
 //! a slow agent costs a place in the broadcast, not a copy. When the
 //! node itself is removed the task just returns: the body ends, and the
 //! node's next request is refused.
+//!
+//! A stream that asks for `zstd=1` is written as zstd frames
+//! (`warren::control::zmap`): every write is wrapped in stored frames
+//! here, except a shared full map, which is the hub's compressed blocks
+//! (`EncodedPeers::frames_without`).
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -48,9 +53,13 @@ pub(super) async fn map(
     // `v=2` (warren::control::MAP_PATH): the agent takes `peer_online`
     // lines. Anything else in the query is ignored, as an older
     // coordinator ignores this.
-    let compact = query
-        .as_deref()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "v=2"));
+    let asked = |what: &str| {
+        query
+            .as_deref()
+            .is_some_and(|q| q.split('&').any(|kv| kv == what))
+    };
+    let compact = asked("v=2");
+    let zstd = asked("zstd=1");
     // The address's cap first: it needs no database.
     let mut ticket = st.streams.admit(peer.map(|Extension(p)| p.0.ip()))?;
     let node = signed.open_stream(&st).await?;
@@ -72,6 +81,7 @@ pub(super) async fn map(
         node,
         lines,
         ticket,
+        zstd,
     };
     // The first full map is sent from the task too, so that a failure to
     // build it is handled like any later one.
@@ -82,10 +92,13 @@ pub(super) async fn map(
             futures_util::stream::iter(parts.into_iter().map(Ok::<_, Infallible>))
         }),
     );
-    Response::builder()
+    let mut resp = Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(body)
+        .header(header::CACHE_CONTROL, "no-store");
+    if zstd {
+        resp = resp.header(header::CONTENT_ENCODING, "zstd");
+    }
+    resp.body(body)
         .map_err(|e| ApiError::new(warren::control::ErrorCode::Internal, e.to_string()))
 }
 
@@ -99,6 +112,8 @@ struct MapTask {
     lines: mpsc::Sender<Write>,
     /// This stream's place among its node's (`streams.rs`).
     ticket: Ticket,
+    /// Written as zstd frames (`zstd=1`).
+    zstd: bool,
 }
 
 /// Why a stream ended.
@@ -191,7 +206,7 @@ impl MapTask {
                 if let Some(me) = me {
                     self.node = me.node.clone();
                 }
-                text.into_parts()
+                self.framed(text.into_parts())
             }
             Flush::Full { recheck, me } => {
                 if let Some(me) = me {
@@ -207,12 +222,20 @@ impl MapTask {
         Ok(())
     }
 
+    /// `parts` as this stream writes them: as they are, or in stored
+    /// zstd frames.
+    fn framed(&self, parts: Write) -> Write {
+        if self.zstd {
+            warren::control::zmap::raw_frames(parts)
+        } else {
+            parts
+        }
+    }
+
     /// A keepalive, unless the body is full (then it is not idle anyway).
     fn keepalive(&self) -> Result<(), End> {
-        match self
-            .lines
-            .try_send(vec![Bytes::from_static(b"{\"type\":\"keepalive\"}\n")])
-        {
+        let line = vec![Bytes::from_static(b"{\"type\":\"keepalive\"}\n")];
+        match self.lines.try_send(self.framed(line)) {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
             _ => Ok(()),
         }
@@ -247,14 +270,24 @@ impl MapTask {
         let parts = self.outbox.full_parts();
         if parts.0.is_none() {
             let (shared, since) = self.st.hub.encoded_peers();
-            let (peers, known) = shared.without(self.node.id);
             let (head, mut tail) = full_frame(&me, &relay, parts.1);
-            let mut write = Vec::with_capacity(peers.len() + 2);
-            write.push(Bytes::from(head));
-            write.extend(peers);
             crate::hub::outbox::add_dns(&mut tail, &self.st.dns_json);
             tail.push('\n');
-            write.push(Bytes::from(tail));
+            let (head, tail) = (Bytes::from(head), Bytes::from(tail));
+            let (write, known) = if self.zstd {
+                let (peers, known) = shared.frames_without(self.node.id);
+                let mut write = self.framed(vec![head]);
+                write.extend(peers);
+                write.extend(self.framed(vec![tail]));
+                (write, known)
+            } else {
+                let (peers, known) = shared.without(self.node.id);
+                let mut write = Vec::with_capacity(peers.len() + 2);
+                write.push(head);
+                write.extend(peers);
+                write.push(tail);
+                (write, known)
+            };
             self.outbox.full_sent(known, shared.version);
             self.outbox.catch_up(&since);
             return Ok(write);
@@ -266,7 +299,7 @@ impl MapTask {
         crate::hub::outbox::add_dns(&mut line, &self.st.dns_json);
         line.push('\n');
         self.outbox.full_sent(known, version);
-        Ok(vec![Bytes::from(line)])
+        Ok(self.framed(vec![Bytes::from(line)]))
     }
 
     fn close(&self, end: End) {

@@ -66,7 +66,7 @@ impl NodeRecord {
         NodeRecord {
             id,
             key: NodeKey([id as u8; 32]),
-            disco_key: NodeKey([id as u8 + 100; 32]),
+            disco_key: NodeKey([(id as u8).wrapping_add(100); 32]),
             name: format!("n{id}"),
             hostname: format!("n{id}"),
             os: String::new(),

@@ -126,7 +126,7 @@ pub struct AgentConfig {
     pub insecure_http: bool,
     /// Microseconds a runtime worker keeps polling the TUN device and the
     /// UDP socket after a packet before it parks (`agent::spin`); 0: off.
-    /// Read at start.
+    /// Applied at start and on SIGHUP.
     #[serde(default = "default_busy_poll")]
     pub busy_poll_us: u64,
 }
@@ -365,10 +365,10 @@ impl Config {
                 "must be at least 1 (seconds)",
             ));
         }
-        if self.agent.busy_poll_us > 10_000 {
+        if self.agent.busy_poll_us > 1_000 {
             return Err(err(
                 "agent.busy_poll_us".into(),
-                "must be at most 10000 (microseconds; 0 turns busy-polling off)",
+                "must be at most 1000 (microseconds; 0 turns busy-polling off)",
             ));
         }
         if !(16..=1024).contains(&self.agent.birthday_ports) {

@@ -207,7 +207,7 @@ fn relay_transport_and_idle_timeout() {
     assert_eq!((line, key.as_str()), (3, "agent.relay_idle_timeout"));
     let (line, key, _) = invalid("[agent]\nrelay_idle_timeout = \"1m\"\n");
     assert_eq!((line, key.as_str()), (2, "agent.relay_idle_timeout"));
-    let (line, key, _) = invalid("[agent]\nbusy_poll_us = 20000\n");
+    let (line, key, _) = invalid("[agent]\nbusy_poll_us = 2000\n");
     assert_eq!((line, key.as_str()), (2, "agent.busy_poll_us"));
     let (line, key, _) = invalid("[agent]\nportmap = true\nbirthday_ports = 4\n");
     assert_eq!((line, key.as_str()), (3, "agent.birthday_ports"));

@@ -93,6 +93,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     pub insecure_http: bool,
     pub keepalive: Duration,
+    /// Answer map streams that ask for zstd frames with them
+    /// (`warren::control::zmap`); off: plain lines to every agent.
+    pub compress_maps: bool,
     /// How long an ephemeral node may stay offline before it is removed.
     pub ephemeral_timeout: Duration,
     /// Regions of standalone relays, published after the embedded one.
@@ -123,6 +126,7 @@ impl Config {
             tls_key: None,
             insecure_http: false,
             keepalive: Duration::from_secs(KEEPALIVE_SECS),
+            compress_maps: false,
             ephemeral_timeout: Duration::from_secs(600),
             relay_map: RelayMap::default(),
             embedded_relay: Some(EmbeddedRegion::default()),
@@ -337,6 +341,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
             .unwrap_or_else(|_| "null".into())
             .into(),
         keepalive: cfg.keepalive,
+        compress_maps: cfg.compress_maps,
         live: Arc::default(),
         streams: Default::default(),
         presence: api::presence::Presence::spawn(store.clone(), hub.clone()),

@@ -81,7 +81,15 @@ impl Stream {
 #[tokio::test]
 async fn a_compressed_stream_carries_the_same_lines_in_fewer_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let (_srv, url, tok) = common::start_with_token(dir.path(), false).await;
+    common::init();
+    let mut cfg = warren_coordinator::server::Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("coord"),
+    );
+    cfg.compress_maps = true;
+    let srv = warren_coordinator::server::start(cfg).await.unwrap();
+    let url = common::url(&srv);
+    let tok = common::token(&srv.store, true, false).await;
     // Enough peers that the full map spans several compressed blocks.
     let mut clients = Vec::new();
     for i in 0..250 {
@@ -144,4 +152,24 @@ async fn a_compressed_stream_carries_the_same_lines_in_fewer_bytes() {
         }
         assert!(seen, "the endpoint change arrived");
     }
+
+    // The agent's own client reads the compressed stream into a map.
+    let mut agent = clients[11].0.map_stream();
+    let map = common::first_full(&mut agent).await;
+    assert_eq!(map.peers.len(), 249);
+}
+
+#[tokio::test]
+async fn a_coordinator_that_does_not_compress_answers_plain_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, url, tok) = common::start_with_token(dir.path(), false).await;
+    let key = PrivateKey::generate();
+    let c = warren::control::ControlClient::new(&url, key.clone(), dir.path()).unwrap();
+    c.register(Some(&tok), "a", PrivateKey::generate().public())
+        .await
+        .unwrap();
+    let coord = c.coordinator_key().await.unwrap();
+    let mut s = Stream::open(&url, &key, &coord, "/map?v=2&zstd=1").await;
+    assert!(s.zstd.is_none(), "asked, but not turned on: plain");
+    assert!(s.line().await.starts_with("{\"type\":\"full\""));
 }

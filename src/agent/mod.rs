@@ -280,8 +280,8 @@ pub async fn run(
     )
     .await;
     tasks.shutdown().await;
-    // The descriptors close below: a later agent in this process (the
-    // tests) watches its own.
+    // The descriptors close below; a number the kernel reuses must not
+    // end a spin.
     spin::unwatch_all();
     mesh_task.abort();
     let _ = mesh_task.await;

@@ -69,6 +69,7 @@ pub fn apply(dp: &DataPlane, old: &Config, new: &Config) -> ReloadReport {
         });
         report.filter_changed = true;
     }
+    crate::agent::spin::set_window(new.agent.busy_poll_us);
     let (a, b) = (&old.interface, &new.interface);
     let checks = [
         ("interface.name", a.name != b.name),

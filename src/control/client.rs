@@ -47,6 +47,10 @@ pub const MAP_FILE: &str = "netmap.json";
 
 /// Longest line the map stream may send (a full map of a large network).
 const MAX_LINE: usize = 64 << 20;
+/// A stream silent for this long is presumed dead and reconnected.
+const SILENCE: Duration = Duration::from_secs(KEEPALIVE_SECS * 5 / 2);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// A map stream's unfinished input: the bytes after the last whole line,
 /// how far they were searched for a newline, and whether the map changed
@@ -56,10 +60,6 @@ struct Lines<'a> {
     scanned: &'a mut usize,
     dirty: &'a mut bool,
 }
-/// A stream silent for this long is presumed dead and reconnected.
-const SILENCE: Duration = Duration::from_secs(KEEPALIVE_SECS * 5 / 2);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Why a control request failed.
 #[derive(Debug, thiserror::Error)]
@@ -422,16 +422,18 @@ impl ControlClient {
         }
         // Compressed only when this coordinator knows `zstd=1` (an older
         // one sends plain lines without the header): `control::zmap`.
-        let mut unframer = match resp.headers().get(reqwest::header::CONTENT_ENCODING) {
-            Some(v) if v == "zstd" => {
-                Some((super::zmap::Unframer::new(), super::zmap::Decoder::new()?))
-            }
-            Some(v) => {
+        let encoding = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
+        let mut unframer = match encoding.as_deref() {
+            None | Some("identity") => None,
+            Some("zstd") => Some((super::zmap::Unframer::new(), super::zmap::Decoder::new()?)),
+            Some(other) => {
                 return Err(ControlError::Protocol(format!(
-                    "map stream in an encoding this agent did not ask for: {v:?}"
+                    "map stream in an encoding this agent did not ask for: {other:?}"
                 )))
             }
-            None => None,
         };
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();

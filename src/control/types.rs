@@ -286,7 +286,7 @@ pub struct PeerReach {
 /// ask, so older agents (which ask for plain `/map`) get whole entries,
 /// and an older coordinator ignores the query. `zstd=1`: it reads the
 /// stream as zstd frames when the answer says `Content-Encoding: zstd`
-/// (`control::zmap`).
+/// (`control::zmap`; coordinators send them only with `--compress-maps`).
 pub const MAP_PATH: &str = "/map?v=2&zstd=1";
 
 /// How often the coordinator writes a keepalive line on an idle map stream.

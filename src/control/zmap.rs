@@ -1,11 +1,12 @@
 //! The map stream's compression: a sequence of zstd frames.
 //!
 //! An agent that asks for `GET /map?…&zstd=1` ([`super::MAP_PATH`]) gets,
-//! when the coordinator can, a body marked `Content-Encoding: zstd` that is
-//! a concatenation of independent zstd frames; decoded and joined, they are
-//! the same newline-delimited JSON as the plain stream. Older agents do not
-//! ask and get plain lines; an older coordinator ignores the query and
-//! sends plain lines without the header, which the agent reads as before.
+//! from a coordinator run with `serve --compress-maps`, a body marked
+//! `Content-Encoding: zstd` that is a concatenation of independent zstd
+//! frames; decoded and joined, they are the same newline-delimited JSON as
+//! the plain stream. Older agents do not ask and get plain lines; an older
+//! coordinator, or one without the flag, ignores the query and sends plain
+//! lines without the header, which the agent reads as before.
 //!
 //! Why frames rather than one compressed stream per connection: a full map
 //! of a 10,000-node network is 2.8 MB, and after a coordinator restart
@@ -34,6 +35,9 @@ use bytes::Bytes;
 
 /// The most content one frame may declare.
 pub const MAX_FRAME_CONTENT: usize = 4 << 20;
+
+/// Writes up to this size are copied into one buffer with their header.
+const SMALL: usize = 4096;
 
 /// Largest raw block (RFC 8878: `Block_Maximum_Size`, 128 KiB).
 const MAX_BLOCK: usize = 128 << 10;
@@ -65,9 +69,23 @@ const MAX_BUFFERED: usize = MAX_FRAME_CONTENT + MAX_FRAME_CONTENT / 256 + 64;
 
 /// Stored frames around `parts` (joined, in order): at most 128 KiB of
 /// content each, their header the only new bytes; `parts` are sliced, not
-/// copied. Empty input gives no frame.
+/// copied, unless all of them are small. Empty input gives no frame.
 pub fn raw_frames(parts: Vec<Bytes>) -> Vec<Bytes> {
     let total: usize = parts.iter().map(Bytes::len).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    // A small write (a delta, a keepalive) is copied behind its header
+    // into one buffer: one body chunk, not a 12-byte one and then its
+    // payload.
+    if total <= SMALL {
+        let mut one = Vec::with_capacity(12 + total);
+        one.extend_from_slice(&raw_header(total));
+        for p in &parts {
+            one.extend_from_slice(p);
+        }
+        return vec![Bytes::from(one)];
+    }
     let mut out = Vec::with_capacity(parts.len() + total / MAX_BLOCK + 1);
     let mut left = total;
     let mut parts = parts.into_iter().filter(|p| !p.is_empty());
@@ -110,7 +128,20 @@ fn raw_header(size: usize) -> [u8; 12] {
 /// `data` as one compressed frame (level 3), or `None` if zstd failed
 /// (the caller sends it stored instead).
 pub fn compress(data: &[u8]) -> Option<Bytes> {
-    zstd::bulk::compress(data, 3).ok().map(Bytes::from)
+    thread_local! {
+        // One context per thread, kept: a context per call is a megabyte
+        // allocated and freed for every 32 KB block, which left a
+        // coordinator's heap fragmented by a gigabyte after a storm.
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(3).ok();
+        }
+        c.as_mut()?.compress(data).ok().map(Bytes::from)
+    })
 }
 
 /// zstd's decoding context (about 96 KB): one per reader, or one per
@@ -129,6 +160,10 @@ impl Decoder {
 #[derive(Default)]
 pub struct Unframer {
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf`: frames are cut out by offset
+    /// and the buffer shifted once per push, not once per frame (a chunk
+    /// of deltas holds hundreds).
+    head: usize,
     /// Where the frame at the start of `buf` was parsed up to, so a frame
     /// that arrives in many chunks is not walked from its start each time.
     scan: Option<Scan>,
@@ -150,35 +185,46 @@ impl Unframer {
 
     /// Bytes of the body as they arrive.
     pub fn push(&mut self, chunk: &[u8]) {
+        if self.head > 0 {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
         self.buf.extend_from_slice(chunk);
     }
 
     /// Bytes held that are not yet a whole frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.head
     }
 
     /// Decodes the next complete frame onto the end of `out`: `Ok(true)`
     /// if there was one, `Ok(false)` if more input is needed.
     pub fn next_into(&mut self, dec: &mut Decoder, out: &mut Vec<u8>) -> Result<bool, FrameError> {
         let Some((len, content)) = self.extent()? else {
-            if self.buf.len() > MAX_BUFFERED {
-                return Err(FrameError::Unfinished(self.buf.len()));
+            if self.pending() > MAX_BUFFERED {
+                return Err(FrameError::Unfinished(self.pending()));
             }
             return Ok(false);
         };
-        let decoded = dec
+        let frame = &self.buf[self.head..self.head + len];
+        // Straight into `out`: no buffer of its own per frame.
+        let at = out.len();
+        out.resize(at + content, 0);
+        let got = dec
             .0
-            .decompress(&self.buf[..len], content)
-            .map_err(FrameError::Corrupt)?;
-        if decoded.len() != content {
+            .decompress_to_buffer(frame, &mut out[at..])
+            .map_err(|e| {
+                out.truncate(at);
+                FrameError::Corrupt(e)
+            })?;
+        if got != content {
+            out.truncate(at);
             return Err(FrameError::Length {
-                got: decoded.len(),
+                got,
                 declared: content,
             });
         }
-        out.extend_from_slice(&decoded);
-        self.buf.drain(..len);
+        self.head += len;
         self.scan = None;
         Ok(true)
     }
@@ -188,12 +234,12 @@ impl Unframer {
     fn extent(&mut self) -> Result<Option<(usize, usize)>, FrameError> {
         let mut scan = match self.scan {
             Some(s) => s,
-            None => match frame_header(&self.buf)? {
+            None => match frame_header(&self.buf[self.head..])? {
                 Some(s) => s,
                 None => return Ok(None),
             },
         };
-        let b = &self.buf;
+        let b = &self.buf[self.head..];
         loop {
             let Some(h) = b.get(scan.at..scan.at + 3) else {
                 self.scan = Some(scan);

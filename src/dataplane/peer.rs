@@ -292,6 +292,13 @@ impl Peer {
     ) -> Opened {
         let kind = datagram.first().copied().unwrap_or(0);
         let mut st = self.state.lock();
+        // Only a handshake initiation can be good for a peer without a
+        // session: anything else addressed to its index is refused
+        // before one is made, so forged data packets cannot make every
+        // idle peer's session (and cost an X25519 and 11 KB each).
+        if st.tunn.is_none() && kind != 1 {
+            return Opened::Rejected(WireGuardError::NoCurrentSession);
+        }
         if st.touch() {
             self.wake.notify_one();
         }

@@ -317,6 +317,20 @@ fn a_session_is_made_at_its_first_use_or_at_once_with_a_keepalive() {
     assert_eq!(peer(&a, &b).stats(Instant::now()).tx_bytes, 0);
     assert!(!peer(&a, &b).has_session());
 
+    // A forged data packet to b's index for a makes no session there.
+    let mut forged = vec![0u8; 48];
+    forged[0] = 4;
+    forged[4..8].copy_from_slice(&(peer(&b, &a).index << 8).to_le_bytes());
+    let mut out = vec![0u8; 2048];
+    assert!(matches!(
+        peer(&b, &a).open(Instant::now(), Some(a.addr), &forged, &mut out),
+        Opened::Rejected(_)
+    ));
+    assert!(
+        !peer(&b, &a).has_session(),
+        "only a handshake makes a session"
+    );
+
     // The first packet makes a's session; its handshake makes b's.
     let (init, _) = seal(&a, &ipv4(A_IP, B_IP, b"ping")).expect("handshake initiation");
     assert!(peer(&a, &b).has_session());

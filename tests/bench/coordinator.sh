@@ -23,7 +23,8 @@
 # streams at replica i mod REPLICAS, and memory, CPU and the change's
 # latency are printed per replica. STORES="postgres" (default "sqlite
 # postgres") runs only the stores named; REGISTER_ONLY=1 stops each run
-# after its registrations.
+# after its registrations; COMPRESS=1 turns on the coordinator's zstd map
+# streams (--compress-maps).
 # Builds in release mode: these are measurements.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,6 +40,10 @@ BIN=${COORDINATOR_BIN:-target/release/warren-coordinator}
 BENCH=${BENCH_BIN:-target/release/examples/coordinator_bench}
 REPLICAS=${REPLICAS:-2}
 STORES=${STORES:-sqlite postgres}
+# COMPRESS=1: the coordinators run with --compress-maps (zstd frames to
+# the streams, which ask for them as agents do).
+SERVE_FLAGS=()
+if [ "${COMPRESS:-0}" = 1 ]; then SERVE_FLAGS+=(--compress-maps); fi
 WORK=$(mktemp -d)
 PIDS=()
 stop_all() {
@@ -65,7 +70,7 @@ run() {
         mkdir -p "$dir/r$r"
         # Replicas are one coordinator to the agents: the same key.
         if [ "$r" -gt 1 ]; then cp "$dir/r1/coordinator.key" "$dir/r$r/"; fi
-        RUST_LOG=warn "$BIN" --data-dir "$dir/r$r" "$@" serve --listen 127.0.0.1:0 --no-stun >"$dir/r$r.log" 2>&1 &
+        RUST_LOG=warn "$BIN" --data-dir "$dir/r$r" "$@" serve --listen 127.0.0.1:0 --no-stun "${SERVE_FLAGS[@]}" >"$dir/r$r.log" 2>&1 &
         local pid=$!
         PIDS+=("$pid")
         # The port is chosen by the kernel; read it from the process's
@@ -83,7 +88,7 @@ run() {
     done
     # The first replica's data directory holds the SQLite store.
     dir=$dir/r1
-    echo "== $label: $NODES nodes, $replicas coordinator(s): pid ${PIDS[*]} on port ${ports[*]}"
+    echo "== $label: $NODES nodes, $replicas coordinator(s): pid ${PIDS[*]} on port ${ports[*]}${SERVE_FLAGS[*]:+, ${SERVE_FLAGS[*]}}"
     local policy=()
     if [ "$POLICY_RULES" -gt 0 ]; then
         # Rule i lets the whole overlay reach port 1000+i of one /16 of it.

@@ -129,7 +129,7 @@ measure() {
     c1=$(ticks)
     RSS1=$(rss)
     CPU=$(awk -v d=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", d / hz }')
-    SEEN=$(grep -o 'peers=[0-9]*' "$TMP/agent.log" | head -1 | cut -d= -f2)
+    SEEN=$(grep -o 'peers=[0-9]*' "$TMP/agent.log" | head -1 | cut -d= -f2 || true)
     stop_agent
     # The next agent makes the device again.
     for _ in $(seq 50); do ip -n "$NS" link show warren0 >/dev/null 2>&1 || break; sleep 0.1; done

@@ -98,16 +98,16 @@ for col in "${COLUMNS[@]}"; do
 done
 
 echo
-printf '%-34s' "TCP a→b, $STREAMS stream(s), Gbit/s, relay $([[ $WARREN_DEMO_TLS = 1 ]] && echo TLS || echo plain)"
+printf '%-44s' "TCP a→b, $STREAMS stream(s), Gbit/s, relay $([[ $WARREN_DEMO_TLS = 1 ]] && echo TLS || echo plain)"
 for col in "${COLUMNS[@]}"; do printf '%12s' "${col%%:*}"; done
 echo
-printf '%-34s' "direct"
+printf '%-44s' "direct"
 for col in "${COLUMNS[@]}"; do printf '%12s' "${DIRECT[${col%%:*}]}"; done
 echo
-printf '%-34s' "relayed"
+printf '%-44s' "relayed"
 for col in "${COLUMNS[@]}"; do printf '%12s' "${RELAYED[${col%%:*}]}"; done
 echo
-printf '%-34s' "relayed / direct"
+printf '%-44s' "relayed / direct"
 for col in "${COLUMNS[@]}"; do
     n=${col%%:*}
     printf '%12s' "$(python3 -c "print('%.2f' % (float('${RELAYED[$n]}') / float('${DIRECT[$n]}')))" 2>/dev/null || echo -)"

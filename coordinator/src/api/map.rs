@@ -59,7 +59,10 @@ pub(super) async fn map(
             .is_some_and(|q| q.split('&').any(|kv| kv == what))
     };
     let compact = asked("v=2");
-    let zstd = asked("zstd=1");
+    // Compressed only where the operator turned it on (`serve
+    // --compress-maps`): an agent that asks otherwise gets plain lines
+    // without the header, as from an older coordinator.
+    let zstd = asked("zstd=1") && st.compress_maps;
     // The address's cap first: it needs no database.
     let mut ticket = st.streams.admit(peer.map(|Extension(p)| p.0.ip()))?;
     let node = signed.open_stream(&st).await?;

@@ -48,6 +48,8 @@ pub struct AppState {
     /// The network's DNS settings, encoded once for every full map.
     pub dns_json: Arc<str>,
     pub keepalive: Duration,
+    /// Whether map streams that ask for zstd frames get them.
+    pub compress_maps: bool,
     /// Node id → open map streams on this replica (for liveness refresh).
     pub live: Arc<Mutex<HashMap<i64, usize>>>,
     /// The map streams' caps per node and per address.

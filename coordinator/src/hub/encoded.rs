@@ -47,7 +47,18 @@ pub struct EncodedPeers {
     /// `bytes` cut at entry starts into blocks of about [`BLOCK`] bytes
     /// (each block's trailing comma included), each compressed once, at
     /// the first compressed stream's full map.
-    blocks: OnceLock<Vec<(Range<usize>, Option<Bytes>)>>,
+    blocks: OnceLock<Blocks>,
+}
+
+/// The compressed blocks of an [`EncodedPeers`]: every frame back to back
+/// in one buffer, so a full map is a few slices of it (one body chunk
+/// each), not a chunk per frame.
+#[derive(Debug, Default)]
+struct Blocks {
+    packed: Bytes,
+    /// Per block: its span of the plain bytes, and of `packed` (`None`
+    /// when zstd failed on it: it goes stored).
+    spans: Vec<(Range<usize>, Option<Range<usize>>)>,
 }
 
 /// About how many bytes of entries one compressed frame holds: big enough
@@ -92,7 +103,7 @@ impl EncodedPeers {
         }
     }
 
-    fn blocks(&self) -> &[(Range<usize>, Option<Bytes>)] {
+    fn blocks(&self) -> &Blocks {
         self.blocks.get_or_init(|| {
             let mut cuts = vec![0];
             for s in &self.spans {
@@ -101,13 +112,23 @@ impl EncodedPeers {
                 }
             }
             cuts.push(self.bytes.len());
-            cuts.windows(2)
+            let mut packed = Vec::new();
+            let spans = cuts
+                .windows(2)
                 .filter(|w| w[0] < w[1])
                 .map(|w| {
-                    let frame = warren::control::zmap::compress(&self.bytes[w[0]..w[1]]);
+                    let frame = warren::control::zmap::compress(&self.bytes[w[0]..w[1]]).map(|f| {
+                        let at = packed.len();
+                        packed.extend_from_slice(&f);
+                        at..packed.len()
+                    });
                     (w[0]..w[1], frame)
                 })
-                .collect()
+                .collect();
+            Blocks {
+                packed: Bytes::from(packed),
+                spans,
+            }
         })
     }
 
@@ -125,26 +146,41 @@ impl EncodedPeers {
     pub fn frames_without(&self, me: i64) -> (Vec<Bytes>, RoaringTreemap) {
         let blocks = self.blocks();
         let mut frames = Vec::new();
+        // Adjacent compressed blocks go as one slice of `packed`.
+        let mut run: Option<Range<usize>> = None;
+        let flush = |frames: &mut Vec<Bytes>, run: &mut Option<Range<usize>>| {
+            if let Some(r) = run.take() {
+                frames.push(blocks.packed.slice(r));
+            }
+        };
+        let stored = |frames: &mut Vec<Bytes>, r: Range<usize>| {
+            if !r.is_empty() {
+                frames.extend(warren::control::zmap::raw_frames(vec![self.bytes.slice(r)]));
+            }
+        };
         for part in self.ranges_without(me) {
             let mut stored_from = part.start;
-            for (r, frame) in blocks {
-                let Some(frame) = frame else { continue };
+            for (r, packed) in &blocks.spans {
+                let Some(packed) = packed else { continue };
                 if r.start < part.start || r.end > part.end {
                     continue;
                 }
                 if stored_from < r.start {
-                    frames.extend(warren::control::zmap::raw_frames(vec![self
-                        .bytes
-                        .slice(stored_from..r.start)]));
+                    flush(&mut frames, &mut run);
+                    stored(&mut frames, stored_from..r.start);
                 }
-                frames.push(frame.clone());
+                run = match run.take() {
+                    Some(cur) if cur.end == packed.start => Some(cur.start..packed.end),
+                    Some(cur) => {
+                        frames.push(blocks.packed.slice(cur));
+                        Some(packed.clone())
+                    }
+                    None => Some(packed.clone()),
+                };
                 stored_from = r.end;
             }
-            if stored_from < part.end {
-                frames.extend(warren::control::zmap::raw_frames(vec![self
-                    .bytes
-                    .slice(stored_from..part.end)]));
-            }
+            flush(&mut frames, &mut run);
+            stored(&mut frames, stored_from..part.end);
         }
         (frames, self.ids_without(me))
     }
@@ -266,10 +302,14 @@ mod tests {
             *u = Arc::new(u2);
         }
         let e = EncodedPeers::build(&s, 1);
-        assert!(e.blocks().len() >= 8, "{} blocks", e.blocks().len());
+        assert!(
+            e.blocks().spans.len() >= 8,
+            "{} blocks",
+            e.blocks().spans.len()
+        );
         // Every block's first and last entry, the ends, and a stranger.
         let mut mes: Vec<i64> = vec![1, 2, 1500, 2999, 3000, 4000];
-        for (r, _) in e.blocks() {
+        for (r, _) in &e.blocks().spans {
             let first = e.spans.iter().find(|s| s.2 == r.start).map(|s| s.0);
             let last = e.spans.iter().rev().find(|s| s.3 <= r.end).map(|s| s.0);
             mes.extend(first.into_iter().chain(last));
@@ -282,6 +322,10 @@ mod tests {
             let wire: usize = frames.iter().map(Bytes::len).sum();
             let raw: usize = plain.iter().map(Bytes::len).sum();
             assert!(wire < raw / 3, "me = {me}: {wire} bytes for {raw}");
+            // The shared frames go as at most two slices around its own
+            // block, plus that block stored: a few body chunks, not one
+            // per block.
+            assert!(frames.len() <= 6, "me = {me}: {} parts", frames.len());
         }
     }
 

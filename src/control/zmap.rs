@@ -129,9 +129,8 @@ fn raw_header(size: usize) -> [u8; 12] {
 /// (the caller sends it stored instead).
 pub fn compress(data: &[u8]) -> Option<Bytes> {
     thread_local! {
-        // One context per thread, kept: a context per call is a megabyte
-        // allocated and freed for every 32 KB block, which left a
-        // coordinator's heap fragmented by a gigabyte after a storm.
+        // One context per thread, kept: a context per call would allocate
+        // and free about a megabyte for every 32 KB block.
         static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }

@@ -236,8 +236,9 @@ impl Peer {
         })
     }
 
-    /// Whether the session has been made (tests and the footprint bench).
-    pub fn has_session(&self) -> bool {
+    /// Whether the session has been made.
+    #[cfg(test)]
+    pub(crate) fn has_session(&self) -> bool {
         self.state.lock().tunn.is_some()
     }
 

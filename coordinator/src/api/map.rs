@@ -276,21 +276,14 @@ impl MapTask {
             let (head, mut tail) = full_frame(&me, &relay, parts.1);
             crate::hub::outbox::add_dns(&mut tail, &self.st.dns_json);
             tail.push('\n');
-            let (head, tail) = (Bytes::from(head), Bytes::from(tail));
-            let (write, known) = if self.zstd {
-                let (peers, known) = shared.frames_without(self.node.id);
-                let mut write = self.framed(vec![head]);
-                write.extend(peers);
-                write.extend(self.framed(vec![tail]));
-                (write, known)
+            let (peers, known) = if self.zstd {
+                shared.frames_without(self.node.id)
             } else {
-                let (peers, known) = shared.without(self.node.id);
-                let mut write = Vec::with_capacity(peers.len() + 2);
-                write.push(head);
-                write.extend(peers);
-                write.push(tail);
-                (write, known)
+                shared.without(self.node.id)
             };
+            let mut write = self.framed(vec![Bytes::from(head)]);
+            write.extend(peers);
+            write.extend(self.framed(vec![Bytes::from(tail)]));
             self.outbox.full_sent(known, shared.version);
             self.outbox.catch_up(&since);
             return Ok(write);

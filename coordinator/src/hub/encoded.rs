@@ -146,7 +146,8 @@ impl EncodedPeers {
     pub fn frames_without(&self, me: i64) -> (Vec<Bytes>, RoaringTreemap) {
         let blocks = self.blocks();
         let mut frames = Vec::new();
-        // Adjacent compressed blocks go as one slice of `packed`.
+        // Compressed blocks that follow each other in the plain bytes
+        // follow each other in `packed` too: they go as one slice of it.
         let mut run: Option<Range<usize>> = None;
         let flush = |frames: &mut Vec<Bytes>, run: &mut Option<Range<usize>>| {
             if let Some(r) = run.take() {
@@ -169,14 +170,7 @@ impl EncodedPeers {
                     flush(&mut frames, &mut run);
                     stored(&mut frames, stored_from..r.start);
                 }
-                run = match run.take() {
-                    Some(cur) if cur.end == packed.start => Some(cur.start..packed.end),
-                    Some(cur) => {
-                        frames.push(blocks.packed.slice(cur));
-                        Some(packed.clone())
-                    }
-                    None => Some(packed.clone()),
-                };
+                run = Some(run.map_or(packed.start, |cur| cur.start)..packed.end);
                 stored_from = r.end;
             }
             flush(&mut frames, &mut run);

@@ -207,21 +207,26 @@ impl ResolvConf {
         if self.gave_up {
             return Ok(());
         }
+        let current = std::fs::read(&self.path).unwrap_or_default();
+        let theirs = !current.starts_with(MARKER.as_bytes());
         if self.original.is_none() {
-            let current = std::fs::read(&self.path).unwrap_or_default();
-            if current.starts_with(MARKER.as_bytes()) {
+            if theirs {
+                write_file(&self.backup, &current)?;
+                self.original = Some(current.clone());
+            } else {
                 // Ours already, without a backup: nothing to keep.
                 self.original = Some(Vec::new());
-            } else {
-                write_file(&self.backup, &current)?;
-                self.original = Some(current);
             }
+        } else if theirs && self.written.as_ref().is_some_and(|w| *w != current) {
+            // Another program rewrote the file after our last write and
+            // its inotify event is not handled yet: its content is the
+            // host's now, as in `changed`, and not lost under ours.
+            write_file(&self.backup, &current)?;
+            self.original = Some(current.clone());
         }
         let host = self.host();
         let text = render(&host, resolvers, domains).into_bytes();
-        if self.written.as_deref() != Some(&text)
-            || std::fs::read(&self.path).ok().as_deref() != Some(&text)
-        {
+        if self.written.as_deref() != Some(&text) || current != text {
             write_file(&self.path, &text)?;
         }
         self.written = Some(text);

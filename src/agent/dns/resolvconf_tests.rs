@@ -76,6 +76,28 @@ fn a_killed_runs_file_is_restored_at_the_next_start() {
 }
 
 #[test]
+fn a_rewrite_before_its_inotify_event_is_not_lost_under_a_reapply() {
+    let (_d, mut rc) = setup();
+    rc.apply(resolver(), &domains()).unwrap();
+    let dhcp = "nameserver 10.9.9.9\nsearch newlan\n";
+    std::fs::write(rc.path(), dhcp).unwrap();
+    // The network's settings change before the file's event is handled.
+    rc.apply(
+        resolver(),
+        &["warren.internal".into(), "corp.example".into()],
+    )
+    .unwrap();
+    let ours = std::fs::read_to_string(rc.path()).unwrap();
+    assert!(
+        ours.contains("search warren.internal corp.example newlan"),
+        "{ours}"
+    );
+    assert_eq!(rc.host().nameservers[0].to_string(), "10.9.9.9");
+    rc.restore().unwrap();
+    assert_eq!(std::fs::read_to_string(rc.path()).unwrap(), dhcp);
+}
+
+#[test]
 fn another_programs_rewrite_becomes_the_host_file_and_ours_returns() {
     let (_d, mut rc) = setup();
     let t0 = Instant::now();

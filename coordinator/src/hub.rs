@@ -74,10 +74,18 @@ pub struct Upserted {
     pub changed_line: bytes::Bytes,
     /// The `peer_online` line for this state, for streams that take it.
     pub presence_line: bytes::Bytes,
+    /// This state's entry in a `presence` line (`[key, online,
+    /// last_seen_ms]`), for streams that take those.
+    pub presence_entry: Box<str>,
     /// Whether this state differs from the one before it in the snapshot
     /// only in `online` and `last_seen_ms` (set when it enters it): then
     /// an agent holding the state before may be sent `presence_line`.
     pub presence_only: bool,
+    /// The snapshot version at which this node's entry last changed in
+    /// more than its presence (its own `version` when `presence_only` is
+    /// false). An agent holding the entry as of any version since then
+    /// needs only its presence (`encoded::Since`).
+    pub entry_version: u64,
     /// The snapshot version this state entered it at (the hub counts from
     /// 1; 0 is a state made outside the hub, in tests). A stream whose
     /// agent holds the map as of version V skips events up to V
@@ -97,7 +105,13 @@ impl Upserted {
                     node.key, node.online, node.last_seen_ms
                 )
                 .into(),
+                presence_entry: format!(
+                    "[\"{}\",{},{}]",
+                    node.key, node.online, node.last_seen_ms
+                )
+                .into(),
                 presence_only: false,
+                entry_version: 0,
                 node,
                 peer_json,
                 version: 0,
@@ -278,9 +292,12 @@ impl Hub {
     fn put(&self, u: Arc<Upserted>) -> Arc<Upserted> {
         let (mut snap, version) = self.snapshot_mut();
         let mut u = stamped(u, version);
-        u.presence_only = snap
-            .get(&u.node.id)
-            .is_some_and(|old| presence_only(&old.node, &u.node));
+        let old = snap.get(&u.node.id);
+        u.presence_only = old.is_some_and(|old| presence_only(&old.node, &u.node));
+        u.entry_version = match old {
+            Some(old) if u.presence_only => old.entry_version,
+            _ => version,
+        };
         let u = Arc::new(u);
         snap.insert(u.node.id, u.clone());
         u

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use warren::control::{Endpoint, EndpointKind, MapMessage, NetMap, RelayMap};
+use warren::control::{Endpoint, EndpointKind, MapMessage, NetMap, PresenceEntry, RelayMap};
 use warren::keys::{NodeKey, PrivateKey};
-use warren_coordinator::hub::outbox::{full_frame, full_line, Flush, Outbox, TICK};
+use warren_coordinator::hub::outbox::{full_frame, full_line, Flush, Outbox, PresenceLines, TICK};
 use warren_coordinator::hub::{HubEvent, Upserted};
 use warren_coordinator::store::NodeRecord;
 
@@ -493,9 +493,11 @@ fn a_full_map_from_an_older_encoding_is_caught_up_with_deltas() {
 }
 
 /// A stream whose agent asked for `v=2` gets a `peer_online` line when a
-/// peer's presence alone changed since the last write, and the whole entry
-/// as soon as anything else changed too; an older agent always gets the
-/// whole entry. Either way the agent's map ends equal to the truth.
+/// peer's presence alone changed since the last write, one that asked for
+/// `presence=1` one `presence` line for all such peers, and either gets
+/// the whole entry as soon as anything else changed too; an older agent
+/// always gets the whole entry. Every way the agent's map ends equal to
+/// the truth.
 #[test]
 fn presence_alone_goes_as_a_short_line_to_agents_that_ask() {
     let presence = |n: &NodeRecord, only: bool| {
@@ -503,17 +505,21 @@ fn presence_alone_goes_as_a_short_line_to_agents_that_ask() {
         u.presence_only = only;
         Arc::new(u)
     };
-    for compact in [true, false] {
+    use PresenceLines::*;
+    for mode in [Whole, PerPeer, Batched] {
         let t0 = Instant::now();
-        let (mut ob, _net, mut map, mut nodes) = started(2, t0);
-        ob.set_compact(compact);
-        // Node 2 comes online, goes offline and online again: presence only.
+        let (mut ob, _net, mut map, mut nodes) = started(4, t0);
+        ob.set_presence_lines(mode);
+        // Node 2 comes online, goes offline and online again; node 4 comes
+        // online: presence only.
         let mut t = t0 + TICK;
         for online in [true, false, true] {
             nodes[1].online = online;
             nodes[1].last_seen_ms += 1000;
             ob.push(HubEvent::Upsert(presence(&nodes[1], true)), t);
         }
+        nodes[3].online = true;
+        ob.push(HubEvent::Upsert(presence(&nodes[3], true)), t);
         // Node 3 comes online and then reports an endpoint.
         nodes[2].online = true;
         ob.push(HubEvent::Upsert(presence(&nodes[2], true)), t);
@@ -522,32 +528,52 @@ fn presence_alone_goes_as_a_short_line_to_agents_that_ask() {
             kind: EndpointKind::Srflx,
         }];
         ob.push(HubEvent::Upsert(presence(&nodes[2], false)), t);
-        let msgs = writes_lines(ob.poll_flush(t, 3));
-        let short = msgs
-            .iter()
-            .filter(|m| matches!(m, MapMessage::PeerOnline { .. }))
-            .count();
-        assert_eq!(short, usize::from(compact), "{msgs:?}");
-        if compact {
+        let msgs = writes_lines(ob.poll_flush(t, 4));
+        let count = |f: fn(&MapMessage) -> bool| msgs.iter().filter(|m| f(m)).count();
+        let per_peer = count(|m| matches!(m, MapMessage::PeerOnline { .. }));
+        let batches = count(|m| matches!(m, MapMessage::Presence { .. }));
+        let whole = count(|m| matches!(m, MapMessage::PeerChanged { .. }));
+        let want = match mode {
+            Whole => (0, 0, 3),
+            PerPeer => (2, 0, 1),
+            Batched => (0, 1, 1),
+        };
+        assert_eq!((per_peer, batches, whole), want, "{mode:?}: {msgs:?}");
+        if mode == PerPeer {
             assert!(msgs.iter().any(|m| matches!(m,
                 MapMessage::PeerOnline { key, online: true, last_seen_ms: 3000 } if *key == nodes[1].key)));
+        }
+        if mode == Batched {
+            let peers = msgs.iter().find_map(|m| match m {
+                MapMessage::Presence { peers } => Some(peers.clone()),
+                _ => None,
+            });
+            let mut peers = peers.unwrap();
+            peers.sort_by_key(|e| e.0);
+            let mut want = vec![
+                PresenceEntry(nodes[1].key, true, nodes[1].last_seen_ms),
+                PresenceEntry(nodes[3].key, true, nodes[3].last_seen_ms),
+            ];
+            want.sort_by_key(|e| e.0);
+            assert_eq!(peers, want);
         }
         for m in &msgs {
             map.apply(m);
         }
         for n in &nodes[1..] {
-            assert_eq!(map.peers[&n.key], n.to_peer(), "compact {compact}");
+            assert_eq!(map.peers[&n.key], n.to_peer(), "{mode:?}");
         }
         t += TICK;
         // A later presence change alone, after a write: short again.
         nodes[2].online = false;
         ob.push(HubEvent::Upsert(presence(&nodes[2], true)), t);
-        let msgs = writes_lines(ob.poll_flush(t, 3));
-        assert_eq!(
-            matches!(msgs[..], [MapMessage::PeerOnline { online: false, .. }]),
-            compact,
-            "{msgs:?}"
-        );
+        let msgs = writes_lines(ob.poll_flush(t, 4));
+        let short = match mode {
+            Whole => matches!(msgs[..], [MapMessage::PeerChanged { .. }]),
+            PerPeer => matches!(msgs[..], [MapMessage::PeerOnline { online: false, .. }]),
+            Batched => matches!(&msgs[..], [MapMessage::Presence { peers }] if peers.len() == 1),
+        };
+        assert!(short, "{mode:?}: {msgs:?}");
         map.apply(&msgs[0]);
         assert_eq!(map.peers[&nodes[2].key], nodes[2].to_peer());
     }

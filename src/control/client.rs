@@ -504,20 +504,25 @@ impl ControlClient {
         // being searched again from its start on every chunk.
         let mut start = 0;
         let mut scanned = *lines.scanned;
+        let mut events = Vec::new();
         while let Some(len) = buf[scanned..].iter().position(|&b| b == b'\n') {
             let end = scanned + len;
             let msg: MapMessage = parse_json(&buf[start..end])?;
             start = end + 1;
             scanned = start;
             let is_full = matches!(msg, MapMessage::Full { .. });
-            if let Some(event) = fold(coordinator, map, msg) {
-                // A full map is saved at once (it is what a restart needs
-                // most); deltas are batched by the tick.
-                if is_full {
-                    self.save(map.as_ref());
-                } else {
-                    *lines.dirty = true;
-                }
+            fold(coordinator, map, msg, &mut events);
+            if events.is_empty() {
+                continue;
+            }
+            // A full map is saved at once (it is what a restart needs
+            // most); deltas are batched by the tick.
+            if is_full {
+                self.save(map.as_ref());
+            } else {
+                *lines.dirty = true;
+            }
+            for event in events.drain(..) {
                 if tx.send(event).await.is_err() {
                     return Ok(false);
                 }
@@ -540,40 +545,48 @@ impl ControlClient {
     }
 }
 
-/// Applies one message to the map and says what to tell the caller.
-fn fold(coordinator: NodeKey, map: &mut Option<NetMap>, msg: MapMessage) -> Option<MapEvent> {
+/// Applies one message to the map and adds what to tell the caller to
+/// `out` (several events for a `presence` line).
+fn fold(coordinator: NodeKey, map: &mut Option<NetMap>, msg: MapMessage, out: &mut Vec<MapEvent>) {
     if let MapMessage::Full { .. } = msg {
-        let full = NetMap::from_full(coordinator, &msg)?;
-        *map = Some(full.clone());
-        return Some(MapEvent::Full {
-            map: full,
-            from_cache: false,
-        });
+        if let Some(full) = NetMap::from_full(coordinator, &msg) {
+            *map = Some(full.clone());
+            out.push(MapEvent::Full {
+                map: full,
+                from_cache: false,
+            });
+        }
+        return;
     }
     // A delta before any full map is a protocol slip; ignore it rather
     // than invent a map around it.
-    let current = map.as_mut()?;
-    match (current.apply(&msg), msg) {
+    let Some(current) = map.as_mut() else { return };
+    let event = match (current.apply(&msg), msg) {
         (
             MapChange::PeerAdded(_),
             MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer },
-        ) => Some(MapEvent::PeerAdded(peer)),
+        ) => MapEvent::PeerAdded(peer),
         (
             MapChange::PeerChanged(_),
             MapMessage::PeerAdded { peer } | MapMessage::PeerChanged { peer },
-        ) => Some(MapEvent::PeerChanged(peer)),
-        (MapChange::PeerChanged(k), MapMessage::PeerOnline { .. }) => {
-            current.peers.get(&k).cloned().map(MapEvent::PeerChanged)
+        ) => MapEvent::PeerChanged(peer),
+        (MapChange::PeerChanged(k), MapMessage::PeerOnline { .. }) => match current.peers.get(&k) {
+            Some(p) => MapEvent::PeerChanged(p.clone()),
+            None => return,
+        },
+        (MapChange::Presence(keys), _) => {
+            let peers = keys.iter().filter_map(|k| current.peers.get(k));
+            out.extend(peers.cloned().map(MapEvent::PeerChanged));
+            return;
         }
-        (MapChange::PeerRemoved(k), _) => Some(MapEvent::PeerRemoved(k)),
-        (MapChange::SelfChanged, MapMessage::SelfChanged { node }) => {
-            Some(MapEvent::SelfChanged(node))
-        }
+        (MapChange::PeerRemoved(k), _) => MapEvent::PeerRemoved(k),
+        (MapChange::SelfChanged, MapMessage::SelfChanged { node }) => MapEvent::SelfChanged(node),
         (MapChange::FilterChanged, MapMessage::FilterChanged { packet_filter }) => {
-            Some(MapEvent::FilterChanged(packet_filter))
+            MapEvent::FilterChanged(packet_filter)
         }
-        _ => None,
-    }
+        _ => return,
+    };
+    out.push(event);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

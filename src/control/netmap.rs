@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{MapMessage, Peer, RelayMap};
+use super::types::{MapMessage, Peer, PresenceEntry, RelayMap};
 use crate::keys::NodeKey;
 use crate::policy::FilterRule;
 
@@ -44,6 +44,8 @@ pub enum MapChange {
     PeerAdded(NodeKey),
     PeerChanged(NodeKey),
     PeerRemoved(NodeKey),
+    /// These peers' presence changed (a `presence` line), in its order.
+    Presence(Vec<NodeKey>),
     SelfChanged,
     /// The packet filter changed.
     FilterChanged,
@@ -92,6 +94,20 @@ impl NetMap {
     }
 
     /// Folds one message into the map.
+    /// Sets one peer's presence; whether it changed. A peer the map does
+    /// not hold is left out: the coordinator sends the whole entry for a
+    /// new peer, never its presence alone.
+    fn set_presence(&mut self, PresenceEntry(key, online, seen): PresenceEntry) -> bool {
+        match self.peers.get_mut(&key) {
+            Some(p) if p.online != online || p.last_seen_ms != seen => {
+                p.online = online;
+                p.last_seen_ms = seen;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn apply(&mut self, msg: &MapMessage) -> MapChange {
         match msg {
             MapMessage::Full { .. } => {
@@ -111,16 +127,25 @@ impl NetMap {
                 key,
                 online,
                 last_seen_ms,
-            } => match self.peers.get_mut(key) {
-                Some(p) if p.online != *online || p.last_seen_ms != *last_seen_ms => {
-                    p.online = *online;
-                    p.last_seen_ms = *last_seen_ms;
+            } => {
+                if self.set_presence(PresenceEntry(*key, *online, *last_seen_ms)) {
                     MapChange::PeerChanged(*key)
+                } else {
+                    MapChange::None
                 }
-                // A peer the map does not hold: nothing to apply it to
-                // (the coordinator sends the whole entry for new peers).
-                _ => MapChange::None,
-            },
+            }
+            MapMessage::Presence { peers } => {
+                let changed: Vec<NodeKey> = peers
+                    .iter()
+                    .filter(|e| self.set_presence(**e))
+                    .map(|e| e.0)
+                    .collect();
+                if changed.is_empty() {
+                    MapChange::None
+                } else {
+                    MapChange::Presence(changed)
+                }
+            }
             MapMessage::PeerRemoved { key } => match self.peers.remove(key) {
                 Some(_) => MapChange::PeerRemoved(*key),
                 None => MapChange::None,
@@ -273,6 +298,21 @@ mod tests {
             last_seen_ms: 1,
         };
         assert_eq!(map.apply(&stranger), MapChange::None);
+        assert_eq!(map.peers.len(), 1);
+        // The same in a `presence` line (`presence=1` streams): only the
+        // entries that change something are reported; strangers are left
+        // out of the map.
+        let batch = MapMessage::Presence {
+            peers: vec![
+                PresenceEntry(a.key, false, 90),
+                PresenceEntry(b.key, true, 1),
+                PresenceEntry(a.key, false, 90),
+            ],
+        };
+        assert_eq!(map.apply(&batch), MapChange::Presence(vec![a.key]));
+        assert_eq!(map.apply(&batch), MapChange::None);
+        assert!(!map.peers[&a.key].online);
+        assert_eq!(map.peers[&a.key].last_seen_ms, 90);
         assert_eq!(map.peers.len(), 1);
         // Back to what the rest of this test expects.
         map.apply(&MapMessage::PeerChanged { peer: a2.clone() });

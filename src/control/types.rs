@@ -254,6 +254,15 @@ pub enum MapMessage {
         online: bool,
         last_seen_ms: i64,
     },
+    /// Presence alone, for many peers in one line. Sent instead of
+    /// `peer_online` lines only on streams opened with [`MAP_PATH`]'s
+    /// `presence=1`: in a reconnect storm every stream hears of nearly
+    /// every node coming online, and one line per write with about 65
+    /// bytes a peer costs the coordinator and the agent far less than a
+    /// line, a write part and a parse per peer (issue 19).
+    Presence {
+        peers: Vec<PresenceEntry>,
+    },
     /// The receiving node's own entry changed (endpoints it reported, its
     /// online state, a rename by the administrator).
     SelfChanged {
@@ -261,6 +270,13 @@ pub enum MapMessage {
     },
     Keepalive,
 }
+
+/// One peer's presence in a [`MapMessage::Presence`] line: the key, whether
+/// it is online, and `last_seen_ms`, encoded as the JSON array
+/// `[key, online, last_seen_ms]` so that the key's name is not repeated
+/// ten thousand times in a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry(pub NodeKey, pub bool, pub i64);
 
 /// The answer to `GET /reach`: what each peer in this node's map lets it
 /// do, from the peers' filters, which only the coordinator holds. Asked
@@ -284,10 +300,13 @@ pub struct PeerReach {
 /// The map stream's path. `v=2`: this agent understands
 /// [`MapMessage::PeerOnline`]; a coordinator sends it only to streams that
 /// ask, so older agents (which ask for plain `/map`) get whole entries,
-/// and an older coordinator ignores the query. `zstd=1`: it reads the
-/// stream as zstd frames when the answer says `Content-Encoding: zstd`
-/// (`control::zmap`; coordinators send them only with `--compress-maps`).
-pub const MAP_PATH: &str = "/map?v=2&zstd=1";
+/// and an older coordinator ignores the query. `presence=1`: it also
+/// understands [`MapMessage::Presence`], which a coordinator that knows it
+/// sends instead of `peer_online` lines (an older one ignores the flag and
+/// sends those). `zstd=1`: it reads the stream as zstd frames when the
+/// answer says `Content-Encoding: zstd` (`control::zmap`; coordinators
+/// send them only with `--compress-maps`).
+pub const MAP_PATH: &str = "/map?v=2&presence=1&zstd=1";
 
 /// How often the coordinator writes a keepalive line on an idle map stream.
 pub const KEEPALIVE_SECS: u64 = 30;
@@ -480,6 +499,19 @@ mod tests {
         assert_eq!(line, format!(r#"{{"type":"peer_removed","key":"{k}"}}"#));
         let ka: MapMessage = serde_json::from_str(r#"{"type":"keepalive"}"#).unwrap();
         assert_eq!(ka, MapMessage::Keepalive);
+        // The shape the coordinator's outbox writes by hand.
+        let presence = MapMessage::Presence {
+            peers: vec![PresenceEntry(k, true, 12), PresenceEntry(k, false, -1)],
+        };
+        let line = serde_json::to_string(&presence).unwrap();
+        assert_eq!(
+            line,
+            format!(r#"{{"type":"presence","peers":[["{k}",true,12],["{k}",false,-1]]}}"#)
+        );
+        assert_eq!(serde_json::from_str::<MapMessage>(&line).unwrap(), presence);
+        // A short entry is refused, not read with a default.
+        let short = format!(r#"{{"type":"presence","peers":[["{k}",true]]}}"#);
+        assert!(serde_json::from_str::<MapMessage>(&short).is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tracing::Instrument as _;
 use super::signed::{NoBody, Signed};
 use super::streams::Ticket;
 use super::{ApiError, AppState};
-use crate::hub::outbox::{full_frame, full_line_with, Flush, Outbox};
+use crate::hub::outbox::{full_frame, full_line_with, Flush, Outbox, PresenceLines};
 use crate::hub::HubEvent;
 use crate::listen::PeerAddr;
 use crate::store::NodeRecord;
@@ -51,14 +51,20 @@ pub(super) async fn map(
     signed: Signed<NoBody>,
 ) -> Result<Response, ApiError> {
     // `v=2` (warren::control::MAP_PATH): the agent takes `peer_online`
-    // lines. Anything else in the query is ignored, as an older
+    // lines; `presence=1`: a `presence` line for all of them. Anything else in the query is ignored, as an older
     // coordinator ignores this.
     let asked = |what: &str| {
         query
             .as_deref()
             .is_some_and(|q| q.split('&').any(|kv| kv == what))
     };
-    let compact = asked("v=2");
+    let presence = if asked("presence=1") {
+        PresenceLines::Batched
+    } else if asked("v=2") {
+        PresenceLines::PerPeer
+    } else {
+        PresenceLines::Whole
+    };
     // Compressed only where the operator turned it on (`serve
     // --compress-maps`): an agent that asks otherwise gets plain lines
     // without the header, as from an older coordinator.
@@ -78,7 +84,7 @@ pub(super) async fn map(
         outbox: {
             let mut o = Outbox::new(node.id, Instant::now());
             o.set_access(st.hub.access());
-            o.set_compact(compact);
+            o.set_presence_lines(presence);
             o
         },
         node,

@@ -72,7 +72,10 @@ const BLOCK: usize = 32 << 10;
 pub struct Since {
     pub version: u64,
     pub gone: Vec<(i64, NodeKey)>,
-    pub changed: Vec<Arc<Upserted>>,
+    /// Each with whether only its presence changed since the encoding
+    /// (`Upserted::entry_version`): then the agent, which holds the
+    /// encoding's entry, may be sent its presence alone.
+    pub changed: Vec<(Arc<Upserted>, bool)>,
 }
 
 /// A node id as the bitmaps hold it. Ids are the store's, positive.
@@ -219,7 +222,8 @@ impl EncodedPeers {
             }
             let listed = spans.next_if(|s| s.0 == *id).is_some();
             if !listed || u.version > self.version {
-                out.changed.push(u.clone());
+                let presence = listed && u.entry_version <= self.version;
+                out.changed.push((u.clone(), presence));
             }
         }
         out.gone.extend(spans.map(|s| (s.0, s.1)));
@@ -240,7 +244,9 @@ mod tests {
                     added_line: Bytes::new(),
                     changed_line: Bytes::new(),
                     presence_line: Bytes::new(),
+                    presence_entry: "".into(),
                     presence_only: false,
+                    entry_version: 1,
                     version: 1,
                 };
                 (id, Arc::new(u))
@@ -338,17 +344,27 @@ mod tests {
         let mut now = old.clone();
         now.remove(&2);
         now.remove(&8);
+        // 5 changed in its presence alone since the encoding (its entry
+        // is as of version 1), 3 in more than that; 9 is new.
         let mut five = (*now[&5]).clone();
         five.version = 2;
         now.insert(5, Arc::new(five));
+        let mut three = (*now[&3]).clone();
+        three.version = 2;
+        three.entry_version = 2;
+        now.insert(3, Arc::new(three));
         let mut nine = (*now[&3]).clone();
         nine.node.id = 9;
         nine.version = 3;
+        nine.entry_version = 3;
         now.insert(9, Arc::new(nine));
         let d = e.since(&now, 3);
         let gone: Vec<i64> = d.gone.iter().map(|g| g.0).collect();
-        let changed: Vec<i64> = d.changed.iter().map(|u| u.node.id).collect();
-        assert_eq!((gone, changed), (vec![2, 8], vec![5, 9]));
+        let changed: Vec<(i64, bool)> = d.changed.iter().map(|(u, p)| (u.node.id, *p)).collect();
+        assert_eq!(
+            (gone, changed),
+            (vec![2, 8], vec![(3, false), (5, true), (9, false)])
+        );
         assert!(e.since(&old, 1).changed.is_empty() && e.since(&old, 1).gone.is_empty());
     }
 }

@@ -135,8 +135,21 @@ pub struct Outbox {
     /// The snapshot version the agent's map is at since its last full
     /// map: events up to it are already there and are skipped.
     cursor: u64,
-    /// The agent takes `peer_online` lines (it asked for `/map?v=2`).
-    compact: bool,
+    /// How the agent takes a change of presence alone.
+    presence: PresenceLines,
+}
+
+/// How a stream's agent takes a change of a peer's presence alone, from
+/// what it asked for (`warren::control::MAP_PATH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PresenceLines {
+    /// The whole entry, as `peer_changed` (plain `/map`).
+    #[default]
+    Whole,
+    /// A `peer_online` line per peer (`v=2`).
+    PerPeer,
+    /// One `presence` line per write, listing them all (`presence=1`).
+    Batched,
 }
 
 impl Outbox {
@@ -157,7 +170,7 @@ impl Outbox {
             digest: None,
             filter_sent: None,
             cursor: 0,
-            compact: false,
+            presence: PresenceLines::Whole,
         }
     }
 
@@ -182,9 +195,9 @@ impl Outbox {
         self.access = access;
     }
 
-    /// The agent understands `peer_online` (`warren::control::MAP_PATH`).
-    pub fn set_compact(&mut self, compact: bool) {
-        self.compact = compact;
+    /// What the agent understands of presence lines.
+    pub fn set_presence_lines(&mut self, presence: PresenceLines) {
+        self.presence = presence;
     }
 
     fn sees(&self, id: i64) -> bool {
@@ -304,6 +317,10 @@ impl Outbox {
             };
         }
         let mut text = Lines::default();
+        // A `presence` line's entries, written after the other lines: its
+        // peers are all ones the agent holds, so no line before it
+        // matters to them.
+        let mut batch = String::new();
         if let Some(u) = &me {
             text.own()
                 .push_str(&line("self_changed", "node", &u.peer_json));
@@ -319,13 +336,17 @@ impl Outbox {
                 }
                 State::Upsert(u) => {
                     let added = self.known.insert(bit(u.node.id)) && !had;
-                    text.shared(if added {
-                        &u.added_line
-                    } else if self.compact && p.presence_only {
-                        &u.presence_line
-                    } else {
-                        &u.changed_line
-                    });
+                    let line = match self.presence {
+                        _ if added => &u.added_line,
+                        PresenceLines::Batched if p.presence_only => {
+                            batch.push(if batch.is_empty() { '[' } else { ',' });
+                            batch.push_str(&u.presence_entry);
+                            continue;
+                        }
+                        PresenceLines::PerPeer if p.presence_only => &u.presence_line,
+                        _ => &u.changed_line,
+                    };
+                    text.shared(line);
                 }
                 State::Removed(id) => {
                     if self.known.remove(bit(id)) || had {
@@ -335,6 +356,14 @@ impl Outbox {
                     }
                 }
             }
+        }
+        if !batch.is_empty() {
+            // The shape `MapMessage::Presence` encodes to (pinned by a
+            // test of the protocol types).
+            let own = text.own();
+            own.push_str(r#"{"type":"presence","peers":"#);
+            own.push_str(&batch);
+            own.push_str("]}\n");
         }
         let filter = self.access.filter_json(self.me);
         if filter != self.filter_sent.as_deref() {
@@ -374,8 +403,8 @@ impl Outbox {
         for (id, key) in since.gone.iter().filter(|g| g.0 != me) {
             self.pend(*key, *id, State::Removed(*id), false);
         }
-        for u in since.changed.iter().filter(|u| u.node.id != me) {
-            self.pend(u.node.key, u.node.id, State::Upsert(u.clone()), false);
+        for (u, presence) in since.changed.iter().filter(|(u, _)| u.node.id != me) {
+            self.pend(u.node.key, u.node.id, State::Upsert(u.clone()), *presence);
         }
         self.cursor = since.version;
         if !self.pending.is_empty() {

@@ -113,15 +113,23 @@ fn a_change_of_presence_alone_is_marked_so() {
     let mut n = NodeRecord::for_test(4);
     let first = hub.put(Upserted::new(n.clone()).unwrap());
     assert!(!first.presence_only, "new to the snapshot");
-    n.online = !n.online;
-    n.last_seen_ms += 5;
-    assert!(hub.put(Upserted::new(n.clone()).unwrap()).presence_only);
+    assert_eq!(first.entry_version, first.version);
+    // Presence alone, twice: the entry is still the first one's.
+    for _ in 0..2 {
+        n.online = !n.online;
+        n.last_seen_ms += 5;
+        let u = hub.put(Upserted::new(n.clone()).unwrap());
+        assert!(u.presence_only);
+        assert_eq!(u.entry_version, first.version);
+    }
     n.endpoints = vec![Endpoint {
         addr: std::net::SocketAddr::from(([192, 0, 2, 1], 9)),
         kind: EndpointKind::Host,
     }];
     n.online = !n.online;
-    assert!(!hub.put(Upserted::new(n.clone()).unwrap()).presence_only);
+    let more = hub.put(Upserted::new(n.clone()).unwrap());
+    assert!(!more.presence_only);
+    assert_eq!(more.entry_version, more.version);
     let v = hub.put(Upserted::new(n).unwrap()).version;
     assert!(v > first.version, "versions grow");
 }

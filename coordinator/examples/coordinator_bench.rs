@@ -147,6 +147,8 @@ struct Counters {
     lines: AtomicUsize,
     /// Full maps, the first of each stream included.
     fulls: AtomicUsize,
+    /// Lines per kind, in the order of [`KINDS`] (the last: any other).
+    kinds: [AtomicUsize; KINDS.len() + 1],
     /// Bytes as they came over the wire (zstd frames when compressed).
     bytes: AtomicUsize,
     /// Bytes of lines, after decompression.
@@ -171,12 +173,35 @@ struct Scan {
     hit: bool,
 }
 
-const FULL_PREFIX: &[u8] = br#"{"type":"full""#;
+const TYPE_PREFIX: &[u8] = br#"{"type":""#;
+/// The line kinds counted apart, to say what a storm's lines were.
+const KINDS: [&str; 9] = [
+    "full",
+    "presence",
+    "peer_online",
+    "peer_changed",
+    "peer_added",
+    "peer_removed",
+    "self_changed",
+    "filter_changed",
+    "keepalive",
+];
+/// Enough of a line's start to hold its type.
+const HEAD: usize = TYPE_PREFIX.len() + 16;
+
+/// The index in [`KINDS`] of the line that starts with `head`.
+fn kind(head: &[u8]) -> usize {
+    let name = head
+        .strip_prefix(TYPE_PREFIX)
+        .and_then(|rest| rest.split(|&b| b == b'"').next());
+    name.and_then(|n| KINDS.iter().position(|k| k.as_bytes() == n))
+        .unwrap_or(KINDS.len())
+}
 
 impl Scan {
     fn feed(&mut self, part: &[u8], needle: &[u8]) {
-        if self.head.len() < FULL_PREFIX.len() {
-            let take = (FULL_PREFIX.len() - self.head.len()).min(part.len());
+        if self.head.len() < HEAD {
+            let take = (HEAD - self.head.len()).min(part.len());
             self.head.extend_from_slice(&part[..take]);
         }
         if needle.is_empty() || self.hit {
@@ -193,8 +218,8 @@ impl Scan {
     }
 
     /// The line ended: whether it was a full map, and held the needle.
-    fn end_line(&mut self) -> (bool, bool) {
-        let r = (self.head == FULL_PREFIX, self.hit);
+    fn end_line(&mut self) -> (usize, bool) {
+        let r = (kind(&self.head), self.hit);
         self.head.clear();
         self.tail.clear();
         self.hit = false;
@@ -320,9 +345,10 @@ async fn stream(
             if !done {
                 break;
             }
-            let (is_full, hit) = scan.end_line();
+            let (kind, hit) = scan.end_line();
             counters.lines.fetch_add(1, Ordering::Relaxed);
-            if is_full {
+            counters.kinds[kind].fetch_add(1, Ordering::Relaxed);
+            if kind == 0 {
                 counters.fulls.fetch_add(1, Ordering::Relaxed);
             }
             if !got_full {
@@ -498,6 +524,15 @@ async fn main() -> anyhow::Result<()> {
         storm_bytes as f64 / 1e6,
         storm_decoded as f64 / 1e6
     );
+    let by_kind: Vec<String> = KINDS
+        .iter()
+        .chain(std::iter::once(&"other"))
+        .zip(&counters.kinds)
+        .map(|(k, n)| (k, n.load(Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("reconnect storm lines by kind: {}", by_kind.join(", "));
     a.usage(&format!("coordinator with {want} open streams"));
     // The load generator shares the machine: if it is the busier of the
     // two, the storm's wall-clock time measures it, not the coordinator.

@@ -29,6 +29,7 @@
 pub mod access;
 pub mod encoded;
 pub mod outbox;
+mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +40,7 @@ use tokio::sync::{broadcast, oneshot, Notify};
 use tokio::task::JoinHandle;
 use warren::keys::NodeKey;
 
-use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, StoreError, PG_CHANNEL};
+use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, StoreError};
 
 /// What map streams receive.
 #[derive(Debug, Clone)]
@@ -167,6 +168,9 @@ pub struct Hub {
     /// (`encoded.rs`); rebuilt on demand when the snapshot moved on.
     encoded: Arc<Mutex<Option<Encoded>>>,
     access: Arc<RwLock<Arc<access::Access>>>,
+    /// Batches of change notes dispatched, and the notes in them
+    /// ([`Hub::dispatched`]).
+    dispatched: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Default for Hub {
@@ -202,7 +206,7 @@ const REENCODE_AFTER: Duration = Duration::from_secs(1);
 /// a pointer.
 const EVENTS_KEPT: usize = 1 << 16;
 
-/// Most PostgreSQL notes taken into one batch.
+/// Most change notes taken into one batch.
 const BATCH_MAX: usize = 1000;
 
 impl Hub {
@@ -215,6 +219,7 @@ impl Hub {
             version: Arc::default(),
             encoded: Arc::default(),
             access: Arc::new(RwLock::new(Arc::new(access::Access::open()))),
+            dispatched: Arc::default(),
         }
     }
 
@@ -257,6 +262,17 @@ impl Hub {
             s.get(&node.id)
                 .is_none_or(|old| access::identity(&old.node) != access::identity(node))
         })
+    }
+
+    /// How many batches of change notes this hub has dispatched, and how
+    /// many notes they held: a hub that takes notes one at a time falls
+    /// behind a burst (`postgres.rs`).
+    pub fn dispatched(&self) -> (u64, u64) {
+        let (batches, notes) = &*self.dispatched;
+        (
+            batches.load(Ordering::Relaxed),
+            notes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
@@ -437,6 +453,10 @@ impl Hub {
     /// the batch is dispatched once, at its last, from one load of the
     /// changed nodes.
     async fn dispatch_all(&self, store: &Store, changes: Vec<Change>) {
+        self.dispatched.0.fetch_add(1, Ordering::Relaxed);
+        self.dispatched
+            .1
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
         if changes.len() < BATCH_LOAD {
             for change in changes {
                 self.dispatch(store, change).await;
@@ -546,64 +566,6 @@ impl Hub {
                     self.dispatch_all(&store, changes).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "hub: reading change notes"),
-            }
-        }
-    }
-
-    async fn run_postgres(self, store: Store, ready: oneshot::Sender<()>) {
-        let mut ready = Some(ready);
-        loop {
-            if let Err(e) = self.listen_postgres(&store, &mut ready).await {
-                tracing::warn!(error = %e, "hub: PostgreSQL listener failed");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    async fn listen_postgres(
-        &self,
-        store: &Store,
-        ready: &mut Option<oneshot::Sender<()>>,
-    ) -> Result<(), StoreError> {
-        let mut listener = sqlx::postgres::PgListener::connect(store.url()).await?;
-        listener.listen(PG_CHANNEL).await?;
-        // Listen first, then load: a change in between arrives as a note
-        // after the load and is applied again, which is harmless.
-        self.reload(store).await?;
-        let _ = self.tx.send(HubEvent::Resync);
-        tracing::debug!("hub: listening for change notes");
-        if let Some(r) = ready.take() {
-            let _ = r.send(());
-        }
-        loop {
-            match listener.try_recv().await? {
-                Some(n) => {
-                    // Whatever else has arrived goes in the same batch.
-                    let mut batch = vec![n];
-                    while batch.len() < BATCH_MAX {
-                        match listener.next_buffered() {
-                            Some(n) => batch.push(n),
-                            None => break,
-                        }
-                    }
-                    let mut changes = Vec::with_capacity(batch.len());
-                    for n in batch {
-                        match Change::parse(n.payload()) {
-                            Some(change) => changes.push(change),
-                            None => {
-                                tracing::warn!(payload = n.payload(), "hub: malformed change note")
-                            }
-                        }
-                    }
-                    self.dispatch_all(store, changes).await;
-                }
-                // The connection dropped and will be re-established by the
-                // next call; notes may have been lost meanwhile.
-                None => {
-                    tracing::info!("hub: PostgreSQL connection lost; resynchronising");
-                    self.reload(store).await?;
-                    let _ = self.tx.send(HubEvent::Resync);
-                }
             }
         }
     }

@@ -23,7 +23,8 @@
 # streams at replica i mod REPLICAS, and memory, CPU and the change's
 # latency are printed per replica. STORES="postgres" (default "sqlite
 # postgres") runs only the stores named; REGISTER_ONLY=1 stops each run
-# after its registrations; COMPRESS=1 turns on the coordinator's zstd map
+# after its registrations; CONCURRENCY (default 32) is how many
+# registrations are in flight at once; COMPRESS=1 turns on the coordinator's zstd map
 # streams (--compress-maps).
 # Builds in release mode: these are measurements.
 set -euo pipefail
@@ -106,7 +107,7 @@ run() {
         policy=(--policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/policy.hujson >/dev/null"
             --policy-cmd "RUST_LOG=warn $BIN --data-dir $dir $* policy set $dir/edit.hujson >/dev/null")
     fi
-    "$BENCH" "${targets[@]}" --token "$token" --nodes "$NODES" "${policy[@]}"
+    "$BENCH" "${targets[@]}" --token "$token" --nodes "$NODES" --concurrency "${CONCURRENCY:-32}" "${policy[@]}"
     stop_all
 }
 

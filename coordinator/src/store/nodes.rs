@@ -381,20 +381,35 @@ impl Store {
         if input.hostname.len() > 255 {
             return Err(StoreError::Invalid("hostname longer than 255 bytes".into()));
         }
-        // A disco key names whose disco a peer opens: taking a victim's
-        // would credit its pings to us and keep it off direct paths
-        // (issue 15). The unique index backs this check up.
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT node_key FROM nodes WHERE disco_key = $1")
-                .bind(input.disco_key.to_string())
-                .fetch_optional(&mut **tx)
-                .await?;
-        if owner.is_some_and(|k| k != input.node_key.to_string()) {
-            return Err(StoreError::DiscoKeyTaken);
+        // One read for both questions: is the key registered, and is the
+        // disco key another node's? A disco key names whose disco a peer
+        // opens: taking a victim's would credit its pings to us and keep it
+        // off direct paths (issue 15); the unique index backs this check
+        // up. (Statements are what registrations on SQLite are bound by,
+        // each a round trip to sqlx's worker thread: issue 19.)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM nodes WHERE node_key = $1 OR disco_key = $2"
+        )))
+        .bind(input.node_key.to_string())
+        .bind(input.disco_key.to_string())
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut known = None;
+        for row in &rows {
+            let node = record(row)?;
+            if node.key != input.node_key {
+                return Err(StoreError::DiscoKeyTaken);
+            }
+            known = Some(node);
         }
         let now = now_ms();
-        for _ in 0..32 {
-            if let Some(node) = Self::node_by_key_tx(tx, &input.node_key).await? {
+        for attempt in 0..32 {
+            let known = match known.take() {
+                Some(node) => Some(node),
+                None if attempt == 0 => None,
+                None => Self::node_by_key_tx(tx, &input.node_key).await?,
+            };
+            if let Some(node) = known {
                 sqlx::query("UPDATE nodes SET disco_key = $1, hostname = $2, os = $3, version = $4, last_seen_ms = $5 WHERE id = $6")
                     .bind(input.disco_key.to_string())
                     .bind(&input.hostname)
@@ -442,13 +457,25 @@ impl Store {
             }
             let token = input.token.as_deref().ok_or(StoreError::InvalidToken)?;
             let grant = Self::spend_token(tx, token).await?;
-            loop {
-                let name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
+            // The host's own name is tried by the insert itself: a name
+            // taken is a conflict like an address taken, and only then is
+            // a free one looked for.
+            let mut name = sanitize_name(&input.hostname);
+            for tries in 0.. {
+                // Bounded: a conflict that drawing again cannot solve (a
+                // disco key taken by a concurrent registration on another
+                // replica) must not spin.
+                if tries == 16 {
+                    return Err(StoreError::Exhausted("a free name and overlay address"));
+                }
+                if tries > 0 {
+                    name = Self::free_name(tx, &sanitize_name(&input.hostname)).await?;
+                }
                 let v4 = random_ipv4();
-                let id: Option<i64> = sqlx::query_scalar(
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO nodes (node_key, disco_key, name, hostname, os, version, ipv4, ipv6, ephemeral, tags, token_id, last_seen_ms, created_ms, advertised_tags, user_id, advertised_routes)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT DO NOTHING RETURNING id",
-                )
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
+                )))
                 .bind(input.node_key.to_string())
                 .bind(input.disco_key.to_string())
                 .bind(&name)
@@ -467,12 +494,10 @@ impl Store {
                 .bind(routes_json(input.routes.as_deref().unwrap_or_default()))
                 .fetch_optional(&mut **tx)
                 .await?;
-                if let Some(id) = id {
-                    self.note_change(tx, id, &input.node_key, ChangeKind::Upsert)
+                if let Some(row) = row {
+                    let node = record(&row)?;
+                    self.note_change(tx, node.id, &input.node_key, ChangeKind::Upsert)
                         .await?;
-                    let node = Self::node_by_key_tx(tx, &input.node_key)
-                        .await?
-                        .ok_or_else(|| StoreError::NoSuchNode(input.node_key.to_string()))?;
                     return Ok(Registered {
                         node,
                         created: true,

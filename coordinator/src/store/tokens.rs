@@ -150,41 +150,60 @@ impl Store {
     }
 
     /// Spends one use of `token` inside the registration transaction.
+    ///
+    /// One statement when the token is good: the use is counted by an
+    /// `UPDATE … RETURNING` whose condition is the token's validity. Only a
+    /// refused token is read again, to say why (each statement on SQLite
+    /// is a round trip to sqlx's worker thread, and registrations are
+    /// bound by them: issue 19).
     pub(crate) async fn spend_token(
         tx: &mut Transaction<'static, Any>,
         token: &str,
     ) -> Result<Grant, StoreError> {
+        let spent: Option<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND revoked = 0 \
+             AND (reusable = 1 OR uses = 0) AND (expires_ms IS NULL OR expires_ms > $2) \
+             RETURNING {COLUMNS}"
+        )))
+        .bind(hash(token))
+        .bind(now_ms())
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(row) = spent {
+            let t = info(row)?;
+            return Ok(Grant {
+                id: t.id,
+                ephemeral: t.ephemeral,
+                tags: t.tags,
+                user_id: t.user_id,
+            });
+        }
+        Err(Self::why_refused(tx, token).await?)
+    }
+
+    /// Why `token` cannot be spent now.
+    async fn why_refused(
+        tx: &mut Transaction<'static, Any>,
+        token: &str,
+    ) -> Result<StoreError, StoreError> {
         let row: Option<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM tokens WHERE hash = $1"
         )))
         .bind(hash(token))
         .fetch_optional(&mut **tx)
         .await?;
-        let t = info(row.ok_or(StoreError::InvalidToken)?)?;
-        if t.revoked {
-            return Err(StoreError::TokenRevoked);
-        }
-        if t.expires_ms.is_some_and(|e| e <= now_ms()) {
-            return Err(StoreError::TokenExpired);
-        }
-        if !t.reusable && t.uses > 0 {
-            return Err(StoreError::TokenUsed);
-        }
-        let done = sqlx::query(
-            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND revoked = 0 AND (reusable = 1 OR uses = 0)",
-        )
-        .bind(&t.id)
-        .execute(&mut **tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            // Lost a race with a concurrent registration or a revocation.
-            return Err(StoreError::TokenUsed);
-        }
-        Ok(Grant {
-            id: t.id,
-            ephemeral: t.ephemeral,
-            tags: t.tags,
-            user_id: t.user_id,
+        let Some(row) = row else {
+            return Ok(StoreError::InvalidToken);
+        };
+        let t = info(row)?;
+        Ok(if t.revoked {
+            StoreError::TokenRevoked
+        } else if t.expires_ms.is_some_and(|e| e <= now_ms()) {
+            StoreError::TokenExpired
+        } else {
+            // Single use and used (perhaps a moment ago, by a concurrent
+            // registration).
+            StoreError::TokenUsed
         })
     }
 }

@@ -223,7 +223,10 @@ impl Store {
 }
 
 /// The network as the policy sees it, from the store's users and nodes.
-pub fn inventory(users: &[UserRecord], nodes: &[NodeRecord]) -> Inventory {
+pub fn inventory<'a>(
+    users: &[UserRecord],
+    nodes: impl IntoIterator<Item = &'a NodeRecord>,
+) -> Inventory {
     let name_of = |id: i64| users.iter().find(|u| u.id == id).map(|u| u.name.clone());
     Inventory {
         users: users
@@ -233,7 +236,10 @@ pub fn inventory(users: &[UserRecord], nodes: &[NodeRecord]) -> Inventory {
                 email: u.email.clone(),
             })
             .collect(),
-        nodes: nodes.iter().map(|n| inventory_node(n, &name_of)).collect(),
+        nodes: nodes
+            .into_iter()
+            .map(|n| inventory_node(n, &name_of))
+            .collect(),
     }
 }
 

@@ -20,6 +20,12 @@
 //!   or slow clients from one address cannot use up the process's file
 //!   descriptors (the unit raises `LimitNOFILE` above the global cap).
 //!
+//! The listening socket is made by [`bind`], with an accept queue of
+//! [`BACKLOG`] rather than tokio's 1,024: after a coordinator restart every
+//! agent reconnects within seconds, and a connection the full queue drops
+//! waits out TCP's retransmissions (10,000 streams opened at once in
+//! `tests/bench/coordinator.sh` lost hundreds to "connection timed out").
+//!
 //! HTTP/1.1 and HTTP/2 are both served (hyper-util's auto builder); over
 //! TLS the ALPN list of the server's config decides which a client gets.
 
@@ -35,13 +41,29 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tracing::debug;
 
 use crate::ratelimit::IpSlots;
+
+/// The accept queue asked for; the kernel caps it at
+/// `net.core.somaxconn` (4,096 by default since Linux 5.4).
+pub const BACKLOG: u32 = 16_384;
+
+/// A listening TCP socket on `addr` with an accept queue of [`BACKLOG`]
+/// (and `SO_REUSEADDR`, as `TcpListener::bind` sets it on Unix).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// The client's socket address, put into each request's extensions.
 #[derive(Debug, Clone, Copy)]

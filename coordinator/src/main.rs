@@ -17,6 +17,14 @@ use warren_coordinator::relay_map::{self, EmbeddedRegion};
 use warren_coordinator::store::{NewToken, Store};
 use warren_coordinator::{admin, server, standalone};
 
+/// mimalloc rather than the system's allocator: a reconnect storm at
+/// 10,000 streams briefly holds hundreds of megabytes of map lines in
+/// flight, and glibc kept the freed pages (RSS stayed at the storm's peak,
+/// 0.9–1.6 GB from run to run), where mimalloc gives them back (issue 19;
+/// docs/architecture.md, "Memory").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "warren-coordinator",

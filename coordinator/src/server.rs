@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use warren::control::{RelayMap, KEEPALIVE_SECS};
 use warren::keys::{NodeKey, PrivateKey};
@@ -296,12 +296,10 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(io_err(&cfg.data_dir))?;
     let key = load_or_create_key(&cfg.data_dir.join("coordinator.key"))?;
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServerError::Io {
-            path: cfg.listen.to_string(),
-            source,
-        })?;
+    let listener = crate::listen::bind(cfg.listen).map_err(|source| ServerError::Io {
+        path: cfg.listen.to_string(),
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Io {
         path: cfg.listen.to_string(),
         source,

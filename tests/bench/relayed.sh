@@ -19,6 +19,11 @@
 #   TLS=1               the coordinator and its relay serve TLS, as on real
 #                       hosts (tests/demo.sh's WARREN_DEMO_TLS); TLS=0 plain
 #                       HTTP, to tell the agents' relay path from TLS's cost
+#   PERF=dir            records `perf record -a -g` of the whole machine
+#                       during each column's relayed run into
+#                       dir/relayed-NAME.data (agents, relay and iperf3
+#                       share the cores, so the whole machine is the
+#                       profile that says which of them holds it back)
 #
 # Nothing leaves the demo's namespaces.
 set -euo pipefail
@@ -92,7 +97,15 @@ for col in "${COLUMNS[@]}"; do
             ip netns exec "$1" nft -f -
     done
     wait_path "$bin_dir/warren" relay "$ipb"
+    perf_pid=
+    if [[ -n ${PERF:-} ]]; then
+        mkdir -p "$PERF"
+        (sleep 2 && perf record -q -F 499 -a -g -o "$PERF/relayed-$name.data" \
+            -- sleep $((DURATION > 4 ? DURATION - 3 : 1)) >/dev/null 2>&1) &
+        perf_pid=$!
+    fi
     RELAYED[$name]=$(gbits "$ipb")
+    [[ -z $perf_pid ]] || wait "$perf_pid" || true
     echo "   relayed: ${RELAYED[$name]} Gbit/s" >&2
     tests/demo.sh down >/dev/null
 done

@@ -31,6 +31,8 @@
 #   WARREN_BASE_BIN=path  adds a column `warren-base` for another warren build
 #                         (offload on), to compare a change in the same run
 #   PINGS=200             pings per latency figure
+#   BUSY_POLL_US=N        the agents' [agent] busy_poll_us (default: the
+#                         agent's own, 200; 0 turns the spin off)
 #   ONLY=latency          ping figures only (median and 90th percentile), no
 #                         iperf3: a quick loop for latency work
 #   PERF=dir              records `perf record -g` of warren's two agents
@@ -264,6 +266,7 @@ warren_conf() { # PRIVATE ADDR PEER_PUB PEER_OVERLAY PEER_ENDPOINT OFFLOAD BINAR
     # builds older than the local API (an A/B base) know no `[agent]`.
     if "$7" --help 2>/dev/null | grep -q -- --socket; then
         printf '[agent]\nsocket = "%s"\n' "$TMP/warren-$2.sock"
+        if [[ -n ${BUSY_POLL_US:-} ]]; then printf 'busy_poll_us = %s\n' "$BUSY_POLL_US"; fi
     fi
     local filter=
     if [[ -n ${8:-} ]]; then filter="filter_file = \"$8\""; fi

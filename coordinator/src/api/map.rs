@@ -78,7 +78,7 @@ pub(super) async fn map(
     let events = st.hub.subscribe();
     // Few slots: a stream whose agent reads slowly leaves its events in
     // the hub's broadcast rather than queue writes here.
-    let (lines, rx) = mpsc::channel::<Write>(8);
+    let (lines, rx) = mpsc::channel::<Write>(2);
     let mut stream = MapTask {
         st: st.clone(),
         outbox: {

@@ -39,7 +39,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 use warren::keys::{NodeKey, PrivateKey};
@@ -309,7 +308,7 @@ impl Drop for Standalone {
 
 /// Binds and starts a relay that learns its node list from the coordinator.
 pub async fn start_standalone(cfg: StandaloneConfig) -> io::Result<Standalone> {
-    let listener = TcpListener::bind(cfg.listen).await?;
+    let listener = crate::listen::bind(cfg.listen)?;
     let addr = listener.local_addr()?;
     let (admission, feed) = spawn_remote_admission(cfg.coordinator.clone());
     let server = RelayServer::new(cfg.key, cfg.limits, admission as Arc<dyn Admission>)

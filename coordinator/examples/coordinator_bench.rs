@@ -7,7 +7,12 @@
 //! raw (signed `GET /map`, lines scanned for the changed key) instead of
 //! through `ControlClient::map_stream`, which would save N copies of an
 //! N-peer map to disk and measure the load generator instead of the
-//! coordinator.
+//! coordinator. Each stream's socket has a small receive buffer
+//! ([`STREAM_RCVBUF`]): the load generator shares the coordinator's
+//! kernel, and 10,000 receive queues autotuned to megabytes put the
+//! machine's TCP memory under pressure (dropped segments, retransmission
+//! timeouts, minutes-long idle gaps), which agents on their own hosts
+//! would not.
 //!
 //! With several `--url`s (replicas of one PostgreSQL-backed network, each
 //! with its `--pid`), node i registers and streams at replica i mod R, the
@@ -29,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::StreamExt as _;
 use warren::control::auth::{AuthHeaders, SessionKey};
 use warren::control::{zmap, ControlClient, Endpoint, EndpointKind, EndpointsReport, MAP_PATH};
 use warren::keys::{NodeKey, PrivateKey};
@@ -242,8 +247,17 @@ enum Body {
 
 impl Body {
     fn of(resp: &reqwest::Response) -> Body {
-        match resp.headers().get(reqwest::header::CONTENT_ENCODING) {
-            Some(v) if v == "zstd" => Body::Zstd(zmap::Unframer::new()),
+        Body::named(
+            resp.headers()
+                .get(reqwest::header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// The body for a `Content-Encoding` of `encoding`.
+    fn named(encoding: Option<&str>) -> Body {
+        match encoding {
+            Some("zstd") => Body::Zstd(zmap::Unframer::new()),
             _ => Body::Plain,
         }
     }
@@ -302,24 +316,64 @@ async fn full_map_len(
 /// Opens one map stream; counts its lines, then waits for each of
 /// `needles` in turn (in a delta, or in a later full map if the
 /// coordinator sends one instead), returning when each was seen.
+/// The receive buffer asked for on each stream's socket (the kernel
+/// doubles it): enough for a loopback stream to run at memory speed.
+const STREAM_RCVBUF: u32 = 64 << 10;
+
+/// Sends the signed `GET MAP_PATH` to `url` from `source` over a socket
+/// of its own with a [`STREAM_RCVBUF`] receive buffer, and returns the
+/// answer's `Content-Encoding` and body (reqwest sets no buffer sizes).
+async fn open_stream(
+    url: &str,
+    source: IpAddr,
+    headers: &AuthHeaders,
+) -> anyhow::Result<(Option<String>, hyper::body::Incoming)> {
+    let authority = url
+        .strip_prefix("http://")
+        .context("the bench streams over plain HTTP")?
+        .trim_end_matches('/');
+    let addr: std::net::SocketAddr = authority.parse().context("url host:port")?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(STREAM_RCVBUF)?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(MAP_PATH).header(hyper::header::HOST, authority);
+    for (n, v) in headers.to_pairs() {
+        req = req.header(n, v);
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        .await?;
+    if !resp.status().is_success() {
+        bail!("map stream: HTTP {}", resp.status());
+    }
+    let encoding = resp
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Ok((encoding, resp.into_body()))
+}
+
 async fn stream(
-    http: reqwest::Client,
+    source: IpAddr,
     url: String,
     key: PrivateKey,
     coord: NodeKey,
     needles: Vec<String>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<Vec<Instant>> {
+    use http_body_util::BodyExt as _;
     let mut seen = Vec::with_capacity(needles.len());
     let session = SessionKey::for_node(&key, &coord)?;
     let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
-    let mut req = http.get(format!("{url}{MAP_PATH}"));
-    for (n, v) in h.to_pairs() {
-        req = req.header(n, v);
-    }
-    let resp = req.send().await?.error_for_status()?;
-    let mut lines = Body::of(&resp);
-    let mut body = resp.bytes_stream().map_err(std::io::Error::other);
+    let (encoding, body) = open_stream(&url, source, &h).await?;
+    let mut lines = Body::named(encoding.as_deref());
+    let mut body = body.into_data_stream();
     let mut got_full = false;
     let mut scan = Scan::default();
     while let Some(chunk) = body.next().await {
@@ -457,7 +511,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (i, k) in keys.iter().enumerate().skip(1) {
         let fut = stream(
-            clients[i % sources].clone(),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % sources) as u8)),
             a.urls[a.replica(i)].clone(),
             k.clone(),
             coord,

@@ -8,7 +8,10 @@
 # The first phase is itself the reconnect storm a coordinator restart
 # causes: every stream opens at once, and each one coming online is a
 # change every other stream hears about. The bench reports how long that
-# takes to go quiet, and how many lines, full maps and bytes it cost.
+# takes to go quiet, how many lines, full maps and bytes it cost, and how
+# long the host's TCP memory was under pressure meanwhile (the load
+# generator shares the coordinator's kernel: a storm that stalls on
+# retransmission timeouts is the kernel's limit, not the coordinator's).
 #
 # Then a policy of POLICY_RULES rules (default 200; 0 skips it) is set
 # where there was none, and then edited (a rule added): for each, the

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio::task::JoinHandle;
+use warren::control::PresenceEntry;
 use warren::keys::NodeKey;
 
 use crate::store::{Backend, Change, ChangeKind, NodeRecord, Store, StoreError};
@@ -97,8 +98,11 @@ pub struct Upserted {
 impl Upserted {
     /// Encodes `node`'s map entry; `None` (logged) if it cannot be.
     pub fn new(node: NodeRecord) -> Option<Arc<Upserted>> {
-        match serde_json::to_string(&node.to_peer()) {
-            Ok(peer_json) => Some(Arc::new(Upserted {
+        let presence = PresenceEntry(node.key, node.online, node.last_seen_ms);
+        let encoded = serde_json::to_string(&node.to_peer())
+            .and_then(|peer| Ok((peer, serde_json::to_string(&presence)?)));
+        match encoded {
+            Ok((peer_json, presence_entry)) => Some(Arc::new(Upserted {
                 added_line: outbox::line("peer_added", "peer", &peer_json).into(),
                 changed_line: outbox::line("peer_changed", "peer", &peer_json).into(),
                 presence_line: format!(
@@ -106,11 +110,7 @@ impl Upserted {
                     node.key, node.online, node.last_seen_ms
                 )
                 .into(),
-                presence_entry: format!(
-                    "[\"{}\",{},{}]",
-                    node.key, node.online, node.last_seen_ms
-                )
-                .into(),
+                presence_entry: presence_entry.into(),
                 presence_only: false,
                 entry_version: 0,
                 node,

@@ -32,8 +32,9 @@
 //! `full` map first, then deltas within a second of each change anywhere in
 //! the network, and a keepalive every [`types::KEEPALIVE_SECS`]. A node the
 //! administrator removes sees its stream end and then `unknown_node` (401).
-//! Agents ask for [`types::MAP_PATH`] (`/map?v=2&zstd=1`), which also
-//! allows `peer_online` lines for changes of presence alone and, from a
+//! Agents ask for [`types::MAP_PATH`] (`/map?v=2&presence=1&zstd=1`),
+//! which also allows `peer_online` lines, or one `presence` line per write,
+//! for changes of presence alone and, from a
 //! coordinator run with `--compress-maps`, a body of zstd frames
 //! ([`zmap`]); plain `/map` (older agents) gets whole entries only,
 //! uncompressed.

@@ -93,7 +93,6 @@ impl NetMap {
         }
     }
 
-    /// Folds one message into the map.
     /// Sets one peer's presence; whether it changed. A peer the map does
     /// not hold is left out: the coordinator sends the whole entry for a
     /// new peer, never its presence alone.
@@ -108,6 +107,7 @@ impl NetMap {
         }
     }
 
+    /// Folds one message into the map.
     pub fn apply(&mut self, msg: &MapMessage) -> MapChange {
         match msg {
             MapMessage::Full { .. } => {

@@ -317,10 +317,10 @@ impl Outbox {
             };
         }
         let mut text = Lines::default();
-        // A `presence` line's entries, written after the other lines: its
-        // peers are all ones the agent holds, so no line before it
-        // matters to them.
-        let mut batch = String::new();
+        // A `presence` line's peers, written after the other lines: they
+        // are all ones the agent holds, so no line before it matters to
+        // them.
+        let mut presence: Vec<Arc<Upserted>> = Vec::new();
         if let Some(u) = &me {
             text.own()
                 .push_str(&line("self_changed", "node", &u.peer_json));
@@ -339,8 +339,7 @@ impl Outbox {
                     let line = match self.presence {
                         _ if added => &u.added_line,
                         PresenceLines::Batched if p.presence_only => {
-                            batch.push(if batch.is_empty() { '[' } else { ',' });
-                            batch.push_str(&u.presence_entry);
+                            presence.push(u);
                             continue;
                         }
                         PresenceLines::PerPeer if p.presence_only => &u.presence_line,
@@ -357,13 +356,24 @@ impl Outbox {
                 }
             }
         }
-        if !batch.is_empty() {
+        if !presence.is_empty() {
             // The shape `MapMessage::Presence` encodes to (pinned by a
-            // test of the protocol types).
+            // test of the protocol types). Sized exactly: in a storm this
+            // line lists thousands of peers and waits in the stream's
+            // queue, where spare capacity would wait with it.
+            const HEAD: &str = r#"{"type":"presence","peers":["#;
+            const TAIL: &str = "]}\n";
+            let entries: usize = presence.iter().map(|u| u.presence_entry.len() + 1).sum();
             let own = text.own();
-            own.push_str(r#"{"type":"presence","peers":"#);
-            own.push_str(&batch);
-            own.push_str("]}\n");
+            own.reserve_exact(HEAD.len() + entries - 1 + TAIL.len());
+            own.push_str(HEAD);
+            for (i, u) in presence.iter().enumerate() {
+                if i > 0 {
+                    own.push(',');
+                }
+                own.push_str(&u.presence_entry);
+            }
+            own.push_str(TAIL);
         }
         let filter = self.access.filter_json(self.me);
         if filter != self.filter_sent.as_deref() {

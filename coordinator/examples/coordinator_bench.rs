@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::StreamExt as _;
+use http_body_util::BodyExt as _;
 use warren::control::auth::{AuthHeaders, SessionKey};
 use warren::control::{zmap, ControlClient, Endpoint, EndpointKind, EndpointsReport, MAP_PATH};
 use warren::keys::{NodeKey, PrivateKey};
@@ -270,14 +271,6 @@ enum Body {
 }
 
 impl Body {
-    fn of(resp: &reqwest::Response) -> Body {
-        Body::named(
-            resp.headers()
-                .get(reqwest::header::CONTENT_ENCODING)
-                .and_then(|v| v.to_str().ok()),
-        )
-    }
-
     /// The body for a `Content-Encoding` of `encoding`.
     fn named(encoding: Option<&str>) -> Body {
         match encoding {
@@ -310,20 +303,12 @@ impl Body {
 /// The length of the first line (the full map) `key`'s stream gets:
 /// decoded, and as it came over the wire.
 async fn full_map_len(
-    http: &reqwest::Client,
     url: &str,
     key: &PrivateKey,
     coord: NodeKey,
 ) -> anyhow::Result<(usize, usize)> {
-    let session = SessionKey::for_node(key, &coord)?;
-    let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
-    let mut req = http.get(format!("{url}{MAP_PATH}"));
-    for (n, v) in h.to_pairs() {
-        req = req.header(n, v);
-    }
-    let resp = req.send().await?.error_for_status()?;
-    let mut lines = Body::of(&resp);
-    let mut body = resp.bytes_stream();
+    let (mut lines, body) = open_stream(url, IpAddr::V4(Ipv4Addr::LOCALHOST), key, coord).await?;
+    let mut body = body.into_data_stream();
     let (mut len, mut wire) = (0, 0);
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
@@ -337,21 +322,21 @@ async fn full_map_len(
     bail!("the stream ended before its full map")
 }
 
-/// Opens one map stream; counts its lines, then waits for each of
-/// `needles` in turn (in a delta, or in a later full map if the
-/// coordinator sends one instead), returning when each was seen.
 /// The receive buffer asked for on each stream's socket (the kernel
 /// doubles it): enough for a loopback stream to run at memory speed.
 const STREAM_RCVBUF: u32 = 64 << 10;
 
-/// Sends the signed `GET MAP_PATH` to `url` from `source` over a socket
-/// of its own with a [`STREAM_RCVBUF`] receive buffer, and returns the
-/// answer's `Content-Encoding` and body (reqwest sets no buffer sizes).
+/// Sends `key`'s signed `GET MAP_PATH` to `url` from `source` over a
+/// socket of its own with a [`STREAM_RCVBUF`] receive buffer (reqwest sets
+/// no buffer sizes), and returns the body with what decodes it.
 async fn open_stream(
     url: &str,
     source: IpAddr,
-    headers: &AuthHeaders,
-) -> anyhow::Result<(Option<String>, hyper::body::Incoming)> {
+    key: &PrivateKey,
+    coord: NodeKey,
+) -> anyhow::Result<(Body, hyper::body::Incoming)> {
+    let session = SessionKey::for_node(key, &coord)?;
+    let headers = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
     let authority = url
         .strip_prefix("http://")
         .context("the bench streams over plain HTTP")?
@@ -375,14 +360,17 @@ async fn open_stream(
     if !resp.status().is_success() {
         bail!("map stream: HTTP {}", resp.status());
     }
-    let encoding = resp
-        .headers()
-        .get(hyper::header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    Ok((encoding, resp.into_body()))
+    let body = Body::named(
+        resp.headers()
+            .get(hyper::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    Ok((body, resp.into_body()))
 }
 
+/// Opens one map stream; counts its lines, then waits for each of
+/// `needles` in turn (in a delta, or in a later full map if the
+/// coordinator sends one instead), returning when each was seen.
 async fn stream(
     source: IpAddr,
     url: String,
@@ -391,12 +379,8 @@ async fn stream(
     needles: Vec<String>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<Vec<Instant>> {
-    use http_body_util::BodyExt as _;
     let mut seen = Vec::with_capacity(needles.len());
-    let session = SessionKey::for_node(&key, &coord)?;
-    let h = AuthHeaders::sign(&session, key.public(), "GET", MAP_PATH, now(), b"");
-    let (encoding, body) = open_stream(&url, source, &h).await?;
-    let mut lines = Body::named(encoding.as_deref());
+    let (mut lines, body) = open_stream(&url, source, &key, coord).await?;
     let mut body = body.into_data_stream();
     let mut got_full = false;
     let mut scan = Scan::default();
@@ -511,10 +495,6 @@ async fn main() -> anyhow::Result<()> {
     // (issue 15), so the streams come from several loopback addresses,
     // 500 a piece, as a network's nodes come from many.
     let sources = (a.nodes / 500 + 1).min(250);
-    // Only for the full map's length, measured once at the end.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()?;
     let marker = format!(
         "203.0.113.{}:{}",
         rand::random::<u8>(),
@@ -720,7 +700,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // The storm's bytes beside its floor: one full map of the whole
     // network per stream, measured now on node 0's own first map.
-    let (full, full_wire) = full_map_len(&client, &a.urls[0], &keys[0], coord).await?;
+    let (full, full_wire) = full_map_len(&a.urls[0], &keys[0], coord).await?;
     println!(
         "reconnect storm bytes: {:.1} MB on the wire = {:.2} x one full map per stream \
          ({want} x {:.2} MB; {:.2} MB on the wire); {:.1} MB of lines = {:.2} x",

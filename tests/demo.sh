@@ -166,14 +166,18 @@ up() {
         # address signed by it (a CA certificate cannot serve as its own
         # server certificate in rustls).
         local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-        local failed='echo "demo.sh: making the demo'"'"'s certificate failed:" >&2; cat "$DIR/openssl.log" >&2; exit 1'
+        cert_failed() {
+            echo "demo.sh: making the demo's certificate failed:" >&2
+            cat "$DIR/openssl.log" >&2
+            exit 1
+        }
         openssl req -x509 "${ec[@]}" -days 2 -subj /CN=warren-demo-ca \
-            -keyout "$DIR/ca.key" -out "$DIR/ca.pem" 2>"$DIR/openssl.log" || eval "$failed"
+            -keyout "$DIR/ca.key" -out "$DIR/ca.pem" 2>"$DIR/openssl.log" || cert_failed
         openssl req "${ec[@]}" -subj /CN=11.11.0.10 -keyout "$DIR/tls.key" -out "$DIR/tls.csr" \
-            2>>"$DIR/openssl.log" || eval "$failed"
+            2>>"$DIR/openssl.log" || cert_failed
         printf 'subjectAltName=IP:11.11.0.10\nbasicConstraints=CA:FALSE\n' > "$DIR/tls.ext"
         openssl x509 -req -in "$DIR/tls.csr" -CA "$DIR/ca.pem" -CAkey "$DIR/ca.key" -CAcreateserial \
-            -days 2 -extfile "$DIR/tls.ext" -out "$DIR/tls.pem" 2>>"$DIR/openssl.log" || eval "$failed"
+            -days 2 -extfile "$DIR/tls.ext" -out "$DIR/tls.pem" 2>>"$DIR/openssl.log" || cert_failed
         url=https://11.11.0.10:443
         serve_tls=(--tls-cert "$DIR/tls.pem" --tls-key "$DIR/tls.key")
         agent_plain=

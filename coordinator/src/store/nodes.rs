@@ -403,13 +403,8 @@ impl Store {
             known = Some(node);
         }
         let now = now_ms();
-        for attempt in 0..32 {
-            let known = match known.take() {
-                Some(node) => Some(node),
-                None if attempt == 0 => None,
-                None => Self::node_by_key_tx(tx, &input.node_key).await?,
-            };
-            if let Some(node) = known {
+        for _ in 0..32 {
+            if let Some(node) = known.take() {
                 sqlx::query("UPDATE nodes SET disco_key = $1, hostname = $2, os = $3, version = $4, last_seen_ms = $5 WHERE id = $6")
                     .bind(input.disco_key.to_string())
                     .bind(&input.hostname)
@@ -505,8 +500,9 @@ impl Store {
                 }
                 // A conflict: the address or name was taken meanwhile, or
                 // the same key registered concurrently (then the outer loop
-                // finds it). Draw again.
-                if Self::node_by_key_tx(tx, &input.node_key).await?.is_some() {
+                // updates that node). Draw again.
+                known = Self::node_by_key_tx(tx, &input.node_key).await?;
+                if known.is_some() {
                     break;
                 }
             }

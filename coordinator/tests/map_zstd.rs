@@ -107,6 +107,22 @@ async fn a_compressed_stream_carries_the_same_lines_in_fewer_bytes() {
         clients.push((c, key));
     }
     let coord = clients[0].0.coordinator_key().await.unwrap();
+    // The hub applies registrations after they commit: wait until a full
+    // map lists everyone, so that both streams below get the same one.
+    // The waiting stream stays open, so its node's presence holds still.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _waiter = loop {
+        let mut s = Stream::open(&url, &clients[0].1, &coord, "/map?v=2").await;
+        let full: serde_json::Value = serde_json::from_str(&s.line().await).unwrap();
+        if full["peers"].as_array().map(Vec::len) == Some(249) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hub never held all 250 nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let me = &clients[7].1;
     let mut plain = Stream::open(&url, me, &coord, "/map?v=2").await;
     let mut zstd = Stream::open(&url, me, &coord, "/map?v=2&zstd=1").await;
